@@ -1,0 +1,8 @@
+"""Activations: cache them to disk (sharded, resumable, checksummed) or stream them from the model."""
+
+from saelab.activations.manifest import Manifest
+from saelab.activations.store import ActivationBatch, ActivationStore
+from saelab.activations.stream import ModelStream
+from saelab.activations.writer import cache_activations
+
+__all__ = ["ActivationBatch", "ActivationStore", "Manifest", "ModelStream", "cache_activations"]

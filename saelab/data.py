@@ -1,0 +1,208 @@
+"""Text sources and token packing: from files, folders, JSONL, Hub datasets or the built-in default to contexts.
+
+Packing is deterministic: the same source, tokenizer, context length and seed always give the same contexts in the
+same order, which is what lets an interrupted activation cache resume exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from saelab.errors import DataError
+
+DEFAULT_TEXT = "default"
+TEXT_SUFFIXES = {".txt", ".md", ".raw", ".text", ".rst"}
+JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+CHUNK_CHARS = 1 << 20  # a plain text file is read in ~1M-character documents cut at blank lines
+
+
+def iter_documents(source: str | Path | None = None, *, field: str = "text", split: str = "train",
+                   config: str | None = None) -> Iterator[str]:
+    """Yield the documents of a text source, in a fixed order.
+
+    source: None or "default" (Python's own documentation prose, on every machine, no download), a text file,
+    a JSONL file (each line's `field`), a folder of such files (sorted, recursive), or a Hugging Face dataset
+    name (streamed; needs the network and the `datasets` package).
+    """
+    if source is None or str(source) == DEFAULT_TEXT:
+        yield from _default_documents()
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
+        if not files:
+            raise DataError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))})")
+        for file in files:
+            yield from _file_documents(file, field)
+    elif path.is_file():
+        yield from _file_documents(path, field)
+    elif _looks_like_path(str(source)):
+        raise DataError(f"text source {str(source)!r} does not exist (no such file or folder)")
+    else:
+        yield from _hub_documents(str(source), field, split, config)
+
+
+def describe_source(source: str | Path | None) -> str:
+    """A stable description of a source, stored in cache manifests to recognise the same run."""
+    if source is None or str(source) == DEFAULT_TEXT:
+        return DEFAULT_TEXT
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
+
+
+def _default_documents() -> Iterator[str]:
+    # pydoc_data ships with CPython: ~465k characters of real English technical prose (the Python reference).
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
+
+
+def _file_documents(path: Path, field: str) -> Iterator[str]:
+    if path.suffix in JSONL_SUFFIXES:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number} is not valid JSON ({error.msg})") from None
+                if not isinstance(record, dict) or field not in record:
+                    keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                    raise DataError(f"{path}:{number} has no field {field!r} (it has: {keys}); pass field=...")
+                yield str(record[field])
+        return
+    with path.open(encoding="utf-8", errors="replace") as text:
+        chunk: list[str] = []
+        size = 0
+        for line in text:
+            chunk.append(line)
+            size += len(line)
+            if size >= CHUNK_CHARS and not line.strip():
+                yield "".join(chunk)
+                chunk, size = [], 0
+        if size:
+            yield "".join(chunk)
+
+
+def _hub_documents(name: str, field: str, split: str, config: str | None) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{name!r} is not a local path; to stream it from the Hub: pip install 'saelab[datasets]'") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split, streaming=True)
+        for row in rows:
+            if field not in row:
+                raise DataError(f"dataset {name!r} has no field {field!r} (it has: {', '.join(row)}); pass field=...")
+            yield str(row[field])
+    except (FileNotFoundError, ConnectionError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{name!r} is neither a local path nor a loadable Hub dataset: {error}") from error
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix in TEXT_SUFFIXES | JSONL_SUFFIXES
+
+
+@dataclass
+class TokenBatch:
+    """A batch of contexts: token ids [batch, pos] and which positions hold real text (not BOS, not padding)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor  # bool [batch, pos]; False at padding, and at the prepended BOS when it is to be dropped
+
+
+def pack_contexts(documents: Iterable[str], tokenizer, context_len: int, *, prepend_bos: bool = True,
+                  pack: bool = True) -> Iterator[list[int]]:
+    """Tokenise documents into contexts of exactly `context_len` tokens (unpacked: up to that many).
+
+    Packed: documents are joined into one stream with a separator token (EOS, else BOS) between them and cut
+    into contexts; with prepend_bos each context is BOS + (context_len - 1) stream tokens, so every context
+    starts like a fresh sequence. Unpacked: one context per document, truncated. A final partial context is dropped.
+    """
+    bos = tokenizer.bos_token_id
+    if prepend_bos and bos is None:
+        raise DataError("the tokenizer has no BOS token; pass prepend_bos=False")
+    if context_len < 2:
+        raise DataError(f"context_len must be at least 2, got {context_len}")
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
+    body = context_len - 1 if prepend_bos else context_len
+    head = [bos] if prepend_bos else []
+    stream: list[int] = []
+    for ids in _tokenised(documents, tokenizer):
+        if not pack:
+            if ids:
+                yield head + ids[:body]
+            continue
+        stream += ids
+        if separator is not None:
+            stream.append(separator)
+        start = 0
+        while len(stream) - start >= body:
+            yield head + stream[start : start + body]
+            start += body
+        del stream[:start]
+
+
+def _tokenised(documents: Iterable[str], tokenizer, group: int = 64) -> Iterator[list[int]]:
+    """Tokenise in groups: one fast-tokenizer call per group is far quicker than one per document."""
+    documents = iter(documents)
+    while batch := list(islice(documents, group)):
+        yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+
+
+def shuffled(items: Iterable, window: int, seed: int) -> Iterator:
+    """Shuffle within consecutive windows of `window` items: deterministic for a seed, bounded memory."""
+    rng = random.Random(seed)
+    items = iter(items)
+    while chunk := list(islice(items, window)):
+        rng.shuffle(chunk)
+        yield from chunk
+
+
+def token_batches(contexts: Iterable[list[int]], batch_size: int, context_len: int, *, pad_id: int,
+                  drop_bos: bool = False) -> Iterator[TokenBatch]:
+    """Stack contexts into TokenBatches, right-padding short ones (causal attention never sees the padding)."""
+    contexts = iter(contexts)
+    while rows := list(islice(contexts, batch_size)):
+        tokens = torch.full((len(rows), context_len), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), context_len, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        if drop_bos:
+            mask[:, 0] = False
+        yield TokenBatch(tokens, mask)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Everything that decides which contexts a run sees, in order; two runs with equal TextConfigs see the same."""
+
+    source: str = DEFAULT_TEXT
+    context_len: int = 128
+    prepend_bos: bool = True
+    pack: bool = True
+    field: str = "text"
+    split: str = "train"
+    config: str | None = None
+    seed: int | None = None  # None: keep document order; else shuffle contexts in windows of `shuffle_window`
+    shuffle_window: int = 1024
+
+    def contexts(self, tokenizer) -> Iterator[list[int]]:
+        documents = iter_documents(self.source, field=self.field, split=self.split, config=self.config)
+        contexts = pack_contexts(documents, tokenizer, self.context_len, prepend_bos=self.prepend_bos, pack=self.pack)
+        return contexts if self.seed is None else shuffled(contexts, self.shuffle_window, self.seed)
+
+    def fingerprint(self) -> dict:
+        return {**self.__dict__, "source": describe_source(self.source)}

@@ -1,0 +1,365 @@
+"""Shared pieces of every SAE: the config, the inference base class, the training base class, AuxK.
+
+Conventions (all architectures):
+    pre    = (x - b_dec) @ W_enc + b_enc        W_enc [d_in, width], b_enc [width]
+    codes  = activation(pre)                    dense [..., width]; the architecture decides the activation
+    x_hat  = codes @ W_dec + b_dec              W_dec [width, d_in] (unit-norm rows), b_dec [d_in]
+    mse    = mean over tokens of ||x - x_hat||^2 (summed over d_in, so it is comparable to FVU when the
+             activations are normalised to unit mean squared norm)
+
+The inference module (`SAE`) holds only weights. Everything that exists only while training (coefficient
+warm-up, the BatchTopK running threshold, dead-latent masks) lives in a `Training` object that wraps it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SAEConfig:
+    """Everything needed to rebuild an SAE (and train it); saved next to the weights as cfg.json."""
+
+    arch: str
+    """Architecture name in the registry: relu, topk, batchtopk, jumprelu, matryoshka."""
+    d_in: int
+    """Width of the activations the SAE reads."""
+    width: int
+    """Number of latents."""
+    k: int | None = None
+    """Active latents per token (topk) or on average per token (batchtopk, matryoshka)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 for training; bfloat16/float16 are fine for inference."""
+
+    # -- metadata for the Hub and for users
+    model_name: str = ""
+    """Language model the activations came from."""
+    hook_name: str = ""
+    """Hook point the activations came from, e.g. blocks.15.hook_resid_post."""
+    input_scale: float = 1.0
+    """The SAE was trained on x * input_scale (unit mean squared norm); `fold_input_scale()` removes it."""
+    training_tokens: int = 0
+    """Tokens seen during training."""
+
+    # -- training hyperparameters (read by the Training objects, ignored at inference)
+    l1_coefficient: float = 1.0
+    """ReLU: weight of sum_i |f_i| * ||W_dec[i]||."""
+    l0_coefficient: float = 1e-3
+    """JumpReLU: weight of the L0 penalty."""
+    sparsity_warmup_steps: int = 0
+    """ReLU/JumpReLU: the sparsity coefficient ramps linearly from 0 over this many steps."""
+    auxk_coefficient: float = 1 / 32
+    """TopK family: weight of the AuxK dead-latent loss."""
+    k_aux: int | None = None
+    """TopK family: latents used by AuxK; None means d_in // 2."""
+    jumprelu_bandwidth: float = 1e-3
+    """JumpReLU: width of the rectangle kernel of the straight-through estimator."""
+    jumprelu_init_threshold: float = 1e-3
+    """JumpReLU: initial threshold of every latent."""
+    threshold_decay: float = 0.999
+    """BatchTopK/Matryoshka: EMA decay of the running threshold exported for inference."""
+    group_sizes: list[int] | None = None
+    """Matryoshka: sizes of the nested latent groups (sum = width); None means prefixes at width/16, /8, /4, /2, 1."""
+
+    def __post_init__(self):
+        def fail(name, why):
+            raise ValueError(f"SAEConfig.{name} {why}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.arch, str) or not self.arch:
+            fail("arch", "must be a non-empty architecture name")
+        for name in ("d_in", "width"):
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(name, "must be a positive integer")
+        if self.k is not None and (not is_int(self.k) or not 1 <= self.k <= self.width):
+            fail("k", f"must be an integer with 1 <= k <= width={self.width}")
+        if self.k_aux is not None and (not is_int(self.k_aux) or self.k_aux < 1):
+            fail("k_aux", "must be a positive integer (or None for d_in // 2)")
+        if self.dtype not in DTYPES:
+            fail("dtype", f"must be one of {sorted(DTYPES)}")
+        for name in ("l1_coefficient", "l0_coefficient", "auxk_coefficient"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                fail(name, "must be a finite number >= 0")
+        for name in ("input_scale", "jumprelu_bandwidth", "jumprelu_init_threshold"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                fail(name, "must be a finite number > 0")
+        for name in ("sparsity_warmup_steps", "training_tokens"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "must be an integer >= 0")
+        if not isinstance(self.threshold_decay, (int, float)) or not 0 <= self.threshold_decay < 1:
+            fail("threshold_decay", "must be in [0, 1)")
+        if self.group_sizes is not None:
+            self.group_sizes = list(self.group_sizes)
+            if not self.group_sizes or not all(is_int(g) and g > 0 for g in self.group_sizes):
+                fail("group_sizes", "must be a non-empty list of positive integers")
+            if sum(self.group_sizes) != self.width:
+                fail("group_sizes", f"must sum to width={self.width} (sum is {sum(self.group_sizes)})")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (plain ints, floats, strings, lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        """Inverse of to_dict; unknown keys are an error, so a typo never silently becomes a default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SAEConfig got unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainOutput:
+    """What one training forward returns. Only `loss` carries a graph; the rest are detached, for logging."""
+
+    loss: Tensor
+    mse: Tensor
+    aux_loss: Tensor
+    sparsity_loss: Tensor
+    l0: Tensor
+    """Mean number of active latents per token."""
+    fired: Tensor
+    """[width] bool: latents active on at least one token of this batch (for dead-latent tracking)."""
+    x_hat: Tensor
+    prefix_mse: Tensor | None = None
+    """Matryoshka only: [n_groups] reconstruction MSE of each nested prefix."""
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class SAE(nn.Module):
+    """Inference SAE: weights plus encode/decode. Subclasses define `activation(pre)`."""
+
+    arch: ClassVar[str] = ""  # set by @register
+    training_cls: ClassVar[type["Training"]]  # set at the bottom of each architecture file
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
+        super().__init__()
+        if self.arch and cfg.arch != self.arch:
+            raise ValueError(f"{type(self).__name__} is arch {self.arch!r} but cfg.arch is {cfg.arch!r}")
+        self.cfg = cfg
+        kw = dict(device=device, dtype=cfg.torch_dtype)
+        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.width, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.width, **kw))
+        self.W_dec = nn.Parameter(torch.empty(cfg.width, cfg.d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self._init_weights()
+
+    def _init_weights(self):
+        """Random unit-norm decoder rows; encoder = decoder transpose, so every latent starts as a matched filter."""
+        with torch.no_grad():
+            w = torch.randn(self.cfg.width, self.cfg.d_in, device=self.W_dec.device, dtype=torch.float32)
+            w /= w.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.T)
+
+    # -- inference
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            where = f" (hook {self.cfg.hook_name})" if self.cfg.hook_name else ""
+            raise ValueError(f"SAE expects d_in={self.cfg.d_in}{where} but got input with last dim {x.shape[-1]}")
+        return x.to(self.W_enc.dtype)
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        x = self._check_input(x)
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activation(self, pre: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense codes [..., width]."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        if codes.shape[-1] != self.cfg.width:
+            raise ValueError(f"SAE has width={self.cfg.width} but got codes with last dim {codes.shape[-1]}")
+        return codes.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def decode_topk(self, indices: Tensor, values: Tensor) -> Tensor:
+        """Decode sparse codes given as (indices, values) [..., k] without building a dense [..., width] matrix."""
+        return sparse_decode(self.W_dec, indices, values) + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def extra_repr(self) -> str:
+        k = f", k={self.cfg.k}" if self.cfg.k is not None else ""
+        return f"arch={self.cfg.arch}, d_in={self.cfg.d_in}, width={self.cfg.width}{k}, dtype={self.cfg.dtype}"
+
+    # -- weight surgery
+    def fold_input_scale(self) -> "SAE":
+        """A copy that reads raw activations: trained on s*x, it returns codes(s*x)/s and x_hat(s*x)/s.
+
+        Every activation here is positively homogeneous once biases (and thresholds) are divided by s,
+        so W_enc and W_dec stay as trained (decoder rows keep unit norm) and codes come out in raw units.
+        """
+        s = self.cfg.input_scale
+        folded = copy.deepcopy(self)
+        folded.cfg = dataclasses.replace(self.cfg, input_scale=1.0)
+        with torch.no_grad():
+            folded.b_enc.div_(s)
+            folded.b_dec.div_(s)
+        return folded
+
+    @torch.no_grad()
+    def normalize_decoder_(self, eps: float = 1e-8):
+        """Rescale W_dec rows to unit norm (call after each optimiser step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self, eps: float = 1e-8):
+        """Project out of W_dec.grad the component along each row (call before each optimiser step),
+        so that the step changes directions, not norms, which normalize_decoder_ would undo anyway."""
+        if self.W_dec.grad is None:
+            return
+        w = wide(self.W_dec)
+        g = wide(self.W_dec.grad)
+        unit = w / w.norm(dim=1, keepdim=True).clamp_min(eps)
+        g -= (g * unit).sum(dim=1, keepdim=True) * unit
+        self.W_dec.grad.copy_(g)
+
+    @torch.no_grad()
+    def init_b_dec_(self, sample: Tensor, method: str = "geometric_median"):
+        """Start b_dec at the centre of a sample of (scaled) activations [N, d_in]: geometric median or mean."""
+        sample = wide(self._check_input(sample).reshape(-1, self.cfg.d_in))
+        if method == "geometric_median":
+            centre = geometric_median(sample)
+        elif method == "mean":
+            centre = sample.mean(0)
+        else:
+            raise ValueError(f"init_b_dec_ method must be 'geometric_median' or 'mean', got {method!r}")
+        self.b_dec.copy_(centre)
+
+
+@torch.no_grad()
+def estimate_input_scale(sample: Tensor) -> float:
+    """The cfg.input_scale that gives activations unit mean squared norm: 1 / sqrt(mean ||x||^2)."""
+    ms = wide(sample.reshape(-1, sample.shape[-1])).pow(2).sum(-1).mean()
+    if not ms > 0:
+        raise ValueError("cannot estimate input_scale: the sample is empty or all zeros")
+    return float(ms.rsqrt())
+
+
+def sparse_decode(W_dec: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """sum_j values[..., j] * W_dec[indices[..., j]] (no bias) via embedding_bag: O(N*k*d), not O(N*width*d)."""
+    if indices.shape != values.shape:
+        raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must have the same shape")
+    k = indices.shape[-1]
+    out = F.embedding_bag(indices.reshape(-1, k).long(), W_dec,
+                          per_sample_weights=values.reshape(-1, k).to(W_dec.dtype), mode="sum")
+    return out.reshape(*indices.shape[:-1], W_dec.shape[1])
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld iterations: the point minimising the sum of Euclidean distances; robust to outlier tokens."""
+    median = points.mean(0)
+    for _ in range(iters):
+        dist = (points - median).norm(dim=1).clamp_min(1e-8)
+        w = 1 / dist
+        new = (w[:, None] * points).sum(0) / w.sum()
+        if (new - median).norm() <= tol * median.norm().clamp_min(1e-8):
+            return new
+        median = new
+    return median
+
+
+def warmup(coefficient: float, step: int, steps: int) -> float:
+    """Linear warm-up from 0 (step 0) to `coefficient` (step >= steps)."""
+    return coefficient if steps <= 0 else coefficient * min(1.0, step / steps)
+
+
+def auxk_loss(W_dec: Tensor, pre: Tensor, residual: Tensor, dead: Tensor | None, k_aux: int,
+              coefficient: float) -> Tensor:
+    """AuxK (Gao et al. 2024): the top-k_aux dead latents try to reconstruct what the live ones missed.
+
+    loss = coefficient * min(1, n_dead / k_aux) * ||e - e_hat||^2 / ||e - mean(e)||^2 (sums over the batch),
+    with e = x - x_hat detached (AuxK should revive dead latents, not move the main reconstruction) and
+    e_hat decoded from the dead latents without b_dec. Zero when nothing is dead.
+    """
+    zero = wide(pre.new_zeros(()))
+    if dead is None or coefficient == 0:
+        return zero
+    if dead.shape != pre.shape[-1:]:
+        raise ValueError(f"dead mask must have shape [width]=[{pre.shape[-1]}], got {list(dead.shape)}")
+    dead = dead.to(device=pre.device, dtype=torch.bool)
+    n_dead = int(dead.sum())
+    if n_dead == 0 or pre.shape[0] == 0:
+        return zero
+    vals, idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+    e = wide(residual.detach())
+    e_hat = wide(sparse_decode(W_dec, idx, vals.relu()))
+    scale = min(1.0, n_dead / k_aux)
+    return coefficient * scale * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+class Training:
+    """The training objective of one SAE and its training-only state. The trainer, each step:
+
+        out = training.loss(x, step=step, dead=dead_mask)   # x already multiplied by cfg.input_scale
+        out.loss.backward()
+        sae.remove_parallel_grad_(); optimizer.step(); sae.normalize_decoder_()
+        firing_counts += out.fired
+    """
+
+    def __init__(self, sae: SAE):
+        self.sae = sae
+        self.cfg = sae.cfg
+
+    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
+        raise NotImplementedError
+
+    def _flat(self, x: Tensor) -> Tensor:
+        return self.sae._check_input(x).reshape(-1, self.cfg.d_in)
+
+    @property
+    def k_aux(self) -> int:
+        return self.cfg.k_aux if self.cfg.k_aux is not None else max(1, self.cfg.d_in // 2)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training-only state to checkpoint next to the weights (empty for most architectures)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]):
+        pass
+
+
+def wide(t: Tensor) -> Tensor:
+    """Accumulate losses in at least float32 (bf16 parameters would lose the loss otherwise)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def mse_of(x: Tensor, x_hat: Tensor) -> Tensor:
+    return wide(x - x_hat).pow(2).sum(-1).mean()
+
+
+def summarise(codes: Tensor) -> tuple[Tensor, Tensor]:
+    """(l0, fired) of dense codes [N, width]."""
+    active = codes.detach() != 0
+    return active.sum(-1).float().mean(), active.any(0)

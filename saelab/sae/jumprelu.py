@@ -1,0 +1,106 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"; Gemma Scope).
+
+f = z * H(z - theta) with z = relu(pre) and a learned per-latent threshold theta = exp(log_threshold).
+The loss penalises L0 directly. H has zero gradient almost everywhere, so the threshold learns through
+straight-through pseudo-derivatives with a rectangle kernel K of bandwidth eps:
+    d/dtheta [z H(z - theta)] := -(theta / eps) K((z - theta) / eps)
+    d/dtheta  H(z - theta)    := -(1 / eps)     K((z - theta) / eps)
+and d/dz passes H(z - theta) (jumprelu) or 0 (step), as in the paper.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import SAE, SAEConfig, Training, TrainOutput, mse_of, summarise, warmup, wide
+from .registry import register
+
+
+def rectangle(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_z = grad * (z > theta).to(grad.dtype)
+        grad_theta = -(theta / eps) * rectangle((z - theta) / eps) * grad
+        return grad_z, grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_theta = -(1.0 / eps) * rectangle((z - theta) / eps) * grad
+        return torch.zeros_like(z), grad_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+def jumprelu(z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    """z * H(z - theta) with the straight-through gradient wrt theta."""
+    return _JumpReLU.apply(z, theta, eps)
+
+
+def heaviside(z: Tensor, theta: Tensor, eps: float) -> Tensor:
+    """H(z - theta) with the straight-through gradient wrt theta."""
+    return _Step.apply(z, theta, eps)
+
+
+@register("jumprelu")
+class JumpReLUSAE(SAE):
+    def __init__(self, cfg: SAEConfig, device=None):
+        super().__init__(cfg, device=device)
+        init = math.log(cfg.jumprelu_init_threshold)
+        self.log_threshold = nn.Parameter(torch.full((cfg.width,), init, device=device, dtype=cfg.torch_dtype))
+
+    @property
+    def threshold(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def activation(self, pre: Tensor) -> Tensor:
+        z = pre.relu()
+        return z * (z > self.threshold)
+
+    def fold_input_scale(self) -> "JumpReLUSAE":
+        folded = super().fold_input_scale()
+        with torch.no_grad():
+            folded.log_threshold.sub_(math.log(self.cfg.input_scale))
+        return folded
+
+
+class JumpReLUTraining(Training):
+    """loss = mse + l0(step) * mean_tokens sum_i H(z_i - theta_i); l0 coefficient warms up linearly."""
+
+    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
+        sae, cfg = self.sae, self.cfg
+        x = self._flat(x)
+        z = sae.pre_acts(x).relu()
+        theta = sae.threshold
+        codes = jumprelu(z, theta, cfg.jumprelu_bandwidth)
+        x_hat = sae.decode(codes)
+        mse = mse_of(x, x_hat)
+        l0_smooth = wide(heaviside(z, theta, cfg.jumprelu_bandwidth)).sum(-1).mean()
+        sparsity = warmup(cfg.l0_coefficient, step, cfg.sparsity_warmup_steps) * l0_smooth
+        l0, fired = summarise(codes)
+        return TrainOutput(loss=mse + sparsity, mse=mse.detach(), aux_loss=mse.new_zeros(()),
+                           sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach())
+
+
+JumpReLUSAE.training_cls = JumpReLUTraining

@@ -1,0 +1,37 @@
+"""ReLU SAE with an L1 penalty weighted by decoder row norms (Anthropic, April 2024 update).
+
+Weighting |f_i| by ||W_dec[i]|| makes the penalty invariant to moving scale between encoder and decoder,
+so the loss cannot be gamed by shrinking codes and growing decoder rows.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from .base import SAE, Training, TrainOutput, mse_of, summarise, warmup, wide
+from .registry import register
+
+
+@register("relu")
+class ReLUSAE(SAE):
+    def activation(self, pre: Tensor) -> Tensor:
+        return pre.relu()
+
+
+class ReLUTraining(Training):
+    """loss = mse + l1(step) * mean_tokens sum_i |f_i| * ||W_dec[i]||, l1 warming up linearly."""
+
+    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
+        sae = self.sae
+        x = self._flat(x)
+        codes = sae.encode(x)
+        x_hat = sae.decode(codes)
+        mse = mse_of(x, x_hat)
+        l1 = (wide(codes).abs() * wide(sae.W_dec).norm(dim=1)).sum(-1).mean()
+        sparsity = warmup(self.cfg.l1_coefficient, step, self.cfg.sparsity_warmup_steps) * l1
+        l0, fired = summarise(codes)
+        return TrainOutput(loss=mse + sparsity, mse=mse.detach(), aux_loss=mse.new_zeros(()),
+                           sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach(),
+                           extras={"l1": l1.detach()})
+
+
+ReLUSAE.training_cls = ReLUTraining

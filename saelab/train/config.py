@@ -1,0 +1,107 @@
+"""What to train and how: one TrainConfig for the run, one SAESpec per SAE fed by the shared activation stream."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class SAESpec:
+    """One SAE to train. Several specs share one activation stream (one model forward feeds them all)."""
+
+    arch: str = "topk"
+    """Architecture: relu, topk, batchtopk, jumprelu, matryoshka."""
+    width: int = 4608
+    """Number of latents."""
+    k: int | None = 32
+    """Active latents per token (topk family); ignored by relu and jumprelu."""
+    hook: str | None = None
+    """Hook point to read; None: the stream's only (or first) hook."""
+    lr: float | None = None
+    """Adam learning rate; None: 2e-4 / sqrt(width / 2^14) (Gao et al.)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further SAEConfig fields, e.g. {"l1_coefficient": 5.0, "sparsity_warmup_steps": 200}."""
+
+    def __post_init__(self):
+        if self.arch in ("relu", "jumprelu"):
+            self.k = None
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"SAESpec.lr must be a positive number, got {self.lr!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(self.width / 2**14)
+
+    def name(self) -> str:
+        """Folder name of this SAE inside the run: arch-width[-k]."""
+        return f"{self.arch}-{self.width}" + (f"-k{self.k}" if self.k is not None else "")
+
+
+@dataclass
+class TrainConfig:
+    """How the run trains. Everything here (with the specs and the data) identifies a run for resuming."""
+
+    tokens: int = 2_000_000
+    """Training tokens (activation rows) per SAE."""
+    batch_size: int = 4096
+    """Tokens per optimiser step."""
+    lr_warmup_steps: int = 100
+    """Linear learning-rate warm-up from 0."""
+    lr_decay_fraction: float = 0.2
+    """The learning rate decays linearly to 0 over this final fraction of the steps."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam (beta1, beta2); JumpReLU recipes use beta1 = 0."""
+    seed: int = 0
+    """Seeds SAE initialisation (data order is seeded by the store / stream)."""
+    normalize_activations: bool = True
+    """Scale inputs to unit mean squared norm while training; the factor is folded into the saved weights."""
+    b_dec_init: str = "geometric_median"
+    """Initial decoder bias: geometric_median, mean or zeros, from the first batch."""
+    dead_tokens: int | None = None
+    """A latent is dead after this many tokens without firing; None: min(10M, tokens // 10)."""
+    nan_policy: str = "error"
+    """Non-finite activations: 'error' stops and says where; 'skip' skips the batch and counts it."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (resume continues from the last one)."""
+    log_every: int = 10
+    """Steps between lines of log.jsonl."""
+    device: str = "cpu"
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project when wandb is installed."""
+
+    def __post_init__(self):
+        self.adam_betas = tuple(self.adam_betas)
+        checks = {
+            "tokens": self.tokens >= 1, "batch_size": self.batch_size >= 1, "lr_warmup_steps": self.lr_warmup_steps >= 0,
+            "lr_decay_fraction": 0 <= self.lr_decay_fraction <= 1, "checkpoint_every": self.checkpoint_every >= 1,
+            "log_every": self.log_every >= 1, "adam_betas": all(0 <= b < 1 for b in self.adam_betas),
+            "b_dec_init": self.b_dec_init in ("geometric_median", "mean", "zeros"),
+            "nan_policy": self.nan_policy in ("error", "skip"),
+            "dead_tokens": self.dead_tokens is None or self.dead_tokens >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} is invalid: {getattr(self, name)!r}")
+
+    @property
+    def steps(self) -> int:
+        return -(-self.tokens // self.batch_size)
+
+    @property
+    def dead_window(self) -> int:
+        return self.dead_tokens if self.dead_tokens is not None else max(self.batch_size, min(10_000_000, self.tokens // 10))
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base learning rate at `step`: warm-up, flat, then linear decay to 0."""
+        warm = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
+        decay_steps = int(self.steps * self.lr_decay_fraction)
+        decay = min(1.0, (self.steps - step) / decay_steps) if decay_steps else 1.0
+        return warm * decay
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Both test tiers: fast tests (tiny random model), then the slow tier with the real offline models and text.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+python -m pytest -q
+python -m pytest -q -m slow

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny randomly initialised Llama with an in-process tokenizer (no network), real text paths."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def build_tiny_model(folder: Path, layers: int = 2, d_model: int = 64, vocab: int = 512) -> Path:
+    """Save a random tiny Llama and a BPE tokenizer trained on Python's own docs into `folder`."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<bos>", "<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(topics.values())[:20], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from saelab.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture
+def shared_text() -> Path:
+    path = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+    if not path.exists():
+        pytest.skip("../shared/data is absent")
+    return path

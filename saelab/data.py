@@ -6,6 +6,7 @@ same order, which is what lets an interrupted activation cache resume exactly wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -198,11 +199,17 @@ class TextConfig:
     config: str | None = None
     seed: int | None = None  # None: keep document order; else shuffle contexts in windows of `shuffle_window`
     shuffle_window: int = 1024
+    start: int = 0  # skip this many contexts: held-out text after the ones a training run used
 
     def contexts(self, tokenizer) -> Iterator[list[int]]:
         documents = iter_documents(self.source, field=self.field, split=self.split, config=self.config)
         contexts = pack_contexts(documents, tokenizer, self.context_len, prepend_bos=self.prepend_bos, pack=self.pack)
-        return contexts if self.seed is None else shuffled(contexts, self.shuffle_window, self.seed)
+        contexts = contexts if self.seed is None else shuffled(contexts, self.shuffle_window, self.seed)
+        return islice(contexts, self.start, None)
+
+    def after(self, n_contexts: int) -> "TextConfig":
+        """The same text from context `n_contexts` on: held out from a run that used the first n_contexts."""
+        return dataclasses.replace(self, start=self.start + n_contexts)
 
     def fingerprint(self) -> dict:
         return {**self.__dict__, "source": describe_source(self.source)}

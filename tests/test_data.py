@@ -1,4 +1,5 @@
 import json
+from itertools import islice
 
 import pytest
 from transformers import AutoTokenizer
@@ -102,3 +103,11 @@ def test_packing_is_deterministic_and_seeded_shuffle_is_a_permutation(tokenizer)
 def test_context_len_and_bos_validation(tokenizer):
     with pytest.raises(DataError, match="at least 2"):
         list(pack_contexts(["x"], tokenizer, 1))
+
+
+def test_held_out_text_starts_after_the_used_contexts(tokenizer):
+    config = TextConfig(context_len=16)
+    everything = list(islice(config.contexts(tokenizer), 30))
+    assert list(islice(config.after(10).contexts(tokenizer), 20)) == everything[10:30]
+    assert config.after(10).after(5).start == 15
+    assert config.after(10).fingerprint() != config.fingerprint()

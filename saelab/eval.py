@@ -1,0 +1,643 @@
+"""Evaluate an SAE: reconstruction and sparsity over activations, and the language model's loss with the SAE spliced in.
+
+    result = evaluate(sae, model=model, text=TextConfig(source="held_out.txt"), tokens=20_000, out="runs/sae/eval")
+    result.reconstruction.fvu, result.spliced.ce_loss_recovered, result.metrics()   # flat {name: float}
+
+Units. An SAE trained on x * cfg.input_scale is evaluated through `sae.fold_input_scale()`, on raw activations, so
+MSE is in the model's own units; FVU, explained variance, cosine similarity and the norm ratio do not depend on it.
+
+Definitions (N = evaluated token positions, x_hat = sae(x), active = code != 0):
+    mse                 sum_t ||x_t - x_hat_t||^2 / N            (squared error summed over d, mean over tokens)
+    fvu                 sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2      (a ratio of sums, not a mean of
+                        per-token ratios; the denominator is sum ||x||^2 - N ||mean||^2 from running float64 sums)
+    explained_variance  1 - fvu
+    l0                  mean over tokens of the number of active latents
+    frac_dead           fraction of latents active on no evaluated token
+    frac_dense          fraction of latents active on more than `dense_threshold` (1 %) of evaluated tokens
+    cos_sim             mean over tokens of cos(x_t, x_hat_t)
+    l2_ratio            mean over tokens of ||x_hat_t|| / ||x_t||   (relative reconstruction norm; < 1 = shrinkage)
+
+Spliced metrics (contexts of L tokens; position i predicts token i + 1, so every context gives L - 1 predictions,
+the BOS token is never a target, and targets that are padding are skipped; means are over all predictions):
+    ce_clean            cross-entropy of the unmodified model
+    ce_sae              cross-entropy with the hook's activation replaced by sae(x)
+    ce_zero / ce_mean   cross-entropy with the activation replaced by 0 / by the mean activation
+    ce_loss_recovered   (ce_zero - ce_sae) / (ce_zero - ce_clean): 1 = as good as clean, 0 = as bad as ablation
+    kl_sae / kl_zero    mean over predictions of KL(p_clean || p_spliced), in nats
+With splice_bos=False (the default) a context's first position is left clean when it holds the BOS token: SAEs are
+trained without it (ModelStream drops it) and its huge-norm "attention sink" activation would dominate the result.
+The same positions are left clean by the ablations, so ce_loss_recovered compares like with like. The prediction
+made at the BOS position (of token 1) is still counted; with BOS left clean it equals the clean one for every
+variant, which shrinks all the CE gaps by the same factor (L - 2) / (L - 1) and leaves ce_loss_recovered unchanged.
+ce_loss_recovered is not clipped: it exceeds 1 when the SAE beats the clean model, and is None when ce_zero == ce_clean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saelab import __version__
+from saelab.activations.store import ActivationBatch, ActivationStore
+from saelab.data import TextConfig, token_batches
+from saelab.errors import DataError, HookError
+
+if TYPE_CHECKING:
+    from saelab.models import LanguageModel
+    from saelab.sae import SAE
+
+SCHEMA_VERSION = 1
+METRICS_FILE = "metrics.json"
+DENSITY_PLOT_FILE = "feature_density.png"
+FIRING_COUNTS_FILE = "firing_counts.safetensors"
+DENSE_THRESHOLD = 0.01
+DENSITY_BIN_EDGES = [round(-8 + 0.1 * i, 1) for i in range(81)]
+"""Fixed log10-frequency bins (1e-8 .. 1), so histograms of different runs line up; lower values go in the first bin."""
+CHUNK_TOKENS = 1024
+"""Token positions encoded at once: bounds the dense [chunk, width] codes whatever the batch size."""
+
+
+# ---------------------------------------------------------------------------------------------------- records
+@dataclass
+class SAESummary:
+    """What was evaluated."""
+
+    arch: str
+    d_in: int
+    width: int
+    k: int | None
+    hook_name: str
+    model_name: str
+    input_scale: float
+    dtype: str
+
+    @classmethod
+    def of(cls, sae: SAE, hook: str | None = None) -> "SAESummary":
+        cfg = sae.cfg
+        return cls(arch=cfg.arch, d_in=cfg.d_in, width=cfg.width, k=cfg.k, hook_name=hook or cfg.hook_name,
+                   model_name=cfg.model_name, input_scale=float(cfg.input_scale), dtype=cfg.dtype)
+
+
+@dataclass
+class ReconstructionMetrics:
+    """Reconstruction and sparsity over N token positions (definitions in the module docstring)."""
+
+    n_tokens: int
+    mse: float
+    fvu: float
+    explained_variance: float
+    l0: float
+    frac_dead: float
+    frac_dense: float
+    cos_sim: float
+    l2_ratio: float
+    n_dead: int
+    n_dense: int
+    mean_sq_norm: float
+    """sum_t ||x_t||^2 / N, for putting mse in context."""
+
+
+@dataclass
+class SplicedMetrics:
+    """The language model's next-token loss with the SAE (or an ablation) substituted at the hook."""
+
+    n_contexts: int
+    n_predictions: int
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_loss_recovered: float | None
+    """None when ce_zero == ce_clean (the hook does not matter to the loss)."""
+    kl_sae: float
+    kl_zero: float
+    ce_mean: float | None = None
+    ce_loss_recovered_mean: float | None = None
+    """(ce_mean - ce_sae) / (ce_mean - ce_clean), when mean ablation was run."""
+    kl_mean: float | None = None
+    splice_bos: bool = False
+
+
+@dataclass
+class FeatureDensity:
+    """Histogram of log10(firing frequency) over the live latents; dead latents (frequency 0) are counted apart."""
+
+    bin_edges: list[float]
+    counts: list[int]
+    n_dead: int
+    n_latents: int
+    n_tokens: int
+    dense_threshold: float = DENSE_THRESHOLD
+
+
+@dataclass
+class EvalResult:
+    """Everything one evaluation produced; `save(folder)` writes metrics.json (+ the density plot and counts)."""
+
+    sae: SAESummary
+    n_tokens: int
+    """Token positions behind the reconstruction metrics (0 when only spliced metrics ran)."""
+    reconstruction: ReconstructionMetrics | None = None
+    spliced: SplicedMetrics | None = None
+    density: FeatureDensity | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    """How the evaluation was run: token budget, text fingerprint, splice_bos, ..."""
+    firing_counts: list[int] | None = None
+    """Per-latent count of tokens it was active on. Kept out of metrics.json (it has `width` entries);
+    save() writes it to firing_counts.safetensors and load() reads it back."""
+    schema_version: int = SCHEMA_VERSION
+    saelab_version: str = __version__
+
+    def metrics(self) -> dict[str, float]:
+        """Flat {name: float} of every scalar metric (for loggers and tables); None values are left out."""
+        flat: dict[str, float] = {}
+        for record in (self.reconstruction, self.spliced):
+            for name, value in (dataclasses.asdict(record) if record is not None else {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    flat[name] = float(value)
+        return flat
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("firing_counts")
+        head = {"schema_version": d.pop("schema_version"), "saelab_version": d.pop("saelab_version")}
+        return _json_safe({**head, **d})
+
+    def to_json(self, indent: int | None = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+        # keep lists of numbers (the histogram) on one line each
+        return re.sub(r"\[\s+([-+0-9.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalResult":
+        version = d.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(f"metrics schema_version {version!r} is not one this saelab ({__version__}) reads "
+                             f"(it reads up to {SCHEMA_VERSION}); upgrade saelab")
+        sub = {"sae": SAESummary, "reconstruction": ReconstructionMetrics, "spliced": SplicedMetrics,
+               "density": FeatureDensity}
+        kwargs = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        for key, record in sub.items():
+            if kwargs.get(key) is not None:
+                kwargs[key] = record(**kwargs[key])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EvalResult":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write metrics.json, feature_density.png and firing_counts.safetensors (the last two when available)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / METRICS_FILE).write_text(self.to_json() + "\n")
+        if self.density is not None:
+            plot_feature_density(self.density, folder / DENSITY_PLOT_FILE, title=_title(self.sae))
+        if self.firing_counts is not None:
+            from safetensors.torch import save_file
+
+            save_file({"firing_counts": torch.tensor(self.firing_counts, dtype=torch.int64)},
+                      str(folder / FIRING_COUNTS_FILE))
+        return folder / METRICS_FILE
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "EvalResult":
+        folder = Path(folder)
+        result = cls.from_json((folder / METRICS_FILE).read_text())
+        if (folder / FIRING_COUNTS_FILE).exists():
+            from safetensors.torch import load_file
+
+            result.firing_counts = load_file(str(folder / FIRING_COUNTS_FILE))["firing_counts"].tolist()
+        return result
+
+
+def _json_safe(value):
+    """Non-finite floats become None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _title(summary: SAESummary) -> str:
+    k = f" k={summary.k}" if summary.k is not None else ""
+    where = " ".join(p for p in (summary.model_name, summary.hook_name) if p)
+    return f"{summary.arch} width={summary.width}{k}" + (f" · {where}" if where else "")
+
+
+# ---------------------------------------------------------------------------------------------------- streaming sums
+class ReconstructionStats:
+    """Exact reconstruction/sparsity metrics from running sums: feed it chunks, never holds the tokens.
+
+    `update(x, x_hat, codes)` takes [N, d_in], [N, d_in], [N, width] (any units, as long as x and x_hat agree).
+    """
+
+    def __init__(self, d_in: int, width: int, dense_threshold: float = DENSE_THRESHOLD):
+        self.d_in, self.width, self.dense_threshold = d_in, width, dense_threshold
+        self.n_tokens = 0
+        self.sum_sq_err = 0.0
+        self.sum_sq_x = 0.0
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
+        self.sum_active = 0
+        self.firing_counts = torch.zeros(width, dtype=torch.int64)
+        self.sum_cos = 0.0
+        self.sum_l2_ratio = 0.0
+
+    @torch.no_grad()
+    def update(self, x: Tensor, x_hat: Tensor, codes: Tensor) -> None:
+        x = x.reshape(-1, self.d_in).to("cpu", torch.float64)
+        x_hat = x_hat.reshape(-1, self.d_in).to("cpu", torch.float64)
+        active = codes.reshape(-1, self.width) != 0
+        if len(x) == 0:
+            return
+        x_norm, x_hat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
+        self.n_tokens += len(x)
+        self.sum_sq_err += float((x - x_hat).pow(2).sum())
+        self.sum_sq_x += float(x_norm.pow(2).sum())
+        self.sum_x += x.sum(0)
+        self.sum_active += int(active.sum())
+        self.firing_counts += active.sum(0).cpu()
+        self.sum_cos += float(F.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).sum())
+        self.sum_l2_ratio += float((x_hat_norm / x_norm.clamp_min(1e-12)).sum())
+
+    @property
+    def mean(self) -> Tensor:
+        """Mean activation [d_in] (float64) over the tokens seen."""
+        return self.sum_x / max(self.n_tokens, 1)
+
+    def metrics(self) -> ReconstructionMetrics:
+        n = self.n_tokens
+        if n == 0:
+            raise DataError("no activations to evaluate: the input yielded 0 tokens")
+        total_var = self.sum_sq_x - n * float(self.mean.pow(2).sum())
+        fvu = self.sum_sq_err / total_var if total_var > 0 else float("nan")
+        n_dead = int((self.firing_counts == 0).sum())
+        n_dense = int((self.firing_counts.double() / n > self.dense_threshold).sum())
+        return ReconstructionMetrics(
+            n_tokens=n, mse=self.sum_sq_err / n, fvu=fvu, explained_variance=1 - fvu, l0=self.sum_active / n,
+            frac_dead=n_dead / self.width, frac_dense=n_dense / self.width, cos_sim=self.sum_cos / n,
+            l2_ratio=self.sum_l2_ratio / n, n_dead=n_dead, n_dense=n_dense, mean_sq_norm=self.sum_sq_x / n,
+        )
+
+    def density(self, bin_edges: list[float] | None = None) -> FeatureDensity:
+        return feature_density(self.firing_counts, self.n_tokens, bin_edges, dense_threshold=self.dense_threshold)
+
+
+def feature_density(firing_counts: Tensor, n_tokens: int, bin_edges: list[float] | None = None, *,
+                    dense_threshold: float = DENSE_THRESHOLD) -> FeatureDensity:
+    """Histogram of log10(count / n_tokens) over latents with count > 0; values below the first edge go in bin 0."""
+    edges = list(DENSITY_BIN_EDGES if bin_edges is None else bin_edges)
+    counts = torch.as_tensor(firing_counts).to(torch.int64).flatten()
+    if n_tokens <= 0:
+        raise DataError("cannot build a feature density histogram from 0 tokens")
+    live = counts[counts > 0].double() / n_tokens
+    log_freq = live.log10().clamp(min=edges[0], max=edges[-1])
+    hist = torch.histogram(log_freq, bins=torch.tensor(edges, dtype=torch.float64)).hist
+    return FeatureDensity(bin_edges=edges, counts=[int(c) for c in hist.tolist()], n_dead=int((counts == 0).sum()),
+                          n_latents=len(counts), n_tokens=int(n_tokens), dense_threshold=dense_threshold)
+
+
+def plot_feature_density(density: FeatureDensity, path: str | Path, title: str = "") -> Path:
+    """Save the histogram as a PNG (matplotlib's Agg canvas; the global pyplot backend is left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(6.4, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    edges = density.bin_edges
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    ax.bar(edges[:-1], density.counts, width=widths, align="edge", color="#4c72b0", edgecolor="none")
+    ax.axvline(math.log10(density.dense_threshold), color="#c44e52", linestyle="--", linewidth=1,
+               label=f"dense (> {density.dense_threshold:g})")
+    ax.axvline(math.log10(1 / density.n_tokens), color="grey", linestyle=":", linewidth=1, label="1 / tokens")
+    live = [i for i, c in enumerate(density.counts) if c]
+    lo = edges[live[0]] if live else math.log10(1 / density.n_tokens)
+    ax.set_xlim(min(lo, math.log10(1 / density.n_tokens)) - 0.3, edges[-1] + 0.1)
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    dead = density.n_dead / max(density.n_latents, 1)
+    ax.set_title((title + "\n" if title else "") +
+                 f"{density.n_dead} of {density.n_latents} latents dead ({dead:.1%}) over {density.n_tokens:,} tokens",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- reconstruction
+def _raw_sae(sae):
+    """The SAE on raw activations (input_scale folded in), in eval mode."""
+    folded = sae.fold_input_scale() if sae.cfg.input_scale != 1 else sae
+    return folded.eval()
+
+
+def _hook_label(sae, hook: str | None) -> str:
+    return hook or sae.cfg.hook_name or "<activations>"
+
+
+def _check_width(sae, width: int, hook: str) -> None:
+    if width != sae.cfg.d_in:
+        raise ValueError(f"SAE expects d_in={sae.cfg.d_in} but hook {hook} gives {width}")
+
+
+def _check_finite(x: Tensor, hook: str) -> None:
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        tokens = int(bad.reshape(-1, x.shape[-1]).any(-1).sum()) if x.ndim else 1
+        raise ValueError(f"activations at hook {hook} contain {int(bad.sum())} NaN/Inf values "
+                         f"(in {tokens} of {x.reshape(-1, x.shape[-1]).shape[0]} token positions of this batch)")
+
+
+def _tensors(activations, hook: str | None) -> Iterator[Tensor]:
+    """Tensors [N, d] from a tensor, or an iterable of tensors or ActivationBatches."""
+    if isinstance(activations, Tensor):
+        activations = [activations]
+    for item in activations:
+        if isinstance(item, ActivationBatch):
+            if hook is not None and hook in item.acts:
+                x = item.acts[hook]
+            elif hook is None and len(item.acts) == 1:
+                x = next(iter(item.acts.values()))
+            elif hook is None:
+                raise HookError(f"activation batch holds {', '.join(item.acts)}; pass hook= to pick one")
+            else:
+                raise HookError(f"activation batch has no hook {hook!r}; it holds {', '.join(item.acts)}")
+        elif isinstance(item, Tensor):
+            x = item
+        else:
+            raise TypeError(f"activations must be tensors or ActivationBatches, got {type(item).__name__}")
+        yield x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+
+
+@torch.no_grad()
+def reconstruction_stats(sae: SAE, activations: Tensor | Iterable, *, hook: str | None = None,
+                         max_tokens: int | None = None,
+                         dense_threshold: float = DENSE_THRESHOLD) -> ReconstructionStats:
+    """Stream `activations` (raw, unscaled) through the SAE and accumulate the reconstruction/sparsity sums.
+
+    activations: a tensor [..., d], an iterable of tensors [N, d] or of ActivationBatches (for which `hook`, default
+    sae.cfg.hook_name, picks the tensor), e.g. an ActivationStore or a ModelStream. max_tokens: stop after that many.
+    """
+    hook = hook or sae.cfg.hook_name or None
+    label = _hook_label(sae, hook)
+    raw = _raw_sae(sae)
+    stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, dense_threshold)
+    for x in _tensors(activations, hook):
+        _check_width(sae, x.shape[-1], label)
+        if max_tokens is not None:
+            x = x[: max_tokens - stats.n_tokens]
+        _check_finite(x, label)
+        for chunk in x.split(CHUNK_TOKENS):
+            chunk = chunk.to(raw.device)
+            codes = raw.encode(chunk)
+            stats.update(chunk, raw.decode(codes), codes)
+        if max_tokens is not None and stats.n_tokens >= max_tokens:
+            break
+    if stats.n_tokens == 0:
+        raise DataError(f"no activations to evaluate at hook {label}: the input yielded 0 tokens")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------- spliced model
+def _describe_text(text) -> dict[str, Any]:
+    if isinstance(text, Tensor):
+        return {"text": "tensor", "context_len": int(text.shape[-1])}
+    config = text if isinstance(text, TextConfig) else TextConfig(source=str(text))
+    return {"text": config.fingerprint(), "context_len": config.context_len}
+
+
+def _context_batches(model, text, tokens: int | None, batch_size: int) -> list[tuple[Tensor, Tensor]]:
+    """Token batches ([b, L] ids, [b, L] real-token mask) from a TextConfig / source path / token tensor."""
+    if isinstance(text, Tensor):
+        ids = text.unsqueeze(0) if text.ndim == 1 else text
+        if ids.ndim != 2 or ids.shape[1] < 2 or ids.dtype in (torch.float16, torch.float32, torch.float64):
+            raise DataError(f"tokens must be an integer tensor [contexts, pos] with pos >= 2, got "
+                            f"{ids.dtype} {tuple(ids.shape)}")
+        if ids.shape[0] == 0:
+            raise DataError("no contexts to evaluate: the token tensor has 0 rows")
+        if tokens is not None:
+            ids = ids[: max(1, -(-tokens // ids.shape[1]))]
+        ids = ids.long()
+        return [(chunk, torch.ones_like(chunk, dtype=torch.bool)) for chunk in ids.split(batch_size)]
+    config = text if isinstance(text, TextConfig) else TextConfig(source=str(text))
+    if config.context_len > model.n_ctx:
+        raise ValueError(f"context_len {config.context_len} is longer than {model.name} allows ({model.n_ctx})")
+    contexts = config.contexts(model.tokenizer)
+    if tokens is not None:
+        contexts = islice(contexts, max(1, -(-tokens // config.context_len)))
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    batches = [(b.tokens, b.mask) for b in token_batches(contexts, batch_size, config.context_len, pad_id=pad_id)]
+    if not batches:
+        raise DataError(f"text {config.source!r} yielded no contexts of {config.context_len} tokens")
+    return batches
+
+
+def _resolve_hook(model, sae, hook: str | None) -> str:
+    hook = hook or sae.cfg.hook_name
+    if not hook:
+        raise ValueError("the SAE's cfg.hook_name is empty; pass hook= (the hook point it reads)")
+    found = model.resolve_hooks(hook)
+    if len(found) != 1:
+        raise HookError(f"hook {hook!r} matches {len(found)} hook points ({', '.join(found[:5])}); name exactly one")
+    _check_width(sae, model.hook_dim(found[0]), found[0])
+    return found[0]
+
+
+def _replaced_positions(tokens: Tensor, mask: Tensor, bos_id: int | None, splice_bos: bool) -> Tensor:
+    """bool [b, L]: positions whose activation is substituted (real tokens, minus a leading BOS unless splice_bos)."""
+    replace = mask.clone()
+    if not splice_bos and bos_id is not None:
+        replace[:, 0] &= tokens[:, 0] != bos_id
+    return replace
+
+
+def _splice(replace_fn: Callable[[Tensor], Tensor], where: Tensor, hook_name: str):
+    """A forward hook that substitutes replace_fn(x) for the activation at positions `where` ([b, L] bool)."""
+
+    def fn(activation, hook):  # TransformerLens passes the HookPoint as the keyword `hook`
+        if not isinstance(activation, Tensor) or activation.ndim < 3:
+            raise HookError(f"hook {hook_name} does not give a [batch, pos, ...] tensor; it cannot be spliced")
+        x = activation.flatten(2)
+        new = replace_fn(x).to(x.dtype)
+        new = torch.where(where.to(x.device).unsqueeze(-1), new, x)
+        return new.reshape(activation.shape)
+
+    return fn
+
+
+class _Loss:
+    """Running sums of CE and KL(clean || this) over the predicted positions."""
+
+    def __init__(self):
+        self.ce = 0.0
+        self.kl = 0.0
+
+    def add(self, logp: Tensor, clean_logp: Tensor, targets: Tensor, valid: Tensor):
+        nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        kl = F.kl_div(logp, clean_logp, log_target=True, reduction="none").sum(-1)
+        self.ce += float(nll[valid].double().sum())
+        self.kl += float(kl[valid].double().sum())
+
+
+@torch.no_grad()
+def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Path | Tensor, *,
+                    hook: str | None = None, tokens: int | None = 20_000, batch_size: int = 8,
+                    splice_bos: bool = False, mean_ablation: bool = False, mean_activation: Tensor | None = None,
+                    stats: ReconstructionStats | None = None) -> SplicedMetrics:
+    """CE clean / with sae(x) spliced in / zero-ablated (and mean-ablated), CE loss recovered, KL, on `text`.
+
+    text: a TextConfig, a text source (path; contexts of 128 tokens), or token ids [contexts, pos].
+    tokens: read whole contexts until at least this many positions (None: all of the text).
+    mean_activation: [d] mean for mean ablation; when None and mean_ablation, it is the mean over the replaced
+    positions of these same contexts (one extra forward pass that stops at the hook's layer).
+    stats: when given, the (x, sae(x), codes) of every replaced position is added to it, so one pass also yields
+    the reconstruction metrics on the held-out text.
+    """
+    hook = _resolve_hook(model, sae, hook)
+    raw = _raw_sae(sae)
+    batches = _context_batches(model, text, tokens, batch_size)
+    bos_id = model.bos_token_id
+    device = model.device
+
+    if mean_ablation and mean_activation is None:
+        total, count = torch.zeros(sae.cfg.d_in, dtype=torch.float64), 0
+        for ids, mask in batches:
+            x = model.activations(ids, [hook], flatten=True)[hook].to("cpu", torch.float64)
+            where = _replaced_positions(ids, mask, bos_id, splice_bos)
+            total += x[where].sum(0)
+            count += int(where.sum())
+        mean_activation = total / max(count, 1)
+
+    def sae_replace(x: Tensor, where: Tensor) -> Tensor:
+        _check_finite(x[where.to(x.device)], hook)
+        codes = raw.encode(x.to(raw.device))
+        x_hat = raw.decode(codes)
+        if stats is not None:
+            keep = where.to(raw.device)
+            stats.update(x.to(raw.device)[keep], x_hat[keep], codes[keep])
+        return x_hat.to(x.device)
+
+    clean, spliced, zero, mean = _Loss(), _Loss(), _Loss(), _Loss()
+    n_predictions = n_contexts = 0
+    for ids, mask in batches:
+        ids, mask = ids.to(device), mask.to(device)
+        where = _replaced_positions(ids, mask, bos_id, splice_bos)
+        targets, valid = ids[:, 1:], mask[:, 1:]
+        clean_logp = model.bridge(ids, return_type="logits")[:, :-1].float().log_softmax(-1)
+        clean.add(clean_logp, clean_logp, targets, valid)
+        variants = [(spliced, lambda x, w=where: sae_replace(x, w)), (zero, torch.zeros_like)]
+        if mean_ablation:
+            m = mean_activation.reshape(-1)
+            variants.append((mean, lambda x, m=m: m.to(x.device, x.dtype).expand_as(x)))
+        for loss, replace_fn in variants:
+            logits = model.bridge.run_with_hooks(ids, fwd_hooks=[(hook, _splice(replace_fn, where, hook))],
+                                                 return_type="logits")
+            loss.add(logits[:, :-1].float().log_softmax(-1), clean_logp, targets, valid)
+        n_predictions += int(valid.sum())
+        n_contexts += len(ids)
+    if n_predictions == 0:
+        raise DataError("no next-token predictions to evaluate: every context is shorter than 2 tokens")
+
+    n = n_predictions
+    ce_clean, ce_sae, ce_zero = clean.ce / n, spliced.ce / n, zero.ce / n
+    result = SplicedMetrics(n_contexts=n_contexts, n_predictions=n, ce_clean=ce_clean, ce_sae=ce_sae,
+                            ce_zero=ce_zero, ce_loss_recovered=_recovered(ce_clean, ce_sae, ce_zero),
+                            kl_sae=spliced.kl / n, kl_zero=zero.kl / n, splice_bos=splice_bos)
+    if mean_ablation:
+        result.ce_mean = mean.ce / n
+        result.kl_mean = mean.kl / n
+        result.ce_loss_recovered_mean = _recovered(ce_clean, ce_sae, result.ce_mean)
+    return result
+
+
+def _recovered(clean: float, spliced: float, ablated: float) -> float | None:
+    gap = ablated - clean
+    return (ablated - spliced) / gap if gap != 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+def evaluate(sae: SAE, *, activations: Tensor | Iterable | str | Path | None = None,
+             model: LanguageModel | None = None, text: TextConfig | str | Path | Tensor | None = None,
+             tokens: int | None = 20_000, activation_tokens: int | None = None, batch_size: int = 8,
+             hook: str | None = None, splice_bos: bool = False, mean_ablation: bool = False,
+             dense_threshold: float = DENSE_THRESHOLD,
+             out: str | Path | None = None) -> EvalResult:
+    """Evaluate `sae` with whatever inputs are given; write metrics.json + feature_density.png to `out` if given.
+
+    activations: raw activations for the reconstruction metrics: a tensor, an iterable of tensors or
+        ActivationBatches (ActivationStore, ModelStream, a list), or the path of an activation cache.
+        activation_tokens caps how many are read (None: all).
+    model + text: spliced-model metrics on `text` (a TextConfig, a source path, or token ids [contexts, pos]),
+        reading whole contexts until `tokens` positions (None: all of it), `batch_size` contexts per forward.
+        Without `activations`, the reconstruction metrics come from the same pass: every position whose activation
+        the SAE replaced (all but padding and, with splice_bos=False, the leading BOS), so no second model run.
+    hook: defaults to sae.cfg.hook_name.
+    """
+    if activations is None and model is None:
+        raise ValueError("evaluate needs activations= (for reconstruction) and/or model= with text= (for both)")
+    if model is not None and text is None:
+        raise ValueError("evaluate(model=...) needs text=: held-out text (a TextConfig, a text file or folder, "
+                         "or token ids [contexts, pos])")
+    hook = hook or sae.cfg.hook_name or None
+    if model is not None:
+        hook = _resolve_hook(model, sae, hook)  # fail fast on a bad hook or width, before any long pass
+    settings: dict[str, Any] = {"dense_threshold": dense_threshold}
+    stats = None
+    if activations is not None:
+        if isinstance(activations, (str, Path)):
+            if hook is None:
+                raise ValueError("reading an activation cache needs the hook: pass hook= or set sae.cfg.hook_name")
+            settings["activations"] = str(activations)
+            activations = ActivationStore(activations, [hook], batch_size=4096, shuffle=False, drop_last=False)
+        stats = reconstruction_stats(sae, activations, hook=hook, max_tokens=activation_tokens,
+                                     dense_threshold=dense_threshold)
+        settings["reconstruction_source"] = "activations"
+    spliced = None
+    if model is not None:
+        own_stats = None
+        if stats is None:
+            own_stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, dense_threshold)
+            settings["reconstruction_source"] = "spliced pass"
+        mean = stats.mean if (mean_ablation and stats is not None) else None
+        spliced = spliced_metrics(sae, model, text, hook=hook, tokens=tokens, batch_size=batch_size,
+                                  splice_bos=splice_bos, mean_ablation=mean_ablation, mean_activation=mean,
+                                  stats=own_stats)
+        if stats is None:
+            stats = own_stats
+        settings.update(model=model.name, tokens=tokens, batch_size=batch_size, splice_bos=splice_bos,
+                        mean_ablation=mean_ablation, **_describe_text(text))
+        if mean_ablation:
+            settings["mean_source"] = "activations" if mean is not None else "text"
+    reconstruction = stats.metrics() if stats is not None and stats.n_tokens else None
+    result = EvalResult(
+        sae=SAESummary.of(sae, hook), n_tokens=stats.n_tokens if stats is not None else 0,
+        reconstruction=reconstruction, spliced=spliced,
+        density=stats.density() if reconstruction is not None else None, settings=settings,
+        firing_counts=stats.firing_counts.tolist() if reconstruction is not None else None,
+    )
+    if out is not None:
+        result.save(out)
+    return result
+
+
+__all__ = [
+    "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult", "FIRING_COUNTS_FILE", "FeatureDensity",
+    "METRICS_FILE", "ReconstructionMetrics", "ReconstructionStats", "SAESummary", "SCHEMA_VERSION", "SplicedMetrics",
+    "evaluate", "feature_density", "plot_feature_density", "reconstruction_stats", "spliced_metrics",
+]

@@ -68,27 +68,143 @@ def print_cache_summary(folder, manifest, seconds: float | None = None) -> None:
 
 
 def cmd_quickstart(args) -> None:
-    """Cache a mid-depth residual stream of the offline SmolLM2-135M on built-in text and describe it."""
-    import torch
-
-    from saelab.activations import ActivationStore, cache_activations
+    """The main job: cache a mid-depth residual stream of the offline SmolLM2-135M on built-in text, train a TopK
+    SAE on it, evaluate it on held-out text with the SAE spliced into the model, and save it."""
+    from saelab.activations import cache_activations
     from saelab.data import TextConfig
     from saelab.models import load_model
+    from saelab.training import SAESpec, TrainConfig, train
 
+    out = Path(args.out)
     print(f"loading {QUICKSTART_MODEL} (offline; the first load de-quantises and caches the weights)")
     model = load_model(QUICKSTART_MODEL)
-    out = Path(args.out)
+    text = TextConfig(context_len=128)
     started = time.perf_counter()
-    manifest = cache_activations(model, QUICKSTART_HOOK, out, text=TextConfig(context_len=128), tokens=args.tokens)
-    print_cache_summary(out, manifest, time.perf_counter() - started)
-    store = ActivationStore(out, batch_size=1024)
-    acts = torch.cat([batch.acts[QUICKSTART_HOOK] for batch in store])
-    norms = acts.norm(dim=1)
-    print(f"norms      mean {norms.mean():.2f}  min {norms.min():.2f}  max {norms.max():.2f}")
-    centred = acts - acts.mean(0)
-    spectrum = torch.linalg.svdvals(centred).pow(2)
-    share = (spectrum.cumsum(0) / spectrum.sum() < 0.9).sum().item() + 1
-    print(f"geometry   {share} of {acts.shape[1]} principal directions hold 90% of the variance")
+    manifest = cache_activations(model, QUICKSTART_HOOK, out / "acts", text=text, tokens=args.cache_tokens)
+    print_cache_summary(out / "acts", manifest, time.perf_counter() - started)
+    spec = SAESpec(arch="topk", width=args.width, k=args.k)
+    config = TrainConfig(tokens=args.tokens, batch_size=4096, lr_warmup_steps=10)
+    print(f"training {spec.name()} on {QUICKSTART_HOOK} for {config.tokens:,} tokens "
+          f"({config.steps} steps, {config.tokens / manifest.tokens:.1f} passes over the cache)")
+    (result,) = train(out / "acts", [spec], config, out=out / "sae", model=model,
+                      eval_text=text.after(manifest.n_contexts), eval_tokens=args.eval_tokens)
+    print_metrics(result.folder, result.metrics)
+
+
+def print_metrics(folder, metrics) -> None:
+    print(f"\nSAE        {folder}")
+    if metrics is None:
+        return
+    flat = metrics.metrics()
+    names = [("fvu", "fraction of variance unexplained"), ("explained_variance", "explained variance"),
+             ("mse", "MSE (raw units)"), ("l0", "L0 (active latents per token)"), ("frac_dead", "dead latents"),
+             ("frac_dense", "dense latents (>1% of tokens)"), ("ce_clean", "CE loss, clean model"),
+             ("ce_sae", "CE loss, SAE spliced in"), ("ce_zero", "CE loss, hook zero-ablated"),
+             ("ce_loss_recovered", "CE loss recovered"), ("kl_sae", "KL(clean || spliced), nats")]
+    print(f"held-out   {metrics.n_tokens:,} tokens")
+    for key, label in names:
+        if flat.get(key) is not None:
+            print(f"  {label:<34}{flat[key]:>10.4f}")
+
+
+def _product_specs(args, config: dict) -> list[dict]:
+    """SAE specs from the config file, or the product of the comma lists --arch x --width x --k x --hook."""
+    if not any((args.arch, args.width, args.k, args.hook, args.lr)) and config.get("saes"):
+        return list(config["saes"])
+    specs, seen = [], set()
+    for arch in (args.arch or "topk").split(","):
+        for width in (args.width or "4608").split(","):
+            for k in (args.k or "32").split(","):
+                for hook in (args.hook or "").split(",") if args.hook else [None]:
+                    spec = dict(arch=arch, width=int(width), k=None if arch in ("relu", "jumprelu") else int(k),
+                                hook=hook, lr=args.lr)
+                    key = tuple(spec.values())
+                    if key not in seen:
+                        seen.add(key)
+                        specs.append(spec)
+    return specs
+
+
+def load_config_file(path: str | None) -> dict:
+    """A run described in YAML or JSON: acts / model+hooks+text, out, train (TrainConfig fields), saes (list)."""
+    if path is None:
+        return {}
+    import json
+
+    import yaml
+
+    text = Path(path).read_text()
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping (acts, model, hooks, text, out, train, saes)")
+    return data
+
+
+def cmd_train(args) -> None:
+    from saelab.activations import ActivationStore, ModelStream
+    from saelab.data import TextConfig
+    from saelab.models import load_model
+    from saelab.training import TrainConfig, train
+
+    config = load_config_file(args.config)
+    train_fields = dict(config.get("train", {}))
+    for name in ("tokens", "batch_size", "seed"):
+        if getattr(args, name) is not None:
+            train_fields[name] = getattr(args, name)
+    train_config = TrainConfig(**train_fields)
+    specs = _product_specs(args, config)
+    acts = args.acts or config.get("acts")
+    out = args.out or config.get("out") or "runs/sae"
+    eval_tokens = args.eval_tokens if args.eval_tokens is not None else config.get("eval_tokens", 4096)
+    model = None
+    if acts:
+        source = ActivationStore(acts, batch_size=train_config.batch_size, seed=train_config.seed)
+        run = source.manifest.run
+        if eval_tokens:
+            model = load_model(run["model"], trust_remote_code=args.trust_remote_code)
+        eval_text = TextConfig(**run["text"]).after(source.manifest.n_contexts)
+    else:
+        name = args.model or config.get("model")
+        hooks = args.hooks or config.get("hooks")
+        if not name or not hooks:
+            raise ValueError("train needs --acts (an activation cache) or --model with --hooks (stream live)")
+        model = load_model(name, trust_remote_code=args.trust_remote_code)
+        text_fields = config.get("text", {})
+        text = TextConfig(**text_fields) if isinstance(text_fields, dict) else TextConfig(source=text_fields)
+        if args.text is not None:
+            text = TextConfig(source=args.text, context_len=args.context_len or text.context_len)
+        hooks = hooks.split(";") if isinstance(hooks, str) else hooks
+        source = ModelStream(model, hooks, text, batch_size=train_config.batch_size, seed=train_config.seed)
+        used = -(-(train_config.tokens + source.buffer_tokens) // (text.context_len - 1)) + 1
+        eval_text = text.after(used)
+    trained = train(source, specs, train_config, out=out, resume=not args.no_resume, model=model if eval_tokens else None,
+                    eval_text=eval_text, eval_tokens=eval_tokens or 0)
+    for result in trained:
+        print_metrics(result.folder, result.metrics)
+
+
+def cmd_eval(args) -> None:
+    from saelab.data import TextConfig
+    from saelab.eval import evaluate
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    sae = load_sae(args.sae)
+    model_name = args.model or sae.cfg.model_name
+    if not model_name:
+        raise ValueError(f"{args.sae} does not say which model it belongs to; pass --model")
+    model = load_model(model_name, trust_remote_code=args.trust_remote_code)
+    text = TextConfig(source=args.text, context_len=args.context_len)
+    out = args.out or args.sae
+    print_metrics(out, evaluate(sae, model=model, text=text, tokens=args.tokens, activations=args.acts, out=out))
+
+
+def cmd_push(args) -> None:
+    from saelab.hub import push_to_hub
+
+    where = push_to_hub(args.folders if len(args.folders) > 1 else args.folders[0], args.repo_id, private=args.private,
+                        dry_run=args.dry_run, commit_message=args.message, license=args.license)
+    print(f"{'wrote what would be uploaded to' if args.dry_run else 'pushed to'} {where}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
 
     quick = commands.add_parser("quickstart", help="the main job on built-in defaults (what `saelab` alone runs)")
-    quick.add_argument("--out", default="runs/quickstart-acts")
-    quick.add_argument("--tokens", type=parse_count, default=parse_count("20k"))
+    quick.add_argument("--out", default="runs/quickstart")
+    quick.add_argument("--cache-tokens", type=parse_count, default=800 * 128, help="tokens of built-in text to cache")
+    quick.add_argument("--tokens", type=parse_count, default=parse_count("400k"), help="training tokens (passes over the cache)")
+    quick.add_argument("--width", type=int, default=4608)
+    quick.add_argument("--k", type=int, default=32)
+    quick.add_argument("--eval-tokens", type=parse_count, default=4096, help="held-out tokens for the spliced-model eval")
     quick.set_defaults(run=cmd_quickstart)
 
     cache = commands.add_parser("cache", help="cache activations to sharded safetensors (resumable)")
@@ -114,6 +234,48 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
     _text_arguments(cache)
     cache.set_defaults(run=cmd_cache)
+
+    trainer = commands.add_parser("train", help="train SAEs (several at once: comma lists form a product)")
+    trainer.add_argument("--config", help="YAML or JSON run file (acts / model+hooks+text, out, train, saes)")
+    trainer.add_argument("--acts", help="activation cache folder to train on")
+    trainer.add_argument("--model", help="stream live from this model instead of a cache (with --hooks)")
+    trainer.add_argument("--hooks", help="hooks to stream, separated by ';' (with --model)")
+    trainer.add_argument("--text", default=None, help="text for --model streaming (default: built-in)")
+    trainer.add_argument("--context-len", type=int, default=None)
+    trainer.add_argument("--arch", help="architecture(s): topk, batchtopk, jumprelu, relu, matryoshka; e.g. topk,jumprelu")
+    trainer.add_argument("--width", help="latents, e.g. 4608 or 4608,9216")
+    trainer.add_argument("--k", help="active latents per token (topk family), e.g. 32 or 16,32,64")
+    trainer.add_argument("--hook", help="hook(s) each SAE reads (default: the first one)")
+    trainer.add_argument("--lr", type=float, help="learning rate (default 2e-4 / sqrt(width / 2^14))")
+    trainer.add_argument("--tokens", type=parse_count, help="training tokens, e.g. 2M")
+    trainer.add_argument("--batch-size", type=int, help="tokens per step (default 4096)")
+    trainer.add_argument("--seed", type=int)
+    trainer.add_argument("--out", help="run folder: checkpoints, log.jsonl, one folder per SAE (default runs/sae)")
+    trainer.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    trainer.add_argument("--eval-tokens", type=parse_count, help="held-out tokens to evaluate on (0: skip; default 4096)")
+    trainer.add_argument("--trust-remote-code", action="store_true")
+    trainer.set_defaults(run=cmd_train)
+
+    evaluator = commands.add_parser("eval", help="evaluate a saved SAE: reconstruction, sparsity, spliced CE / KL")
+    evaluator.add_argument("sae", help="SAE folder (saelab, SAELens, sparsify or Gemma Scope format)")
+    evaluator.add_argument("--model", help="default: the model named in the SAE's cfg.json")
+    evaluator.add_argument("--text", default="default", help="held-out text: file, folder, JSONL, Hub dataset, default")
+    evaluator.add_argument("--context-len", type=int, default=128)
+    evaluator.add_argument("--tokens", type=parse_count, default=parse_count("20k"))
+    evaluator.add_argument("--acts", help="also measure reconstruction on this activation cache")
+    evaluator.add_argument("--out", help="where metrics.json goes (default: the SAE folder)")
+    evaluator.add_argument("--trust-remote-code", action="store_true")
+    evaluator.set_defaults(run=cmd_eval)
+
+    push = commands.add_parser("push", help="publish SAE folders (or a whole training run) to a Hugging Face Hub repo")
+    push.add_argument("folders", nargs="+", help="SAE folders or a run folder (one repo subfolder per SAE)")
+    push.add_argument("repo_id", help="e.g. me/smollm2-135m-saes (the token comes from HF_TOKEN or `hf auth login`)")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--dry-run", nargs="?", const=True, metavar="FOLDER",
+                      help="write exactly what would be uploaded (into FOLDER, or a temporary folder); upload nothing")
+    push.add_argument("--message", help="commit message")
+    push.add_argument("--license", help="license for the model card, e.g. apache-2.0")
+    push.set_defaults(run=cmd_push)
 
     info = commands.add_parser("info", help="describe an activation cache")
     info.add_argument("cache")

@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-import saelab.train.trainer as trainer_module
+import saelab.training.trainer as trainer_module
 from saelab.activations import ActivationBatch, ActivationStore, ModelStream, cache_activations
 from saelab.data import TextConfig
 from saelab.errors import HookError, TrainingError
-from saelab.train import SAESpec, TrainConfig, Trainer, train
-from saelab.train.checkpoint import CheckpointError
+from saelab.training import SAESpec, TrainConfig, Trainer, train
+from saelab.training.checkpoint import CheckpointError
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 SPECS = [dict(arch="topk", width=128, k=8), dict(arch="batchtopk", width=96, k=4, hook=HOOKS[1])]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from saelab.activations.manifest import Manifest, ShardRecord, check_shard
 from saelab.errors import CacheError, HookError
@@ -144,7 +144,7 @@ class ActivationStore:
             with safe_open(file, framework="pt") as shard:
                 loaded = {hook: shard.get_tensor(f"acts.{hook}") for hook in self.hooks}
                 tokens, positions = shard.get_tensor("tokens"), shard.get_tensor("positions").long()
-        except Exception as error:  # safetensors raises its own error types for malformed files
+        except (SafetensorError, OSError) as error:
             raise CacheError(f"shard {file} cannot be read ({error}); re-run the cache command to recompute it") from None
         loaded["token_ids"] = tokens.flatten()[positions].long()
         loaded["rows"] = torch.arange(record.rows) + self._row_offsets[record.index]

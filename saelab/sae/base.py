@@ -256,6 +256,40 @@ class SAE(nn.Module):
             raise ValueError(f"init_b_dec_ method must be 'geometric_median' or 'mean', got {method!r}")
         self.b_dec.copy_(centre)
 
+    # -- saving, loading, publishing: thin wrappers over saelab.hub (imported lazily: hub imports this module)
+    def save(self, folder, *, densities=None, metrics=None, metadata=None):
+        """Write cfg.json + sae_weights.safetensors (SAELens layout, input scale folded); see saelab.hub.save_sae."""
+        from saelab.hub import save_sae
+
+        return save_sae(self, folder, densities=densities, metrics=metrics, metadata=metadata)
+
+    def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, private: bool = False,
+                    token: str | None = None, dry_run=None, **kwargs):
+        """Upload this SAE (to `subfolder`, default: its hook name) with a model card; see saelab.hub.push_to_hub."""
+        from saelab.hub import push_to_hub
+
+        return push_to_hub({subfolder: self} if subfolder else self, repo_id, private=private, token=token,
+                           dry_run=dry_run, **kwargs)
+
+    @classmethod
+    def load(cls, folder, *, allow_pickle: bool = False, device=None) -> "SAE":
+        """An SAE from a folder in saelab, SAELens, sparsify or Gemma Scope format; see saelab.hub.load_sae."""
+        from saelab.hub import load_sae
+        from saelab.hub.common import expect_class
+
+        return expect_class(load_sae(folder, allow_pickle=allow_pickle, device=device), cls)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, subfolder: str | None = None, revision: str | None = None,
+                        token: str | None = None, cache_dir=None, *, allow_pickle: bool = False,
+                        device=None) -> "SAE":
+        """An SAE from a Hugging Face Hub repo (through the HF cache); see saelab.hub.from_pretrained."""
+        from saelab.hub import from_pretrained
+        from saelab.hub.common import expect_class
+
+        return expect_class(from_pretrained(repo_id, subfolder, revision, token, cache_dir, allow_pickle=allow_pickle,
+                                            device=device), cls)
+
 
 @torch.no_grad()
 def estimate_input_scale(sample: Tensor) -> float:

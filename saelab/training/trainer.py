@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from saelab.activations import ActivationBatch, ActivationStore, ModelStream
 from saelab.errors import HookError, TrainingError
 from saelab.sae import SAE, SAEConfig, create_sae, create_training, estimate_input_scale
-from saelab.train.checkpoint import (CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer,
+from saelab.training.checkpoint import (CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer,
                                      save_checkpoint)
-from saelab.train.config import SAESpec, TrainConfig
+from saelab.training.config import SAESpec, TrainConfig
 
 LOG = "log.jsonl"
 
@@ -46,12 +46,14 @@ class Member:
 
 @dataclass
 class TrainedSAE:
-    """A finished SAE for inference (input scale folded in), with where it came from."""
+    """A finished SAE for inference (input scale folded in), with where it came from and how it did."""
 
     name: str
     hook: str
     sae: SAE
     steps: int
+    metrics: object | None = None  # saelab.eval.EvalResult, when evaluated
+    folder: Path | None = None  # where it was saved
 
 
 class Trainer:
@@ -302,6 +304,22 @@ def _describe(source) -> dict:
 
 
 def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None, *, out: str | Path | None = None,
-          resume: bool = True, progress: bool = True) -> list[TrainedSAE]:
-    """Train every SAE in `saes` on one activation stream; with `out`, checkpoint there and resume from it."""
-    return Trainer(source, saes, config, out=out, resume=resume, progress=progress).fit()
+          resume: bool = True, progress: bool = True, model=None, eval_text=None,
+          eval_tokens: int = 4096) -> list[TrainedSAE]:
+    """Train every SAE in `saes` on one activation stream.
+
+    out: checkpoint there (and resume from it), then save each SAE to out/<hook>/<arch>-<width>[-k<k>]/.
+    model + eval_text: evaluate each SAE at the end on that held-out text (reconstruction, sparsity, spliced CE/KL);
+    the metrics go into the SAE's folder as metrics.json.
+    """
+    trained = Trainer(source, saes, config, out=out, resume=resume, progress=progress).fit()
+    for result in trained:
+        if model is not None and eval_text is not None:
+            from saelab.eval import evaluate
+
+            result.metrics = evaluate(result.sae, model=model, text=eval_text, tokens=eval_tokens)
+        if out is not None:
+            from saelab.hub import save_sae
+
+            result.folder = save_sae(result.sae, Path(out) / result.name, metrics=result.metrics)
+    return trained

@@ -1,0 +1,253 @@
+"""The saelab folder format (SAELens's layout plus a `saelab` block in cfg.json) and loading any known format.
+
+    <folder>/cfg.json                  SAELens keys (architecture, d_in, d_sae, dtype, hook_name, k, ...)
+                                       + "saelab": {format_version, saelab_version, arch, config, folded_input_scale}
+    <folder>/sae_weights.safetensors   W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec (+ threshold)
+    <folder>/sparsity.safetensors      {"sparsity": log10 feature densities [d_sae]}   (when given)
+    <folder>/metrics.json              evaluation metrics                               (when given)
+
+The weights saved are those of `sae.fold_input_scale()`: they read raw activations, so no normalisation is needed at
+load time (cfg.json records the folded scale and `normalize_activations: "none"`). See docs/hub-format.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saelab.sae import SAE
+
+from .common import (CFG_FILE, GEMMASCOPE_FILES, METRICS_FILE, SPARSIFY_WEIGHTS_FILE,
+                     SPARSITY_FILE, WEIGHTS_FILE, HubError, PathLike, build_sae, config_from, finite_float,
+                     load_tensors, pickle_files, read_json, refuse_pickle, saelab_version, weights_file, write_json)
+from .saelens import load_saelens, saelens_cfg
+
+FORMAT_VERSION = 1
+FORMATS = ("saelab", "saelens", "sparsify", "gemmascope")
+
+
+# ---------------------------------------------------------------------------------------------------- save
+def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, metrics: Any = None,
+             metadata: dict[str, Any] | None = None) -> Path:
+    """Write `sae` (input scale folded in) as a saelab folder that SAELens can also load; returns the folder.
+
+    densities: per-latent firing frequencies in [0, 1] (stored as log10(d + 1e-10), like SAELens), or log10
+        densities already (recognised by a negative entry).
+    metrics: a dict written to metrics.json, or an object with `save(folder)` (saelab.eval's EvalResult, which
+        writes metrics.json and the density plot).
+    metadata: SAELens run keys to record (dataset_path, context_size, prepend_bos, hook_head_index, ...).
+    """
+    if not isinstance(sae, SAE):
+        raise HubError(f"save_sae expects a saelab SAE, got {type(sae).__name__}")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HubError(f"cannot save an SAE into {folder}: it is a file, expected a folder")
+    scale = float(sae.cfg.input_scale)
+    raw = sae.fold_input_scale() if scale != 1.0 else sae
+    cfg = raw.cfg
+    if cfg.arch in ("batchtopk", "matryoshka"):
+        warnings.warn(f"saving a {cfg.arch} SAE as is: its codes depend on the whole batch, and SAELens has no such "
+                      f"inference SAE. For a per-token SAE that SAELens loads, save training.export() (JumpReLU).",
+                      stacklevel=2)
+
+    # everything is checked before anything is written
+    out = saelens_cfg(cfg, metadata)
+    out["saelab"] = {
+        "format_version": FORMAT_VERSION,
+        "saelab_version": saelab_version(),
+        "arch": cfg.arch,
+        "config": cfg.to_dict(),
+        "folded_input_scale": scale,
+        "weights_read": "raw activations: the input scale is folded into the weights, no normalisation at load",
+        "training_tokens": cfg.training_tokens,
+    }
+    try:
+        cfg_text = json.dumps(out, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise HubError(f"metadata must be JSON-serialisable (plain numbers, strings, lists, dicts): {e}") from None
+    if densities is None and metrics is not None:
+        densities = _densities_from(metrics)
+    sparsity = log10_densities(densities, cfg.width) if densities is not None else None
+    tensors = {name: getattr(raw, name).detach().to("cpu").contiguous()
+               for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if hasattr(raw, "log_threshold"):
+        # float64, so that log(threshold) on load gives back log_threshold exactly in the SAE's dtype
+        tensors["threshold"] = raw.log_threshold.detach().to("cpu", torch.float64).exp().contiguous()
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CFG_FILE).write_text(cfg_text)
+    if sparsity is not None:
+        save_file({"sparsity": sparsity}, str(folder / SPARSITY_FILE))
+    if metrics is not None:
+        write_metrics(folder, metrics)
+    return folder
+
+
+def log10_densities(densities, width: int) -> Tensor:
+    d = torch.as_tensor(densities, dtype=torch.float64).detach().cpu().reshape(-1)
+    if d.numel() != width:
+        raise HubError(f"densities must have one entry per latent (width={width}), got {d.numel()}")
+    if torch.isnan(d).any():
+        raise HubError("densities hold NaN values")
+    if (d < 0).any():  # already log10
+        return d.to(torch.float32).contiguous()
+    if (d > 1).any():
+        raise HubError("densities must be firing frequencies in [0, 1] (or log10 frequencies, all <= 0)")
+    return (d + 1e-10).log10().to(torch.float32).contiguous()
+
+
+def write_metrics(folder: Path, metrics: Any) -> None:
+    if hasattr(metrics, "save") and callable(metrics.save):
+        metrics.save(folder)
+        return
+    if hasattr(metrics, "to_dict"):
+        metrics = metrics.to_dict()
+    if not isinstance(metrics, dict):
+        raise HubError(f"metrics must be a dict (or saelab.eval's EvalResult), got {type(metrics).__name__}")
+    try:
+        write_json(folder / METRICS_FILE, _json_safe(metrics))
+    except (TypeError, ValueError) as e:
+        raise HubError(f"metrics are not JSON-serialisable: {e}") from None
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return _json_safe(value.item())
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _densities_from(metrics: Any):
+    counts, n = getattr(metrics, "firing_counts", None), getattr(metrics, "n_tokens", 0)
+    if counts is not None and n:
+        return torch.tensor(counts, dtype=torch.float64) / n
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- load
+def detect_format(path: PathLike, *, allow_pickle: bool = False) -> str:
+    """'saelab', 'saelens', 'sparsify' or 'gemmascope' for a folder (or a Gemma Scope params file)."""
+    path = Path(path)
+    if not path.exists():
+        raise HubError(f"{path} does not exist; expected an SAE folder")
+    if path.is_file():
+        if path.name in GEMMASCOPE_FILES or path.suffix == ".npz":
+            return "gemmascope"
+        raise HubError(f"{path} is a file; expected an SAE folder (or a Gemma Scope params.npz / params.safetensors)")
+    cfg_path = path / CFG_FILE
+    if cfg_path.is_file():
+        cfg = read_json(cfg_path, "SAE config")
+        if isinstance(cfg.get("saelab"), dict):
+            return "saelab"
+        if "d_sae" in cfg or (path / WEIGHTS_FILE).is_file():
+            return "saelens"
+        if (path / SPARSIFY_WEIGHTS_FILE).is_file() or "num_latents" in cfg or "expansion_factor" in cfg:
+            return "sparsify"
+        raise HubError(f"{cfg_path} is neither a saelab/SAELens config (it has no d_sae) nor a sparsify one (no "
+                       f"num_latents / expansion_factor)")
+    if any((path / name).is_file() for name in GEMMASCOPE_FILES):
+        return "gemmascope"
+    pickles = pickle_files(path)
+    if pickles:
+        if not allow_pickle:
+            refuse_pickle(pickles[0])
+        return "gemmascope"  # a bare state dict: W_enc, W_dec, b_enc, b_dec, threshold
+    nested = sorted(p.name for p in path.iterdir() if p.is_dir() and _looks_like_sae(p))
+    if nested:
+        raise HubError(f"{path} holds several SAEs in subfolders {nested[:10]}; load one of them "
+                       f"(from_pretrained: pass subfolder=...)")
+    raise HubError(f"{path} is not an SAE folder: expected cfg.json + {WEIGHTS_FILE} (saelab / SAELens), "
+                   f"cfg.json + {SPARSIFY_WEIGHTS_FILE} (sparsify) or {' / '.join(GEMMASCOPE_FILES)} (Gemma Scope)")
+
+
+def _looks_like_sae(folder: Path, depth: int = 2) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    if names & {CFG_FILE, *GEMMASCOPE_FILES}:
+        return True
+    return depth > 0 and any(_looks_like_sae(c, depth - 1) for c in folder.iterdir() if c.is_dir())
+
+
+def load_sae(path: PathLike, *, allow_pickle: bool = False, device=None, format: str | None = None,
+             repo_id: str = "") -> SAE:
+    """Load an SAE from a folder in any known format (detected unless `format` is given) as a saelab SAE.
+
+    Pickle weights (.pt, .bin, ...) are refused unless allow_pickle=True, and then read with weights_only=True.
+    `repo_id` only helps name Gemma Scope SAEs (their files do not say which model or hook they belong to).
+    """
+    path = Path(path)
+    fmt = format or detect_format(path, allow_pickle=allow_pickle)
+    if fmt == "saelab":
+        return load_saelab(path, allow_pickle=allow_pickle, device=device)
+    if fmt == "saelens":
+        return load_saelens(path, allow_pickle=allow_pickle, device=device)
+    if fmt == "sparsify":
+        from .sparsify import load_sparsify
+
+        return load_sparsify(path, allow_pickle=allow_pickle, device=device)
+    if fmt == "gemmascope":
+        from .gemmascope import load_gemmascope
+
+        if path.is_dir() and not any((path / n).is_file() for n in GEMMASCOPE_FILES):
+            pickles = pickle_files(path)
+            if len(pickles) != 1:
+                raise HubError(f"{path}: expected one weights file, found {[p.name for p in pickles]}")
+            path = pickles[0]
+        return load_gemmascope(path, repo_id=repo_id, device=device, allow_pickle=allow_pickle)
+    raise HubError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+
+
+def load_saelab(folder: Path, *, allow_pickle: bool = False, device=None) -> SAE:
+    folder = Path(folder)
+    cfg_json = read_json(folder / CFG_FILE, "saelab config")
+    block = cfg_json.get("saelab")
+    if not isinstance(block, dict) or not isinstance(block.get("config"), dict):
+        raise HubError(f"{folder / CFG_FILE}: expected a 'saelab' block with the SAE 'config'")
+    version = block.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise HubError(f"{folder / CFG_FILE}: saelab format_version {version!r} is newer than this saelab reads "
+                       f"({FORMAT_VERSION}); upgrade saelab")
+    cfg = config_from(block["config"], str(folder / CFG_FILE))
+    if cfg.input_scale != 1.0:  # written by hand or by another tool: the weights are assumed folded, as saved
+        warnings.warn(f"{folder / CFG_FILE}: config input_scale={cfg.input_scale} but saelab folders hold folded "
+                      f"weights; setting it to 1", stacklevel=2)
+        cfg = dataclasses.replace(cfg, input_scale=1.0)
+    path = weights_file(folder, WEIGHTS_FILE, allow_pickle=allow_pickle)
+    tensors = load_tensors(path, allow_pickle=allow_pickle)
+    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if cfg.arch == "jumprelu" else set())
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise HubError(f"{path}: unexpected tensors {extra} for arch {cfg.arch!r}; expected {sorted(expected)}")
+    return build_sae(cfg, tensors, source=str(path), device=device)
+
+
+def read_metrics(folder: PathLike) -> dict[str, Any] | None:
+    """metrics.json of an SAE folder (or of its eval/ subfolder), or None."""
+    folder = Path(folder)
+    for path in (folder / METRICS_FILE, folder / "eval" / METRICS_FILE):
+        if path.is_file():
+            return read_json(path, "metrics")
+    return None
+
+
+def folded_input_scale(folder: PathLike) -> float:
+    """The input scale that was folded into a saelab folder's weights (1.0 when none or not a saelab folder)."""
+    block = read_json(Path(folder) / CFG_FILE, "SAE config").get("saelab") or {}
+    return finite_float(block.get("folded_input_scale", 1.0), 1.0)
+
+
+__all__ = ["save_sae", "load_sae", "detect_format", "read_metrics", "load_saelab", "log10_densities",
+           "folded_input_scale", "FORMATS"]

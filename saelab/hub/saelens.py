@@ -1,0 +1,205 @@
+"""SAELens's on-disk format: cfg.json + sae_weights.safetensors (+ sparsity.safetensors).
+
+Export: `saelens_cfg(cfg)` gives the SAELens keys of a saelab cfg.json, written so that both SAELens 6.x (which
+reads `metadata.*` and drops unknown keys) and older releases (which read the same keys at the top level) load it.
+
+Import: `load_saelens(folder)` turns a SAELens folder into a saelab SAE whose encode/forward equal SAELens's:
+    SAELens      pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
+                 standard: relu(pre) | topk: top-k of pre, then relu | jumprelu: relu(pre) * (pre > relu(threshold))
+                 x_hat = acts @ W_dec + b_dec
+    saelab       pre = (x - b_dec) @ W_enc + b_enc, so apply_b_dec_to_input=false becomes b_enc' = b_enc + b_dec @ W_enc.
+Also folded in: topk `rescale_acts_by_decoder_norm` (W_enc, b_enc scaled by ||W_dec[i]||, rows of W_dec made unit),
+a pre-6.0 `scaling_factor` tensor (multiplies the codes before decoding: folded into W_dec rows), `log_threshold`
+(old JumpReLU checkpoints). Refused with HubError: gated and other architectures, run-time normalisation
+(constant_norm_rescale, layer_norm), transcoders (W_skip, hook_name_out).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saelab.sae import SAE, SAEConfig
+
+from .common import (CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, build_sae, load_tensors, parse_dtype,
+                     read_json, require, weights_file)
+
+# saelab arch -> SAELens architecture. SAELens has no batch-dependent inference class: its BatchTopK and Matryoshka
+# trainers save JumpReLU SAEs, as saelab's `training.export()` does; the as-is names below are SAELens's training names.
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
+                "matryoshka": "matryoshka_batchtopk"}
+IMPORTABLE = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+
+# SAELens's LLM_METADATA_KEYS (6.x): run facts that live under cfg["metadata"] in 6.x and at the top level before.
+RUN_KEYS = ("model_name", "hook_name", "hook_head_index", "model_class_name", "model_from_pretrained_kwargs",
+            "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path",
+            "sae_lens_training_version")
+KNOWN_TENSORS = {"W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold", "scaling_factor",
+                 "finetuning_scaling_factor"}
+
+
+def hook_layer(hook_name: str) -> int:
+    m = re.match(r"^blocks\.(\d+)\.", hook_name or "")
+    return int(m.group(1)) if m else 0
+
+
+def run_metadata(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The SAELens run keys for this SAE: saelab's model/hook, SAELens's defaults, then the caller's overrides."""
+    run: dict[str, Any] = {
+        "model_name": cfg.model_name,
+        "hook_name": cfg.hook_name,
+        "hook_head_index": None,
+        "model_class_name": "HookedTransformer",
+        "model_from_pretrained_kwargs": {},
+        "prepend_bos": True,
+        "exclude_special_tokens": False,
+        "neuronpedia_id": None,
+        "context_size": None,
+        "seqpos_slice": [None],
+        "dataset_path": "",
+        "sae_lens_training_version": None,
+    }
+    for key, value in (overrides or {}).items():
+        run[str(key)] = value
+    return run
+
+
+def saelens_cfg(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """SAELens cfg.json keys for a saelab SAE whose weights read raw activations (input scale folded)."""
+    arch = SAELENS_ARCH.get(cfg.arch)
+    if arch is None:
+        raise HubError(f"saelab arch {cfg.arch!r} has no SAELens equivalent; known: {sorted(SAELENS_ARCH)}")
+    run = run_metadata(cfg, overrides)
+    topk = cfg.arch == "topk"
+    out: dict[str, Any] = {
+        "architecture": arch,
+        "d_in": cfg.d_in,
+        "d_sae": cfg.width,
+        "dtype": cfg.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z" if cfg.hook_name.endswith("hook_z") else "none",
+    }
+    if cfg.k is not None and cfg.arch in ("topk", "batchtopk", "matryoshka"):
+        out["k"] = cfg.k
+    if topk:
+        out["rescale_acts_by_decoder_norm"] = False
+    if cfg.arch == "matryoshka" and cfg.group_sizes:
+        ends, total = [], 0
+        for g in cfg.group_sizes:
+            total += g
+            ends.append(total)
+        out["matryoshka_widths"] = ends
+    # pre-6.0 keys, at the top level (SAELens 6 drops what its config classes do not know)
+    out.update({
+        "activation_fn": "topk" if topk else "relu",
+        "activation_fn_str": "topk" if topk else "relu",
+        "activation_fn_kwargs": {"k": cfg.k} if topk else {},
+        "finetuning_scaling_factor": False,
+        "hook_layer": hook_layer(cfg.hook_name),
+        "dataset_trust_remote_code": False,
+        **run,
+    })
+    out["metadata"] = dict(run)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- import
+def _flatten(cfg: dict[str, Any]) -> dict[str, Any]:
+    """One view of a SAELens cfg of any version: pre-6.0 names renamed, 6.x metadata merged in."""
+    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
+               "activation_fn_str": "activation_fn"}
+    flat = {renames.get(k, k): v for k, v in cfg.items() if k != "metadata"}
+    meta = cfg.get("metadata")
+    if isinstance(meta, dict):
+        flat.update({k: v for k, v in meta.items() if v is not None or k not in flat})
+    return flat
+
+
+def _int(flat: dict[str, Any], key: str, source: str) -> int:
+    v = flat.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise HubError(f"{source}: expected a positive integer {key!r}, got {v!r}")
+    return v
+
+
+def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SAE:
+    folder = Path(folder)
+    source = str(folder / CFG_FILE)
+    flat = _flatten(read_json(folder / CFG_FILE, "SAELens config"))
+
+    arch = flat.get("architecture") or "standard"
+    activation = flat.get("activation_fn") or "relu"
+    kwargs = flat.get("activation_fn_kwargs") or {}
+    if arch == "standard" and activation == "topk" and isinstance(kwargs, dict) and kwargs.get("k") is not None:
+        arch = "topk"  # pre-6.0 TopK SAEs were 'standard' with a topk activation
+    if arch not in IMPORTABLE:
+        raise HubError(f"{source}: SAELens architecture {arch!r} is not supported; saelab imports "
+                       f"{sorted(set(IMPORTABLE) - {'relu'})} (gated, transcoders and others are out of scope)")
+    if arch == "standard" and activation not in ("relu", None):
+        raise HubError(f"{source}: activation_fn {activation!r} is not supported for a standard SAE; expected relu")
+    if flat.get("hook_name_out") or flat.get("d_out"):
+        raise HubError(f"{source}: this is a transcoder (it has hook_name_out / d_out); saelab imports SAEs only")
+
+    norm = flat.get("normalize_activations")
+    if norm in ("constant_norm_rescale", "layer_norm"):
+        raise HubError(f"{source}: normalize_activations={norm!r} normalises each input at run time, which a saelab "
+                       f"SAE cannot represent; expected 'none' or 'expected_average_only_in'")
+    if norm in (True, "expected_average_only_in"):
+        warnings.warn(f"{source}: normalize_activations='expected_average_only_in' means the SAE was trained on "
+                      f"scaled activations and the folder does not hold the factor; the imported SAE reads inputs "
+                      f"exactly as SAELens's load_from_disk does (unscaled)", stacklevel=3)
+
+    d_in, d_sae = _int(flat, "d_in", source), _int(flat, "d_sae", source)
+    dtype = parse_dtype(flat.get("dtype", "float32"), source)
+    path = weights_file(folder, WEIGHTS_FILE, allow_pickle=allow_pickle)
+    tensors = load_tensors(path, allow_pickle=allow_pickle)
+    extra = sorted(set(tensors) - KNOWN_TENSORS)
+    if extra:
+        raise HubError(f"{path}: unexpected tensors {extra} for SAELens architecture {arch!r}; expected "
+                       f"W_enc, b_enc, W_dec, b_dec (+ threshold for jumprelu)")
+    w = {k: v.to(torch.float64) for k, v in tensors.items()}
+    if arch == "jumprelu" and "threshold" not in w and "log_threshold" in w:
+        w["threshold"] = w.pop("log_threshold").exp()
+
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    require(w, shapes, str(path), f"cfg.json d_in={d_in}, d_sae={d_sae}")
+    for name in ("scaling_factor", "finetuning_scaling_factor"):
+        if name in w:  # codes are multiplied by it before decoding
+            scale = w.pop(name)
+            require({name: scale}, {name: (d_sae,)}, str(path), f"d_sae={d_sae}")
+            w["W_dec"] = w["W_dec"] * scale[:, None]
+    if arch == "topk" and flat.get("rescale_acts_by_decoder_norm"):
+        norms = w["W_dec"].norm(dim=-1).clamp_min(1e-12)
+        w["W_enc"] = w["W_enc"] * norms
+        w["b_enc"] = w["b_enc"] * norms
+        w["W_dec"] = w["W_dec"] / norms[:, None]
+    if not flat.get("apply_b_dec_to_input", True):
+        w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
+
+    k = None
+    if arch == "topk":
+        k = flat.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)
+        if not isinstance(k, int) or not 1 <= k <= d_sae:
+            raise HubError(f"{source}: a topk SAE needs an integer k in [1, d_sae={d_sae}], got {k!r}")
+    cfg = SAEConfig(arch=IMPORTABLE[arch], d_in=d_in, width=d_sae, k=k, dtype=dtype,
+                    model_name=str(flat.get("model_name") or ""), hook_name=str(flat.get("hook_name") or ""))
+    return build_sae(cfg, w, source=str(path), device=device)
+
+
+def read_log_densities(folder: Path) -> Tensor | None:
+    """sparsity.safetensors['sparsity'] (log10 feature densities) when the folder has one."""
+    path = Path(folder) / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    tensors = load_tensors(path)
+    if "sparsity" not in tensors:
+        raise HubError(f"{path} has no 'sparsity' tensor; found {sorted(tensors)}")
+    return tensors["sparsity"]

@@ -71,3 +71,20 @@ def test_gemma3_loads_offline_and_continues_the_months():
     acts = gemma.activations(gemma.tokenizer("Hello world", return_tensors="pt").input_ids,
                              ["blocks.8.hook_resid_post"])
     assert acts["blocks.8.hook_resid_post"].shape[-1] == 640
+
+
+def test_smollm2_train_and_evaluate_a_small_topk_sae(smollm2, shared_text, tmp_path):
+    from saelab.training import SAESpec, TrainConfig, train
+
+    text = TextConfig(source=str(shared_text), context_len=64)
+    manifest = cache_activations(smollm2, "blocks.15.hook_resid_post", tmp_path / "acts", text=text, tokens=4096,
+                                 batch_size=8, progress=False)
+    (result,) = train(tmp_path / "acts", [SAESpec(arch="topk", width=1152, k=16, lr=2e-3)],
+                      TrainConfig(tokens=20 * 512, batch_size=512, lr_warmup_steps=2), out=tmp_path / "run",
+                      model=smollm2, eval_text=text.after(manifest.n_contexts), eval_tokens=256, progress=False)
+    metrics = result.metrics.metrics()
+    assert metrics["l0"] <= 16
+    assert metrics["fvu"] < 0.9  # a real if tiny SAE explains part of the held-out variance
+    assert metrics["ce_clean"] < metrics["ce_sae"] < metrics["ce_zero"]
+    assert 0 < metrics["ce_loss_recovered"] <= 1
+    assert (result.folder / "sae_weights.safetensors").exists()

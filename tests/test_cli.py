@@ -1,0 +1,64 @@
+"""The `saelab` command end to end on the tiny model: cache -> train (two SAEs) -> eval -> push --dry-run."""
+
+import json
+
+import pytest
+import yaml
+
+from saelab.cli import main, parse_count
+from saelab.hub import load_sae
+
+
+def test_parse_count():
+    assert parse_count("300k") == 300_000 and parse_count("1.5M") == 1_500_000 and parse_count("42") == 42
+    with pytest.raises(Exception, match="not a count"):
+        parse_count("lots")
+
+
+def test_cache_train_eval_push(tiny_model_dir, tmp_path, capsys):
+    acts, run, dry = tmp_path / "acts", tmp_path / "run", tmp_path / "dry"
+    assert main(["cache", "--model", str(tiny_model_dir), "--hooks", "blocks.{0,1}.hook_resid_post", "--out", str(acts),
+                 "--tokens", "3k", "--context-len", "32", "--batch-size", "4"]) == 0
+    assert main(["info", str(acts)]) == 0
+    assert "blocks.1.hook_resid_post  d=64" in capsys.readouterr().out
+
+    assert main(["train", "--acts", str(acts), "--arch", "topk", "--width", "64", "--k", "4,8", "--tokens", "2560",
+                 "--batch-size", "256", "--out", str(run), "--eval-tokens", "256"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("CE loss recovered") == 2
+    folders = sorted(p.parent for p in run.rglob("cfg.json"))
+    assert [f.name for f in folders] == ["topk-64-k4", "topk-64-k8"]
+    assert all(f.parent.name == "blocks.0.hook_resid_post" for f in folders)
+    metrics = json.loads((folders[0] / "metrics.json").read_text())
+    assert metrics["spliced"]["ce_clean"] > 0
+    assert load_sae(folders[1]).cfg.k == 8
+
+    assert main(["eval", str(folders[0]), "--model", str(tiny_model_dir), "--tokens", "128", "--context-len", "32",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "metrics.json").exists()
+
+    assert main(["push", str(run), "me/tiny-saes", "--dry-run", str(dry)]) == 0
+    card = (dry / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["library_name"] == "saelab"
+    assert (dry / "blocks.0.hook_resid_post" / "topk-64-k8" / "sae_weights.safetensors").exists()
+    assert not list(dry.rglob("checkpoint*"))
+
+
+def test_train_from_a_config_file(tiny_model_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "hooks": "blocks.1.hook_resid_post", "text": {"context_len": 32},
+        "out": str(tmp_path / "run"), "eval_tokens": 0,
+        "train": {"tokens": 1024, "batch_size": 128, "lr_warmup_steps": 2},
+        "saes": [{"arch": "jumprelu", "width": 96}, {"arch": "batchtopk", "width": 96, "k": 6}],
+    }))
+    assert main(["train", "--config", str(config)]) == 0
+    names = sorted(p.parent.name for p in (tmp_path / "run").rglob("cfg.json"))
+    assert names == ["batchtopk-96-k6", "jumprelu-96"]
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    assert main(["cache", "--model", "no-such-model", "--hooks", "x", "--out", str(tmp_path)]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not an activation cache" in capsys.readouterr().err

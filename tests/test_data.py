@@ -111,3 +111,26 @@ def test_held_out_text_starts_after_the_used_contexts(tokenizer):
     assert list(islice(config.after(10).contexts(tokenizer), 20)) == everything[10:30]
     assert config.after(10).after(5).start == 15
     assert config.after(10).fingerprint() != config.fingerprint()
+
+
+def test_hub_dataset_source_streams_rows_and_checks_the_field(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "first row"}, {"text": "second row"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert list(iter_documents("someone/corpus", split="validation")) == ["first row", "second row"]
+    assert calls == [("someone/corpus", None, "validation", True)]
+    with pytest.raises(DataError, match="has no field 'body' \\(it has: text\\)"):
+        list(iter_documents("someone/corpus", field="body"))
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="neither a local path nor a loadable Hub dataset"):
+        list(iter_documents("someone/corpus"))

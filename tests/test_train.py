@@ -125,6 +125,8 @@ def test_bad_hyperparameters_and_hooks(cache):
     with pytest.raises(ValueError, match="l1_coefficient must be a finite number >= 0"):
         train(cache, [dict(arch="relu", width=16, options={"l1_coefficient": -1.0})], TrainConfig(**CONFIG),
               progress=False)
+    with pytest.raises(ValueError, match="expects d_in=640 but hook blocks.0.hook_resid_post gives 64"):
+        train(cache, [dict(width=16, k=4, options={"d_in": 640})], TrainConfig(**CONFIG), progress=False)
     with pytest.raises(ValueError, match="lr must be a positive number"):
         SAESpec(lr=-1e-3)
     with pytest.raises(ValueError, match="TrainConfig.batch_size is invalid"):

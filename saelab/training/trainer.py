@@ -83,8 +83,12 @@ class Trainer:
         hook = spec.hook or hooks[0]
         if hook not in hooks:
             raise HookError(f"SAE {spec.name()} reads hook {hook!r}, but the activations hold {', '.join(hooks)}")
-        cfg = SAEConfig(arch=spec.arch, d_in=self.source.d[hook], width=spec.width, k=spec.k, hook_name=hook,
-                        model_name=_model_name(self.source), **spec.options)
+        options = dict(spec.options)
+        d_in = options.pop("d_in", self.source.d[hook])
+        if d_in != self.source.d[hook]:
+            raise ValueError(f"SAE {spec.name()} expects d_in={d_in} but hook {hook} gives {self.source.d[hook]}")
+        cfg = SAEConfig(arch=spec.arch, d_in=d_in, width=spec.width, k=spec.k, hook_name=hook,
+                        model_name=_model_name(self.source), **options)
         name = f"{hook}/{spec.name()}"  # also the SAE's folder in the run: one folder per hook, as on the Hub
         with torch.random.fork_rng(devices=[]):  # each SAE's init depends on the seed and its name, not on order
             torch.manual_seed(self.config.seed + zlib.crc32(name.encode()))

@@ -1,0 +1,22 @@
+"""Sparse TopK-SAE kernels (installed as `saelab.kernels`).
+
+TopK codes are (indices [N, k] int64, values [N, k]); W_enc [d, n], b_enc [n], W_dec [n, d], x [N, d].
+
+    indices, values = topk_encode(x, W_enc, b_enc, k)        # relu(x @ W_enc + b_enc), top-k
+    x_hat = sparse_decode(indices, values, W_dec)            # sum_j values[:, j] * W_dec[indices[:, j]]
+
+Both are autograd functions whose backward passes cost O(N k d): the encoder's dense x @ W_enc is the only
+O(N n d) work of a training step. `kernel=` picks the backend:
+
+    "auto"   triton for CUDA tensors when triton imports, else torch
+    "triton" Triton kernels (GPU; CPU tensors only under TRITON_INTERPRET=1, for tests)
+    "torch"  stock PyTorch sparse ops (embedding_bag, sampled_addmm): the fast CPU path
+    "dense"  the readable reference: dense N x n code matrix + matmul, plain autograd
+
+`reference` holds a readable PyTorch reference for every kernel.
+"""
+
+from . import reference
+from .api import KERNELS, resolve_kernel, sparse_decode, topk_encode, triton_available
+
+__all__ = ["KERNELS", "reference", "resolve_kernel", "sparse_decode", "topk_encode", "triton_available"]

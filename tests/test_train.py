@@ -161,3 +161,12 @@ def test_learning_rate_schedule():
     assert factors[80] == 1.0 and factors[90] == pytest.approx(0.5) and factors[99] == pytest.approx(0.05)
     assert SAESpec(width=2**14).learning_rate == pytest.approx(2e-4)
     assert SAESpec(width=2**16).learning_rate == pytest.approx(1e-4)
+
+
+def test_sparse_kernels_train_like_the_dense_reference(cache):
+    results = {}
+    for kernel in ("torch", "dense"):
+        config = TrainConfig(**{**CONFIG, "tokens": 8 * 256, "kernel": kernel, "dead_tokens": 512})
+        results[kernel] = weights(train(cache, SPECS[:1], config, progress=False))
+    for key in results["dense"]:
+        torch.testing.assert_close(results["torch"][key], results["dense"][key], atol=2e-5, rtol=1e-4)

@@ -362,6 +362,8 @@ class Training:
         firing_counts += out.fired
     """
 
+    kernel: str = "auto"  # saelab.kernels backend, for architectures with a sparse path (TopK)
+
     def __init__(self, sae: SAE):
         self.sae = sae
         self.cfg = sae.cfg

@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SAE, SAEConfig, Training, TrainOutput, auxk_loss, mse_of
+from saelab.kernels import sparse_decode, topk_encode
+
+from .base import SAE, SAEConfig, Training, TrainOutput, mse_of, wide
 from .registry import register
 
 
@@ -32,22 +34,46 @@ class TopKSAE(SAE):
 
 
 class TopKTraining(Training):
-    """loss = mse + AuxK(dead); decoding goes through the sparse path."""
+    """loss = mse + AuxK(dead), on the sparse kernels: apart from the encoder's x @ W_enc and its top-k, every
+    product of a step (decode, its backward, the encoder's weight gradient) costs O(N k d), not O(N width d).
+
+    `kernel` ("auto" | "triton" | "torch" | "dense") picks the backend of saelab.kernels; "dense" is the reference.
+    """
+
+    kernel: str = "auto"
 
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
         sae = self.sae
         x = self._flat(x)
-        pre = sae.pre_acts(x)
-        indices, values = sae.topk(pre)
-        x_hat = sae.decode_topk(indices, values)
+        centred = x - sae.b_dec
+        indices, values = topk_encode(centred, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, sorted=False)
+        x_hat = sparse_decode(indices, values, sae.W_dec, self.kernel) + sae.b_dec
         mse = mse_of(x, x_hat)
-        aux = auxk_loss(sae.W_dec, pre, x - x_hat, dead, self.k_aux, self.cfg.auxk_coefficient)
+        aux = self._auxk(centred, x - x_hat, dead)
         active = values.detach() > 0
         fired = torch.zeros(self.cfg.width, dtype=torch.bool, device=x.device)
         fired[indices[active]] = True
         return TrainOutput(loss=mse + aux, mse=mse.detach(), aux_loss=aux.detach(),
                            sparsity_loss=mse.new_zeros(()), l0=active.sum(-1).float().mean(), fired=fired,
                            x_hat=x_hat.detach())
+
+    def _auxk(self, centred: Tensor, residual: Tensor, dead: Tensor | None) -> Tensor:
+        """AuxK (see base.auxk_loss) on the dead latents' columns only: its cost grows with the number dead."""
+        zero = wide(residual.new_zeros(()))
+        if dead is None or self.cfg.auxk_coefficient == 0 or residual.shape[0] == 0:
+            return zero
+        if dead.shape != (self.cfg.width,):
+            raise ValueError(f"dead mask must have shape [width]=[{self.cfg.width}], got {list(dead.shape)}")
+        dead_ids = dead.to(device=residual.device, dtype=torch.bool).nonzero().squeeze(1)
+        if len(dead_ids) == 0:
+            return zero
+        sae = self.sae
+        local, values = topk_encode(centred, sae.W_enc[:, dead_ids], sae.b_enc[dead_ids],
+                                    min(self.k_aux, len(dead_ids)), self.kernel, sorted=False)
+        e = wide(residual.detach())
+        e_hat = wide(sparse_decode(dead_ids[local], values, sae.W_dec, self.kernel))
+        scale = min(1.0, len(dead_ids) / self.k_aux)
+        return self.cfg.auxk_coefficient * scale * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
 TopKSAE.training_cls = TopKTraining

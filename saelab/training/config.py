@@ -69,6 +69,8 @@ class TrainConfig:
     log_every: int = 10
     """Steps between lines of log.jsonl."""
     device: str = "cpu"
+    kernel: str = "auto"
+    """Sparse kernels for TopK SAEs: auto (Triton on CUDA, PyTorch sparse ops on CPU), triton, torch, or dense."""
     wandb_project: str | None = None
     """Log to Weights & Biases under this project when wandb is installed."""
 
@@ -81,6 +83,7 @@ class TrainConfig:
             "b_dec_init": self.b_dec_init in ("geometric_median", "mean", "zeros"),
             "nan_policy": self.nan_policy in ("error", "skip"),
             "dead_tokens": self.dead_tokens is None or self.dead_tokens >= 1,
+            "kernel": self.kernel in ("auto", "triton", "torch", "dense"),
         }
         for name, ok in checks.items():
             if not ok:

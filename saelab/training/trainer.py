@@ -95,7 +95,9 @@ class Trainer:
             sae = create_sae(cfg, device=self.config.device)
         optimizer = torch.optim.Adam(sae.parameters(), lr=spec.learning_rate, betas=self.config.adam_betas)
         since = torch.zeros(spec.width, dtype=torch.long, device=self.config.device)
-        return Member(name, hook, spec, sae, create_training(sae), optimizer, since)
+        training = create_training(sae)
+        training.kernel = self.config.kernel
+        return Member(name, hook, spec, sae, training, optimizer, since)
 
     # -- the run
     def fingerprint(self) -> dict:

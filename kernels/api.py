@@ -1,0 +1,271 @@
+"""Public entry points: `sparse_decode` and `topk_encode`, with backend selection and input checks.
+
+The autograd logic is written once (two `torch.autograd.Function`s below); a backend only supplies three
+primitives with the same signatures (see `torch_backend` / `triton_backend`, references in `reference`):
+
+    gather_sum(indices, weights, table, out_dtype)      out[b]    = sum_j w[b,j] table[i[b,j]]
+    sddmm(indices, a, table, out_dtype)                 out[b,j]  = <a[b], table[i[b,j]]>
+    segment_sum(csr, weights, table, n, out_dtype, ws)  out[l]    = sum_{(b,j): i[b,j]=l} w[b,j] table[b]
+
+so every step of a TopK SAE except the encoder's x @ W_enc (and its top-k) costs O(N k d).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import reference
+from . import torch_backend
+from .layout import by_latent
+
+KERNELS = ("auto", "triton", "torch", "dense")
+
+__all__ = ["KERNELS", "sparse_decode", "topk_encode", "resolve_kernel", "triton_available"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module() -> ModuleType | None:
+    # Imported on first use, so that TRITON_INTERPRET set by a test before that point is honoured.
+    try:
+        from . import triton_backend
+    except Exception:  # triton missing, or unusable on this platform
+        return None
+    return triton_backend
+
+
+def triton_available() -> bool:
+    """Whether the Triton backend imports here."""
+    return _triton_module() is not None
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """Map `kernel` ("auto" | "triton" | "torch" | "dense") to the backend that will run for tensors on `device`."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(repr(k) for k in KERNELS)}")
+    if kernel == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if kernel == "triton":
+        mod = _triton_module()
+        if mod is None:
+            raise RuntimeError("kernel='triton' but triton is not importable here; use kernel='torch' or 'auto'")
+        if device.type != "cuda" and not mod.interpreted():
+            raise ValueError(
+                f"kernel='triton' needs CUDA tensors (got {device.type}); CPU tensors run only under the Triton "
+                "interpreter (TRITON_INTERPRET=1 set before triton is imported). Use kernel='torch' on the CPU."
+            )
+    return kernel
+
+
+def _ops(name: str) -> ModuleType:
+    return _triton_module() if name == "triton" else torch_backend  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd functions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SparseDecode(torch.autograd.Function):
+    """out = S @ W_dec for the k-sparse code matrix S given as (indices, values) [N, k]."""
+
+    @staticmethod
+    def forward(ctx, indices, values, W_dec, ops):
+        ctx.ops = ops
+        ctx.save_for_backward(indices, values, W_dec)
+        return ops.gather_sum(indices, values, W_dec, out_dtype=values.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        indices, values, W_dec = ctx.saved_tensors
+        ops = ctx.ops
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[1]:  # sampled dense-dense product: <grad_out[b], W_dec[i[b,j]]>
+            grad_values = ops.sddmm(indices, grad_out, W_dec, out_dtype=values.dtype)
+        if ctx.needs_input_grad[2]:  # S^T @ grad_out, one segment per latent
+            csr = by_latent(indices, W_dec.shape[0])
+            grad_W, _ = ops.segment_sum(csr, values, grad_out, W_dec.shape[0], out_dtype=W_dec.dtype)
+        return None, grad_values, grad_W, None
+
+
+class TopKEncode(torch.autograd.Function):
+    """(indices, values) = top-k of relu(x @ W_enc + b_enc); backward touches only the k selected latents."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k, sorted, ops):
+        pre = torch.addmm(b_enc, x, W_enc)  # [N, n]: the one dense product of a TopK SAE step
+        values, indices = pre.topk(k, dim=1, sorted=sorted)  # relu commutes with top-k (monotone) ...
+        del pre
+        values = values.clamp_(min=0)  # ... so apply it to the k winners only
+        ctx.ops = ops
+        ctx.save_for_backward(x, W_enc, indices, values)
+        ctx.mark_non_differentiable(indices)
+        return indices, values
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_indices, grad_values):
+        x, W_enc, indices, values = ctx.saved_tensors
+        ops = ctx.ops
+        n = W_enc.shape[1]
+        grad_x = grad_W = grad_b = None
+        if grad_values is None:
+            return None, None, None, None, None, None
+        # Gradient of pre: k-sparse per row, zero where relu clipped.
+        g = grad_values * (values > 0)
+        if ctx.needs_input_grad[0]:  # sparse(g) @ W_enc^T: gather k columns of W_enc
+            grad_x = ops.gather_sum(indices, g, W_enc.T, out_dtype=x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # x^T @ sparse(g), and the bias scatter-add
+            csr = by_latent(indices, n)
+            grad_Wt, wsum = ops.segment_sum(csr, g, x, n, out_dtype=W_enc.dtype, weight_sum=ctx.needs_input_grad[2])
+            if ctx.needs_input_grad[1]:
+                grad_W = grad_Wt.T  # [d, n] view of the [n, d] result
+            if ctx.needs_input_grad[2]:
+                grad_b = wsum.to(W_enc.dtype)
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------------------------
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be a floating tensor (fp32, bf16, fp16 or fp64), got {t.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError("all inputs must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+
+
+def _check_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, check_indices: bool) -> None:
+    if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError("indices and values must be tensors (the TopK codes)")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"indices must be int64 or int32, got {indices.dtype}")
+    _check_float("values", values)
+    _check_float("W_dec", W_dec)
+    if indices.shape != values.shape:
+        raise ValueError(
+            f"indices and values must have the same shape [N, k], got {tuple(indices.shape)} and {tuple(values.shape)}"
+        )
+    if indices.dim() < 1:
+        raise ValueError("indices and values must have at least one dimension (the k active latents)")
+    if W_dec.dim() != 2:
+        raise ValueError(f"W_dec must be 2-D [n_latents, d], got shape {tuple(W_dec.shape)}")
+    _check_same_device(indices=indices, values=values, W_dec=W_dec)
+    n = W_dec.shape[0]
+    if check_indices and indices.numel() > 0:
+        lo, hi = int(indices.min()), int(indices.max())  # a device sync on GPUs: pass check_indices=False to skip
+        if lo < 0 or hi >= n:
+            raise IndexError(f"indices must lie in [0, {n}) for W_dec with {n} latents, got values in [{lo}, {hi}]")
+
+
+def _check_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int) -> None:
+    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        _check_float(name, t)
+    if W_enc.dim() != 2:
+        raise ValueError(f"W_enc must be 2-D [d, n_latents], got shape {tuple(W_enc.shape)}")
+    d, n = W_enc.shape
+    if x.dim() < 1 or x.shape[-1] != d:
+        raise ValueError(f"x must be [..., d] with d={d} to match W_enc {tuple(W_enc.shape)}, got {tuple(x.shape)}")
+    if b_enc.shape != (n,):
+        raise ValueError(f"b_enc must be [n_latents]=[{n}] to match W_enc {tuple(W_enc.shape)}, got {tuple(b_enc.shape)}")
+    if not (x.dtype == W_enc.dtype == b_enc.dtype):
+        raise TypeError(
+            f"x, W_enc and b_enc must share a dtype, got {x.dtype}, {W_enc.dtype}, {b_enc.dtype} (cast x to the SAE dtype)"
+        )
+    _check_same_device(x=x, W_enc=W_enc, b_enc=b_enc)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must satisfy 1 <= k <= n_latents={n}, got k={k}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sparse_decode(
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    W_dec: torch.Tensor,
+    kernel: str = "auto",
+    *,
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """Decode TopK codes: out[b] = sum_j values[b, j] * W_dec[indices[b, j]].
+
+    Args:
+        indices: [..., k] int64/int32 latent ids in [0, n) (repeats in a row add up).
+        values: [..., k] activations (fp32 / bf16 / fp16 / fp64); differentiable.
+        W_dec: [n, d] decoder rows; differentiable, may differ in dtype from values.
+        kernel: "auto" (triton for CUDA tensors when triton imports, else torch), "triton", "torch" or "dense"
+            (the readable reference: builds the N x n code matrix).
+        check_indices: verify the index range (one device sync on GPUs).
+
+    Returns:
+        [..., d] in values' dtype, accumulated in fp32 (fp64 for fp64 inputs). Backward: grad wrt values is a
+        sampled dense-dense product, grad wrt W_dec a segmented reduction over latents; both O(N k d).
+    """
+    _check_decode(indices, values, W_dec, check_indices)
+    name = resolve_kernel(kernel, values.device)
+    lead, k = indices.shape[:-1], indices.shape[-1]
+    idx2, val2 = indices.reshape(-1, k), values.reshape(-1, k)
+    if name == "dense":
+        out = reference.dense_decode(idx2, val2, W_dec)
+    else:
+        out = SparseDecode.apply(idx2, val2, W_dec, _ops(name))
+    return out.reshape(*lead, W_dec.shape[1])
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    kernel: str = "auto",
+    *,
+    sorted: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TopK encoder: pre = relu(x @ W_enc + b_enc); keep the k largest latents of each row.
+
+    Args:
+        x: [..., d]; W_enc: [d, n] (any strides: pass `weight.T` of an [n, d] parameter, which is also the
+            fastest layout for the backward); b_enc: [n]. One shared dtype (fp32 / bf16 / fp16 / fp64).
+        k: 1 <= k <= n.
+        kernel: "auto" | "triton" | "torch" | "dense" (see `sparse_decode`).
+        sorted: return each row's latents in descending order of value (False is a little faster).
+
+    Returns:
+        (indices [..., k] int64, values [..., k] in x's dtype); values >= 0 (rows with fewer than k positive
+        pre-activations carry zeros). Backward wrt x, W_enc, b_enc touches only the k selected latents per row:
+        no N x n gradient is formed.
+    """
+    _check_encode(x, W_enc, b_enc, k)
+    name = resolve_kernel(kernel, x.device)
+    lead, d = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, d)
+    if name == "dense":
+        indices, values = reference.dense_topk_encode(x2, W_enc, b_enc, k, sorted=sorted)
+    else:
+        indices, values = TopKEncode.apply(x2, W_enc, b_enc, k, sorted, _ops(name))
+    return indices.reshape(*lead, k), values.reshape(*lead, k)
+

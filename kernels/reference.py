@@ -1,0 +1,113 @@
+"""Readable PyTorch references for everything in `saelab.kernels`.
+
+Two kinds of reference live here:
+
+* the whole operations, written the plain dense way (build the N x n code matrix and matmul). These are the
+  `kernel="dense"` backend and the ground truth the tests compare every other backend against;
+* one reference per low-level primitive that the Triton kernels (and the fast PyTorch path) implement, so
+  each kernel has a few lines of obvious PyTorch next to it that say what it computes.
+
+Nothing here is meant to be fast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "acc_dtype",
+    "dense_decode",
+    "dense_topk_encode",
+    "gather_sum_reference",
+    "sddmm_reference",
+    "segment_sum_reference",
+]
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 when any input is fp64, else fp32 (also for bf16 / fp16 inputs)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole operations (the "dense" backend)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def dense_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """out[b] = sum_j values[b, j] * W_dec[indices[b, j]], via the dense code matrix.
+
+    indices, values: [N, k]; W_dec: [n, d]. Accumulates in fp32 (fp64 for fp64 inputs) and returns values' dtype.
+    Repeated indices in a row add up (scatter_add), as in the sparse kernels.
+    """
+    acc = acc_dtype(values.dtype, W_dec.dtype)
+    N, n = indices.shape[0], W_dec.shape[0]
+    codes = torch.zeros(N, n, dtype=acc, device=values.device)
+    codes = codes.scatter_add(1, indices.long(), values.to(acc))
+    return (codes @ W_dec.to(acc)).to(values.dtype)
+
+
+def dense_topk_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, sorted: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pre = relu(x @ W_enc + b_enc); (values, indices) = top-k of pre along the latents.
+
+    Plain autograd: the backward pass is dense (an N x n gradient of pre). Returns (indices, values).
+    """
+    pre = torch.relu(x @ W_enc + b_enc)
+    values, indices = pre.topk(k, dim=-1, sorted=sorted)
+    return indices, values
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Primitives (what each Triton kernel / fast torch path computes)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gather_sum_reference(
+    indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Embedding-bag: out[b] = sum_j weights[b, j] * table[indices[b, j]].
+
+    indices, weights: [N, k]; table: [n, d] -> [N, d]. Used for the decoder forward (table = W_dec) and for the
+    encoder's input gradient (table = W_enc^T, weights = the k-sparse gradient of pre).
+    """
+    acc = acc_dtype(weights.dtype, table.dtype)
+    rows = table.to(acc)[indices.long()]  # [N, k, d]
+    out = (weights.to(acc).unsqueeze(-1) * rows).sum(dim=1)
+    return out.to(out_dtype or weights.dtype)
+
+
+def sddmm_reference(
+    indices: torch.Tensor, a: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Sampled dense-dense product: out[b, j] = <a[b], table[indices[b, j]]>.
+
+    indices: [N, k]; a: [N, d]; table: [n, d] -> [N, k]. This is (a @ table^T) evaluated only at the k sampled
+    columns of each row; the decoder uses it for the gradient wrt the active values.
+    """
+    acc = acc_dtype(a.dtype, table.dtype)
+    rows = table.to(acc)[indices.long()]  # [N, k, d]
+    out = (rows * a.to(acc).unsqueeze(1)).sum(dim=-1)
+    return out.to(out_dtype or a.dtype)
+
+
+def segment_sum_reference(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    table: torch.Tensor,
+    n: int,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transposed sparse product: out[l] = sum over (b, j) with indices[b, j] == l of weights[b, j] * table[b].
+
+    indices, weights: [N, k]; table: [N, d] -> ([n, d], [n]). This is S^T @ table for the N x n sparse matrix S
+    with S[b, indices[b, j]] = weights[b, j]; the second output is the per-latent weight sum S^T @ 1 (the bias
+    gradient). The kernels compute the same thing as a segmented reduction over entries sorted by latent.
+    """
+    acc = acc_dtype(weights.dtype, table.dtype)
+    N = indices.shape[0]
+    S = torch.zeros(N, n, dtype=acc, device=table.device)
+    S = S.scatter_add(1, indices.long(), weights.to(acc))
+    out = S.T @ table.to(acc)
+    return out.to(out_dtype or table.dtype), S.sum(dim=0)

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-import saelab.training.trainer as trainer_module
 from saelab.activations import ActivationBatch, ActivationStore, ModelStream, cache_activations
 from saelab.data import TextConfig
 from saelab.errors import HookError, TrainingError
@@ -92,7 +91,7 @@ def test_epochs_wrap_around_a_small_cache(cache):
 
 
 class NaNStore:
-    """A stand-in source whose third batch carries NaNs."""
+    """An in-memory source (any iterable of ActivationBatches with hooks, d, batch_size) whose third batch has a NaN."""
 
     hooks = HOOKS[:1]
     d = {HOOKS[0]: 64}
@@ -106,10 +105,7 @@ class NaNStore:
             yield ActivationBatch({HOOKS[0]: x}, torch.zeros(32, dtype=torch.long), torch.arange(32))
 
 
-def test_nan_activations_stop_with_where_or_are_skipped_and_counted(monkeypatch):
-    monkeypatch.setattr(trainer_module, "_as_source", lambda source, batch_size: source)
-    monkeypatch.setattr(trainer_module, "_model_name", lambda source: "test")
-    monkeypatch.setattr(trainer_module, "_describe", lambda source: {})
+def test_nan_activations_stop_with_where_or_are_skipped_and_counted():
     config = dict(tokens=4 * 32, batch_size=32, lr_warmup_steps=0)
     with pytest.raises(TrainingError, match="1 of 32 tokens at blocks.0.hook_resid_post in batch 2"):
         train(NaNStore(), [dict(arch="topk", width=32, k=4)], TrainConfig(**config), progress=False)

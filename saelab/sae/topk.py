@@ -45,11 +45,13 @@ class TopKTraining(Training):
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
         sae = self.sae
         x = self._flat(x)
-        centred = x - sae.b_dec
-        indices, values = topk_encode(centred, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, sorted=False)
+        # (x - b_dec) @ W_enc + b_enc, written so that no gradient wrt x is needed: b_dec's share of the encoder
+        # gradient comes through this [width] bias instead of an [N, d] product.
+        bias = sae.b_enc - sae.b_dec @ sae.W_enc
+        indices, values = topk_encode(x, sae.W_enc, bias, self.cfg.k, self.kernel, sorted=False)
         x_hat = sparse_decode(indices, values, sae.W_dec, self.kernel) + sae.b_dec
         mse = mse_of(x, x_hat)
-        aux = self._auxk(centred, x - x_hat, dead)
+        aux = self._auxk(x, bias, x - x_hat, dead)
         active = values.detach() > 0
         fired = torch.zeros(self.cfg.width, dtype=torch.bool, device=x.device)
         fired[indices[active]] = True
@@ -57,7 +59,7 @@ class TopKTraining(Training):
                            sparsity_loss=mse.new_zeros(()), l0=active.sum(-1).float().mean(), fired=fired,
                            x_hat=x_hat.detach())
 
-    def _auxk(self, centred: Tensor, residual: Tensor, dead: Tensor | None) -> Tensor:
+    def _auxk(self, x: Tensor, bias: Tensor, residual: Tensor, dead: Tensor | None) -> Tensor:
         """AuxK (see base.auxk_loss) on the dead latents' columns only: its cost grows with the number dead."""
         zero = wide(residual.new_zeros(()))
         if dead is None or self.cfg.auxk_coefficient == 0 or residual.shape[0] == 0:
@@ -68,7 +70,7 @@ class TopKTraining(Training):
         if len(dead_ids) == 0:
             return zero
         sae = self.sae
-        local, values = topk_encode(centred, sae.W_enc[:, dead_ids], sae.b_enc[dead_ids],
+        local, values = topk_encode(x, sae.W_enc[:, dead_ids], bias[dead_ids],
                                     min(self.k_aux, len(dead_ids)), self.kernel, sorted=False)
         e = wide(residual.detach())
         e_hat = wide(sparse_decode(dead_ids[local], values, sae.W_dec, self.kernel))

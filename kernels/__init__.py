@@ -3,6 +3,7 @@
 TopK codes are (indices [N, k] int64, values [N, k]); W_enc [d, n], b_enc [n], W_dec [n, d], x [N, d].
 
     indices, values = topk_encode(x, W_enc, b_enc, k)        # relu(x @ W_enc + b_enc), top-k
+    *codes, aux_idx, aux_val = topk_encode_with_aux(x, W_enc, b_enc, k, dead, k_aux)  # + AuxK's pick, same matmul
     x_hat = sparse_decode(indices, values, W_dec)            # sum_j values[:, j] * W_dec[indices[:, j]]
 
 Both are autograd functions whose backward passes cost O(N k d): the encoder's dense x @ W_enc is the only
@@ -17,6 +18,8 @@ O(N n d) work of a training step. `kernel=` picks the backend:
 """
 
 from . import reference
-from .api import KERNELS, resolve_kernel, sparse_decode, topk_encode, triton_available
+from .api import KERNELS, resolve_kernel, sparse_decode, topk_encode, topk_encode_with_aux, triton_available
 
-__all__ = ["KERNELS", "reference", "resolve_kernel", "sparse_decode", "topk_encode", "triton_available"]
+__all__ = [
+    "KERNELS", "reference", "resolve_kernel", "sparse_decode", "topk_encode", "topk_encode_with_aux", "triton_available",
+]

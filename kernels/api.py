@@ -24,7 +24,7 @@ from .layout import by_latent
 
 KERNELS = ("auto", "triton", "torch", "dense")
 
-__all__ = ["KERNELS", "sparse_decode", "topk_encode", "resolve_kernel", "triton_available"]
+__all__ = ["KERNELS", "sparse_decode", "topk_encode", "topk_encode_with_aux", "resolve_kernel", "triton_available"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,40 +98,58 @@ class SparseDecode(torch.autograd.Function):
 
 
 class TopKEncode(torch.autograd.Function):
-    """(indices, values) = top-k of relu(x @ W_enc + b_enc); backward touches only the k selected latents."""
+    """(indices, values) = top-k of relu((x - center) @ W_enc + b_enc), and optionally AuxK's top-k_aux among the
+    `aux_columns` (dead latents) of the same pre-activations. Backward touches only the selected latents."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k, sorted, ops):
-        pre = torch.addmm(b_enc, x, W_enc)  # [N, n]: the one dense product of a TopK SAE step
+    def forward(ctx, x, W_enc, b_enc, center, k, sorted, aux_columns, k_aux, workspace, ops):
+        # b_enc - center @ W_enc is a [n] bias: centring costs no [N, d] product, forward or backward.
+        bias = b_enc if center is None else torch.addmv(b_enc, W_enc.T, center, alpha=-1)
+        # [N, n]: the one dense product of a TopK SAE step (into a reused buffer when given: a fresh N x n
+        # allocation is page-faulted in on every call, which costs about a fifth of the product on a CPU)
+        pre = torch.addmm(bias, x, W_enc, out=workspace) if workspace is not None else torch.addmm(bias, x, W_enc)
         values, indices = pre.topk(k, dim=1, sorted=sorted)  # relu commutes with top-k (monotone) ...
+        if aux_columns is None:
+            aux_values, aux_indices = values.new_empty(len(x), 0), indices.new_empty(len(x), 0)
+        else:
+            aux_values, local = pre.index_select(1, aux_columns).topk(k_aux, dim=1, sorted=sorted)
+            aux_indices = aux_columns[local]
         del pre
-        values = values.clamp_(min=0)  # ... so apply it to the k winners only
-        ctx.ops = ops
-        ctx.save_for_backward(x, W_enc, indices, values)
-        ctx.mark_non_differentiable(indices)
-        return indices, values
+        values, aux_values = values.clamp_(min=0), aux_values.clamp_(min=0)  # ... so apply it to the winners only
+        ctx.ops, ctx.k = ops, k
+        ctx.save_for_backward(x, W_enc, center, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1))
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return indices, values, aux_indices, aux_values
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_indices, grad_values):
-        x, W_enc, indices, values = ctx.saved_tensors
-        ops = ctx.ops
+    def backward(ctx, grad_indices, grad_values, grad_aux_indices, grad_aux_values):
+        x, W_enc, center, indices, values = ctx.saved_tensors
+        ops, k = ctx.ops, ctx.k
         n = W_enc.shape[1]
-        grad_x = grad_W = grad_b = None
-        if grad_values is None:
-            return None, None, None, None, None, None
-        # Gradient of pre: k-sparse per row, zero where relu clipped.
-        g = grad_values * (values > 0)
-        if ctx.needs_input_grad[0]:  # sparse(g) @ W_enc^T: gather k columns of W_enc
+        needs_x, needs_W, needs_b, needs_center = ctx.needs_input_grad[:4]
+        grad_x = grad_W = grad_b = grad_center = None
+        # Gradient of pre: sparse (main and aux selections side by side), zero where relu clipped.
+        g = torch.zeros_like(values)
+        if grad_values is not None:
+            g[:, :k] = grad_values
+        if grad_aux_values is not None:
+            g[:, k:] = grad_aux_values
+        g *= values > 0
+        if needs_x:  # sparse(g) @ W_enc^T: gather the selected columns of W_enc
             grad_x = ops.gather_sum(indices, g, W_enc.T, out_dtype=x.dtype)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # x^T @ sparse(g), and the bias scatter-add
+        if needs_W or needs_b or needs_center:  # (x - center)^T @ sparse(g), and the per-latent sums of g
             csr = by_latent(indices, n)
-            grad_Wt, wsum = ops.segment_sum(csr, g, x, n, out_dtype=W_enc.dtype, weight_sum=ctx.needs_input_grad[2])
-            if ctx.needs_input_grad[1]:
+            grad_Wt, wsum = ops.segment_sum(csr, g, x, n, out_dtype=W_enc.dtype, weight_sum=True)
+            if needs_W:
+                if center is not None:
+                    grad_Wt.addr_(wsum.to(W_enc.dtype), center.to(W_enc.dtype), alpha=-1)
                 grad_W = grad_Wt.T  # [d, n] view of the [n, d] result
-            if ctx.needs_input_grad[2]:
+            if needs_b:
                 grad_b = wsum.to(W_enc.dtype)
-        return grad_x, grad_W, grad_b, None, None, None
+            if needs_center:
+                grad_center = -(W_enc.to(wsum.dtype) @ wsum).to(center.dtype)
+        return grad_x, grad_W, grad_b, grad_center, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,8 +193,8 @@ def _check_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tens
             raise IndexError(f"indices must lie in [0, {n}) for W_dec with {n} latents, got values in [{lo}, {hi}]")
 
 
-def _check_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int) -> None:
-    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc)):
+def _check_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, center=None) -> None:
+    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc)) + ((("center", center),) if center is not None else ()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         _check_float(name, t)
@@ -187,11 +205,15 @@ def _check_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: 
         raise ValueError(f"x must be [..., d] with d={d} to match W_enc {tuple(W_enc.shape)}, got {tuple(x.shape)}")
     if b_enc.shape != (n,):
         raise ValueError(f"b_enc must be [n_latents]=[{n}] to match W_enc {tuple(W_enc.shape)}, got {tuple(b_enc.shape)}")
-    if not (x.dtype == W_enc.dtype == b_enc.dtype):
+    if center is not None and center.shape != (d,):
+        raise ValueError(f"center must be [d]=[{d}] to match W_enc {tuple(W_enc.shape)}, got {tuple(center.shape)}")
+    dtypes = {x.dtype, W_enc.dtype, b_enc.dtype} | ({center.dtype} if center is not None else set())
+    if len(dtypes) > 1:
         raise TypeError(
-            f"x, W_enc and b_enc must share a dtype, got {x.dtype}, {W_enc.dtype}, {b_enc.dtype} (cast x to the SAE dtype)"
+            f"x, W_enc, b_enc (and center) must share a dtype, got {x.dtype}, {W_enc.dtype}, {b_enc.dtype}"
+            + (f", {center.dtype}" if center is not None else "") + " (cast x to the SAE dtype)"
         )
-    _check_same_device(x=x, W_enc=W_enc, b_enc=b_enc)
+    _check_same_device(x=x, W_enc=W_enc, b_enc=b_enc, **({"center": center} if center is not None else {}))
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= n:
@@ -244,28 +266,72 @@ def topk_encode(
     kernel: str = "auto",
     *,
     sorted: bool = True,
+    center: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TopK encoder: pre = relu(x @ W_enc + b_enc); keep the k largest latents of each row.
+    """TopK encoder: pre = relu((x - center) @ W_enc + b_enc); keep the k largest latents of each row.
 
     Args:
         x: [..., d]; W_enc: [d, n] (any strides: pass `weight.T` of an [n, d] parameter, which is also the
-            fastest layout for the backward); b_enc: [n]. One shared dtype (fp32 / bf16 / fp16 / fp64).
+            fastest layout for the backward); b_enc: [n]; center: optional [d] (an SAE's b_dec), differentiable,
+            folded into the bias so it costs no [N, d] work. One shared dtype (fp32 / bf16 / fp16 / fp64).
         k: 1 <= k <= n.
         kernel: "auto" | "triton" | "torch" | "dense" (see `sparse_decode`).
         sorted: return each row's latents in descending order of value (False is a little faster).
+        workspace: optional [N, n] tensor (x's dtype and device, N = rows of x) to hold the pre-activations; its
+            contents are overwritten. Reusing one across training steps saves allocating N x n fresh each call.
 
     Returns:
         (indices [..., k] int64, values [..., k] in x's dtype); values >= 0 (rows with fewer than k positive
-        pre-activations carry zeros). Backward wrt x, W_enc, b_enc touches only the k selected latents per row:
-        no N x n gradient is formed.
+        pre-activations carry zeros). Backward wrt x, W_enc, b_enc, center touches only the k selected latents per
+        row: no N x n gradient is formed.
     """
-    _check_encode(x, W_enc, b_enc, k)
+    indices, values, _, _ = _encode(x, W_enc, b_enc, k, kernel, sorted, center, None, 0, workspace)
+    return indices, values
+
+
+def topk_encode_with_aux(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    aux_columns: torch.Tensor,
+    k_aux: int,
+    kernel: str = "auto",
+    *,
+    sorted: bool = True,
+    center: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`topk_encode` (same arguments), plus AuxK's selection from the same pre-activations: the k_aux largest (after relu) among
+    the latents `aux_columns` ([m] int64, e.g. the dead latents). One encoder product serves both.
+
+    Returns (indices, values, aux_indices, aux_values); aux_indices [..., k_aux] are latent ids (not positions in
+    aux_columns). Gradients flow through both value tensors.
+    """
+    if not isinstance(aux_columns, torch.Tensor) or aux_columns.dim() != 1 or aux_columns.dtype != torch.int64:
+        raise TypeError("aux_columns must be a 1-D int64 tensor of latent ids")
+    n = W_enc.shape[-1]
+    if aux_columns.numel() and (int(aux_columns.min()) < 0 or int(aux_columns.max()) >= n):
+        raise IndexError(f"aux_columns must lie in [0, {n})")
+    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 1 <= k_aux <= len(aux_columns):
+        raise ValueError(f"k_aux must satisfy 1 <= k_aux <= len(aux_columns)={len(aux_columns)}, got {k_aux!r}")
+    return _encode(x, W_enc, b_enc, k, kernel, sorted, center, aux_columns.to(W_enc.device), k_aux, workspace)
+
+
+def _encode(x, W_enc, b_enc, k, kernel, sorted, center, aux_columns, k_aux, workspace):
+    _check_encode(x, W_enc, b_enc, k, center)
     name = resolve_kernel(kernel, x.device)
     lead, d = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d)
+    if workspace is not None:
+        wanted = (x2.shape[0], W_enc.shape[1])
+        if tuple(workspace.shape) != wanted or workspace.dtype != x.dtype or workspace.device != x.device:
+            raise ValueError(f"workspace must be a {list(wanted)} {x.dtype} tensor on {x.device}, got "
+                             f"{list(workspace.shape)} {workspace.dtype} on {workspace.device}")
     if name == "dense":
-        indices, values = reference.dense_topk_encode(x2, W_enc, b_enc, k, sorted=sorted)
+        outs = reference.dense_topk_encode(x2, W_enc, b_enc, k, sorted=sorted, center=center,
+                                           aux_columns=aux_columns, k_aux=k_aux)
     else:
-        indices, values = TopKEncode.apply(x2, W_enc, b_enc, k, sorted, _ops(name))
-    return indices.reshape(*lead, k), values.reshape(*lead, k)
-
+        outs = TopKEncode.apply(x2, W_enc, b_enc, center, k, sorted, aux_columns, k_aux, workspace, _ops(name))
+    return tuple(t.reshape(*lead, t.shape[-1]) for t in outs)

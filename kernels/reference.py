@@ -48,15 +48,28 @@ def dense_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tenso
 
 
 def dense_topk_encode(
-    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, sorted: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """pre = relu(x @ W_enc + b_enc); (values, indices) = top-k of pre along the latents.
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    sorted: bool = True,
+    center: torch.Tensor | None = None,
+    aux_columns: torch.Tensor | None = None,
+    k_aux: int = 0,
+):
+    """pre = relu((x - center) @ W_enc + b_enc); (values, indices) = top-k of pre along the latents.
 
-    Plain autograd: the backward pass is dense (an N x n gradient of pre). Returns (indices, values).
+    Plain autograd: the backward pass is dense (an N x n gradient of pre). Returns (indices, values,
+    aux_indices, aux_values), the last two being the top-k_aux among `aux_columns` (empty without them).
     """
+    if center is not None:
+        x = x - center
     pre = torch.relu(x @ W_enc + b_enc)
     values, indices = pre.topk(k, dim=-1, sorted=sorted)
-    return indices, values
+    if aux_columns is None:
+        return indices, values, indices[:, :0], values[:, :0]
+    aux_values, local = pre[:, aux_columns].topk(k_aux, dim=-1, sorted=sorted)
+    return indices, values, aux_columns[local], aux_values
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .api import sparse_decode, topk_encode
+from .api import sparse_decode, topk_encode, topk_encode_with_aux
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 3e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
@@ -135,3 +135,34 @@ def check_encode(x, W_enc, b_enc, k: int, kernel: str, seed: int = 1, exact_sele
     assert_close(xs.grad, x64.grad, tol, f"encode[{kernel}] grad x")
     assert_close(Ws.grad, W64.grad, tol, f"encode[{kernel}] grad W_enc")
     assert_close(bs.grad, b64.grad, tol, f"encode[{kernel}] grad b_enc")
+
+
+def check_encode_with_aux(x, W_enc, b_enc, center, k: int, aux_columns, k_aux: int, kernel: str, seed: int = 2) -> None:
+    """topk_encode_with_aux(kernel) with a centre: both selections are top-k's of the fp64 pre-activations (the
+    aux one among aux_columns only), and the gradients wrt x, W_enc, b_enc, center match fp64 autograd at them."""
+    tol = _tol(x.dtype)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, W_enc, b_enc, center)]
+    indices, values, aux_indices, aux_values = topk_encode_with_aux(
+        *leaves[:3], k, aux_columns, k_aux, kernel=kernel, center=leaves[3])
+    assert aux_indices.shape == (len(x), k_aux) and aux_values.dtype == x.dtype
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(len(x), W_enc.shape[1], 2, generator=g).to(x.device, x.dtype)
+    ((values * G[..., 0].gather(1, indices)).sum() + (aux_values * G[..., 1].gather(1, aux_indices)).sum()).backward()
+
+    refs = [t.detach().double().requires_grad_(True) for t in (x, W_enc, b_enc, center)]
+    pre = (refs[0] - refs[3]) @ refs[1] + refs[2]
+    relu_pre = pre.detach().relu()
+    for what, idx, vals, pool in (("main", indices, values, relu_pre), ("aux", aux_indices, aux_values, relu_pre[:, aux_columns])):
+        assert_close(vals, relu_pre.gather(1, idx), tol, f"encode_with_aux[{kernel}] {what} values")
+        best = pool.topk(idx.shape[1], dim=1).values
+        assert_close(vals.detach().sort(dim=1, descending=True).values, best, tol, f"encode_with_aux[{kernel}] {what} top-k")
+    allowed = torch.zeros(W_enc.shape[1], dtype=torch.bool)
+    allowed[aux_columns] = True
+    assert bool(allowed[aux_indices].all()), f"encode_with_aux[{kernel}]: aux pick outside aux_columns"
+
+    ref_loss = 0
+    for idx, vals, j in ((indices, values, 0), (aux_indices, aux_values, 1)):
+        ref_loss = ref_loss + (pre.gather(1, idx) * (vals.detach() > 0) * G[..., j].double().gather(1, idx)).sum()
+    ref_loss.backward()
+    for name, got, ref in zip(("x", "W_enc", "b_enc", "center"), leaves, refs):
+        assert_close(got.grad, ref.grad, tol, f"encode_with_aux[{kernel}] grad {name}")

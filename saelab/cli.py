@@ -83,7 +83,7 @@ def cmd_quickstart(args) -> None:
     manifest = cache_activations(model, QUICKSTART_HOOK, out / "acts", text=text, tokens=args.cache_tokens)
     print_cache_summary(out / "acts", manifest, time.perf_counter() - started)
     spec = SAESpec(arch="topk", width=args.width, k=args.k)
-    config = TrainConfig(tokens=args.tokens, batch_size=4096, lr_warmup_steps=10)
+    config = TrainConfig(tokens=args.tokens, batch_size=4096)
     print(f"training {spec.name()} on {QUICKSTART_HOOK} for {config.tokens:,} tokens "
           f"({config.steps} steps, {config.tokens / manifest.tokens:.1f} passes over the cache)")
     (result,) = train(out / "acts", [spec], config, out=out / "sae", model=model,

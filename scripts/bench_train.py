@@ -48,48 +48,56 @@ class RandomActivations:
             yield self.batch
 
 
-def saelab_tokens_per_s(d: int, n: int, k: int, batch: int, kernel: str, steps: int, warmup: int = 2) -> float:
+def saelab_tokens_per_s(d: int, n: int, k: int, batch: int, kernel: str, steps: int, rounds: int = 1) -> float:
     """Tokens/s of Trainer.train_on: loss, backward, decoder-gradient projection, Adam, renormalisation, dead clocks.
 
-    dead_tokens is one batch, so latents that miss a step are dead for the next and AuxK runs on them."""
+    dead_tokens is one batch, so latents that miss a step are dead for the next and AuxK runs on them. Best of
+    `rounds` timings of `steps` steps, after two warm-up steps."""
     source = RandomActivations(d, batch)
-    config = TrainConfig(tokens=batch * (steps + warmup + 1), batch_size=batch, kernel=kernel, dead_tokens=batch)
+    config = TrainConfig(tokens=batch * (rounds * steps + 3), batch_size=batch, kernel=kernel, dead_tokens=batch)
     trainer = Trainer(source, [SAESpec(arch="topk", width=n, k=k)], config, progress=False)
-    for _ in range(warmup + 1):  # the first call also initialises b_dec (geometric median) and the input scale
+    for _ in range(3):  # the first call also initialises b_dec (geometric median) and the input scale
         trainer.train_on(source.batch)
-    started = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_on(source.batch)
-    return batch * steps / (time.perf_counter() - started)
+    return best_of(rounds, steps, batch, lambda: trainer.train_on(source.batch))
 
 
 @torch.no_grad()
-def ceiling_tokens_per_s(d: int, n: int, k: int, batch: int, steps: int) -> float:
-    """Encoder matmul + bias + top-k only."""
+def ceiling_tokens_per_s(d: int, n: int, k: int, batch: int, steps: int, rounds: int = 1) -> float:
+    """Encoder matmul + bias + top-k only, as fast as PyTorch does it (pre-activations into a reused buffer)."""
     x, W, b = torch.randn(batch, d), torch.randn(d, n) / d**0.5, torch.zeros(n)
-    torch.addmm(b, x, W).topk(k, dim=1)
-    started = time.perf_counter()
-    for _ in range(steps):
-        torch.addmm(b, x, W).topk(k, dim=1, sorted=False)
-    return batch * steps / (time.perf_counter() - started)
+    pre = torch.empty(batch, n)
+    return best_of(rounds, steps, batch, lambda: torch.addmm(b, x, W, out=pre).topk(k, dim=1, sorted=False))
+
+
+def best_of(rounds: int, steps: int, batch: int, step) -> float:
+    """Tokens/s of the fastest of `rounds` timings of `steps` calls (the least disturbed by other processes)."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, time.perf_counter() - started)
+    return batch * steps / best
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def references(ref_python: str | None, d: int, n: int, k: int, batch: int, steps: int) -> dict[str, float | str]:
-    """sparsify and SAELens tokens/s from scripts/reference_speed.py in the reference venv ('na' without one)."""
+def references(ref_python: str | None, d: int, n: int, k: int, batch: int, steps: int, rounds: int,
+               libraries: tuple[str, ...] = ("sparsify", "saelens")) -> dict[str, dict]:
+    """sparsify and SAELens tokens/s and peak memory from scripts/reference_speed.py in the reference venv (each in
+    its own process; 'na' without the venv)."""
+    found = {library: {"tokens_per_s": "na", "peak_rss_gb": "na"} for library in libraries}
     if not ref_python or not Path(ref_python).exists():
-        return {"sparsify": "na", "saelens": "na"}
+        return found
     script = Path(__file__).with_name("reference_speed.py")
-    found = {"sparsify": "na", "saelens": "na"}
     for library in found:
-        result = subprocess.run([ref_python, str(script), library, str(d), str(n), str(k), str(batch), str(steps)],
+        result = subprocess.run([ref_python, str(script), library, *map(str, (d, n, k, batch, steps, rounds))],
                                 capture_output=True, text=True)
         lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode == 0 and lines:
-            found[library] = json.loads(lines[-1])["tokens_per_s"]
+            found[library] = json.loads(lines[-1])
         else:
             print(f"{library}: failed ({(result.stderr or result.stdout).strip().splitlines()[-1:]})", file=sys.stderr)
     return found
@@ -105,44 +113,48 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timing")
+    parser.add_argument("--rounds", type=int, default=3, help="timings per implementation; the best one counts")
     parser.add_argument("--ref-python", default=None, help="python of a venv with eai-sparsify and sae-lens")
-    parser.add_argument("--sweep", action="store_true", help="also sweep n and k (saelab torch path vs ceiling)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep n and k (saelab, ceiling, sparsify)")
     args = parser.parse_args()
 
     shape = dict(d=args.d, n=args.n, k=args.k, batch=args.batch)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"TopK SAE fp32, Adam, AuxK on; d={args.d} n={args.n} k={args.k} batch={args.batch}, {args.steps} steps")
     rss_before = peak_rss_gb()
-    ceiling = ceiling_tokens_per_s(**shape, steps=args.steps)
-    saelab = saelab_tokens_per_s(**shape, kernel="auto", steps=args.steps)
-    rss_sparse = peak_rss_gb()
-    dense = saelab_tokens_per_s(**shape, kernel="dense", steps=max(2, args.steps // 3))
-    rss_dense = peak_rss_gb()
-    refs = references(args.ref_python, **shape, steps=args.steps)
-    rows = [("ceiling: encoder matmul + top-k", ceiling), ("saelab (sparse kernels)", saelab),
-            ("saelab dense PyTorch path", dense), ("EleutherAI sparsify", refs["sparsify"]), ("SAELens", refs["saelens"])]
-    print(f"{'implementation':<34}{'tokens/s':>12}{'x ceiling':>11}")
-    for name, value in rows:
+    ceiling = ceiling_tokens_per_s(**shape, steps=args.steps, rounds=args.rounds)
+    saelab = saelab_tokens_per_s(**shape, kernel="auto", steps=args.steps, rounds=args.rounds)
+    rss_sparse = peak_rss_gb()  # the process peak so far: the sparse run, which runs first
+    dense = saelab_tokens_per_s(**shape, kernel="dense", steps=2, rounds=1)
+    rss_dense = peak_rss_gb()  # the dense run needs more, so the peak is now its own
+    refs = references(args.ref_python, **shape, steps=args.steps, rounds=args.rounds)
+    rows = [("ceiling: encoder matmul + top-k", ceiling, "na"), ("saelab (sparse kernels)", saelab, rss_sparse),
+            ("saelab dense PyTorch path", dense, rss_dense)]
+    rows += [(name, refs[lib]["tokens_per_s"], refs[lib]["peak_rss_gb"])
+             for name, lib in (("EleutherAI sparsify", "sparsify"), ("SAELens", "saelens"))]
+    print(f"{'implementation':<34}{'tokens/s':>12}{'x ceiling':>11}{'peak GB':>10}")
+    for name, value, peak in rows:
         ratio = f"{value / ceiling:.2f}" if isinstance(value, float) else "na"
-        print(f"{name:<34}{fmt(value):>12}{ratio:>11}")
-    print(f"peak process memory: {rss_before:.2f} GB before, {rss_sparse:.2f} GB after the sparse runs, "
-          f"{rss_dense:.2f} GB after the dense run (ru_maxrss, cumulative)")
+        print(f"{name:<34}{fmt(value):>12}{ratio:>11}{peak if peak == 'na' else f'{peak:.2f}':>10}")
+    print(f"peak GB: the process's peak resident memory (ru_maxrss) after that run; the Python process with torch "
+          f"and the trainer's imports holds {rss_before:.2f} GB before any run.")
 
     if args.sweep:
-        print(f"\n{'n':>7}{'k':>6}{'saelab tok/s':>15}{'ceiling tok/s':>15}{'ratio':>8}")
+        print(f"\n{'n':>7}{'k':>6}{'saelab tok/s':>15}{'ceiling tok/s':>15}{'ratio':>8}{'sparsify tok/s':>16}")
         for n, k in [(4096, 32), (8192, 32), (16384, 32), (32768, 32), (65536, 32),
                      (16384, 16), (16384, 64), (16384, 128)]:
             sweep = dict(d=args.d, n=n, k=k, batch=args.batch)
-            ours = saelab_tokens_per_s(**sweep, kernel="auto", steps=max(3, args.steps // 2))
-            top = ceiling_tokens_per_s(**sweep, steps=max(3, args.steps // 2))
-            print(f"{n:>7}{k:>6}{ours:>15,.0f}{top:>15,.0f}{ours / top:>8.2f}")
+            ours = saelab_tokens_per_s(**sweep, kernel="auto", steps=args.steps, rounds=2)
+            top = ceiling_tokens_per_s(**sweep, steps=args.steps, rounds=2)
+            theirs = references(args.ref_python, **sweep, steps=args.steps, rounds=1, libraries=("sparsify",))
+            print(f"{n:>7}{k:>6}{ours:>15,.0f}{top:>15,.0f}{ours / top:>8.2f}{fmt(theirs['sparsify']['tokens_per_s']):>16}")
 
     def key(value):
         return f"{value:.0f}" if isinstance(value, float) else value
 
     print(f"RESULT saelab_tok_s={key(saelab)} ceiling_tok_s={key(ceiling)} ratio={saelab / ceiling:.3f} "
-          f"sparsify_tok_s={key(refs['sparsify'])} saelens_tok_s={key(refs['saelens'])}")
+          f"sparsify_tok_s={key(refs['sparsify']['tokens_per_s'])} saelens_tok_s={key(refs['saelens']['tokens_per_s'])}")
 
 
 if __name__ == "__main__":

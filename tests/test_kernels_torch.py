@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from saelab.kernels import KERNELS, reference, resolve_kernel, sparse_decode, topk_encode
+from saelab.kernels import KERNELS, reference, resolve_kernel, sparse_decode, topk_encode, topk_encode_with_aux
 from saelab.kernels import torch_backend
 from saelab.kernels.layout import by_latent
 from saelab.kernels.testing import (
     assert_close,
     check_decode,
     check_encode,
+    check_encode_with_aux,
     make_decode_inputs,
     make_encode_inputs,
 )
@@ -84,6 +85,51 @@ def test_gradcheck_encode_fp64():
     assert torch.autograd.gradcheck(lambda a, w, b: topk_encode(a, w, b, 4, kernel="torch")[1], (x, W_enc, b_enc))
 
 
+@pytest.mark.parametrize("kernel", ["torch", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n_aux,k_aux", [(1, 1), (9, 4), (60, 60)])
+def test_encode_with_centre_and_aux_matches_reference(kernel, dtype, n_aux, k_aux):
+    x, W_enc, b_enc = make_encode_inputs(7, 60, 10, dtype=dtype, transposed=True)
+    center = torch.randn(10, generator=torch.Generator().manual_seed(3)).to(dtype)
+    aux_columns = torch.randperm(60, generator=torch.Generator().manual_seed(4))[:n_aux]
+    check_encode_with_aux(x, W_enc, b_enc, center, 5, aux_columns, k_aux, kernel=kernel)
+
+
+def test_centre_is_the_same_as_subtracting_it():
+    x, W_enc, b_enc = make_encode_inputs(6, 40, 8)
+    center = torch.randn(8)
+    idx, vals = topk_encode(x, W_enc, b_enc, 5, kernel="torch", center=center)
+    idx2, vals2 = topk_encode(x - center, W_enc, b_enc, 5, kernel="torch")
+    assert torch.equal(idx, idx2)
+    assert_close(vals, vals2, 1e-5, "centre")
+
+
+def test_gradcheck_encode_with_aux_fp64():
+    x, W_enc, b_enc = make_encode_inputs(3, 12, 5, dtype=torch.float64, transposed=True)
+    center = torch.randn(5, dtype=torch.float64)
+    for t in (x, W_enc, b_enc, center):
+        t.requires_grad_(True)
+    cols = torch.tensor([1, 4, 7, 10, 11])
+
+    def f(a, w, b, c):
+        _, vals, _, aux_vals = topk_encode_with_aux(a, w, b, 4, cols, 2, kernel="torch", center=c)
+        return vals, aux_vals
+
+    assert torch.autograd.gradcheck(f, (x, W_enc, b_enc, center))
+
+
+def test_encode_with_aux_rejects_bad_columns():
+    x, W_enc, b_enc = make_encode_inputs(4, 20, 6)
+    with pytest.raises(IndexError, match="aux_columns"):
+        topk_encode_with_aux(x, W_enc, b_enc, 3, torch.tensor([0, 20]), 1, kernel="torch")
+    with pytest.raises(ValueError, match="k_aux"):
+        topk_encode_with_aux(x, W_enc, b_enc, 3, torch.tensor([0, 5]), 3, kernel="torch")
+    with pytest.raises(TypeError, match="aux_columns"):
+        topk_encode_with_aux(x, W_enc, b_enc, 3, torch.tensor([0.0, 5.0]), 1, kernel="torch")
+    with pytest.raises(ValueError, match="center"):
+        topk_encode(x, W_enc, b_enc, 3, kernel="torch", center=torch.zeros(5))
+
+
 def test_sorted_flag():
     x, W_enc, b_enc = make_encode_inputs(5, 40, 8)
     idx, vals = topk_encode(x, W_enc, b_enc, 6, kernel="torch")
@@ -144,7 +190,7 @@ def test_dense_reference_is_plain_math():
     expected = torch.stack([sum(values[b, j] * W[indices[b, j]] for j in range(2)) for b in range(3)])
     assert_close(reference.dense_decode(indices, values, W), expected, 1e-6, "dense_decode")
     x, W_enc, b_enc = make_encode_inputs(3, 10, 4)
-    idx, vals = reference.dense_topk_encode(x, W_enc, b_enc, 3)
+    idx, vals, *_ = reference.dense_topk_encode(x, W_enc, b_enc, 3)
     assert_close(vals, torch.relu(x @ W_enc + b_enc).sort(dim=1, descending=True).values[:, :3], 1e-6, "dense_topk")
 
 

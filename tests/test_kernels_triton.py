@@ -20,6 +20,7 @@ from saelab.kernels.testing import (  # noqa: E402
     assert_close,
     check_decode,
     check_encode,
+    check_encode_with_aux,
     make_decode_inputs,
     make_encode_inputs,
 )
@@ -79,6 +80,12 @@ def test_gradcheck_encode_fp64(tb):
     for t in (x, W_enc, b_enc):
         t.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, w, b: topk_encode(a, w, b, 3, kernel="triton")[1], (x, W_enc, b_enc))
+
+
+def test_encode_with_centre_and_aux(tb):
+    x, W_enc, b_enc = make_encode_inputs(4, 30, 9, transposed=True)
+    center = torch.randn(9, generator=torch.Generator().manual_seed(3))
+    check_encode_with_aux(x, W_enc, b_enc, center, 4, torch.tensor([2, 5, 11, 17, 29]), 3, kernel="triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

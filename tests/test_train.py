@@ -155,6 +155,9 @@ def test_learning_rate_schedule():
     factors = [config.lr_factor(s) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and factors[50] == 1.0
     assert factors[80] == 1.0 and factors[90] == pytest.approx(0.5) and factors[99] == pytest.approx(0.05)
+    assert TrainConfig(tokens=300 * 10, batch_size=10).warmup_steps == 15
+    assert TrainConfig(tokens=10_000 * 10, batch_size=10).warmup_steps == 100
+    assert TrainConfig(tokens=10 * 10, batch_size=10).lr_factor(0) == 1.0  # too short for a warm-up
     assert SAESpec(width=2**14).learning_rate == pytest.approx(2e-4)
     assert SAESpec(width=2**16).learning_rate == pytest.approx(1e-4)
 

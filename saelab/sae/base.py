@@ -156,7 +156,9 @@ class SAE(nn.Module):
             raise ValueError(f"{type(self).__name__} is arch {self.arch!r} but cfg.arch is {cfg.arch!r}")
         self.cfg = cfg
         kw = dict(device=device, dtype=cfg.torch_dtype)
-        self.W_enc = nn.Parameter(torch.empty(cfg.d_in, cfg.width, **kw))
+        # [d_in, width] as the transpose of a latent-major [width, d_in] buffer: the sparse kernels' W_enc gradient
+        # is built latent by latent, so it lands in the parameter's own layout with no transposing copy.
+        self.W_enc = nn.Parameter(torch.empty(cfg.width, cfg.d_in, **kw).T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.width, **kw))
         self.W_dec = nn.Parameter(torch.empty(cfg.width, cfg.d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
@@ -240,9 +242,11 @@ class SAE(nn.Module):
             return
         w = wide(self.W_dec)
         g = wide(self.W_dec.grad)
-        unit = w / w.norm(dim=1, keepdim=True).clamp_min(eps)
-        g -= (g * unit).sum(dim=1, keepdim=True) * unit
-        self.W_dec.grad.copy_(g)
+        # g -= <g, w> / |w|^2 * w, row by row, in three passes over [width, d] and no temporaries of that size
+        along = torch.einsum("nd,nd->n", g, w) / w.norm(dim=1).square().clamp_min(eps**2)
+        g.addcmul_(w, along.unsqueeze(1), value=-1)
+        if g is not self.W_dec.grad:
+            self.W_dec.grad.copy_(g)
 
     @torch.no_grad()
     def init_b_dec_(self, sample: Tensor, method: str = "geometric_median"):
@@ -392,7 +396,9 @@ def wide(t: Tensor) -> Tensor:
 
 
 def mse_of(x: Tensor, x_hat: Tensor) -> Tensor:
-    return wide(x - x_hat).pow(2).sum(-1).mean()
+    """Squared error summed over d_in, averaged over tokens (one fused kernel, forward and backward)."""
+    dtype = torch.promote_types(wide(x).dtype, wide(x_hat).dtype)
+    return F.mse_loss(x_hat.to(dtype), x.to(dtype), reduction="sum") / max(1, x.shape[:-1].numel())
 
 
 def summarise(codes: Tensor) -> tuple[Tensor, Tensor]:

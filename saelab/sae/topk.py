@@ -5,9 +5,10 @@ The sparse form (indices, values) [N, k] is first-class: the sparse kernels and 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.kernels import sparse_decode, topk_encode
+from saelab.kernels import sparse_decode, topk_encode, topk_encode_with_aux
 
 from .base import SAE, SAEConfig, Training, TrainOutput, mse_of, wide
 from .registry import register
@@ -41,17 +42,24 @@ class TopKTraining(Training):
     """
 
     kernel: str = "auto"
+    _buffer: Tensor | None = None  # see _workspace
 
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
         sae = self.sae
         x = self._flat(x)
-        # (x - b_dec) @ W_enc + b_enc, written so that no gradient wrt x is needed: b_dec's share of the encoder
-        # gradient comes through this [width] bias instead of an [N, d] product.
-        bias = sae.b_enc - sae.b_dec @ sae.W_enc
-        indices, values = topk_encode(x, sae.W_enc, bias, self.cfg.k, self.kernel, sorted=False)
+        # One encoder product gives both the TopK codes and AuxK's pick among the dead latents; b_dec enters as
+        # the encoder's centre, so no gradient wrt x (an [N, d] product) is ever needed.
+        dead_ids = self._dead_ids(dead, x)
+        options = dict(sorted=False, center=sae.b_dec, workspace=self._workspace(x))
+        if len(dead_ids):
+            k_aux = min(self.k_aux, len(dead_ids))
+            indices, values, aux_indices, aux_values = topk_encode_with_aux(
+                x, sae.W_enc, sae.b_enc, self.cfg.k, dead_ids, k_aux, self.kernel, **options)
+        else:
+            indices, values = topk_encode(x, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, **options)
         x_hat = sparse_decode(indices, values, sae.W_dec, self.kernel) + sae.b_dec
         mse = mse_of(x, x_hat)
-        aux = self._auxk(x, bias, x - x_hat, dead)
+        aux = self._auxk(x - x_hat, aux_indices, aux_values, len(dead_ids)) if len(dead_ids) else wide(mse.new_zeros(()))
         active = values.detach() > 0
         fired = torch.zeros(self.cfg.width, dtype=torch.bool, device=x.device)
         fired[indices[active]] = True
@@ -59,23 +67,32 @@ class TopKTraining(Training):
                            sparsity_loss=mse.new_zeros(()), l0=active.sum(-1).float().mean(), fired=fired,
                            x_hat=x_hat.detach())
 
-    def _auxk(self, x: Tensor, bias: Tensor, residual: Tensor, dead: Tensor | None) -> Tensor:
-        """AuxK (see base.auxk_loss) on the dead latents' columns only: its cost grows with the number dead."""
-        zero = wide(residual.new_zeros(()))
-        if dead is None or self.cfg.auxk_coefficient == 0 or residual.shape[0] == 0:
-            return zero
+    def _workspace(self, x: Tensor) -> Tensor | None:
+        """A pre-activation buffer kept across steps (allocating [N, width] afresh every step costs ~20 % on a CPU)."""
+        if self.kernel == "dense":
+            return None
+        shape = (x.shape[0], self.cfg.width)
+        held = self._buffer
+        if held is None or tuple(held.shape) != shape or held.dtype != x.dtype or held.device != x.device:
+            self._buffer = held = torch.empty(shape, dtype=x.dtype, device=x.device)
+        return held
+
+    def _dead_ids(self, dead: Tensor | None, x: Tensor) -> Tensor:
+        """The latents AuxK trains (none when it is off or nothing is dead)."""
+        none = torch.zeros(0, dtype=torch.long, device=x.device)
+        if dead is None or self.cfg.auxk_coefficient == 0 or x.shape[0] == 0:
+            return none
         if dead.shape != (self.cfg.width,):
             raise ValueError(f"dead mask must have shape [width]=[{self.cfg.width}], got {list(dead.shape)}")
-        dead_ids = dead.to(device=residual.device, dtype=torch.bool).nonzero().squeeze(1)
-        if len(dead_ids) == 0:
-            return zero
-        sae = self.sae
-        local, values = topk_encode(x, sae.W_enc[:, dead_ids], bias[dead_ids],
-                                    min(self.k_aux, len(dead_ids)), self.kernel, sorted=False)
+        return dead.to(device=x.device, dtype=torch.bool).nonzero().squeeze(1)
+
+    def _auxk(self, residual: Tensor, aux_indices: Tensor, aux_values: Tensor, n_dead: int) -> Tensor:
+        """AuxK (see base.auxk_loss): the dead latents' top-k_aux reconstruct the main residual."""
         e = wide(residual.detach())
-        e_hat = wide(sparse_decode(dead_ids[local], values, sae.W_dec, self.kernel))
-        scale = min(1.0, len(dead_ids) / self.k_aux)
-        return self.cfg.auxk_coefficient * scale * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+        e_hat = wide(sparse_decode(aux_indices, aux_values, self.sae.W_dec, self.kernel))
+        scale = min(1.0, n_dead / self.k_aux)
+        total_variance = (e - e.mean(0)).square_().sum()
+        return self.cfg.auxk_coefficient * scale * F.mse_loss(e_hat, e, reduction="sum") / total_variance.clamp_min(1e-12)
 
 
 TopKSAE.training_cls = TopKTraining

@@ -48,8 +48,8 @@ class TrainConfig:
     """Training tokens (activation rows) per SAE."""
     batch_size: int = 4096
     """Tokens per optimiser step."""
-    lr_warmup_steps: int = 100
-    """Linear learning-rate warm-up from 0."""
+    lr_warmup_steps: int | None = None
+    """Linear learning-rate warm-up from 0; None: min(100, steps // 20), so short runs are not a third warm-up."""
     lr_decay_fraction: float = 0.2
     """The learning rate decays linearly to 0 over this final fraction of the steps."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -77,7 +77,7 @@ class TrainConfig:
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)
         checks = {
-            "tokens": self.tokens >= 1, "batch_size": self.batch_size >= 1, "lr_warmup_steps": self.lr_warmup_steps >= 0,
+            "tokens": self.tokens >= 1, "batch_size": self.batch_size >= 1, "lr_warmup_steps": self.lr_warmup_steps is None or self.lr_warmup_steps >= 0,
             "lr_decay_fraction": 0 <= self.lr_decay_fraction <= 1, "checkpoint_every": self.checkpoint_every >= 1,
             "log_every": self.log_every >= 1, "adam_betas": all(0 <= b < 1 for b in self.adam_betas),
             "b_dec_init": self.b_dec_init in ("geometric_median", "mean", "zeros"),
@@ -97,9 +97,13 @@ class TrainConfig:
     def dead_window(self) -> int:
         return self.dead_tokens if self.dead_tokens is not None else max(self.batch_size, min(10_000_000, self.tokens // 10))
 
+    @property
+    def warmup_steps(self) -> int:
+        return self.lr_warmup_steps if self.lr_warmup_steps is not None else min(100, self.steps // 20)
+
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base learning rate at `step`: warm-up, flat, then linear decay to 0."""
-        warm = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps else 1.0
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         decay_steps = int(self.steps * self.lr_decay_fraction)
         decay = min(1.0, (self.steps - step) / decay_steps) if decay_steps else 1.0
         return warm * decay

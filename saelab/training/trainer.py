@@ -39,6 +39,13 @@ class Member:
     training: object
     optimizer: torch.optim.Optimizer
     since_fired: torch.Tensor
+    aliases: list[tuple[torch.Tensor, torch.Tensor]]
+    """(parameter, the contiguous alias Adam steps instead), for parameters stored transposed (W_enc)."""
+
+    def step(self) -> None:
+        for param, alias in self.aliases:
+            alias.grad = param.grad.T if param.grad is not None else None
+        self.optimizer.step()
 
     def dead(self, window: int) -> torch.Tensor:
         return self.since_fired >= window
@@ -93,12 +100,20 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # each SAE's init depends on the seed and its name, not on order
             torch.manual_seed(self.config.seed + zlib.crc32(name.encode()))
             sae = create_sae(cfg, device=self.config.device)
-        # fused Adam: one pass over each parameter instead of one per operation (5x faster on a 2-core CPU)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=spec.learning_rate, betas=self.config.adam_betas, fused=True)
+        # fused Adam: one pass over each parameter instead of one per operation (5x faster on a 2-core CPU). It
+        # copies non-contiguous tensors, so a parameter stored transposed (W_enc, latent-major) is stepped through
+        # its contiguous transpose: same storage, same update.
+        stepped, aliases = [], []
+        for param in sae.parameters():
+            if not param.is_contiguous() and param.dim() == 2 and param.T.is_contiguous():
+                aliases.append((param, param.detach().T))
+                param = aliases[-1][1]
+            stepped.append(param)
+        optimizer = torch.optim.Adam(stepped, lr=spec.learning_rate, betas=self.config.adam_betas, fused=True)
         since = torch.zeros(spec.width, dtype=torch.long, device=self.config.device)
         training = create_training(sae)
         training.kernel = self.config.kernel
-        return Member(name, hook, spec, sae, training, optimizer, since)
+        return Member(name, hook, spec, sae, training, optimizer, since, aliases)
 
     # -- the run
     def fingerprint(self) -> dict:
@@ -190,14 +205,14 @@ class Trainer:
         if not torch.isfinite(out.loss):
             raise TrainingError(f"SAE {member.name}: the loss became {out.loss.item()} at step {self.step}; "
                                 "lower the learning rate")
-        member.optimizer.zero_grad(set_to_none=True)
+        member.sae.zero_grad(set_to_none=True)
         out.loss.backward()
         member.sae.remove_parallel_grad_()
-        member.optimizer.step()
+        member.step()
         member.sae.normalize_decoder_()
         member.since_fired += len(x)
         member.since_fired[out.fired] = 0
-        variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+        variance = (x - x.mean(0)).square_().sum(-1).mean()
         return out, float(out.mse / variance)
 
     def _record(self, outputs) -> dict:

@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--width", help="latents, e.g. 4608 or 4608,9216")
     trainer.add_argument("--k", help="active latents per token (topk family), e.g. 32 or 16,32,64")
     trainer.add_argument("--hook", help="hook(s) each SAE reads (default: the first one)")
-    trainer.add_argument("--lr", type=float, help="learning rate (default 2e-4 / sqrt(width / 2^14))")
+    trainer.add_argument("--lr", type=float, help="learning rate (default 4e-4 / sqrt(width / 2^14))")
     trainer.add_argument("--tokens", type=parse_count, help="training tokens, e.g. 2M")
     trainer.add_argument("--batch-size", type=int, help="tokens per step (default 4096)")
     trainer.add_argument("--seed", type=int)

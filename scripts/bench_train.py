@@ -48,40 +48,64 @@ class RandomActivations:
             yield self.batch
 
 
-def saelab_tokens_per_s(d: int, n: int, k: int, batch: int, kernel: str, steps: int, rounds: int = 1) -> float:
-    """Tokens/s of Trainer.train_on: loss, backward, decoder-gradient projection, Adam, renormalisation, dead clocks.
+def saelab_step(d: int, n: int, k: int, batch: int, kernel: str):
+    """One Trainer.train_on call: loss, backward, decoder-gradient projection, Adam, renormalisation, dead clocks.
 
-    dead_tokens is one batch, so latents that miss a step are dead for the next and AuxK runs on them. Best of
-    `rounds` timings of `steps` steps, after two warm-up steps."""
+    dead_tokens is one batch, so latents that miss a step are dead for the next and AuxK runs on them."""
     source = RandomActivations(d, batch)
-    config = TrainConfig(tokens=batch * (rounds * steps + 3), batch_size=batch, kernel=kernel, dead_tokens=batch)
+    config = TrainConfig(tokens=batch * 10_000, batch_size=batch, kernel=kernel, dead_tokens=batch)
     trainer = Trainer(source, [SAESpec(arch="topk", width=n, k=k)], config, progress=False)
     for _ in range(3):  # the first call also initialises b_dec (geometric median) and the input scale
         trainer.train_on(source.batch)
-    return best_of(rounds, steps, batch, lambda: trainer.train_on(source.batch))
+    return lambda: trainer.train_on(source.batch)
 
 
-@torch.no_grad()
-def ceiling_tokens_per_s(d: int, n: int, k: int, batch: int, steps: int, rounds: int = 1) -> float:
-    """Encoder matmul + bias + top-k only, as fast as PyTorch does it (pre-activations into a reused buffer)."""
+def ceiling_step(d: int, n: int, k: int, batch: int, reuse_buffer: bool = True):
+    """Encoder matmul + bias + top-k only. With reuse_buffer, as fast as PyTorch does it (the pre-activations go
+    into one buffer, as saelab's step does); without, a fresh [batch, n] result every call."""
     x, W, b = torch.randn(batch, d), torch.randn(d, n) / d**0.5, torch.zeros(n)
-    pre = torch.empty(batch, n)
-    return best_of(rounds, steps, batch, lambda: torch.addmm(b, x, W, out=pre).topk(k, dim=1, sorted=False))
+    pre = torch.empty(batch, n) if reuse_buffer else None
+
+    @torch.no_grad()
+    def step():
+        torch.addmm(b, x, W, out=pre).topk(k, dim=1, sorted=False) if reuse_buffer else \
+            torch.addmm(b, x, W).topk(k, dim=1, sorted=False)
+
+    step()
+    return step
 
 
-def best_of(rounds: int, steps: int, batch: int, step) -> float:
-    """Tokens/s of the fastest of `rounds` timings of `steps` calls (the least disturbed by other processes)."""
-    best = float("inf")
+def tokens_per_s(steps_by_name: dict, steps: int, rounds: int, batch: int) -> dict[str, float]:
+    """Tokens/s of each step function: the fastest of `rounds` timings of `steps` calls (the least disturbed by
+    other processes). Rounds interleave the functions, so a slow spell of the machine hits all of them."""
+    best = dict.fromkeys(steps_by_name, float("inf"))
     for _ in range(rounds):
-        started = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, time.perf_counter() - started)
-    return batch * steps / best
+        for name, step in steps_by_name.items():
+            started = time.perf_counter()
+            for _ in range(steps):
+                step()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return {name: batch * steps / seconds for name, seconds in best.items()}
 
 
 def peak_rss_gb() -> float:
+    """This process's peak resident memory: VmHWM (which, unlike ru_maxrss, does not carry over the parent's
+    peak through fork + exec), or ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_memory_of(kernel: str, shape: dict) -> float:
+    """Peak resident memory (GB) of a fresh process that builds the trainer and runs a few steps on `kernel`."""
+    args = [f"--{key}={value}" for key, value in shape.items()]
+    result = subprocess.run([sys.executable, __file__, *args, f"--memory-of={kernel}"], capture_output=True, text=True)
+    return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else float("nan")
 
 
 def references(ref_python: str | None, d: int, n: int, k: int, batch: int, steps: int, rounds: int,
@@ -117,19 +141,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timings per implementation; the best one counts")
     parser.add_argument("--ref-python", default=None, help="python of a venv with eai-sparsify and sae-lens")
     parser.add_argument("--sweep", action="store_true", help="also sweep n and k (saelab, ceiling, sparsify)")
+    parser.add_argument("--memory-of", choices=["auto", "dense"], help=argparse.SUPPRESS)  # used by peak_memory_of
     args = parser.parse_args()
 
     shape = dict(d=args.d, n=args.n, k=args.k, batch=args.batch)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"TopK SAE fp32, Adam, AuxK on; d={args.d} n={args.n} k={args.k} batch={args.batch}, {args.steps} steps")
-    rss_before = peak_rss_gb()
-    ceiling = ceiling_tokens_per_s(**shape, steps=args.steps, rounds=args.rounds)
-    saelab = saelab_tokens_per_s(**shape, kernel="auto", steps=args.steps, rounds=args.rounds)
-    rss_sparse = peak_rss_gb()  # the process peak so far: the sparse run, which runs first
-    dense = saelab_tokens_per_s(**shape, kernel="dense", steps=2, rounds=1)
-    rss_dense = peak_rss_gb()  # the dense run needs more, so the peak is now its own
+    if args.memory_of:
+        step = saelab_step(**shape, kernel=args.memory_of)
+        step()
+        print(peak_rss_gb())
+        return
+    fast = tokens_per_s({"saelab": saelab_step(**shape, kernel="auto"), "ceiling": ceiling_step(**shape),
+                         "plain": ceiling_step(**shape, reuse_buffer=False)}, args.steps, args.rounds, args.batch)
+    ceiling, plain, saelab = fast["ceiling"], fast["plain"], fast["saelab"]
+    dense = tokens_per_s({"dense": saelab_step(**shape, kernel="dense")}, 2, 1, args.batch)["dense"]
+    rss_sparse, rss_dense = peak_memory_of("auto", shape), peak_memory_of("dense", shape)
     refs = references(args.ref_python, **shape, steps=args.steps, rounds=args.rounds)
-    rows = [("ceiling: encoder matmul + top-k", ceiling, "na"), ("saelab (sparse kernels)", saelab, rss_sparse),
+    rows = [("ceiling: encoder matmul + top-k", ceiling, "na"), ("  same, fresh output each call", plain, "na"),
+            ("saelab (sparse kernels)", saelab, rss_sparse),
             ("saelab dense PyTorch path", dense, rss_dense)]
     rows += [(name, refs[lib]["tokens_per_s"], refs[lib]["peak_rss_gb"])
              for name, lib in (("EleutherAI sparsify", "sparsify"), ("SAELens", "saelens"))]
@@ -137,16 +167,17 @@ def main() -> None:
     for name, value, peak in rows:
         ratio = f"{value / ceiling:.2f}" if isinstance(value, float) else "na"
         print(f"{name:<34}{fmt(value):>12}{ratio:>11}{peak if peak == 'na' else f'{peak:.2f}':>10}")
-    print(f"peak GB: the process's peak resident memory (ru_maxrss) after that run; the Python process with torch "
-          f"and the trainer's imports holds {rss_before:.2f} GB before any run.")
+    print("peak GB: peak resident memory (VmHWM) of a separate process that only builds that trainer and runs "
+          "a few steps (torch and the imports included)")
 
     if args.sweep:
         print(f"\n{'n':>7}{'k':>6}{'saelab tok/s':>15}{'ceiling tok/s':>15}{'ratio':>8}{'sparsify tok/s':>16}")
         for n, k in [(4096, 32), (8192, 32), (16384, 32), (32768, 32), (65536, 32),
                      (16384, 16), (16384, 64), (16384, 128)]:
             sweep = dict(d=args.d, n=n, k=k, batch=args.batch)
-            ours = saelab_tokens_per_s(**sweep, kernel="auto", steps=args.steps, rounds=2)
-            top = ceiling_tokens_per_s(**sweep, steps=args.steps, rounds=2)
+            timed = tokens_per_s({"saelab": saelab_step(**sweep, kernel="auto"), "ceiling": ceiling_step(**sweep)},
+                                 args.steps, 2, args.batch)
+            ours, top = timed["saelab"], timed["ceiling"]
             theirs = references(args.ref_python, **sweep, steps=args.steps, rounds=1, libraries=("sparsify",))
             print(f"{n:>7}{k:>6}{ours:>15,.0f}{top:>15,.0f}{ours / top:>8.2f}{fmt(theirs['sparsify']['tokens_per_s']):>16}")
 

@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs/compare-quality")
     parser.add_argument("--json-out", type=Path, help="write all results here (default: <work-dir>/results.json)")
     # saelab's public knobs, for investigating a gap (defaults = saelab's defaults)
-    parser.add_argument("--saelab-lr", type=float, default=None, help="default: 2e-4 / sqrt(width / 2^14)")
+    parser.add_argument("--saelab-lr", type=float, default=None, help="default: 4e-4 / sqrt(width / 2^14)")
     parser.add_argument("--saelab-warmup", type=int, default=None, help="default: min(100, steps // 20)")
     parser.add_argument("--saelab-decay-fraction", type=float, default=TrainConfig.lr_decay_fraction)
     parser.add_argument("--saelab-no-normalize", action="store_true")

@@ -63,6 +63,19 @@ def saelens_step_fn(d: int, n: int, k: int):
     return step
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory: VmHWM (which, unlike ru_maxrss, does not carry over the parent's
+    peak through fork + exec), or ru_maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def main() -> None:
     library, d, n, k, batch, steps = sys.argv[1], *map(int, sys.argv[2:7])
     rounds = int(sys.argv[7]) if len(sys.argv) > 7 else 3
@@ -76,7 +89,7 @@ def main() -> None:
         for _ in range(steps):
             step(x)
         best = min(best, time.perf_counter() - started)
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gb = peak_rss_gb()
     print(json.dumps({"library": library, "tokens_per_s": batch * steps / best, "peak_rss_gb": peak_gb}))
 
 

@@ -107,14 +107,18 @@ class TopKEncode(torch.autograd.Function):
         bias = b_enc if center is None else torch.addmv(b_enc, W_enc.T, center, alpha=-1)
         # [N, n]: the one dense product of a TopK SAE step (into a reused buffer when given: a fresh N x n
         # allocation is page-faulted in on every call, which costs about a fifth of the product on a CPU)
-        pre = torch.addmm(bias, x, W_enc, out=workspace) if workspace is not None else torch.addmm(bias, x, W_enc)
-        values, indices = pre.topk(k, dim=1, sorted=sorted)  # relu commutes with top-k (monotone) ...
+        if aux_columns is None and _fuses(ops, x, W_enc, k):  # wide SAE on a GPU: top-k inside the GEMM
+            values, indices = ops.tile_topk(x, W_enc, bias, k)
+            values = values.to(x.dtype)
+        else:
+            pre = torch.addmm(bias, x, W_enc, out=workspace) if workspace is not None else torch.addmm(bias, x, W_enc)
+            values, indices = pre.topk(k, dim=1, sorted=sorted)  # relu commutes with top-k (monotone) ...
         if aux_columns is None:
             aux_values, aux_indices = values.new_empty(len(x), 0), indices.new_empty(len(x), 0)
         else:
             aux_values, local = pre.index_select(1, aux_columns).topk(k_aux, dim=1, sorted=sorted)
             aux_indices = aux_columns[local]
-        del pre
+            del pre
         values, aux_values = values.clamp_(min=0), aux_values.clamp_(min=0)  # ... so apply it to the winners only
         ctx.ops, ctx.k = ops, k
         ctx.save_for_backward(x, W_enc, center, torch.cat([indices, aux_indices], 1), torch.cat([values, aux_values], 1))
@@ -150,6 +154,12 @@ class TopKEncode(torch.autograd.Function):
             if needs_center:
                 grad_center = -(W_enc.to(wsum.dtype) @ wsum).to(center.dtype)
         return grad_x, grad_W, grad_b, grad_center, None, None, None, None, None, None
+
+
+def _fuses(ops, x: torch.Tensor, W_enc: torch.Tensor, k: int) -> bool:
+    """Whether the backend fuses the encoder's top-k into its GEMM for this call (Triton, wide fp32 SAEs, k <= 256)."""
+    fused = getattr(ops, "tile_topk", None)
+    return fused is not None and W_enc.shape[1] >= ops.FUSED_MIN_LATENTS and x.dtype == torch.float32 and k <= 256
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,14 +16,18 @@ Readable references: `reference.gather_sum_reference`, `reference.segment_sum_re
 `reference.sddmm_reference`; the tests run these kernels on CPU tensors through the Triton interpreter
 (TRITON_INTERPRET=1 set before triton is imported), including fp64.
 
-Not fused: the encoder's x @ W_enc + top-k. The matmul is a dense GEMM that cuBLAS runs at tensor-core speed;
-a top-k epilogue would need every program to see a whole row of n = 16k-65k latents (or a second merge pass),
-which forfeits the GEMM tiling. The encoder forward therefore stays addmm + torch.topk (on pre, with relu
-applied to the k selected values only: relu is monotone, so it commutes with top-k and the N x n relu pass is
-skipped), and only its backward uses these kernels.
+Fused encoder + top-k (`tile_topk`, used for wide SAEs): the dense x @ W_enc + b stays a tiled GEMM (`tl.dot`),
+and each [BLOCK_M, BLOCK_N] tile keeps only its own top-KP (KP = k rounded up to a power of two), packed as
+int64 keys (an order-preserving int32 image of the fp32 value, then the latent id), so the N x n pre-activations
+never reach memory: N x (n / BLOCK_N) x KP keys do, and one torch.topk over them finishes the selection. By the
+roofline in docs/benchmarks.md this pays for wide SAEs (about 1.6x at 1M latents on an H100), not at 16k, where
+Adam's traffic is as large; hence `FUSED_MIN_LATENTS`. Below it, and whenever AuxK needs a selection among the
+dead latents, the encoder forward is cuBLAS addmm + torch.topk (relu applied to the k winners only: relu is
+monotone, so it commutes with top-k).
 
 Status: numerics verified through the interpreter; `compile_check()` compiles every launched variant to an sm_90
-cubin without a GPU (a test does). Not yet run or timed on a real GPU: block sizes are heuristics, untuned.
+cubin without a GPU (a test does). Not yet run or timed on a real GPU: block sizes and FUSED_MIN_LATENTS are
+heuristics from the roofline, untuned.
 Gathering rows of W_enc^T is coalesced only when the encoder weight is stored [n, d] (pass `weight.T` as W_enc);
 with a contiguous [d, n] W_enc each gathered "row" is a strided column.
 """
@@ -39,6 +43,8 @@ import triton.language as tl
 from .layout import LatentCSR
 
 NAME = "triton"
+FUSED_MIN_LATENTS = 1 << 17
+"""Widths from which the encoder's top-k is fused into its GEMM (see the module docstring)."""
 
 
 @triton.jit
@@ -127,6 +133,53 @@ def _sddmm_kernel(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers (same signatures as torch_backend)
+
+
+@triton.jit
+def _tile_topk_kernel(
+    keys_ptr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    N,
+    n,
+    d,
+    stride_x0,
+    stride_x1,
+    stride_w0,
+    stride_w1,
+    stride_k0,
+    KP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    col_ok = cols < n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < d
+        xt = tl.load(x_ptr + rows[:, None] * stride_x0 + dd[None, :] * stride_x1,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + dd[:, None] * stride_w0 + cols[None, :] * stride_w1,
+                     mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.dot(xt, wt, input_precision=PRECISION, out_dtype=tl.float32)
+    acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    acc = tl.where(col_ok[None, :], acc, float("-inf"))
+    # int64 keys that sort like the values: an order-preserving int32 image of the fp32 bits, then the latent id
+    bits = acc.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = (ordered.to(tl.int64) << 32) | cols[None, :].to(tl.int64)
+    top = tl.topk(keys, KP)
+    out_cols = pid_n * KP + tl.arange(0, KP)
+    tl.store(keys_ptr + rows[:, None] * stride_k0 + out_cols[None, :], top, mask=row_ok[:, None])
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -227,6 +280,33 @@ def sddmm(indices: torch.Tensor, a: torch.Tensor, table: torch.Tensor, out_dtype
     return out
 
 
+def tile_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int,
+              block_m: int = 64, block_n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [N, k] fp32, indices [N, k] int64): the top-k of x @ W_enc + bias per row (before relu), without
+    writing the N x n pre-activations. fp32 inputs (TF32 only when torch allows it for fp32 matmuls; bf16 is not
+    fused yet: the Triton interpreter, which the tests use, mis-evaluates bf16 tl.dot), k <= block_n."""
+    N, d = x.shape
+    n = W_enc.shape[1]
+    kp = triton.next_power_of_2(k)
+    if kp > block_n or x.dtype != torch.float32:
+        raise ValueError(f"tile_topk handles k <= {block_n} and fp32 inputs")
+    tiles = triton.cdiv(n, block_n)
+    keys = torch.empty(N, tiles * kp, dtype=torch.int64, device=x.device)
+    if N:
+        tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        grid = (triton.cdiv(N, block_m), tiles)
+        with _on(x.device):
+            _tile_topk_kernel[grid](
+                keys, x, W_enc, bias, N, n, d, x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+                keys.stride(0), KP=kp, PRECISION="tf32" if tf32 else "ieee",
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=32,
+            )  # fmt: skip
+    top = keys.topk(k, dim=1).values
+    ordered = (top >> 32).to(torch.int32)
+    values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    return values, top & 0xFFFFFFFF
+
+
 def compile_check(capability: int = 90) -> list[str]:
     """Compile every kernel variant the launchers use down to a cubin for an NVIDIA GPU of the given compute
     capability (90 = H100), without needing a GPU. Catches what the interpreter lets through. Returns the names
@@ -260,4 +340,14 @@ def compile_check(capability: int = 90) -> list[str]:
             consts = {"ACC": acc, "BLOCK_K": 32, "BLOCK_D": 64}
             triton.compile(ASTSource(fn=_sddmm_kernel, signature=sig, constexprs=consts), target=target)
             done.append(f"sddmm[{dt}, {idx_t}]")
+    for dt, precision in (("fp32", "tf32"), ("fp32", "ieee")):
+        sig = {
+            "keys_ptr": "*i64", "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "N": "i32", "n": "i32",
+            "d": "i32", "stride_x0": "i64", "stride_x1": "i64", "stride_w0": "i64", "stride_w1": "i64",
+            "stride_k0": "i64", "KP": "constexpr", "PRECISION": "constexpr", "BLOCK_M": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+        }  # fmt: skip
+        consts = {"KP": 32, "PRECISION": precision, "BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_D": 32}
+        triton.compile(ASTSource(fn=_tile_topk_kernel, signature=sig, constexprs=consts), target=target)
+        done.append(f"tile_topk[{dt}, {precision}]")
     return done

@@ -9,6 +9,8 @@ plus the floor every backend shares: the encoder's x @ W_enc + top-k alone ("enc
 Usage (on a CUDA machine all three backends run; without one it falls back to the CPU, torch and dense only):
     python scripts/bench_kernels.py                       # d=576, n in (16384, 65536), k=32, N=4096
     python scripts/bench_kernels.py --n 16384 --reps 3    # quicker
+    python scripts/bench_kernels.py --n 262144 --backends torch triton   # triton's encoder fuses the top-k here
+        (widths >= saelab.kernels.triton_backend.FUSED_MIN_LATENTS = 131072; the torch backend is addmm + topk)
 Before timing on CUDA it checks the Triton kernels against the fp64 reference at small shapes.
 Repetitions are interleaved across backends (fair under load from other processes); the table shows median and
 min. Ends with one line `RESULT key=value ...` (times in ms: medians, plus *_min_ms).

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from reference_speed import peak_rss_gb  # a sibling script (scripts/ is on the path when run as a script)
 from saelab.activations import ActivationBatch
 from saelab.training import SAESpec, TrainConfig, Trainer
 
@@ -86,19 +86,6 @@ def tokens_per_s(steps_by_name: dict, steps: int, rounds: int, batch: int) -> di
                 step()
             best[name] = min(best[name], time.perf_counter() - started)
     return {name: batch * steps / seconds for name, seconds in best.items()}
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory: VmHWM (which, unlike ru_maxrss, does not carry over the parent's
-    peak through fork + exec), or ru_maxrss where /proc is missing."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def peak_memory_of(kernel: str, shape: dict) -> float:

@@ -10,7 +10,8 @@ Both are autograd functions whose backward passes cost O(N k d): the encoder's d
 O(N n d) work of a training step. `kernel=` picks the backend:
 
     "auto"   triton for CUDA tensors when triton imports, else torch
-    "triton" Triton kernels (GPU; CPU tensors only under TRITON_INTERPRET=1, for tests)
+    "triton" Triton kernels (GPU; CPU tensors only under TRITON_INTERPRET=1, for tests); the encoder's top-k is
+             fused into its GEMM for wide fp32 SAEs (triton_backend.tile_topk)
     "torch"  stock PyTorch sparse ops (embedding_bag, sampled_addmm): the fast CPU path
     "dense"  the readable reference: dense N x n code matrix + matmul, plain autograd
 

@@ -157,9 +157,12 @@ class TopKEncode(torch.autograd.Function):
 
 
 def _fuses(ops, x: torch.Tensor, W_enc: torch.Tensor, k: int) -> bool:
-    """Whether the backend fuses the encoder's top-k into its GEMM for this call (Triton, wide fp32 SAEs, k <= 256)."""
+    """Whether the backend fuses the encoder's top-k into its GEMM for this call: Triton, wide fp32 SAEs, k <= 256,
+    and on a GPU only when torch allows TF32 matmuls (otherwise cuBLAS's exact fp32 GEMM is the faster path)."""
     fused = getattr(ops, "tile_topk", None)
-    return fused is not None and W_enc.shape[1] >= ops.FUSED_MIN_LATENTS and x.dtype == torch.float32 and k <= 256
+    tf32_ok = not x.is_cuda or torch.backends.cuda.matmul.allow_tf32  # CPU tensors: the interpreter, in tests
+    return (fused is not None and W_enc.shape[1] >= ops.FUSED_MIN_LATENTS and x.dtype == torch.float32 and k <= 256
+            and tf32_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------

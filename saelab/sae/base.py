@@ -184,7 +184,8 @@ class SAE(nn.Module):
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def activation(self, pre: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Pre-activations -> dense codes; what makes each architecture itself (defined by every subclass)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its activation")
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense codes [..., width]."""
@@ -373,7 +374,8 @@ class Training:
         self.cfg = sae.cfg
 
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
-        raise NotImplementedError
+        """The architecture's training objective on a batch (defined by every subclass)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its training loss")
 
     def _flat(self, x: Tensor) -> Tensor:
         return self.sae._check_input(x).reshape(-1, self.cfg.d_in)
@@ -387,7 +389,7 @@ class Training:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]):
-        pass
+        """Restore what state_dict returned (nothing, unless the architecture keeps training state)."""
 
 
 def wide(t: Tensor) -> Tensor:

@@ -144,7 +144,8 @@ class TopKEncode(torch.autograd.Function):
             grad_x = ops.gather_sum(indices, g, W_enc.T, out_dtype=x.dtype)
         if needs_W or needs_b or needs_center:  # (x - center)^T @ sparse(g), and the per-latent sums of g
             csr = by_latent(indices, n)
-            grad_Wt, wsum = ops.segment_sum(csr, g, x, n, out_dtype=W_enc.dtype, weight_sum=True)
+            sums_needed = needs_b or needs_center or (needs_W and center is not None)
+            grad_Wt, wsum = ops.segment_sum(csr, g, x, n, out_dtype=W_enc.dtype, weight_sum=sums_needed)
             if needs_W:
                 if center is not None:
                     grad_Wt.addr_(wsum.to(W_enc.dtype), center.to(W_enc.dtype), alpha=-1)
@@ -159,10 +160,9 @@ class TopKEncode(torch.autograd.Function):
 def _fuses(ops, x: torch.Tensor, W_enc: torch.Tensor, k: int) -> bool:
     """Whether the backend fuses the encoder's top-k into its GEMM for this call: Triton, wide fp32 SAEs, k <= 256,
     and on a GPU only when torch allows TF32 matmuls (otherwise cuBLAS's exact fp32 GEMM is the faster path)."""
-    fused = getattr(ops, "tile_topk", None)
     tf32_ok = not x.is_cuda or torch.backends.cuda.matmul.allow_tf32  # CPU tensors: the interpreter, in tests
-    return (fused is not None and W_enc.shape[1] >= ops.FUSED_MIN_LATENTS and x.dtype == torch.float32 and k <= 256
-            and tf32_ok)
+    return (hasattr(ops, "tile_topk") and W_enc.shape[1] >= ops.FUSED_MIN_LATENTS and x.dtype == torch.float32
+            and k <= 256 and tf32_ok)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -293,7 +293,7 @@ def tile_topk(x: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int,
     tiles = triton.cdiv(n, block_n)
     keys = torch.empty(N, tiles * kp, dtype=torch.int64, device=x.device)
     if N:
-        tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
         grid = (triton.cdiv(N, block_m), tiles)
         with _on(x.device):
             _tile_topk_kernel[grid](

@@ -352,10 +352,15 @@ def auxk_loss(W_dec: Tensor, pre: Tensor, residual: Tensor, dead: Tensor | None,
     if n_dead == 0 or pre.shape[0] == 0:
         return zero
     vals, idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+    return auxk_ratio(sparse_decode(W_dec, idx, vals.relu()), residual, n_dead, k_aux, coefficient)
+
+
+def auxk_ratio(e_hat: Tensor, residual: Tensor, n_dead: int, k_aux: int, coefficient: float) -> Tensor:
+    """AuxK's loss from the dead latents' reconstruction e_hat of the (detached) residual: see auxk_loss."""
     e = wide(residual.detach())
-    e_hat = wide(sparse_decode(W_dec, idx, vals.relu()))
-    scale = min(1.0, n_dead / k_aux)
-    return coefficient * scale * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+    e_hat = wide(e_hat)
+    total_variance = (e - e.mean(0)).square_().sum().clamp_min(1e-12)
+    return coefficient * min(1.0, n_dead / k_aux) * F.mse_loss(e_hat, e, reduction="sum") / total_variance
 
 
 class Training:

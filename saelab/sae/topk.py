@@ -5,12 +5,11 @@ The sparse form (indices, values) [N, k] is first-class: the sparse kernels and 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from saelab.kernels import sparse_decode, topk_encode, topk_encode_with_aux
 
-from .base import SAE, SAEConfig, Training, TrainOutput, mse_of, wide
+from .base import SAE, SAEConfig, Training, TrainOutput, auxk_ratio, mse_of, wide
 from .registry import register
 
 
@@ -88,11 +87,8 @@ class TopKTraining(Training):
 
     def _auxk(self, residual: Tensor, aux_indices: Tensor, aux_values: Tensor, n_dead: int) -> Tensor:
         """AuxK (see base.auxk_loss): the dead latents' top-k_aux reconstruct the main residual."""
-        e = wide(residual.detach())
-        e_hat = wide(sparse_decode(aux_indices, aux_values, self.sae.W_dec, self.kernel))
-        scale = min(1.0, n_dead / self.k_aux)
-        total_variance = (e - e.mean(0)).square_().sum()
-        return self.cfg.auxk_coefficient * scale * F.mse_loss(e_hat, e, reduction="sum") / total_variance.clamp_min(1e-12)
+        e_hat = sparse_decode(aux_indices, aux_values, self.sae.W_dec, self.kernel)
+        return auxk_ratio(e_hat, residual, n_dead, self.k_aux, self.cfg.auxk_coefficient)
 
 
 TopKSAE.training_cls = TopKTraining

@@ -1,0 +1,104 @@
+"""Writing files so that nothing is lost: atomic replace with fsync, one writer per folder, and deleting only what
+saelab wrote.
+
+Every folder saelab writes (an activation cache, a training run) goes through these three pieces, so a crash, a
+power cut, a second process or a mistyped path can at worst cost the work since the last durable write.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from saelab.errors import SaelabError
+
+LOCK_FILE = ".saelab.lock"
+
+
+class FolderBusyError(SaelabError):
+    """Another process is writing the same folder."""
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames and new names inside `folder` survive a power loss."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write via a temporary file, fsync, rename, fsync the folder: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temporary behind
+        raise
+    fsync_dir(path.parent)
+
+
+class FolderLock:
+    """An exclusive lock on a folder for as long as a run writes it (`with FolderLock(out): ...`).
+
+    flock on `<folder>/.saelab.lock`: the kernel drops it when the process dies, even by kill -9, so a crashed run
+    never leaves a stale lock, and a second process is refused at once instead of interleaving writes.
+    """
+
+    def __init__(self, folder: str | Path, what: str = "folder"):
+        self.folder, self.what = Path(folder), what
+        self._handle: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_FILE
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(handle)
+            if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise FolderBusyError(
+                    f"another saelab process (pid {holder}) is writing the {self.what} {self.folder}; wait for it to "
+                    "finish (or stop it), or choose another folder") from None
+            raise
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            os.close(self._handle)
+            self._handle = None
+
+
+def remove_owned(folder: Path, owned: set[str] | list[str], what: str) -> None:
+    """Delete the files `owned` (names inside `folder`, all written by saelab); the lock file stays (it may be held).
+
+    Refuses, deleting nothing, when the folder holds anything else: a mistyped path must never cost a user's files.
+    """
+    folder = Path(folder)
+    owned = set(owned) | {LOCK_FILE}
+    present = {p.name for p in folder.iterdir()}
+    foreign = sorted(present - owned)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise SaelabError(f"{folder} holds files saelab did not write as part of this {what} ({shown}); nothing was "
+                          "deleted. Remove them yourself or choose another folder")
+    for name in present - {LOCK_FILE}:
+        path = folder / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        else:
+            raise SaelabError(f"{path} is a folder, not a file saelab wrote; nothing more was deleted")

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
 
+from saelab.options import SettingError, add_flags, check_keys, check_value, flag_values, from_mapping, parse_count
+from saelab.training.config import DEFAULT_K, SAESpec, TrainConfig
+
 QUICKSTART_MODEL = "smollm2-135m"
 QUICKSTART_HOOK = "blocks.15.hook_resid_post"
-
-
-def parse_count(text: str) -> int:
-    """'300k' -> 300000, '1.5M' -> 1500000."""
-    scale = {"k": 1_000, "m": 1_000_000, "b": 1_000_000_000}.get(text[-1:].lower(), 1)
-    number = text[:-1] if scale != 1 else text
-    try:
-        return int(float(number) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (examples: 5000, 300k, 1.5M)") from None
+PRODUCT_FIELDS = ("arch", "width", "k", "hook")
+"""SAESpec fields that name an SAE: on the command line each takes a comma list and the lists form a product."""
+TRAIN_FLAGS = [name for name in TrainConfig.__dataclass_fields__]
+RUN_KEYS = ["acts", "model", "hooks", "text", "out", "eval_tokens", "train", "saes"]
+"""Top-level keys of a YAML / JSON run file."""
 
 
 def _text_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,26 +106,56 @@ def print_metrics(folder, metrics) -> None:
             print(f"  {label:<34}{flat[key]:>10.4f}")
 
 
-def _product_specs(args, config: dict) -> list[dict]:
-    """SAE specs from the config file, or the product of the comma lists --arch x --width x --k x --hook."""
-    if not any((args.arch, args.width, args.k, args.hook, args.lr)) and config.get("saes"):
-        return list(config["saes"])
-    specs, seen = [], set()
-    for arch in (args.arch or "topk").split(","):
-        for width in (args.width or "4608").split(","):
-            for k in (args.k or "32").split(","):
-                for hook in (args.hook or "").split(",") if args.hook else [None]:
-                    spec = dict(arch=arch, width=int(width), k=None if arch in ("relu", "jumprelu") else int(k),
-                                hook=hook, lr=args.lr)
-                    key = tuple(spec.values())
-                    if key not in seen:
-                        seen.add(key)
-                        specs.append(spec)
-    return specs
+def option_fields() -> dict[str, list[str]]:
+    """{SAEConfig field: architectures that read it}: the options each architecture file declares."""
+    from saelab.sae import available_architectures, sae_class
+    from saelab.training.config import COMMON_OPTIONS
+
+    readers: dict[str, list[str]] = {}
+    for arch in available_architectures():
+        for name in (*COMMON_OPTIONS, *sae_class(arch).options):
+            if name != "d_in":  # read off the activations, never a flag
+                readers.setdefault(name, []).append(arch)
+    return readers
+
+
+def sae_specs(args, config: dict, where: str) -> list[SAESpec]:
+    """The SAEs to train: the product of the comma lists --arch x --width x --k x --hook, else the run file's `saes`
+    (else one SAE of SAESpec's defaults); --lr and architecture options then apply to every SAE that reads them."""
+    from saelab.sae import sae_class
+
+    given = flag_values(args, list(PRODUCT_FIELDS))
+    if given or not config.get("saes"):
+        lists = {name: str(given.get(name, getattr(SAESpec, name) or "")).split(",") for name in PRODUCT_FIELDS}
+        specs, seen = [], set()
+        for arch, width, k, hook in itertools.product(*lists.values()):
+            takes_k = sae_class(arch).takes_k
+            spec = dict(arch=arch, width=parse_count(width), k=parse_count(k or str(DEFAULT_K)) if takes_k else None,
+                        hook=hook or None)
+            if tuple(spec.values()) not in seen:
+                seen.add(tuple(spec.values()))
+                specs.append(spec)
+        where = "command line"
+    else:
+        saes = check_value(config["saes"], list[dict], f"{where}: saes")
+        specs = [dict(spec, options=dict(spec.get("options") or {})) for spec in saes]
+    if getattr(args, "lr", None) is not None:
+        for spec in specs:
+            spec["lr"] = args.lr
+    options = flag_values(args, list(option_fields()))
+    for name, value in options.items():
+        readers = [spec for spec in specs if name in sae_class(spec.get("arch", SAESpec.arch)).options + ("dtype",)]
+        if not readers:
+            archs = ", ".join(option_fields()[name])
+            raise SettingError(f"--{name.replace('_', '-')} is read only by {archs}, and no SAE here has that "
+                               "architecture")
+        for spec in readers:
+            spec.setdefault("options", {})[name] = value
+    return [from_mapping(SAESpec, spec, f"{where}: saes[{i}]") for i, spec in enumerate(specs)]
 
 
 def load_config_file(path: str | None) -> dict:
-    """A run described in YAML or JSON: acts / model+hooks+text, out, train (TrainConfig fields), saes (list)."""
+    """A run described in YAML or JSON (keys: RUN_KEYS); unknown keys are refused, naming the valid ones."""
     if path is None:
         return {}
     import json
@@ -134,50 +163,62 @@ def load_config_file(path: str | None) -> dict:
     import yaml
 
     text = Path(path).read_text()
-    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise SettingError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping (acts, model, hooks, text, out, train, saes)")
+        raise SettingError(f"{path} must hold a mapping with keys {', '.join(RUN_KEYS)}")
+    check_keys(data, RUN_KEYS, path)
     return data
+
+
+def train_config(args, config: dict, where: str) -> TrainConfig:
+    """TrainConfig from the run file's `train` mapping, with command-line flags taking precedence."""
+    fields = dict(check_value(config.get("train") or {}, dict, f"{where}: train"))
+    fields.update(flag_values(args, TRAIN_FLAGS))
+    return from_mapping(TrainConfig, fields, f"{where}: train")
 
 
 def cmd_train(args) -> None:
     from saelab.activations import ActivationStore, ModelStream
     from saelab.data import TextConfig
     from saelab.models import load_model
-    from saelab.training import TrainConfig, train
+    from saelab.training import train
 
+    where = args.config or "command line"
     config = load_config_file(args.config)
-    train_fields = dict(config.get("train", {}))
-    for name in ("tokens", "batch_size", "seed"):
-        if getattr(args, name) is not None:
-            train_fields[name] = getattr(args, name)
-    train_config = TrainConfig(**train_fields)
-    specs = _product_specs(args, config)
-    acts = args.acts or config.get("acts")
-    out = args.out or config.get("out") or "runs/sae"
-    eval_tokens = args.eval_tokens if args.eval_tokens is not None else config.get("eval_tokens", 4096)
+    run = {key: check_value(config[key], hint, f"{where}: {key}") for key, hint in
+           (("acts", str), ("model", str), ("hooks", str | list[str]), ("out", str), ("eval_tokens", int))
+           if config.get(key) is not None}
+    settings = train_config(args, config, where)
+    specs = sae_specs(args, config, where)
+    acts = args.acts or run.get("acts")
+    out = args.out or run.get("out") or "runs/sae"
+    eval_tokens = args.eval_tokens if args.eval_tokens is not None else run.get("eval_tokens", 4096)
     model = None
     if acts:
-        source = ActivationStore(acts, batch_size=train_config.batch_size, seed=train_config.seed)
-        run = source.manifest.run
+        source = ActivationStore(acts, batch_size=settings.batch_size, seed=settings.seed)
+        cache_run = source.manifest.run
         if eval_tokens:
-            model = load_model(run["model"], trust_remote_code=args.trust_remote_code)
-        eval_text = TextConfig(**run["text"]).after(source.manifest.n_contexts)
+            model = load_model(cache_run["model"], device=settings.device, trust_remote_code=args.trust_remote_code)
+        eval_text = TextConfig(**cache_run["text"]).after(source.manifest.n_contexts)
     else:
-        name = args.model or config.get("model")
-        hooks = args.hooks or config.get("hooks")
+        name = args.model or run.get("model")
+        hooks = args.hooks or run.get("hooks")
         if not name or not hooks:
-            raise ValueError("train needs --acts (an activation cache) or --model with --hooks (stream live)")
-        model = load_model(name, trust_remote_code=args.trust_remote_code)
-        text_fields = config.get("text", {})
-        text = TextConfig(**text_fields) if isinstance(text_fields, dict) else TextConfig(source=text_fields)
+            raise SettingError("train needs --acts (an activation cache) or --model with --hooks (stream live)")
+        model = load_model(name, device=settings.device, trust_remote_code=args.trust_remote_code)
+        text_fields = config.get("text") or {}
+        text = (from_mapping(TextConfig, text_fields, f"{where}: text") if isinstance(text_fields, dict)
+                else TextConfig(source=check_value(text_fields, str, f"{where}: text")))
         if args.text is not None:
             text = TextConfig(source=args.text, context_len=args.context_len or text.context_len)
         hooks = hooks.split(";") if isinstance(hooks, str) else hooks
-        source = ModelStream(model, hooks, text, batch_size=train_config.batch_size, seed=train_config.seed)
-        used = -(-(train_config.tokens + source.buffer_tokens) // (text.context_len - 1)) + 1
+        source = ModelStream(model, hooks, text, batch_size=settings.batch_size, seed=settings.seed)
+        used = -(-(settings.tokens + source.buffer_tokens) // (text.context_len - 1)) + 1
         eval_text = text.after(used)
-    trained = train(source, specs, train_config, out=out, resume=not args.no_resume, model=model if eval_tokens else None,
+    trained = train(source, specs, settings, out=out, resume=not args.no_resume, model=model if eval_tokens else None,
                     eval_text=eval_text, eval_tokens=eval_tokens or 0)
     for result in trained:
         print_metrics(result.folder, result.metrics)
@@ -215,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--out", default="runs/quickstart")
     quick.add_argument("--cache-tokens", type=parse_count, default=800 * 128, help="tokens of built-in text to cache")
     quick.add_argument("--tokens", type=parse_count, default=parse_count("400k"), help="training tokens (passes over the cache)")
-    quick.add_argument("--width", type=int, default=4608)
-    quick.add_argument("--k", type=int, default=32)
+    quick.add_argument("--width", type=int, default=SAESpec.width)
+    quick.add_argument("--k", type=int, default=DEFAULT_K)
     quick.add_argument("--eval-tokens", type=parse_count, default=4096, help="held-out tokens for the spliced-model eval")
     quick.set_defaults(run=cmd_quickstart)
 
@@ -242,18 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--hooks", help="hooks to stream, separated by ';' (with --model)")
     trainer.add_argument("--text", default=None, help="text for --model streaming (default: built-in)")
     trainer.add_argument("--context-len", type=int, default=None)
-    trainer.add_argument("--arch", help="architecture(s): topk, batchtopk, jumprelu, relu, matryoshka; e.g. topk,jumprelu")
-    trainer.add_argument("--width", help="latents, e.g. 4608 or 4608,9216")
-    trainer.add_argument("--k", help="active latents per token (topk family), e.g. 32 or 16,32,64")
-    trainer.add_argument("--hook", help="hook(s) each SAE reads (default: the first one)")
-    trainer.add_argument("--lr", type=float, help="learning rate (default 4e-4 / sqrt(width / 2^14))")
-    trainer.add_argument("--tokens", type=parse_count, help="training tokens, e.g. 2M")
-    trainer.add_argument("--batch-size", type=int, help="tokens per step (default 4096)")
-    trainer.add_argument("--seed", type=int)
     trainer.add_argument("--out", help="run folder: checkpoints, log.jsonl, one folder per SAE (default runs/sae)")
     trainer.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     trainer.add_argument("--eval-tokens", type=parse_count, help="held-out tokens to evaluate on (0: skip; default 4096)")
     trainer.add_argument("--trust-remote-code", action="store_true")
+    add_flags(trainer.add_argument_group("SAEs (SAESpec; comma lists form a product: --arch topk,relu --width "
+                                         "4608,9216 trains 4 SAEs; flags replace the run file's saes)"),
+              SAESpec, [*PRODUCT_FIELDS, "lr"], lists=PRODUCT_FIELDS)
+    from saelab.sae import SAEConfig
+
+    readers = option_fields()
+    add_flags(trainer.add_argument_group("architecture options (SAEConfig; each applies to the SAEs whose "
+                                         "architecture reads it)"),
+              SAEConfig, list(readers), notes={name: f"Read by: {', '.join(archs)}." for name, archs in readers.items()})
+    add_flags(trainer.add_argument_group("training (TrainConfig; flags override the run file's train)"), TrainConfig,
+              TRAIN_FLAGS)
     trainer.set_defaults(run=cmd_train)
 
     evaluator = commands.add_parser("eval", help="evaluate a saved SAE: reconstruction, sparsity, spliced CE / KL")
@@ -284,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from saelab.errors import SaelabError
+    from saelab.errors import SaelabError, describe_os_error
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -295,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     except (SaelabError, ValueError) as error:
         print(f"saelab: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # disk full, read-only or occupied paths: name the file and what to do
+        print(f"saelab: error: {describe_os_error(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saelab: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,5 +1,7 @@
 """Errors that name what was expected, so users can fix their input without reading saelab's source."""
 
+import errno
+
 
 class SaelabError(Exception):
     """Base class for saelab's own errors."""
@@ -27,3 +29,27 @@ class CacheError(SaelabError):
 
 class TrainingError(SaelabError):
     """Training cannot go on: non-finite activations or loss, or the data ran out."""
+
+
+# What to do about a failed read or write, by errno. Every folder saelab writes resumes after a failure, so
+# "rerun the same command" is advice that works.
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space (or choose a folder on another disk), then rerun the same command; "
+                  "it continues from the last shard or checkpoint written",
+    errno.EDQUOT: "the disk quota is exhausted: free space, then rerun the same command; it continues where it stopped",
+    errno.EROFS: "the file system is read-only: choose an output folder on a writable disk",
+    errno.EACCES: "permission denied: choose a folder you may write to, or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a folder you may write to, or fix its permissions",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.EISDIR: "that path is a folder, but a file is needed there: choose another path",
+    errno.EEXIST: "something already exists at that path: move it away or choose another path",
+    errno.ENOENT: "no such file or folder: check the path",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """'cannot use <file>: <reason>; <what to do>' for an OSError from reading or writing files."""
+    where = f" {error.filename}" if error.filename else ""
+    reason = error.strerror or str(error) or type(error).__name__
+    advice = _OS_ADVICE.get(error.errno, "check the path and the disk, then rerun the same command")
+    return f"cannot use{where}: {reason}; {advice}"

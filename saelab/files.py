@@ -40,8 +40,10 @@ def write_atomic(path: Path, payload: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temporary behind
+        if isinstance(error, OSError) and not error.filename:
+            error.filename = str(path)  # fsync and write errors carry no file name: say which file it was
         raise
     fsync_dir(path.parent)
 

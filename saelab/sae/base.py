@@ -149,6 +149,10 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = ""  # set by @register
     training_cls: ClassVar[type["Training"]]  # set at the bottom of each architecture file
+    takes_k: ClassVar[bool] = False
+    """Whether the architecture reads cfg.k (active latents per token); the CLI and SAESpec ask this."""
+    options: ClassVar[tuple[str, ...]] = ()
+    """The SAEConfig training settings this architecture reads; setting any other one is refused, not ignored."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         super().__init__()

@@ -30,6 +30,9 @@ class BatchTopKSAE(SAE):
     """Encodes with batch-top-k over all tokens of the input (leading dims flattened); for training and
     analysis. Use `training.export()` to get the per-token JumpReLU SAE for inference."""
 
+    takes_k = True
+    options = ("auxk_coefficient", "k_aux", "threshold_decay")
+
     def __init__(self, cfg: SAEConfig, device=None):
         if cfg.k is None:
             raise ValueError(f"SAEConfig.k is required for arch {cfg.arch!r}")

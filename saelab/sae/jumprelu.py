@@ -65,6 +65,8 @@ def heaviside(z: Tensor, theta: Tensor, eps: float) -> Tensor:
 
 @register("jumprelu")
 class JumpReLUSAE(SAE):
+    options = ("l0_coefficient", "sparsity_warmup_steps", "jumprelu_bandwidth", "jumprelu_init_threshold")
+
     def __init__(self, cfg: SAEConfig, device=None):
         super().__init__(cfg, device=device)
         init = math.log(cfg.jumprelu_init_threshold)

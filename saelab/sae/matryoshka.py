@@ -24,6 +24,8 @@ def default_group_sizes(width: int) -> list[int]:
 
 @register("matryoshka")
 class MatryoshkaSAE(BatchTopKSAE):
+    options = BatchTopKSAE.options + ("group_sizes",)
+
     def __init__(self, cfg: SAEConfig, device=None):
         if cfg.group_sizes is None:  # resolve the default, so the saved cfg.json states the groups used
             cfg = dataclasses.replace(cfg, group_sizes=default_group_sizes(cfg.width))

@@ -13,6 +13,8 @@ from .registry import register
 
 @register("relu")
 class ReLUSAE(SAE):
+    options = ("l1_coefficient", "sparsity_warmup_steps")
+
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu()
 

@@ -15,6 +15,9 @@ from .registry import register
 
 @register("topk")
 class TopKSAE(SAE):
+    takes_k = True
+    options = ("auxk_coefficient", "k_aux")
+
     def __init__(self, cfg: SAEConfig, device=None):
         if cfg.k is None:
             raise ValueError(f"SAEConfig.k is required for arch {cfg.arch!r}")

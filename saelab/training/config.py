@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+DEFAULT_K = 32
+COMMON_OPTIONS = ("dtype", "d_in")
+"""SAEConfig fields every architecture reads, beside its own `options`."""
 
 
 @dataclass
@@ -16,10 +20,10 @@ class SAESpec:
     """Architecture: relu, topk, batchtopk, jumprelu, matryoshka."""
     width: int = 4608
     """Number of latents."""
-    k: int | None = 32
-    """Active latents per token (topk family); ignored by relu and jumprelu."""
+    k: int | None = None
+    """Active latents per token, for the architectures that take one (topk, batchtopk, matryoshka); None: 32."""
     hook: str | None = None
-    """Hook point to read; None: the stream's only (or first) hook."""
+    """Hook point to read; None: the stream's first hook."""
     lr: float | None = None
     """Adam learning rate; None: 4e-4 / sqrt(width / 2^14), twice Gao et al.'s fit, which with a linear warm-up
     and decay trains short runs markedly better at no cost to long ones we measured (docs/quality.md)."""
@@ -27,8 +31,18 @@ class SAESpec:
     """Further SAEConfig fields, e.g. {"l1_coefficient": 5.0, "sparsity_warmup_steps": 200}."""
 
     def __post_init__(self):
-        if self.arch in ("relu", "jumprelu"):
-            self.k = None
+        from saelab.sae import SAEConfig, sae_class
+        from saelab.options import check_keys, checked
+
+        architecture = sae_class(self.arch)  # an unknown arch is refused, naming the known ones
+        if architecture.takes_k:
+            self.k = DEFAULT_K if self.k is None else self.k
+        elif self.k is not None:
+            raise ValueError(f"SAESpec: arch {self.arch!r} takes no k (it sets its sparsity with "
+                             f"{', '.join(architecture.options) or 'its own options'}); drop k={self.k}")
+        valid = [*COMMON_OPTIONS, *architecture.options]
+        check_keys(self.options, valid, f"SAESpec({self.arch}).options")
+        self.options = checked(SAEConfig, self.options, f"SAESpec({self.arch}).options")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"SAESpec.lr must be a positive number, got {self.lr!r}")
 
@@ -59,18 +73,19 @@ class TrainConfig:
     """Seeds SAE initialisation (data order is seeded by the store / stream)."""
     normalize_activations: bool = True
     """Scale inputs to unit mean squared norm while training; the factor is folded into the saved weights."""
-    b_dec_init: str = "geometric_median"
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """Initial decoder bias: geometric_median, mean or zeros, from the first batch."""
     dead_tokens: int | None = None
     """A latent is dead after this many tokens without firing; None: min(10M, tokens // 10)."""
-    nan_policy: str = "error"
+    nan_policy: Literal["error", "skip"] = "error"
     """Non-finite activations: 'error' stops and says where; 'skip' skips the batch and counts it."""
     checkpoint_every: int = 200
     """Steps between checkpoints (resume continues from the last one)."""
     log_every: int = 10
     """Steps between lines of log.jsonl."""
     device: str = "cpu"
-    kernel: str = "auto"
+    """Where the SAEs train: cpu, cuda, cuda:1, ... (the model, when streaming, runs there too)."""
+    kernel: Literal["auto", "triton", "torch", "dense"] = "auto"
     """Sparse kernels for TopK SAEs: auto (Triton on CUDA, PyTorch sparse ops on CPU), triton, torch, or dense."""
     wandb_project: str | None = None
     """Log to Weights & Biases under this project when wandb is installed."""

@@ -1,0 +1,175 @@
+"""Issue 9, settings and the command line: typos and wrong types are refused naming what is valid, every option is a
+flag generated from the dataclasses, architecture knowledge comes from the architectures, and file-system failures
+end in a message that names the file and what to do."""
+
+import dataclasses
+import errno
+
+import pytest
+import yaml
+
+import saelab.training
+from saelab.cli import build_parser, main, option_fields
+from saelab.options import SettingError, field_docs, from_mapping
+from saelab.sae import SAEConfig, available_architectures, sae_class
+from saelab.training import SAESpec, TrainConfig
+
+
+@pytest.fixture
+def captured_train(monkeypatch):
+    """Replace training by a recorder: these tests are about what reaches train(), not about training."""
+    calls = []
+
+    def record(source, saes, config, **kwargs):
+        calls.append(dict(source=source, saes=saes, config=config, **kwargs))
+        return []
+
+    monkeypatch.setattr(saelab.training, "train", record)
+    return calls
+
+
+def run_file(tmp_path, tiny_model_dir, **overrides):
+    data = {"model": str(tiny_model_dir), "hooks": "blocks.1.hook_resid_post", "text": {"context_len": 32},
+            "out": str(tmp_path / "run"), "eval_tokens": 0, "train": {"tokens": 256, "batch_size": 64},
+            "saes": [{"arch": "relu", "width": 32, "options": {"l1_coefficient": 2.0}}]}
+    for key, value in overrides.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"trian": {"tokens": 10}}, "no setting 'trian' (did you mean 'train'?)"),
+    ({"train": {"tokns": 256}}, "no setting 'tokns' (did you mean 'tokens'?)"),
+    ({"saes": [{"arch": "relu", "widht": 32}]}, "no setting 'widht' (did you mean 'width'?)"),
+    ({"saes": [{"arch": "relu", "width": 32, "options": {"l1_coefficent": 2}}]},
+     "no setting 'l1_coefficent' (did you mean 'l1_coefficient'?)"),
+    ({"text": {"context_length": 32}}, "no setting 'context_length' (did you mean 'context_len'?)"),
+    ({"train": {"tokens": "lots"}}, "train.tokens must be an integer, got 'lots'"),
+    ({"train": {"adam_betas": [0.9]}}, "adam_betas must be a list of 2"),
+    ({"train": {"kernel": "fast"}}, "train.kernel must be one of 'auto', 'triton', 'torch', 'dense', got 'fast'"),
+    ({"saes": [{"arch": "topk", "width": 32.5}]}, "width must be an integer, got 32.5"),
+    ({"saes": [{"arch": "topk", "width": 32, "options": {"l1_coefficient": 2}}]}, "no setting 'l1_coefficient'"),
+    ({"saes": [{"arch": "relu", "width": 32, "k": 8}]}, "arch 'relu' takes no k"),
+    ({"saes": [{"arch": "tpok", "width": 32}]}, "unknown SAE architecture 'tpok'"),
+    ({"saes": {"arch": "relu"}}, "saes must be a list"),
+    ({"eval_tokens": "none"}, "eval_tokens must be an integer"),
+])
+def test_run_file_mistakes_are_refused_naming_what_is_valid(tmp_path, tiny_model_dir, captured_train, capsys,
+                                                           overrides, expected):
+    assert main(["train", "--config", run_file(tmp_path, tiny_model_dir, **overrides)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not captured_train
+
+
+def test_unknown_keys_list_the_valid_ones():
+    with pytest.raises(SettingError) as error:
+        from_mapping(TrainConfig, {"batchsize": 8}, "train")
+    assert "batch_size" in str(error.value) and "valid settings: tokens, batch_size" in str(error.value)
+
+
+def test_a_valid_run_file_reaches_train_with_every_setting(tmp_path, tiny_model_dir, captured_train):
+    path = run_file(tmp_path, tiny_model_dir, train={"tokens": 256, "batch_size": 64, "adam_betas": [0.0, 0.999],
+                                                     "kernel": "dense", "dead_tokens": 128})
+    assert main(["train", "--config", path]) == 0
+    (call,) = captured_train
+    assert call["config"].adam_betas == (0.0, 0.999) and call["config"].kernel == "dense"
+    assert call["config"].dead_tokens == 128
+    (spec,) = call["saes"]
+    assert spec.arch == "relu" and spec.k is None and spec.options == {"l1_coefficient": 2.0}
+
+
+def test_every_setting_is_a_flag_with_its_docstring_as_help():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    flags = {option: action for action in train._actions for option in action.option_strings}
+    expected = [(TrainConfig, f.name) for f in dataclasses.fields(TrainConfig)]
+    expected += [(SAESpec, name) for name in ("arch", "width", "k", "hook", "lr")]
+    expected += [(SAEConfig, name) for name in option_fields()]
+    for cls, name in expected:
+        action = flags.get("--" + name.replace("_", "-"))
+        assert action is not None, f"{cls.__name__}.{name} has no flag"
+        doc = field_docs(cls).get(name)
+        assert doc, f"{cls.__name__}.{name} has no docstring"
+        assert doc.replace("%", "%%")[:30] in action.help
+    # every option an architecture declares is a real SAEConfig field with a flag
+    for arch in available_architectures():
+        for name in sae_class(arch).options:
+            assert name in {f.name for f in dataclasses.fields(SAEConfig)} and "--" + name.replace("_", "-") in flags
+
+
+def test_flags_reach_the_run_and_override_the_file(tmp_path, tiny_model_dir, captured_train):
+    path = run_file(tmp_path, tiny_model_dir)
+    assert main(["train", "--config", path, "--device", "cpu", "--kernel", "torch", "--no-normalize-activations",
+                 "--adam-betas", "0,0.99", "--l1-coefficient", "7.5", "--sparsity-warmup-steps", "3",
+                 "--tokens", "1k"]) == 0
+    (call,) = captured_train
+    config = call["config"]
+    assert (config.device, config.kernel, config.normalize_activations, config.adam_betas, config.tokens,
+            config.batch_size) == ("cpu", "torch", False, (0.0, 0.99), 1000, 64)
+    assert call["saes"][0].options == {"l1_coefficient": 7.5, "sparsity_warmup_steps": 3}
+
+
+def test_product_flags_and_options_follow_each_architecture(tmp_path, tiny_model_dir, captured_train, capsys):
+    base = ["train", "--model", str(tiny_model_dir), "--hooks", "blocks.1.hook_resid_post", "--context-len", "32",
+            "--eval-tokens", "0", "--tokens", "256", "--batch-size", "64", "--out", str(tmp_path / "run")]
+    assert main(base + ["--arch", "topk,relu", "--width", "32,64", "--k", "4,8", "--l1-coefficient", "3",
+                        "--auxk-coefficient", "0.1"]) == 0
+    specs = captured_train[0]["saes"]
+    assert sorted(s.name() for s in specs) == ["relu-32", "relu-64", "topk-32-k4", "topk-32-k8", "topk-64-k4",
+                                              "topk-64-k8"]
+    for spec in specs:
+        assert spec.options == ({"l1_coefficient": 3.0} if spec.arch == "relu" else {"auxk_coefficient": 0.1})
+    assert main(base + ["--arch", "topk", "--l1-coefficient", "3"]) == 2
+    assert "--l1-coefficient is read only by relu" in capsys.readouterr().err
+
+
+def test_architecture_knowledge_lives_in_the_architecture():
+    assert {a: sae_class(a).takes_k for a in ("topk", "batchtopk", "matryoshka", "relu", "jumprelu")} == {
+        "topk": True, "batchtopk": True, "matryoshka": True, "relu": False, "jumprelu": False}
+    assert SAESpec(arch="topk").k == 32 and SAESpec(arch="jumprelu").k is None
+    with pytest.raises(ValueError, match="takes no k"):
+        SAESpec(arch="jumprelu", k=16)
+    with pytest.raises(ValueError, match="valid settings: dtype, d_in, l0_coefficient"):
+        SAESpec(arch="jumprelu", options={"l1_coefficient": 1.0})
+
+
+def test_a_path_through_a_file_names_the_file_and_what_to_do(tmp_path, tiny_model_dir, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a user's file")
+    code = main(["cache", "--model", str(tiny_model_dir), "--hooks", "blocks.0.hook_resid_post", "--tokens", "256",
+                 "--context-len", "32", "--out", str(blocker / "acts")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(blocker) in err and "choose another path" in err and "Traceback" not in err
+    assert blocker.read_text() == "a user's file"
+
+
+def test_a_full_disk_names_the_file_and_rerunning_finishes_the_job(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import os
+
+    import saelab.files
+
+    out = tmp_path / "acts"
+    args = ["cache", "--model", str(tiny_model_dir), "--hooks", "blocks.0.hook_resid_post", "--tokens", "2k",
+            "--context-len", "32", "--batch-size", "4", "--shard-tokens", "512", "--out", str(out)]
+    real_fsync, calls = os.fsync, []
+
+    def full_after_a_while(fd):
+        calls.append(fd)
+        if len(calls) > 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(saelab.files.os, "fsync", full_after_a_while)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "the disk is full" in err and str(out) in err
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.setattr(saelab.files.os, "fsync", real_fsync)
+    assert main(args) == 0  # the advice works: the same command finishes the cache
+    assert "complete" in capsys.readouterr().out

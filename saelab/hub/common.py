@@ -6,8 +6,11 @@ torch.load(..., weights_only=True), which refuses anything but tensors and plain
 """
 from __future__ import annotations
 
+import errno
 import json
-import math
+import os
+import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +35,7 @@ METRICS_FILE = "metrics.json"
 DENSITY_PLOTS = ("density.png", "feature_density.png")
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"
 GEMMASCOPE_FILES = ("params.npz", "params.safetensors")
+FIRING_COUNTS_FILE = "firing_counts.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 PathLike = str | Path
@@ -60,6 +64,74 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- links
+def link_error(path: Path) -> HubError:
+    return HubError(f"{path} is a symbolic link; saelab does not upload anything through links (it could publish "
+                    f"a file from elsewhere, such as a token). Replace the link with the real file or folder it "
+                    f"points to, then rerun")
+
+
+def refuse_links(root: Path, path: Path) -> None:
+    """HubError if `path`, or any folder between `root` and it, is a symbolic link. `root` itself may be one: it is
+    the path the caller named, and is followed like a command-line argument of cp -H or find -H."""
+    current = Path(root)
+    for part in Path(path).relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            raise link_error(current)
+
+
+def copy_regular(src: Path, dst: Path) -> None:
+    """Copy the regular file `src` to the new file `dst`, never through a link: `src` is opened with O_NOFOLLOW
+    (a link swapped in after any earlier check is refused too) and must be a regular file."""
+    try:
+        handle = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise link_error(src) from None
+        raise
+    with os.fdopen(handle, "rb") as source:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+            raise HubError(f"{src} is not a regular file; expected a file saelab wrote")
+        with open(dst, "xb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+
+
+# ---------------------------------------------------------------------------------------------------- cfg.json values
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def cfg_int(cfg: Mapping[str, Any], key: str, source: str, *, minimum: int = 1) -> int:
+    """cfg[key] as an int >= minimum; a string, float, bool or missing value is refused (never converted)."""
+    value = cfg.get(key)
+    if not is_int(value) or value < minimum:
+        raise HubError(f"{source}: '{key}' must be an integer >= {minimum}, got {value!r} "
+                       f"({type(value).__name__}); fix cfg.json")
+    return value
+
+
+def cfg_bool(cfg: Mapping[str, Any], key: str, source: str, default: bool) -> bool:
+    """cfg[key] as a JSON true/false (missing or null: `default`); "false" as a string is refused, as it would
+    otherwise read as true."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise HubError(f"{source}: '{key}' must be true or false, got {value!r} ({type(value).__name__}); "
+                       f"fix cfg.json")
+    return value
+
+
+def cfg_str(cfg: Mapping[str, Any], key: str, source: str, default: str = "") -> str:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise HubError(f"{source}: '{key}' must be a string, got {value!r} ({type(value).__name__}); fix cfg.json")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- reading tensors
@@ -136,7 +208,8 @@ def require(tensors: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]]
     for name, shape in shapes.items():
         got = tuple(tensors[name].shape)
         if got != tuple(shape):
-            raise HubError(f"{source}: {name} has shape {list(got)} but {why} gives {list(shape)}")
+            raise HubError(f"{source}: {name} has shape {list(got)} but {why} gives {list(shape)}; the weights and "
+                           f"cfg.json describe different SAEs: save the SAE again, or fix cfg.json")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -220,10 +293,3 @@ def config_from(values: dict[str, Any], source: str) -> SAEConfig:
     except (TypeError, ValueError) as e:
         raise HubError(f"{source}: invalid SAE config ({e})") from None
 
-
-def finite_float(value: Any, default: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return default
-    return v if math.isfinite(v) else default

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saelab.sae import SAE
+from saelab.sae import SAE, SAEConfig, sae_class
+from saelab.sae.base import DTYPES
 
 from .common import (CFG_FILE, GEMMASCOPE_FILES, METRICS_FILE, SPARSIFY_WEIGHTS_FILE,
-                     SPARSITY_FILE, WEIGHTS_FILE, HubError, PathLike, build_sae, config_from, finite_float,
+                     SPARSITY_FILE, WEIGHTS_FILE, HubError, PathLike, build_sae, config_from,
                      load_tensors, pickle_files, read_json, refuse_pickle, saelab_version, weights_file, write_json)
 from .saelens import load_saelens, saelens_cfg
 
@@ -57,6 +58,10 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
                       stacklevel=2)
 
     # everything is checked before anything is written
+    for key in ("model_name", "hook_name"):  # cfg.json must say one thing, or SAELens and saelab read different SAEs
+        if metadata and key in metadata and metadata[key] != getattr(cfg, key):
+            raise HubError(f"metadata[{key!r}]={metadata[key]!r} disagrees with sae.cfg.{key}={getattr(cfg, key)!r}; "
+                           f"set sae.cfg.{key} instead (and leave it out of metadata)")
     out = saelens_cfg(cfg, metadata)
     out["saelab"] = {
         "format_version": FORMAT_VERSION,
@@ -80,16 +85,32 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
         # float64, so that log(threshold) on load gives back log_threshold exactly in the SAE's dtype
         tensors["threshold"] = raw.log_threshold.detach().to("cpu", torch.float64).exp().contiguous()
 
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CFG_FILE).write_text(cfg_text)
-    if sparsity is not None:
-        save_file({"sparsity": sparsity}, str(folder / SPARSITY_FILE))
-    if metrics is not None:
-        write_metrics(folder, metrics)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # cfg.json goes last, and an older one first: a save cut short (a full disk) leaves a folder that does not
+        # load ("no cfg.json"), never old cfg.json + new weights
+        (folder / CFG_FILE).unlink(missing_ok=True)
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        if sparsity is not None:
+            save_file({"sparsity": sparsity}, str(folder / SPARSITY_FILE))
+        if metrics is not None:
+            write_metrics(folder, metrics)
+        (folder / CFG_FILE).write_text(cfg_text)
+    except (OSError, SafetensorError) as e:
+        raise HubError(f"could not write the SAE to {folder}: {write_reason(e)}; free some space or choose another "
+                       f"folder, then save again (the folder holds no complete SAE until cfg.json is written)"
+                       ) from None
     return folder
+
+
+def write_reason(error: BaseException) -> str:
+    """A short reason for a failed write: 'No space left on device (path)' rather than a traceback."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror + (f" ({error.filename})" if error.filename else "")
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def log10_densities(densities, width: int) -> Tensor:
@@ -212,19 +233,7 @@ def load_sae(path: PathLike, *, allow_pickle: bool = False, device=None, format:
 
 def load_saelab(folder: Path, *, allow_pickle: bool = False, device=None) -> SAE:
     folder = Path(folder)
-    cfg_json = read_json(folder / CFG_FILE, "saelab config")
-    block = cfg_json.get("saelab")
-    if not isinstance(block, dict) or not isinstance(block.get("config"), dict):
-        raise HubError(f"{folder / CFG_FILE}: expected a 'saelab' block with the SAE 'config'")
-    version = block.get("format_version", 1)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise HubError(f"{folder / CFG_FILE}: saelab format_version {version!r} is newer than this saelab reads "
-                       f"({FORMAT_VERSION}); upgrade saelab")
-    cfg = config_from(block["config"], str(folder / CFG_FILE))
-    if cfg.input_scale != 1.0:  # written by hand or by another tool: the weights are assumed folded, as saved
-        warnings.warn(f"{folder / CFG_FILE}: config input_scale={cfg.input_scale} but saelab folders hold folded "
-                      f"weights; setting it to 1", stacklevel=2)
-        cfg = dataclasses.replace(cfg, input_scale=1.0)
+    cfg, _ = read_saelab_cfg(folder)
     path = weights_file(folder, WEIGHTS_FILE, allow_pickle=allow_pickle)
     tensors = load_tensors(path, allow_pickle=allow_pickle)
     expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if cfg.arch == "jumprelu" else set())
@@ -232,6 +241,76 @@ def load_saelab(folder: Path, *, allow_pickle: bool = False, device=None) -> SAE
     if extra:
         raise HubError(f"{path}: unexpected tensors {extra} for arch {cfg.arch!r}; expected {sorted(expected)}")
     return build_sae(cfg, tensors, source=str(path), device=device)
+
+
+# SAELens keys of a saelab cfg.json that decide what SAELens computes, checked against the 'saelab' block
+CHECKED_KEYS = ("architecture", "d_in", "d_sae", "dtype", "k", "matryoshka_widths", "apply_b_dec_to_input",
+                "normalize_activations", "rescale_acts_by_decoder_norm", "activation_fn", "activation_fn_str",
+                "activation_fn_kwargs", "model_name", "hook_name")
+# an absent key means: SAELens's default (below), or nothing for SAELens 6 (the pre-6.0 activation_fn* keys)
+ABSENT_DEFAULTS = {"apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": False, "normalize_activations": "none"}
+PRE6_KEYS = ("activation_fn", "activation_fn_str", "activation_fn_kwargs")
+_MISSING = object()
+
+
+def _same(got: Any, want: Any) -> bool:
+    """`got` (from cfg.json) says the same as `want` (from the saelab config), types included: "32" is not 32."""
+    if want is None:  # saelab writes no such key for this SAE: absent, null or false say the same
+        return got is _MISSING or got is None or got is False
+    if isinstance(want, str) and isinstance(got, str) and want in DTYPES:
+        return got.removeprefix("torch.") == want
+    return type(got) is type(want) and got == want
+
+
+def read_saelab_cfg(folder: PathLike) -> tuple[SAEConfig, dict[str, Any]]:
+    """(SAEConfig, 'saelab' block) of a saelab folder: the one place its cfg.json is interpreted.
+
+    The config must be valid (types and ranges, a known architecture) and the SAELens keys next to it (which SAELens
+    reads) must say the same: a folder that SAELens and saelab would read as different SAEs is refused, naming each
+    disagreeing key and both values.
+    """
+    path = Path(folder) / CFG_FILE
+    cfg_json = read_json(path, "saelab config")
+    block = cfg_json.get("saelab")
+    if not isinstance(block, dict) or not isinstance(block.get("config"), dict):
+        raise HubError(f"{path}: expected a 'saelab' block with the SAE 'config'")
+    version = block.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise HubError(f"{path}: saelab format_version {version!r} is newer than this saelab reads "
+                       f"({FORMAT_VERSION}); upgrade saelab")
+    cfg = config_from(block["config"], str(path))
+    try:
+        sae_class(cfg.arch)
+    except ValueError as e:
+        raise HubError(f"{path}: {e}") from None
+    scale = block.get("folded_input_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise HubError(f"{path}: saelab.folded_input_scale must be a finite number > 0, got {scale!r}; fix cfg.json")
+    if cfg.input_scale != 1.0:  # written by hand or by another tool: the weights are assumed folded, as saved
+        warnings.warn(f"{path}: config input_scale={cfg.input_scale} but saelab folders hold folded "
+                      f"weights; setting it to 1", stacklevel=3)
+        cfg = dataclasses.replace(cfg, input_scale=1.0)
+
+    wrong = []
+    if block.get("arch", cfg.arch) != cfg.arch:
+        wrong.append(f"saelab.arch={block['arch']!r} vs saelab.config.arch={cfg.arch!r}")
+    expected = saelens_cfg(cfg)
+    meta = cfg_json.get("metadata") if isinstance(cfg_json.get("metadata"), dict) else {}
+    for key in CHECKED_KEYS:
+        want = expected.get(key)
+        places = [("", cfg_json.get(key, _MISSING))]
+        if key in meta:
+            places.append(("metadata.", meta[key]))
+        for where, got in places:
+            absent_ok = key in PRE6_KEYS or (key in ABSENT_DEFAULTS and ABSENT_DEFAULTS[key] == want)
+            if not _same(got, want) and not (got is _MISSING and absent_ok):
+                shown = "missing" if got is _MISSING else repr(got)
+                wrong.append(f"{where}{key}={shown} but the saelab config gives {want!r}")
+    if wrong:
+        raise HubError(f"{path}: the SAELens keys disagree with the 'saelab' block, so SAELens and saelab would read "
+                       f"different SAEs: {'; '.join(wrong)}. Save the SAE again with saelab, or edit cfg.json so that "
+                       f"both agree")
+    return cfg, block
 
 
 def read_metrics(folder: PathLike) -> dict[str, Any] | None:
@@ -244,10 +323,9 @@ def read_metrics(folder: PathLike) -> dict[str, Any] | None:
 
 
 def folded_input_scale(folder: PathLike) -> float:
-    """The input scale that was folded into a saelab folder's weights (1.0 when none or not a saelab folder)."""
-    block = read_json(Path(folder) / CFG_FILE, "SAE config").get("saelab") or {}
-    return finite_float(block.get("folded_input_scale", 1.0), 1.0)
+    """The input scale that was folded into a saelab folder's weights (1.0 when none was)."""
+    return float(read_saelab_cfg(folder)[1].get("folded_input_scale", 1.0))
 
 
-__all__ = ["save_sae", "load_sae", "detect_format", "read_metrics", "load_saelab", "log10_densities",
-           "folded_input_scale", "FORMATS"]
+__all__ = ["save_sae", "load_sae", "detect_format", "read_metrics", "load_saelab", "read_saelab_cfg",
+           "log10_densities", "folded_input_scale", "FORMATS"]

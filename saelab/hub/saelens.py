@@ -25,8 +25,8 @@ from torch import Tensor
 
 from saelab.sae import SAE, SAEConfig
 
-from .common import (CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, build_sae, load_tensors, parse_dtype,
-                     read_json, require, weights_file)
+from .common import (CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, build_sae, cfg_bool, cfg_int, cfg_str,
+                     is_int, load_tensors, parse_dtype, read_json, require, weights_file)
 
 # saelab arch -> SAELens architecture. SAELens has no batch-dependent inference class: its BatchTopK and Matryoshka
 # trainers save JumpReLU SAEs, as saelab's `training.export()` does; the as-is names below are SAELens's training names.
@@ -121,11 +121,7 @@ def _flatten(cfg: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _int(flat: dict[str, Any], key: str, source: str) -> int:
-    v = flat.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise HubError(f"{source}: expected a positive integer {key!r}, got {v!r}")
-    return v
+NORMALIZATIONS = (None, False, "none", True, "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 
 
 def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SAE:
@@ -133,29 +129,38 @@ def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SA
     source = str(folder / CFG_FILE)
     flat = _flatten(read_json(folder / CFG_FILE, "SAELens config"))
 
-    arch = flat.get("architecture") or "standard"
-    activation = flat.get("activation_fn") or "relu"
+    # every value is checked for its type first: "false" as a string must not read as true, "4608" not as 4608
+    arch = cfg_str(flat, "architecture", source, "standard") or "standard"
+    activation = cfg_str(flat, "activation_fn", source, "relu") or "relu"
     kwargs = flat.get("activation_fn_kwargs") or {}
-    if arch == "standard" and activation == "topk" and isinstance(kwargs, dict) and kwargs.get("k") is not None:
+    if not isinstance(kwargs, dict):
+        raise HubError(f"{source}: 'activation_fn_kwargs' must be an object, got {kwargs!r}; fix cfg.json")
+    apply_b_dec = cfg_bool(flat, "apply_b_dec_to_input", source, True)
+    rescale = cfg_bool(flat, "rescale_acts_by_decoder_norm", source, False)
+    model_name, hook_name = cfg_str(flat, "model_name", source), cfg_str(flat, "hook_name", source)
+    if arch == "standard" and activation == "topk" and kwargs.get("k") is not None:
         arch = "topk"  # pre-6.0 TopK SAEs were 'standard' with a topk activation
     if arch not in IMPORTABLE:
         raise HubError(f"{source}: SAELens architecture {arch!r} is not supported; saelab imports "
                        f"{sorted(set(IMPORTABLE) - {'relu'})} (gated, transcoders and others are out of scope)")
-    if arch == "standard" and activation not in ("relu", None):
+    if arch == "standard" and activation != "relu":
         raise HubError(f"{source}: activation_fn {activation!r} is not supported for a standard SAE; expected relu")
     if flat.get("hook_name_out") or flat.get("d_out"):
         raise HubError(f"{source}: this is a transcoder (it has hook_name_out / d_out); saelab imports SAEs only")
 
     norm = flat.get("normalize_activations")
+    if not any(norm is n or (isinstance(n, str) and norm == n) for n in NORMALIZATIONS):
+        raise HubError(f"{source}: unknown normalize_activations {norm!r}; expected one of "
+                       f"{[n for n in NORMALIZATIONS if isinstance(n, str)]}")
     if norm in ("constant_norm_rescale", "layer_norm"):
         raise HubError(f"{source}: normalize_activations={norm!r} normalises each input at run time, which a saelab "
                        f"SAE cannot represent; expected 'none' or 'expected_average_only_in'")
-    if norm in (True, "expected_average_only_in"):
+    if norm is True or norm == "expected_average_only_in":
         warnings.warn(f"{source}: normalize_activations='expected_average_only_in' means the SAE was trained on "
                       f"scaled activations and the folder does not hold the factor; the imported SAE reads inputs "
                       f"exactly as SAELens's load_from_disk does (unscaled)", stacklevel=3)
 
-    d_in, d_sae = _int(flat, "d_in", source), _int(flat, "d_sae", source)
+    d_in, d_sae = cfg_int(flat, "d_in", source), cfg_int(flat, "d_sae", source)
     dtype = parse_dtype(flat.get("dtype", "float32"), source)
     path = weights_file(folder, WEIGHTS_FILE, allow_pickle=allow_pickle)
     tensors = load_tensors(path, allow_pickle=allow_pickle)
@@ -174,23 +179,26 @@ def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SA
             scale = w.pop(name)
             require({name: scale}, {name: (d_sae,)}, str(path), f"d_sae={d_sae}")
             w["W_dec"] = w["W_dec"] * scale[:, None]
-    if arch == "topk" and flat.get("rescale_acts_by_decoder_norm"):
+    if arch == "topk" and rescale:
         norms = w["W_dec"].norm(dim=-1).clamp_min(1e-12)
         w["W_enc"] = w["W_enc"] * norms
         w["b_enc"] = w["b_enc"] * norms
         w["W_dec"] = w["W_dec"] / norms[:, None]
-    if not flat.get("apply_b_dec_to_input", True):
+    if not apply_b_dec:
         w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
 
     k = None
     if arch == "topk":
-        k = flat.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
+        k = flat.get("k", kwargs.get("k"))
+        if "k" in flat and "k" in kwargs and kwargs["k"] != k:  # SAELens 6 reads k, older releases the kwargs
+            raise HubError(f"{source}: k={k!r} but activation_fn_kwargs.k={kwargs['k']!r}; SAELens versions would "
+                           f"read different SAEs. Fix cfg.json so that both agree")
         if isinstance(k, float) and k.is_integer():
             k = int(k)
-        if not isinstance(k, int) or not 1 <= k <= d_sae:
-            raise HubError(f"{source}: a topk SAE needs an integer k in [1, d_sae={d_sae}], got {k!r}")
+        if not is_int(k) or not 1 <= k <= d_sae:
+            raise HubError(f"{source}: a topk SAE needs an integer k in [1, d_sae={d_sae}], got {k!r}; fix cfg.json")
     cfg = SAEConfig(arch=IMPORTABLE[arch], d_in=d_in, width=d_sae, k=k, dtype=dtype,
-                    model_name=str(flat.get("model_name") or ""), hook_name=str(flat.get("hook_name") or ""))
+                    model_name=model_name, hook_name=hook_name)
     return build_sae(cfg, w, source=str(path), device=device)
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from saelab.sae import SAE, SAEConfig
 
-from .common import (CFG_FILE, SPARSIFY_WEIGHTS_FILE, HubError, build_sae, dtype_name, load_tensors, read_json,
-                     require, weights_file)
+from .common import (CFG_FILE, SPARSIFY_WEIGHTS_FILE, HubError, build_sae, cfg_bool, cfg_int, cfg_str, dtype_name,
+                     is_int, load_tensors, read_json, require, weights_file)
 
 
 def sparsify_hook_name(hookpoint: str) -> str:
@@ -42,28 +42,26 @@ def load_sparsify(folder: Path, *, allow_pickle: bool = False, device=None) -> S
     folder = Path(folder)
     source = str(folder / CFG_FILE)
     cfg = read_json(folder / CFG_FILE, "sparsify config")
-    if cfg.get("activation", "topk") != "topk":
-        raise HubError(f"{source}: activation {cfg.get('activation')!r} is not supported; saelab imports sparsify "
-                       f"SAEs with activation 'topk'")
-    if cfg.get("transcode"):
+    # types first: "false" as a string must not read as true, "4608" not as 4608
+    activation = cfg_str(cfg, "activation", source, "topk")
+    flags = {name: cfg_bool(cfg, name, source, False) for name in ("transcode", "skip_connection", "signed")}
+    if activation != "topk":
+        raise HubError(f"{source}: activation {activation!r} is not supported; saelab imports sparsify SAEs with "
+                       f"activation 'topk'")
+    if flags["transcode"]:
         raise HubError(f"{source}: this is a sparsify transcoder (transcode=true); saelab imports SAEs only")
-    if cfg.get("skip_connection"):
+    if flags["skip_connection"]:
         raise HubError(f"{source}: skip_connection=true (a W_skip term) is not supported; saelab imports plain SAEs")
-    if cfg.get("signed"):
+    if flags["signed"]:
         raise HubError(f"{source}: signed=true (signed top-k codes) is not supported")
 
-    d_in = cfg.get("d_in")
-    if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in <= 0:
-        raise HubError(f"{source}: expected a positive integer 'd_in', got {d_in!r}")
-    width = cfg.get("num_latents") or 0
-    if not width:
-        factor = cfg.get("expansion_factor")
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor <= 0:
-            raise HubError(f"{source}: expected 'num_latents' > 0 or a positive integer 'expansion_factor'")
-        width = d_in * factor
+    d_in = cfg_int(cfg, "d_in", source)
+    width = cfg_int(cfg, "num_latents", source, minimum=0) if cfg.get("num_latents") is not None else 0
+    if not width:  # sparsify: num_latents 0 means d_in * expansion_factor
+        width = d_in * cfg_int(cfg, "expansion_factor", source)
     k = cfg.get("k")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= width:
-        raise HubError(f"{source}: expected an integer 'k' in [1, num_latents={width}], got {k!r}")
+    if not is_int(k) or not 1 <= k <= width:
+        raise HubError(f"{source}: expected an integer 'k' in [1, num_latents={width}], got {k!r}; fix cfg.json")
 
     path = weights_file(folder, SPARSIFY_WEIGHTS_FILE, allow_pickle=allow_pickle)
     tensors = load_tensors(path, allow_pickle=allow_pickle)

@@ -52,7 +52,7 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
     scale = float(sae.cfg.input_scale)
     raw = sae.fold_input_scale() if scale != 1.0 else sae
     cfg = raw.cfg
-    if cfg.arch in ("batchtopk", "matryoshka"):
+    if not type(raw).per_token:
         warnings.warn(f"saving a {cfg.arch} SAE as is: its codes depend on the whole batch, and SAELens has no such "
                       f"inference SAE. For a per-token SAE that SAELens loads, save training.export() (JumpReLU).",
                       stacklevel=2)
@@ -236,11 +236,13 @@ def load_saelab(folder: Path, *, allow_pickle: bool = False, device=None) -> SAE
     cfg, _ = read_saelab_cfg(folder)
     path = weights_file(folder, WEIGHTS_FILE, allow_pickle=allow_pickle)
     tensors = load_tensors(path, allow_pickle=allow_pickle)
-    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if cfg.arch == "jumprelu" else set())
+    sae = build_sae(cfg, tensors, source=str(path), device=device)
+    # the architecture's own parameters, under their file names (a JumpReLU's log_threshold is stored as threshold)
+    expected = {"threshold" if name == "log_threshold" else name for name in sae.state_dict()}
     extra = sorted(set(tensors) - expected)
     if extra:
         raise HubError(f"{path}: unexpected tensors {extra} for arch {cfg.arch!r}; expected {sorted(expected)}")
-    return build_sae(cfg, tensors, source=str(path), device=device)
+    return sae
 
 
 # SAELens keys of a saelab cfg.json that decide what SAELens computes, checked against the 'saelab' block

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saelab.sae import SAE, SAEConfig
+from saelab.sae import SAE, SAEConfig, sae_class
 
 from .common import (CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, build_sae, cfg_bool, cfg_int, cfg_str,
                      is_int, load_tensors, parse_dtype, read_json, require, weights_file)
@@ -85,7 +85,7 @@ def saelens_cfg(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dict
         "normalize_activations": "none",
         "reshape_activations": "hook_z" if cfg.hook_name.endswith("hook_z") else "none",
     }
-    if cfg.k is not None and cfg.arch in ("topk", "batchtopk", "matryoshka"):
+    if cfg.k is not None and sae_class(cfg.arch).takes_k:
         out["k"] = cfg.k
     if topk:
         out["rescale_acts_by_decoder_norm"] = False

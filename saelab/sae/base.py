@@ -153,6 +153,8 @@ class SAE(nn.Module):
     """Whether the architecture reads cfg.k (active latents per token); the CLI and SAESpec ask this."""
     options: ClassVar[tuple[str, ...]] = ()
     """The SAEConfig training settings this architecture reads; setting any other one is refused, not ignored."""
+    per_token: ClassVar[bool] = True
+    """Whether a token's codes depend on that token alone (BatchTopK's depend on the whole batch)."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         super().__init__()

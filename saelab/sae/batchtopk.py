@@ -32,6 +32,7 @@ class BatchTopKSAE(SAE):
 
     takes_k = True
     options = ("auxk_coefficient", "k_aux", "threshold_decay")
+    per_token = False
 
     def __init__(self, cfg: SAEConfig, device=None):
         if cfg.k is None:

@@ -464,3 +464,17 @@ def test_a_full_disk_in_save_sae_names_the_folder_and_leaves_no_loadable_half(mo
         warnings.simplefilter("ignore")
         with pytest.raises(HubError, match="not an SAE folder|no weights|does not exist"):
             load_sae(folder)
+
+
+def test_saving_over_an_older_sae_leaves_nothing_of_it_behind(tmp_path):
+    """Metrics, densities and plots describe the weights they were saved with: a new save must not inherit them."""
+    from saelab.hub import read_metrics, save_sae
+    from saelab.hub.common import SPARSITY_FILE
+    from saelab.sae import SAEConfig, create_sae
+
+    sae = create_sae(SAEConfig(arch="topk", d_in=6, width=16, k=2))
+    folder = save_sae(sae, tmp_path / "sae", densities=torch.full((16,), 0.1), metrics={"fvu": 0.1})
+    (folder / "feature_density.png").write_bytes(b"\x89PNG old plot")
+    save_sae(create_sae(SAEConfig(arch="topk", d_in=6, width=16, k=2)), folder)
+    assert read_metrics(folder) is None
+    assert not (folder / SPARSITY_FILE).exists() and not (folder / "feature_density.png").exists()

@@ -24,7 +24,7 @@ from torch import Tensor
 from saelab.sae import SAE, SAEConfig, sae_class
 from saelab.sae.base import DTYPES
 
-from .common import (CFG_FILE, GEMMASCOPE_FILES, METRICS_FILE, SPARSIFY_WEIGHTS_FILE,
+from .common import (CFG_FILE, DENSITY_PLOTS, GEMMASCOPE_FILES, METRICS_FILE, SPARSIFY_WEIGHTS_FILE,
                      SPARSITY_FILE, WEIGHTS_FILE, HubError, PathLike, build_sae, config_from,
                      load_tensors, pickle_files, read_json, refuse_pickle, saelab_version, weights_file, write_json)
 from .saelens import load_saelens, saelens_cfg
@@ -93,6 +93,10 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
         # cfg.json goes last, and an older one first: a save cut short (a full disk) leaves a folder that does not
         # load ("no cfg.json"), never old cfg.json + new weights
         (folder / CFG_FILE).unlink(missing_ok=True)
+        # what an earlier save wrote about other weights must not survive beside these ones (push would upload it)
+        stale = [*DENSITY_PLOTS, *([SPARSITY_FILE] if sparsity is None else []), *([METRICS_FILE] if metrics is None else [])]
+        for name in stale:
+            (folder / name).unlink(missing_ok=True)
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         if sparsity is not None:
             save_file({"sparsity": sparsity}, str(folder / SPARSITY_FILE))

@@ -49,14 +49,40 @@ def cmd_cache(args) -> None:
 
 
 def cmd_info(args) -> None:
+    """Describe a cache and, unless --no-verify, check every shard's size and SHA-256: "complete" must mean usable."""
     from saelab.activations import Manifest
+    from saelab.activations.manifest import cache_command, check_shard
+    from saelab.errors import CacheError
 
-    print_cache_summary(args.cache, Manifest.read(Path(args.cache)))
+    folder = Path(args.cache)
+    manifest = Manifest.read(folder)
+    problems = []
+    for record in manifest.shards if args.verify else []:
+        try:
+            check_shard(folder, record)
+        except CacheError as error:
+            problems.append(str(error).split(";")[0])
+    written = {s.index for s in manifest.shards if s.contexts == manifest.expected_contexts(s.index)}
+    problems += [f"shard {i} is not written yet" for i in range(manifest.n_shards) if i not in written]
+    status = "complete, verified" if args.verify else "complete (not verified)"
+    if problems:
+        status = f"{'DAMAGED' if manifest.complete else 'INCOMPLETE'}: {len(problems)} shard(s) missing or damaged"
+    print_cache_summary(folder, manifest, status=status)
+    if problems:
+        command = cache_command(folder, manifest)
+        for problem in problems:
+            print(f"problem    {problem}")
+        raise CacheError(f"{folder}: {len(problems)} of {manifest.n_shards} shards missing or damaged; re-run the "
+                         "cache command that made it to recompute only those" + (f": {command}" if command else ""))
 
 
-def print_cache_summary(folder, manifest, seconds: float | None = None) -> None:
+def print_cache_summary(folder, manifest, seconds: float | None = None, status: str | None = None) -> None:
     size = sum((Path(folder) / s.file).stat().st_size for s in manifest.shards if (Path(folder) / s.file).exists())
-    print(f"cache      {folder}  ({'complete' if manifest.complete else 'INCOMPLETE'})")
+    status = status or ("complete" if manifest.complete else "INCOMPLETE")
+    print(f"cache      {folder}  ({status})")
+    if manifest.exhausted_at is not None and manifest.exhausted_at < manifest.target_contexts:
+        print(f"text       ran out after {manifest.n_contexts * manifest.context_len:,} of the "
+              f"{manifest.target_contexts * manifest.context_len:,} tokens asked")
     print(f"model      {manifest.run['model']}")
     print(f"tokens     {manifest.tokens:,} positions from {manifest.n_contexts:,} contexts of {manifest.context_len}")
     print(f"shards     {len(manifest.shards)} files, {size / 2**20:.1f} MiB, {manifest.dtype}")
@@ -323,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe an activation cache")
     info.add_argument("cache")
+    info.add_argument("--no-verify", dest="verify", action="store_false",
+                      help="skip checking every shard's size and SHA-256 (fast on a big cache)")
     info.set_defaults(run=cmd_info)
     return parser
 

@@ -6,7 +6,11 @@ same order, which is what lets an interrupted activation cache resume exactly wh
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import functools
+import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -32,15 +36,21 @@ def iter_documents(source: str | Path | None = None, *, field: str = "text", spl
     a JSONL file (each line's `field`), a folder of such files (sorted, recursive), or a Hugging Face dataset
     name (streamed; needs the network and the `datasets` package).
     """
+    found_text = False
+    for document in _source_documents(source, field, split, config):
+        found_text = found_text or (bool(document) and not document.isspace())
+        yield document
+    if not found_text:  # an empty file would otherwise give an empty cache or training run without a word
+        raise DataError(f"text source {str(source or DEFAULT_TEXT)!r} holds no text (it is empty or only whitespace)")
+
+
+def _source_documents(source, field: str, split: str, config: str | None) -> Iterator[str]:
     if source is None or str(source) == DEFAULT_TEXT:
         yield from _default_documents()
         return
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
-        if not files:
-            raise DataError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))})")
-        for file in files:
+        for file in _folder_files(path):
             yield from _file_documents(file, field)
     elif path.is_file():
         yield from _file_documents(path, field)
@@ -50,12 +60,54 @@ def iter_documents(source: str | Path | None = None, *, field: str = "text", spl
         yield from _hub_documents(str(source), field, split, config)
 
 
+def _folder_files(path: Path) -> list[Path]:
+    """The files of a folder source, in reading order."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES | JSONL_SUFFIXES)
+    if not files:
+        raise DataError(f"folder {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))})")
+    return files
+
+
 def describe_source(source: str | Path | None) -> str:
     """A stable description of a source, stored in cache manifests to recognise the same run."""
     if source is None or str(source) == DEFAULT_TEXT:
         return DEFAULT_TEXT
     path = Path(source).expanduser()
     return str(path.resolve()) if path.exists() else str(source)
+
+
+def source_sha256(source: str | Path | None) -> str | None:
+    """SHA-256 of a local source's content, so a run can tell an edited or replaced text from the one it began on.
+
+    A file: the hash of its bytes (what `sha256sum` prints). A folder: the hash of each text file's relative name
+    and hash, in reading order. None for the built-in default and Hub datasets (known by name only).
+    """
+    if source is None or str(source) == DEFAULT_TEXT:
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _file_sha256(path)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in _folder_files(path):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\0".encode())
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _hashed(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _hashed(path: str, size: int, mtime_ns: int) -> str:
+    """Hash a file once per (size, mtime): fingerprints are taken at every checkpoint, and a big text takes seconds."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _default_documents() -> Iterator[str]:
@@ -68,8 +120,8 @@ def _default_documents() -> Iterator[str]:
 
 def _file_documents(path: Path, field: str) -> Iterator[str]:
     if path.suffix in JSONL_SUFFIXES:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
+        with _open_text(path) as lines:
+            for number, line in enumerate(_strict_lines(path, lines), 1):
                 if not line.strip():
                     continue
                 try:
@@ -81,10 +133,10 @@ def _file_documents(path: Path, field: str) -> Iterator[str]:
                     raise DataError(f"{path}:{number} has no field {field!r} (it has: {keys}); pass field=...")
                 yield str(record[field])
         return
-    with path.open(encoding="utf-8", errors="replace") as text:
+    with _open_text(path) as text:
         chunk: list[str] = []
         size = 0
-        for line in text:
+        for line in _strict_lines(path, text):
             chunk.append(line)
             size += len(line)
             if size >= CHUNK_CHARS and not line.strip():
@@ -92,6 +144,46 @@ def _file_documents(path: Path, field: str) -> Iterator[str]:
                 chunk, size = [], 0
         if size:
             yield "".join(chunk)
+
+
+def _open_text(path: Path) -> io.TextIOWrapper:
+    """Open a text file strictly: a binary file is refused at once, invalid UTF-8 where it is met (no silent U+FFFD)."""
+    with path.open("rb") as raw:
+        if b"\0" in raw.read(1 << 13):
+            raise _binary(path)
+    return path.open(encoding="utf-8", errors="strict")
+
+
+def _strict_lines(path: Path, handle) -> Iterator[str]:
+    try:
+        for line in handle:
+            if "\0" in line:
+                raise _binary(path)
+            yield line
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {_first_bad_byte(path)}); convert it, "
+                        f"e.g. iconv -f latin1 -t utf-8 '{path}' > converted.txt") from None
+
+
+def _binary(path: Path) -> DataError:
+    return DataError(f"{path} holds NUL bytes: it is a binary file, not text; pass a UTF-8 text or JSONL file")
+
+
+def _first_bad_byte(path: Path) -> int:
+    """Byte offset of the first invalid UTF-8 sequence in a file (the text decoder only knows its own buffer)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as raw:
+        while True:
+            chunk = raw.read(1 << 20)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                return offset - pending + error.start
+            if not chunk:
+                return offset
+            offset += len(chunk)
 
 
 def _hub_documents(name: str, field: str, split: str, config: str | None) -> Iterator[str]:
@@ -212,4 +304,6 @@ class TextConfig:
         return dataclasses.replace(self, start=self.start + n_contexts)
 
     def fingerprint(self) -> dict:
-        return {**self.__dict__, "source": describe_source(self.source)}
+        """What identifies this text: the settings, the source, and for a local file or folder its content."""
+        content = source_sha256(self.source)
+        return {**self.__dict__, "source": describe_source(self.source), **({"sha256": content} if content else {})}

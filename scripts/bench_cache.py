@@ -1,13 +1,17 @@
 """Benchmark: tokens/s of caching one mid-depth hook of SmolLM2-135M, against the bare forward to that layer and a
 naive full-forward `run_with_cache`. All three see the same contexts of the same text.
 
-    python scripts/bench_cache.py [--tokens 16384] [--hook blocks.15.hook_resid_post] [--text default]
+The methods take turns, round after round (in a rotating order), and each reports its median round: a machine that
+gets busier or quieter during the benchmark slows every method alike instead of favouring the one measured then.
+
+    python scripts/bench_cache.py [--tokens 4096] [--rounds 3] [--hook blocks.15.hook_resid_post] [--text default]
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import tempfile
 import time
 from itertools import islice
@@ -30,10 +34,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--hook", default="blocks.15.hook_resid_post")
     parser.add_argument("--text", default="default")
-    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--context-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per method")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each method reports its median")
     args = parser.parse_args()
 
     model = load_model(args.model)
@@ -63,19 +67,24 @@ def main() -> None:
 
     model.activations(batches[0], [args.hook])  # warm-up: first-call allocations and hook-shape probe
     cache_to_disk()
-    results = {}
-    for name, fn in [("bare forward to layer", bare_forward), ("saelab cache (disk)", cache_to_disk),
-                     ("naive run_with_cache (full)", naive_run_with_cache)]:
-        results[name] = min(timed(fn) for _ in range(args.repeats))
+    methods = [("bare forward to layer", bare_forward), ("saelab cache (disk)", cache_to_disk),
+               ("naive run_with_cache (full)", naive_run_with_cache)]
+    rounds = {name: [] for name, _ in methods}
+    for number in range(args.rounds):
+        shift = number % len(methods)  # rotate who goes first, so no method always follows the same one
+        for name, fn in methods[shift:] + methods[:shift]:
+            rounds[name].append(timed(fn))
+    results = {name: statistics.median(times) for name, times in rounds.items()}
 
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}")
     print(f"model {args.model}, hook {args.hook} (forward stops after block {stop - 1 if stop else 'last'}), "
-          f"{tokens} tokens = {n_contexts} x {args.context_len}, batch {args.batch_size}, best of {args.repeats}")
-    print(f"{'method':<30}{'seconds':>10}{'tokens/s':>12}{'vs bare':>10}")
+          f"{tokens} tokens = {n_contexts} x {args.context_len}, batch {args.batch_size}, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"{'method':<30}{'seconds':>10}{'best':>8}{'tokens/s':>12}{'vs bare':>10}")
     bare = results["bare forward to layer"]
     for name, seconds in results.items():
-        print(f"{name:<30}{seconds:>10.2f}{tokens / seconds:>12,.0f}{seconds / bare:>9.2f}x")
+        print(f"{name:<30}{seconds:>10.2f}{min(rounds[name]):>8.2f}{tokens / seconds:>12,.0f}{seconds / bare:>9.2f}x")
     cached = results["saelab cache (disk)"]
     print(f"RESULT cache_tok_s={tokens / cached:.0f} forward_tok_s={tokens / bare:.0f} "
           f"overhead={cached / bare - 1:.3f}")

@@ -13,19 +13,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from saelab.errors import CacheError
+from saelab.files import write_atomic  # noqa: F401  (re-exported: other modules import it from here)
 
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activations"
 VERSION = 1
 
 
+SHARD_PATTERN = re.compile(r"shard_\d{5,}\.safetensors")
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
+
+
+def written_by_saelab(name: str) -> bool:
+    """Whether a file name in a cache folder is one a cache run writes (what --overwrite may delete)."""
+    name = name.removesuffix(".tmp")  # what write_atomic leaves behind if killed mid-write
+    return name == MANIFEST or SHARD_PATTERN.fullmatch(name) is not None
 
 
 @dataclass
@@ -104,21 +115,6 @@ class Manifest:
         write_atomic(Path(folder) / MANIFEST, self.to_json().encode())
 
 
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Write via a temporary file, fsync, rename, fsync the folder: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -138,3 +134,25 @@ def check_shard(folder: Path, record: ShardRecord, *, checksum: bool = True) -> 
         raise CacheError(f"shard {path} is truncated or damaged: {size} bytes, the manifest says {record.bytes}; {repair}")
     if checksum and file_sha256(path) != record.sha256:
         raise CacheError(f"shard {path} is corrupt: its SHA-256 does not match the manifest; {repair}")
+
+
+def cache_command(folder: str | Path, manifest: Manifest) -> str | None:
+    """The `saelab cache` command that finishes or repairs this cache (its recorded settings as flags), so repair
+    advice is a command to copy; None when the run used settings the command line cannot express."""
+    run, text = manifest.run, manifest.run.get("text", {})
+    python_only = {"split": "train", "config": None, "shuffle_window": 1024, "start": 0, "pack": True}
+    if any(text.get(key, value) != value for key, value in python_only.items()) or "source" not in text:
+        return None
+    words = ["saelab", "cache", "--model", run["model"], "--hooks", ";".join(run["hooks"]), "--out", str(folder),
+             "--tokens", str(manifest.target_contexts * manifest.context_len), "--text", text["source"],
+             "--context-len", str(manifest.context_len), "--batch-size", str(run["batch_size"]),
+             "--shard-tokens", str(manifest.shard_contexts * manifest.context_len), "--dtype", manifest.dtype]
+    if text.get("field", "text") != "text":
+        words += ["--field", text["field"]]
+    if not text.get("prepend_bos", True):
+        words.append("--no-bos")
+    if text.get("seed") is not None:
+        words += ["--seed", str(text["seed"])]
+    if not run.get("drop_bos", True):
+        words.append("--keep-bos")
+    return shlex.join(words)

@@ -7,9 +7,9 @@ second run with the same arguments recomputes exactly the shards that are missin
 from __future__ import annotations
 
 import hashlib
-import shutil
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import torch
@@ -17,9 +17,10 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 import saelab
-from saelab.activations.manifest import MANIFEST, Manifest, ShardRecord, check_shard, shard_name, write_atomic
+from saelab.activations.manifest import MANIFEST, Manifest, ShardRecord, check_shard, shard_name, written_by_saelab
 from saelab.data import TextConfig, token_batches
-from saelab.errors import CacheError
+from saelab.errors import CacheError, DataError
+from saelab.files import LOCK_FILE, FolderLock, remove_owned, write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +53,7 @@ def cache_activations(
         raise ValueError(f"context_len {text.context_len} is longer than {model.name} allows ({model.n_ctx})")
     if tokens < 1 or batch_size < 1:
         raise ValueError(f"tokens and batch_size must be positive, got tokens={tokens}, batch_size={batch_size}")
+    contexts = _contexts(text, model.tokenizer)
     shard_contexts = max(batch_size, shard_tokens // text.context_len // batch_size * batch_size)
     fresh = Manifest(
         run={"model": model.name, "hooks": hooks, "dtype": dtype, "drop_bos": drop_bos, "batch_size": batch_size,
@@ -64,22 +66,45 @@ def cache_activations(
         saelab_version=saelab.__version__,
     )
     out = Path(out)
-    manifest = _open_run(out, fresh, overwrite)
+    _check_folder(out, overwrite)  # before the lock, which would leave a lock file in a folder we must not touch
+    with FolderLock(out, "activation cache"):
+        manifest = _open_run(out, fresh, overwrite, tokens)
+        _write_shards(model, hooks, out, manifest, contexts, text, dtype, drop_bos, progress)
+    if not manifest.complete:
+        raise CacheError(f"{out}: cache incomplete after the run; re-run the same command to finish it")
+    if manifest.exhausted_at is not None and manifest.exhausted_at < manifest.target_contexts:
+        warnings.warn(f"the text {text.source!r} ran out: the cache holds {manifest.n_contexts * text.context_len:,} "
+                      f"tokens, fewer than the {manifest.target_contexts * text.context_len:,} asked", stacklevel=2)
+    return manifest
+
+
+def _contexts(text: TextConfig, tokenizer):
+    """The run's context stream; a text too short for even one context is an error, not an empty cache."""
+    contexts = text.contexts(tokenizer)
+    first = next(contexts, None)
+    if first is None:
+        raise DataError(f"the text {text.source!r} is too short for one context of {text.context_len} tokens"
+                        + (f" after skipping {text.start}" if text.start else "") + "; use a longer text")
+    return chain([first], contexts)
+
+
+def _write_shards(model, hooks, out: Path, manifest: Manifest, contexts, text: TextConfig, dtype: str,
+                  drop_bos: bool, progress: bool) -> None:
+    """Compute and write every shard the manifest lacks, reading the whole context stream in order."""
     todo = _shards_to_compute(out, manifest)
     bar = tqdm(total=len(todo), desc=f"caching {len(hooks)} hook(s)", unit="shard", disable=not progress)
-    contexts = text.contexts(model.tokenizer)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     with ThreadPoolExecutor(max_workers=1) as io:  # serialise + hash + write the last shard while computing the next
         pending: Future | None = None
         for index in range(manifest.n_shards):
             chunk = list(islice(contexts, manifest.expected_contexts(index)))
             if len(chunk) < manifest.expected_contexts(index):  # the text ran out: the cache ends here
-                manifest.exhausted_at = index * shard_contexts + len(chunk)
+                manifest.exhausted_at = index * manifest.shard_contexts + len(chunk)
             if index not in todo or not chunk:
                 continue
-            batches = token_batches(chunk, batch_size, text.context_len, pad_id=pad_id,
+            batches = token_batches(chunk, manifest.run["batch_size"], text.context_len, pad_id=pad_id,
                                     drop_bos=drop_bos and text.prepend_bos)
-            tensors = _compute_shard(model, hooks, batches, DTYPES[dtype], index)
+            tensors = _compute_shard(model, hooks, batches, dtype, index)
             if pending is not None:
                 pending.result()
             pending = io.submit(_write_shard, out, manifest, index, len(chunk), tensors)
@@ -87,31 +112,72 @@ def cache_activations(
         if pending is not None:
             pending.result()
     bar.close()
-    manifest.shards = [s for s in manifest.shards if s.index < manifest.n_shards]
     manifest.write(out)
-    if not manifest.complete:
-        raise CacheError(f"{out}: cache incomplete after the run; re-run the same command to finish it")
-    return manifest
 
 
-def _open_run(out: Path, fresh: Manifest, overwrite: bool) -> Manifest:
-    """Start a new run in `out`, or continue the same run found there."""
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def _check_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding anything but an activation cache, before anything in it is written or deleted."""
+    if out.exists() and not out.is_dir():
+        raise CacheError(f"{out} is a file, not a folder; choose another output folder")
+    if not out.is_dir():
+        return
+    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    foreign = [name for name in names if not written_by_saelab(name)]
+    if overwrite and foreign:
+        raise CacheError(f"{out} holds files that are not part of an activation cache ({_shown(foreign)}); "
+                         "overwrite deletes only what saelab wrote, so nothing was deleted: remove them yourself "
+                         "or choose another folder")
+    if not overwrite and names and not (out / MANIFEST).exists():
+        raise CacheError(f"{out} is not empty and holds no activation cache ({_shown(names)}); choose another "
+                         "folder" + ("" if foreign else ", or pass overwrite=True (--overwrite) to clear these leftovers"))
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """Which run settings differ, one level into nested settings ('text.sha256'), so the error can name them."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [f"{key}.{sub}" for sub in sorted(set(a) | set(b)) if a.get(sub) != b.get(sub)]
+        else:
+            changed.append(key)
+    return changed
+
+
+def _open_run(out: Path, fresh: Manifest, overwrite: bool, tokens: int) -> Manifest:
+    """Start a new run in `out`, or continue the same run found there (never with fewer contexts than it has)."""
+    _check_folder(out, overwrite)
+    if overwrite:
+        remove_owned(out, {p.name for p in out.iterdir() if written_by_saelab(p.name)}, "activation cache")
     if (out / MANIFEST).exists():
         existing = Manifest.read(out)
         if existing.run != fresh.run:
-            changed = sorted(k for k in fresh.run if existing.run.get(k) != fresh.run[k])
+            changed = _differences(existing.run, fresh.run)
+            why = ""
+            if "text.sha256" in changed:
+                source = fresh.run["text"]["source"]
+                why = (f"; the content of {source} is not the text this cache was made from" if
+                       existing.run.get("text", {}).get("sha256") else
+                       f"; this cache was written by an older saelab that did not record the content of {source}, "
+                       "so it cannot be extended safely")
             raise CacheError(
-                f"{out} holds a different run (differs in: {', '.join(changed)}); choose another folder or pass "
+                f"{out} holds a different run (differs in: {', '.join(changed)}){why}; choose another folder or pass "
                 "overwrite=True (--overwrite) to replace it"
             )
-        existing.target_contexts = fresh.target_contexts
-        existing.exhausted_at = None if fresh.target_contexts > existing.n_contexts else existing.exhausted_at
+        if existing.n_contexts > fresh.target_contexts:  # only overwrite may shrink a cache
+            held = existing.n_contexts * existing.context_len
+            warnings.warn(f"{out} holds {held:,} tokens, more than the {tokens:,} asked; keeping them "
+                          "(overwrite=True / --overwrite rebuilds it smaller)", stacklevel=3)
+        elif fresh.target_contexts > existing.n_contexts:
+            existing.exhausted_at = None  # asked for more than the text gave last time: look again
+        existing.target_contexts = max(existing.target_contexts, fresh.target_contexts)
         return existing
-    if out.exists() and any(out.iterdir()):
-        raise CacheError(f"{out} is not empty and holds no activation cache; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
     fresh.write(out)
     return fresh
 
@@ -133,7 +199,7 @@ def _shards_to_compute(out: Path, manifest: Manifest) -> set[int]:
 
 
 @torch.inference_mode()
-def _compute_shard(model, hooks, batches, dtype, index) -> dict[str, torch.Tensor]:
+def _compute_shard(model, hooks, batches, dtype: str, index) -> dict[str, torch.Tensor]:
     acts = {h: [] for h in hooks}
     all_tokens, positions = [], []
     offset = 0
@@ -141,11 +207,11 @@ def _compute_shard(model, hooks, batches, dtype, index) -> dict[str, torch.Tenso
         out = model.activations(batch.tokens, hooks, flatten=True)
         keep = batch.mask.flatten()
         for hook in hooks:
-            rows = out[hook].flatten(0, 1)[keep.to(out[hook].device)]
-            if not torch.isfinite(rows).all():
-                raise CacheError(f"{model.name} produced NaN/Inf activations at {hook} in shard {index}; "
-                                 "try a float32 model or check the input text")
-            acts[hook].append(rows.to("cpu", dtype))
+            raw = out[hook].flatten(0, 1)[keep.to(out[hook].device)]
+            rows = raw.to(DTYPES[dtype])
+            if not torch.isfinite(rows).all():  # check what is stored: a finite value can overflow float16
+                raise _non_finite(model, hook, index, raw, dtype)
+            acts[hook].append(rows.to("cpu"))
         positions.append(keep.nonzero().squeeze(1) + offset)
         all_tokens.append(batch.tokens)
         offset += batch.tokens.numel()
@@ -153,6 +219,16 @@ def _compute_shard(model, hooks, batches, dtype, index) -> dict[str, torch.Tenso
     tensors["tokens"] = torch.cat(all_tokens).to(torch.int32)
     tensors["positions"] = torch.cat(positions).to(torch.int32)
     return tensors
+
+
+def _non_finite(model, hook: str, index: int, raw: torch.Tensor, dtype: str) -> CacheError:
+    if not torch.isfinite(raw).all():
+        return CacheError(f"{model.name} produced NaN/Inf activations at {hook} in shard {index}; "
+                          "try a float32 model or check the input text")
+    wider = "bfloat16 or float32" if dtype == "float16" else "float32"
+    return CacheError(f"activations at {hook} in shard {index} overflow {dtype} (largest magnitude "
+                      f"{raw.abs().max().item():.4g}; {dtype} holds up to {torch.finfo(DTYPES[dtype]).max:.4g}); "
+                      f"cache with --dtype {wider} instead")
 
 
 def _write_shard(out: Path, manifest: Manifest, index: int, n_contexts: int, tensors: dict) -> None:

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--shard-tokens", type=parse_count, default=1 << 16, help="approximate tokens per shard")
     cache.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     cache.add_argument("--keep-bos", action="store_true", help="also store the BOS position (an attention sink)")
-    cache.add_argument("--overwrite", action="store_true", help="replace a different run found in --out")
+    cache.add_argument("--overwrite", action="store_true", help="replace a different run found in --out (deletes only files saelab wrote)")
     cache.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
     _text_arguments(cache)
     cache.set_defaults(run=cmd_cache)

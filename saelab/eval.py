@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from saelab import __version__
 from saelab.activations.store import ActivationBatch, ActivationStore
 from saelab.data import TextConfig, token_batches
 from saelab.errors import DataError, HookError
+from saelab.interventions import Replace, Tokens
 
 if TYPE_CHECKING:
     from saelab.models import LanguageModel
@@ -459,26 +460,9 @@ def _resolve_hook(model, sae, hook: str | None) -> str:
     return found[0]
 
 
-def _replaced_positions(tokens: Tensor, mask: Tensor, bos_id: int | None, splice_bos: bool) -> Tensor:
+def _replaced_positions(tokens: Tokens, splice_bos: bool) -> Tensor:
     """bool [b, L]: positions whose activation is substituted (real tokens, minus a leading BOS unless splice_bos)."""
-    replace = mask.clone()
-    if not splice_bos and bos_id is not None:
-        replace[:, 0] &= tokens[:, 0] != bos_id
-    return replace
-
-
-def _splice(replace_fn: Callable[[Tensor], Tensor], where: Tensor, hook_name: str):
-    """A forward hook that substitutes replace_fn(x) for the activation at positions `where` ([b, L] bool)."""
-
-    def fn(activation, hook):  # TransformerLens passes the HookPoint as the keyword `hook`
-        if not isinstance(activation, Tensor) or activation.ndim < 3:
-            raise HookError(f"hook {hook_name} does not give a [batch, pos, ...] tensor; it cannot be spliced")
-        x = activation.flatten(2)
-        new = replace_fn(x).to(x.dtype)
-        new = torch.where(where.to(x.device).unsqueeze(-1), new, x)
-        return new.reshape(activation.shape)
-
-    return fn
+    return tokens.mask if splice_bos else tokens.text_mask
 
 
 class _Loss:
@@ -519,7 +503,7 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
         total, count = torch.zeros(sae.cfg.d_in, dtype=torch.float64), 0
         for ids, mask in batches:
             x = model.activations(ids, [hook], flatten=True)[hook].to("cpu", torch.float64)
-            where = _replaced_positions(ids, mask, bos_id, splice_bos)
+            where = _replaced_positions(Tokens(ids, mask, bos_id), splice_bos)
             total += x[where].sum(0)
             count += int(where.sum())
         mean_activation = total / max(count, 1)
@@ -536,18 +520,16 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
     clean, spliced, zero, mean = _Loss(), _Loss(), _Loss(), _Loss()
     n_predictions = n_contexts = 0
     for ids, mask in batches:
-        ids, mask = ids.to(device), mask.to(device)
-        where = _replaced_positions(ids, mask, bos_id, splice_bos)
-        targets, valid = ids[:, 1:], mask[:, 1:]
-        clean_logp = model.bridge(ids, return_type="logits")[:, :-1].float().log_softmax(-1)
+        tokens = Tokens(ids, mask, bos_id)
+        where = _replaced_positions(tokens, splice_bos)
+        targets, valid = ids[:, 1:].to(device), mask[:, 1:].to(device)
+        clean_logp = model.logits(tokens)[:, :-1].float().log_softmax(-1)
         clean.add(clean_logp, clean_logp, targets, valid)
         variants = [(spliced, lambda x, w=where: sae_replace(x, w)), (zero, torch.zeros_like)]
         if mean_ablation:
-            m = mean_activation.reshape(-1)
-            variants.append((mean, lambda x, m=m: m.to(x.device, x.dtype).expand_as(x)))
-        for loss, replace_fn in variants:
-            logits = model.bridge.run_with_hooks(ids, fwd_hooks=[(hook, _splice(replace_fn, where, hook))],
-                                                 return_type="logits")
+            variants.append((mean, mean_activation.reshape(-1)))
+        for loss, value in variants:
+            logits = model.logits(tokens, patches=[Replace(hook, value, positions=where)])
             loss.add(logits[:, :-1].float().log_softmax(-1), clean_logp, targets, valid)
         n_predictions += int(valid.sum())
         n_contexts += len(ids)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from saelab.errors import HookError, ModelError
+from saelab.interventions import Interventions, Tokens
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("SAELAB_CACHE", Path.home() / ".cache" / "saelab"))
 
 
-class LanguageModel:
-    """A hooked language model with its tokenizer; reads activations without running past the last hook."""
+class LanguageModel(Interventions):
+    """A hooked language model with its tokenizer; reads activations without running past the last hook.
+
+    The intervention methods (activations_at, patched, logits, loss, generate) come from saelab.interventions.
+    """
 
     def __init__(self, name: str, bridge, tokenizer):
         self.name = name
@@ -128,8 +132,8 @@ class LanguageModel:
     def hook_shape(self, hook: str) -> tuple[int, ...]:
         """Trailing shape of a hook's activation (per token), found by a two-token probe forward."""
         if hook not in self._hook_shapes:
-            probe = torch.zeros(1, 2, dtype=torch.long, device=self.device)
-            acts = self.activations(probe, [hook])
+            probe = torch.zeros(1, 2, dtype=torch.long)
+            acts = self._capture(probe, [hook], patched=False)
             self._hook_shapes[hook] = tuple(acts[hook].shape[2:])
         return self._hook_shapes[hook]
 
@@ -141,8 +145,13 @@ class LanguageModel:
     def activations(self, tokens: torch.Tensor, hooks: list[str], flatten: bool = False) -> dict[str, torch.Tensor]:
         """Run `tokens` [batch, pos] just far enough to fill every hook; return {hook: activation}.
 
-        With flatten=True each activation is [batch, pos, d] (heads x d_head folded into d).
+        With flatten=True each activation is [batch, pos, d] (heads x d_head folded into d). Patches of an
+        enclosing `patched()` block apply (for texts and chosen positions, see `activations_at`).
         """
+        return self._capture(tokens, hooks, flatten)
+
+    def _capture(self, tokens: torch.Tensor, hooks: list[str], flatten: bool = False,
+                 patched: bool = True) -> dict[str, torch.Tensor]:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
         if tokens.shape[1] > self.n_ctx:
@@ -159,12 +168,9 @@ class LanguageModel:
 
             return hook_fn
 
-        self.bridge.run_with_hooks(
-            tokens.to(self.device),
-            fwd_hooks=[(h, capture(h)) for h in hooks],
-            stop_at_layer=self.stop_layer(hooks),
-            return_type=None,
-        )
+        tokens = Tokens(tokens, torch.ones(tokens.shape, dtype=torch.bool), self.bos_token_id)
+        self._run(tokens, bound=None if patched else [], stop_at_layer=self.stop_layer(hooks), logits=False,
+                  extra_hooks=[(h, capture(h)) for h in hooks])
         return captured
 
 

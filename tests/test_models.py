@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from saelab.errors import HookError, ModelError
+from saelab.interventions import Read
 from saelab.models import OFFLINE_MODELS, expand_braces, load_model
 
 
@@ -64,15 +65,11 @@ def test_activations_match_the_huggingface_hidden_states(tiny_model):
 
 
 def test_truncated_forward_never_runs_later_blocks(tiny_model):
-    calls = []
-    handle = tiny_model.bridge.original_model.model.layers[1].register_forward_hook(lambda *a: calls.append(1))
-    try:
+    with tiny_model.patched(later := Read("blocks.1.hook_attn_out")):  # fires only if block 1 runs
         tiny_model.activations(torch.ones(1, 4, dtype=torch.long), ["blocks.0.hook_resid_post"])
-        assert calls == []
+        assert later.value is None
         tiny_model.activations(torch.ones(1, 4, dtype=torch.long), ["blocks.1.hook_resid_post"])
-        assert calls == [1]
-    finally:
-        handle.remove()
+        assert later.value is not None
 
 
 def test_head_hooks_flatten_and_bad_shapes_are_refused(tiny_model):

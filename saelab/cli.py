@@ -274,6 +274,96 @@ def cmd_push(args) -> None:
     print(f"{'wrote what would be uploaded to' if args.dry_run else 'pushed to'} {where}")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r} (example: 1,4,16)") from None
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of numbers: {text!r} (example: 0,0.5,1)") from None
+
+
+def _positions(text: str):
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def cmd_probe(args) -> None:
+    """Probe residual dimensions, MLP neurons and SAE latents at each hook for a labelled concept."""
+    from saelab.analysis import Features, neuron_hook, run_probes
+    from saelab.analysis.concepts import load_data
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    data = load_data(args.data, args.shared_data)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    hooks = model.resolve_hooks(args.hooks.split(";"))
+    features = [Features(hook) for hook in hooks]
+    for hook in hooks if args.neurons else []:
+        layer = hook.split(".")[1] if hook.startswith("blocks.") else None
+        if layer is None:
+            raise ValueError(f"--neurons: {hook} is not inside a block, so it has no MLP neurons")
+        features.append(Features(neuron_hook(model, int(layer))))
+    for folder in args.sae or []:
+        sae = load_sae(folder)
+        if sae.cfg.hook_name not in hooks:
+            raise ValueError(f"SAE {folder} was trained on {sae.cfg.hook_name or 'an unnamed hook'}, which is not "
+                             f"among --hooks ({', '.join(hooks)}); add its hook or leave it out")
+        features.append(Features(sae=sae, label=f"sae {Path(folder).name} @ {sae.cfg.hook_name}"))
+    results = run_probes(model, data, features, ks=args.k, positions=args.positions, seed=args.seed,
+                         batch_size=args.batch_size, log=print)
+    out = results.save(args.out)
+    print(results.table())
+    print(f"wrote {out}/probes.json, probes.md, accuracy_vs_k.png ({results.seconds:.0f} s)")
+
+
+def cmd_steer(args) -> None:
+    """Sweep a steering strength: target effect and side effects (KL, CE on unrelated text) at each alpha."""
+    from saelab.analysis import LogitDiff, Steer, WordFrequency, sweep
+    from saelab.analysis.concepts import load_data
+    from saelab.analysis.probes import concept_direction
+    from saelab.analysis.steering import side_passages
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    side = side_passages(args.side_text, args.side_texts, args.side_words)
+    if args.sae:
+        sae = load_sae(args.sae)
+        if args.latent is None:
+            raise ValueError("--sae needs --latent (the latent to clamp or to steer along)")
+        steer = Steer.clamp(sae, args.latent) if args.clamp else Steer.decoder_row(sae, args.latent, model, side)
+    elif args.data:
+        if not args.hook:
+            raise ValueError("--data needs --hook (where to read the classes and to add the direction)")
+        data = load_data(args.data, args.shared_data)
+        positive = args.positive or data.positive or data.classes[-1]
+        (hook,) = model.resolve_hooks(args.hook)
+        X = model.activations_at(data.texts, hook, _positions(args.positions))[hook]
+        import torch
+
+        theta = concept_direction(X, torch.tensor([label == positive for label in data.labels]).long())
+        steer = Steer.direction(model, hook, theta, side)
+    else:
+        raise ValueError("give --data (steer along the difference of class means) or --sae with --latent")
+    prompts = args.prompts.split("|")
+    if args.words:
+        target = WordFrequency(prompts, args.words.split(","), n_new=args.new_tokens)
+    elif args.up:
+        target = LogitDiff(prompts, args.up.split(","), args.down.split(",") if args.down else [])
+    else:
+        raise ValueError("give a target: --up (and --down) words for a logit difference, or --words to count in "
+                         "generations")
+    result = sweep(model, steer, args.alphas, target, side, log=print)
+    result.save(args.out)
+    print(result.table())
+    print(f"wrote {args.out}/steering.json and steering.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saelab", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -346,6 +436,49 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", help="commit message")
     push.add_argument("--license", help="license for the model card, e.g. apache-2.0")
     push.set_defaults(run=cmd_push)
+
+    probe = commands.add_parser("probe", help="linear probes on residual dims, MLP neurons and SAE latents")
+    probe.add_argument("--model", required=True, help="smollm2-135m, gemma-3-270m, a Hub id or a local folder")
+    probe.add_argument("--hooks", required=True, help="hooks separated by ';', e.g. 'blocks.{5,10,15}.hook_resid_post'")
+    probe.add_argument("--data", required=True,
+                       help="JSONL / CSV (text, label[, doc]), a folder with one file or sub-folder per label, or a "
+                            "built-in concept: genre, calendar, languages")
+    probe.add_argument("--sae", action="append", help="SAE folder whose latents to probe too (repeatable; its hook "
+                                                        "must be among --hooks)")
+    probe.add_argument("--neurons", action="store_true", help="also probe each hook's block's MLP neurons")
+    probe.add_argument("--k", type=_int_list, default=[1, 2, 4, 8, 16], help="sparse probe sizes, e.g. 1,4,16")
+    probe.add_argument("--positions", type=_positions, default="mean",
+                       help="'mean' (over tokens, no BOS), 'last', or a token index")
+    probe.add_argument("--seed", type=int, default=0, help="seeds the document split and the class balancing")
+    probe.add_argument("--batch-size", type=int, default=16)
+    probe.add_argument("--shared-data", help="folder holding wikitext-2-raw and tinyshakespeare (for genre)")
+    probe.add_argument("--out", default="runs/probe", help="folder for probes.json, probes.md, accuracy_vs_k.png")
+    probe.add_argument("--trust-remote-code", action="store_true")
+    probe.set_defaults(run=cmd_probe)
+
+    steer = commands.add_parser("steer", help="steering sweep: target effect and side effects (KL, CE) per alpha")
+    steer.add_argument("--model", required=True)
+    steer.add_argument("--hook", help="where to add the direction (with --data)")
+    steer.add_argument("--data", help="labelled data: steer along the difference of means of --positive vs the rest")
+    steer.add_argument("--positive", help="the class to steer towards (default: the data's own, else the last)")
+    steer.add_argument("--positions", default="mean", help="positions the class means are read at")
+    steer.add_argument("--sae", help="SAE folder: steer along --latent's decoder row, or --clamp it")
+    steer.add_argument("--latent", type=int)
+    steer.add_argument("--clamp", action="store_true", help="clamp the latent to alpha instead of adding its row")
+    steer.add_argument("--alphas", type=_float_list, default=[0, 0.25, 0.5, 1, 2],
+                       help="steering strengths; for a direction in units of the hook's mean activation norm")
+    steer.add_argument("--prompts", required=True, help="prompts separated by '|'")
+    steer.add_argument("--up", help="comma list of one-token words whose logits should rise (target: logit diff)")
+    steer.add_argument("--down", help="comma list of one-token words to subtract")
+    steer.add_argument("--words", help="comma list of words to count in greedy generations (target: frequency)")
+    steer.add_argument("--new-tokens", type=int, default=12)
+    steer.add_argument("--side-text", default="default", help="unrelated text for KL and CE (file, folder, default)")
+    steer.add_argument("--side-texts", type=int, default=16, help="passages of side text")
+    steer.add_argument("--side-words", type=int, default=48, help="words per side passage")
+    steer.add_argument("--shared-data", help="folder holding wikitext-2-raw and tinyshakespeare (for genre)")
+    steer.add_argument("--out", default="runs/steer")
+    steer.add_argument("--trust-remote-code", action="store_true")
+    steer.set_defaults(run=cmd_steer)
 
     info = commands.add_parser("info", help="describe an activation cache")
     info.add_argument("cache")

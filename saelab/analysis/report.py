@@ -1,0 +1,183 @@
+"""Run probes over a labelled dataset and keep the results as a typed, versioned record (probes.json), a Markdown
+table and an accuracy-vs-k figure, like eval's metrics.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from saelab import __version__
+from saelab.analysis.concepts import SPLITS, LabelledTexts, split_documents, tasks
+from saelab.analysis.probes import C_GRID, METHODS, Features, extract, fit_probes
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "probes.json"
+
+
+@dataclass
+class ProbeRecord:
+    """One probe's test scores (computed once, on the test split) and how it was chosen."""
+
+    task: str
+    features: str
+    kind: str
+    """resid, neurons, sae or hook."""
+    hook: str
+    method: str
+    """logistic, diff_of_means, diff_of_means_whitened, sparse_mean_diff or sparse_l1."""
+    k: int | None
+    C: float | None
+    val_accuracy: float | None
+    test_accuracy: float
+    test_auc: float
+    n_train: int
+    n_val: int
+    n_test: int
+    selected: list[int] | None = None
+    """The features a sparse probe reads, in rank order."""
+
+    @property
+    def layer(self) -> int | None:
+        found = re.match(r"blocks\.(\d+)\.", self.hook)
+        return int(found.group(1)) if found else None
+
+
+@dataclass
+class ProbeResults:
+    model: str
+    data: dict[str, Any]
+    """Dataset name, sizes, classes, positions, seed and split fractions."""
+    records: list[ProbeRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+    saelab_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ProbeResults":
+        version = d.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(f"probe results schema_version {version!r} is not one this saelab ({__version__}) reads")
+        d = dict(d)
+        d["records"] = [ProbeRecord(**r) for r in d.get("records", [])]
+        return cls(**d)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ProbeResults":
+        return cls.from_dict(json.loads((Path(folder) / RESULTS_FILE).read_text()))
+
+    def mean_accuracy(self) -> dict[tuple[str, str, int | None], float]:
+        """{(features, method, k): test accuracy averaged over tasks (one-vs-rest classes)}."""
+        groups: dict[tuple, list[float]] = {}
+        for r in self.records:
+            groups.setdefault((r.features, r.method, r.k), []).append(r.test_accuracy)
+        return {key: sum(v) / len(v) for key, v in groups.items()}
+
+    def table(self, ks: Sequence[int] | None = None) -> str:
+        """Markdown: one row per feature set, test accuracy (mean over tasks) per method and k (all, or `ks`)."""
+        means = self.mean_accuracy()
+        columns = sorted({(m, k) for _, m, k in means if k is None or ks is None or k in ks},
+                         key=lambda c: (METHODS.index(c[0]), c[1] or 0))
+        head = ["features"] + [m if k is None else f"{m.replace('sparse_', '')} k={k}" for m, k in columns]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in dict.fromkeys(r.features for r in self.records):
+            cells = [f"{means[(name, m, k)]:.3f}" if (name, m, k) in means else "" for m, k in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        n_tasks = len({r.task for r in self.records})
+        return (f"{self.data.get('name', 'data')} on {self.model}: test accuracy"
+                f"{f', mean of {n_tasks} one-vs-rest tasks' if n_tasks > 1 else ''}\n\n" + "\n".join(lines) + "\n")
+
+    def plot(self, path: str | Path, title: str = "") -> Path:
+        """Accuracy vs k (mean over tasks): one colour per feature set, solid |mean-diff| ranking, dotted L1 path,
+        the dense logistic probe as a marker at the right."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        means = self.mean_accuracy()
+        names = list(dict.fromkeys(r.features for r in self.records))
+        ks = sorted({k for _, _, k in means if k is not None})
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        right = (ks[-1] * 2.5) if ks else 1
+        for i, name in enumerate(names):
+            colour = plt.cm.viridis(i / max(len(names) - 1, 1)) if "sae" not in name else plt.cm.autumn(i / len(names))
+            for method, style in (("sparse_mean_diff", "-"), ("sparse_l1", ":")):
+                xs = [k for k in ks if (name, method, k) in means]
+                if xs:
+                    ax.plot(xs, [means[(name, method, k)] for k in xs], style, marker="o", ms=3, color=colour,
+                            label=name if method == "sparse_mean_diff" else None)
+            if (name, "logistic", None) in means:
+                ax.plot([right], [means[(name, "logistic", None)]], marker="*", ms=9, color=colour)
+        ax.set_xscale("log")
+        ax.set_xticks(ks + [right], [str(k) for k in ks] + ["all"])
+        ax.set_xlabel("k (features the probe reads; solid: top |mean diff|, dotted: L1 path; star: dense)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(title or f"{self.data.get('name', '')} on {self.model}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def save(self, folder: str | Path) -> Path:
+        """probes.json, probes.md and accuracy_vs_k.png in `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RESULTS_FILE).write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        (folder / "probes.md").write_text(self.table())
+        self.plot(folder / "accuracy_vs_k.png")
+        return folder
+
+
+def run_probes(model, data: LabelledTexts, features: Sequence[Features], *, ks: Sequence[int] = (1, 2, 4, 8, 16),
+               positions="mean", seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2),
+               methods: Sequence[str] = METHODS, Cs: Sequence[float] = C_GRID, positive: str | None = None,
+               batch_size: int = 16, log=None) -> ProbeResults:
+    """Split by document, build balanced binary tasks (one-vs-rest for more than two labels), read every feature
+    set in one pass over the texts, fit each probe on train + validation and score it once on test."""
+    started = time.perf_counter()
+    split = split_documents(data, fractions, seed)
+    jobs = tasks(data, split, seed, positive)
+    used = sorted({i for t in jobs for s in SPLITS for i in t.rows[s]})
+    where = {row: j for j, row in enumerate(used)}
+    if log:
+        log(f"{data.name}: {len(used)} texts, {len(jobs)} task(s), features: {', '.join(f.name for f in features)}")
+    X = extract(model, [data.texts[i] for i in used], features, positions, batch_size=batch_size)
+    results = ProbeResults(model=model.name, data={
+        "name": data.name, "n_examples": len(data), "n_documents": len(set(data.docs)), "classes": data.classes,
+        "positions": positions if isinstance(positions, (str, int)) else "per-text", "seed": seed,
+        "fractions": list(fractions), "ks": sorted(set(ks))})
+    for task in jobs:
+        rows = {s: [where[i] for i in task.rows[s]] for s in SPLITS}
+        y = {s: torch.tensor(task.y[s]) for s in SPLITS}
+        for f in features:
+            x = X[f.name]
+            probes = fit_probes(x[rows["train"]], y["train"], x[rows["val"]], y["val"], ks=ks, methods=methods, Cs=Cs)
+            for probe in probes:  # the test split, scored once
+                score = probe.score(x[rows["test"]], y["test"])
+                results.records.append(ProbeRecord(
+                    task=task.name, features=f.name, kind=f.kind, hook=f.hook, method=probe.method, k=probe.k,
+                    C=probe.C, val_accuracy=probe.val_accuracy, test_accuracy=score["accuracy"],
+                    test_auc=score["auc"], n_train=len(rows["train"]), n_val=len(rows["val"]),
+                    n_test=len(rows["test"]), selected=probe.features))
+        if log:
+            log(f"  {task.name}: " + ", ".join(f"{r.features.split(' @ ')[0]}@L{r.layer} {r.test_accuracy:.2f}"
+                                            for r in results.records if r.task == task.name and r.method == "logistic"))
+    results.seconds = time.perf_counter() - started
+    return results
+
+
+__all__ = ["ProbeRecord", "ProbeResults", "RESULTS_FILE", "SCHEMA_VERSION", "run_probes"]

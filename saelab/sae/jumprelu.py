@@ -99,10 +99,12 @@ class JumpReLUTraining(Training):
         x_hat = sae.decode(codes)
         mse = mse_of(x, x_hat)
         l0_smooth = wide(heaviside(z, theta, cfg.jumprelu_bandwidth)).sum(-1).mean()
-        sparsity = warmup(cfg.l0_coefficient, step, cfg.sparsity_warmup_steps) * l0_smooth
+        coefficient = warmup(cfg.l0_coefficient, step, cfg.sparsity_warmup_steps)
+        sparsity = coefficient * l0_smooth
         l0, fired = summarise(codes)
         return TrainOutput(loss=mse + sparsity, mse=mse.detach(), aux_loss=mse.new_zeros(()),
-                           sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach())
+                           sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach(),
+                           extras={"l0_coefficient": l0_smooth.new_tensor(coefficient)})
 
 
 JumpReLUSAE.training_cls = JumpReLUTraining

@@ -29,11 +29,12 @@ class ReLUTraining(Training):
         x_hat = sae.decode(codes)
         mse = mse_of(x, x_hat)
         l1 = (wide(codes).abs() * wide(sae.W_dec).norm(dim=1)).sum(-1).mean()
-        sparsity = warmup(self.cfg.l1_coefficient, step, self.cfg.sparsity_warmup_steps) * l1
+        coefficient = warmup(self.cfg.l1_coefficient, step, self.cfg.sparsity_warmup_steps)
+        sparsity = coefficient * l1
         l0, fired = summarise(codes)
         return TrainOutput(loss=mse + sparsity, mse=mse.detach(), aux_loss=mse.new_zeros(()),
                            sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach(),
-                           extras={"l1": l1.detach()})
+                           extras={"l1": l1.detach(), "l1_coefficient": l1.new_tensor(coefficient)})
 
 
 ReLUSAE.training_cls = ReLUTraining

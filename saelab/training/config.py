@@ -89,6 +89,10 @@ class TrainConfig:
     """Sparse kernels for TopK SAEs: auto (Triton on CUDA, PyTorch sparse ops on CPU), triton, torch, or dense."""
     wandb_project: str | None = None
     """Log to Weights & Biases under this project when wandb is installed."""
+    allow_diverged: bool = False
+    """Export SAEs whose run diverged (mean training FVU above 1 over the last log_every steps, or over 90 % of
+    latents dead at the end) instead of stopping with TrainingError; the log marks them either way. Not part of the
+    run's identity: rerun a stopped run with it to accept the result from its checkpoint without retraining."""
 
     def __post_init__(self):
         self.adam_betas = tuple(self.adam_betas)

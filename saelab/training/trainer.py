@@ -4,14 +4,20 @@ every SAE, whatever its hook, width, k or architecture.
 A step, for each SAE: scale the inputs, compute the architecture's loss (AuxK sees the latents dead for
 `dead_window` tokens), step Adam with the decoder's parallel gradient removed, renormalise the decoder rows.
 Checkpoints hold everything a step depends on, so a resumed run ends with the same weights as an uninterrupted one.
+A run that diverged (reconstructs worse than the mean, or nearly all latents dead) is stopped with TrainingError
+before it is exported, not saved as a success.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
+import math
+import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -20,12 +26,17 @@ from tqdm.auto import tqdm
 
 from saelab.activations import ActivationBatch, ActivationStore, ModelStream
 from saelab.errors import HookError, TrainingError
+from saelab.files import FolderLock, write_atomic
 from saelab.sae import SAE, SAEConfig, create_sae, create_training, estimate_input_scale
 from saelab.training.checkpoint import (CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer,
                                      save_checkpoint)
 from saelab.training.config import SAESpec, TrainConfig
 
 LOG = "log.jsonl"
+MAX_FVU = 1.0
+"""A training FVU above this (worse than predicting the batch mean) at the end of a run means it diverged."""
+MAX_DEAD = 0.9
+"""More than this fraction of latents dead at the end of a run means it collapsed."""
 
 
 @dataclass
@@ -41,6 +52,8 @@ class Member:
     since_fired: torch.Tensor
     aliases: list[tuple[torch.Tensor, torch.Tensor]]
     """(parameter, the contiguous alias Adam steps instead), for parameters stored transposed (W_enc)."""
+    recent_fvu: collections.deque = field(default_factory=collections.deque)
+    """Training FVU of the last `log_every` steps: judges at the end whether the run diverged."""
 
     def step(self) -> None:
         for param, alias in self.aliases:
@@ -83,7 +96,10 @@ class Trainer:
         self.step = 0
         self.batches_read = 0
         self.skipped = 0
+        self.tokens = 0
+        """Rows trained on so far (exact, whatever the batches' sizes): becomes each SAE's training_tokens."""
         self._started = False
+        self._lock: FolderLock | None = None
 
     def _member(self, spec: SAESpec) -> Member:
         hooks = list(self.source.hooks)
@@ -113,47 +129,100 @@ class Trainer:
         since = torch.zeros(spec.width, dtype=torch.long, device=self.config.device)
         training = create_training(sae)
         training.kernel = self.config.kernel
-        return Member(name, hook, spec, sae, training, optimizer, since, aliases)
+        return Member(name, hook, spec, sae, training, optimizer, since, aliases,
+                      collections.deque(maxlen=self.config.log_every))
 
     # -- the run
     def fingerprint(self) -> dict:
-        return {"config": self.config.to_dict(), "specs": [dataclasses.asdict(s) for s in self.specs],
-                "data": _describe(self.source)}
+        config = self.config.to_dict()
+        config.pop("allow_diverged")  # accepting a diverged run must not make its own checkpoint "another run"
+        return {"config": config, "specs": [dataclasses.asdict(s) for s in self.specs], "data": _describe(self.source)}
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the run folder's lock (re-entrant): one process at a time may write a run."""
+        if self.out is None or self._lock is not None:
+            yield
+            return
+        with FolderLock(self.out, "training run") as lock:
+            self._lock = lock
+            try:
+                yield
+            finally:
+                self._lock = None
 
     def fit(self) -> list[TrainedSAE]:
+        with self.locked():
+            return self._fit()
+
+    def _fit(self) -> list[TrainedSAE]:
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.resume:
                 self._restore()
         logger = _Logger(self.out, self.step, self.config.wandb_project, self.fingerprint())
         bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
-        for batch in self._batches():
-            if self.step >= self.config.steps:
-                break
-            self.batches_read += 1
-            if not self._finite(batch):
-                continue
-            outputs = self.train_on(batch)
-            bar.update()
-            if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                record = self._record(outputs)
-                logger.write(record)
-                bar.set_postfix_str(_postfix(record))
-            if self.out is not None and (self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps):
-                self._save()
-        bar.close()
-        logger.close()
+        try:
+            for batch in self._batches():
+                if self.step >= self.config.steps:
+                    break
+                self.batches_read += 1
+                self._rows(batch)
+                if not self._finite(batch):
+                    continue
+                outputs = self.train_on(batch)
+                bar.update()
+                if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                    record = self._record(outputs)
+                    if self.step == self.config.steps and (verdicts := self._diverged()):
+                        record["diverged"] = verdicts  # marked in the log too, whether or not allow_diverged
+                    logger.write(record)
+                    bar.set_postfix_str(_postfix(record))
+                if self.out is not None and (self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps):
+                    self._save()
+        finally:
+            bar.close()
+            logger.close()
         if self.step < self.config.steps:
             raise TrainingError(f"the activations ran out after {self.step} of {self.config.steps} steps")
+        self._judge()
+        if self.tokens < self.config.tokens:
+            warnings.warn(f"saelab: trained on {self.tokens} tokens, fewer than TrainConfig.tokens={self.config.tokens}: "
+                          f"some batches held fewer than batch_size={self.config.batch_size} rows", stacklevel=3)
         return [self._export(member) for member in self.members]
 
     def train_on(self, batch: ActivationBatch) -> list:
-        """One optimiser step of every SAE on `batch` (the first batch also sets input scales and decoder biases)."""
+        """One optimiser step of every SAE on `batch` (the first batch also sets input scales and decoder biases).
+
+        A batch holds, for each hook the SAEs read, [rows, d] activations of the same 1..batch_size tokens; a
+        smaller batch (say the last one of your own tensors) is fine: `tokens` counts the rows actually trained on.
+        """
+        rows = self._rows(batch)
         if not self._started:
             self._initialise(batch)
         outputs = [self._train_step(member, batch.acts[member.hook]) for member in self.members]
         self.step += 1
+        self.tokens += rows
         return outputs
+
+    def _rows(self, batch: ActivationBatch) -> int:
+        """The batch's token count, after checking it holds [rows, d] at every hook read, rows alike and in
+        1..batch_size (the LR schedule counts steps of at most batch_size tokens)."""
+        rows = {}
+        for hook in dict.fromkeys(m.hook for m in self.members):
+            acts = batch.acts.get(hook)
+            if acts is None:
+                raise HookError(f"a batch has no activations for hook {hook!r} (it holds {', '.join(batch.acts)})")
+            d = self.source.d[hook]
+            if acts.dim() != 2 or acts.shape[1] != d:
+                raise ValueError(f"activations at hook {hook} must be [rows, {d}], got {list(acts.shape)}")
+            if not 1 <= len(acts) <= self.config.batch_size:
+                raise ValueError(f"a batch at hook {hook} has {len(acts)} rows; expected 1 to TrainConfig.batch_size="
+                                 f"{self.config.batch_size} (step {self.step})")
+            rows[hook] = len(acts)
+        if len(set(rows.values())) > 1:
+            raise ValueError(f"the hooks of one batch must hold the same tokens, but their row counts differ: {rows}")
+        return next(iter(rows.values()))
 
     def _batches(self) -> Iterator[ActivationBatch]:
         """The run's batch sequence from batch number `batches_read` on, across epochs for a cache."""
@@ -213,21 +282,60 @@ class Trainer:
         member.since_fired += len(x)
         member.since_fired[out.fired] = 0
         variance = (x - x.mean(0)).square_().sum(-1).mean()
-        return out, float(out.mse / variance)
+        fvu = float(out.mse / variance)
+        member.recent_fvu.append(fvu)
+        return out, fvu
 
     def _record(self, outputs) -> dict:
-        record = {"step": self.step, "tokens": self.step * self.config.batch_size,
+        """A log line: every term of every SAE's loss (what the step optimised), as JSON-safe floats and lists."""
+        record = {"step": self.step, "tokens": self.tokens,
                   "lr_factor": round(self.config.lr_factor(self.step - 1), 6), "skipped_batches": self.skipped}
         for member, (out, fvu) in zip(self.members, outputs):
-            record[member.name] = {"loss": float(out.loss.detach()), "mse": float(out.mse), "fvu": fvu, "l0": float(out.l0),
-                                   "aux": float(out.aux_loss),
-                                   "dead": float(member.dead(self.config.dead_window).float().mean())}
+            values = {"loss": out.loss.detach(), "mse": out.mse, "fvu": fvu, "l0": out.l0, "aux": out.aux_loss,
+                      "sparsity": out.sparsity_loss, "dead": member.dead(self.config.dead_window).float().mean(),
+                      "lr": member.optimizer.param_groups[0]["lr"]}
+            if out.prefix_mse is not None:
+                values["prefix_mse"] = out.prefix_mse
+            values.update(out.extras)
+            record[member.name] = {name: _plain(value) for name, value in values.items()}
         return record
+
+    def _diverged(self) -> dict[str, str]:
+        """{SAE name: what is wrong} for each SAE whose last steps say it diverged or collapsed."""
+        verdicts = {}
+        for member in self.members:
+            problems = []
+            if member.recent_fvu:
+                fvu = sum(member.recent_fvu) / len(member.recent_fvu)
+                if not fvu <= MAX_FVU:
+                    problems.append(f"training FVU {fvu:.3g} over its last {len(member.recent_fvu)} steps (above "
+                                    f"{MAX_FVU:g}: worse than predicting the mean)")
+            dead = float(member.dead(self.config.dead_window).float().mean())
+            if dead > MAX_DEAD:
+                problems.append(f"{dead:.0%} of its latents dead (not fired in the last {self.config.dead_window} tokens)")
+            if problems:
+                verdicts[member.name] = " and ".join(problems)
+        return verdicts
+
+    def _judge(self) -> None:
+        """Stop a diverged run before it is exported as a finished SAE (its checkpoint is already saved)."""
+        verdicts = self._diverged()
+        if not verdicts or self.config.allow_diverged:
+            return
+        kept = self.out is not None
+        raise TrainingError(
+            "training diverged, so no SAE was exported: " + "; ".join(f"SAE {n}: {v}" for n, v in verdicts.items())
+            + (f"; the run, all its SAEs included, is kept in {self.out / 'checkpoint'}" if kept else "")
+            + ". Try a lower learning rate (SAESpec.lr; now "
+            + ", ".join(f"{m.spec.learning_rate:.3g}" for m in self.members if m.name in verdicts)
+            + "), a longer warm-up (TrainConfig.lr_warmup_steps), a smaller sparsity coefficient (relu/jumprelu) or "
+            "more tokens; or set TrainConfig(allow_diverged=True) (in a --config file, train: {allow_diverged: true}) "
+            "and rerun to export these SAEs as they are" + (", from the checkpoint, without training again" if kept else ""))
 
     # -- checkpoints
     def _save(self) -> None:
         state = {"fingerprint": self.fingerprint(), "step": self.step, "batches_read": self.batches_read,
-                 "skipped": self.skipped, "members": []}
+                 "skipped": self.skipped, "tokens": self.tokens, "members": []}
         tensors = {}
         for i, member in enumerate(self.members):
             for name, value in member.sae.state_dict().items():
@@ -236,7 +344,7 @@ class Trainer:
             opt_tensors, groups = optimizer_tensors(member.optimizer, f"{i}.adam")
             tensors.update(opt_tensors)
             state["members"].append({"cfg": member.sae.cfg.to_dict(), "training": member.training.state_dict(),
-                                     "param_groups": groups})
+                                     "param_groups": groups, "recent_fvu": list(member.recent_fvu)})
         save_checkpoint(self.out, state, tensors)
 
     def _restore(self) -> None:
@@ -255,13 +363,15 @@ class Trainer:
             member.since_fired.copy_(tensors[f"{i}.since_fired"])
             restore_optimizer(member.optimizer, f"{i}.adam", tensors, saved["param_groups"])
             member.training.load_state_dict(saved["training"])
+            member.recent_fvu.extend(saved.get("recent_fvu", []))
         self.step, self.batches_read, self.skipped = state["step"], state["batches_read"], state["skipped"]
+        self.tokens = state.get("tokens", self.step * self.config.batch_size)  # older checkpoints: full batches
         self._started = True
 
     def _export(self, member: Member) -> TrainedSAE:
         export = getattr(member.training, "export", None)
         sae = export() if export is not None else member.sae
-        sae.cfg = dataclasses.replace(sae.cfg, training_tokens=self.step * self.config.batch_size)
+        sae.cfg = dataclasses.replace(sae.cfg, training_tokens=self.tokens)
         return TrainedSAE(member.name, member.hook, sae.fold_input_scale(), self.step)
 
 
@@ -272,9 +382,8 @@ class _Logger:
         self.file = None
         if out is not None:
             path = out / LOG
-            kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
-                    if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = _log_lines(path, step) if step > 0 and path.exists() else []
+            write_atomic(path, "".join(line + "\n" for line in kept).encode())
             self.file = path.open("a")
         self.wandb = None
         if wandb_project:
@@ -291,6 +400,8 @@ class _Logger:
             self.file.flush()
         if self.wandb is not None:
             flat = {f"{k}/{m}": v for k, sub in record.items() if isinstance(sub, dict) for m, v in sub.items()}
+            flat = {**{k: v for k, v in flat.items() if not isinstance(v, list)},  # prefix_mse: one series per prefix
+                    **{f"{k}/{i}": x for k, v in flat.items() if isinstance(v, list) for i, x in enumerate(v)}}
             self.wandb.log({**{k: v for k, v in record.items() if not isinstance(v, dict)}, **flat}, step=record["step"])
 
     def close(self) -> None:
@@ -300,10 +411,43 @@ class _Logger:
             self.wandb.finish()
 
 
+def _log_lines(path: Path, step: int) -> list[str]:
+    """The lines of log.jsonl up to `step`. A torn last line (the run was killed while writing it) is dropped; an
+    unreadable line before it was not torn by a crash, so it is an error rather than silently lost."""
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            line_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as error:
+            if i == last:
+                break
+            raise TrainingError(f"{path} line {i + 1} is not a log record ({error}); only a last line can be torn by "
+                                "a crash, so the file was altered. Repair or delete that line, or rerun with "
+                                "resume=False (--no-resume) to start the run and its log over") from None
+        if line_step <= step:
+            kept.append(line)
+    return kept
+
+
+def _plain(value) -> float | list | None:
+    """A loss term for the log: a float (None if not finite, which JSON cannot hold), or a list of them."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = value.item() if value.dim() == 0 else [_plain(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
 def _postfix(record: dict) -> str:
     parts = []
     for name, values in record.items():
-        if isinstance(values, dict):
+        if isinstance(values, dict) and "fvu" in values:
             parts.append(f"{name.split('/')[-1]} fvu={values['fvu']:.3f} L0={values['l0']:.1f} "
                          f"dead={values['dead']:.0%}")
     return " | ".join(parts)
@@ -347,14 +491,16 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
     model + eval_text: evaluate each SAE at the end on that held-out text (reconstruction, sparsity, spliced CE/KL);
     the metrics go into the SAE's folder as metrics.json.
     """
-    trained = Trainer(source, saes, config, out=out, resume=resume, progress=progress).fit()
-    for result in trained:
-        if model is not None and eval_text is not None:
-            from saelab.eval import evaluate
+    trainer = Trainer(source, saes, config, out=out, resume=resume, progress=progress)
+    with trainer.locked():  # through the saving too: a second process must not write the same SAE folders
+        trained = trainer.fit()
+        for result in trained:
+            if model is not None and eval_text is not None:
+                from saelab.eval import evaluate
 
-            result.metrics = evaluate(result.sae, model=model, text=eval_text, tokens=eval_tokens)
-        if out is not None:
-            from saelab.hub import save_sae
+                result.metrics = evaluate(result.sae, model=model, text=eval_text, tokens=eval_tokens)
+            if out is not None:
+                from saelab.hub import save_sae
 
-            result.folder = save_sae(result.sae, Path(out) / result.name, metrics=result.metrics)
+                result.folder = save_sae(result.sae, Path(out) / result.name, metrics=result.metrics)
     return trained

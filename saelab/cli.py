@@ -323,6 +323,8 @@ def cmd_probe(args) -> None:
 
 def cmd_steer(args) -> None:
     """Sweep a steering strength: target effect and side effects (KL, CE on unrelated text) at each alpha."""
+    import torch
+
     from saelab.analysis import LogitDiff, Steer, WordFrequency, sweep
     from saelab.analysis.concepts import load_data
     from saelab.analysis.probes import concept_direction
@@ -344,8 +346,6 @@ def cmd_steer(args) -> None:
         positive = args.positive or data.positive or data.classes[-1]
         (hook,) = model.resolve_hooks(args.hook)
         X = model.activations_at(data.texts, hook, _positions(args.positions))[hook]
-        import torch
-
         theta = concept_direction(X, torch.tensor([label == positive for label in data.labels]).long())
         steer = Steer.direction(model, hook, theta, side)
     else:

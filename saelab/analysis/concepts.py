@@ -370,6 +370,3 @@ def _even_draw(groups: dict[str, list[int]], n: int, rng: random.Random) -> list
                 drawn.append(pools[c].pop())
     return drawn
 
-
-def iter_rows(split: dict[str, list[int]]) -> Iterable[int]:
-    return (i for s in SPLITS for i in split[s])

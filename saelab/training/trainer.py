@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from saelab.activations import ActivationBatch, ActivationStore, ModelStream
 from saelab.errors import HookError, TrainingError
 from saelab.files import FolderLock, write_atomic
+from saelab.options import from_mapping
 from saelab.sae import SAE, SAEConfig, create_sae, create_training, estimate_input_scale
 from saelab.training.checkpoint import (CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer,
                                      save_checkpoint)
@@ -84,7 +85,8 @@ class Trainer:
         if getattr(self.source, "batch_size", self.config.batch_size) != self.config.batch_size:
             raise ValueError(f"the activation source gives batches of {self.source.batch_size} but "
                              f"TrainConfig.batch_size is {self.config.batch_size}")
-        self.specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in specs]
+        self.specs = [s if isinstance(s, SAESpec) else from_mapping(SAESpec, s, f"saes[{i}]")
+                      for i, s in enumerate(specs)]
         if not self.specs:
             raise ValueError("give at least one SAE to train")
         self.out = Path(out) if out is not None else None
@@ -329,7 +331,7 @@ class Trainer:
             + ". Try a lower learning rate (SAESpec.lr; now "
             + ", ".join(f"{m.spec.learning_rate:.3g}" for m in self.members if m.name in verdicts)
             + "), a longer warm-up (TrainConfig.lr_warmup_steps), a smaller sparsity coefficient (relu/jumprelu) or "
-            "more tokens; or set TrainConfig(allow_diverged=True) (in a --config file, train: {allow_diverged: true}) "
+            "more tokens; or set TrainConfig(allow_diverged=True) (--allow-diverged, or train: {allow_diverged: true} in a run file) "
             "and rerun to export these SAEs as they are" + (", from the checkpoint, without training again" if kept else ""))
 
     # -- checkpoints

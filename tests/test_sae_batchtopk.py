@@ -102,7 +102,13 @@ def test_matryoshka_default_groups_are_resolved_into_the_config():
         SAEConfig(arch="matryoshka", d_in=D, width=64, k=K, group_sizes=[4, 4])
 
 
-def test_running_threshold_ema_and_no_update_under_no_grad():
+def cut_of(sae, x):
+    """Halfway between the smallest activation the batch selection keeps and the largest it leaves out."""
+    vals = sae.pre_acts(x).relu().flatten().sort(descending=True).values.detach()
+    return float((vals[K * N - 1] + vals[K * N]) / 2)
+
+
+def test_running_threshold_follows_recent_batches_and_no_update_under_no_grad():
     sae, x = setup(threshold_decay=0.9)
     tr = create_training(sae)
     x2 = torch.randn(N, D, dtype=torch.float64)
@@ -111,12 +117,12 @@ def test_running_threshold_ema_and_no_update_under_no_grad():
     assert tr.threshold_updates == 0
     with pytest.raises(RuntimeError, match="threshold"):
         tr.export()
-    m1 = sae.encode(x)[sae.encode(x) > 0].min().item()
+    m1, m2 = cut_of(sae, x), cut_of(sae, x2)
     tr.loss(x)
     assert tr.threshold.item() == pytest.approx(m1, rel=1e-12)
-    m2 = sae.encode(x2)[sae.encode(x2) > 0].min().item()
     tr.loss(x2)
-    assert tr.threshold.item() == pytest.approx(0.9 * m1 + 0.1 * m2, rel=1e-12)
+    d = 1 - 1 / 1.1  # after one update the mean covers about the last tenth of the run: decay min(0.9, 1 - 1/1.1)
+    assert tr.threshold.item() == pytest.approx(d * m1 + (1 - d) * m2, rel=1e-12)
     # checkpoint round trip
     state = tr.state_dict()
     tr2 = create_training(sae)
@@ -145,3 +151,38 @@ def test_export_to_jumprelu_gives_the_same_outputs(arch):
     torch.testing.assert_close(again(x), jr(x))
     torch.testing.assert_close(jr.fold_input_scale()(x / 2.0), jr(x) / 2.0)
     assert isinstance(sae, BatchTopKSAE)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_the_exported_sae_selects_what_the_batch_selection_kept(arch):
+    """Trained on a batch (weights held still), the threshold reproduces that batch's selection exactly."""
+    sae, x = setup(arch)
+    tr = create_training(sae)
+    for _ in range(30):
+        out = tr.loss(x)
+    jr = tr.export()
+    batch_codes = sae.encode(x)
+    assert torch.equal(jr.encode(x) > 0, batch_codes > 0)
+    torch.testing.assert_close(jr.encode(x), batch_codes)
+    assert float(out.l0) == K
+
+
+def test_rows_needing_more_than_the_candidates_are_encoded_in_full_exactly():
+    """One row far larger than the others takes most of the batch's k*N latents: that row is encoded in full, and
+    loss and gradients equal the dense batch top-k reference's."""
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(arch="batchtopk", d_in=D, width=64, k=2, dtype="float64"))
+    x = torch.randn(N, D, dtype=torch.float64) * 0.01
+    x[0] = torch.randn(D, dtype=torch.float64) * 100
+    tr = create_training(sae)
+    assert tr.candidates == 8
+    out = tr.loss(x)
+    expected = sae.encode(x)
+    assert int((expected[0] > 0).sum()) > 8 and float(out.extras["full_rows"]) == 1 and tr.candidates == 16
+    torch.testing.assert_close(out.x_hat, sae.decode(expected))
+    assert float(out.l0) == pytest.approx(float((expected > 0).sum(-1).float().mean()))
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    ours = torch.autograd.grad(out.loss, params)
+    reference = ((x - sae.decode(sae.encode(x))) ** 2).sum(-1).mean()
+    for got, want in zip(ours, torch.autograd.grad(reference, params)):
+        torch.testing.assert_close(got, want)

@@ -382,7 +382,12 @@ class Training:
 
     def __init__(self, sae: SAE):
         self.sae = sae
-        self.cfg = sae.cfg
+
+    @property
+    def cfg(self) -> SAEConfig:
+        """The SAE's current config: the trainer replaces it (input_scale) after the training object is made, and
+        an export that read a stale copy would save weights in training units under input_scale=1."""
+        return self.sae.cfg
 
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
         """The architecture's training objective on a batch (defined by every subclass)."""

@@ -1,28 +1,73 @@
 """BatchTopK SAE (Bussmann et al. 2024): keep the k*N largest activations of the whole batch of N tokens.
 
-Tokens get as many latents as they need, k on average. Selection depends on the batch, so for inference
-the training keeps a running threshold (EMA of the smallest activation kept) and `export()` returns a
-JumpReLU SAE with that threshold: per-token, batch-independent, and identical whenever the batch selection
-is exactly "activation > threshold".
+Tokens get as many latents as they need, k on average. Selection depends on the batch, so for inference the
+training keeps a running threshold (a recency-weighted mean of the smallest activation each batch keeps) and
+`export()` returns a JumpReLU SAE with that threshold: per-token, batch-independent, and identical to the batch
+selection on a batch whose cut equals the threshold.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .base import SAE, SAEConfig, Training, TrainOutput, auxk_loss, mse_of, summarise, wide
+from saelab.kernels import sparse_decode, topk_encode, topk_encode_with_aux
+
+from .base import SAE, SAEConfig, TrainOutput, mse_of, wide
 from .jumprelu import JumpReLUSAE
 from .registry import register
+from .topk import TopKTraining
 
 
 def batch_topk(pre: Tensor, k: int) -> Tensor:
-    """Dense codes [N, width]: relu(pre) with all but the k*N largest entries of the batch zeroed."""
+    """Dense codes [N, width]: relu(pre) with all but the k*N largest entries of the batch zeroed (the reference)."""
     acts = pre.relu()
     flat = acts.flatten()
     values, indices = flat.topk(min(k * acts.shape[0], flat.numel()), sorted=False)
     return torch.zeros_like(flat).scatter_(0, indices, values).view_as(acts)
+
+
+def keep_batch_top(values: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """(mask, cut) of the `budget` largest entries of the flat `values` (all of them if fewer). cut lies halfway
+    between the smallest kept value and the largest one left out, so a JumpReLU with that threshold makes the same
+    choice on this batch (0 when there are no more values than the budget)."""
+    if budget >= values.numel():
+        return torch.ones_like(values, dtype=torch.bool), values.new_zeros(())
+    top = values.topk(budget + 1, sorted=False)
+    last = top.values.argmin()  # the largest value left out
+    keep = torch.zeros_like(values, dtype=torch.bool)
+    keep[top.indices] = True
+    keep[top.indices[last]] = False
+    smallest_kept = top.values.masked_fill(torch.arange(budget + 1, device=values.device) == last, float("inf")).min()
+    return keep, (smallest_kept + top.values[last]) / 2
+
+
+@dataclass
+class Selection:
+    """A batch selection in two parts: each row's top candidates as (indices, values) [N, c] with the values left
+    out zeroed, and the full code rows [len(rows), width] of the few `rows` that needed more than c latents."""
+
+    indices: Tensor
+    values: Tensor
+    rows: Tensor
+    dense: Tensor
+    cut: Tensor
+    aux_indices: Tensor | None = None
+    aux_values: Tensor | None = None
+
+    def fired(self, width: int) -> Tensor:
+        fired = torch.zeros(width, dtype=torch.bool, device=self.values.device)
+        fired[self.indices[self.values.detach() > 0]] = True
+        return fired | (self.dense.detach() > 0).any(0)
+
+    def l0(self) -> Tensor:
+        return ((self.values.detach() > 0).sum() + (self.dense.detach() > 0).sum()).float() / max(1, len(self.values))
+
+    def smallest(self) -> Tensor | None:
+        kept = torch.cat([self.values.detach()[self.values.detach() > 0], self.dense.detach()[self.dense.detach() > 0]])
+        return kept.min() if kept.numel() else None
 
 
 @register("batchtopk")
@@ -43,47 +88,94 @@ class BatchTopKSAE(SAE):
         return batch_topk(pre.reshape(-1, self.cfg.width), self.cfg.k).view_as(pre)
 
 
-class BatchTopKTraining(Training):
-    """loss = mse + AuxK(dead). Each loss() call under grad mode also updates the running threshold
-    theta <- decay * theta + (1 - decay) * min(kept activations) (the first call sets it); calls under
-    torch.no_grad() (evaluation) leave it alone."""
+class BatchTopKTraining(TopKTraining):
+    """loss = mse + AuxK(dead), on the sparse kernels like TopK: no [N, width] code matrix is formed.
+
+    The batch selection is exact and made in one pass. The encoder's top-k kernel gives each row its `candidates`
+    largest latents and the k*N largest of all candidates are picked. A row whose candidates were all picked might
+    have more above the cut (real activations have rare tokens that take thousands of latents), so those few rows
+    are encoded in full and the pick is made again over the union. `candidates` doubles while more than 1 row in 64
+    needs that. Each loss() under grad mode also updates the running threshold (torch.no_grad() calls do not).
+    """
 
     def __init__(self, sae: BatchTopKSAE):
         super().__init__(sae)
         self.threshold = wide(torch.zeros((), dtype=sae.dtype, device=sae.device))
         self.threshold_updates = 0
+        self.candidates = min(sae.cfg.width, 4 * sae.cfg.k)
 
-    def reconstruction(self, x: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def select(self, x: Tensor, dead_ids: Tensor) -> Selection:
+        sae, width, c = self.sae, self.cfg.width, self.candidates
+        options = dict(sorted=False, center=sae.b_dec, workspace=self._workspace(x))
+        aux_indices = aux_values = None
+        if len(dead_ids):
+            indices, values, aux_indices, aux_values = topk_encode_with_aux(
+                x, sae.W_enc, sae.b_enc, c, dead_ids, min(self.k_aux, len(dead_ids)), self.kernel, **options)
+        else:
+            indices, values = topk_encode(x, sae.W_enc, sae.b_enc, c, self.kernel, **options)
+        budget = self.cfg.k * len(x)
+        keep, cut = keep_batch_top(values.detach().flatten(), budget)
+        keep = keep.view_as(values)
+        # the cut among candidates is at most the true one, so a row with a candidate below it is complete
+        saturated = keep.all(1) & (values.detach().amin(1) > 0) if c < width else keep.new_zeros(len(x))
+        rows = saturated.nonzero().squeeze(1)
+        dense = values.new_zeros(0, width)
+        if len(rows):
+            dense = sae.pre_acts(x[rows]).relu()
+            pool = torch.cat([values.detach().masked_fill(saturated[:, None], float("-inf")).flatten(),
+                              dense.detach().flatten()])
+            keep_all, cut = keep_batch_top(pool, budget)
+            keep = keep_all[: values.numel()].view_as(values)
+            dense = dense * keep_all[values.numel():].view_as(dense)
+            if len(rows) * 64 > len(x):
+                self.candidates = min(width, 2 * c)
+        return Selection(indices, values * keep, rows, dense, cut, aux_indices, aux_values)
+
+    def decode(self, selection: Selection, start: int = 0, end: int | None = None) -> Tensor:
+        """What the selected latents in [start, end) add to x_hat (no b_dec): sparse rows plus the full ones."""
+        W_dec, end = self.sae.W_dec, self.cfg.width if end is None else end
+        values = selection.values
+        if (start, end) != (0, self.cfg.width):
+            values = values * ((selection.indices >= start) & (selection.indices < end))
+        out = sparse_decode(selection.indices, values, W_dec, self.kernel)
+        if len(selection.rows):
+            out = out.index_add(0, selection.rows, selection.dense[:, start:end] @ W_dec[start:end])
+        return out
+
+    def reconstruction(self, x: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor | None]:
         """(loss term, x_hat, per-prefix mse or None); Matryoshka overrides this."""
-        x_hat = self.sae.decode(codes)
-        mse = mse_of(x, x_hat)
-        return mse, x_hat, None
+        x_hat = self.decode(selection) + self.sae.b_dec
+        return mse_of(x, x_hat), x_hat, None
 
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
-        sae = self.sae
         x = self._flat(x)
-        pre = sae.pre_acts(x)
-        codes = batch_topk(pre, self.cfg.k)
-        recon, x_hat, prefix_mse = self.reconstruction(x, codes)
-        aux = auxk_loss(sae.W_dec, pre, x - x_hat, dead, self.k_aux, self.cfg.auxk_coefficient)
+        dead_ids = self._dead_ids(dead, x)
+        selection = self.select(x, dead_ids)
+        recon, x_hat, prefix_mse = self.reconstruction(x, selection)
+        aux = (self._auxk(x - x_hat, selection.aux_indices, selection.aux_values, len(dead_ids)) if len(dead_ids)
+               else wide(recon.new_zeros(())))
         if torch.is_grad_enabled():
-            self._update_threshold(codes)
-        l0, fired = summarise(codes)
+            self._update_threshold(selection)
         return TrainOutput(loss=recon + aux, mse=mse_of(x, x_hat).detach(), aux_loss=aux.detach(),
-                           sparsity_loss=recon.new_zeros(()), l0=l0, fired=fired, x_hat=x_hat.detach(),
-                           prefix_mse=prefix_mse, extras={"threshold": self.threshold.clone()})
+                           sparsity_loss=recon.new_zeros(()), l0=selection.l0(), fired=selection.fired(self.cfg.width),
+                           x_hat=x_hat.detach(), prefix_mse=prefix_mse,
+                           extras={"threshold": self.threshold.clone(), "batch_cut": wide(selection.cut.detach()),
+                                   "full_rows": torch.tensor(float(len(selection.rows)))})
 
     @torch.no_grad()
-    def _update_threshold(self, codes: Tensor):
-        kept = codes[codes > 0]
-        if kept.numel() == 0:
-            return
-        smallest = wide(kept.min())
-        if self.threshold_updates == 0:
-            self.threshold = smallest.clone()
-        else:
-            d = self.cfg.threshold_decay
-            self.threshold = d * self.threshold + (1 - d) * smallest
+    def _update_threshold(self, selection: Selection):
+        """threshold <- d * threshold + (1 - d) * this batch's cut (see keep_batch_top), in the units the trained SAE
+        sees (export and fold_input_scale carry it to raw units). d = min(threshold_decay, 1 - 1 / (1 + n / 10))
+        after n updates: the mean covers about the last tenth of the run so far, so a short run's threshold follows
+        the final weights rather than the first batches (the cut drifts by half while an SAE trains)."""
+        cut = selection.cut
+        if cut <= 0:  # no more positive activations than k*N: all are kept, and any threshold below them agrees
+            smallest = selection.smallest()
+            if smallest is None:
+                return
+            cut = smallest / 2
+        d = min(self.cfg.threshold_decay, 1 - 1 / (1 + self.threshold_updates / 10))
+        self.threshold = d * self.threshold + (1 - d) * wide(cut)
         self.threshold_updates += 1
 
     def export(self) -> JumpReLUSAE:

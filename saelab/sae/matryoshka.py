@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .base import SAEConfig, mse_of
-from .batchtopk import BatchTopKSAE, BatchTopKTraining
+from .batchtopk import BatchTopKSAE, BatchTopKTraining, Selection
 from .registry import register
 
 
@@ -41,14 +41,14 @@ class MatryoshkaSAE(BatchTopKSAE):
 
 
 class MatryoshkaTraining(BatchTopKTraining):
-    """loss = sum over prefixes m of mse(x, codes[:, :m] @ W_dec[:m] + b_dec) + AuxK(dead)."""
+    """loss = sum over prefixes m of mse(x, codes[:, :m] @ W_dec[:m] + b_dec) + AuxK(dead), on the sparse kernels:
+    each group's share of the batch selection is decoded on its own and added to the previous prefix's x_hat."""
 
-    def reconstruction(self, x: Tensor, codes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        sae = self.sae
-        x_hat = sae.b_dec.expand_as(x)
+    def reconstruction(self, x: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
+        x_hat = self.sae.b_dec.expand_as(x)
         start, mses = 0, []
-        for end in sae.prefix_ends:
-            x_hat = x_hat + codes[:, start:end] @ sae.W_dec[start:end]
+        for end in self.sae.prefix_ends:
+            x_hat = x_hat + self.decode(selection, start, end)
             mses.append(mse_of(x, x_hat))
             start = end
         mses = torch.stack(mses)

@@ -376,6 +376,6 @@ def test_training_follows_the_reference_on_real_smollm2_activations(smollm2_acts
     deviation = {n: float((getattr(member.sae, n) - params[n]).detach().norm() / params[n].detach().norm())
                  for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     folded = params["b_dec"].detach() / params["input_scale"]  # the export reads raw activations
-    deviation["exported b_dec"] = float((exported.sae.b_dec - folded).norm() / folded.norm())
+    deviation["exported b_dec"] = float((exported.sae.b_dec.detach() - folded).norm() / folded.norm())
     assert worst_loss <= tolerance and max(deviation.values()) <= tolerance, (worst_loss, deviation)
     assert exported.sae.cfg.training_tokens == steps * rows

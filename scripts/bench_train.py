@@ -48,13 +48,13 @@ class RandomActivations:
             yield self.batch
 
 
-def saelab_step(d: int, n: int, k: int, batch: int, kernel: str):
+def saelab_step(d: int, n: int, k: int, batch: int, kernel: str, arch: str = "topk"):
     """One Trainer.train_on call: loss, backward, decoder-gradient projection, Adam, renormalisation, dead clocks.
 
     dead_tokens is one batch, so latents that miss a step are dead for the next and AuxK runs on them."""
     source = RandomActivations(d, batch)
     config = TrainConfig(tokens=batch * 10_000, batch_size=batch, kernel=kernel, dead_tokens=batch)
-    trainer = Trainer(source, [SAESpec(arch="topk", width=n, k=k)], config, progress=False)
+    trainer = Trainer(source, [SAESpec(arch=arch, width=n, k=k)], config, progress=False)
     for _ in range(3):  # the first call also initialises b_dec (geometric median) and the input scale
         trainer.train_on(source.batch)
     return lambda: trainer.train_on(source.batch)
@@ -88,9 +88,9 @@ def tokens_per_s(steps_by_name: dict, steps: int, rounds: int, batch: int) -> di
     return {name: batch * steps / seconds for name, seconds in best.items()}
 
 
-def peak_memory_of(kernel: str, shape: dict) -> float:
+def peak_memory_of(kernel: str, shape: dict, arch: str = "topk") -> float:
     """Peak resident memory (GB) of a fresh process that builds the trainer and runs a few steps on `kernel`."""
-    args = [f"--{key}={value}" for key, value in shape.items()]
+    args = [f"--{key}={value}" for key, value in shape.items()] + [f"--arch={arch}"]
     result = subprocess.run([sys.executable, __file__, *args, f"--memory-of={kernel}"], capture_output=True, text=True)
     return float(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else float("nan")
 
@@ -128,23 +128,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timings per implementation; the best one counts")
     parser.add_argument("--ref-python", default=None, help="python of a venv with eai-sparsify and sae-lens")
     parser.add_argument("--sweep", action="store_true", help="also sweep n and k (saelab, ceiling, sparsify)")
+    parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "matryoshka"],
+                        help="the architecture saelab trains (the references run TopK only, so only with topk)")
     parser.add_argument("--memory-of", choices=["auto", "dense"], help=argparse.SUPPRESS)  # used by peak_memory_of
     args = parser.parse_args()
 
     shape = dict(d=args.d, n=args.n, k=args.k, batch=args.batch)
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-          f"TopK SAE fp32, Adam, AuxK on; d={args.d} n={args.n} k={args.k} batch={args.batch}, {args.steps} steps")
+          f"{args.arch} SAE fp32, Adam, AuxK on; d={args.d} n={args.n} k={args.k} batch={args.batch}, "
+          f"{args.steps} steps")
     if args.memory_of:
-        step = saelab_step(**shape, kernel=args.memory_of)
+        step = saelab_step(**shape, kernel=args.memory_of, arch=args.arch)
         step()
         print(peak_rss_gb())
         return
-    fast = tokens_per_s({"saelab": saelab_step(**shape, kernel="auto"), "ceiling": ceiling_step(**shape),
+    ours = saelab_step(**shape, kernel="auto", arch=args.arch)
+    fast = tokens_per_s({"saelab": ours, "ceiling": ceiling_step(**shape),
                          "plain": ceiling_step(**shape, reuse_buffer=False)}, args.steps, args.rounds, args.batch)
     ceiling, plain, saelab = fast["ceiling"], fast["plain"], fast["saelab"]
-    dense = tokens_per_s({"dense": saelab_step(**shape, kernel="dense")}, 2, 1, args.batch)["dense"]
-    rss_sparse, rss_dense = peak_memory_of("auto", shape), peak_memory_of("dense", shape)
-    refs = references(args.ref_python, **shape, steps=args.steps, rounds=args.rounds)
+    dense = tokens_per_s({"dense": saelab_step(**shape, kernel="dense", arch=args.arch)}, 2, 1, args.batch)["dense"]
+    rss_sparse, rss_dense = peak_memory_of("auto", shape, args.arch), peak_memory_of("dense", shape, args.arch)
+    refs = references(args.ref_python if args.arch == "topk" else None, **shape, steps=args.steps, rounds=args.rounds)
     rows = [("ceiling: encoder matmul + top-k", ceiling, "na"), ("  same, fresh output each call", plain, "na"),
             ("saelab (sparse kernels)", saelab, rss_sparse),
             ("saelab dense PyTorch path", dense, rss_dense)]

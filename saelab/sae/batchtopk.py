@@ -129,6 +129,11 @@ class BatchTopKTraining(TopKTraining):
             dense = dense * keep_all[values.numel():].view_as(dense)
             if len(rows) * 64 > len(x):
                 self.candidates = min(width, 2 * c)
+        # keep only as many columns as the busiest row needs: decode and its backward then cost what was picked
+        used = int(keep.sum(1).max()) if len(x) else 0
+        if used < c:
+            columns = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :max(1, used)]
+            indices, values, keep = indices.gather(1, columns), values.gather(1, columns), keep.gather(1, columns)
         return Selection(indices, values * keep, rows, dense, cut, aux_indices, aux_values)
 
     def decode(self, selection: Selection, start: int = 0, end: int | None = None) -> Tensor:

@@ -125,12 +125,7 @@ class ProbeResults:
         ax.set_title(title or f"{self.data.get('name', '')} on {self.model}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     def save(self, folder: str | Path) -> Path:
         """probes.json, probes.md and accuracy_vs_k.png in `folder`."""
@@ -181,3 +176,15 @@ def run_probes(model, data: LabelledTexts, features: Sequence[Features], *, ks: 
 
 
 __all__ = ["ProbeRecord", "ProbeResults", "RESULTS_FILE", "SCHEMA_VERSION", "run_probes"]
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (making the folder) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from saelab import __version__
+from saelab.analysis.report import save_figure
 from saelab.errors import DataError
 from saelab.interventions import Add, Splice
 
@@ -207,12 +208,7 @@ class SteeringResult:
         bottom.legend(fontsize=8)
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
 
 def side_effects(model, side_text: Sequence[str], patch, clean: list[Tensor] | None = None, batch_size: int = 8

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import torch
 
 from saelab.errors import DataError
+from saelab.files import file_sha256
 
 DEFAULT_TEXT = "default"
 TEXT_SUFFIXES = {".txt", ".md", ".raw", ".text", ".rst"}
@@ -103,11 +104,7 @@ def _file_sha256(path: Path) -> str:
 @functools.lru_cache(maxsize=256)
 def _hashed(path: str, size: int, mtime_ns: int) -> str:
     """Hash a file once per (size, mtime): fingerprints are taken at every checkpoint, and a big text takes seconds."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(Path(path))
 
 
 def _default_documents() -> Iterator[str]:

@@ -11,7 +11,6 @@ shard, so a run killed at any moment (even kill -9) leaves only whole, listed sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -19,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from saelab.errors import CacheError
-from saelab.files import write_atomic  # noqa: F401  (re-exported: other modules import it from here)
+from saelab.files import file_sha256, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activations"
@@ -113,14 +112,6 @@ class Manifest:
 
     def write(self, folder: Path) -> None:
         write_atomic(Path(folder) / MANIFEST, self.to_json().encode())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_shard(folder: Path, record: ShardRecord, *, checksum: bool = True) -> None:

@@ -7,9 +7,7 @@ so a truncated or altered checkpoint is caught on load and the previous good one
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -18,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saelab.errors import SaelabError
-from saelab.files import fsync_dir, write_atomic
+from saelab.files import file_sha256, fsync_dir, fsync_file, write_atomic
 
 CHECKPOINT = "checkpoint"
 FILES = ("tensors.safetensors", "state.json")
@@ -35,7 +33,7 @@ def save_checkpoint(out: Path, state: dict, tensors: dict[str, torch.Tensor]) ->
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / FILES[0])
-    _fsync_file(staging / FILES[0])
+    fsync_file(staging / FILES[0])
     write_atomic(staging / FILES[1], json.dumps(state, indent=1).encode())
     write_atomic(staging / CHECKSUMS, json.dumps({name: _digest(staging / name) for name in FILES}, indent=1).encode())
     fsync_dir(staging)
@@ -94,16 +92,7 @@ def _complete(folder: Path) -> bool:
 
 
 def _digest(path: Path) -> dict:
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            sha.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": sha.hexdigest()}
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], list]:

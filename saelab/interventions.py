@@ -44,11 +44,17 @@ Positions = Union[None, int, str, Sequence[int], Tensor]
 # ---------------------------------------------------------------------------------------------------- tokens
 @dataclass
 class Tokens:
-    """Right-padded token ids [n, L] and which positions hold real tokens (a prefix of each row)."""
+    """Right-padded token ids [n, L] and which positions hold real tokens (a prefix of each row).
+
+    spans: long [n, L, 2], each token's [start, end) character range in its text ((-1, -1) for BOS and padding),
+    when the tokens came from text; it is how analyses find a word's tokens with any tokenizer, and how positions
+    of two tokenizers are aligned.
+    """
 
     ids: Tensor
     mask: Tensor
     bos_id: int | None = None
+    spans: Tensor | None = None
 
     def __post_init__(self):
         if self.ids.shape != self.mask.shape or self.ids.ndim != 2:
@@ -59,12 +65,16 @@ class Tokens:
         self.mask = self.mask.bool()
         if self.mask.shape[1] > 1 and bool((self.mask[:, 1:] & ~self.mask[:, :-1]).any()):
             raise ValueError("Tokens.mask must mark a prefix of each row (right padding)")
+        if self.spans is not None and self.spans.shape != (*self.ids.shape, 2):
+            raise ValueError(f"Tokens.spans must be [n, L, 2] for ids {tuple(self.ids.shape)}, got "
+                             f"{tuple(self.spans.shape)}")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, rows: slice) -> "Tokens":
-        return Tokens(self.ids[rows], self.mask[rows], self.bos_id)
+        return Tokens(self.ids[rows], self.mask[rows], self.bos_id,
+                      None if self.spans is None else self.spans[rows])
 
     @property
     def lengths(self) -> Tensor:
@@ -79,10 +89,22 @@ class Tokens:
             keep[:, 0] &= self.ids[:, 0] != self.bos_id
         return keep
 
+    def covering(self, row: int, start: int, end: int) -> Tensor:
+        """Positions (long, ascending) of the tokens of text `row` that overlap its characters [start, end)."""
+        if self.spans is None:
+            raise DataError("these Tokens carry no character spans (they were not made from text by tokenize)")
+        if not 0 <= start < end:
+            raise ValueError(f"a character range needs 0 <= start < end, got [{start}, {end})")
+        s = self.spans[row]
+        return ((s[:, 0] < end) & (s[:, 1] > start) & self.mask[row]).nonzero().squeeze(1)
+
 
 def tokenize(tokenizer, texts: str | Sequence[str], n_ctx: int, *, prepend_bos: bool = True,
              truncate: bool = False) -> Tokens:
-    """Texts -> right-padded Tokens, BOS first as in the activation cache; too long: an error naming the text."""
+    """Texts -> right-padded Tokens, BOS first as in the activation cache; too long: an error naming the text.
+
+    Character spans come from the tokenizer's offsets (fast tokenizers); a slow tokenizer gives Tokens without.
+    """
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -93,8 +115,11 @@ def tokenize(tokenizer, texts: str | Sequence[str], n_ctx: int, *, prepend_bos: 
             raise TypeError(f"text {i} is a {type(text).__name__}, not a str")
     bos = tokenizer.bos_token_id
     head = [bos] if prepend_bos and bos is not None else []
-    rows = []
-    for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=fast)
+    offsets = encoded["offset_mapping"] if fast else [None] * len(texts)
+    rows, row_spans = [], []
+    for i, (ids, spans) in enumerate(zip(encoded["input_ids"], offsets)):
         if not ids:
             raise DataError(f"text {i} is empty (no tokens)")
         row = head + list(ids)
@@ -104,12 +129,17 @@ def tokenize(tokenizer, texts: str | Sequence[str], n_ctx: int, *, prepend_bos: 
                                 f"context of {n_ctx}; shorten it or pass truncate=True")
             row = row[:n_ctx]
         rows.append(row)
+        if fast:
+            row_spans.append(([(-1, -1)] * len(head) + [tuple(s) for s in spans])[: len(row)])
     ids = torch.full((len(rows), max(map(len, rows))), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros(ids.shape, dtype=torch.bool)
+    spans = torch.full((*ids.shape, 2), -1, dtype=torch.long) if fast else None
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = True
-    return Tokens(ids, mask, bos)
+        if fast:
+            spans[i, : len(row)] = torch.tensor(row_spans[i], dtype=torch.long)
+    return Tokens(ids, mask, bos, spans)
 
 
 def pad_id(tokenizer) -> int:

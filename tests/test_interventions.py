@@ -40,6 +40,30 @@ def test_tokenize_prepends_bos_and_right_pads(tiny_model):
     assert tokens.mask.sum() == sum(lengths) and not tokens.text_mask[:, 0].any()
 
 
+def test_token_spans_cover_each_text_and_find_a_word(tiny_model):
+    texts = ["Today is Monday, and then", "naïve café: 日本語 text"]  # multi-byte characters split into byte tokens
+    tokens = tiny_model.tokenize(texts)
+    tok = tiny_model.tokenizer
+    for row, text in enumerate(texts):
+        n = int(tokens.lengths[row])
+        spans = tokens.spans[row, :n].tolist()
+        assert spans[0] == [-1, -1] and (tokens.spans[row, n:] == -1).all()  # BOS and padding have none
+        # consecutive, covering the text, and each span's characters are what its tokens decode to
+        assert spans[1][0] == 0 and spans[-1][1] == len(text)
+        assert all(a[1] <= b[0] + 1 for a, b in zip(spans[1:], spans[2:]))
+        pieces: dict[tuple, list[int]] = {}
+        for position in range(1, n):
+            pieces.setdefault(tuple(spans[position]), []).append(int(tokens.ids[row, position]))
+        for (start, end), ids in pieces.items():
+            assert tok.decode(ids) == text[start:end]
+    start = texts[0].index("Monday")
+    found = tokens.covering(0, start, start + len("Monday"))
+    assert tok.decode(tokens.ids[0, found]).strip() == "Monday"
+    assert tokens[1:].spans.shape[0] == 1 and tokens.covering(1, 0, 1).tolist() == [1]
+    with pytest.raises(ValueError, match="start < end"):
+        tokens.covering(0, 3, 3)
+
+
 # ------------------------------------------------------------------------------------------- activations at positions
 def test_activations_at_positions_match_the_huggingface_hidden_states(tiny_model):
     hooks = ["hook_embed", "blocks.0.hook_resid_post"]  # HF's hidden states 0 and 1 (its last one is normed)

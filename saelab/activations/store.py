@@ -23,12 +23,15 @@ from saelab.errors import CacheError, HookError
 class ActivationBatch:
     """Activations of one batch of token positions, for each hook, with the tokens they came from.
 
-    rows identify each position in its source (for a cache: the row index across shards, see ActivationStore.locate).
+    rows identify each position in its source (for a cache: the row index across shards, see ActivationStore.locate);
+    contexts and positions say which context (0, 1, ... in text order) and which position in it each row is.
     """
 
     acts: dict[str, torch.Tensor]
     token_ids: torch.Tensor
     rows: torch.Tensor
+    contexts: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -64,11 +67,11 @@ class ActivationStore:
         self.shards_per_window, self.drop_last = shards_per_window, drop_last
         self.rank, self.world_size, self.verify = rank, world_size, verify
         self._verified: set[int] = set()
-        self._row_offsets = {}
-        offset = 0
+        self._row_offsets, self._context_offsets = {}, {}
+        rows = contexts = 0
         for record in self.manifest.shards:
-            self._row_offsets[record.index] = offset
-            offset += record.rows
+            self._row_offsets[record.index], self._context_offsets[record.index] = rows, contexts
+            rows, contexts = rows + record.rows, contexts + record.contexts
 
     @property
     def d(self) -> dict[str, int]:
@@ -124,7 +127,8 @@ class ActivationStore:
             yield self._batch(carry, slice(None))
 
     def _batch(self, part: dict[str, torch.Tensor], where: slice) -> ActivationBatch:
-        return ActivationBatch({h: part[h][where] for h in self.hooks}, part["token_ids"][where], part["rows"][where])
+        return ActivationBatch({h: part[h][where] for h in self.hooks}, part["token_ids"][where], part["rows"][where],
+                               part["contexts"][where], part["positions"][where])
 
     def _load_window(self, window: list[ShardRecord], epoch: int, number: int) -> dict[str, torch.Tensor]:
         parts = [self._load_shard(record) for record in window]
@@ -148,7 +152,20 @@ class ActivationStore:
             raise CacheError(f"shard {file} cannot be read ({error}); re-run the cache command to recompute it") from None
         loaded["token_ids"] = tokens.flatten()[positions].long()
         loaded["rows"] = torch.arange(record.rows) + self._row_offsets[record.index]
+        length = self.manifest.context_len
+        loaded["contexts"] = positions // length + self._context_offsets[record.index]
+        loaded["positions"] = positions % length
         return loaded
+
+    def context(self, number: int) -> torch.Tensor:
+        """Token ids [context_len] of context `number` (as in ActivationBatch.contexts), BOS included if packed."""
+        for record in self.manifest.shards:
+            first = self._context_offsets[record.index]
+            if first <= number < first + record.contexts:
+                with safe_open(self.path / record.file, framework="pt") as shard:
+                    return shard.get_slice("tokens")[number - first : number - first + 1][0].long()
+        total = sum(r.contexts for r in self.manifest.shards)
+        raise IndexError(f"context {number} is outside the cache ({total} contexts)")
 
     def locate(self, row: int) -> tuple[torch.Tensor, int]:
         """The context (token ids) that cache row `row` came from, and the position of that row within it."""

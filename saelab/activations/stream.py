@@ -42,6 +42,15 @@ class ModelStream:
     def d(self) -> dict[str, int]:
         return {h: self.model.hook_dim(h) for h in self.hooks}
 
+    def in_order(self) -> Iterator[ActivationBatch]:
+        """Unshuffled batches of up to model_batch_size contexts each, in text order (for analyses that show
+        contexts); max_tokens and batch_size do not apply."""
+        length = self.text.context_len
+        for chunk in self._positions():
+            rows = chunk["rows"]
+            yield ActivationBatch({h: chunk[h] for h in self.hooks}, chunk["token_ids"], rows, rows // length,
+                                  rows % length)
+
     def _positions(self) -> Iterator[dict[str, torch.Tensor]]:
         """Model outputs in chunks of kept positions: {hook: [n, d], 'token_ids': [n], 'rows': [n]}."""
         length = self.text.context_len
@@ -86,7 +95,8 @@ class ModelStream:
                 if budget is not None and produced + self.batch_size > budget:
                     return
                 where = slice(begin, begin + self.batch_size)
-                yield ActivationBatch({h: buffer[h][where] for h in self.hooks}, buffer["token_ids"][where],
-                                      buffer["rows"][where])
+                rows = buffer["rows"][where]
+                yield ActivationBatch({h: buffer[h][where] for h in self.hooks}, buffer["token_ids"][where], rows,
+                                      rows // self.text.context_len, rows % self.text.context_len)
                 produced += self.batch_size
             buffer = {k: v[n_out:] for k, v in buffer.items()}

@@ -1,0 +1,160 @@
+"""SAE codes over a cache or a live model, in text order, sparse, with the token and context behind every row.
+
+    for codes in iter_codes(sae, "runs/acts"):           # or iter_codes(sae, ModelStream(model, hook, text))
+        codes.latents, codes.values, codes.crow           # CSR rows: row i's nonzeros are [crow[i], crow[i+1])
+        codes.token_ids, codes.contexts, codes.positions  # which token, which context, where in it
+        codes.texts(tokenizer)                            # each row's token as text
+
+Explore, matching and circle search all read codes this way, so none of them builds a [tokens, width] matrix or
+its own encoding loop. Rows come in text order (contexts ascending), never shuffled, so "the context of row i" and
+"the k tokens before it" are cheap to show.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from saelab.activations.manifest import Manifest
+from saelab.activations.store import ActivationBatch, ActivationStore
+from saelab.activations.stream import ModelStream
+from saelab.errors import HookError
+
+Source = str | Path | ActivationStore | ModelStream
+
+
+@dataclass
+class Codes:
+    """Sparse codes of n token positions (CSR over `width` latents), in the SAE's raw output units."""
+
+    crow: Tensor
+    latents: Tensor
+    values: Tensor
+    width: int
+    token_ids: Tensor
+    rows: Tensor
+    contexts: Tensor
+    positions: Tensor
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def nnz(self) -> int:
+        return len(self.latents)
+
+    def row_ids(self) -> Tensor:
+        """long [nnz]: the row of each nonzero."""
+        return torch.repeat_interleave(torch.arange(len(self)), self.crow.diff())
+
+    def csr(self) -> Tensor:
+        """torch sparse CSR [n, width] (for sparse products such as codes_a.T @ codes_b)."""
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow, self.latents, self.values, (len(self), self.width),
+                                           check_invariants=False)
+
+    def dense(self) -> Tensor:
+        """float [n, width]; only for small n."""
+        out = torch.zeros(len(self), self.width, dtype=self.values.dtype)
+        out[self.row_ids(), self.latents] = self.values
+        return out
+
+    def texts(self, tokenizer) -> list[str]:
+        """Each row's token decoded on its own (byte-level pieces of one character may read as U+FFFD)."""
+        return tokenizer.batch_decode(self.token_ids.unsqueeze(1).tolist())
+
+
+def sparse_rows(dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense codes [n, width] -> CSR (crow [n+1], latents [nnz], values [nnz]) of their nonzeros."""
+    rows, latents = dense.nonzero(as_tuple=True)
+    crow = torch.zeros(len(dense) + 1, dtype=torch.long)
+    crow[1:] = torch.bincount(rows, minlength=len(dense)).cumsum(0)
+    return crow, latents, dense[rows, latents]
+
+
+def encode_sparse(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR codes of activations x [n, d_in] in raw units (TopK SAEs never form the dense [n, width] codes)."""
+    if sae.cfg.input_scale != 1:
+        raise ValueError("encode_sparse needs an SAE that reads raw activations; call sae.fold_input_scale() first")
+    if hasattr(sae, "encode_topk"):
+        indices, values = sae.encode_topk(x)
+        keep = values > 0
+        order = torch.argsort(indices.masked_fill(~keep, sae.cfg.width), dim=1)  # latents ascending, zeros last
+        indices, values, keep = indices.gather(1, order), values.gather(1, order), keep.gather(1, order)
+        crow = torch.zeros(len(x) + 1, dtype=torch.long, device=x.device)
+        crow[1:] = keep.sum(1).cumsum(0)
+        return crow, indices[keep], values[keep]
+    return sparse_rows(sae.encode(x))
+
+
+def iter_codes(sae, source: Source, *, hook: str | None = None, batch_size: int = 4096,
+               device: str | torch.device | None = None, max_tokens: int | None = None,
+               check_model: bool = True) -> Iterator[Codes]:
+    """Encode every position of `source` with `sae`, in text order, batch by batch (CPU tensors out).
+
+    source: a cache folder or an unshuffled ActivationStore (all its rows), or a ModelStream (its contexts in
+    order). hook: which hook to read (default: the SAE's cfg.hook_name, else the source's only hook).
+    max_tokens: stop after this many positions. check_model: refuse a source of another model than the SAE's
+    cfg.model_name (when both name one); turn off for SAEs whose model is named differently.
+    """
+    device = torch.device(device) if device is not None else sae.device
+    batches, hook, model = _ordered_batches(source, batch_size, hook or sae.cfg.hook_name)
+    if check_model and sae.cfg.model_name and model and sae.cfg.model_name != model:
+        raise ValueError(f"the SAE was trained on {sae.cfg.model_name!r} activations but the source holds "
+                         f"{model!r}'s; pass check_model=False if they are the same model under two names")
+    sae = (sae.fold_input_scale() if sae.cfg.input_scale != 1 else sae).to(device).eval()
+    done = 0
+    with torch.no_grad():
+        for batch in batches:
+            if max_tokens is not None:
+                if done >= max_tokens:
+                    return
+                batch = _head(batch, max_tokens - done)
+            x = batch.acts[hook]
+            if x.shape[-1] != sae.cfg.d_in:
+                raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but {hook} has width {x.shape[-1]}: it was "
+                                 f"trained on another hook or model")
+            crow, latents, values = encode_sparse(sae, x.to(device))
+            yield Codes(crow.cpu(), latents.cpu(), values.float().cpu(), sae.cfg.width, batch.token_ids,
+                        batch.rows, batch.contexts, batch.positions)
+            done += len(batch)
+
+
+def _ordered_batches(source: Source, batch_size: int, wanted: str) -> tuple[Iterator[ActivationBatch], str, str]:
+    """(batches in text order, the hook to read, the source's model name)."""
+    if isinstance(source, ModelStream):
+        return source.in_order(), _pick_hook(wanted, source.hooks, "the model stream"), source.model.name
+    if isinstance(source, ActivationStore):
+        if source.shuffle or source.drop_last:
+            raise ValueError("iter_codes reads the whole cache in order: give an ActivationStore with shuffle=False "
+                             "and drop_last=False, or the cache folder itself")
+        hook = _pick_hook(wanted, source.hooks, f"the cache {source.path}")
+        return source.iter_batches(), hook, source.manifest.run.get("model", "")
+    manifest = Manifest.read(Path(source))
+    hook = _pick_hook(wanted, list(manifest.hooks), f"the cache {source}")
+    store = ActivationStore(source, hook, batch_size=batch_size, shuffle=False, drop_last=False)
+    return store.iter_batches(), hook, manifest.run.get("model", "")
+
+
+def _pick_hook(hook: str, hooks: list[str], where: str) -> str:
+    if hook and hook in hooks:
+        return hook
+    if not hook and len(hooks) == 1:
+        return hooks[0]
+    if hook:
+        raise HookError(f"the SAE reads {hook!r} but {where} holds {', '.join(hooks)}; pass hook= to pick one "
+                        f"(of the same model and width)")
+    raise HookError(f"the SAE names no hook and {where} holds several ({', '.join(hooks)}); pass hook=")
+
+
+def _head(batch: ActivationBatch, n: int) -> ActivationBatch:
+    if len(batch) <= n:
+        return batch
+    return ActivationBatch({h: a[:n] for h, a in batch.acts.items()}, batch.token_ids[:n], batch.rows[:n],
+                           batch.contexts[:n], batch.positions[:n])

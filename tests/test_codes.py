@@ -1,0 +1,101 @@
+"""iter_codes: sparse codes in text order equal the dense encoding, and each row knows its token and context."""
+
+import pytest
+import torch
+
+from saelab.activations import ActivationStore, ModelStream, cache_activations
+from saelab.codes import encode_sparse, iter_codes, sparse_rows
+from saelab.data import TextConfig
+from saelab.errors import HookError
+from saelab.sae import SAEConfig, create_sae
+
+HOOK = "blocks.1.hook_resid_post"
+TEXT = TextConfig(context_len=32)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("codes-cache")
+    cache_activations(tiny_model, [HOOK, "blocks.0.hook_mlp_out"], out, text=TEXT, tokens=1500, batch_size=4,
+                      shard_tokens=256, progress=False)
+    return out
+
+
+def make_sae(arch: str, input_scale: float = 1.0, seed: int = 0):
+    torch.manual_seed(seed)
+    k = 5 if arch in ("topk", "batchtopk") else None
+    sae = create_sae(SAEConfig(arch=arch, d_in=64, width=96, k=k, model_name="tiny", hook_name=HOOK,
+                               input_scale=input_scale))
+    with torch.no_grad():
+        sae.b_enc.normal_(std=0.3)
+        if hasattr(sae, "threshold"):
+            sae.threshold.fill_(0.2)
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "batchtopk"])
+def test_codes_equal_the_dense_encoding_in_cache_order(cache, arch):
+    sae = make_sae(arch, input_scale=0.37)
+    reference_sae = sae.fold_input_scale()
+    store = ActivationStore(cache, HOOK, batch_size=100, shuffle=False, drop_last=False)
+    expected_rows = torch.cat([b.rows for b in store])
+    chunks = list(iter_codes(sae, cache, batch_size=100, check_model=False))
+    assert torch.equal(torch.cat([c.rows for c in chunks]), expected_rows)  # every row once, in order
+    assert expected_rows.tolist() == list(range(store.n_tokens))
+    for codes, batch in zip(chunks, store):
+        dense = reference_sae.encode(batch.acts[HOOK])
+        torch.testing.assert_close(codes.dense(), dense)
+        torch.testing.assert_close(codes.csr().to_dense(), dense)
+        assert codes.nnz == int((dense != 0).sum())
+        # latents ascend within each row (a CSR invariant that sparse products rely on)
+        rows = codes.row_ids()
+        assert bool(((codes.latents.diff() > 0) | (rows.diff() != 0)).all())
+
+
+def test_each_row_knows_its_token_and_context(cache, tiny_model):
+    store = ActivationStore(cache, HOOK, shuffle=False, drop_last=False)
+    codes = next(iter_codes(make_sae("topk"), cache, batch_size=500, check_model=False))
+    contexts = list(TEXT.contexts(tiny_model.tokenizer))
+    for i in [0, 1, 30, 31, 250, 499]:
+        context, position = int(codes.contexts[i]), int(codes.positions[i])
+        assert contexts[context][position] == int(codes.token_ids[i])
+        assert store.context(context).tolist() == contexts[context]
+        located, where = store.locate(int(codes.rows[i]))
+        assert located.tolist() == contexts[context] and where == position
+    assert codes.positions[:2].tolist() == [1, 2] and codes.contexts[31].item() == 1  # BOS is not cached
+    assert codes.texts(tiny_model.tokenizer)[3] == tiny_model.tokenizer.decode([int(codes.token_ids[3])])
+
+
+def test_a_model_stream_gives_the_codes_of_the_cache(cache, tiny_model):
+    sae = make_sae("topk")
+    stream = ModelStream(tiny_model, HOOK, TEXT, model_batch_size=4)
+    from_stream = next(iter_codes(sae, stream, check_model=False))
+    from_cache = next(iter_codes(sae, cache, batch_size=len(from_stream), check_model=False))
+    assert torch.equal(from_stream.token_ids, from_cache.token_ids)
+    assert torch.equal(from_stream.contexts, from_cache.contexts)
+    torch.testing.assert_close(from_stream.dense(), from_cache.dense(), atol=1e-4, rtol=1e-4)
+
+
+def test_max_tokens_and_sparse_rows(cache):
+    chunks = list(iter_codes(make_sae("relu"), cache, batch_size=64, max_tokens=150, check_model=False))
+    assert [len(c) for c in chunks] == [64, 64, 22]
+    dense = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 3.0]])
+    crow, latents, values = sparse_rows(dense)
+    assert crow.tolist() == [0, 1, 1, 3] and latents.tolist() == [1, 0, 2] and values.tolist() == [2.0, 1.0, 3.0]
+
+
+def test_bad_sources_are_refused(cache):
+    sae = make_sae("topk")
+    with pytest.raises(ValueError, match="trained on 'tiny' activations"):
+        next(iter_codes(sae, cache))
+    other = make_sae("topk")
+    other.cfg.hook_name = "blocks.5.hook_resid_post"
+    with pytest.raises(HookError, match="holds blocks.1.hook_resid_post"):
+        next(iter_codes(other, cache, check_model=False))
+    narrow = create_sae(SAEConfig(arch="topk", d_in=48, width=96, k=5, hook_name=HOOK))
+    with pytest.raises(ValueError, match="d_in=48 but blocks.1.hook_resid_post has width 64"):
+        next(iter_codes(narrow, cache))
+    with pytest.raises(ValueError, match="shuffle=False"):
+        next(iter_codes(sae, ActivationStore(cache, HOOK), check_model=False))
+    with pytest.raises(ValueError, match="fold_input_scale"):
+        encode_sparse(make_sae("topk", input_scale=2.0), torch.zeros(2, 64))

@@ -47,7 +47,7 @@ def test_probes_notebook_runs(tmp_path):
     import nbformat
     from nbclient import NotebookClient
 
-    notebook = nbformat.read(ROOT / "notebooks" / "probes.ipynb", as_version=4)
+    notebook = nbformat.read(ROOT / "notebooks" / "05_probes_and_steering.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     assert "| resid @ blocks.9.hook_resid_post |" in outputs and "KL to clean" in outputs

@@ -1,0 +1,131 @@
+"""A static dashboard: a folder that opens from disk in any browser, offline, with no server.
+
+    out/index.html          every exported latent in a table (density, mean, max, top tokens, promoted tokens),
+                            searchable and sortable; its data and script are inline
+    out/latents/<i>.html    one self-contained page per latent: its card, links to its neighbours, arrow keys step
+
+Every file carries its own CSS (and the index its own small script); nothing is fetched, so the pages render the
+same from file://, from a zip, or from any static host. One file per latent keeps each page small and fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+from saelab.explore.examples import EMPTY
+from saelab.explore.features import FeatureSet
+from saelab.explore.html import STYLE, esc, shown, top_tokens
+
+PAGE_STYLE = """body{margin:16px 22px;font:13px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;color:#1d1d1f}
+nav{margin-bottom:10px}nav a{margin-right:14px}a{color:#0a58ca;text-decoration:none}a:hover{text-decoration:underline}
+h1{font-size:19px;margin:0 0 4px}.meta{color:#555}input{font-size:14px;padding:4px 8px;width:340px;margin:10px 0}
+table.index{border-collapse:collapse}table.index th{text-align:left;cursor:pointer;border-bottom:2px solid #ccc;
+padding:3px 10px 3px 0;user-select:none}table.index td{padding:2px 10px 2px 0;border-bottom:1px solid #eee}
+table.index td.n{text-align:right;font-variant-numeric:tabular-nums}.tok{background:#ffd9b3;border-radius:2px;
+font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre;margin-right:4px}"""
+
+INDEX_SCRIPT = """
+(function () {
+  var rows = JSON.parse(document.getElementById('data').textContent);
+  var body = document.getElementById('rows'), count = document.getElementById('count');
+  var query = document.getElementById('q'), key = 1, descending = true, LIMIT = 500;
+  function cell(text, cls) { var td = document.createElement('td'); if (cls) td.className = cls; td.textContent = text; return td; }
+  function tokens(list) {
+    var td = document.createElement('td');
+    list.forEach(function (t) { var s = document.createElement('span'); s.className = 'tok'; s.textContent = t; td.appendChild(s); });
+    return td;
+  }
+  function fmt(x) { return x === 0 ? '0' : Number(x.toPrecision(3)).toString(); }
+  function render() {
+    var q = query.value.trim().toLowerCase();
+    var shown = rows.filter(function (r) {
+      if (!q) return true;
+      if (/^[0-9]+$/.test(q)) return String(r[0]) === q;
+      return r[4].concat(r[5]).some(function (t) { return t.toLowerCase().indexOf(q) >= 0; });
+    });
+    shown.sort(function (a, b) { var d = a[key] < b[key] ? -1 : a[key] > b[key] ? 1 : 0; return descending ? -d : d; });
+    body.textContent = '';
+    shown.slice(0, LIMIT).forEach(function (r) {
+      var tr = document.createElement('tr'), td = document.createElement('td'), a = document.createElement('a');
+      a.href = 'latents/' + r[0] + '.html'; a.textContent = r[0]; td.appendChild(a); tr.appendChild(td);
+      tr.appendChild(cell((100 * r[1]).toPrecision(3) + '%', 'n'));
+      tr.appendChild(cell(fmt(r[2]), 'n')); tr.appendChild(cell(fmt(r[3]), 'n'));
+      tr.appendChild(tokens(r[4])); tr.appendChild(tokens(r[5]));
+      body.appendChild(tr);
+    });
+    count.textContent = shown.length + ' of ' + rows.length + ' latents' + (shown.length > LIMIT ? ' (first ' + LIMIT + ' shown)' : '');
+  }
+  Array.prototype.forEach.call(document.querySelectorAll('th[data-key]'), function (th) {
+    th.addEventListener('click', function () {
+      var k = Number(th.getAttribute('data-key'));
+      descending = k === key ? !descending : k !== 0; key = k; render();
+    });
+  });
+  query.addEventListener('input', render);
+  render();
+})();
+"""
+
+PAGE_SCRIPT = """
+document.addEventListener('keydown', function (e) {
+  var link = document.getElementById(e.key === 'ArrowLeft' ? 'prev' : e.key === 'ArrowRight' ? 'next' : '');
+  if (link) window.location.href = link.getAttribute('href');
+});
+"""
+
+
+def inline_json(data) -> str:
+    """JSON safe inside a <script> element (no '</' can close it early)."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+
+
+def write_dashboard(features: FeatureSet, out: str | Path, latents: Iterable[int], *, title: str = "") -> Path:
+    """Write index.html and latents/<i>.html for `latents` into `out`; returns the index page's path. Pages left
+    by an earlier export into the same folder are removed, so the index and the pages always agree."""
+    latents = sorted({features.check(int(i)) for i in latents})
+    if not latents:
+        raise ValueError("no latents to export")
+    out = Path(out)
+    pages = out / "latents"
+    pages.mkdir(parents=True, exist_ok=True)
+    exported = set(latents)
+    for old in pages.iterdir():
+        if re.fullmatch(r"\d+\.html", old.name) and int(old.stem) not in exported:
+            old.unlink()
+    table = features.stats
+    ids = set(table.top.tokens.unique().tolist()) | set(table.sample.tokens.unique().tolist())
+    features.token_texts(sorted(ids - {EMPTY}))  # decode every token once, in one call
+    title = title or f"{features.name or 'SAE'} features"
+    rows = []
+    for number, latent in enumerate(latents):
+        feature = features[latent]
+        prev = latents[number - 1] if number else None
+        next_ = latents[number + 1] if number + 1 < len(latents) else None
+        nav = ['<a href="../index.html">index</a>']
+        nav.append(f'<a id="prev" href="{prev}.html">&larr; latent {prev}</a>' if prev is not None else "")
+        nav.append(f'<a id="next" href="{next_}.html">latent {next_} &rarr;</a>' if next_ is not None else "")
+        card = feature.html(link=lambda j: f"{j}.html" if j in exported else None)
+        (pages / f"{latent}.html").write_text(
+            f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Latent {latent} &middot; {esc(title)}'
+            f'</title><style>{PAGE_STYLE}{STYLE}</style></head><body><nav>{"".join(nav)}</nav>{card}'
+            f"<script>{PAGE_SCRIPT}</script></body></html>", encoding="utf-8")
+        rows.append([latent, round(feature.density, 8), round(feature.mean, 4), round(feature.max, 4),
+                     [shown(t) for t in top_tokens(feature)], [shown(t) for t, _ in feature.promoted[:4]]])
+    stats = features.stats
+    meta = (f"{stats.width} latents, {len(latents)} exported &middot; {stats.n_tokens:,} tokens"
+            + (f" of {esc(stats.meta['source'])}" if stats.meta.get("source") else ""))
+    index = out / "index.html"
+    index.write_text(
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{PAGE_STYLE}</style></head><body><h1>{esc(title)}</h1><div class=\"meta\">{meta}</div>"
+        '<input id="q" type="search" placeholder="search a token (e.g. Monday) or a latent number" autofocus>'
+        '<div id="count" class="meta"></div><table class="index"><thead><tr><th data-key="0">latent</th>'
+        '<th data-key="1">density</th><th data-key="2">mean</th><th data-key="3">max</th><th>fires on</th>'
+        '<th>promotes</th></tr></thead><tbody id="rows"></tbody></table>'
+        "<noscript><p>The table needs JavaScript; every latent's page is in the latents/ folder.</p></noscript>"
+        f'<script type="application/json" id="data">{inline_json(rows)}</script><script>{INDEX_SCRIPT}</script>'
+        "</body></html>", encoding="utf-8")
+    return index

@@ -1,0 +1,128 @@
+"""Per-latent tables of examples kept while codes stream past: the n best entries of each latent by some score.
+
+One table with score = activation keeps each latent's top activating examples; one with score = a random number
+keeps a uniform sample of each latent's firings (bottom-k / priority sampling), whose order statistics are the
+latent's quantiles. Both merge a chunk at a time with one sort and one `topk` over [width, 2n], never a Python
+heap per token, so a pass over millions of tokens stays fast and its memory stays at [width, n] entries.
+
+Each kept example also remembers a window of tokens around it and this latent's activation on each of them, so
+cards can shade the whole context; the windows are filled from the chunks that hold those rows (see `Window`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+EMPTY = -1
+"""token id / row of a slot or window cell that holds nothing (outside the context, or no example yet)."""
+
+
+@dataclass
+class Window:
+    """Rows [start, start + len) of the pass (one to three consecutive chunks), for looking up the tokens and the
+    codes around an example. keys = row * width + latent of every nonzero, ascending (CSR order), so a latent's
+    value at any row is one `searchsorted` away."""
+
+    start: int
+    token_ids: Tensor
+    contexts: Tensor
+    keys: Tensor
+    values: Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+    @classmethod
+    def join(cls, parts: list["Window"]) -> "Window":
+        return cls(parts[0].start, *(torch.cat([getattr(p, name) for p in parts])
+                                     for name in ("token_ids", "contexts", "keys", "values")))
+
+    def around(self, latents: Tensor, rows: Tensor, contexts: Tensor, before: int, after: int,
+               width: int) -> tuple[Tensor, Tensor]:
+        """(token ids [q, W], activations of each query's latent [q, W]) at rows - before .. rows + after, cut at
+        the query's own context (EMPTY tokens and 0 beyond it)."""
+        at = rows[:, None] + torch.arange(-before, after + 1)[None, :]
+        inside = (at >= self.start) & (at < self.end)
+        local = (at - self.start).clamp(0, len(self.token_ids) - 1)
+        inside &= self.contexts[local] == contexts[:, None]
+        tokens = torch.where(inside, self.token_ids[local], EMPTY)
+        wanted = at * width + latents[:, None]
+        found = torch.searchsorted(self.keys, wanted).clamp(max=max(len(self.keys) - 1, 0))
+        hit = inside & (self.keys[found] == wanted) if len(self.keys) else torch.zeros_like(inside)
+        values = torch.where(hit, self.values[found] if len(self.keys) else 0.0, 0.0)
+        return tokens.int(), values.float()
+
+
+class ExampleTable:
+    """For each of `width` latents, the (up to) n entries with the largest score seen so far, sorted descending,
+    each with its activation, row of the pass, context, position and a window of tokens and activations."""
+
+    def __init__(self, width: int, n: int, before: int, after: int):
+        self.width, self.n, self.before, self.after = width, n, before, after
+        self.score = torch.full((width, n), float("-inf"))
+        self.value = torch.zeros(width, n)
+        self.row = torch.full((width, n), EMPTY, dtype=torch.long)
+        self.context = torch.full((width, n), EMPTY, dtype=torch.long)
+        self.position = torch.full((width, n), EMPTY, dtype=torch.long)
+        self.tokens = torch.full((width, n, before + after + 1), EMPTY, dtype=torch.int32)
+        self.acts = torch.zeros(width, n, before + after + 1)
+
+    @property
+    def filled(self) -> Tensor:
+        """bool [width, n]: which slots hold an example."""
+        return self.row >= 0
+
+    def offer(self, latents: Tensor, scores: Tensor, values: Tensor, rows: Tensor, contexts: Tensor,
+              positions: Tensor) -> None:
+        """Merge one chunk's nonzeros (one entry each: its latent, score, value, row, context, position)."""
+        if not len(latents):
+            return
+        n = self.n
+        order = torch.argsort(scores, descending=True, stable=True)
+        order = order[torch.argsort(latents[order], stable=True)]  # by latent, best score first within each
+        sorted_latents = latents[order]
+        counts = torch.bincount(sorted_latents, minlength=self.width)
+        rank = torch.arange(len(order)) - (counts.cumsum(0) - counts)[sorted_latents]
+        keep = rank < n
+        entry, slot_latent, slot = order[keep], sorted_latents[keep], rank[keep]
+        offered = torch.full((self.width, n), float("-inf"))
+        offered[slot_latent, slot] = scores[entry]
+        merged = torch.cat([self.score, offered], 1)
+        best, index = merged.topk(n, dim=1)
+        changed = ((index != torch.arange(n)) & (best > float("-inf"))).any(1).nonzero().squeeze(1)
+        if not len(changed):
+            return
+        index = index[changed]
+        new = index >= n
+        old = index.clamp(max=n - 1)
+        pick = torch.full((self.width, n), EMPTY, dtype=torch.long)
+        pick[slot_latent, slot] = entry
+        picked = pick[changed].gather(1, (index - n).clamp(min=0))  # the chunk entry behind each new slot
+        picked = torch.where(new, picked, 0)
+        real = best[changed] > float("-inf")
+        for name, fresh in (("value", values), ("row", rows), ("context", contexts), ("position", positions)):
+            table = getattr(self, name)
+            kept = table[changed].gather(1, old)
+            merged_column = torch.where(new, fresh[picked].to(table.dtype), kept)
+            table[changed] = torch.where(real, merged_column, EMPTY if name != "value" else 0)
+        self.score[changed] = best[changed]
+        for name in ("tokens", "acts"):  # windows of new slots are filled by `fill` once their rows' chunks are in
+            table = getattr(self, name)
+            kept = table[changed].gather(1, old[..., None].expand(-1, -1, table.shape[2]))
+            table[changed] = torch.where(new[..., None], torch.zeros((), dtype=table.dtype), kept)
+
+    def fill(self, window: Window, first: int, end: int) -> None:
+        """Fill the windows of the slots whose rows lie in [first, end) from `window` (which must cover them with
+        `before` rows to spare on the left and `after` on the right, or reach the start / end of the pass)."""
+        where = ((self.row >= first) & (self.row < end)).nonzero()
+        if not len(where):
+            return
+        latents, slots = where[:, 0], where[:, 1]
+        tokens, acts = window.around(latents, self.row[latents, slots], self.context[latents, slots],
+                                     self.before, self.after, self.width)
+        self.tokens[latents, slots] = tokens
+        self.acts[latents, slots] = acts

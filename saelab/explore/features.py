@@ -1,0 +1,244 @@
+"""Feature cards: one latent's data (top contexts, quantile samples, histogram, density, logit effects, neighbours),
+read out of a pass's `LatentStats`, as plain records that render to HTML (Jupyter, the dashboard) and JSON.
+
+    features = explore(sae, "runs/acts", model)      # one pass over the cache
+    features[123]                                    # a card in Jupyter (_repr_html_)
+    features.browse(features.most_active(20))        # a small browser over latents
+    features.dashboard("runs/dash")                  # static HTML folder that opens from disk
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from saelab.codes import Source
+from saelab.explore.directions import logit_effects, nearest_latents, unembedding
+from saelab.explore.examples import EMPTY, ExampleTable
+from saelab.explore.stats import LatentStats, collect
+
+
+@dataclass
+class Example:
+    """A window of text around one firing: the tokens, this latent's activation on each, and which one fired."""
+
+    tokens: list[str]
+    acts: list[float]
+    at: int
+    """Index in `tokens` of the token the example is about."""
+    value: float
+    context: int
+    position: int
+    """Where the firing token sits: context number and position in it (as in the cache)."""
+
+
+@dataclass
+class QuantileGroup:
+    """Firings whose activation ranks between quantiles lo_q and hi_q of the latent's activations (exact when the
+    latent fired at most `sample` times in the pass, else of a uniform random sample of its firings)."""
+
+    lo_q: float
+    hi_q: float
+    lo: float
+    hi: float
+    examples: list[Example]
+
+
+@dataclass
+class Feature:
+    """Everything a card shows about one latent."""
+
+    latent: int
+    width: int
+    n_tokens: int
+    count: int
+    mean: float
+    max: float
+    top: list[Example]
+    quantiles: list[QuantileGroup]
+    hist_edges: list[float]
+    hist_counts: list[int]
+    promoted: list[tuple[str, float]] = field(default_factory=list)
+    suppressed: list[tuple[str, float]] = field(default_factory=list)
+    nearest: list[tuple[int, float]] = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def density(self) -> float:
+        """Fraction of tokens the latent fires on."""
+        return self.count / max(self.n_tokens, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def html(self, link=None) -> str:
+        from saelab.explore.html import card
+
+        return card(self, link)
+
+    def _repr_html_(self) -> str:
+        from saelab.explore.html import STYLE
+
+        return f"<style>{STYLE}</style>{self.html()}"
+
+    def plot(self, path: str | Path | None = None):
+        from saelab.explore.plots import plot_feature
+
+        return plot_feature(self, path)
+
+
+class FeatureSet:
+    """All latents of one SAE over one pass of codes; `features[i]` is latent i's card data (a `Feature`)."""
+
+    def __init__(self, stats: LatentStats, tokenizer, W_dec: Tensor, W_U: Tensor | None = None, *, name: str = "",
+                 groups: int = 5, per_group: int = 4, n_logits: int = 10, n_nearest: int = 8):
+        if W_dec.shape[0] != stats.width:
+            raise ValueError(f"the decoder has {W_dec.shape[0]} latents but the codes have {stats.width}")
+        self.stats, self.tokenizer, self.name = stats, tokenizer, name
+        self.groups, self.per_group = groups, per_group
+        self.logits = logit_effects(W_dec, W_U, n_logits) if W_U is not None else None
+        self.nearest = nearest_latents(W_dec, n_nearest)
+        self._texts: dict[int, str] = {}
+        vocab = len(tokenizer)
+        seen = int(max(stats.top.tokens.max(), stats.sample.tokens.max() if stats.sample.n else -1))
+        if seen >= vocab:
+            raise ValueError(f"the codes hold token id {seen} but the tokenizer has {vocab} tokens: the cache was "
+                             f"made with another model's tokenizer")
+
+    @property
+    def width(self) -> int:
+        return self.stats.width
+
+    def __len__(self) -> int:
+        return self.width
+
+    def check(self, latent) -> int:
+        if isinstance(latent, Tensor):
+            latent = latent.item()
+        if isinstance(latent, bool) or not isinstance(latent, int):
+            raise TypeError(f"a latent is an int, got {latent!r}")
+        if not 0 <= latent < self.width:
+            raise IndexError(f"latent {latent} is out of range: this SAE has {self.width} latents (0..{self.width - 1})")
+        return latent
+
+    def __getitem__(self, latent: int) -> Feature:
+        latent = self.check(latent)
+        stats = self.stats
+        top = self._examples(stats.top, latent, list(range(stats.top.n)))
+        counts = stats.hist[latent]
+        nonzero = counts.nonzero().squeeze(1)
+        first, last = (int(nonzero[0]), int(nonzero[-1]) + 1) if len(nonzero) else (0, 0)
+        promoted = suppressed = []
+        if self.logits is not None:
+            up_v, up_i, down_v, down_i = (t[latent] for t in self.logits)
+            promoted = list(zip(self.token_texts(up_i.tolist()), up_v.tolist()))
+            suppressed = list(zip(self.token_texts(down_i.tolist()), down_v.tolist()))
+        cos, near = self.nearest[0][latent], self.nearest[1][latent]
+        return Feature(latent, self.width, stats.n_tokens, int(stats.count[latent]), float(stats.mean[latent]),
+                       float(stats.max[latent]), top, self._quantiles(latent),
+                       stats.edges[first : last + 1].tolist() if last else [], counts[first:last].tolist(),
+                       promoted, suppressed, list(zip(near.tolist(), cos.tolist())), self.name)
+
+    def _quantiles(self, latent: int) -> list[QuantileGroup]:
+        """Split the latent's sampled firings, sorted by activation, into `groups` equal-count groups."""
+        table = self.stats.sample
+        if not table.n:
+            return []
+        filled = table.filled[latent].nonzero().squeeze(1)
+        slots = filled[torch.argsort(table.value[latent, filled])].tolist()
+        m, out = len(slots), []
+        for j in range(self.groups if m else 0):
+            begin, end = j * m // self.groups, (j + 1) * m // self.groups
+            if end <= begin:
+                continue
+            group = slots[begin:end]
+            spread = sorted({round(i * (len(group) - 1) / max(self.per_group - 1, 1))
+                             for i in range(min(self.per_group, len(group)))})  # evenly through the group
+            picks = [group[i] for i in spread]
+            values = table.value[latent, group]
+            out.append(QuantileGroup(j / self.groups, (j + 1) / self.groups, float(values.min()), float(values.max()),
+                                     self._examples(table, latent, picks[::-1])))
+        return out[::-1]  # highest quantiles first, like the top examples
+
+    def _examples(self, table: ExampleTable, latent: int, slots: list[int]) -> list[Example]:
+        out = []
+        for slot in slots:
+            if table.row[latent, slot] == EMPTY:
+                continue
+            ids, acts = table.tokens[latent, slot], table.acts[latent, slot]
+            keep = ids != EMPTY
+            at = int(keep[: table.before].sum())
+            out.append(Example(self.token_texts(ids[keep].tolist()), acts[keep].tolist(), at,
+                               float(table.value[latent, slot]), int(table.context[latent, slot]),
+                               int(table.position[latent, slot])))
+        return out
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token id decoded on its own (cached)."""
+        missing = sorted({i for i in ids if i not in self._texts})
+        if missing:
+            self._texts.update(zip(missing, self.tokenizer.batch_decode([[i] for i in missing])))
+        return [self._texts[i] for i in ids]
+
+    def most_active(self, n: int = 20, by: str = "count") -> list[int]:
+        """The n latents that fire most often (by="count") or most strongly (by="max")."""
+        if by not in ("count", "max"):
+            raise ValueError(f"by must be 'count' or 'max', got {by!r}")
+        score = self.stats.count.double() if by == "count" else self.stats.max.double()
+        return score.topk(min(n, self.width)).indices.tolist()
+
+    def search(self, phrase: str, n: int = 10):
+        """Latents that fire on `phrase` in the pass: the share of their top examples and of their sampled firings
+        whose firing token lies inside an occurrence of the phrase (case-insensitive)."""
+        from saelab.explore.search import search_examples
+
+        return search_examples(self, phrase, n)
+
+    def browse(self, latents: Sequence[int] | None = None):
+        """A small browser over latents for Jupyter: one line each, unfolding into its card."""
+        from saelab.explore.html import Browser
+
+        return Browser([self[latent] for latent in (self.most_active(20) if latents is None else latents)])
+
+    def dashboard(self, out: str | Path, latents: Sequence[int] | None = None, *, title: str = "") -> Path:
+        """Write a static dashboard (index.html + latents/<i>.html, inline CSS/JS, no network) for `latents`
+        (default: all); returns the index page's path."""
+        from saelab.explore.dashboard import write_dashboard
+
+        return write_dashboard(self, out, range(self.width) if latents is None else latents, title=title)
+
+    def __repr__(self) -> str:
+        alive = int((self.stats.count > 0).sum())
+        return (f"FeatureSet({self.name or 'SAE'}: {self.width} latents, {alive} fired, over "
+                f"{self.stats.n_tokens:,} tokens)")
+
+
+def explore(sae, source: Source, model=None, *, tokenizer=None, hook: str | None = None, top: int = 20,
+            sample: int = 50, before: int = 12, after: int = 4, max_tokens: int | None = None,
+            batch_size: int = 8192, check_model: bool = True, progress=None) -> FeatureSet:
+    """One pass of `sae` over `source` (a cache folder, an ActivationStore or a ModelStream) -> a FeatureSet.
+
+    model: the LanguageModel the activations came from (gives the tokenizer and the unembedding for the logit
+    table); or pass just `tokenizer` and go without the logit table.
+    """
+    if model is None and tokenizer is None:
+        raise ValueError("explore needs the model (for its tokenizer and unembedding) or at least tokenizer=")
+    if model is not None:
+        if check_model and sae.cfg.model_name and model.name and sae.cfg.model_name != model.name:
+            raise ValueError(f"the SAE was trained on {sae.cfg.model_name!r} but the model given is {model.name!r}; "
+                             "pass check_model=False if they are the same model under two names")
+        if model.d_model != sae.cfg.d_in and (sae.cfg.hook_name or "").endswith(("resid_post", "resid_pre")):
+            raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but {model.name} has d_model={model.d_model}")
+    stats = collect(sae, source, hook=hook, top=top, sample=sample, before=before, after=after,
+                    batch_size=batch_size, max_tokens=max_tokens, check_model=check_model, progress=progress)
+    stats.meta = {"source": str(getattr(source, "path", source)), "hook": hook or sae.cfg.hook_name,
+                  "model": sae.cfg.model_name}
+    W_U = unembedding(model) if model is not None and model.d_model == sae.cfg.d_in else None
+    name = f"{sae.cfg.arch}-{sae.cfg.width}" + (f"-k{sae.cfg.k}" if sae.cfg.k else "")
+    if sae.cfg.hook_name:
+        name += f" @ {sae.cfg.hook_name}"
+    return FeatureSet(stats, model.tokenizer if model is not None else tokenizer, sae.W_dec.detach(), W_U, name=name)

@@ -1,0 +1,130 @@
+"""Feature cards as HTML: rendered here in Python, so a card needs no JavaScript and looks the same in Jupyter, in
+GitHub's notebook viewer and in the static dashboard. Hand-written CSS scoped under .saelab-card; no CDN, no fonts,
+no images (the histogram is inline SVG)."""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Callable, Sequence
+
+from saelab.explore.features import Example, Feature
+
+LEVELS = 9
+STYLE = """
+.saelab-card{font:13px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;color:#1d1d1f;max-width:1100px}
+.saelab-card h2{font-size:17px;margin:4px 0}.saelab-card h3{font-size:13px;margin:12px 0 4px;color:#444}
+.saelab-card .meta{color:#555;margin-bottom:6px}.saelab-card .cols{display:flex;gap:22px;flex-wrap:wrap}
+.saelab-card .side{flex:0 0 290px}.saelab-card .main{flex:1 1 560px;min-width:0}
+.saelab-card table{border-collapse:collapse}.saelab-card td{padding:1px 6px 1px 0;vertical-align:top}
+.saelab-card td.n{text-align:right;font-variant-numeric:tabular-nums;color:#555}
+.saelab-card .ex{font:12px/1.7 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;
+ word-break:break-all;border-bottom:1px solid #eee;padding:1px 0}
+.saelab-card .ex .v{display:inline-block;width:4.2em;color:#777;text-align:right;margin-right:8px}
+.saelab-card .tok{border-radius:2px}.saelab-card .hit{outline:1.5px solid #c04000;font-weight:600}
+.saelab-card .s1{background:#fff3e6}.saelab-card .s2{background:#ffe6cc}.saelab-card .s3{background:#ffd9b3}
+.saelab-card .s4{background:#ffc999}.saelab-card .s5{background:#ffb980}.saelab-card .s6{background:#ffa866}
+.saelab-card .s7{background:#ff974d}.saelab-card .s8{background:#ff8533}.saelab-card .s9{background:#ff7014}
+.saelab-card .q{color:#555;margin:8px 0 2px}.saelab-card .dead{color:#a00}
+.saelab-card svg rect{fill:#e07b39}.saelab-card svg text{font-size:10px;fill:#555}
+"""
+
+
+def esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def shown(token: str) -> str:
+    """A token as it should read in a context line: newlines and tabs made visible."""
+    return token.replace("\n", "\u21b5").replace("\t", "\u2192").replace("\r", "")
+
+
+def number(x: float) -> str:
+    return f"{x:.3g}" if x else "0"
+
+
+def example_html(example: Example, scale: float) -> str:
+    """One context line: its activation, then each token shaded by this latent's activation (relative to `scale`,
+    the latent's max), the example's own token outlined."""
+    parts = [f'<div class="ex"><span class="v">{number(example.value)}</span>']
+    for i, (token, act) in enumerate(zip(example.tokens, example.acts)):
+        level = min(LEVELS, math.ceil(LEVELS * act / scale)) if act > 0 and scale > 0 else 0
+        classes = "tok" + (f" s{level}" if level else "") + (" hit" if i == example.at else "")
+        title = f' title="{number(act)}"' if act else ""
+        parts.append(f'<span class="{classes}"{title}>{esc(shown(token))}</span>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def histogram_svg(edges: Sequence[float], counts: Sequence[int], width: int = 280, height: int = 90) -> str:
+    """Bars of the activation histogram on a log-x axis (the bins are log-spaced), labelled at both ends."""
+    if not counts:
+        return ""
+    top = max(counts)
+    step = width / len(counts)
+    bars = "".join(f'<rect x="{i * step:.1f}" y="{height - 14 - (height - 16) * c / top:.1f}" width="{max(step - 0.5, 0.5):.1f}" '
+                   f'height="{(height - 16) * c / top:.1f}"><title>{number(edges[i])}-{number(edges[i + 1])}: {c}</title></rect>'
+                   for i, c in enumerate(counts) if c)
+    labels = (f'<text x="0" y="{height - 2}">{number(edges[0])}</text>'
+              f'<text x="{width}" y="{height - 2}" text-anchor="end">{number(edges[-1])}</text>')
+    return f'<svg width="{width}" height="{height}" role="img" aria-label="activation histogram">{bars}{labels}</svg>'
+
+
+def card(feature: Feature, link: Callable[[int], str | None] | None = None) -> str:
+    """The card of one latent. link(latent) gives the href of another latent's page (or None) for the neighbours."""
+    f = feature
+    stats = (f"fires on {100 * f.density:.3g}% of {f.n_tokens:,} tokens ({f.count:,}&times;) &middot; "
+             f"mean {number(f.mean)} &middot; max {number(f.max)}" if f.count
+             else f'<span class="dead">never fired in {f.n_tokens:,} tokens</span>')
+    head = f'<h2>Latent {f.latent}</h2><div class="meta">{esc(f.name) + " &middot; " if f.name else ""}{stats}</div>'
+    side = []
+    if f.hist_counts:
+        side.append("<h3>Activation histogram (log scale, firing tokens)</h3>" + histogram_svg(f.hist_edges, f.hist_counts))
+    for title, rows in (("Promoted tokens (W_dec &middot; W_U)", f.promoted), ("Suppressed tokens", f.suppressed)):
+        if rows:
+            side.append(f"<h3>{title}</h3><table>" + "".join(
+                f'<tr><td class="n">{value:+.2f}</td><td><span class="tok s3">{esc(shown(token))}</span></td></tr>'
+                for token, value in rows) + "</table>")
+    if f.nearest:
+        cells = []
+        for latent, cosine in f.nearest:
+            href = link(latent) if link else None
+            name = f'<a href="{esc(href)}">{latent}</a>' if href else str(latent)
+            cells.append(f'<tr><td class="n">{cosine:.3f}</td><td>latent {name}</td></tr>')
+        side.append("<h3>Nearest latents (decoder cosine)</h3><table>" + "".join(cells) + "</table>")
+    main = []
+    if f.top:
+        main.append(f"<h3>Top activations</h3>" + "".join(example_html(e, f.max) for e in f.top))
+    for group in f.quantiles:
+        main.append(f'<div class="q"><b>Quantile {100 * group.lo_q:.0f}&ndash;{100 * group.hi_q:.0f}%</b> '
+                    f"(activations {number(group.lo)}&ndash;{number(group.hi)})</div>"
+                    + "".join(example_html(e, f.max) for e in group.examples))
+    if f.quantiles:
+        main.insert(1, "<h3>Samples by quantile of the activation distribution</h3>")
+    return (f'<div class="saelab-card">{head}<div class="cols"><div class="side">{"".join(side)}</div>'
+            f'<div class="main">{"".join(main)}</div></div></div>')
+
+
+def top_tokens(feature: Feature, n: int = 4) -> list[str]:
+    """The distinct tokens its top examples fire on, most frequent first."""
+    counts: dict[str, int] = {}
+    for example in feature.top:
+        token = example.tokens[example.at]
+        counts[token] = counts.get(token, 0) + 1
+    return sorted(counts, key=lambda t: -counts[t])[:n]
+
+
+class Browser:
+    """Latents listed one per line (density, max, top tokens); each line unfolds into its card. Pure HTML
+    (<details>), so it works wherever notebook HTML is shown, scripts or not."""
+
+    def __init__(self, features: list[Feature]):
+        self.features = features
+
+    def _repr_html_(self) -> str:
+        rows = []
+        for f in self.features:
+            tokens = " ".join(f'<span class="tok s3">{esc(shown(t))}</span>' for t in top_tokens(f))
+            rows.append(f"<details><summary>latent <b>{f.latent}</b> &middot; {100 * f.density:.3g}% &middot; max "
+                        f"{number(f.max)} &middot; {tokens}</summary>{f.html()}</details>")
+        return f'<style>{STYLE}</style><div class="saelab-card">{"".join(rows)}</div>'

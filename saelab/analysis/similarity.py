@@ -1,0 +1,246 @@
+"""How alike two paired sets of directions are (row i of X pairs with row i of Y; e.g. decoder rows of matched
+latents of two SAEs), and whether that is more than chance.
+
+Measures: SVCCA (Raghu et al.; done right: keep the top singular directions that explain 99 % of the variance, on
+each side, then CCA; the number kept is reported: Lan et al.'s code keeps one direction with unit-norm rows),
+mean squared CCA, linear CKA (Kornblith et al.), RSA (Spearman between the upper triangles of the two cosine
+similarity matrices) and mutual k-NN (the share of each row's k nearest neighbours, by cosine, that are the same
+on both sides).
+
+Nulls, seeded, >= 1000 draws by default, p = (1 + #{null >= observed}) / (1 + draws), never 0:
+- shuffled pairing: the same rows, paired at random (does the matching itself carry the similarity?);
+- random subsets: as many rows drawn at random from all of X's and Y's candidates (is it the matched latents, or
+  would any latents of these two SAEs look this alike?).
+Each measure has a fast path for re-pairing (precomputed Gram, rank or basis matrices), so 1000 shuffles of a few
+thousand pairs take seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy.stats import rankdata
+
+MEASURES = ("svcca", "cka", "rsa", "mutual_knn")
+VARIANCE_KEPT = 0.99
+
+
+def _centered(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x - x.mean(0, keepdims=True)
+
+
+def _orthonormal_basis(x: np.ndarray, tol: float = 1e-10) -> np.ndarray:
+    """An orthonormal basis [n, r] of the column space of centred x (rank-revealing through the SVD)."""
+    u, s, _ = np.linalg.svd(x, full_matrices=False)
+    return u[:, s > tol * max(s[0], 1e-300)] if len(s) else u
+
+
+def canonical_correlations(x: np.ndarray, y: np.ndarray, center: bool = True) -> np.ndarray:
+    """CCA correlations of two views [n, dx], [n, dy] (descending; min of the two ranks of them)."""
+    if len(x) != len(y):
+        raise ValueError(f"paired views need as many rows, got {len(x)} and {len(y)}")
+    prepare = _centered if center else (lambda v: np.asarray(v, dtype=np.float64))
+    qx, qy = _orthonormal_basis(prepare(x)), _orthonormal_basis(prepare(y))
+    return np.clip(np.linalg.svd(qx.T @ qy, compute_uv=False), 0.0, 1.0)
+
+
+def mean_squared_cca(x: np.ndarray, y: np.ndarray, center: bool = True) -> float:
+    """Mean of the squared canonical correlations (Kornblith et al.'s R^2_CCA). Their demo's 0.54312 is for
+    uncentred views (center=False); CCA proper centres (0.54540 on the same pair)."""
+    rho = canonical_correlations(x, y, center)
+    return float(np.sum(rho**2) / min(np.shape(x)[1], np.shape(y)[1]))
+
+
+def svcca_directions(x: np.ndarray, keep: float = VARIANCE_KEPT) -> np.ndarray:
+    """Centred x projected on its top singular directions that together explain `keep` of the variance."""
+    u, s, _ = np.linalg.svd(_centered(x), full_matrices=False)
+    explained = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-300)
+    kept = int(np.searchsorted(explained, keep - 1e-12) + 1)
+    return u[:, :kept] * s[:kept]
+
+
+@dataclass
+class SVCCA:
+    value: float
+    """Mean canonical correlation of the two reduced views."""
+    kept_x: int
+    kept_y: int
+    correlations: np.ndarray = field(repr=False)
+
+
+def svcca(x: np.ndarray, y: np.ndarray, keep: float = VARIANCE_KEPT) -> SVCCA:
+    """SVCCA: per side, keep the singular directions explaining `keep` of the variance, then CCA; mean rho.
+    With few rows, many kept directions make rho trivially high: compare with the nulls (same row count)."""
+    rx, ry = svcca_directions(x, keep), svcca_directions(y, keep)
+    rho = canonical_correlations(rx, ry)
+    return SVCCA(float(np.mean(rho)) if len(rho) else 0.0, rx.shape[1], ry.shape[1], rho)
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA of [n, dx], [n, dy]: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on centred columns."""
+    return _cka_from_grams(_centered_gram(x), _centered_gram(y))
+
+
+def _centered_gram(x: np.ndarray) -> np.ndarray:
+    xc = _centered(x)
+    return xc @ xc.T
+
+
+def _cka_from_grams(kx: np.ndarray, ky: np.ndarray) -> float:
+    denominator = np.sqrt(np.sum(kx * kx) * np.sum(ky * ky))
+    return float(np.sum(kx * ky) / denominator) if denominator > 0 else 0.0
+
+
+def cosine_matrix(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = x / np.where(norms > 0, norms, 1.0)
+    return unit @ unit.T
+
+
+def rsa(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman correlation between the upper triangles of the two cosine-similarity matrices."""
+    upper = np.triu_indices(len(x), 1)
+    return _pearson(rankdata(cosine_matrix(x)[upper]), rankdata(cosine_matrix(y)[upper]))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.sqrt(np.dot(a, a) * np.dot(b, b))
+    return float(np.dot(a, b) / denominator) if denominator > 0 else 0.0
+
+
+def knn_sets(x: np.ndarray, k: int) -> np.ndarray:
+    """[n, k] indices of each row's k nearest other rows by cosine."""
+    similarity = cosine_matrix(x)
+    np.fill_diagonal(similarity, -np.inf)
+    return np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+
+
+def mutual_knn(x: np.ndarray, y: np.ndarray, k: int = 10) -> float:
+    """Mean over rows of |kNN_X(i) ∩ kNN_Y(i)| / k."""
+    k = _knn_k(len(x), k)
+    return _knn_overlap(knn_sets(x, k), knn_sets(y, k), k)
+
+
+def _knn_k(n: int, k: int) -> int:
+    if n < 3:
+        raise ValueError(f"mutual k-NN needs at least 3 pairs, got {n}")
+    return min(k, n - 1)
+
+
+def _knn_overlap(nx: np.ndarray, ny: np.ndarray, k: int) -> float:
+    n = len(nx)
+    marks = np.zeros((n, n), dtype=bool)
+    marks[np.arange(n)[:, None], nx] = True
+    hits = marks[np.arange(n)[:, None], ny].sum(1)
+    return float(hits.mean() / k)
+
+
+# ------------------------------------------------------------------------------------------------- re-pairing
+class Paired:
+    """Precomputed views of X and Y so a re-pairing (Y's rows permuted) is scored in O(n^2) or less."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, k: int = 10, keep: float = VARIANCE_KEPT):
+        if len(x) != len(y):
+            raise ValueError(f"paired sets need as many rows, got {len(x)} and {len(y)}")
+        if len(x) < 3:
+            raise ValueError(f"similarity of paired sets needs at least 3 pairs, got {len(x)}")
+        self.n = len(x)
+        self.kx, self.ky = _centered_gram(x), _centered_gram(y)
+        upper = np.triu_indices(self.n, 1)
+        self.upper = upper
+        rank_x = np.zeros((self.n, self.n))
+        rank_x[upper] = rankdata(cosine_matrix(x)[upper])
+        self.rank_x_upper = rank_x[upper] - rank_x[upper].mean()
+        self.rank_y = np.zeros((self.n, self.n))
+        self.rank_y[upper] = rankdata(cosine_matrix(y)[upper])
+        self.rank_y = self.rank_y + self.rank_y.T  # symmetric, so a permuted upper triangle reads correctly
+        self.knn_k = _knn_k(self.n, k)
+        self.nx, self.ny = knn_sets(x, self.knn_k), knn_sets(y, self.knn_k)
+        self.svcca = svcca(x, y, keep)
+        self.qx = _orthonormal_basis(_centered(svcca_directions(x, keep)))
+        self.qy = _orthonormal_basis(_centered(svcca_directions(y, keep)))
+
+    def scores(self, perm: np.ndarray | None = None) -> dict[str, float]:
+        """All measures with Y's row perm[i] paired to X's row i (None: the given pairing)."""
+        p = np.arange(self.n) if perm is None else perm
+        rho = np.clip(np.linalg.svd(self.qx.T @ self.qy[p], compute_uv=False), 0, 1)
+        ky = self.ky[np.ix_(p, p)]
+        ranks_y = self.rank_y[np.ix_(p, p)][self.upper]
+        inverse = np.empty_like(p)
+        inverse[p] = np.arange(self.n)
+        ny = inverse[self.ny[p]]  # Y's neighbours of the row now paired with i, in X's numbering
+        return {"svcca": float(rho.mean()) if len(rho) else 0.0, "cka": _cka_from_grams(self.kx, ky),
+                "rsa": _pearson(self.rank_x_upper, ranks_y - ranks_y.mean()),
+                "mutual_knn": _knn_overlap(self.nx, ny, self.knn_k)}
+
+
+def all_measures(x: np.ndarray, y: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Every measure of the given pairing (direct formulas; Paired.scores must agree)."""
+    return {"svcca": svcca(x, y).value, "cka": linear_cka(x, y), "rsa": rsa(x, y), "mutual_knn": mutual_knn(x, y, k)}
+
+
+@dataclass
+class NullTest:
+    """One measure of one pairing against a null distribution."""
+
+    observed: float
+    null_mean: float
+    null_std: float
+    null_q95: float
+    p_value: float
+    draws: int
+
+
+def p_value(observed: float, null: np.ndarray) -> float:
+    """(1 + #{null >= observed}) / (1 + draws): the permutation p-value, never 0."""
+    return float((1 + np.sum(null >= observed - 1e-12)) / (1 + len(null)))
+
+
+def summarise(observed: float, null: np.ndarray) -> NullTest:
+    return NullTest(float(observed), float(np.mean(null)), float(np.std(null)), float(np.quantile(null, 0.95)),
+                    p_value(observed, null), len(null))
+
+
+def shuffled_pairing_null(x: np.ndarray, y: np.ndarray, draws: int = 1000, seed: int = 0, k: int = 10,
+                          paired: Paired | None = None) -> dict[str, NullTest]:
+    """Each measure of the matched pairing against `draws` random re-pairings of the same rows."""
+    paired = paired or Paired(x, y, k)
+    observed = paired.scores()
+    rng = np.random.default_rng(seed)
+    null = {m: np.empty(draws) for m in MEASURES}
+    for i in range(draws):
+        for m, v in paired.scores(rng.permutation(paired.n)).items():
+            null[m][i] = v
+    return {m: summarise(observed[m], null[m]) for m in MEASURES}
+
+
+def random_subset_null(observed: dict[str, float], pool_x: np.ndarray, pool_y: np.ndarray, n: int,
+                       draws: int = 1000, seed: int = 0, k: int = 10,
+                       measures: tuple[str, ...] = MEASURES) -> dict[str, NullTest]:
+    """Each measure against `draws` sets of n rows drawn at random (without replacement) from each side's pool
+    (all of its latents), paired in draw order."""
+    if n > min(len(pool_x), len(pool_y)):
+        raise ValueError(f"cannot draw {n} rows from pools of {len(pool_x)} and {len(pool_y)}")
+    rng = np.random.default_rng(seed)
+    null = {m: np.empty(draws) for m in measures}
+    for i in range(draws):
+        sx = rng.choice(len(pool_x), n, replace=False)
+        sy = rng.choice(len(pool_y), n, replace=False)
+        for m in measures:
+            null[m][i] = _measure(m)(pool_x[sx], pool_y[sy], k)
+    return {m: summarise(observed[m], null[m]) for m in measures}
+
+
+def _measure(name: str) -> Callable[[np.ndarray, np.ndarray, int], float]:
+    return {"svcca": lambda x, y, k: svcca(x, y).value, "cka": lambda x, y, k: linear_cka(x, y),
+            "rsa": lambda x, y, k: rsa(x, y), "mutual_knn": mutual_knn}[name]
+
+
+__all__ = ["MEASURES", "NullTest", "Paired", "SVCCA", "all_measures", "canonical_correlations", "cosine_matrix",
+           "linear_cka", "mean_squared_cca", "mutual_knn", "p_value", "random_subset_null", "rsa",
+           "shuffled_pairing_null", "svcca"]

@@ -1,0 +1,424 @@
+"""Feature universality end to end: stream two models over the same documents, correlate every feature pair,
+match, filter, score the matched decoder directions against both nulls and per semantic group, and keep it all as
+a typed, versioned record (matching.json), a Markdown table and figures, like eval's metrics.json.
+
+    sides_a = [Side(smol, "blocks.10.hook_resid_post", sae_s10), Side(smol, "blocks.10.mlp.hook_post")]
+    sides_b = [Side(gemma, "blocks.6.hook_resid_post", sae_g6), Side(gemma, "blocks.6.mlp.hook_post")]
+    results = match_models(sides_a, sides_b, read_documents("wiki.test.raw"), max_tokens=40_000)
+    results.save("runs/match")       # matching.json, matching.md, similarity.png, correlation.png, layers.png
+
+Only same-kind comparisons are made (SAE with SAE, units with units), so MLP neurons give the neuron-level
+baseline over exactly the same aligned tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from saelab import __version__
+from saelab.analysis.alignment import AlignedChunk, Side, aligned_chunks
+from saelab.analysis.correlation import Correlation, RunningCorrelation, TopActivations
+from saelab.analysis.matching import GROUPS, filter_pairs, group_members, many_to_one, mutual_best, non_concept, \
+    one_to_one
+from saelab.analysis.report import save_figure
+from saelab.analysis.similarity import MEASURES, Paired, random_subset_null, shuffled_pairing_null
+from saelab.errors import DataError
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "matching.json"
+THRESHOLDS = (0.3, 0.5, 0.7)
+
+
+@dataclass
+class MatchConfig:
+    """How pairs are formed, filtered and tested."""
+
+    min_corr: float = 0.1
+    """Pairs below this activation correlation are dropped (methods.md: < 0.1)."""
+    top_k: int = 5
+    """Top words per feature read by the non-concept filter, the shared-word rule and the semantic groups."""
+    shared_top_word: bool = False
+    """Also require the two features to share a top-k word."""
+    candidates: int = 8
+    """Per-feature candidates for the sparse 1:1 assignment on large matrices."""
+    null_draws: int = 1000
+    """Draws of each null (shuffled pairing, random subsets)."""
+    subset_draws: int | None = None
+    """Draws of the random-subset null (default: null_draws)."""
+    max_pairs: int = 3000
+    """Similarity is scored on at most this many pairs (the most correlated); the nulls use the same count."""
+    knn: int = 10
+    seed: int = 0
+    min_tokens: int = 1000
+    """Fewer aligned tokens than this is an error: correlations would be noise."""
+    group_min_pairs: int = 3
+
+
+@dataclass
+class GroupRecord:
+    """One semantic group: its members on each side, re-matched inside the group, against its own nulls."""
+
+    name: str
+    members_a: int
+    members_b: int
+    pairs: int
+    mean_corr: float | None = None
+    similarity: dict[str, dict[str, Any]] | None = None
+    """measure -> {observed, shuffled: NullTest, subsets: NullTest}; None with fewer than group_min_pairs pairs."""
+
+
+@dataclass
+class Comparison:
+    """Side A's features against side B's over the same aligned tokens."""
+
+    a: str
+    b: str
+    kind: str
+    """sae (decoder rows compared too) or units (neurons: activations only)."""
+    width_a: int
+    width_b: int
+    n_tokens: int
+    constant_a: int
+    """Features of A constant over these tokens (never fired): correlation undefined, reported as 0, never paired."""
+    constant_b: int
+    mean_best_corr_a: float
+    """Mean over non-constant A features of the correlation with their best B feature."""
+    frac_best_above: dict[str, float]
+    """Share of non-constant A features whose best B correlation exceeds each threshold."""
+    n_many_to_one: int
+    n_mutual: int
+    n_one_to_one: int
+    filters: list[dict[str, Any]]
+    n_pairs: int
+    mean_pair_corr: float | None
+    similarity: dict[str, dict[str, Any]] | None = None
+    svcca_kept: list[int] | None = None
+    """Singular directions SVCCA kept on each side (99 % of variance)."""
+    scored_pairs: int = 0
+    groups: list[GroupRecord] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    """The most correlated kept pairs with their top words."""
+    best_corr_histogram: list[int] = field(default_factory=list)
+    """Counts of A features' best correlation in 20 bins over [0, 1] (non-constant features)."""
+
+    @property
+    def layers(self) -> tuple[int | None, int | None]:
+        return _layer(self.a), _layer(self.b)
+
+
+def _layer(label: str) -> int | None:
+    found = re.search(r"blocks\.(\d+)\.", label)
+    return int(found.group(1)) if found else None
+
+
+@dataclass
+class MatchResults:
+    alignment: dict[str, Any]
+    """Text, mode, documents and aligned tokens."""
+    comparisons: list[Comparison] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+    saelab_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MatchResults":
+        version = d.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(f"matching results schema_version {version!r} is not one this saelab ({__version__}) "
+                             f"reads")
+        d = dict(d)
+        comparisons = []
+        for c in d.get("comparisons", []):
+            c = dict(c)
+            c["groups"] = [GroupRecord(**g) for g in c.get("groups", [])]
+            comparisons.append(Comparison(**c))
+        d["comparisons"] = comparisons
+        return cls(**d)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "MatchResults":
+        return cls.from_dict(json.loads((Path(folder) / RESULTS_FILE).read_text()))
+
+    def table(self) -> str:
+        """Markdown: one row per comparison; similarity as observed (shuffled-null mean, p; subset-null mean, p)."""
+        head = ["A", "B", "tokens", "mean best corr", "best > 0.5", "1:1 pairs kept", "mean corr"] + \
+            [m for m in MEASURES] + ["SVCCA dims"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in self.comparisons:
+            cells = [_short(c.a), _short(c.b), str(c.n_tokens), f"{c.mean_best_corr_a:.3f}",
+                     f"{c.frac_best_above.get('0.5', 0):.3f}", f"{c.n_pairs}/{c.n_one_to_one}",
+                     "" if c.mean_pair_corr is None else f"{c.mean_pair_corr:.3f}"]
+            for m in MEASURES:
+                s = (c.similarity or {}).get(m)
+                cells.append("" if s is None else
+                             f"{s['observed']:.3f} ({s['shuffled']['null_mean']:.3f}, p={s['shuffled']['p_value']:.3g}; "
+                             f"{s['subsets']['null_mean']:.3f}, p={s['subsets']['p_value']:.3g})")
+            cells.append("" if c.svcca_kept is None else f"{c.svcca_kept[0]}/{c.svcca_kept[1]}")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def group_table(self) -> str:
+        lines = ["| A | B | group | members A/B | pairs | mean corr | CKA (shuffled p; subset p) | RSA (shuffled p; subset p) |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for c in self.comparisons:
+            for g in c.groups:
+                sim = g.similarity or {}
+                cells = [_short(c.a), _short(c.b), g.name, f"{g.members_a}/{g.members_b}", str(g.pairs),
+                         "" if g.mean_corr is None else f"{g.mean_corr:.3f}"]
+                for m in ("cka", "rsa"):
+                    s = sim.get(m)
+                    cells.append("" if s is None else f"{s['observed']:.3f} (p={s['shuffled']['p_value']:.3g}; "
+                                                      f"p={s['subsets']['p_value']:.3g})")
+                lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def plot_similarity(self, path: str | Path) -> Path:
+        """Each measure per comparison (SAE kinds): observed vs the 95th percentile of both nulls."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [c for c in self.comparisons if c.similarity]
+        fig, axes = plt.subplots(1, len(MEASURES), figsize=(3.2 * len(MEASURES), 3.6), sharey=False)
+        x = np.arange(len(rows))
+        for ax, m in zip(np.atleast_1d(axes), MEASURES):
+            observed = [c.similarity[m]["observed"] for c in rows]
+            for offset, (null, colour) in enumerate((("shuffled", "tab:grey"), ("subsets", "tab:orange"))):
+                mean = np.array([c.similarity[m][null]["null_mean"] for c in rows])
+                q95 = np.array([c.similarity[m][null]["null_q95"] for c in rows])
+                ax.errorbar(x + 0.15 * (offset * 2 - 1), mean, yerr=[np.zeros_like(mean), q95 - mean], fmt="_",
+                            color=colour, capsize=3, label=f"{null} null (mean, 95th pct)")
+            ax.plot(x, observed, "o", color="tab:blue", label="matched")
+            ax.set_xticks(x, [f"L{c.layers[0]}-L{c.layers[1]}" for c in rows], rotation=45, fontsize=7)
+            ax.set_title(m)
+            ax.grid(alpha=0.3)
+        np.atleast_1d(axes)[0].legend(fontsize=6)
+        return save_figure(fig, path)
+
+    def plot_correlations(self, path: str | Path) -> Path:
+        """Histogram of each A feature's best correlation, per comparison (SAE latents solid, neurons dashed)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        edges = np.linspace(0, 1, 21)
+        for c in self.comparisons:
+            counts = np.asarray(c.best_corr_histogram, dtype=float)
+            if counts.sum() == 0:
+                continue
+            ax.step(edges[:-1], counts / counts.sum(), where="post", ls="-" if c.kind == "sae" else "--",
+                    label=f"{c.kind} L{c.layers[0]}-L{c.layers[1]}")
+        ax.set_xlabel("correlation of each A feature with its best B feature")
+        ax.set_ylabel("share of A features")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        return save_figure(fig, path)
+
+    def plot_layers(self, path: str | Path, value: str = "mean_best_corr_a", kind: str = "sae") -> Path:
+        """Layer x layer heat map of one number (default: mean best correlation) for one kind of comparison."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [c for c in self.comparisons if c.kind == kind]
+        la = sorted({c.layers[0] for c in rows})
+        lb = sorted({c.layers[1] for c in rows})
+        grid = np.full((len(la), len(lb)), np.nan)
+        for c in rows:
+            grid[la.index(c.layers[0]), lb.index(c.layers[1])] = getattr(c, value)
+        fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(lb), 1.2 + 1.1 * len(la)))
+        image = ax.imshow(grid, cmap="viridis")
+        for i in range(len(la)):
+            for j in range(len(lb)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", color="w", fontsize=9)
+        ax.set_xticks(range(len(lb)), [f"B L{x}" for x in lb])
+        ax.set_yticks(range(len(la)), [f"A L{x}" for x in la])
+        ax.set_title(f"{value} ({kind})", fontsize=9)
+        fig.colorbar(image, ax=ax)
+        return save_figure(fig, path)
+
+    def save(self, folder: str | Path) -> Path:
+        """matching.json, matching.md and the figures in `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RESULTS_FILE).write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        (folder / "matching.md").write_text(self.table() + "\n" + self.group_table())
+        if any(c.similarity for c in self.comparisons):
+            self.plot_similarity(folder / "similarity.png")
+        self.plot_correlations(folder / "correlation.png")
+        if any(c.kind == "sae" for c in self.comparisons):
+            self.plot_layers(folder / "layers.png")
+        return folder
+
+
+def _short(label: str) -> str:
+    return label.replace(".hook_resid_post", "").replace(".mlp.hook_post", " mlp")
+
+
+# ------------------------------------------------------------------------------------------------- one pair
+def _similarity(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, pool_y: np.ndarray, config: MatchConfig,
+                seed: int) -> tuple[dict[str, dict[str, Any]], Paired]:
+    paired = Paired(x, y, config.knn)
+    shuffled = shuffled_pairing_null(x, y, config.null_draws, seed, config.knn, paired=paired)
+    observed = {m: t.observed for m, t in shuffled.items()}
+    subsets = random_subset_null(observed, pool_x, pool_y, len(x), config.subset_draws or config.null_draws,
+                                 seed + 1, config.knn)
+    return {m: {"observed": observed[m], "shuffled": dataclasses.asdict(shuffled[m]),
+                "subsets": dataclasses.asdict(subsets[m])} for m in MEASURES}, paired
+
+
+def compare(corr: Correlation, *, a: str, b: str, top_words_a: Sequence[Sequence[str]],
+            top_words_b: Sequence[Sequence[str]], directions_a: np.ndarray | None = None,
+            directions_b: np.ndarray | None = None, config: MatchConfig | None = None) -> Comparison:
+    """Match, filter and score one correlation matrix (directions: decoder rows [width, d], or None for units)."""
+    config = config or MatchConfig()
+    if corr.n_tokens < config.min_tokens:
+        raise DataError(f"only {corr.n_tokens} aligned tokens overlap between {a} and {b}; at least "
+                        f"{config.min_tokens} are needed for meaningful correlations (more text, or min_tokens=)")
+    matrix = corr.matrix
+    live_a = ~corr.constant_a
+    best = matrix.max(1)[live_a] if matrix.shape[1] else np.zeros(int(live_a.sum()))
+    pairs_m2o, pairs_mutual = many_to_one(matrix), mutual_best(matrix)
+    pairs = one_to_one(matrix, candidates=config.candidates)
+    special = set()
+    kept, steps = filter_pairs(pairs, min_corr=config.min_corr, junk_a=non_concept(top_words_a, config.top_k, special),
+                               junk_b=non_concept(top_words_b, config.top_k, special), top_words_a=top_words_a,
+                               top_words_b=top_words_b, shared_top_word=config.shared_top_word, k=config.top_k)
+    result = Comparison(
+        a=a, b=b, kind="sae" if directions_a is not None else "units", width_a=matrix.shape[0],
+        width_b=matrix.shape[1], n_tokens=corr.n_tokens, constant_a=int(corr.constant_a.sum()),
+        constant_b=int(corr.constant_b.sum()), mean_best_corr_a=float(best.mean()) if len(best) else 0.0,
+        frac_best_above={f"{t:g}": float((best > t).mean()) if len(best) else 0.0 for t in THRESHOLDS},
+        n_many_to_one=len(pairs_m2o), n_mutual=len(pairs_mutual), n_one_to_one=len(pairs),
+        filters=[dataclasses.asdict(s) for s in steps], n_pairs=len(kept),
+        mean_pair_corr=float(kept.corr.mean()) if len(kept) else None,
+        best_corr_histogram=np.histogram(np.clip(best, 0, 1), bins=20, range=(0, 1))[0].tolist())
+    order = np.argsort(-kept.corr, kind="stable")
+    result.examples = [{"a": int(kept.a[i]), "b": int(kept.b[i]), "corr": float(kept.corr[i]),
+                        "words_a": list(top_words_a[kept.a[i]][:config.top_k]),
+                        "words_b": list(top_words_b[kept.b[i]][:config.top_k])} for i in order[:12]]
+    if directions_a is None or directions_b is None or len(kept) < 3:
+        return result
+    top = order[:config.max_pairs]
+    x, y = directions_a[kept.a[top]], directions_b[kept.b[top]]
+    result.similarity, paired = _similarity(x, y, directions_a[live_a], directions_b[~corr.constant_b], config,
+                                            config.seed)
+    result.svcca_kept = [paired.svcca.kept_x, paired.svcca.kept_y]
+    result.scored_pairs = len(top)
+    for g, (name, keywords) in enumerate(GROUPS.items()):
+        result.groups.append(_group(name, keywords, corr, top_words_a, top_words_b, directions_a, directions_b,
+                                    config, config.seed + 10 * (g + 1)))
+    return result
+
+
+def _group(name: str, keywords, corr: Correlation, top_words_a, top_words_b, directions_a, directions_b,
+           config: MatchConfig, seed: int) -> GroupRecord:
+    """Members on each side, 1:1 re-matched inside the group, scored against the group's own nulls."""
+    in_a = group_members(top_words_a, keywords, config.top_k) & ~corr.constant_a
+    in_b = group_members(top_words_b, keywords, config.top_k) & ~corr.constant_b
+    index_a, index_b = np.flatnonzero(in_a), np.flatnonzero(in_b)
+    record = GroupRecord(name, len(index_a), len(index_b), 0)
+    if not len(index_a) or not len(index_b):
+        return record
+    inner = one_to_one(corr.matrix[np.ix_(index_a, index_b)])
+    inner = inner.take(inner.corr >= config.min_corr)
+    record.pairs = len(inner)
+    if len(inner):
+        record.mean_corr = float(inner.corr.mean())
+    if len(inner) >= max(config.group_min_pairs, 3):
+        x, y = directions_a[index_a[inner.a]], directions_b[index_b[inner.b]]
+        record.similarity, _ = _similarity(x, y, directions_a[~corr.constant_a], directions_b[~corr.constant_b],
+                                           config, seed)
+    return record
+
+
+# --------------------------------------------------------------------------------------------- end to end
+@dataclass
+class Accumulated:
+    """What one pass over the aligned text leaves: correlations per (A side, B side) and top words per side."""
+
+    correlations: dict[tuple[str, str], Correlation]
+    top_words: dict[str, list[list[str]]]
+    n_tokens: int
+    n_documents: int
+
+
+def kinds_match(a: Side, b: Side) -> bool:
+    return (a.sae is None) == (b.sae is None)
+
+
+def accumulate(chunks: Iterable[AlignedChunk], sides_a: Sequence[Side], sides_b: Sequence[Side], *,
+               top_n: int = 8) -> Accumulated:
+    """One pass: running correlation for every same-kind (A, B) side pair, top activations for every side."""
+    pairs = [(sa, sb) for sa in sides_a for sb in sides_b if kinds_match(sa, sb)]
+    running = {(sa.label, sb.label): RunningCorrelation(sa.width, sb.width) for sa, sb in pairs}
+    tops = {s.label: TopActivations(s.width, top_n) for s in [*sides_a, *sides_b]}
+    words: list[str] = []
+    documents: set[int] = set()
+    for chunk in chunks:
+        for (la, lb), acc in running.items():
+            acc.update(chunk.a[la], chunk.b[lb])
+        for side in sides_a:
+            tops[side.label].update(chunk.a[side.label], chunk.token_a, len(words))
+        for side in sides_b:
+            tops[side.label].update(chunk.b[side.label], chunk.token_b, len(words))
+        words += chunk.words or [str(int(t)) for t in chunk.token_a]
+        documents.update(chunk.document.tolist())
+    top_words = {label: [[words[r] for r in row if r >= 0] for row in top.rows.tolist()]
+                 for label, top in tops.items()}
+    return Accumulated({key: acc.correlation(in_place=True) for key, acc in running.items()}, top_words,
+                       len(words), len(documents))
+
+
+def decoder_rows(side: Side) -> np.ndarray | None:
+    return None if side.sae is None else side.sae.W_dec.detach().float().cpu().numpy().astype(np.float64)
+
+
+def match_models(sides_a: Sequence[Side], sides_b: Sequence[Side], documents: Sequence[str], *, mode: str = "word",
+                 max_tokens: int | None = None, batch_size: int = 8, config: MatchConfig | None = None,
+                 text: str = "", log=None) -> MatchResults:
+    """Stream both models over `documents`, then compare every same-kind pair of sides (see module docstring)."""
+    config = config or MatchConfig()
+    started = time.perf_counter()
+    chunks = aligned_chunks(sides_a, sides_b, documents, mode=mode, batch_size=batch_size, max_tokens=max_tokens,
+                            progress=(lambda n: log(f"  {n} aligned tokens")) if log else None)
+    acc = accumulate(chunks, sides_a, sides_b)
+    if log:
+        log(f"{acc.n_tokens} aligned tokens from {acc.n_documents} documents in {time.perf_counter() - started:.0f} s")
+    results = MatchResults(alignment={"text": text, "mode": mode, "documents": acc.n_documents,
+                                      "tokens": acc.n_tokens, "model_a": sides_a[0].model.name,
+                                      "model_b": sides_b[0].model.name},
+                           config=dataclasses.asdict(config))
+    by_label = {s.label: s for s in [*sides_a, *sides_b]}
+    for (la, lb), corr in acc.correlations.items():
+        t0 = time.perf_counter()
+        results.comparisons.append(compare(corr, a=la, b=lb, top_words_a=acc.top_words[la],
+                                           top_words_b=acc.top_words[lb], directions_a=decoder_rows(by_label[la]),
+                                           directions_b=decoder_rows(by_label[lb]), config=config))
+        if log:
+            c = results.comparisons[-1]
+            log(f"{_short(la)} vs {_short(lb)}: mean best corr {c.mean_best_corr_a:.3f}, {c.n_pairs} pairs kept "
+                f"({time.perf_counter() - t0:.0f} s)")
+    results.seconds = time.perf_counter() - started
+    return results
+
+
+__all__ = ["Accumulated", "Comparison", "GroupRecord", "MatchConfig", "MatchResults", "RESULTS_FILE",
+           "SCHEMA_VERSION", "accumulate", "compare", "decoder_rows", "match_models"]

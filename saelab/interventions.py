@@ -49,12 +49,15 @@ class Tokens:
     spans: long [n, L, 2], each token's [start, end) character range in its text ((-1, -1) for BOS and padding),
     when the tokens came from text; it is how analyses find a word's tokens with any tokenizer, and how positions
     of two tokenizers are aligned.
+    window: (first text, number of texts) of the whole call when these are one batch of it, so a positions spec
+    with one entry per text of the call (a list, a bool mask) is cut to this batch's rows.
     """
 
     ids: Tensor
     mask: Tensor
     bos_id: int | None = None
     spans: Tensor | None = None
+    window: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.ids.shape != self.mask.shape or self.ids.ndim != 2:
@@ -75,6 +78,19 @@ class Tokens:
     def __getitem__(self, rows: slice) -> "Tokens":
         return Tokens(self.ids[rows], self.mask[rows], self.bos_id,
                       None if self.spans is None else self.spans[rows])
+
+    def batch(self, start: int, size: int) -> "Tokens":
+        """Texts [start, start + size) as one batch of a call over all of these (see `window`)."""
+        part = self[start : start + size]
+        part.window = (start, len(self))
+        return part
+
+    def rows_of(self, per_text: Tensor, what: str) -> Tensor:
+        """This batch's rows of something given once per text of the whole call ([n_call, ...])."""
+        first, total = self.window or (0, len(self))
+        if len(per_text) != total:
+            raise ValueError(f"positions gives {len(per_text)} {what} for {total} texts; give one per text")
+        return per_text[first : first + len(self)]
 
     @property
     def lengths(self) -> Tensor:
@@ -171,9 +187,7 @@ def position_index(positions: Positions, tokens: Tokens) -> Tensor:
     elif isinstance(positions, (list, tuple, Tensor)) and not (isinstance(positions, Tensor) and
                                                                 (positions.dtype == torch.bool or
                                                                  positions.is_floating_point())):
-        given = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
-        if len(given) != n:
-            raise ValueError(f"positions gives {len(given)} indices for {n} texts; give one per text")
+        given = tokens.rows_of(torch.as_tensor(positions, dtype=torch.long).reshape(-1), "indices")
     else:
         raise TypeError(f"positions must be None, an int, 'last', 'mean' (reads only), one int per text or a bool "
                         f"mask [n, L]; got {positions!r}")
@@ -181,7 +195,8 @@ def position_index(positions: Positions, tokens: Tokens) -> Tensor:
     bad = ((index < 0) | (index >= lengths)).nonzero()
     if len(bad):
         i = int(bad[0])
-        raise ValueError(f"position {int(given[i])} is out of range for text {i}, which has {int(lengths[i])} "
+        first = tokens.window[0] if tokens.window else 0
+        raise ValueError(f"position {int(given[i])} is out of range for text {first + i}, which has {int(lengths[i])} "
                          f"tokens (BOS included)")
     return index
 
@@ -194,9 +209,11 @@ def position_mask(positions: Positions, tokens: Tokens) -> Tensor:
     if isinstance(positions, str) and positions == "mean":
         raise ValueError("positions='mean' is for reading activations; a patch needs positions to act on")
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        given = positions.expand(n, -1) if positions.ndim == 1 else positions
-        if given.ndim != 2 or given.shape[0] != n or given.shape[1] > length and given[:, length:].any():
-            raise ValueError(f"a positions mask must be [n_texts={n}, <= {length}], got {tuple(positions.shape)}")
+        total = tokens.window[1] if tokens.window else n
+        given = positions.expand(total, -1) if positions.ndim == 1 else positions
+        if given.ndim != 2 or given.shape[0] != total or given.shape[1] > length and given[:, length:].any():
+            raise ValueError(f"a positions mask must be [n_texts={total}, <= {length}], got {tuple(positions.shape)}")
+        given = tokens.rows_of(given, "mask rows")
         mask = torch.zeros(n, length, dtype=torch.bool)
         mask[:, : given.shape[1]] = given[:, :length].cpu()
         return mask & tokens.mask
@@ -523,7 +540,7 @@ class Interventions:
         kept = []
         step = batch_size or len(tokens)
         for start in range(0, len(tokens), step):
-            batch = tokens[start : start + step]
+            batch = tokens.batch(start, step)
             hooks = [(hook, _hook_fn(hook, apply, batch)) for _, hook, apply in bound] + list(extra_hooks)
             out = self.bridge.run_with_hooks(batch.ids.to(self.device), fwd_hooks=hooks, stop_at_layer=stop_at_layer,
                                              return_type="logits" if logits else None)

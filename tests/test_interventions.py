@@ -85,6 +85,28 @@ def test_padded_batch_equals_each_text_alone(tiny_model):
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
 
 
+def test_per_text_positions_follow_their_texts_across_batches(tiny_model):
+    """One index (or mask row) per text of the call, run in batches smaller than the call: each batch takes its
+    own texts' entries, so any batch size gives the numbers of one big batch and of each text alone."""
+    texts = TEXTS * 3
+    at = [1, 2, -1, 3, 0, -2, 2, 1, -1]
+    ref = torch.cat([tiny_model.activations_at(t, HOOK, [i])[HOOK] for t, i in zip(texts, at)])
+    for batch_size in (2, 4, 9):
+        torch.testing.assert_close(tiny_model.activations_at(texts, HOOK, at, batch_size=batch_size)[HOOK], ref,
+                                   atol=1e-5, rtol=1e-5)
+    v = 5 * torch.randn(tiny_model.d_model)
+    one = tiny_model.logits(texts, patches=[Add(HOOK, v, positions=at)])
+    torch.testing.assert_close(tiny_model.logits(texts, patches=[Add(HOOK, v, positions=at)], batch_size=4), one,
+                               atol=1e-5, rtol=1e-5)
+    mask = torch.zeros(len(texts), 6, dtype=torch.bool)
+    mask[7, 2] = True
+    masked = tiny_model.logits(texts, patches=[Add(HOOK, v, positions=mask)], batch_size=4)
+    clean = tiny_model.logits(texts)
+    assert torch.equal(masked[:7], clean[:7]) and not torch.allclose(masked[7, 2], clean[7, 2], atol=1e-4)
+    with pytest.raises(ValueError, match="positions gives 2 indices for 9 texts"):
+        tiny_model.activations_at(texts, HOOK, [1, 2], batch_size=4)
+
+
 def test_activations_at_stop_after_the_deepest_hook(tiny_model):
     with tiny_model.patched(later := Read("blocks.1.hook_resid_post")):
         tiny_model.activations_at(TEXTS, HOOK)

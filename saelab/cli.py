@@ -114,6 +114,33 @@ def cmd_quickstart(args) -> None:
     (result,) = train(out / "acts", [spec], config, out=out / "sae", model=model,
                       eval_text=text.after(manifest.n_contexts), eval_tokens=args.eval_tokens)
     print_metrics(result.folder, result.metrics)
+    from saelab.explore import explore
+
+    started = time.perf_counter()
+    features = explore(result.sae, out / "acts", model)
+    index = features.dashboard(out / "dashboard", features.most_active(args.dashboard_latents))
+    print(f"\ndashboard  {index}  ({args.dashboard_latents} most active latents, {time.perf_counter() - started:.0f} s; "
+          f"opens from disk in any browser)")
+
+
+def cmd_dashboard(args) -> None:
+    """A static HTML dashboard of an SAE's features over an activation cache: index.html + one page per latent."""
+    from saelab.explore import explore
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    sae = load_sae(args.sae)
+    name = args.model or sae.cfg.model_name
+    if not name:
+        raise ValueError(f"{args.sae} names no model in its cfg.json; pass --model (for the tokenizer and unembedding)")
+    model = load_model(name, trust_remote_code=args.trust_remote_code)
+    started = time.perf_counter()
+    features = explore(sae, args.acts, model, hook=args.hook, top=args.top, sample=args.sample, max_tokens=args.tokens,
+                       check_model=args.model is None)
+    latents = args.latents if args.latents else features.most_active(args.most_active) if args.most_active else None
+    index = features.dashboard(args.out, latents)
+    print(f"{features!r}: pass {features.stats.seconds:.1f} s, all {time.perf_counter() - started:.1f} s")
+    print(f"dashboard  {index.resolve()}  (open it from disk in any browser)")
 
 
 def print_metrics(folder, metrics) -> None:
@@ -375,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--width", type=int, default=SAESpec.width)
     quick.add_argument("--k", type=int, default=DEFAULT_K)
     quick.add_argument("--eval-tokens", type=parse_count, default=4096, help="held-out tokens for the spliced-model eval")
+    quick.add_argument("--dashboard-latents", type=int, default=50, help="latents in the closing dashboard (the most active)")
     quick.set_defaults(run=cmd_quickstart)
 
     cache = commands.add_parser("cache", help="cache activations to sharded safetensors (resumable)")
@@ -479,6 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--out", default="runs/steer")
     steer.add_argument("--trust-remote-code", action="store_true")
     steer.set_defaults(run=cmd_steer)
+
+    dash = commands.add_parser("dashboard", help="static HTML dashboard of an SAE's features (opens from disk, offline)")
+    dash.add_argument("sae", help="SAE folder (saelab, SAELens, sparsify or Gemma Scope format)")
+    dash.add_argument("--acts", required=True, help="activation cache folder holding the SAE's hook")
+    dash.add_argument("--out", default="runs/dashboard", help="folder for index.html and latents/<i>.html")
+    dash.add_argument("--model", help="default: the model named in the SAE's cfg.json (gives tokens and unembedding)")
+    dash.add_argument("--hook", help="the cache hook to read (default: the SAE's own)")
+    dash.add_argument("--latents", type=_int_list, help="latents to export, e.g. 0,5,17 (default: all)")
+    dash.add_argument("--most-active", type=int, help="export only the N latents that fire most often")
+    dash.add_argument("--tokens", type=parse_count, help="read at most this many tokens of the cache (default: all)")
+    dash.add_argument("--top", type=int, default=20, help="top activating examples per latent")
+    dash.add_argument("--sample", type=int, default=50, help="firings sampled per latent for the quantile groups")
+    dash.add_argument("--trust-remote-code", action="store_true")
+    dash.set_defaults(run=cmd_dashboard)
 
     info = commands.add_parser("info", help="describe an activation cache")
     info.add_argument("cache")

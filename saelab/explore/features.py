@@ -22,6 +22,11 @@ from saelab.explore.examples import EMPTY, ExampleTable
 from saelab.explore.stats import LatentStats, collect
 
 
+class LatentError(IndexError, ValueError):
+    """A latent number that is not an int in [0, width): an IndexError for `features[i]`, a ValueError for callers
+    (such as the CLI) that report bad input."""
+
+
 @dataclass
 class Example:
     """A window of text around one firing: the tokens, this latent's activation on each, and which one fired."""
@@ -122,7 +127,7 @@ class FeatureSet:
         if isinstance(latent, bool) or not isinstance(latent, int):
             raise TypeError(f"a latent is an int, got {latent!r}")
         if not 0 <= latent < self.width:
-            raise IndexError(f"latent {latent} is out of range: this SAE has {self.width} latents (0..{self.width - 1})")
+            raise LatentError(f"latent {latent} is out of range: this SAE has {self.width} latents (0..{self.width - 1})")
         return latent
 
     def __getitem__(self, latent: int) -> Feature:

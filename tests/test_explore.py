@@ -1,0 +1,307 @@
+"""saelab.explore against brute-force references: the dense codes of a whole (tiny) cache, read in one batch."""
+
+import math
+import re
+
+import pytest
+import torch
+
+from saelab.activations import ActivationStore, ModelStream, cache_activations
+from saelab.data import TextConfig
+from saelab.errors import HookError
+from saelab.explore import explore, fires_on, most_active_on
+from saelab.explore.directions import logit_effects, nearest_latents, unembedding
+from saelab.sae import SAEConfig, create_sae
+
+HOOK = "blocks.1.hook_resid_post"
+TEXT = TextConfig(context_len=32)
+TOP, SAMPLE, BEFORE, AFTER = 6, 24, 5, 3
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("explore-cache")
+    cache_activations(tiny_model, HOOK, out, text=TEXT, tokens=1500, batch_size=4, shard_tokens=256, progress=False)
+    return out
+
+
+def make_sae(tiny_model, d_in=64):
+    torch.manual_seed(1)
+    return create_sae(SAEConfig(arch="relu", d_in=d_in, width=48, model_name=tiny_model.name, hook_name=HOOK,
+                                input_scale=0.5))
+
+
+def spread_densities(sae, x):
+    """Set the encoder biases so the latents fire on 80 % down to 0.3 % of the tokens x (all kinds of latents)."""
+    with torch.no_grad():
+        pre = (x * sae.cfg.input_scale) @ sae.W_enc
+        levels = 1 - torch.logspace(math.log10(0.8), math.log10(0.003), sae.cfg.width)
+        sae.b_enc.copy_(-torch.stack([pre[:, i].quantile(q) for i, q in enumerate(levels)]))
+
+
+@pytest.fixture(scope="module")
+def reference(cache, tiny_model):
+    """Dense codes [tokens, width] of the whole cache in text order, and each row's context and token."""
+    sae = make_sae(tiny_model)
+    (batch,) = ActivationStore(cache, HOOK, batch_size=10**6, shuffle=False, drop_last=False)
+    spread_densities(sae, batch.acts[HOOK])
+    with torch.no_grad():
+        dense = sae.fold_input_scale().encode(batch.acts[HOOK])
+    return sae, dense, batch
+
+
+@pytest.fixture(scope="module")
+def features(cache, tiny_model, reference):
+    # small chunks, so examples merge across many chunks and windows cross chunk edges
+    return explore(reference[0], cache, tiny_model, top=TOP, sample=SAMPLE, before=BEFORE, after=AFTER, batch_size=97)
+
+
+def window(batch, dense, row: int, latent: int) -> tuple[list[int], list[float]]:
+    """Brute force: the tokens and activations around `row`, within its context."""
+    rows = [r for r in range(row - BEFORE, row + AFTER + 1)
+            if 0 <= r < len(dense) and batch.contexts[r] == batch.contexts[row]]
+    return [int(batch.token_ids[r]) for r in rows], [float(dense[r, latent]) for r in rows]
+
+
+def test_counts_density_mean_max_and_histogram(features, reference):
+    _, dense, _ = reference
+    stats = features.stats
+    fired = dense > 0
+    assert stats.n_tokens == len(dense)
+    assert torch.equal(stats.count, fired.sum(0))
+    torch.testing.assert_close(stats.max, dense.max(0).values)
+    torch.testing.assert_close(stats.mean, (dense.sum(0) / fired.sum(0).clamp(min=1)).float())
+    assert torch.equal(stats.hist.sum(1), stats.count)
+    for latent in range(0, stats.width, 7):
+        values = dense[fired[:, latent], latent]
+        inner = torch.histogram(values.clamp(stats.edges[0], stats.edges[-1] * 0.999999), stats.edges).hist.long()
+        assert torch.equal(stats.hist[latent], inner)
+
+
+def test_top_contexts_are_the_top_activations_with_the_right_windows(features, reference, tiny_model):
+    _, dense, batch = reference
+    assert int((features.stats.count > TOP).sum()) > 10  # the test means something
+    for latent in range(features.width):
+        card = features[latent]
+        expected = dense[:, latent].topk(min(TOP, int((dense[:, latent] > 0).sum())))
+        assert [e.value for e in card.top] == pytest.approx(expected.values.tolist(), abs=1e-6)
+        for example in card.top:  # (the text repeats itself, so equal activations at other rows may tie)
+            row = int(((batch.contexts == example.context) & (batch.positions == example.position)).nonzero())
+            assert float(dense[row, latent]) == pytest.approx(example.value, abs=1e-6)
+            tokens, acts = window(batch, dense, row, latent)
+            assert example.tokens == features.token_texts(tokens)
+            assert example.acts == pytest.approx(acts, abs=1e-6)
+            # the highlighted token is the one that fired, with the example's activation
+            assert tokens[example.at] == int(batch.token_ids[row])
+            assert example.acts[example.at] == pytest.approx(example.value)
+            assert (example.context, example.position) == (int(batch.contexts[row]), int(batch.positions[row]))
+
+
+def test_quantile_groups_are_true_quantiles(features, reference):
+    _, dense, batch = reference
+    counts = features.stats.count
+    few = [i for i in range(features.width) if 5 * 2 <= counts[i] <= SAMPLE]  # all firings sampled: exact
+    many = [i for i in range(features.width) if counts[i] > 3 * SAMPLE]
+    assert few and many
+    for latent in few:
+        values = dense[dense[:, latent] > 0, latent].sort().values
+        m = len(values)
+        groups = features[latent].quantiles[::-1]  # lowest first
+        assert len(groups) == 5
+        for j, group in enumerate(groups):
+            part = values[j * m // 5 : (j + 1) * m // 5]
+            assert (group.lo_q, group.hi_q) == (j / 5, (j + 1) / 5)
+            assert group.lo == pytest.approx(float(part[0])) and group.hi == pytest.approx(float(part[-1]))
+            assert all(group.lo - 1e-6 <= e.value <= group.hi + 1e-6 for e in group.examples)
+    sample = features.stats.sample
+    for latent in many:  # a sample of distinct real firings, with their own windows
+        rows = sample.row[latent][sample.filled[latent]]
+        assert len(rows) == SAMPLE and len(set(rows.tolist())) == SAMPLE
+        torch.testing.assert_close(sample.value[latent][sample.filled[latent]], dense[rows, latent])
+        for group in features[latent].quantiles:
+            for example in group.examples:
+                row = int(((batch.contexts == example.context) & (batch.positions == example.position)).nonzero())
+                assert example.acts == pytest.approx(window(batch, dense, row, latent)[1], abs=1e-6)
+
+
+def test_the_sample_is_uniform_over_firings():
+    """Keeping the n largest random priorities per latent samples each firing equally often, whatever the chunking."""
+    from saelab.explore.examples import ExampleTable
+
+    generator = torch.Generator().manual_seed(0)
+    firings, n, trials = 40, 10, 200
+    hits = torch.zeros(2, firings)
+    for _ in range(trials):
+        table = ExampleTable(2, n, 0, 0)
+        latents = torch.tensor([0, 1] * firings)
+        rows = torch.arange(2 * firings)
+        for chunk in rows.split(13):
+            table.offer(latents[chunk], torch.rand(len(chunk), generator=generator), torch.ones(len(chunk)),
+                        rows[chunk], rows[chunk], rows[chunk])
+        for latent in (0, 1):
+            hits[latent, table.row[latent] // 2] += 1
+    p = n / firings
+    assert hits.sum().item() == 2 * trials * n
+    assert (hits - trials * p).abs().max() < 5 * (trials * p * (1 - p)) ** 0.5  # 5 binomial sd
+
+
+def test_logit_effects_and_nearest_latents_match_brute_force(features, reference, tiny_model):
+    sae = reference[0]
+    norm = tiny_model.bridge.original_model.model.norm
+    saved = norm.weight.detach().clone()
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, len(saved)))
+    try:
+        W_U = unembedding(tiny_model)
+        gain = torch.linspace(0.5, 2.0, len(saved)) / (1 + norm.variance_epsilon) ** 0.5
+        torch.testing.assert_close(W_U, tiny_model.bridge.W_U.detach() * gain[:, None])
+    finally:
+        with torch.no_grad():
+            norm.weight.copy_(saved)
+    W_U = unembedding(tiny_model)
+    logits = sae.W_dec.detach() @ W_U
+    up_v, up_i, down_v, down_i = logit_effects(sae.W_dec.detach(), W_U, 5, chunk=7)
+    torch.testing.assert_close(up_v, logits.topk(5, dim=1).values)
+    torch.testing.assert_close(down_v, -(-logits).topk(5, dim=1).values)
+    card = features[3]
+    assert [t for t, _ in card.promoted[:5]] == features.token_texts(logits[3].topk(5).indices.tolist())
+    W = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
+    cosine = (W @ W.T).fill_diagonal_(-2)
+    values, latents = nearest_latents(sae.W_dec.detach(), 4, chunk=5)
+    torch.testing.assert_close(values, cosine.topk(4, dim=1).values)
+    assert card.nearest[0][0] == int(cosine[3].argmax())
+
+
+def test_a_model_stream_gives_the_same_features(cache, tiny_model, reference, features):
+    stream = ModelStream(tiny_model, HOOK, TEXT, model_batch_size=8)
+    live = explore(reference[0], stream, tiny_model, top=TOP, sample=SAMPLE, before=BEFORE, after=AFTER,
+                   max_tokens=features.stats.n_tokens)
+    assert live.stats.n_tokens == features.stats.n_tokens
+    torch.testing.assert_close(live.stats.max, features.stats.max, atol=1e-3, rtol=1e-3)
+    latent = int(features.stats.count.argmax())
+    assert live[latent].top[0].tokens == features[latent].top[0].tokens
+
+
+def test_search_finds_the_latents_that_fire_on_a_word(features, reference, tiny_model):
+    _, dense, batch = reference
+    texts = features.token_texts(batch.token_ids.tolist())
+    word = max({t.strip() for t in texts if len(t.strip()) > 3}, key=lambda w: sum(t.strip() == w for t in texts))
+    # brute force: for each firing, decode its whole context and ask whether an occurrence of the word covers it
+    contexts = {}
+    for row in range(len(dense)):
+        contexts.setdefault(int(batch.contexts[row]), []).append(row)
+    on_word = torch.zeros(len(dense), dtype=torch.bool)
+    for rows in contexts.values():
+        pieces = [texts[r] for r in rows]
+        text, starts = "".join(pieces).lower(), [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+        spans = [(m.start(), m.end()) for m in re.finditer(re.escape(word.lower()), text)]
+        for r, start, piece in zip(rows, starts, pieces):
+            on_word[r] = any(s < start + len(piece) and e > start for s, e in spans)
+    fired = dense > 0
+    share = (fired & on_word[:, None]).sum(0) / fired.sum(0).clamp(min=1)
+    result = features.search(word, n=features.width)
+    exact = [i for i in range(features.width) if 0 < features.stats.count[i] <= SAMPLE]
+    for latent, row_share in zip(result.latents, (row[1] for row in result.rows)):
+        if latent in exact:
+            assert row_share == pytest.approx(float(share[latent]), abs=1e-3)
+    best = [i for i in exact if share[i] > 0]
+    assert set(best) <= set(result.latents)
+    assert str(result).startswith(f"latents firing on {word!r}")
+
+
+def test_most_active_and_fires_on_a_text_follow_the_model(tiny_model, reference):
+    sae = reference[0]
+    text = "The function returns the value of the expression."
+    table = most_active_on(tiny_model, sae, text, n=5)
+    tokens = tiny_model.tokenize([text])
+    acts = tiny_model.activations(tokens.ids, [HOOK])[HOOK][0, 1:]  # another path to the activations; no BOS
+    codes = sae.fold_input_scale().encode(acts)
+    peak = codes.max(0).values
+    assert table.latents == peak.topk(5).indices.tolist()
+    assert [row[1] for row in table.rows] == pytest.approx(peak.topk(5).values.tolist(), abs=1e-5)
+    hits = fires_on(tiny_model, sae, "function", [text, "a function of two arguments"], n=3)
+    latent = hits.latents[0]
+    ids = tokens.ids[0, 1:].tolist()
+    inside = [i for i, piece in enumerate(tiny_model.tokenizer.batch_decode([[t] for t in ids])) if piece.strip()
+              and piece.strip() in "function"]
+    assert codes[inside, latent].max() > 0 and hits.rows[0][1] > hits.rows[0][3]
+    with pytest.raises(ValueError, match="does not contain"):
+        fires_on(tiny_model, sae, "zebra", [text])
+
+
+def test_dashboard_is_offline_and_shows_the_latents_contexts(features, tmp_path):
+    latents = features.most_active(5)
+    index = features.dashboard(tmp_path / "dash", latents + [0])
+    pages = sorted((tmp_path / "dash" / "latents").glob("*.html"))
+    assert {int(p.stem) for p in pages} == set(latents) | {0}
+    external = re.compile(r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import""",
+                          re.I)
+    for page in [index, *pages]:
+        text = page.read_text()
+        assert not external.search(text), page
+        assert "<script src" not in text and "<link" not in text
+    card = features[latents[0]]
+    html = (tmp_path / "dash" / "latents" / f"{latents[0]}.html").read_text()
+    assert html.count('class="tok s') + html.count('class="tok hit') >= 1
+    assert html.count(" hit\"") == len(card.top) + sum(len(g.examples) for g in card.quantiles)
+    from saelab.explore.html import esc, shown
+
+    assert esc(shown("".join(card.top[0].tokens[card.top[0].at :]))) in re.sub(r"<[^>]+>", "", html)
+    assert f"[{latents[0]}," in index.read_text()
+    # a second export of fewer latents leaves no stale pages behind
+    features.dashboard(tmp_path / "dash", [latents[0]])
+    assert [p.stem for p in (tmp_path / "dash" / "latents").glob("*.html")] == [str(latents[0])]
+    assert not external.search(features[latents[0]]._repr_html_())
+    assert features.browse(latents[:3])._repr_html_().count("<details>") == 3
+
+
+def test_plots_write_files(features, tmp_path):
+    from saelab.explore import plot_densities
+
+    assert features[features.most_active(1)[0]].plot(tmp_path / "f.png").stat().st_size > 1000
+    assert plot_densities(features, tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_bad_input_gives_clear_errors(features, cache, tiny_model, reference):
+    with pytest.raises(IndexError, match="latent 48 is out of range: this SAE has 48 latents"):
+        features[48]
+    with pytest.raises(IndexError, match="out of range"):
+        features[-1]
+    with pytest.raises(TypeError):
+        features["3"]
+    with pytest.raises(ValueError, match="d_in=32"):
+        explore(make_sae(tiny_model, d_in=32), cache, tokenizer=tiny_model.tokenizer)
+    wrong_model = make_sae(tiny_model)
+    wrong_model.cfg.model_name = "gemma-3-270m"
+    with pytest.raises(ValueError, match="gemma-3-270m"):
+        explore(wrong_model, cache, tiny_model)
+    wrong_hook = make_sae(tiny_model)
+    wrong_hook.cfg.hook_name = "blocks.0.hook_resid_post"
+    with pytest.raises(HookError, match="blocks.0.hook_resid_post"):
+        explore(wrong_hook, cache, tiny_model)
+    with pytest.raises(ValueError, match="needs the model"):
+        explore(reference[0], cache)
+
+    class SmallTokenizer:
+        def __len__(self):
+            return 10
+
+    with pytest.raises(ValueError, match="another model's tokenizer"):
+        explore(reference[0], cache, tokenizer=SmallTokenizer())
+    with pytest.raises(ValueError, match="no latents"):
+        features.dashboard("unused", [])
+
+
+def test_cli_dashboard(cache, tiny_model, tiny_model_dir, reference, tmp_path, capsys):
+    from saelab.cli import main
+
+    sae_dir = tmp_path / "sae"
+    reference[0].save(sae_dir)
+    code = main(["dashboard", str(sae_dir), "--acts", str(cache), "--model", str(tiny_model_dir), "--out",
+                 str(tmp_path / "dash"), "--most-active", "4", "--top", "5"])
+    assert code == 0
+    assert "index.html" in capsys.readouterr().out
+    assert len(list((tmp_path / "dash" / "latents").glob("*.html"))) == 4
+    assert main(["dashboard", str(sae_dir), "--acts", str(cache), "--model", str(tiny_model_dir), "--out",
+                 str(tmp_path / "dash"), "--latents", "99"]) == 2
+    assert "out of range" in capsys.readouterr().err

@@ -57,6 +57,13 @@ class Window:
         return tokens.int(), values.float()
 
 
+def sort_key(latents: Tensor, scores: Tensor) -> Tensor:
+    """int64 keys that sort by latent ascending, then score descending: one argsort instead of two stable ones.
+    Non-negative float32 scores order like their bit patterns, so the score fills the low 32 bits."""
+    bits = scores.float().clamp(min=0).view(torch.int32).long()
+    return latents.long() * (1 << 32) + ((1 << 31) - 1 - bits)
+
+
 class ExampleTable:
     """For each of `width` latents, the (up to) n entries with the largest score seen so far, sorted descending,
     each with its activation, row of the pass, context, position and a window of tokens and activations."""
@@ -79,11 +86,11 @@ class ExampleTable:
     def offer(self, latents: Tensor, scores: Tensor, values: Tensor, rows: Tensor, contexts: Tensor,
               positions: Tensor) -> None:
         """Merge one chunk's nonzeros (one entry each: its latent, score, value, row, context, position)."""
-        if not len(latents):
+        entrants = (scores > self.score[latents, -1]).nonzero().squeeze(1)  # can beat the latent's n-th best
+        if not len(entrants):
             return
         n = self.n
-        order = torch.argsort(scores, descending=True, stable=True)
-        order = order[torch.argsort(latents[order], stable=True)]  # by latent, best score first within each
+        order = entrants[torch.argsort(sort_key(latents[entrants], scores[entrants]))]
         sorted_latents = latents[order]
         counts = torch.bincount(sorted_latents, minlength=self.width)
         rank = torch.arange(len(order)) - (counts.cumsum(0) - counts)[sorted_latents]

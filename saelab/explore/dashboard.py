@@ -64,6 +64,8 @@ INDEX_SCRIPT = """
       descending = k === key ? !descending : k !== 0; key = k; render();
     });
   });
+  var given = new URLSearchParams(window.location.search).get('q');  // index.html?q=Monday opens a search
+  if (given) query.value = given;
   query.addEventListener('input', render);
   render();
 })();

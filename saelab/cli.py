@@ -348,6 +348,70 @@ def cmd_probe(args) -> None:
     print(f"wrote {out}/probes.json, probes.md, accuracy_vs_k.png ({results.seconds:.0f} s)")
 
 
+def cmd_match(args) -> None:
+    """Match features of two (model, hook, SAE) sides over the same text; see saelab.analysis.universality."""
+    from saelab.analysis.alignment import Side, aligned_cache_chunks, read_documents
+    from saelab.analysis.universality import MatchConfig, accumulate, compare_all, match_models
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    config = MatchConfig(min_corr=args.min_corr, shared_top_word=args.shared_top_word, null_draws=args.nulls,
+                         max_pairs=args.max_pairs, seed=args.seed, min_tokens=args.min_tokens)
+    if args.cache_a or args.cache_b:
+        if not (args.cache_a and args.cache_b and len(args.a) == len(args.b) == 1):
+            raise ValueError("cache mode takes --cache-a, --cache-b and one SAE folder each as --a and --b")
+        sae_a, sae_b = load_sae(args.a[0]), load_sae(args.b[0])
+        model = load_model(_cache_model(args.cache_a))
+        side_a = Side(model, sae_a.cfg.hook_name, sae_a, label=f"a:{sae_a.cfg.hook_name}:sae")
+        side_b = Side(model, sae_b.cfg.hook_name, sae_b, label=f"b:{sae_b.cfg.hook_name}:sae")
+        chunks = aligned_cache_chunks(sae_a, args.cache_a, sae_b, args.cache_b, max_tokens=args.tokens)
+        chunks = (_relabel(c, side_a.label, side_b.label, model.tokenizer) for c in chunks)
+        acc = accumulate(chunks, [side_a], [side_b])
+        results = compare_all(acc, [side_a, side_b], config, log=print,
+                              alignment={"mode": "cache rows", "cache_a": str(args.cache_a), "cache_b": str(args.cache_b)})
+    else:
+        models: dict[str, object] = {}
+        sides = [[_match_side(spec, models, args.trust_remote_code) for spec in specs] for specs in (args.a, args.b)]
+        if args.neurons:
+            from saelab.analysis import neuron_hook
+
+            for group in sides:
+                for layer in sorted({int(s.hook.split(".")[1]) for s in group if s.hook.startswith("blocks.")}):
+                    group.append(Side(group[0].model, neuron_hook(group[0].model, layer)))
+        documents = read_documents(Path(args.text) if Path(args.text).is_file() else args.text,
+                                   start_char=args.start_char)
+        results = match_models(sides[0], sides[1], documents, mode=args.mode, max_tokens=args.tokens,
+                               batch_size=args.batch_size, config=config, text=str(args.text), log=print)
+    out = results.save(args.out)
+    print(results.table())
+    print(f"wrote {out}/matching.json, matching.md and figures ({results.seconds:.0f} s)")
+
+
+def _match_side(spec: str, models: dict, trust_remote_code: bool):
+    from saelab.analysis.alignment import Side
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    parts = spec.split(":", 2)
+    if len(parts) < 2:
+        raise ValueError(f"a side is MODEL:HOOK[:SAE_FOLDER], got {spec!r}")
+    if parts[0] not in models:
+        models[parts[0]] = load_model(parts[0], trust_remote_code=trust_remote_code)
+    return Side(models[parts[0]], parts[1], load_sae(parts[2]) if len(parts) == 3 and parts[2] else None)
+
+
+def _cache_model(cache) -> str:
+    from saelab.activations.manifest import Manifest
+
+    return Manifest.read(Path(cache)).run.get("model", "")
+
+
+def _relabel(chunk, label_a: str, label_b: str, tokenizer):
+    chunk.a, chunk.b = {label_a: chunk.a["a"]}, {label_b: chunk.b["b"]}
+    chunk.words = tokenizer.batch_decode(chunk.token_a.unsqueeze(1).tolist())
+    return chunk
+
+
 def cmd_steer(args) -> None:
     """Sweep a steering strength: target effect and side effects (KL, CE on unrelated text) at each alpha."""
     import torch
@@ -521,6 +585,31 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--sample", type=int, default=50, help="firings sampled per latent for the quantile groups")
     dash.add_argument("--trust-remote-code", action="store_true")
     dash.set_defaults(run=cmd_dashboard)
+
+    match = commands.add_parser("match", help="match SAE features across models (or SAEs) on the same text")
+    match.add_argument("--a", action="append", required=True,
+                       help="side A: MODEL:HOOK[:SAE_FOLDER] (repeatable, one model); no SAE: the hook's own units")
+    match.add_argument("--b", action="append", required=True, help="side B, as --a")
+    match.add_argument("--text", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" /
+                                             "wikitext-2-raw" / "wiki.test.raw"),
+                       help="text file (cut into documents of whole paragraphs) both models read")
+    match.add_argument("--start-char", type=int, default=0, help="skip the text before this character (held out)")
+    match.add_argument("--tokens", type=parse_count, default=parse_count("20k"), help="aligned tokens to read")
+    match.add_argument("--mode", choices=["word", "end"], default="word",
+                       help="align tokens ending a word in both tokenizers, or any shared token end")
+    match.add_argument("--neurons", action="store_true", help="also match the MLP neurons of each side's layers")
+    match.add_argument("--cache-a", help="same-tokenizer mode: a cache folder for --a's SAE (rows align one to one)")
+    match.add_argument("--cache-b", help="the cache for --b's SAE (same text and tokenizer as --cache-a)")
+    match.add_argument("--min-corr", type=float, default=0.1, help="drop pairs below this correlation")
+    match.add_argument("--shared-top-word", action="store_true", help="also require a shared top-5 word")
+    match.add_argument("--nulls", type=int, default=1000, help="draws of each null (shuffled pairing, random subsets)")
+    match.add_argument("--max-pairs", type=int, default=1000, help="score similarity on the most correlated pairs")
+    match.add_argument("--min-tokens", type=int, default=1000, help="fewer aligned tokens than this is an error")
+    match.add_argument("--seed", type=int, default=0)
+    match.add_argument("--batch-size", type=int, default=8, help="documents per forward")
+    match.add_argument("--out", default="runs/match", help="folder for matching.json, matching.md and figures")
+    match.add_argument("--trust-remote-code", action="store_true")
+    match.set_defaults(run=cmd_match)
 
     info = commands.add_parser("info", help="describe an activation cache")
     info.add_argument("cache")

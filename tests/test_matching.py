@@ -356,3 +356,21 @@ def test_caches_align_only_on_the_same_text(tiny_model, tmp_path):
                                   tmp_path / "two"))
     with pytest.raises(ValueError, match="d_in=48"):
         next(aligned_cache_chunks(tiny_sae(tiny_model, 48), tmp_path / "one", sae_b, tmp_path / "two"))
+
+
+def test_cli_match_end_to_end(tiny_model, other_model, tmp_path):
+    from saelab.cli import main
+
+    tiny_sae(tiny_model, 64).save(tmp_path / "sae-a")
+    tiny_sae(other_model, 48).save(tmp_path / "sae-b")
+    (tmp_path / "text.txt").write_text("\n".join(SENTENCES * 8))
+    args = ["match", "--a", f"{tiny_model.name}:{HOOK}:{tmp_path / 'sae-a'}",
+            "--b", f"{other_model.name}:{HOOK}:{tmp_path / 'sae-b'}", "--text", str(tmp_path / "text.txt"),
+            "--neurons", "--nulls", "20", "--min-tokens", "100", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    results = MatchResults.load(tmp_path / "out")
+    assert [c.kind for c in results.comparisons] == ["sae", "units"]
+    assert results.comparisons[0].similarity is None or results.comparisons[0].similarity["cka"]["shuffled"]["draws"] == 20
+    bad = list(args)
+    bad[2] = f"{tiny_model.name}:{HOOK}:{tmp_path / 'sae-b'}"  # an SAE of the other model (d_in 48, not 64)
+    assert main(bad) == 2

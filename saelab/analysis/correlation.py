@@ -61,8 +61,11 @@ def column_sums(m: sp.csr_matrix | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def add_cross_products(out: np.ndarray, a: sp.csr_matrix | np.ndarray, b: sp.csr_matrix | np.ndarray) -> None:
     """out += a^T b, without forming a dense [n, width] matrix from sparse codes."""
     if sp.issparse(a) and sp.issparse(b):
-        product = (a.T.tocsr() @ b).tocoo()  # CSR x CSR: only the (latent, latent) pairs that fire together
-        out[product.row, product.col] += product.data.astype(out.dtype, copy=False)
+        product = a.T.tocsr() @ b  # CSR x CSR: only the (latent, latent) pairs that fire together
+        rows = np.repeat(np.arange(product.shape[0], dtype=np.int64), np.diff(product.indptr))
+        flat = torch.from_numpy(rows * out.shape[1] + product.indices)
+        torch.from_numpy(out).view(-1).index_add_(0, flat, torch.from_numpy(product.data.astype(out.dtype,
+                                                                                              copy=False)))
     elif sp.issparse(a):
         out += (a.T @ b).astype(out.dtype, copy=False)  # sparse^T x dense
     elif sp.issparse(b):

@@ -54,12 +54,38 @@ def mean_squared_cca(x: np.ndarray, y: np.ndarray, center: bool = True) -> float
     return float(np.sum(rho**2) / min(np.shape(x)[1], np.shape(y)[1]))
 
 
+def _left_singular(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(u, s) of centred x, from the eigendecomposition of the smaller Gram matrix (fast for n << d or d << n);
+    columns of u with s = 0 are dropped."""
+    xc = _centered(x)
+    if len(xc) <= xc.shape[1]:
+        evals, u = np.linalg.eigh(xc @ xc.T)
+        evals, u = evals[::-1], u[:, ::-1]
+        s = np.sqrt(np.clip(evals, 0, None))
+    else:
+        evals, v = np.linalg.eigh(xc.T @ xc)
+        evals, v = evals[::-1], v[:, ::-1]
+        s = np.sqrt(np.clip(evals, 0, None))
+        keep = s > 0
+        u = np.zeros((len(xc), len(s)))
+        u[:, keep] = xc @ v[:, keep] / s[keep]
+    keep = s > 1e-10 * max(float(s[0]) if len(s) else 0.0, 1e-300)
+    return u[:, keep], s[keep]
+
+
+def svcca_basis(x: np.ndarray, keep: float = VARIANCE_KEPT) -> np.ndarray:
+    """Orthonormal [n, r]: centred x's top singular directions that together explain `keep` of the variance."""
+    u, s = _left_singular(x)
+    explained = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-300)
+    kept = min(int(np.searchsorted(explained, keep - 1e-12) + 1), len(s))
+    return u[:, :kept]
+
+
 def svcca_directions(x: np.ndarray, keep: float = VARIANCE_KEPT) -> np.ndarray:
     """Centred x projected on its top singular directions that together explain `keep` of the variance."""
-    u, s, _ = np.linalg.svd(_centered(x), full_matrices=False)
-    explained = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-300)
-    kept = int(np.searchsorted(explained, keep - 1e-12) + 1)
-    return u[:, :kept] * s[:kept]
+    u, s = _left_singular(x)
+    basis = svcca_basis(x, keep)
+    return basis * s[: basis.shape[1]]
 
 
 @dataclass
@@ -74,9 +100,9 @@ class SVCCA:
 def svcca(x: np.ndarray, y: np.ndarray, keep: float = VARIANCE_KEPT) -> SVCCA:
     """SVCCA: per side, keep the singular directions explaining `keep` of the variance, then CCA; mean rho.
     With few rows, many kept directions make rho trivially high: compare with the nulls (same row count)."""
-    rx, ry = svcca_directions(x, keep), svcca_directions(y, keep)
-    rho = canonical_correlations(rx, ry)
-    return SVCCA(float(np.mean(rho)) if len(rho) else 0.0, rx.shape[1], ry.shape[1], rho)
+    qx, qy = svcca_basis(x, keep), svcca_basis(y, keep)
+    rho = np.clip(np.linalg.svd(qx.T @ qy, compute_uv=False), 0.0, 1.0)
+    return SVCCA(float(np.mean(rho)) if len(rho) else 0.0, qx.shape[1], qy.shape[1], rho)
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -161,9 +187,8 @@ class Paired:
         self.rank_y = self.rank_y + self.rank_y.T  # symmetric, so a permuted upper triangle reads correctly
         self.knn_k = _knn_k(self.n, k)
         self.nx, self.ny = knn_sets(x, self.knn_k), knn_sets(y, self.knn_k)
+        self.qx, self.qy = svcca_basis(x, keep), svcca_basis(y, keep)
         self.svcca = svcca(x, y, keep)
-        self.qx = _orthonormal_basis(_centered(svcca_directions(x, keep)))
-        self.qy = _orthonormal_basis(_centered(svcca_directions(y, keep)))
 
     def scores(self, perm: np.ndarray | None = None) -> dict[str, float]:
         """All measures with Y's row perm[i] paired to X's row i (None: the given pairing)."""

@@ -53,7 +53,7 @@ class MatchConfig:
     """Draws of each null (shuffled pairing, random subsets)."""
     subset_draws: int | None = None
     """Draws of the random-subset null (default: null_draws)."""
-    max_pairs: int = 3000
+    max_pairs: int = 1000
     """Similarity is scored on at most this many pairs (the most correlated); the nulls use the same count."""
     knn: int = 10
     seed: int = 0
@@ -108,6 +108,8 @@ class Comparison:
     """The most correlated kept pairs with their top words."""
     best_corr_histogram: list[int] = field(default_factory=list)
     """Counts of A features' best correlation in 20 bins over [0, 1] (non-constant features)."""
+    decoder: dict[str, Any] | None = None
+    """Two SAEs of one space only: matching by decoder cosine alone, and its agreement with the activations."""
 
     @property
     def layers(self) -> tuple[int | None, int | None]:
@@ -236,7 +238,7 @@ class MatchResults:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [c for c in self.comparisons if c.kind == kind]
+        rows = [c for c in self.comparisons if c.kind == kind and c.decoder is None]  # across models only
         la = sorted({c.layers[0] for c in rows})
         lb = sorted({c.layers[1] for c in rows})
         grid = np.full((len(la), len(lb)), np.nan)
@@ -349,6 +351,25 @@ def _group(name: str, keywords, corr: Correlation, top_words_a, top_words_b, dir
     return record
 
 
+def compare_decoders(directions_a: np.ndarray, directions_b: np.ndarray, corr: Correlation,
+                     config: MatchConfig) -> dict[str, Any]:
+    """Two SAEs of one space matched by decoder cosine alone (Hungarian), and how often that agrees with the
+    activation matching (kept pairs of the 1:1 assignment on correlation)."""
+    unit_a = directions_a / np.linalg.norm(directions_a, axis=1, keepdims=True).clip(1e-12)
+    unit_b = directions_b / np.linalg.norm(directions_b, axis=1, keepdims=True).clip(1e-12)
+    cosine = (unit_a @ unit_b.T).astype(np.float32)
+    by_decoder = one_to_one(cosine, candidates=config.candidates)
+    by_activation = one_to_one(corr.matrix, candidates=config.candidates)
+    by_activation = by_activation.take(by_activation.corr >= config.min_corr)
+    partner = dict(zip(by_decoder.a.tolist(), by_decoder.b.tolist()))
+    agree = [partner.get(a) == b for a, b in zip(by_activation.a.tolist(), by_activation.b.tolist())]
+    return {"pairs": len(by_decoder), "mean_cosine": float(by_decoder.corr.mean()) if len(by_decoder) else 0.0,
+            "frac_cosine_above_0.9": float((by_decoder.corr > 0.9).sum() / max(len(unit_a), 1)),
+            "agreement_with_activation_pairs": float(np.mean(agree)) if agree else 0.0,
+            "cosine_of_activation_pairs": float(np.mean(cosine[by_activation.a, by_activation.b]))
+            if len(by_activation) else 0.0}
+
+
 # --------------------------------------------------------------------------------------------- end to end
 @dataclass
 class Accumulated:
@@ -365,16 +386,22 @@ def kinds_match(a: Side, b: Side) -> bool:
 
 
 def accumulate(chunks: Iterable[AlignedChunk], sides_a: Sequence[Side], sides_b: Sequence[Side], *,
-               top_n: int = 8) -> Accumulated:
-    """One pass: running correlation for every same-kind (A, B) side pair, top activations for every side."""
-    pairs = [(sa, sb) for sa in sides_a for sb in sides_b if kinds_match(sa, sb)]
+               pairs: Sequence[tuple[Side, Side]] | None = None, top_n: int = 8) -> Accumulated:
+    """One pass: running correlation for every same-kind (A, B) side pair (or the given `pairs`, whose sides may
+    both come from A, e.g. two SAEs of one model), top activations for every side."""
+    if pairs is None:
+        pairs = [(sa, sb) for sa in sides_a for sb in sides_b if kinds_match(sa, sb)]
+    labels = [s.label for s in [*sides_a, *sides_b]]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"side labels must be unique, got {labels}")
     running = {(sa.label, sb.label): RunningCorrelation(sa.width, sb.width) for sa, sb in pairs}
     tops = {s.label: TopActivations(s.width, top_n) for s in [*sides_a, *sides_b]}
     words: list[str] = []
     documents: set[int] = set()
     for chunk in chunks:
+        features = {**chunk.a, **chunk.b}
         for (la, lb), acc in running.items():
-            acc.update(chunk.a[la], chunk.b[lb])
+            acc.update(features[la], features[lb])
         for side in sides_a:
             tops[side.label].update(chunk.a[side.label], chunk.token_a, len(words))
         for side in sides_b:
@@ -393,25 +420,39 @@ def decoder_rows(side: Side) -> np.ndarray | None:
 
 def match_models(sides_a: Sequence[Side], sides_b: Sequence[Side], documents: Sequence[str], *, mode: str = "word",
                  max_tokens: int | None = None, batch_size: int = 8, config: MatchConfig | None = None,
-                 text: str = "", log=None) -> MatchResults:
-    """Stream both models over `documents`, then compare every same-kind pair of sides (see module docstring)."""
-    config = config or MatchConfig()
+                 pairs: Sequence[tuple[Side, Side]] | None = None, text: str = "", log=None) -> MatchResults:
+    """Stream both models over `documents`, then compare every same-kind pair of sides (or `pairs`; see
+    `accumulate`). Two sides of one model in one space also get a decoder-only matching (`Comparison.decoder`)."""
     started = time.perf_counter()
     chunks = aligned_chunks(sides_a, sides_b, documents, mode=mode, batch_size=batch_size, max_tokens=max_tokens,
                             progress=(lambda n: log(f"  {n} aligned tokens")) if log else None)
-    acc = accumulate(chunks, sides_a, sides_b)
+    acc = accumulate(chunks, sides_a, sides_b, pairs=pairs)
     if log:
         log(f"{acc.n_tokens} aligned tokens from {acc.n_documents} documents in {time.perf_counter() - started:.0f} s")
-    results = MatchResults(alignment={"text": text, "mode": mode, "documents": acc.n_documents,
-                                      "tokens": acc.n_tokens, "model_a": sides_a[0].model.name,
-                                      "model_b": sides_b[0].model.name},
+    results = compare_all(acc, [*sides_a, *sides_b], config,
+                          alignment={"text": text, "mode": mode, "model_a": sides_a[0].model.name,
+                                     "model_b": sides_b[0].model.name}, log=log)
+    results.seconds = time.perf_counter() - started
+    return results
+
+
+def compare_all(acc: Accumulated, sides: Sequence[Side], config: MatchConfig | None = None, *,
+                alignment: dict[str, Any] | None = None, log=None) -> MatchResults:
+    """Match, filter and score every correlation of one pass (`accumulate`)."""
+    config = config or MatchConfig()
+    started = time.perf_counter()
+    results = MatchResults(alignment={**(alignment or {}), "documents": acc.n_documents, "tokens": acc.n_tokens},
                            config=dataclasses.asdict(config))
-    by_label = {s.label: s for s in [*sides_a, *sides_b]}
+    by_label = {s.label: s for s in sides}
     for (la, lb), corr in acc.correlations.items():
         t0 = time.perf_counter()
+        dirs_a, dirs_b = decoder_rows(by_label[la]), decoder_rows(by_label[lb])
         results.comparisons.append(compare(corr, a=la, b=lb, top_words_a=acc.top_words[la],
-                                           top_words_b=acc.top_words[lb], directions_a=decoder_rows(by_label[la]),
-                                           directions_b=decoder_rows(by_label[lb]), config=config))
+                                           top_words_b=acc.top_words[lb], directions_a=dirs_a,
+                                           directions_b=dirs_b, config=config))
+        same_space = by_label[la].model is by_label[lb].model and by_label[la].hook == by_label[lb].hook
+        if same_space and dirs_a is not None and dirs_b is not None:
+            results.comparisons[-1].decoder = compare_decoders(dirs_a, dirs_b, corr, config)
         if log:
             c = results.comparisons[-1]
             log(f"{_short(la)} vs {_short(lb)}: mean best corr {c.mean_best_corr_a:.3f}, {c.n_pairs} pairs kept "
@@ -421,4 +462,5 @@ def match_models(sides_a: Sequence[Side], sides_b: Sequence[Side], documents: Se
 
 
 __all__ = ["Accumulated", "Comparison", "GroupRecord", "MatchConfig", "MatchResults", "RESULTS_FILE",
-           "SCHEMA_VERSION", "accumulate", "compare", "decoder_rows", "match_models"]
+           "SCHEMA_VERSION", "accumulate", "compare", "compare_all", "compare_decoders", "decoder_rows",
+           "match_models"]

@@ -455,6 +455,49 @@ def cmd_steer(args) -> None:
     print(f"wrote {args.out}/steering.json and steering.png")
 
 
+def cmd_circles_clusters(args) -> None:
+    """Cluster an SAE's decoder directions and rank the clusters by how irreducible (circle-like) they are."""
+    from saelab.analysis.clusters import graph_clusters, search_clusters, spectral_clusters
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    sae = load_sae(args.sae)
+    if args.method == "spectral":
+        clusters = spectral_clusters(sae.W_dec, args.n_clusters, neighbors=args.neighbors or None, seed=args.seed)
+    else:
+        clusters = graph_clusters(sae.W_dec, top=args.top, min_cosine=args.min_cosine)
+    print(f"{args.method}: {len(clusters.groups(args.min_size))} clusters of {args.min_size}+ latents")
+    tokenizer = None
+    name = args.model or sae.cfg.model_name
+    if name and not args.no_model:
+        tokenizer = load_model(name, trust_remote_code=args.trust_remote_code).tokenizer
+    search = search_clusters(sae, args.acts, clusters, tokenizer=tokenizer, hook=args.hook, min_size=args.min_size,
+                             max_size=args.max_size, min_tokens=args.min_tokens, max_tokens=args.tokens,
+                             seed=args.seed)
+    search.save(args.out, tokenizer, plots=args.plots)
+    print(search.table())
+    print(f"wrote {args.out}/clusters.json, clusters.md and the top {min(args.plots, len(search.clusters))} plots "
+          f"({search.seconds:.0f} s)")
+
+
+def cmd_circles_calendar(args) -> None:
+    """Days / months arithmetic: accuracy, a circle probe per layer, calendar order, interventions vs baselines."""
+    from saelab.analysis.circles import TASKS, calendar_study
+    from saelab.models import load_model
+
+    unknown = [t for t in args.tasks.split(",") if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    for name in args.tasks.split(","):
+        study = calendar_study(model, TASKS[name], args.layers, k=args.k, seed=args.seed,
+                               test_fraction=args.test_fraction, intervention_layers=args.intervene,
+                               targets=args.targets or None, batch_size=args.batch_size)
+        study.save(args.out)
+        print(study.table())
+    print(f"wrote {args.out}/<task>.json, <task>.md and figures")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saelab", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -610,6 +653,44 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--out", default="runs/match", help="folder for matching.json, matching.md and figures")
     match.add_argument("--trust-remote-code", action="store_true")
     match.set_defaults(run=cmd_match)
+
+    circles = commands.add_parser("circles", help="multi-dimensional features: SAE cluster search, calendar circles")
+    circle_commands = circles.add_subparsers(dest="circles_command", required=True)
+    search = circle_commands.add_parser("clusters", help="cluster an SAE's decoder and rank clusters by irreducibility")
+    search.add_argument("sae", help="SAE folder (saelab, SAELens, sparsify or Gemma Scope format)")
+    search.add_argument("--acts", required=True, help="activation cache holding the SAE's hook (of the SAE's model)")
+    search.add_argument("--hook", help="the cache hook to read (default: the SAE's own)")
+    search.add_argument("--method", choices=["spectral", "graph"], default="spectral",
+                        help="spectral clustering on angular similarity, or the top-k-neighbour graph with a cosine cut")
+    search.add_argument("--n-clusters", type=int, default=500, help="spectral: number of clusters")
+    search.add_argument("--neighbors", type=int, default=32,
+                        help="spectral: neighbours per latent in the sparse graph (0: dense all-pairs affinity)")
+    search.add_argument("--top", type=int, default=2, help="graph: link each latent to its top nearest latents")
+    search.add_argument("--min-cosine", type=float, default=0.5, help="graph: only links above this cosine")
+    search.add_argument("--min-size", type=int, default=2, help="smallest cluster scored (2 or more latents)")
+    search.add_argument("--max-size", type=int, help="largest cluster scored")
+    search.add_argument("--min-tokens", type=int, default=100, help="score clusters firing on at least this many tokens")
+    search.add_argument("--tokens", type=parse_count, help="read at most this many tokens of the cache")
+    search.add_argument("--plots", type=int, default=5, help="plot the top N clusters in their PCA planes")
+    search.add_argument("--model", help="tokenizer for labelling points (default: the SAE's model)")
+    search.add_argument("--no-model", action="store_true", help="label points by token id (load no model)")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--out", default="runs/circles", help="folder for clusters.json, clusters.md and plots")
+    search.add_argument("--trust-remote-code", action="store_true")
+    search.set_defaults(run=cmd_circles_clusters)
+    cal = circle_commands.add_parser("calendar", help="days / months arithmetic: probes, order, interventions")
+    cal.add_argument("--model", required=True, help="smollm2-135m, gemma-3-270m, a Hub id or a local folder")
+    cal.add_argument("--tasks", default="days,months", help="comma list of days, months")
+    cal.add_argument("--layers", type=_int_list, help="layers to probe, e.g. 0,4,8 (default: all)")
+    cal.add_argument("--intervene", type=_int_list, default=[], help="layers to intervene at, e.g. 4,10")
+    cal.add_argument("--targets", type=int, default=3, help="other items per held-out prompt (0: all)")
+    cal.add_argument("--k", type=int, default=5, help="PCA components the circle probe reads")
+    cal.add_argument("--test-fraction", type=float, default=0.3, help="share of durations held out")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--batch-size", type=int, default=16)
+    cal.add_argument("--out", default="runs/circles", help="folder for <task>.json, <task>.md and figures")
+    cal.add_argument("--trust-remote-code", action="store_true")
+    cal.set_defaults(run=cmd_circles_calendar)
 
     info = commands.add_parser("info", help="describe an activation cache")
     info.add_argument("cache")

@@ -1,0 +1,585 @@
+"""Days and months as circles in a model: the calendar arithmetic tasks, a circle probe per layer fitted on some
+prompts and scored on others, the calendar order of the representation, and interventions that move a day or a
+month along the fitted circle, against baselines.
+
+    study = calendar_study(model, DAYS_TASK, layers=range(model.n_layers), intervention_layers=[6, 9])
+    study.save("runs/circles/days")        # days.json, days_layers.png, days_planes.png, days_interventions.png
+
+Tasks (Engels et al. 2024): "Let's do some days of the week math. Two days from Monday is" (7 x 7 = 49 prompts)
+and "Let's do some calendar math. Four months from March is" (12 x 12 = 144); the answer is (a + b) mod p and the
+model's choice is the argmax over the p answer words' first tokens. Done differently from the public code: the
+day or month token is found by its characters in each prompt (any tokenizer; a word split into several tokens or
+absent is an error, not a silently wrong position), and the probe is fitted on the prompts of some durations and
+scored on the prompts of the others (every day or month appears on both sides).
+
+Probe: PCA (k = 5) of the train prompts' activations at the day/month token, then least squares from the PCA
+coordinates (+ 1) to (cos, sin)(2 pi a / p). Its reading of held-out prompts gives the angle error, the nearest-
+class accuracy and the share of variance in the circle plane (the 2-D plane of activation space the probe reads).
+
+Interventions at one layer, at the day/month token of held-out prompts, towards another item a' with the duration
+b kept; the effect is the change of logit(answer) - logit((a' + b) mod p) (positive: towards a'):
+    circle        move the activation inside the circle plane so the probe reads a' (the fitted circle's point)
+    layer         replace the activation by the (a', b) prompt's (the ceiling: everything the layer holds)
+    pca_subspace  replace the k PCA coordinates by the (a', b) prompt's
+    mean_ablate   replace the activation by the mean over all prompts (no target: how much a' gains by chance)
+    zero_circle   move the activation to the circle's centre (no target)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from saelab import __version__
+from saelab.analysis.concepts import DAYS, MONTHS
+from saelab.analysis.irreducibility import PCA, pca
+from saelab.analysis.report import save_figure
+from saelab.errors import DataError
+from saelab.interventions import Replace, Tokens
+
+SCHEMA_VERSION = 1
+NUMBERS = ["One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten", "Eleven", "Twelve"]
+METHODS = ("circle", "layer", "pca_subspace", "mean_ablate", "zero_circle")
+TARGETED = ("circle", "layer", "pca_subspace")
+CONTROLS = 5
+
+
+# ---------------------------------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class CalendarPrompt:
+    text: str
+    item: int
+    """a: the day or month in the prompt (0 = Monday / January)."""
+    shift: int
+    """b: the duration (1 .. p)."""
+    answer: int
+    """(a + b) mod p."""
+    span: tuple[int, int]
+    """Character range [start, end) of the day or month word in text."""
+
+
+@dataclass(frozen=True)
+class CalendarTask:
+    """Modular arithmetic on a cycle of words: template holds {duration} and {item} once each."""
+
+    name: str
+    template: str
+    items: tuple[str, ...]
+    durations: tuple[str, ...]
+
+    @property
+    def period(self) -> int:
+        return len(self.items)
+
+    def prompts(self) -> list[CalendarPrompt]:
+        """Every (duration, item) pair: p x p prompts, in order (b - 1) * p + a."""
+        for key in ("{duration}", "{item}"):
+            if self.template.count(key) != 1:
+                raise DataError(f"task {self.name}: the template must hold {key} exactly once, got {self.template!r}")
+        if len(self.durations) != self.period or self.period < 3:
+            raise DataError(f"task {self.name}: needs at least 3 items and one duration per item (1 .. p), got "
+                            f"{len(self.items)} items and {len(self.durations)} durations")
+        out = []
+        for b, duration in enumerate(self.durations, 1):
+            for a, item in enumerate(self.items):
+                head, tail = self.template.split("{item}")
+                head = head.replace("{duration}", duration)
+                text = head + item + tail.replace("{duration}", duration)
+                out.append(CalendarPrompt(text, a, b, (a + b) % self.period, (len(head), len(head) + len(item))))
+        return out
+
+
+DAYS_TASK = CalendarTask("days", "Let's do some days of the week math. {duration} from {item} is", tuple(DAYS),
+                         tuple(f"{n} day{'s' if i else ''}" for i, n in enumerate(NUMBERS[:7])))
+MONTHS_TASK = CalendarTask("months", "Let's do some calendar math. {duration} from {item} is", tuple(MONTHS),
+                           tuple(f"{n} month{'s' if i else ''}" for i, n in enumerate(NUMBERS)))
+TASKS = {"days": DAYS_TASK, "months": MONTHS_TASK}
+
+
+def item_positions(model, prompts: Sequence[CalendarPrompt]) -> tuple[Tokens, Tensor]:
+    """Tokenise the prompts and find each one's day/month token by its characters: (Tokens, positions [n])."""
+    tokens = model.tokenize([p.text for p in prompts])
+    if tokens.spans is None:
+        raise DataError(f"{model.name}'s tokenizer gives no character offsets (a slow tokenizer); the day/month "
+                        "token cannot be found by its characters")
+    positions = []
+    for i, prompt in enumerate(prompts):
+        found = tokens.covering(i, *prompt.span)
+        word = prompt.text[slice(*prompt.span)]
+        if len(found) == 0:
+            raise DataError(f"no token of prompt {i} covers {word!r} ({prompt.text!r})")
+        if len(found) > 1:
+            pieces = [model.tokenizer.decode([int(tokens.ids[i, j])]) for j in found]
+            raise DataError(f"{model.name}'s tokenizer splits {word!r} into {len(found)} tokens {pieces} in "
+                            f"{prompt.text!r}; the circle probe reads one token per word (choose another template "
+                            "or word list)")
+        positions.append(int(found[0]))
+    return tokens, torch.tensor(positions)
+
+
+def answer_ids(model, task: CalendarTask) -> Tensor:
+    """The first token of ' ' + each item: what the model's answer is read from; they must differ."""
+    ids = [model.tokenizer(" " + item, add_special_tokens=False)["input_ids"] for item in task.items]
+    first = [row[0] if row else None for row in ids]
+    if None in first or len(set(first)) != len(first):
+        raise DataError(f"{model.name}'s tokenizer does not give the {task.name} distinct first tokens "
+                        f"({[model.tokenizer.decode(r[:1]) for r in ids]}); the answer cannot be read off the logits")
+    return torch.tensor(first)
+
+
+def answer_logits(model, tokens: Tokens, answers: Tensor, *, patches=(), batch_size: int = 16,
+                  progress: bool = False, desc: str = "forwards") -> Tensor:
+    """Logits of the answer tokens at each text's last token: [n, p] (float32, CPU)."""
+    out = []
+    last = tokens.lengths - 1
+    for start in _progress(progress, iterable=range(0, len(tokens), batch_size), desc=desc):
+        rows = slice(start, start + batch_size)
+        logits = model.logits(tokens[rows], patches=patches)
+        out.append(logits[torch.arange(len(logits)), last[rows].to(logits.device)][:, answers.to(logits.device)]
+                   .float().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class TaskAccuracy:
+    accuracy: float
+    """Fraction of prompts whose argmax over the p answer tokens is (a + b) mod p."""
+    chance: float
+    mean_rank: float
+    """Mean rank of the right answer among the p (0 = top; chance (p - 1) / 2)."""
+    always: str
+    """The answer the model gives most often, and how often."""
+
+
+def task_accuracy(logits: Tensor, prompts: Sequence[CalendarPrompt], task: CalendarTask) -> TaskAccuracy:
+    answers = torch.tensor([p.answer for p in prompts])
+    chosen = logits.argmax(1)
+    rank = (logits > logits.gather(1, answers[:, None])).sum(1).float()
+    values, counts = torch.unique(chosen, return_counts=True)
+    top = int(counts.argmax())
+    return TaskAccuracy(float((chosen == answers).float().mean()), 1 / task.period, float(rank.mean()),
+                        f"{task.items[int(values[top])]} ({int(counts[top])} of {len(prompts)})")
+
+
+def split_by_duration(task: CalendarTask, seed: int = 0, test_fraction: float = 0.3) -> dict[str, list[int]]:
+    """Train / test prompt indices: the prompts of a seeded share of the durations are held out, so every item is
+    on both sides and no test prompt shares its context with a train prompt."""
+    p = task.period
+    n_test = max(1, round(test_fraction * p))
+    if n_test >= p:
+        raise ValueError(f"test_fraction={test_fraction} leaves no duration to fit on")
+    order = torch.randperm(p, generator=torch.Generator().manual_seed(seed)).tolist()
+    test = set(order[:n_test])
+    rows = {"train": [], "test": []}
+    for b in range(p):
+        rows["test" if b in test else "train"] += [b * p + a for a in range(p)]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- probe
+def circle_targets(items: Tensor, period: int) -> Tensor:
+    angle = 2 * math.pi * items.double() / period
+    return torch.stack([angle.cos(), angle.sin()], 1)
+
+
+@dataclass
+class CircleProbe:
+    """PCA to k components, then least squares to (cos, sin)(2 pi a / p): reading(x) = [pca(x), 1] @ weights."""
+
+    pca: PCA
+    weights: Tensor
+    """[k + 1, 2], the last row the intercept."""
+    period: int
+
+    def reading(self, x: Tensor) -> Tensor:
+        z = self.pca.project(x).double()
+        return torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1) @ self.weights
+
+    def angles(self, x: Tensor) -> Tensor:
+        r = self.reading(x)
+        return torch.atan2(r[:, 1], r[:, 0])
+
+    def predict(self, x: Tensor) -> Tensor:
+        """The nearest item on the circle to each reading."""
+        step = 2 * math.pi / self.period
+        return torch.round(self.angles(x) / step).long() % self.period
+
+    def score(self, x: Tensor, items: Tensor) -> dict[str, float]:
+        """Held-out accuracy (nearest item), mean absolute angle error (degrees) and R^2 of (cos, sin)."""
+        items = torch.as_tensor(items)
+        target = circle_targets(items, self.period)
+        reading = self.reading(x)
+        error = torch.remainder(self.angles(x) - 2 * math.pi * items.double() / self.period + math.pi,
+                                2 * math.pi) - math.pi
+        residual = (reading - target).square().sum()
+        total = (target - target.mean(0)).square().sum()
+        return dict(accuracy=float((self.predict(x) == items).float().mean()),
+                    error_degrees=float(error.abs().mean() * 180 / math.pi), r2=float(1 - residual / total))
+
+    def plane(self) -> Tensor:
+        """[2, d] orthonormal basis of the activation-space plane the probe reads."""
+        directions = self.weights[:-1].T.float() @ self.pca.components  # [2, d]
+        q, _ = torch.linalg.qr(directions.T)
+        return q.T
+
+    def variance_share(self, x: Tensor) -> float:
+        """Share of the variance of x (about its own mean) inside the circle plane."""
+        centred = x.float() - x.float().mean(0)
+        return float((centred @ self.plane().T).square().sum() / centred.square().sum().clamp_min(1e-30))
+
+    def move(self, x: Tensor, target: Tensor) -> Tensor:
+        """x [n, d] moved (least change, inside the circle plane) so that the probe reads target [n, 2]."""
+        W = self.weights[:-1]  # [k, 2]
+        step = W @ torch.linalg.solve(W.T @ W, (target.double() - self.reading(x)).T)  # [k, n], min-norm
+        return x + (step.T.float() @ self.pca.components).to(x.dtype)
+
+    def to_angle(self, x: Tensor, items: Tensor) -> Tensor:
+        return self.move(x, circle_targets(torch.as_tensor(items), self.period))
+
+    def to_centre(self, x: Tensor) -> Tensor:
+        """Move to the reading of the PCA mean: the circle coordinates removed (relative to the mean)."""
+        return self.move(x, self.weights[-1].expand(len(x), 2))
+
+
+def fit_circle_probe(x: Tensor, items: Tensor, period: int, k: int = 5) -> CircleProbe:
+    """Fit on activations x [n, d] of prompts with items [n]; n must exceed k (and cover the circle)."""
+    x = torch.as_tensor(x).float()
+    items = torch.as_tensor(items).long()
+    if len(x) != len(items):
+        raise ValueError(f"got {len(x)} activations but {len(items)} items")
+    if len(x) <= k:
+        raise ValueError(f"the circle probe reduces to {k} PCA components and needs more prompts than that; got "
+                         f"{len(x)} (use more prompts or a smaller k)")
+    if len(torch.unique(items)) < 3:
+        raise ValueError("the circle probe needs prompts of at least 3 different items to fit a circle")
+    fitted = pca(x, k)
+    z = fitted.project(x).double()
+    design = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+    weights = torch.linalg.lstsq(design, circle_targets(items, period)).solution
+    return CircleProbe(fitted, weights, period)
+
+
+@dataclass
+class CalendarOrder:
+    fraction: float
+    """Share of items whose neighbour (going round the class means' angles in the better direction) is the next
+    item in the calendar: 1.0 is the calendar order; a random order gives 1 / (p - 1) on average."""
+    direction: int
+    """+1 if the calendar runs counter-clockwise in the plane, -1 if clockwise."""
+    angles: list[float]
+    """Angle (degrees) of each item's mean around the centre of the means."""
+
+
+def calendar_order(coords: Tensor, items: Tensor, period: int) -> CalendarOrder:
+    """How well the class means of 2-D coordinates follow the calendar round their centre."""
+    items = torch.as_tensor(items).long()
+    missing = set(range(period)) - set(items.tolist())
+    if missing:
+        raise ValueError(f"calendar_order needs every item; items {sorted(missing)} have no points")
+    means = torch.stack([coords[items == a].double().mean(0) for a in range(period)])
+    centred = means - means.mean(0)
+    angles = torch.atan2(centred[:, 1], centred[:, 0])
+    order = torch.argsort(angles).tolist()
+    successor = {order[i]: order[(i + 1) % period] for i in range(period)}
+    forward = sum(successor[a] == (a + 1) % period for a in range(period)) / period
+    backward = sum(successor[(a + 1) % period] == a for a in range(period)) / period
+    return CalendarOrder(max(forward, backward), 1 if forward >= backward else -1,
+                         (angles * 180 / math.pi).tolist())
+
+
+# ---------------------------------------------------------------------------------------------------- study
+@dataclass
+class LayerRecord:
+    layer: int
+    hook: str
+    probe_accuracy: float
+    """Held-out prompts: the nearest item to the probe's reading is right."""
+    probe_error_degrees: float
+    probe_r2: float
+    control_accuracy: float
+    """The same probe fitted to seeded random orders of the items round the circle (mean of CONTROLS): with few
+    items a k-dimensional probe can place any order on a circle, so only accuracy above this says "calendar"."""
+    order: float
+    """calendar_order of the held-out prompts' item means in the train PCA's top-2 plane."""
+    order_direction: int
+    circle_variance: float
+    """Held-out: share of the variance (across prompts) inside the probe's circle plane."""
+    top2_variance: float
+    """Train: share of the variance along the top 2 PCA components."""
+
+
+@dataclass
+class InterventionRecord:
+    layer: int
+    method: str
+    n: int
+    """Interventions (held-out prompt x target item)."""
+    logit_shift: float
+    """Mean change of logit(answer) - logit((a' + b) mod p), clean minus patched: positive moves towards a'."""
+    to_target: float
+    """Share of interventions after which the argmax answer is (a' + b) mod p."""
+    kept_answer: float
+    """Share after which the argmax answer is still the clean argmax."""
+
+
+@dataclass
+class CalendarStudy:
+    model: str
+    task: str
+    accuracy: TaskAccuracy
+    layers: list[LayerRecord] = field(default_factory=list)
+    interventions: list[InterventionRecord] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+    saelab_version: str = __version__
+    activations: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    probes: dict[int, CircleProbe] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        skip = ("activations", "probes")
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skip}
+
+    def table(self) -> str:
+        lines = [f"{self.task} on {self.model}: accuracy {self.accuracy.accuracy:.2f} (chance "
+                 f"{self.accuracy.chance:.2f}; mean rank of the answer {self.accuracy.mean_rank:.1f}; most common "
+                 f"answer {self.accuracy.always})\n",
+                 "| layer | probe acc (held out) | shuffled-order control | angle error | R^2 | calendar order | "
+                 "circle-plane var | top-2 PC var |", "|---|---|---|---|---|---|---|---|"]
+        for r in self.layers:
+            lines.append(f"| {r.layer} | {r.probe_accuracy:.2f} | {r.control_accuracy:.2f} | "
+                         f"{r.probe_error_degrees:.0f}° | {r.probe_r2:.2f} | "
+                         f"{r.order:.2f} | {r.circle_variance:.2f} | {r.top2_variance:.2f} |")
+        if self.interventions:
+            lines += ["", "| layer | intervention | n | logit shift to a' | argmax = a'+b | answer kept |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r.layer} | {r.method} | {r.n} | {r.logit_shift:+.2f} | {r.to_target:.2f} | "
+                      f"{r.kept_answer:.2f} |" for r in self.interventions]
+        return "\n".join(lines) + "\n"
+
+    def plot_layers(self, path: str | Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = [r.layer for r in self.layers]
+        period = self.settings["period"]
+        ax.plot(x, [r.probe_accuracy for r in self.layers], "o-", ms=3, label="probe accuracy (held out)")
+        ax.plot(x, [r.control_accuracy for r in self.layers], "o:", ms=3, label="same, shuffled-order control")
+        ax.plot(x, [r.order for r in self.layers], "s-", ms=3, label="calendar order of item means")
+        ax.plot(x, [r.circle_variance for r in self.layers], "^-", ms=3, label="variance share in circle plane")
+        ax.axhline(1 / period, color="grey", ls=":", lw=1, label=f"chance accuracy 1/{period}")
+        ax.axhline(1 / (period - 1), color="grey", ls="--", lw=1, label=f"random order 1/{period - 1}")
+        ax.set_xlabel("layer")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{self.task} on {self.model} (task accuracy {self.accuracy.accuracy:.2f})", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        return save_figure(fig, path)
+
+    def plot_planes(self, path: str | Path, layers: Sequence[int], items: Sequence[str]) -> Path:
+        """Each layer's activations at the day/month token in the train PCA's top-2 plane, coloured and labelled
+        by item (class means labelled with the item's name)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        layers = [layer for layer in layers if layer in self.activations]
+        fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.6), squeeze=False)
+        item_of = torch.tensor(self.settings["items"])
+        for ax, layer in zip(axes[0], layers):
+            z = self.probes[layer].pca.project(self.activations[layer])[:, :2]
+            colours = plt.cm.hsv(item_of.numpy() / len(items))
+            ax.scatter(z[:, 0], z[:, 1], s=8, c=colours, alpha=0.6)
+            for a, name in enumerate(items):
+                mean = z[item_of == a].mean(0)
+                ax.annotate(name[:3], (float(mean[0]), float(mean[1])), fontsize=8, weight="bold",
+                            color=plt.cm.hsv(a / len(items)))
+            record = next(r for r in self.layers if r.layer == layer)
+            ax.set_title(f"layer {layer}: order {record.order:.2f}", fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(f"{self.task} on {self.model}: PC1-PC2 at the {self.task[:-1]} token", fontsize=10)
+        return save_figure(fig, path)
+
+    def plot_interventions(self, path: str | Path) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        layers = sorted({r.layer for r in self.interventions})
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        width = 0.8 / len(METHODS)
+        for m, method in enumerate(METHODS):
+            values = [next((r.logit_shift for r in self.interventions if r.layer == layer and r.method == method),
+                           float("nan")) for layer in layers]
+            ax.bar([i + m * width for i in range(len(layers))], values, width, label=method)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], [f"layer {layer}" for layer in layers])
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_ylabel("logit shift towards a' + b")
+        ax.set_title(f"{self.task} on {self.model}: interventions at the {self.task[:-1]} token", fontsize=10)
+        ax.legend(fontsize=7)
+        return save_figure(fig, path)
+
+    def save(self, folder: str | Path, plane_layers: Sequence[int] | None = None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{self.task}.json").write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+        (folder / f"{self.task}.md").write_text(self.table())
+        if self.layers:
+            self.plot_layers(folder / f"{self.task}_layers.png")
+            if plane_layers is None:
+                ranked = sorted(self.layers, key=lambda r: -r.probe_accuracy)
+                plane_layers = sorted(r.layer for r in ranked[:4])
+            self.plot_planes(folder / f"{self.task}_planes.png", plane_layers, TASKS[self.task].items
+                             if self.task in TASKS else [str(i) for i in range(self.settings["period"])])
+        if self.interventions:
+            self.plot_interventions(folder / f"{self.task}_interventions.png")
+        return folder
+
+
+def calendar_study(model, task: CalendarTask, layers: Sequence[int] | None = None, *, k: int = 5, seed: int = 0,
+                   test_fraction: float = 0.3, intervention_layers: Sequence[int] = (), targets: int | None = 3,
+                   batch_size: int = 16, progress: bool = True) -> CalendarStudy:
+    """Accuracy, a circle probe per layer (fitted on train durations, scored on held-out ones) and interventions
+    at `intervention_layers` on held-out prompts towards `targets` other items each (None: all p - 1)."""
+    started = time.perf_counter()
+    layers = list(range(model.n_layers)) if layers is None else sorted(set(layers))
+    bad = [layer for layer in [*layers, *intervention_layers] if not 0 <= layer < model.n_layers]
+    if bad:
+        raise ValueError(f"layer {bad[0]} is out of range for {model.name} ({model.n_layers} layers)")
+    prompts = task.prompts()
+    tokens, positions = item_positions(model, prompts)
+    answers = answer_ids(model, task)
+    clean = answer_logits(model, tokens, answers, batch_size=batch_size, progress=progress, desc=f"{task.name}: task")
+    split = split_by_duration(task, seed, test_fraction)
+    items = torch.tensor([p.item for p in prompts])
+    study = CalendarStudy(model.name, task.name, task_accuracy(clean, prompts, task), settings=dict(
+        template=task.template, period=task.period, n_prompts=len(prompts), k=k, seed=seed,
+        test_fraction=test_fraction, test_durations=sorted({prompts[i].shift for i in split["test"]}),
+        positions=positions.tolist(), items=items.tolist(), targets=targets))
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in sorted({*layers, *intervention_layers})]
+    acts = model.activations_at(tokens, hooks, positions=positions.tolist(), batch_size=batch_size)
+    train, test = torch.tensor(split["train"]), torch.tensor(split["test"])
+    for layer in sorted({*layers, *intervention_layers}):
+        x = acts[f"blocks.{layer}.hook_resid_post"]
+        probe = fit_circle_probe(x[train], items[train], task.period, k)
+        study.activations[layer], study.probes[layer] = x, probe
+        if layer not in layers:
+            continue
+        score = probe.score(x[test], items[test])
+        control = []
+        for c in range(CONTROLS):
+            shuffle = torch.randperm(task.period, generator=torch.Generator().manual_seed(seed * 7919 + c))
+            shuffled = fit_circle_probe(x[train], shuffle[items[train]], task.period, k)
+            control.append(shuffled.score(x[test], shuffle[items[test]])["accuracy"])
+        order = calendar_order(probe.pca.project(x[test])[:, :2], items[test], task.period)
+        study.layers.append(LayerRecord(layer, f"blocks.{layer}.hook_resid_post", score["accuracy"],
+                                        score["error_degrees"], score["r2"], sum(control) / len(control),
+                                        order.fraction, order.direction,
+                                        probe.variance_share(x[test]), float(probe.pca.explained[:2].sum())))
+    for layer in intervention_layers:
+        study.interventions += intervene(model, task, layer, study.probes[layer], study.activations[layer], tokens,
+                                         positions, prompts, split["test"], answers, clean, targets=targets,
+                                         seed=seed, batch_size=batch_size, progress=progress)
+    study.seconds = time.perf_counter() - started
+    return study
+
+
+def intervene(model, task: CalendarTask, layer: int, probe: CircleProbe, x: Tensor, tokens: Tokens,
+              positions: Tensor, prompts: Sequence[CalendarPrompt], rows: Sequence[int], answers: Tensor,
+              clean: Tensor, *, targets: int | None = 3, methods: Sequence[str] = METHODS, seed: int = 0,
+              batch_size: int = 16, progress: bool = True) -> list[InterventionRecord]:
+    """Each method at `layer`, at the day/month token of prompts `rows`, towards `targets` seeded other items per
+    prompt; x [n_prompts, d] are every prompt's activations there (the sources for layer / pca_subspace)."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown intervention {sorted(unknown)[0]!r}; choose from {', '.join(METHODS)}")
+    p = task.period
+    generator = torch.Generator().manual_seed(seed * 1009 + layer)
+    pairs = []  # (prompt row, target item)
+    for row in rows:
+        others = [a for a in range(p) if a != prompts[row].item]
+        if targets is not None and targets < len(others):
+            others = [others[i] for i in torch.randperm(len(others), generator=generator)[:targets].tolist()]
+        pairs += [(row, a) for a in others]
+    row_of = torch.tensor([r for r, _ in pairs])
+    target = torch.tensor([a for _, a in pairs])
+    shift = torch.tensor([prompts[r].shift for r, _ in pairs])
+    source = (shift - 1) * p + target  # the (a', b) prompt
+    original = torch.tensor([prompts[r].answer for r, _ in pairs])
+    moved = (target + shift) % p
+    here = x[row_of]
+    hook = f"blocks.{layer}.hook_resid_post"
+    new = {"circle": lambda: probe.to_angle(here, target),
+           "layer": lambda: x[source],
+           "pca_subspace": lambda: here + (probe.pca.project(x[source]) - probe.pca.project(here)) @ probe.pca.components,
+           "mean_ablate": lambda: x.mean(0).expand_as(here),
+           "zero_circle": lambda: probe.to_centre(here)}
+    before = clean[row_of]
+    diff_before = before.gather(1, original[:, None]) - before.gather(1, moved[:, None])
+    records = []
+    for method in methods:
+        after = patched_answer_logits(model, tokens, row_of, positions[row_of], hook, new[method](), answers,
+                                      batch_size=batch_size, progress=progress, desc=f"{task.name} L{layer} {method}")
+        diff_after = after.gather(1, original[:, None]) - after.gather(1, moved[:, None])
+        chosen = after.argmax(1)
+        records.append(InterventionRecord(layer, method, len(pairs), float((diff_before - diff_after).mean()),
+                                          float((chosen == moved).float().mean()),
+                                          float((chosen == before.argmax(1)).float().mean())))
+    return records
+
+
+def patched_answer_logits(model, tokens: Tokens, rows: Tensor, positions: Tensor, hook: str, values: Tensor,
+                          answers: Tensor, *, batch_size: int = 16, progress: bool = False,
+                          desc: str = "forwards") -> Tensor:
+    """Answer logits [m, p] of texts tokens[rows] with the activation at (hook, positions[i]) replaced by
+    values[i]; identical (row, value) pairs are run once."""
+    out = []
+    for start in _progress(progress, iterable=range(0, len(rows), batch_size), desc=desc):
+        part = slice(start, start + batch_size)
+        batch = tokens[rows[part]]
+        at, vectors = positions[part], values[part]
+
+        def put(x: Tensor, at=at, vectors=vectors) -> Tensor:
+            out = x.clone()
+            out[torch.arange(len(x)), at.to(x.device)] = vectors.to(x.device, x.dtype)
+            return out
+
+        out.append(answer_logits(model, batch, answers, patches=[Replace(hook, put, positions=at.tolist())],
+                                 batch_size=len(batch)))
+    return torch.cat(out)
+
+
+def _progress(enabled: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, leave=False, **kwargs)
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+__all__ = ["CalendarOrder", "CalendarPrompt", "CalendarStudy", "CalendarTask", "CircleProbe", "DAYS_TASK",
+           "InterventionRecord", "LayerRecord", "METHODS", "MONTHS_TASK", "TASKS", "TaskAccuracy", "answer_ids",
+           "answer_logits", "calendar_order", "calendar_study", "circle_targets", "fit_circle_probe", "intervene",
+           "item_positions", "patched_answer_logits", "split_by_duration", "task_accuracy"]

@@ -1,0 +1,411 @@
+"""Multi-dimensional features: the two indices, decoder clustering, cluster reconstruction over a cache, the
+calendar tasks, the circle probe, the calendar order and interventions; each against an independent reference."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.analysis.circles import (DAYS_TASK, MONTHS_TASK, CalendarTask, answer_logits, calendar_order,
+                                     calendar_study, fit_circle_probe, intervene, item_positions, split_by_duration)
+from saelab.analysis.clusters import (Clusters, cluster_points, graph_clusters, search_clusters, spectral_clusters)
+from saelab.analysis.irreducibility import (BINS, RANGE, irreducibility_score, mixture_index, mutual_information,
+                                            normalise, pair_indices, pca, separability_index)
+from saelab.errors import DataError
+from saelab.interventions import Read
+
+
+# ------------------------------------------------------------------------------------------- planted point clouds
+def planted_clouds(n=2000, seed=0):
+    """A circle (one irreducible 2-D feature), two independent 1-D features that always co-occur (separable),
+    and two 1-D features that never fire together (a mixture), each rotated by a random angle."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.rand(n, generator=g) * 2 * math.pi
+    circle = torch.stack([theta.cos(), theta.sin()], 1) + 0.05 * torch.randn(n, 2, generator=g)
+    independent = torch.randn(n, 2, generator=g) * torch.tensor([1.0, 0.6])
+    size = torch.rand(n, generator=g) + 0.2
+    which = torch.rand(n, generator=g) < 0.5
+    mixture = torch.where(which[:, None], torch.stack([size, 0 * size], 1), torch.stack([0 * size, size], 1))
+    mixture = mixture + 0.01 * torch.randn(n, 2, generator=g)
+    angle = float(torch.rand(1, generator=g)) * math.pi
+    rotate = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return {"circle": circle @ rotate, "independent": independent @ rotate, "mixture": mixture @ rotate}
+
+
+def test_the_two_indices_rank_a_circle_over_separable_and_mixed_features():
+    clouds = planted_clouds()
+    M = {name: mixture_index(x) for name, x in clouds.items()}
+    S = {name: separability_index(x) for name, x in clouds.items()}
+    bias = (BINS - 1) ** 2 / (2 * 2000 * math.log(2))  # the plug-in estimator's bias for independent coordinates
+    assert M["mixture"] > 0.45  # half the points lie on each axis
+    assert M["circle"] < 0.3 and M["independent"] < 0.2
+    assert S["independent"] < 1.5 * bias and S["circle"] > 0.8
+    score = {name: (1 - M[name]) * S[name] for name in clouds}
+    assert score["circle"] > 1.5 * max(score["independent"], score["mixture"]), (M, S)
+    assert score["circle"] > 0.6
+
+
+def test_the_indices_ignore_rotation_translation_and_scale():
+    x = planted_clouds(seed=1)["circle"]
+    a = 0.7
+    moved = 5 * x @ torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) + torch.tensor([3.0, -2])
+    assert abs(separability_index(moved) - separability_index(x)) < 0.05
+    assert abs(mixture_index(moved) - mixture_index(x)) < 0.03
+
+
+def test_mutual_information_matches_a_numpy_histogram():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(3000, generator=g).double()
+    b = (a + 0.5 * torch.randn(3000, generator=g)).double()
+    joint, _, _ = np.histogram2d(np.clip(a.numpy(), -RANGE, RANGE - 1e-9), np.clip(b.numpy(), -RANGE, RANGE - 1e-9),
+                                 bins=BINS, range=[[-RANGE, RANGE], [-RANGE, RANGE]])
+    p = joint / joint.sum()
+    outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+    reference = float(np.sum(p[p > 0] * np.log2(p[p > 0] / outer[p > 0])))
+    assert float(mutual_information(a[None], b[None])[0]) == pytest.approx(reference, abs=1e-9)
+
+
+def test_mixture_index_finds_the_line_brute_force_finds():
+    """On a small cloud, compare with a brute force over lines through every pair of points."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(30, 2, generator=g), torch.stack([torch.linspace(-1, 1, 20), 0.3 * torch.ones(20)], 1)])
+    z = normalise(x)
+    best = 0.0
+    for i in range(len(z)):
+        for j in range(i + 1, len(z)):
+            d = z[j] - z[i]
+            v = torch.stack([-d[1], d[0]]) / d.norm()
+            proj = z @ v - z[i] @ v
+            best = max(best, float((proj.abs() < 0.1 * proj.square().mean().sqrt()).double().mean()))
+    assert mixture_index(x) >= best - 1e-9
+    assert mixture_index(x) >= 20 / 50
+
+
+def test_pca_matches_the_covariance_eigenvalues():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    fitted = pca(x, 3)
+    eig = np.sort(np.linalg.eigvalsh(np.cov(x.numpy().T)))[::-1]
+    np.testing.assert_allclose(fitted.variance.numpy(), eig[:3], rtol=1e-4)
+    np.testing.assert_allclose(fitted.explained.numpy(), eig[:3] / eig.sum(), rtol=1e-4)
+    with pytest.raises(ValueError, match="needs at least 7 points"):
+        pca(x[:6], 6)
+
+
+def test_pair_indices_and_score():
+    coords = torch.cat([planted_clouds()["circle"], torch.randn(2000, 1)], 1)
+    pairs = pair_indices(coords)
+    assert [p.components for p in pairs] == [(0, 1), (1, 2)]
+    assert irreducibility_score(pairs) == pytest.approx(sum((1 - p.mixture) * p.separability for p in pairs) / 2)
+
+
+# ------------------------------------------------------------------------------------------- clustering
+def planted_decoder(groups=8, size=5, noise=300, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(groups, d, generator=g)
+    W = torch.cat([centres.repeat_interleave(size, 0) + 0.35 * torch.randn(groups * size, d, generator=g),
+                   torch.randn(noise, d, generator=g)])
+    order = torch.randperm(len(W), generator=g)
+    truth = torch.full((len(W),), -1)
+    truth[torch.argsort(order)[: groups * size]] = torch.arange(groups).repeat_interleave(size)
+    return W[order], truth
+
+
+@pytest.mark.parametrize("method", ["spectral_dense", "spectral_knn", "graph"])
+def test_clustering_recovers_planted_groups_and_is_seeded(method):
+    W, truth = planted_decoder()
+    run = {"spectral_dense": lambda seed: spectral_clusters(W, 40, neighbors=None, seed=seed),
+           "spectral_knn": lambda seed: spectral_clusters(W, 40, neighbors=16, seed=seed),
+           "graph": lambda seed: graph_clusters(W)}[method]
+    found = run(0)
+    for group in range(8):
+        labels = found.labels[truth == group]
+        assert (labels == labels[0]).all() and labels[0] >= 0, (group, labels)
+        assert int((found.labels == labels[0]).sum()) <= 15  # the group, and not much else
+    if method == "graph":  # random directions in 64-d never reach cosine 0.5
+        assert sorted(map(len, found.groups().values())) == [5] * 8
+    assert torch.equal(run(0).labels, found.labels)
+
+
+def test_spectral_clusters_check_their_input():
+    W, _ = planted_decoder()
+    with pytest.raises(ValueError, match="n_clusters must be between 2"):
+        spectral_clusters(W, 1)
+    W[3] = 0
+    with pytest.raises(ValueError, match="decoder row 3 is all zeros"):
+        graph_clusters(W)
+
+
+# ------------------------------------------------------------------------------------------- cluster reconstruction
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_model, tmp_path_factory):
+    from saelab.activations import cache_activations
+
+    folder = tmp_path_factory.mktemp("circle-cache")
+    cache_activations(tiny_model, "blocks.0.hook_resid_post", folder, tokens=1500, progress=False)
+    return folder
+
+
+def tiny_sae(model, hook="blocks.0.hook_resid_post", width=96, seed=0, **cfg):
+    from saelab.sae import SAEConfig, create_sae
+
+    torch.manual_seed(seed)
+    sae = create_sae(SAEConfig(arch="topk", d_in=model.d_model, width=width, k=8, hook_name=hook,
+                               model_name=model.name, **cfg))
+    with torch.no_grad():  # 6 pairs of near-identical decoder rows: 2-latent clusters the graph method finds
+        sae.W_dec[1:12:2] = sae.W_dec[0:12:2] + 0.05 * torch.randn(6, model.d_model)
+        sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
+        sae.W_enc.copy_(sae.W_dec.T)
+    return sae
+
+
+def test_cluster_points_match_a_dense_reconstruction(tiny_model, tiny_cache):
+    from saelab.activations import ActivationStore
+
+    sae = tiny_sae(tiny_model, input_scale=2.0)
+    groups = {0: torch.tensor([0, 1, 5]), 1: torch.tensor([10, 11])}
+    points, seen = cluster_points(sae, tiny_cache, groups, batch_size=512, progress=False)
+    store = ActivationStore(tiny_cache, shuffle=False, drop_last=False, batch_size=10**6)
+    x = next(iter(store)).acts["blocks.0.hook_resid_post"]
+    raw = sae.fold_input_scale()
+    codes = raw.encode(x)
+    assert seen == len(x)
+    for cluster, latents in groups.items():
+        fired = (codes[:, latents] > 0).any(1)
+        assert torch.equal(points[cluster].rows, fired.nonzero().squeeze(1))
+        reference = codes[fired][:, latents] @ raw.W_dec[latents]
+        torch.testing.assert_close(points[cluster].points(), reference, atol=1e-5, rtol=1e-5)
+        fitted, coords = points[cluster].pca(2)
+        direct = pca(reference, 2)
+        torch.testing.assert_close(fitted.explained, direct.explained, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(coords.abs(), direct.project(reference).abs(), atol=1e-4, rtol=1e-4)
+
+
+def test_search_ranks_scored_clusters_and_saves(tiny_model, tiny_cache, tmp_path):
+    import json
+
+    sae = tiny_sae(tiny_model)
+    found = graph_clusters(sae.W_dec, min_cosine=0.5)
+    assert {tuple(g.tolist()) for g in found.groups().values()} == {(i, i + 1) for i in range(0, 12, 2)}
+    search = search_clusters(sae, tiny_cache, found, tokenizer=tiny_model.tokenizer, min_tokens=20, progress=False)
+    scores = [c.score for c in search.clusters]
+    assert scores == sorted(scores, reverse=True) and len(scores) >= 1
+    from saelab.activations import Manifest
+
+    assert search.n_tokens == Manifest.read(tiny_cache).tokens
+    search.save(tmp_path, tiny_model.tokenizer, plots=2)
+    saved = json.loads((tmp_path / "clusters.json").read_text())
+    assert [c["score"] for c in saved["clusters"]] == scores
+    assert (tmp_path / "cluster_rank1.png").exists() and (tmp_path / "clusters.md").exists()
+    again = search_clusters(sae, tiny_cache, found, tokenizer=tiny_model.tokenizer, min_tokens=20, progress=False)
+    assert [c.cluster for c in again.clusters] == [c.cluster for c in search.clusters]
+
+
+def test_mismatched_sae_and_cache_and_one_latent_clusters_are_refused(tiny_model, tiny_cache):
+    groups = {0: torch.tensor([0, 1])}
+    other = tiny_sae(tiny_model)
+    other.cfg.model_name = "other-model"
+    with pytest.raises(DataError, match="trained on other-model"):
+        cluster_points(other, tiny_cache, groups, progress=False)
+    with pytest.raises(DataError, match="no hook 'blocks.1.hook_resid_post'"):
+        cluster_points(tiny_sae(tiny_model, hook="blocks.1.hook_resid_post"), tiny_cache, groups, progress=False)
+    with pytest.raises(ValueError, match="cluster 0 has one latent"):
+        cluster_points(tiny_sae(tiny_model), tiny_cache, {0: torch.tensor([4])}, progress=False)
+    with pytest.raises(ValueError, match="no cluster has between"):
+        search_clusters(tiny_sae(tiny_model), tiny_cache, Clusters(torch.arange(96), "manual"), progress=False)
+
+
+# ------------------------------------------------------------------------------------------- tasks
+def test_tasks_have_49_and_144_prompts_with_modular_answers():
+    for task, n in ((DAYS_TASK, 49), (MONTHS_TASK, 144)):
+        prompts = task.prompts()
+        assert len(prompts) == n and len({p.text for p in prompts}) == n
+        for p in prompts:
+            assert p.text[slice(*p.span)] == task.items[p.item]
+            assert p.answer == (p.item + p.shift) % task.period and 1 <= p.shift <= task.period
+    assert DAYS_TASK.prompts()[7 + 2].text == "Let's do some days of the week math. Two days from Wednesday is"
+    assert MONTHS_TASK.prompts()[3 * 12 + 2].text == "Let's do some calendar math. Four months from March is"
+
+
+def test_split_holds_out_whole_durations_and_keeps_every_item():
+    prompts = MONTHS_TASK.prompts()
+    split = split_by_duration(MONTHS_TASK, seed=0)
+    assert not set(split["train"]) & set(split["test"]) and len(split["train"]) + len(split["test"]) == 144
+    shifts = {s: {prompts[i].shift for i in split[s]} for s in split}
+    assert not shifts["train"] & shifts["test"]
+    for s in split:
+        assert {prompts[i].item for i in split[s]} == set(range(12))
+    assert split_by_duration(MONTHS_TASK, seed=0) == split != split_by_duration(MONTHS_TASK, seed=1)
+
+
+def word_task(model, n=6):
+    """A calendar-like task on words the tiny tokenizer keeps whole; the item is the prompt's last token."""
+    vocab = model.tokenizer.get_vocab()
+    words = sorted(w[1:] for w in vocab if w.startswith("Ġ") and w[1:].isalpha() and len(w) > 4)[:n]
+    return CalendarTask("toy", "Count {duration} from {item}", tuple(words), tuple(f"n{i}" for i in range(n)))
+
+
+def test_item_positions_by_characters_and_split_words_refused(tiny_model):
+    task = word_task(tiny_model)
+    prompts = task.prompts()
+    tokens, positions = item_positions(tiny_model, prompts)
+    for i, p in enumerate(prompts):
+        assert tiny_model.tokenizer.decode([int(tokens.ids[i, positions[i]])]).strip() == task.items[p.item]
+    assert torch.equal(positions, tokens.lengths - 1)
+    with pytest.raises(DataError, match="splits 'Monday' into"):
+        item_positions(tiny_model, DAYS_TASK.prompts())
+    with pytest.raises(DataError, match=r"must hold \{item\} exactly once"):
+        CalendarTask("bad", "{duration} from here", ("a", "b", "c"), ("1", "2", "3")).prompts()
+
+
+# ------------------------------------------------------------------------------------------- probe and order
+def planted_circle_acts(period=12, per_item=10, d=32, seed=0, order=None):
+    """Activations with items on a circle in a random plane (in calendar order unless `order` permutes them),
+    plus larger noise in other directions; returns x, items, the plane."""
+    g = torch.Generator().manual_seed(seed)
+    plane = torch.linalg.qr(torch.randn(d, 2, generator=g)).Q.T  # [2, d]
+    items = torch.arange(period).repeat(per_item)
+    place = items if order is None else order[items]
+    angle = 2 * math.pi * place / period + 0.05 * torch.randn(len(items), generator=g)
+    x = 3 * torch.stack([angle.cos(), angle.sin()], 1) @ plane + 0.3 * torch.randn(len(items), d, generator=g)
+    return x, items, plane, angle
+
+
+def test_probe_recovers_a_planted_circles_angles_on_held_out_points():
+    x, items, plane, angle = planted_circle_acts()
+    train, test = torch.arange(len(x)) < 80, torch.arange(len(x)) >= 80
+    probe = fit_circle_probe(x[train], items[train], 12)
+    error = torch.remainder(probe.angles(x[test]).double() - angle[test].double() + math.pi, 2 * math.pi) - math.pi
+    assert float(error.abs().mean()) < 0.15
+    assert probe.score(x[test], items[test])["accuracy"] > 0.9
+    # the plane the probe reads is the planted one
+    assert torch.linalg.svdvals(probe.plane() @ plane.T).min() > 0.95
+    assert probe.variance_share(x[test]) > 0.5
+
+
+def test_moving_along_the_circle_changes_only_the_circle_plane():
+    x, items, _, _ = planted_circle_acts()
+    probe = fit_circle_probe(x, items, 12)
+    target = (items + 5) % 12
+    moved = probe.to_angle(x, target)
+    torch.testing.assert_close(probe.reading(moved), torch.stack(
+        [torch.cos(2 * math.pi * target / 12), torch.sin(2 * math.pi * target / 12)], 1).double(), atol=1e-4,
+        rtol=1e-4)
+    outside = torch.eye(x.shape[1]) - probe.plane().T @ probe.plane()
+    torch.testing.assert_close(moved @ outside, x @ outside, atol=1e-4, rtol=1e-4)
+    centred = probe.reading(probe.to_centre(x))
+    torch.testing.assert_close(centred, probe.weights[-1].expand_as(centred), atol=1e-4, rtol=1e-4)
+
+
+def test_calendar_order_against_a_direct_count():
+    x, items, _, _ = planted_circle_acts()
+    assert calendar_order(pca(x, 2).project(x), items, 12).fraction == 1.0
+    mirrored = pca(x, 2).project(x) * torch.tensor([1.0, -1.0])
+    assert calendar_order(mirrored, items, 12).fraction == 1.0
+    assert calendar_order(mirrored, items, 12).direction == -calendar_order(pca(x, 2).project(x), items, 12).direction
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(5))
+    x, items, _, _ = planted_circle_acts(order=order)
+    # the reference: walk the planted places round the circle and count calendar successors
+    walk = torch.argsort(order).tolist()  # item at each place, counter-clockwise
+    forward = sum(walk[(walk.index(a) + 1) % 12] == (a + 1) % 12 for a in range(12)) / 12
+    backward = sum(walk[(walk.index((a + 1) % 12) + 1) % 12] == a for a in range(12)) / 12
+    assert calendar_order(pca(x, 2).project(x), items, 12).fraction == max(forward, backward)
+
+
+def test_probe_refuses_fewer_prompts_than_components():
+    x, items, _, _ = planted_circle_acts()
+    with pytest.raises(ValueError, match="needs more prompts than that; got 5"):
+        fit_circle_probe(x[:5], items[:5], 12, k=5)
+
+
+# ------------------------------------------------------------------------------------------- interventions
+def test_patching_the_last_layer_at_the_last_token_gives_the_source_prompts_answer(tiny_model):
+    """In the tiny model the item is the last token; at the last layer nothing but the unembedding follows, so
+    the 'layer' patch must give exactly the (a', b) prompt's own clean answer logits (computed separately)."""
+    task = word_task(tiny_model)
+    prompts = task.prompts()
+    tokens, positions = item_positions(tiny_model, prompts)
+    answers = torch.tensor([tiny_model.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]
+                            for w in task.items])
+    clean = answer_logits(tiny_model, tokens, answers)
+    layer = tiny_model.n_layers - 1
+    hook = f"blocks.{layer}.hook_resid_post"
+    x = tiny_model.activations_at(tokens, hook, positions.tolist())[hook]
+    probe = fit_circle_probe(x, torch.tensor([p.item for p in prompts]), task.period, k=3)
+    rows = [0, 7, 20]
+    (record,) = intervene(tiny_model, task, layer, probe, x, tokens, positions, prompts, rows, answers, clean,
+                          targets=None, methods=["layer"], progress=False)
+    p = task.period
+    diffs = []
+    for row in rows:
+        a, b, c = prompts[row].item, prompts[row].shift, prompts[row].answer
+        for target in (t for t in range(p) if t != a):
+            new = (target + b) % p
+            source = clean[(b - 1) * p + target]
+            diffs.append(float((clean[row, c] - clean[row, new]) - (source[c] - source[new])))
+    assert record.n == len(diffs) == 3 * (p - 1)
+    assert record.logit_shift == pytest.approx(sum(diffs) / len(diffs), abs=1e-4)
+
+
+def test_a_circle_intervention_runs_the_model_on_the_moved_point(tiny_model):
+    """patched_answer_logits (one batch, Replace) against one text at a time with an Add of the move."""
+    from saelab.analysis.circles import patched_answer_logits
+    from saelab.interventions import Add
+
+    task = word_task(tiny_model)
+    prompts = task.prompts()
+    tokens, positions = item_positions(tiny_model, prompts)
+    hook = "blocks.0.hook_resid_post"
+    x = tiny_model.activations_at(tokens, hook, positions.tolist())[hook]
+    items = torch.tensor([p.item for p in prompts])
+    probe = fit_circle_probe(x, items, task.period, k=3)
+    rows = torch.tensor([1, 2, 30])
+    moved = probe.to_angle(x[rows], (items[rows] + 2) % task.period)
+    answers = torch.arange(task.period)
+    got = patched_answer_logits(tiny_model, tokens, rows, positions[rows], hook, moved, answers)
+    for i, row in enumerate(rows.tolist()):
+        one = tokens[row : row + 1]
+        add = Add(hook, moved[i] - x[row], positions=[int(positions[row])])
+        reference = answer_logits(tiny_model, one, answers, patches=[add])
+        torch.testing.assert_close(got[i], reference[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, answer_logits(tiny_model, tokens[rows], answers), atol=1e-3)
+
+
+def test_calendar_study_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
+    import json
+
+    study = calendar_study(tiny_model, word_task(tiny_model), layers=[0, 1], intervention_layers=[1], targets=1,
+                           progress=False)
+    assert [r.layer for r in study.layers] == [0, 1]
+    assert {r.method for r in study.interventions} == {"circle", "layer", "pca_subspace", "mean_ablate",
+                                                        "zero_circle"}
+    assert study.accuracy.chance == pytest.approx(1 / 6)
+    study.save(tmp_path)
+    saved = json.loads((tmp_path / "toy.json").read_text())
+    assert saved["settings"]["n_prompts"] == 36 and len(saved["layers"]) == 2
+    for name in ("toy_layers.png", "toy_planes.png", "toy_interventions.png", "toy.md"):
+        assert (tmp_path / name).exists()
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        calendar_study(tiny_model, word_task(tiny_model), layers=[7], progress=False)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def test_cli_cluster_search_and_calendar_errors(tiny_model, tiny_model_dir, tiny_cache, tmp_path, capsys):
+    import json
+
+    from saelab.cli import main
+
+    sae = tiny_sae(tiny_model)
+    sae.save(tmp_path / "sae")
+    out = tmp_path / "search"
+    assert main(["circles", "clusters", str(tmp_path / "sae"), "--acts", str(tiny_cache), "--method", "graph",
+                 "--min-tokens", "20", "--no-model", "--plots", "1", "--out", str(out)]) == 0
+    saved = json.loads((out / "clusters.json").read_text())
+    assert saved["clustering"]["method"] == "graph" and saved["clustering"]["n_clusters_found"] == 6
+    assert (out / "cluster_rank1.png").exists()
+    assert main(["circles", "calendar", "--model", str(tiny_model_dir), "--tasks", "days", "--out",
+                 str(tmp_path / "cal")]) == 2
+    assert "splits 'Monday' into" in capsys.readouterr().err
+    assert main(["circles", "calendar", "--model", str(tiny_model_dir), "--tasks", "weeks"]) == 2
+    assert "unknown task 'weeks'" in capsys.readouterr().err

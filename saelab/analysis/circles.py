@@ -525,15 +525,20 @@ def intervene(model, task: CalendarTask, layer: int, probe: CircleProbe, x: Tens
     hook = f"blocks.{layer}.hook_resid_post"
     new = {"circle": lambda: probe.to_angle(here, target),
            "layer": lambda: x[source],
-           "pca_subspace": lambda: here + (probe.pca.project(x[source]) - probe.pca.project(here)) @ probe.pca.components,
-           "mean_ablate": lambda: x.mean(0).expand_as(here),
-           "zero_circle": lambda: probe.to_centre(here)}
+           "pca_subspace": lambda: here + (probe.pca.project(x[source]) - probe.pca.project(here)) @ probe.pca.components}
     before = clean[row_of]
     diff_before = before.gather(1, original[:, None]) - before.gather(1, moved[:, None])
+    unique, back = torch.unique(row_of, return_inverse=True)
+    free = {"mean_ablate": lambda: x.mean(0).expand(len(unique), -1), "zero_circle": lambda: probe.to_centre(x[unique])}
     records = []
     for method in methods:
-        after = patched_answer_logits(model, tokens, row_of, positions[row_of], hook, new[method](), answers,
-                                      batch_size=batch_size, progress=progress, desc=f"{task.name} L{layer} {method}")
+        desc = f"{task.name} L{layer} {method}"
+        if method in free:  # no target: one forward per prompt, shared by its targets
+            after = patched_answer_logits(model, tokens, unique, positions[unique], hook, free[method](), answers,
+                                          batch_size=batch_size, progress=progress, desc=desc)[back]
+        else:
+            after = patched_answer_logits(model, tokens, row_of, positions[row_of], hook, new[method](), answers,
+                                          batch_size=batch_size, progress=progress, desc=desc)
         diff_after = after.gather(1, original[:, None]) - after.gather(1, moved[:, None])
         chosen = after.argmax(1)
         records.append(InterventionRecord(layer, method, len(pairs), float((diff_before - diff_after).mean()),

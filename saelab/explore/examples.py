@@ -65,12 +65,18 @@ def sort_key(latents: Tensor, scores: Tensor) -> Tensor:
 
 
 class ExampleTable:
-    """For each of `width` latents, the (up to) n entries with the largest score seen so far, sorted descending,
-    each with its activation, row of the pass, context, position and a window of tokens and activations."""
+    """For each of `width` latents, the (up to) n entries with the largest score seen so far, each with its
+    activation, row of the pass, context, position and a window of tokens and activations.
+
+    While the pass runs, entries stay in the slot they were written to (a newcomer overwrites the worst one), so a
+    merge touches only the slots that change, never the windows of the others; `sort()` orders them at the end.
+    """
 
     def __init__(self, width: int, n: int, before: int, after: int):
         self.width, self.n, self.before, self.after = width, n, before, after
         self.score = torch.full((width, n), float("-inf"))
+        self.floor = torch.full((width,), float("-inf"))
+        """Each latent's n-th best score: what a newcomer has to beat."""
         self.value = torch.zeros(width, n)
         self.row = torch.full((width, n), EMPTY, dtype=torch.long)
         self.context = torch.full((width, n), EMPTY, dtype=torch.long)
@@ -86,7 +92,7 @@ class ExampleTable:
     def offer(self, latents: Tensor, scores: Tensor, values: Tensor, rows: Tensor, contexts: Tensor,
               positions: Tensor) -> None:
         """Merge one chunk's nonzeros (one entry each: its latent, score, value, row, context, position)."""
-        entrants = (scores > self.score[latents, -1]).nonzero().squeeze(1)  # can beat the latent's n-th best
+        entrants = (scores > self.floor[latents]).nonzero().squeeze(1)  # can beat the latent's n-th best
         if not len(entrants):
             return
         n = self.n
@@ -95,32 +101,30 @@ class ExampleTable:
         counts = torch.bincount(sorted_latents, minlength=self.width)
         rank = torch.arange(len(order)) - (counts.cumsum(0) - counts)[sorted_latents]
         keep = rank < n
-        entry, slot_latent, slot = order[keep], sorted_latents[keep], rank[keep]
-        offered = torch.full((self.width, n), float("-inf"))
-        offered[slot_latent, slot] = scores[entry]
-        merged = torch.cat([self.score, offered], 1)
-        best, index = merged.topk(n, dim=1)
-        changed = ((index != torch.arange(n)) & (best > float("-inf"))).any(1).nonzero().squeeze(1)
-        if not len(changed):
-            return
-        index = index[changed]
-        new = index >= n
-        old = index.clamp(max=n - 1)
-        pick = torch.full((self.width, n), EMPTY, dtype=torch.long)
-        pick[slot_latent, slot] = entry
-        picked = pick[changed].gather(1, (index - n).clamp(min=0))  # the chunk entry behind each new slot
-        picked = torch.where(new, picked, 0)
-        real = best[changed] > float("-inf")
-        for name, fresh in (("value", values), ("row", rows), ("context", contexts), ("position", positions)):
+        entry, entry_latent, entry_rank = order[keep], sorted_latents[keep], rank[keep]
+        # the i-th best newcomer of a latent enters if it beats the i-th worst entry there (a prefix of newcomers)
+        worst_first = self.score.argsort(dim=1)
+        beaten = self.score.gather(1, worst_first)[entry_latent, entry_rank]
+        enters = scores[entry] > beaten
+        entry, latent = entry[enters], entry_latent[enters]
+        slot = worst_first[latent, entry_rank[enters]]
+        self.score[latent, slot] = scores[entry]
+        self.value[latent, slot] = values[entry].to(self.value.dtype)
+        self.row[latent, slot] = rows[entry]
+        self.context[latent, slot] = contexts[entry]
+        self.position[latent, slot] = positions[entry]
+        self.tokens[latent, slot] = EMPTY  # filled by `fill` once the chunks around the row are in
+        self.acts[latent, slot] = 0.0
+        self.floor = self.score.amin(1)
+
+    def sort(self) -> None:
+        """Order each latent's entries best first (empty slots last)."""
+        order = self.score.argsort(dim=1, descending=True, stable=True)
+        for name in ("score", "value", "row", "context", "position"):
+            setattr(self, name, getattr(self, name).gather(1, order))
+        for name in ("tokens", "acts"):
             table = getattr(self, name)
-            kept = table[changed].gather(1, old)
-            merged_column = torch.where(new, fresh[picked].to(table.dtype), kept)
-            table[changed] = torch.where(real, merged_column, EMPTY if name != "value" else 0)
-        self.score[changed] = best[changed]
-        for name in ("tokens", "acts"):  # windows of new slots are filled by `fill` once their rows' chunks are in
-            table = getattr(self, name)
-            kept = table[changed].gather(1, old[..., None].expand(-1, -1, table.shape[2]))
-            table[changed] = torch.where(new[..., None], torch.zeros((), dtype=table.dtype), kept)
+            setattr(self, name, table.gather(1, order[..., None].expand(-1, -1, table.shape[2])))
 
     def fill(self, window: Window, first: int, end: int) -> None:
         """Fill the windows of the slots whose rows lie in [first, end) from `window` (which must cover them with

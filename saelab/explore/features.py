@@ -143,7 +143,8 @@ class FeatureSet:
             promoted = list(zip(self.token_texts(up_i.tolist()), up_v.tolist()))
             suppressed = list(zip(self.token_texts(down_i.tolist()), down_v.tolist()))
         cos, near = self.nearest[0][latent], self.nearest[1][latent]
-        return Feature(latent, self.width, stats.n_tokens, int(stats.count[latent]), float(stats.mean[latent]),
+        count = int(stats.count[latent])
+        return Feature(latent, self.width, stats.n_tokens, count, float(stats.total[latent]) / max(count, 1),
                        float(stats.max[latent]), top, self._quantiles(latent),
                        stats.edges[first : last + 1].tolist() if last else [], counts[first:last].tolist(),
                        promoted, suppressed, list(zip(near.tolist(), cos.tolist())), self.name)
@@ -153,7 +154,7 @@ class FeatureSet:
         table = self.stats.sample
         if not table.n:
             return []
-        filled = table.filled[latent].nonzero().squeeze(1)
+        filled = (table.row[latent] >= 0).nonzero().squeeze(1)
         slots = filled[torch.argsort(table.value[latent, filled])].tolist()
         m, out = len(slots), []
         for j in range(self.groups if m else 0):
@@ -170,16 +171,17 @@ class FeatureSet:
         return out[::-1]  # highest quantiles first, like the top examples
 
     def _examples(self, table: ExampleTable, latent: int, slots: list[int]) -> list[Example]:
+        rows, values = table.row[latent].tolist(), table.value[latent].tolist()
+        contexts, positions = table.context[latent].tolist(), table.position[latent].tolist()
+        tokens, acts = table.tokens[latent].tolist(), table.acts[latent].tolist()
         out = []
         for slot in slots:
-            if table.row[latent, slot] == EMPTY:
+            if rows[slot] == EMPTY:
                 continue
-            ids, acts = table.tokens[latent, slot], table.acts[latent, slot]
-            keep = ids != EMPTY
-            at = int(keep[: table.before].sum())
-            out.append(Example(self.token_texts(ids[keep].tolist()), acts[keep].tolist(), at,
-                               float(table.value[latent, slot]), int(table.context[latent, slot]),
-                               int(table.position[latent, slot])))
+            keep = [i for i, token in enumerate(tokens[slot]) if token != EMPTY]
+            at = sum(1 for i in keep if i < table.before)
+            out.append(Example(self.token_texts([tokens[slot][i] for i in keep]), [acts[slot][i] for i in keep], at,
+                               values[slot], contexts[slot], positions[slot]))
         return out
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:

@@ -68,7 +68,7 @@ def search_examples(features, phrase: str, n: int = 10) -> LatentTable:
     score = sample_share + top_share * 1e-3  # ties (e.g. no sample) broken by the top examples
     found = ((top_hits + sample_hits) > 0).nonzero().squeeze(1)
     order = found[torch.argsort(score[found], descending=True, stable=True)][:n]
-    rows = [[int(i), round(float(sample_share[i]), 3), f"{int(top_hits[i])}/{int(stats.top.filled[i].sum())}",
+    rows = [[int(i), round(float(sample_share[i]), 3), f"{int(top_hits[i])}/{int((stats.top.row[i] >= 0).sum())}",
              float(torch.maximum(top_best[i], sample_best[i])), float(stats.density[i])] for i in order]
     return LatentTable(f"latents firing on {phrase!r} over {stats.n_tokens:,} tokens",
                        ["latent", "share of sampled firings", "top examples", "max on it", "density"], rows)

@@ -121,6 +121,8 @@ def collect(sae, source: Source, *, hook: str | None = None, top: int = 20, samp
     if current is None:
         raise ValueError("the source holds no tokens")
     _fill((tops, samples), [w for w in (previous, current) if w is not None], current)
+    tops.sort()
+    samples.sort()
     if not sample:
         samples = ExampleTable(width, 0, before, after)
     return LatentStats(width, done, count, total, largest, edges, hist, tops, samples,

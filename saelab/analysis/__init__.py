@@ -8,6 +8,8 @@ from saelab.analysis.probes import CausalInnerProduct, Features, Probe, concept_
     neuron_hook, word_pair_direction
 from saelab.analysis.report import ProbeRecord, ProbeResults, run_probes
 from saelab.analysis.steering import LogitDiff, ProbeOutput, Steer, SteeringResult, WordFrequency, sweep
+from saelab.analysis.alignment import Side, aligned_chunks, read_documents
+from saelab.analysis.universality import MatchConfig, MatchResults, match_models
 
 __all__ = ["CausalInnerProduct", "Features", "LabelledTexts", "LogitDiff", "Probe", "ProbeOutput", "ProbeRecord",
            "ProbeResults", "Steer", "SteeringResult", "Task", "WordFrequency", "builtin", "calendar",
@@ -15,3 +17,4 @@ __all__ = ["CausalInnerProduct", "Features", "LabelledTexts", "LogitDiff", "Prob
            "load_labelled", "neuron_hook", "run_probes", "split_documents", "sweep", "tasks", "word_pair_direction"]
 __all__ += ["CalendarTask", "DAYS_TASK", "MONTHS_TASK", "calendar_study", "fit_circle_probe", "graph_clusters",
             "search_clusters", "spectral_clusters"]
+__all__ += ["MatchConfig", "MatchResults", "Side", "aligned_chunks", "match_models", "read_documents"]

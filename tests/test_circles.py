@@ -200,6 +200,10 @@ def test_search_ranks_scored_clusters_and_saves(tiny_model, tiny_cache, tmp_path
     assert (tmp_path / "cluster_rank1.png").exists() and (tmp_path / "clusters.md").exists()
     again = search_clusters(sae, tiny_cache, found, tokenizer=tiny_model.tokenizer, min_tokens=20, progress=False)
     assert [c.cluster for c in again.clusters] == [c.cluster for c in search.clusters]
+    spectral = search_clusters(sae, tiny_cache, spectral_clusters(sae.W_dec, 40, seed=0), min_tokens=10**6,
+                               progress=False)
+    assert spectral.clustering["n_clusters"] == 40 and spectral.clustering["pca_components"] == 5
+    assert spectral.clusters == [] and spectral.clustering["n_clusters_found"] >= 10
 
 
 def test_mismatched_sae_and_cache_and_one_latent_clusters_are_refused(tiny_model, tiny_cache):

@@ -445,7 +445,7 @@ def search_clusters(sae: "SAE", source, clusters: Clusters, *, tokenizer=None, h
                                     hook=hook or sae.cfg.hook_name),
                            cache=str(getattr(source, "path", source)),
                            clustering=dict(method=clusters.method, **clusters.settings, min_size=min_size,
-                                           max_size=max_size, min_tokens=min_tokens, components=components,
+                                           max_size=max_size, min_tokens=min_tokens, pca_components=components,
                                            n_clusters_scored=0))
     scored = [c for c in points.items() if len(c[1].rows) >= min_tokens]
     for cluster, p in _progress(progress, iterable=scored, desc="scoring clusters", unit="cluster"):

@@ -35,13 +35,13 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def calendar(spec: str, out: Path, targets: dict[str, int], progress: bool) -> list[str]:
+def calendar(spec: str, out: Path, targets: dict[str, int], tasks, progress: bool) -> list[str]:
     name, layers = spec.split(":")
     model = saelab.load_model(name)
     log(f"loaded {model}")
     short = Path(name).name
     tables = []
-    for task in (DAYS_TASK, MONTHS_TASK):
+    for task in tasks:
         study = calendar_study(model, task, intervention_layers=[int(x) for x in layers.split(",")],
                                targets=targets[task.name], progress=progress)
         folder = out / short
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--sae", help="SAE folder for the cluster search")
     parser.add_argument("--acts", help="activation cache of the SAE's hook")
     parser.add_argument("--n-clusters", type=int, default=500)
+    parser.add_argument("--tasks", default="days,months")
     parser.add_argument("--targets", default="days:3,months:2", help="other items per held-out prompt")
     parser.add_argument("--out", default=str(ROOT / "docs" / "circles"))
     parser.add_argument("--no-progress", action="store_true")
@@ -91,7 +92,8 @@ def main() -> None:
     targets = {k: int(v) for k, v in (part.split(":") for part in args.targets.split(","))}
     tables = []
     for spec in args.models:
-        tables += calendar(spec, out, targets, not args.no_progress)
+        tables += calendar(spec, out, targets, [{"days": DAYS_TASK, "months": MONTHS_TASK}[t] for t in
+                                                args.tasks.split(",")], not args.no_progress)
     if args.sae:
         tables += clusters(args.sae, args.acts, out, args.n_clusters, not args.no_progress)
     stamp = time.strftime("%Y-%m-%d %H:%M")

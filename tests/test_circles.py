@@ -350,6 +350,7 @@ def test_patching_the_last_layer_at_the_last_token_gives_the_source_prompts_answ
             diffs.append(float((clean[row, c] - clean[row, new]) - (source[c] - source[new])))
     assert record.n == len(diffs) == 3 * (p - 1)
     assert record.logit_shift == pytest.approx(sum(diffs) / len(diffs), abs=1e-4)
+    assert record.recovered == pytest.approx(1.0, abs=1e-4)  # the patched run is the (a', b) prompt's
 
 
 def test_a_circle_intervention_runs_the_model_on_the_moved_point(tiny_model):

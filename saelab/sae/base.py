@@ -51,12 +51,16 @@ class SAEConfig:
     """Tokens seen during training."""
 
     # -- training hyperparameters (read by the Training objects, ignored at inference)
-    l1_coefficient: float = 1.0
-    """ReLU: weight of sum_i |f_i| * ||W_dec[i]||."""
+    l1_coefficient: float = 0.1
+    """ReLU: weight of sum_i |f_i| * ||W_dec[i]|| (the start when steered to target_l0; on unit-normalised
+    SmolLM2-135M activations L0 = 32 needed about 0.07)."""
     l0_coefficient: float = 1e-3
     """JumpReLU: weight of the L0 penalty."""
     sparsity_warmup_steps: int = 0
     """ReLU/JumpReLU: the sparsity coefficient ramps linearly from 0 over this many steps."""
+    target_l0: float | None = None
+    """ReLU/JumpReLU: the L0 the sparsity coefficient is steered to while training (the coefficient is then only
+    its starting value). SAESpec sets 32 unless the coefficient is given; None keeps the coefficient fixed."""
     auxk_coefficient: float = 1 / 32
     """TopK family: weight of the AuxK dead-latent loss."""
     k_aux: int | None = None
@@ -99,6 +103,9 @@ class SAEConfig:
         for name in ("sparsity_warmup_steps", "training_tokens"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "must be an integer >= 0")
+        if self.target_l0 is not None and (not isinstance(self.target_l0, (int, float)) or
+                                           not 0 < self.target_l0 <= self.width):
+            fail("target_l0", f"must be a number in (0, width={self.width}] or None")
         if not isinstance(self.threshold_decay, (int, float)) or not 0 <= self.threshold_decay < 1:
             fail("threshold_decay", "must be in [0, 1)")
         if self.group_sizes is not None:
@@ -155,6 +162,8 @@ class SAE(nn.Module):
     """The SAEConfig training settings this architecture reads; setting any other one is refused, not ignored."""
     per_token: ClassVar[bool] = True
     """Whether a token's codes depend on that token alone (BatchTopK's depend on the whole batch)."""
+    sparsity_coefficient: ClassVar[str | None] = None
+    """The SAEConfig field weighting this architecture's sparsity penalty (ReLU, JumpReLU), if it has one."""
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         super().__init__()
@@ -340,6 +349,57 @@ def warmup(coefficient: float, step: int, steps: int) -> float:
     return coefficient if steps <= 0 else coefficient * min(1.0, step / steps)
 
 
+ADAPT_RATE = 0.02
+"""How fast a sparsity coefficient follows its target L0: log-coefficient change per step per unit log(L0/target)."""
+
+
+def steered(coefficient: float, l0: float, target: float, rate: float | None = None) -> float:
+    """The sparsity coefficient after one step of steering L0 towards `target`.
+
+    Multiplicative (integral control on log L0 / target), so it needs no knowledge of the loss's scale and works the
+    same for an L1 and an L0 penalty; each step changes the coefficient by at most 5 %, so one odd batch (or a dead
+    start, L0 = 0) cannot throw it far.
+    """
+    error = math.log(max(l0, 0.01 * target) / target)
+    return coefficient * math.exp(min(0.05, max(-0.05, (ADAPT_RATE if rate is None else rate) * error)))
+
+
+MIN_PENALTY_SHARE = 0.01
+"""The smallest share of the loss a steered sparsity term is lowered to (see SparsityCoefficient.observe)."""
+
+
+class SparsityCoefficient:
+    """The penalty weight of a ReLU/JumpReLU training: fixed (with the recipe's linear warm-up), or, when
+    cfg.target_l0 is set, steered each step after the warm-up towards that L0 (kept in the checkpoint)."""
+
+    def __init__(self, start: float, target: float | None, warmup_steps: int):
+        self.value, self.target, self.warmup_steps = start, target, warmup_steps
+
+    def at(self, step: int) -> float:
+        return warmup(self.value, step, self.warmup_steps)
+
+    def observe(self, step: int, l0: float, mse: float, penalty: float) -> None:
+        """After a step that measured `l0`, its reconstruction loss `mse` and the unweighted `penalty` (L1 or L0).
+
+        L0 can fall below the target for reasons the coefficient does not control (early on, reconstruction alone
+        switches random latents off); the coefficient then stops falling where its term is 1 % of the reconstruction loss, as
+        lowering it further has no effect and would only delay its return (integral wind-up).
+        """
+        if self.target is not None and step >= self.warmup_steps:
+            floor = MIN_PENALTY_SHARE * mse / max(penalty, 1e-12)
+            self.value = max(steered(self.value, l0, self.target), min(self.value, floor))
+
+    def logged(self) -> dict[str, Tensor]:
+        """The target beside the L0 in every log line, so a run shows how close it got."""
+        return {"target_l0": torch.tensor(float(self.target))} if self.target is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"coefficient": self.value} if self.target is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state.get("coefficient", self.value))
+
+
 def auxk_loss(W_dec: Tensor, pre: Tensor, residual: Tensor, dead: Tensor | None, k_aux: int,
               coefficient: float) -> Tensor:
     """AuxK (Gao et al. 2024): the top-k_aux dead latents try to reconstruct what the live ones missed.
@@ -399,6 +459,9 @@ class Training:
     @property
     def k_aux(self) -> int:
         return self.cfg.k_aux if self.cfg.k_aux is not None else max(1, self.cfg.d_in // 2)
+
+    def start(self, x: Tensor) -> None:
+        """Initialise from the first batch x (already in training units), after b_dec; most need nothing."""
 
     def state_dict(self) -> dict[str, Any]:
         """Training-only state to checkpoint next to the weights (empty for most architectures)."""

@@ -28,7 +28,8 @@ class SAESpec:
     """Adam learning rate; None: 4e-4 / sqrt(width / 2^14), twice Gao et al.'s fit, which with a linear warm-up
     and decay trains short runs markedly better at no cost to long ones we measured (docs/quality.md)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Further SAEConfig fields, e.g. {"l1_coefficient": 5.0, "sparsity_warmup_steps": 200}."""
+    """Further SAEConfig fields, e.g. {"target_l0": 64} or {"l1_coefficient": 0.2, "sparsity_warmup_steps": 200}.
+    ReLU and JumpReLU get target_l0=32 unless their coefficient is given."""
 
     def __post_init__(self):
         from saelab.sae import SAEConfig, sae_class
@@ -38,11 +39,14 @@ class SAESpec:
         if architecture.takes_k:
             self.k = DEFAULT_K if self.k is None else self.k
         elif self.k is not None:
-            raise ValueError(f"SAESpec: arch {self.arch!r} takes no k (it sets its sparsity with "
-                             f"{', '.join(architecture.options) or 'its own options'}); drop k={self.k}")
+            raise ValueError(f"SAESpec: arch {self.arch!r} takes no k: ask for its L0 with options target_l0 "
+                             f"(default {DEFAULT_K}), or fix its {architecture.sparsity_coefficient}; drop k={self.k}")
         valid = [*COMMON_OPTIONS, *architecture.options]
         check_keys(self.options, valid, f"SAESpec({self.arch}).options")
         self.options = checked(SAEConfig, self.options, f"SAESpec({self.arch}).options")
+        steers = "target_l0" in architecture.options
+        if steers and not {"target_l0", architecture.sparsity_coefficient} & self.options.keys():
+            self.options["target_l0"] = float(DEFAULT_K)  # a fixed coefficient's L0 depends on the data
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"SAESpec.lr must be a positive number, got {self.lr!r}")
 
@@ -52,7 +56,9 @@ class SAESpec:
 
     def name(self) -> str:
         """Folder name of this SAE inside the run: arch-width[-k]."""
-        return f"{self.arch}-{self.width}" + (f"-k{self.k}" if self.k is not None else "")
+        target = self.options.get("target_l0")
+        return (f"{self.arch}-{self.width}" + (f"-k{self.k}" if self.k is not None else "")
+                + (f"-target{target:g}" if target is not None else ""))
 
 
 @dataclass

@@ -266,6 +266,7 @@ class Trainer:
             member.sae.cfg = dataclasses.replace(member.sae.cfg, input_scale=scale)
             if self.config.b_dec_init != "zeros":
                 member.sae.init_b_dec_(x * scale, method=self.config.b_dec_init)
+            member.training.start(x * scale)
         self._started = True
 
     def _train_step(self, member: Member, acts: torch.Tensor):

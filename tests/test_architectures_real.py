@@ -1,0 +1,63 @@
+"""Every architecture, trained briefly with its defaults on real SmolLM2 activations, gives a saved SAE whose held-out
+sparsity is what was asked for (issue 15: four of five used to be unusable with their defaults)."""
+
+import pytest
+import torch
+
+from saelab.activations import ActivationBatch, ActivationStore
+from saelab.training import TrainConfig, Trainer
+
+HOOK = "blocks.3.hook_resid_post"  # of the smollm2_acts fixture (conftest.py)
+ROWS = 512
+
+
+class Rows:
+    """Cached rows in a new random order each epoch, as a training source."""
+
+    hooks, batch_size = [HOOK], ROWS
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.d = x, {HOOK: x.shape[1]}
+
+    def __iter__(self):
+        epoch = 0
+        while True:
+            order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(epoch))
+            for start in range(0, len(order) - ROWS + 1, ROWS):
+                rows = order[start : start + ROWS]
+                yield ActivationBatch({HOOK: self.x[rows]}, torch.zeros(ROWS, dtype=torch.long), rows)
+            epoch += 1
+
+
+@pytest.fixture(scope="module")
+def real_rows(smollm2_acts):
+    """(training rows, held-out rows): every fifth context is held out, so both come from the same documents' mix."""
+    store = ActivationStore(smollm2_acts, batch_size=1024, shuffle=False, drop_last=False)
+    batches = list(store)
+    x = torch.cat([b.acts[HOOK] for b in batches]).float()
+    held = torch.cat([b.contexts for b in batches]) % 5 == 4
+    return x[~held], x[held]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, tolerance", [
+    ("topk", 0.0), ("batchtopk", 0.10), ("matryoshka", 0.10),  # the issue's bound for the batch selections
+    ("jumprelu", 0.25), ("relu", 0.25),  # steered to their target: within a quarter after 200 short steps
+])
+def test_held_out_l0_of_the_saved_sae_is_what_was_asked(real_rows, arch, tolerance, tmp_path):
+    train_x, held_x = real_rows
+    steps = 200
+    trainer = Trainer(Rows(train_x), [dict(arch=arch, width=1152)],
+                      TrainConfig(tokens=steps * ROWS, batch_size=ROWS, log_every=50), out=tmp_path, progress=False)
+    (trained,) = trainer.fit()
+    sae = trained.sae
+    with torch.no_grad():
+        codes = sae.encode(held_x)
+        l0 = float((codes > 0).sum(-1).float().mean())
+        fvu = float((held_x - sae.decode(codes)).square().sum() / (held_x - held_x.mean(0)).square().sum())
+    if arch == "topk":
+        assert 31 <= l0 <= 32
+    else:
+        assert l0 == pytest.approx(32, rel=tolerance), (arch, l0, fvu)
+    print(f"{arch}: held-out L0 {l0:.1f}, FVU {fvu:.4f}")
+    assert fvu < 0.5, (arch, l0, fvu)  # a usable SAE, not a dead or identity one

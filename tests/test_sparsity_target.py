@@ -1,0 +1,114 @@
+"""ReLU and JumpReLU land at the L0 asked for (target_l0, 32 by default) instead of wherever their coefficient puts them."""
+
+import math
+
+import pytest
+import torch
+
+from saelab.activations import ActivationBatch
+from saelab.sae import SAEConfig, create_sae, create_training
+from saelab.sae.base import SparsityCoefficient, steered
+from saelab.sae.jumprelu import START_L0_FACTOR
+from saelab.training import SAESpec, TrainConfig, Trainer
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+class Planted:
+    """Tokens that are sparse sums (about 6 of 256) of fixed unit directions in 32 dimensions."""
+
+    hooks, d = [HOOK], {HOOK: 32}
+
+    def __init__(self, batch_size: int = 256, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.batch_size, self.g = batch_size, g
+        self.directions = torch.nn.functional.normalize(torch.randn(256, 32, generator=g), dim=1)
+
+    def __iter__(self):
+        while True:
+            on = torch.rand(self.batch_size, 256, generator=self.g) < 6 / 256
+            x = (torch.rand(self.batch_size, 256, generator=self.g) * 2 + 0.5) * on @ self.directions
+            yield ActivationBatch({HOOK: x}, torch.zeros(self.batch_size, dtype=torch.long),
+                                  torch.arange(self.batch_size))
+
+
+def test_steering_moves_the_coefficient_towards_the_target_and_boundedly():
+    assert steered(1.0, 64.0, 32.0) > 1.0 > steered(1.0, 16.0, 32.0)
+    assert steered(1.0, 32.0, 32.0) == 1.0
+    assert steered(1.0, 1e6, 32.0) == pytest.approx(math.exp(0.05))  # one odd batch moves it 5 % at most
+    assert steered(1.0, 0.0, 32.0) == pytest.approx(math.exp(-0.05))  # a dead start is finite
+    fixed = SparsityCoefficient(2.0, None, warmup_steps=10)
+    fixed.observe(50, 1000.0, mse=1.0, penalty=1.0)
+    assert fixed.at(5) == 1.0 and fixed.at(50) == 2.0 and fixed.state_dict() == {}
+    steering = SparsityCoefficient(2.0, 8.0, warmup_steps=10)
+    steering.observe(5, 1000.0, mse=1.0, penalty=1.0)  # still warming up: the recipe's ramp, untouched
+    assert steering.value == 2.0
+    steering.observe(10, 1000.0, mse=1.0, penalty=1.0)
+    assert steering.value > 2.0
+    restored = SparsityCoefficient(2.0, 8.0, warmup_steps=10)
+    restored.load_state_dict(steering.state_dict())
+    assert restored.value == steering.value
+    # L0 below the target lowers the coefficient only until its term is 1 % of the reconstruction loss
+    low = SparsityCoefficient(1.0, 8.0, warmup_steps=0)
+    for step in range(400):
+        low.observe(step, 1.0, mse=2.0, penalty=100.0)  # the floor: 0.01 * 2 / 100 = 2e-4
+    assert low.value == pytest.approx(2e-4)
+    low.observe(400, 20.0, mse=2.0, penalty=100.0)
+    assert low.value > 2e-4  # and it rises again at once when L0 overshoots
+
+
+def test_specs_default_to_a_target_unless_a_coefficient_is_given():
+    assert SAESpec(arch="jumprelu").options["target_l0"] == 32
+    assert SAESpec(arch="relu", options={"target_l0": 8}).name() == "relu-4608-target8"
+    assert "target_l0" not in SAESpec(arch="relu", options={"l1_coefficient": 0.3}).options
+    assert "target_l0" not in SAESpec(arch="topk").options
+    with pytest.raises(ValueError, match="target_l0"):
+        SAEConfig(arch="relu", d_in=8, width=16, target_l0=17)
+
+
+def test_jumprelu_thresholds_start_at_the_first_batch_cut_for_the_target():
+    torch.manual_seed(0)
+    sae = create_sae(SAEConfig(arch="jumprelu", d_in=32, width=128, target_l0=5.0))
+    x = next(iter(Planted(batch_size=512)))
+    create_training(sae).start(x.acts[HOOK])
+    expected = START_L0_FACTOR * 5.0
+    assert (sae.encode(x.acts[HOOK]) > 0).sum(-1).float().mean() == pytest.approx(expected, abs=0.01)
+
+
+@pytest.mark.parametrize("start", [1.0, 1e-3])
+def test_relu_lands_at_the_target_l0_from_a_coefficient_far_off(start):
+    spec = SAESpec(arch="relu", width=128, lr=3e-3, options={"target_l0": 8.0, "l1_coefficient": start})
+    trainer = Trainer(Planted(), [spec], TrainConfig(tokens=600 * 256, batch_size=256, log_every=10**9,
+                                                      lr_warmup_steps=10), progress=False)
+    l0s = []
+    for batch in iter(Planted(seed=1)):
+        if trainer.step >= 600:
+            break
+        out, _ = trainer.train_on(batch)[0]
+        l0s.append(float(out.l0))
+    late = sum(l0s[-100:]) / 100
+    assert late == pytest.approx(8.0, rel=0.2), (start, l0s[::50])
+    assert trainer.members[0].training.coefficient.value != start
+
+
+def test_the_logged_jumprelu_coefficient_follows_the_steering_rule(tmp_path):
+    """JumpReLU's L0 answers its coefficient too slowly for a short synthetic run to land (the real-data test in
+    test_architectures_real.py checks that); here the wiring: each step's coefficient is the rule applied to the
+    previous step's logged L0, reconstruction loss and penalty."""
+    spec = SAESpec(arch="jumprelu", width=128, lr=3e-3, options={"target_l0": 2.0, "sparsity_warmup_steps": 3})
+    Trainer(Planted(), [spec], TrainConfig(tokens=30 * 256, batch_size=256, log_every=1, lr_warmup_steps=2),
+            out=tmp_path, progress=False).fit()
+    import json
+    records = [json.loads(line)[f"{HOOK}/jumprelu-128-target2"]
+               for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 30 and all(r["target_l0"] == 2.0 for r in records)
+    for step, (before, after) in enumerate(zip(records, records[1:])):
+        coefficient = before["l0_coefficient"]
+        if step < 3:  # the warm-up ramp of the fixed start value
+            assert coefficient == pytest.approx(1e-3 * step / 3)
+            continue
+        penalty = before["sparsity"] / coefficient
+        floor = 0.01 * before["mse"] / penalty
+        expected = max(steered(coefficient, before["l0"], 2.0), min(coefficient, floor))
+        assert after["l0_coefficient"] == pytest.approx(expected, rel=1e-5)
+    assert records[-1]["l0_coefficient"] > 1e-3  # L0 started at 3 x 2 latents, so the coefficient rose

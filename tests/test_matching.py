@@ -349,6 +349,7 @@ def test_caches_align_only_on_the_same_text(tiny_model, tmp_path):
     chunks = list(aligned_cache_chunks(sae_a, tmp_path / "one", sae_b, tmp_path / "two", batch_size=200))
     assert sum(len(c) for c in chunks) == Manifest.read(tmp_path / "one").tokens
     assert torch.equal(chunks[0].token_a, chunks[0].token_b)
+    assert torch.is_grad_enabled()  # the encoding's no_grad does not leak out of the finished iteration
     with pytest.raises(DataError, match="different text"):
         next(aligned_cache_chunks(sae_a, tmp_path / "one", sae_b, tmp_path / "other"))
     with pytest.raises(ValueError, match="trained on 'gemma-3-270m'"):

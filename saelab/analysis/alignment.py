@@ -263,12 +263,18 @@ def aligned_cache_chunks(sae_a, cache_a: str | Path, sae_b, cache_b: str | Path,
     codes_a = iter_codes(sae_a, cache_a, hook=hook_a, batch_size=batch_size, max_tokens=max_tokens)
     codes_b = iter_codes(sae_b, cache_b, hook=hook_b, batch_size=batch_size, max_tokens=max_tokens)
     label_a, label_b = "a", "b"
-    for a, b in zip(codes_a, codes_b, strict=False):
-        if len(a) != len(b) or not torch.equal(a.token_ids, b.token_ids):
-            raise DataError(f"the caches {cache_a} and {cache_b} hold different tokens at the same rows (different "
-                            f"tokenizers?); align models with different tokenizers by streaming them "
-                            f"(aligned_chunks) instead")
-        yield AlignedChunk({label_a: a}, {label_b: b}, a.token_ids, b.token_ids, a.contexts, a.positions)
+    grad_mode = torch.is_grad_enabled()  # iter_codes holds no_grad across its yields: restore it when done
+    try:
+        for a, b in zip(codes_a, codes_b, strict=False):
+            if len(a) != len(b) or not torch.equal(a.token_ids, b.token_ids):
+                raise DataError(f"the caches {cache_a} and {cache_b} hold different tokens at the same rows "
+                                f"(different tokenizers?); align models with different tokenizers by streaming "
+                                f"them (aligned_chunks) instead")
+            yield AlignedChunk({label_a: a}, {label_b: b}, a.token_ids, b.token_ids, a.contexts, a.positions)
+    finally:
+        codes_b.close()
+        codes_a.close()
+        torch.set_grad_enabled(grad_mode)
 
 
 __all__ = ["AlignedChunk", "MODES", "Side", "align_positions", "aligned_cache_chunks", "aligned_chunks",

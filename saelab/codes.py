@@ -110,20 +110,20 @@ def iter_codes(sae, source: Source, *, hook: str | None = None, batch_size: int 
                          f"{model!r}'s; pass check_model=False if they are the same model under two names")
     sae = (sae.fold_input_scale() if sae.cfg.input_scale != 1 else sae).to(device).eval()
     done = 0
-    with torch.no_grad():
-        for batch in batches:
-            if max_tokens is not None:
-                if done >= max_tokens:
-                    return
-                batch = _head(batch, max_tokens - done)
-            x = batch.acts[hook]
-            if x.shape[-1] != sae.cfg.d_in:
-                raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but {hook} has width {x.shape[-1]}: it was "
-                                 f"trained on another hook or model")
+    for batch in batches:
+        if max_tokens is not None:
+            if done >= max_tokens:
+                return
+            batch = _head(batch, max_tokens - done)
+        x = batch.acts[hook]
+        if x.shape[-1] != sae.cfg.d_in:
+            raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but {hook} has width {x.shape[-1]}: it was "
+                             f"trained on another hook or model")
+        with torch.no_grad():  # not around the yield: the caller's code between chunks keeps its own grad mode
             crow, latents, values = encode_sparse(sae, x.to(device))
-            yield Codes(crow.cpu(), latents.cpu(), values.float().cpu(), sae.cfg.width, batch.token_ids,
-                        batch.rows, batch.contexts, batch.positions)
-            done += len(batch)
+        yield Codes(crow.cpu(), latents.cpu(), values.float().cpu(), sae.cfg.width, batch.token_ids,
+                    batch.rows, batch.contexts, batch.positions)
+        done += len(batch)
 
 
 def _ordered_batches(source: Source, batch_size: int, wanted: str) -> tuple[Iterator[ActivationBatch], str, str]:

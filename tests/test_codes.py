@@ -76,6 +76,13 @@ def test_a_model_stream_gives_the_codes_of_the_cache(cache, tiny_model):
     torch.testing.assert_close(from_stream.dense(), from_cache.dense(), atol=1e-4, rtol=1e-4)
 
 
+def test_the_caller_keeps_its_grad_mode_between_chunks(cache):
+    chunks = iter_codes(make_sae("topk"), cache, batch_size=64, check_model=False)
+    next(chunks)
+    assert torch.is_grad_enabled()  # an unfinished iterator must not leak no_grad into the caller
+    assert not next(chunks).values.requires_grad
+
+
 def test_max_tokens_and_sparse_rows(cache):
     chunks = list(iter_codes(make_sae("relu"), cache, batch_size=64, max_tokens=150, check_model=False))
     assert [len(c) for c in chunks] == [64, 64, 22]

@@ -123,17 +123,23 @@ def cmd_quickstart(args) -> None:
           f"opens from disk in any browser)")
 
 
+def _model_of(sae, args):
+    """The language model an SAE reads: --model, else the one its cfg.json names."""
+    from saelab.models import load_model
+
+    name = args.model or sae.cfg.model_name
+    if not name:
+        raise ValueError(f"{args.sae} does not say which model it belongs to (its cfg.json names none); pass --model")
+    return load_model(name, trust_remote_code=args.trust_remote_code)
+
+
 def cmd_dashboard(args) -> None:
     """A static HTML dashboard of an SAE's features over an activation cache: index.html + one page per latent."""
     from saelab.explore import explore
     from saelab.hub import load_sae
-    from saelab.models import load_model
 
     sae = load_sae(args.sae)
-    name = args.model or sae.cfg.model_name
-    if not name:
-        raise ValueError(f"{args.sae} names no model in its cfg.json; pass --model (for the tokenizer and unembedding)")
-    model = load_model(name, trust_remote_code=args.trust_remote_code)
+    model = _model_of(sae, args)
     started = time.perf_counter()
     features = explore(sae, args.acts, model, hook=args.hook, top=args.top, sample=args.sample, max_tokens=args.tokens,
                        check_model=args.model is None)
@@ -281,13 +287,9 @@ def cmd_eval(args) -> None:
     from saelab.data import TextConfig
     from saelab.eval import evaluate
     from saelab.hub import load_sae
-    from saelab.models import load_model
 
     sae = load_sae(args.sae)
-    model_name = args.model or sae.cfg.model_name
-    if not model_name:
-        raise ValueError(f"{args.sae} does not say which model it belongs to; pass --model")
-    model = load_model(model_name, trust_remote_code=args.trust_remote_code)
+    model = _model_of(sae, args)
     text = TextConfig(source=args.text, context_len=args.context_len)
     out = args.out or args.sae
     print_metrics(out, evaluate(sae, model=model, text=text, tokens=args.tokens, activations=args.acts, out=out))

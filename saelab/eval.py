@@ -51,6 +51,7 @@ from saelab import __version__
 from saelab.activations.store import ActivationBatch, ActivationStore
 from saelab.data import TextConfig, token_batches
 from saelab.errors import DataError, HookError
+from saelab.files import check_schema_version
 from saelab.interventions import Replace, Tokens
 
 if TYPE_CHECKING:
@@ -180,10 +181,7 @@ class EvalResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EvalResult":
-        version = d.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise ValueError(f"metrics schema_version {version!r} is not one this saelab ({__version__}) reads "
-                             f"(it reads up to {SCHEMA_VERSION}); upgrade saelab")
+        check_schema_version(d, SCHEMA_VERSION, "metrics")
         sub = {"sae": SAESummary, "reconstruction": ReconstructionMetrics, "spliced": SplicedMetrics,
                "density": FeatureDensity}
         kwargs = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}

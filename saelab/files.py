@@ -120,3 +120,13 @@ def remove_owned(folder: Path, owned: set[str] | list[str], what: str) -> None:
             path.unlink()
         else:
             raise SaelabError(f"{path} is a folder, not a file saelab wrote; nothing more was deleted")
+
+
+def check_schema_version(record: dict, supported: int, what: str) -> None:
+    """Refuse a saved JSON record (metrics, probe or matching results) written by a newer saelab than this one."""
+    from saelab import __version__
+
+    version = record.get("schema_version")
+    if not isinstance(version, int) or version > supported:
+        raise ValueError(f"{what} schema_version {version!r} is not one this saelab ({__version__}) reads (it reads "
+                         f"up to {supported}); upgrade saelab")

@@ -16,6 +16,7 @@ import torch
 from saelab import __version__
 from saelab.analysis.concepts import SPLITS, LabelledTexts, split_documents, tasks
 from saelab.analysis.probes import C_GRID, METHODS, Features, extract, fit_probes
+from saelab.files import check_schema_version
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "probes.json"
@@ -64,9 +65,7 @@ class ProbeResults:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ProbeResults":
-        version = d.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise ValueError(f"probe results schema_version {version!r} is not one this saelab ({__version__}) reads")
+        check_schema_version(d, SCHEMA_VERSION, "probe results")
         d = dict(d)
         d["records"] = [ProbeRecord(**r) for r in d.get("records", [])]
         return cls(**d)

@@ -31,6 +31,7 @@ from saelab.analysis.matching import GROUPS, filter_pairs, group_members, many_t
 from saelab.analysis.report import save_figure
 from saelab.analysis.similarity import MEASURES, Paired, random_subset_null, shuffled_pairing_null
 from saelab.errors import DataError
+from saelab.files import check_schema_version
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "matching.json"
@@ -136,10 +137,7 @@ class MatchResults:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MatchResults":
-        version = d.get("schema_version")
-        if not isinstance(version, int) or version > SCHEMA_VERSION:
-            raise ValueError(f"matching results schema_version {version!r} is not one this saelab ({__version__}) "
-                             f"reads")
+        check_schema_version(d, SCHEMA_VERSION, "matching results")
         d = dict(d)
         comparisons = []
         for c in d.get("comparisons", []):

@@ -378,16 +378,16 @@ class SparsityCoefficient:
     def at(self, step: int) -> float:
         return warmup(self.value, step, self.warmup_steps)
 
-    def observe(self, step: int, l0: float, mse: float, penalty: float) -> None:
+    def observe(self, step: int, l0: Tensor | float, mse: Tensor | float, penalty: Tensor | float) -> None:
         """After a step that measured `l0`, its reconstruction loss `mse` and the unweighted `penalty` (L1 or L0).
 
         L0 can fall below the target for reasons the coefficient does not control (early on, reconstruction alone
         switches random latents off); the coefficient then stops falling where its term is 1 % of the reconstruction loss, as
         lowering it further has no effect and would only delay its return (integral wind-up).
         """
-        if self.target is not None and step >= self.warmup_steps:
-            floor = MIN_PENALTY_SHARE * mse / max(penalty, 1e-12)
-            self.value = max(steered(self.value, l0, self.target), min(self.value, floor))
+        if self.target is not None and step >= self.warmup_steps:  # reading the tensors syncs a GPU: only then
+            floor = MIN_PENALTY_SHARE * float(mse) / max(float(penalty), 1e-12)
+            self.value = max(steered(self.value, float(l0), self.target), min(self.value, floor))
 
     def logged(self) -> dict[str, Tensor]:
         """The target beside the L0 in every log line, so a run shows how close it got."""

@@ -9,8 +9,9 @@ plus the floor every backend shares: the encoder's x @ W_enc + top-k alone ("enc
 Usage (on a CUDA machine all three backends run; without one it falls back to the CPU, torch and dense only):
     python scripts/bench_kernels.py                       # d=576, n in (16384, 65536), k=32, N=4096
     python scripts/bench_kernels.py --n 16384 --reps 3    # quicker
-    python scripts/bench_kernels.py --n 262144 --backends torch triton   # triton's encoder fuses the top-k here
-        (widths >= saelab.kernels.triton_backend.FUSED_MIN_LATENTS = 131072; the torch backend is addmm + topk)
+    python scripts/bench_kernels.py --n 262144 --backends torch triton --tf32   # triton's encoder fuses the top-k
+        (widths >= saelab.kernels.triton_backend.FUSED_MIN_LATENTS = 131072, fp32 with TF32 matmuls allowed; the
+        torch backend is addmm + topk). Add --fuse never for the same run with the fused encoder off.
 Before timing on CUDA it checks the Triton kernels against the fp64 reference at small shapes.
 Repetitions are interleaved across backends (fair under load from other processes); the table shows median and
 min. Ends with one line `RESULT key=value ...` (times in ms: medians, plus *_min_ms).
@@ -115,6 +116,22 @@ def check_triton(device: torch.device) -> None:
     print("triton kernels match the fp64 reference (fp32 and bf16, k=1, k=n, n=100, N=0)")
 
 
+def check_fused_selection(n: int, d: int, k: int, device: torch.device, N: int = 512) -> None:
+    """The fused encoder under TF32 against the exact fp64 top-k: TF32 rounds the GEMM, so near-ties may swap;
+    report how many picks agree and how far the values are off, and fail if the selection is clearly wrong."""
+    from saelab.kernels import triton_backend
+
+    p = make_problem(N, n, d, k, torch.float32, device, seed=1)
+    values, indices = triton_backend.tile_topk(p["x"].detach(), p["enc_weight"].detach().T, p["b_enc"].detach(), k)
+    pre = p["x"].detach().double() @ p["enc_weight"].detach().double().T
+    exact = pre.topk(k, dim=1)
+    agree = (indices.unsqueeze(2) == exact.indices.unsqueeze(1)).any(2).float().mean().item()
+    error = (values.double() - pre.gather(1, indices)).abs().max().item()
+    print(f"fused encoder (TF32) at n={n}: {agree:.4f} of picks match the exact top-k; max |value error| {error:.2e}")
+    if agree < 0.95:
+        raise SystemExit(f"the fused encoder's selection disagrees with the exact top-k ({agree:.3f} < 0.95)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--N", type=int, default=4096, help="tokens per batch")
@@ -127,6 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on CUDA, 3 on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--no-check", action="store_true", help="skip the Triton correctness check on CUDA")
+    ap.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls (cuBLAS and the fused encoder)")
+    ap.add_argument("--fuse", choices=["auto", "never"], default="auto",
+                    help="auto: the triton encoder fuses its top-k from FUSED_MIN_LATENTS latents; never: always addmm + topk")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -146,10 +166,20 @@ def main(argv=None) -> int:
             print("note: triton does not import here; skipping the triton backend")
         backends.remove("triton")
     print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype} | N={args.N} d={args.d} k={args.k}")
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    if "triton" in backends:
+        from saelab.kernels import triton_backend
+
+        if args.fuse == "never":
+            triton_backend.FUSED_MIN_LATENTS = 1 << 62
     if "triton" in backends and not args.no_check:
         check_triton(device)
+        fused = [n for n in args.n if n >= triton_backend.FUSED_MIN_LATENTS]
+        if fused and args.tf32 and args.dtype == "fp32":
+            check_fused_selection(fused[-1], args.d, args.k, device)
 
-    result = {"device": device.type, "dtype": args.dtype, "N": args.N, "d": args.d, "k": args.k, "reps": reps}
+    result = {"device": device.type, "dtype": args.dtype, "N": args.N, "d": args.d, "k": args.k, "reps": reps,
+              "tf32": int(args.tf32), "fuse": args.fuse}
     rows = []
 
     def cell(t):

@@ -1,4 +1,6 @@
-"""saelab.kernels Triton backend, on CPU tensors through the Triton interpreter (no GPU needed).
+"""saelab.kernels Triton backend, on CPU tensors through the Triton interpreter (no GPU needed), or compiled on a
+GPU with SAELAB_TEST_DEVICE=cuda (scripts/gpu_check.sh does this: the interpreter is lenient where the compiler
+is not).
 
 TRITON_INTERPRET must be set before triton is first imported; the kernels module imports triton lazily, so
 setting it here at collection time is enough. Shapes stay tiny: the interpreter runs every program in numpy.
@@ -7,7 +9,9 @@ The interpreter supports fp64, so gradcheck runs on the Triton kernels too.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("SAELAB_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -31,9 +35,17 @@ def tb():
     mod = api._triton_module()
     if mod is None:
         pytest.skip("saelab.kernels.triton_backend does not import")
-    if not mod.interpreted():
+    if DEVICE == "cpu" and not mod.interpreted():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; run this module on its own")
+    if DEVICE != "cpu" and not torch.cuda.is_available():
+        pytest.fail(f"SAELAB_TEST_DEVICE={DEVICE} but torch sees no CUDA device")
     return mod
+
+
+def on(*tensors):
+    """The tensors on the device under test (CPU for the interpreter, else the GPU)."""
+    moved = tuple(t.to(DEVICE) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
 
 
 # (N, n, d, k): basic; k=1 with n=100; k=n; empty batch; odd d; k > BLOCK_P=32 and d=140 (three 64-wide blocks)
@@ -45,38 +57,37 @@ DTYPES = [torch.float32, torch.bfloat16]
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_decode_matches_reference(tb, dtype, shape):
     N, n, d, k = shape
-    check_decode(*make_decode_inputs(N, n, d, k, dtype=dtype), kernel="triton")
+    check_decode(*make_decode_inputs(N, n, d, k, dtype=dtype, device=DEVICE), kernel="triton")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_encode_matches_reference(tb, dtype, shape):
     N, n, d, k = shape
-    check_encode(*make_encode_inputs(N, n, d, dtype=dtype, transposed=True), k=k, kernel="triton")
+    check_encode(*make_encode_inputs(N, n, d, dtype=dtype, device=DEVICE, transposed=True), k=k, kernel="triton")
 
 
 def test_encode_contiguous_W_enc_and_clipped_rows(tb):
-    x, W_enc, b_enc = make_encode_inputs(4, 40, 12)
+    x, W_enc, b_enc = make_encode_inputs(4, 40, 12, device=DEVICE)
     check_encode(x, W_enc, b_enc - 3.0, k=8, kernel="triton")
 
 
 def test_decode_repeated_indices_and_mixed_dtypes(tb):
-    indices = torch.tensor([[3, 3, 1], [0, 0, 0]])
-    values = torch.tensor([[1.0, 2.0, 0.5], [1.0, 1.0, -1.0]])
-    W = torch.randn(5, 4)
+    indices, values, W = on(torch.tensor([[3, 3, 1], [0, 0, 0]]), torch.tensor([[1.0, 2.0, 0.5], [1.0, 1.0, -1.0]]),
+                            torch.randn(5, 4))
     check_decode(indices, values, W, kernel="triton")
     check_decode(indices.int(), values.bfloat16(), W, kernel="triton")
 
 
 def test_gradcheck_decode_fp64(tb):
-    indices, values, W = make_decode_inputs(3, 9, 4, 3, dtype=torch.float64)
+    indices, values, W = make_decode_inputs(3, 9, 4, 3, dtype=torch.float64, device=DEVICE)
     values.requires_grad_(True)
     W.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda v, w: sparse_decode(indices, v, w, kernel="triton"), (values, W))
 
 
 def test_gradcheck_encode_fp64(tb):
-    x, W_enc, b_enc = make_encode_inputs(3, 10, 4, dtype=torch.float64, transposed=True)
+    x, W_enc, b_enc = make_encode_inputs(3, 10, 4, dtype=torch.float64, device=DEVICE, transposed=True)
     for t in (x, W_enc, b_enc):
         t.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda a, w, b: topk_encode(a, w, b, 3, kernel="triton")[1], (x, W_enc, b_enc))
@@ -85,7 +96,7 @@ def test_gradcheck_encode_fp64(tb):
 @pytest.mark.parametrize("shape", [(5, 300, 40, 6), (3, 100, 33, 32), (0, 64, 16, 4), (7, 513, 20, 1)], ids=str)
 def test_fused_encoder_topk_matches_reference(tb, shape):
     N, n, d, k = shape
-    x, W_enc, b_enc = make_encode_inputs(N, n, d, transposed=True)
+    x, W_enc, b_enc = make_encode_inputs(N, n, d, device=DEVICE, transposed=True)
     values, indices = tb.tile_topk(x, W_enc, b_enc, k, block_m=16, block_n=64)
     pre = x.double() @ W_enc.double() + b_enc.double()
     assert values.shape == indices.shape == (N, k) and indices.dtype == torch.int64
@@ -97,26 +108,29 @@ def test_fused_encoder_topk_matches_reference(tb, shape):
 
 
 def test_topk_encode_uses_the_fused_kernel_for_wide_saes(tb, monkeypatch):
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU the fused path runs only with TF32, beyond the fp32 reference's tolerance; "
+                    "scripts/bench_kernels.py --tf32 checks its selection there")
     monkeypatch.setattr(tb, "FUSED_MIN_LATENTS", 0)
     calls = []
     real = tb.tile_topk
     monkeypatch.setattr(tb, "tile_topk", lambda *a, **kw: calls.append(1) or real(*a, block_m=16, block_n=64))
-    x, W_enc, b_enc = make_encode_inputs(5, 70, 12, transposed=True)
+    x, W_enc, b_enc = make_encode_inputs(5, 70, 12, device=DEVICE, transposed=True)
     check_encode(x, W_enc, b_enc, k=4, kernel="triton")  # forward fused, backward on the sparse kernels
     assert calls
 
 
 def test_encode_with_centre_and_aux(tb):
-    x, W_enc, b_enc = make_encode_inputs(4, 30, 9, transposed=True)
-    center = torch.randn(9, generator=torch.Generator().manual_seed(3))
-    check_encode_with_aux(x, W_enc, b_enc, center, 4, torch.tensor([2, 5, 11, 17, 29]), 3, kernel="triton")
+    x, W_enc, b_enc = make_encode_inputs(4, 30, 9, device=DEVICE, transposed=True)
+    center, aux_columns = on(torch.randn(9, generator=torch.Generator().manual_seed(3)), torch.tensor([2, 5, 11, 17, 29]))
+    check_encode_with_aux(x, W_enc, b_enc, center, 4, aux_columns, 3, kernel="triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_kernels_match_references(tb, dtype):
     N, n, d, k = 5, 40, 70, 6  # d=70: one masked 128-wide block
-    indices, w, table = make_decode_inputs(N, n, d, k, dtype=dtype)
-    a = torch.randn(N, d).to(dtype)
+    indices, w, table = make_decode_inputs(N, n, d, k, dtype=dtype, device=DEVICE)
+    a = on(torch.randn(N, d).to(dtype))
     tol = {torch.float32: 3e-5, torch.bfloat16: 3e-2, torch.float64: 1e-9}[dtype]
     ref = reference.gather_sum_reference(indices, w, table)
     assert_close(tb.gather_sum(indices, w, table, dtype), ref, tol, "gather")
@@ -132,9 +146,8 @@ def test_kernels_match_references(tb, dtype):
 def test_segment_longer_than_a_block(tb):
     # one latent fired by every row: its segment spans several BLOCK_P=32 chunks
     N, n, d = 70, 6, 5
-    indices = torch.stack([torch.zeros(N, dtype=torch.long), torch.arange(N) % (n - 1) + 1], dim=1)
-    w = torch.randn(N, 2)
-    a = torch.randn(N, d)
+    indices, w, a = on(torch.stack([torch.zeros(N, dtype=torch.long), torch.arange(N) % (n - 1) + 1], dim=1),
+                       torch.randn(N, 2), torch.randn(N, d))
     out, wsum = tb.segment_sum(by_latent(indices, n), w, a, n, torch.float32, weight_sum=True)
     ref_out, ref_wsum = reference.segment_sum_reference(indices, w, a, n)
     assert_close(out, ref_out, 3e-5, "segment_sum")

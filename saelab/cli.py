@@ -37,15 +37,18 @@ def _text_config(args):
 
 
 def cmd_cache(args) -> None:
+    from saelab import distributed
     from saelab.activations import cache_activations
     from saelab.models import load_model
 
+    world = distributed.init()  # under torchrun: each rank writes its share of the shards
     model = load_model(args.model, trust_remote_code=args.trust_remote_code)
     started = time.perf_counter()
     manifest = cache_activations(model, args.hooks.split(";"), args.out, text=_text_config(args), tokens=args.tokens,
                                  batch_size=args.batch_size, shard_tokens=args.shard_tokens, dtype=args.dtype,
                                  drop_bos=not args.keep_bos, overwrite=args.overwrite)
-    print_cache_summary(args.out, manifest, time.perf_counter() - started)
+    if world.main:
+        print_cache_summary(args.out, manifest, time.perf_counter() - started)
 
 
 def cmd_info(args) -> None:
@@ -240,10 +243,12 @@ def train_config(args, config: dict, where: str) -> TrainConfig:
 
 
 def cmd_train(args) -> None:
+    from saelab import distributed
     from saelab.activations import ActivationStore, ModelStream
     from saelab.data import TextConfig
     from saelab.models import load_model
     from saelab.training import train
+    from saelab.training.trainer import run_share, source_share
 
     where = args.config or "command line"
     config = load_config_file(args.config)
@@ -252,34 +257,38 @@ def cmd_train(args) -> None:
            if config.get(key) is not None}
     settings = train_config(args, config, where)
     specs = sae_specs(args, config, where)
+    world = distributed.init(settings.device)  # under torchrun: join the ranks (see TrainConfig.parallel)
+    device = distributed.local_device(settings.device, world)
     acts = args.acts or run.get("acts")
     out = args.out or run.get("out") or "runs/sae"
     eval_tokens = args.eval_tokens if args.eval_tokens is not None else run.get("eval_tokens", 4096)
     model = None
     if acts:
-        source = ActivationStore(acts, batch_size=settings.batch_size, seed=settings.seed)
+        source = ActivationStore(acts, batch_size=settings.batch_size, seed=settings.seed,
+                                 **source_share(run_share(settings)))
         cache_run = source.manifest.run
-        if eval_tokens:
-            model = load_model(cache_run["model"], device=settings.device, trust_remote_code=args.trust_remote_code)
-        eval_text = TextConfig(**cache_run["text"]).after(source.manifest.n_contexts)
+        if eval_tokens and world.main:  # rank 0 alone evaluates
+            model = load_model(cache_run["model"], device=device, trust_remote_code=args.trust_remote_code)
+        eval_text = TextConfig.from_fingerprint(cache_run["text"]).after(source.manifest.n_contexts)
     else:
         name = args.model or run.get("model")
         hooks = args.hooks or run.get("hooks")
         if not name or not hooks:
             raise SettingError("train needs --acts (an activation cache) or --model with --hooks (stream live)")
-        model = load_model(name, device=settings.device, trust_remote_code=args.trust_remote_code)
+        model = load_model(name, device=device, trust_remote_code=args.trust_remote_code)
         text_fields = config.get("text") or {}
         text = (from_mapping(TextConfig, text_fields, f"{where}: text") if isinstance(text_fields, dict)
                 else TextConfig(source=check_value(text_fields, str, f"{where}: text")))
         if args.text is not None:
             text = TextConfig(source=args.text, context_len=args.context_len or text.context_len)
         hooks = hooks.split(";") if isinstance(hooks, str) else hooks
-        source = ModelStream(model, hooks, text, batch_size=settings.batch_size, seed=settings.seed)
+        source = ModelStream(model, hooks, text, batch_size=settings.batch_size, seed=settings.seed,
+                             **source_share(run_share(settings), stream=True))
         used = -(-(settings.tokens + source.buffer_tokens) // (text.context_len - 1)) + 1
         eval_text = text.after(used)
     trained = train(source, specs, settings, out=out, resume=not args.no_resume, model=model if eval_tokens else None,
                     eval_text=eval_text, eval_tokens=eval_tokens or 0)
-    for result in trained:
+    for result in trained if world.main else []:
         print_metrics(result.folder, result.metrics)
 
 

@@ -304,3 +304,9 @@ class TextConfig:
         """What identifies this text: the settings, the source, and for a local file or folder its content."""
         content = source_sha256(self.source)
         return {**self.__dict__, "source": describe_source(self.source), **({"sha256": content} if content else {})}
+
+    @classmethod
+    def from_fingerprint(cls, fingerprint: dict) -> "TextConfig":
+        """The text a cache manifest names (its fingerprint), to read on past it: held-out text for evaluation."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in fingerprint.items() if key in names})

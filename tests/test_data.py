@@ -113,6 +113,18 @@ def test_held_out_text_starts_after_the_used_contexts(tokenizer):
     assert config.after(10).fingerprint() != config.fingerprint()
 
 
+def test_a_manifests_text_fingerprint_gives_back_the_text(tokenizer, tmp_path):
+    """`saelab train --acts` reads held-out text from the cache's manifest: a file's fingerprint carries its hash."""
+    path = tmp_path / "notes.txt"
+    path.write_text("The cat sat on the mat. " * 200)
+    config = TextConfig(source=str(path), context_len=16, seed=3)
+    fingerprint = config.fingerprint()
+    assert "sha256" in fingerprint
+    again = TextConfig.from_fingerprint(fingerprint)
+    assert again.fingerprint() == fingerprint
+    assert list(islice(again.after(2).contexts(tokenizer), 5)) == list(islice(config.contexts(tokenizer), 2, 7))
+
+
 def test_hub_dataset_source_streams_rows_and_checks_the_field(monkeypatch):
     import datasets
 

@@ -48,8 +48,11 @@ from saelab import SAE, ActivationStore
 run, cache = Path(sys.argv[1]), sys.argv[2]
 x = next(iter(ActivationStore(cache, batch_size=8192, shuffle=False))).acts
 x = next(iter(x.values())).float()
+folders = sorted(p.parent for p in run.rglob("cfg.json"))
+if not folders:
+    sys.exit(f"no saved SAE under {run}")
 worst = 0.0
-for folder in sorted(p.parent for p in run.rglob("cfg.json")):
+for folder in folders:
     scores = {}
     for device in ("cuda", "cpu"):
         sae = SAE.load(folder, device=device)

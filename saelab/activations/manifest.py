@@ -101,6 +101,12 @@ class Manifest:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise CacheError(f"{path} is corrupt ({error.msg}); re-run the cache command to rebuild it") from None
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: dict, path: Path | str = "manifest") -> "Manifest":
+        """A manifest from its parsed JSON (as read from `path`, or sent by another rank)."""
+        data = dict(data)
         if data.get("format") != FORMAT:
             raise CacheError(f"{path} is not a saelab activation manifest (format={data.get('format')!r})")
         if data.get("version", 0) > VERSION:

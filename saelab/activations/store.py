@@ -41,8 +41,11 @@ class ActivationStore:
     """Shuffled batches from an activation cache written by `cache_activations`.
 
     hooks: which cached hooks to read (default: all). shards_per_window bounds memory: about
-    shards_per_window x shard rows x sum(d) x bytes per value. rank / world_size: this process reads only its
-    share of the shards (for data-parallel training).
+    shards_per_window x shard rows x sum(d) x bytes per value. rank / world_size (data-parallel training): every
+    rank walks the same sequence of batch_size-row batches and yields its own slice of each (equal when
+    world_size divides the batch: the trainer asks that), so all ranks take the same number of steps and together
+    see exactly the rows one process would (each rank still reads every window: the shuffle mixes rows of several
+    shards).
     """
 
     def __init__(self, path: str | Path, hooks: list[str] | str | None = None, *, batch_size: int = 4096,
@@ -79,7 +82,7 @@ class ActivationStore:
 
     @property
     def n_tokens(self) -> int:
-        """Token positions in the whole cache (all ranks)."""
+        """Token positions in the whole cache."""
         return self.manifest.tokens
 
     def _epoch_shards(self, epoch: int) -> list[ShardRecord]:
@@ -87,7 +90,7 @@ class ActivationStore:
         if self.shuffle:
             order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
             shards = [shards[i] for i in order]
-        return shards[self.rank :: self.world_size]
+        return shards
 
     def _epoch_rows(self, epoch: int) -> int:
         return sum(s.rows for s in self._epoch_shards(epoch))
@@ -127,6 +130,10 @@ class ActivationStore:
             yield self._batch(carry, slice(None))
 
     def _batch(self, part: dict[str, torch.Tensor], where: slice) -> ActivationBatch:
+        if self.world_size > 1:  # this rank's share of the batch
+            start, stop, _ = where.indices(len(part["rows"]))
+            bounds = [start + (stop - start) * r // self.world_size for r in (self.rank, self.rank + 1)]
+            where = slice(*bounds)
         return ActivationBatch({h: part[h][where] for h in self.hooks}, part["token_ids"][where], part["rows"][where],
                                part["contexts"][where], part["positions"][where])
 

@@ -18,15 +18,20 @@ from saelab.data import TextConfig, token_batches
 class ModelStream:
     """Shuffled token-level batches of `hooks` activations, computed on the fly from `model` over `text`.
 
-    max_tokens: stop after this many positions (None: until the text runs out). rank / world_size: this process
-    takes every world_size-th context (for data-parallel training). rows are global position ids
+    max_tokens: stop after this many positions (None: until the text runs out). rows are global position ids
     (context_index * context_len + position).
+
+    rank / world_size: this process takes every world_size-th context (independent shares, which may give
+    ranks unequal batch counts). gather=True (training under torch.distributed, see saelab.distributed): the ranks
+    instead share the model forwards (rank r runs chunks r, r + world_size, ... of model_batch_size contexts) and
+    gather the activations, so every rank holds the buffer one process would; it then yields its equal slice of
+    every batch (split_batches, data-parallel training) or the whole batch (several SAEs spread over the ranks).
     """
 
     def __init__(self, model, hooks: list[str] | str, text: TextConfig | str | None = None, *,
                  batch_size: int = 4096, buffer_tokens: int = 1 << 16, model_batch_size: int = 8, seed: int = 0,
                  drop_bos: bool = True, dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, gather: bool = False, split_batches: bool = True):
         self.model = model
         self.hooks = model.resolve_hooks(hooks)
         self.text = text if isinstance(text, TextConfig) else TextConfig(source=text or "default")
@@ -36,7 +41,13 @@ class ModelStream:
             raise ValueError(f"buffer_tokens ({buffer_tokens}) must hold at least two batches ({2 * batch_size})")
         self.batch_size, self.buffer_tokens, self.model_batch_size = batch_size, buffer_tokens, model_batch_size
         self.seed, self.drop_bos, self.dtype, self.max_tokens = seed, drop_bos, dtype, max_tokens
-        self.rank, self.world_size = rank, world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if gather and split_batches and batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} does not split into {world_size} equal shares; give a "
+                             "multiple of world_size")
+        self.rank, self.world_size, self.gather = rank, world_size, gather
+        self.split_batches = split_batches and gather
 
     @property
     def d(self) -> dict[str, int]:
@@ -53,20 +64,52 @@ class ModelStream:
 
     def _positions(self) -> Iterator[dict[str, torch.Tensor]]:
         """Model outputs in chunks of kept positions: {hook: [n, d], 'token_ids': [n], 'rows': [n]}."""
+        contexts = enumerate(self.text.contexts(self.model.tokenizer))
+        if not self.gather:
+            contexts = islice(contexts, self.rank, None, self.world_size)
+        chunks = iter(lambda: list(islice(contexts, self.model_batch_size)), [])
+        if not self.gather or self.world_size == 1:
+            yield from map(self._forward, chunks)
+            return
+        world = self._world()
+        while True:  # one round: each rank forwards one chunk, then all ranks gather the round's chunks in order
+            mine = {}
+            for number, chunk in enumerate(islice(chunks, self.world_size)):
+                if number == self.rank:
+                    mine = self._forward(chunk)
+            if not mine:
+                mine = {h: torch.zeros(0, d, dtype=self.dtype) for h, d in self.d.items()}
+                mine.update(token_ids=torch.zeros(0, dtype=torch.long), rows=torch.zeros(0, dtype=torch.long))
+            every = {key: world.gather_rows(value.to(world.device)) for key, value in mine.items()}
+            if not any(len(rows) for rows in every["rows"]):
+                return
+            for part in range(self.world_size):
+                if len(every["rows"][part]):
+                    yield {key: parts[part].cpu() for key, parts in every.items()}
+
+    def _world(self):
+        from saelab.distributed import current
+
+        world = current()
+        if (world.rank, world.size) != (self.rank, self.world_size):
+            raise ValueError(f"ModelStream(rank={self.rank}, world_size={self.world_size}) needs the torch.distributed "
+                             f"process group of that size joined first (saelab.distributed.init()); this process is "
+                             f"rank {world.rank} of {world.size}")
+        return world
+
+    def _forward(self, chunk: list[tuple[int, list[int]]]) -> dict[str, torch.Tensor]:
         length = self.text.context_len
-        contexts = islice(enumerate(self.text.contexts(self.model.tokenizer)), self.rank, None, self.world_size)
         tokenizer = self.model.tokenizer
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        while chunk := list(islice(contexts, self.model_batch_size)):
-            numbers, token_lists = zip(*chunk)
-            batch = next(token_batches(token_lists, len(chunk), length, pad_id=pad_id,
-                                       drop_bos=self.drop_bos and self.text.prepend_bos))
-            keep = batch.mask.flatten()
-            acts = self.model.activations(batch.tokens, self.hooks, flatten=True)
-            out = {h: acts[h].flatten(0, 1)[keep.to(acts[h].device)].to("cpu", self.dtype) for h in self.hooks}
-            out["token_ids"] = batch.tokens.flatten()[keep]
-            out["rows"] = (torch.tensor(numbers).unsqueeze(1) * length + torch.arange(length)).flatten()[keep]
-            yield out
+        numbers, token_lists = zip(*chunk)
+        batch = next(token_batches(token_lists, len(chunk), length, pad_id=pad_id,
+                                   drop_bos=self.drop_bos and self.text.prepend_bos))
+        keep = batch.mask.flatten()
+        acts = self.model.activations(batch.tokens, self.hooks, flatten=True)
+        out = {h: acts[h].flatten(0, 1)[keep.to(acts[h].device)].to("cpu", self.dtype) for h in self.hooks}
+        out["token_ids"] = batch.tokens.flatten()[keep]
+        out["rows"] = (torch.tensor(numbers).unsqueeze(1) * length + torch.arange(length)).flatten()[keep]
+        return out
 
     def __iter__(self) -> Iterator[ActivationBatch]:
         generator = torch.Generator().manual_seed(self.seed)
@@ -95,6 +138,9 @@ class ModelStream:
                 if budget is not None and produced + self.batch_size > budget:
                     return
                 where = slice(begin, begin + self.batch_size)
+                if self.split_batches:  # this rank's share of the batch
+                    share = self.batch_size // self.world_size
+                    where = slice(begin + self.rank * share, begin + (self.rank + 1) * share)
                 rows = buffer["rows"][where]
                 yield ActivationBatch({h: buffer[h][where] for h in self.hooks}, buffer["token_ids"][where], rows,
                                       rows // self.text.context_len, rows % self.text.context_len)

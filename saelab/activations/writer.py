@@ -2,11 +2,16 @@
 
 Resumable by construction: contexts come from a deterministic stream and shard i holds a fixed slice of it, so a
 second run with the same arguments recomputes exactly the shards that are missing or damaged, and nothing else.
+The same property spreads a run over torchrun's ranks: rank r computes and writes shards r, r + N, ...; rank 0
+alone opens the run and writes the manifest (after each of its own shards, and with everyone's at the end), so the
+cache is the one a single process writes, and a single process reads it as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain, islice
@@ -17,6 +22,7 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 import saelab
+from saelab import distributed
 from saelab.activations.manifest import MANIFEST, Manifest, ShardRecord, check_shard, shard_name, written_by_saelab
 from saelab.data import TextConfig, token_batches
 from saelab.errors import CacheError, DataError
@@ -66,10 +72,19 @@ def cache_activations(
         saelab_version=saelab.__version__,
     )
     out = Path(out)
-    _check_folder(out, overwrite)  # before the lock, which would leave a lock file in a folder we must not touch
-    with FolderLock(out, "activation cache"):
-        manifest = _open_run(out, fresh, overwrite, tokens)
-        _write_shards(model, hooks, out, manifest, contexts, text, dtype, drop_bos, progress)
+    world = distributed.current()
+    with contextlib.ExitStack() as held:
+        def open_run():  # on rank 0 alone: the folder's checks, its lock, the manifest and the shards still to do
+            _check_folder(out, overwrite)  # before the lock, which would leave a lock file in a folder we must not touch
+            held.enter_context(FolderLock(out, "activation cache"))
+            opened = _open_run(out, fresh, overwrite, tokens)
+            return opened, _shards_to_compute(out, opened)
+
+        manifest, todo = world.main_first(open_run, f"open the activation cache {out}") or (None, None)
+        if world.distributed:
+            manifest = Manifest.from_dict(json.loads(world.broadcast_json(manifest and manifest.to_json())))
+            todo = set(range(manifest.n_shards)) - {s.index for s in manifest.shards}
+        _write_shards(model, hooks, out, manifest, contexts, text, dtype, drop_bos, progress, todo, world)
     if not manifest.complete:
         raise CacheError(f"{out}: cache incomplete after the run; re-run the same command to finish it")
     if manifest.exhausted_at is not None and manifest.exhausted_at < manifest.target_contexts:
@@ -89,10 +104,11 @@ def _contexts(text: TextConfig, tokenizer):
 
 
 def _write_shards(model, hooks, out: Path, manifest: Manifest, contexts, text: TextConfig, dtype: str,
-                  drop_bos: bool, progress: bool) -> None:
-    """Compute and write every shard the manifest lacks, reading the whole context stream in order."""
-    todo = _shards_to_compute(out, manifest)
-    bar = tqdm(total=len(todo), desc=f"caching {len(hooks)} hook(s)", unit="shard", disable=not progress)
+                  drop_bos: bool, progress: bool, todo: set[int], world: distributed.World) -> None:
+    """Compute and write every shard in `todo` that is this rank's, reading the whole context stream in order."""
+    todo = {index for index in todo if index % world.size == world.rank}
+    bar = tqdm(total=len(todo), desc=f"caching {len(hooks)} hook(s)", unit="shard",
+               disable=not (progress and world.main))
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     with ThreadPoolExecutor(max_workers=1) as io:  # serialise + hash + write the last shard while computing the next
         pending: Future | None = None
@@ -107,12 +123,18 @@ def _write_shards(model, hooks, out: Path, manifest: Manifest, contexts, text: T
             tensors = _compute_shard(model, hooks, batches, dtype, index)
             if pending is not None:
                 pending.result()
-            pending = io.submit(_write_shard, out, manifest, index, len(chunk), tensors)
+            pending = io.submit(_write_shard, out, manifest, index, len(chunk), tensors, world.main)
             pending.add_done_callback(lambda _: bar.update())
         if pending is not None:
             pending.result()
     bar.close()
-    manifest.write(out)
+    if world.distributed:  # rank 0 lists every rank's shards, then all return the finished manifest
+        theirs = [ShardRecord(**record) for part in world.gather_json([vars(s) for s in manifest.shards if s.index in todo])
+                  for record in part]
+        mine = {s.index for s in theirs}
+        manifest.shards = sorted([s for s in manifest.shards if s.index not in mine] + theirs, key=lambda s: s.index)
+    if world.main:
+        manifest.write(out)
 
 
 def _shown(names: list[str]) -> str:
@@ -231,11 +253,13 @@ def _non_finite(model, hook: str, index: int, raw: torch.Tensor, dtype: str) -> 
                       f"cache with --dtype {wider} instead")
 
 
-def _write_shard(out: Path, manifest: Manifest, index: int, n_contexts: int, tensors: dict) -> None:
+def _write_shard(out: Path, manifest: Manifest, index: int, n_contexts: int, tensors: dict,
+                 list_it: bool = True) -> None:
     payload = safetensors_bytes(tensors, metadata={"format": "saelab-activations-shard", "index": str(index)})
     name = shard_name(index)
     write_atomic(out / name, payload)
     record = ShardRecord(index, name, n_contexts, int(tensors["positions"].numel()), len(payload),
                          hashlib.sha256(payload).hexdigest())
     manifest.shards = sorted([s for s in manifest.shards if s.index != index] + [record], key=lambda s: s.index)
-    manifest.write(out)
+    if list_it:  # rank 0 (or the only process); the other ranks' shards are listed when all are done
+        manifest.write(out)

@@ -378,14 +378,20 @@ class SparsityCoefficient:
     def at(self, step: int) -> float:
         return warmup(self.value, step, self.warmup_steps)
 
-    def observe(self, step: int, l0: Tensor | float, mse: Tensor | float, penalty: Tensor | float) -> None:
-        """After a step that measured `l0`, its reconstruction loss `mse` and the unweighted `penalty` (L1 or L0).
+    def observe(self, step: int, l0: Tensor | float, mse: Tensor | float, penalty: Tensor | float,
+                across=None) -> None:
+        """After a step that measured `l0`, its reconstruction loss `mse` and the unweighted `penalty` (L1 or L0);
+        across (Training.across_ranks) turns a rank's share of a batch into the batch's value.
 
         L0 can fall below the target for reasons the coefficient does not control (early on, reconstruction alone
         switches random latents off); the coefficient then stops falling where its term is 1 % of the reconstruction loss, as
         lowering it further has no effect and would only delay its return (integral wind-up).
         """
         if self.target is not None and step >= self.warmup_steps:  # reading the tensors syncs a GPU: only then
+            if across is not None:  # every rank steers by the whole batch, so their coefficients stay equal
+                device = next((v.device for v in (l0, mse, penalty) if isinstance(v, Tensor)), None)
+                l0, mse, penalty = across(torch.tensor([float(l0), float(mse), float(penalty)],
+                                                       dtype=torch.float64, device=device)).tolist()
             floor = MIN_PENALTY_SHARE * float(mse) / max(float(penalty), 1e-12)
             self.value = max(steered(self.value, float(l0), self.target), min(self.value, floor))
 
@@ -421,11 +427,19 @@ def auxk_loss(W_dec: Tensor, pre: Tensor, residual: Tensor, dead: Tensor | None,
     return auxk_ratio(sparse_decode(W_dec, idx, vals.relu()), residual, n_dead, k_aux, coefficient)
 
 
-def auxk_ratio(e_hat: Tensor, residual: Tensor, n_dead: int, k_aux: int, coefficient: float) -> Tensor:
-    """AuxK's loss from the dead latents' reconstruction e_hat of the (detached) residual: see auxk_loss."""
+def auxk_ratio(e_hat: Tensor, residual: Tensor, n_dead: int, k_aux: int, coefficient: float,
+               across=None) -> Tensor:
+    """AuxK's loss from the dead latents' reconstruction e_hat of the (detached) residual: see auxk_loss.
+
+    across (Training.across_ranks, data-parallel training): the residual's mean and variance are the whole batch's,
+    so the mean over ranks of this loss is the one-process loss of the batch.
+    """
     e = wide(residual.detach())
     e_hat = wide(e_hat)
-    total_variance = (e - e.mean(0)).square_().sum().clamp_min(1e-12)
+    if across is None:
+        total_variance = (e - e.mean(0)).square_().sum().clamp_min(1e-12)
+    else:  # each rank's sum around the batch mean, averaged: the batch's total variance / world size
+        total_variance = across((e - across(e.mean(0))).square_().sum()).clamp_min(1e-12)
     return coefficient * min(1.0, n_dead / k_aux) * F.mse_loss(e_hat, e, reduction="sum") / total_variance
 
 
@@ -439,6 +453,9 @@ class Training:
     """
 
     kernel: str = "auto"  # saelab.kernels backend, for architectures with a sparse path (TopK)
+    across_ranks = None
+    """Set by the trainer in data-parallel training: averages a tensor over the ranks' equal shares of the batch,
+    for the few batch-wide statistics a loss needs (AuxK's residual variance, the steered coefficient's L0)."""
 
     def __init__(self, sae: SAE):
         self.sae = sae

@@ -135,7 +135,7 @@ class JumpReLUTraining(Training):
         coefficient = self.coefficient.at(step)
         sparsity = coefficient * l0_smooth
         l0, fired = summarise(codes)
-        self.coefficient.observe(step, l0, mse.detach(), l0_smooth.detach())
+        self.coefficient.observe(step, l0, mse.detach(), l0_smooth.detach(), self.across_ranks)
         return TrainOutput(loss=mse + sparsity, mse=mse.detach(), aux_loss=mse.new_zeros(()),
                            sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach(),
                            extras={"l0_coefficient": l0_smooth.new_tensor(coefficient),

@@ -41,7 +41,7 @@ class ReLUTraining(Training):
         coefficient = self.coefficient.at(step)
         sparsity = coefficient * l1
         l0, fired = summarise(codes)
-        self.coefficient.observe(step, l0, mse.detach(), l1.detach())
+        self.coefficient.observe(step, l0, mse.detach(), l1.detach(), self.across_ranks)
         return TrainOutput(loss=mse + sparsity, mse=mse.detach(), aux_loss=mse.new_zeros(()),
                            sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach(),
                            extras={"l1": l1.detach(), "l1_coefficient": l1.new_tensor(coefficient),

@@ -91,7 +91,7 @@ class TopKTraining(Training):
     def _auxk(self, residual: Tensor, aux_indices: Tensor, aux_values: Tensor, n_dead: int) -> Tensor:
         """AuxK (see base.auxk_loss): the dead latents' top-k_aux reconstruct the main residual."""
         e_hat = sparse_decode(aux_indices, aux_values, self.sae.W_dec, self.kernel)
-        return auxk_ratio(e_hat, residual, n_dead, self.k_aux, self.cfg.auxk_coefficient)
+        return auxk_ratio(e_hat, residual, n_dead, self.k_aux, self.cfg.auxk_coefficient, self.across_ranks)
 
 
 TopKSAE.training_cls = TopKTraining

@@ -93,6 +93,11 @@ class TrainConfig:
     """Where the SAEs train: cpu, cuda, cuda:1, ... (the model, when streaming, runs there too)."""
     kernel: Literal["auto", "triton", "torch", "dense"] = "auto"
     """Sparse kernels for TopK SAEs: auto (Triton on CUDA, PyTorch sparse ops on CPU), triton, torch, or dense."""
+    parallel: Literal["data", "saes"] = "data"
+    """With several processes (torchrun): 'data' gives each rank an equal slice of every batch and averages the
+    gradients (every SAE on every rank; not for batchtopk / matryoshka, whose selection spans the batch); 'saes'
+    gives every rank the whole batch and spreads the SAEs over the ranks (SAE i on rank i mod N): no per-step
+    communication, any architecture, but it helps only with at least N SAEs. Not part of the run's identity."""
     wandb_project: str | None = None
     """Log to Weights & Biases under this project when wandb is installed."""
     allow_diverged: bool = False
@@ -110,6 +115,7 @@ class TrainConfig:
             "nan_policy": self.nan_policy in ("error", "skip"),
             "dead_tokens": self.dead_tokens is None or self.dead_tokens >= 1,
             "kernel": self.kernel in ("auto", "triton", "torch", "dense"),
+            "parallel": self.parallel in ("data", "saes"),
         }
         for name, ok in checks.items():
             if not ok:

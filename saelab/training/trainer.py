@@ -4,6 +4,10 @@ every SAE, whatever its hook, width, k or architecture.
 A step, for each SAE: scale the inputs, compute the architecture's loss (AuxK sees the latents dead for
 `dead_window` tokens), step Adam with the decoder's parallel gradient removed, renormalise the decoder rows.
 Checkpoints hold everything a step depends on, so a resumed run ends with the same weights as an uninterrupted one.
+Under torchrun (saelab.distributed), TrainConfig.parallel picks what the ranks share: 'data' (each rank an equal
+slice of every batch, gradients and batch statistics averaged: the same weights as one process, to rounding) or
+'saes' (each rank trains its own SAEs on whole batches). Either way the state is global, so rank 0 alone writes
+checkpoints, logs and SAEs, and a run resumes on any number of ranks.
 A run that diverged (reconstructs worse than the mean, or nearly all latents dead) is stopped with TrainingError
 before it is exported, not saved as a success.
 """
@@ -24,6 +28,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from saelab import distributed
 from saelab.activations import ActivationBatch, ActivationStore, ModelStream
 from saelab.errors import HookError, TrainingError
 from saelab.files import FolderLock, write_atomic
@@ -81,7 +86,11 @@ class Trainer:
     def __init__(self, source, specs: list[SAESpec | dict], config: TrainConfig | None = None, *,
                  out: str | Path | None = None, resume: bool = True, progress: bool = True):
         self.config = config or TrainConfig()
-        self.source = _as_source(source, self.config.batch_size)
+        self.world = distributed.current()
+        self.device = distributed.local_device(self.config.device, self.world)
+        self.data_parallel = self.world.distributed and self.config.parallel == "data"
+        self.source = _as_source(source, self.config.batch_size, self.world if self.data_parallel else distributed.SINGLE)
+        _check_share(self.source, self.world, self.data_parallel)
         if getattr(self.source, "batch_size", self.config.batch_size) != self.config.batch_size:
             raise ValueError(f"the activation source gives batches of {self.source.batch_size} but "
                              f"TrainConfig.batch_size is {self.config.batch_size}")
@@ -95,6 +104,11 @@ class Trainer:
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"two SAEs would share a name: {names}; give them different widths, k's or hooks")
+        spread = self.world.distributed and not self.data_parallel
+        self.mine = [m for i, m in enumerate(self.members) if not spread or i % self.world.size == self.world.rank]
+        """The SAEs this rank trains: all of them, unless parallel='saes' spreads them over the ranks."""
+        if self.data_parallel:
+            _check_data_parallel(self.members)
         self.step = 0
         self.batches_read = 0
         self.skipped = 0
@@ -117,7 +131,7 @@ class Trainer:
         name = f"{hook}/{spec.name()}"  # also the SAE's folder in the run: one folder per hook, as on the Hub
         with torch.random.fork_rng(devices=[]):  # each SAE's init depends on the seed and its name, not on order
             torch.manual_seed(self.config.seed + zlib.crc32(name.encode()))
-            sae = create_sae(cfg, device=self.config.device)
+            sae = create_sae(cfg, device=self.device)
         # fused Adam: one pass over each parameter instead of one per operation (5x faster on a 2-core CPU). It
         # copies non-contiguous tensors, so a parameter stored transposed (W_enc, latent-major) is stepped through
         # its contiguous transpose: same storage, same update.
@@ -128,9 +142,11 @@ class Trainer:
                 param = aliases[-1][1]
             stepped.append(param)
         optimizer = torch.optim.Adam(stepped, lr=spec.learning_rate, betas=self.config.adam_betas, fused=True)
-        since = torch.zeros(spec.width, dtype=torch.long, device=self.config.device)
+        since = torch.zeros(spec.width, dtype=torch.long, device=self.device)
         training = create_training(sae)
         training.kernel = self.config.kernel
+        if self.data_parallel:
+            training.across_ranks = self.world.mean
         return Member(name, hook, spec, sae, training, optimizer, since, aliases,
                       collections.deque(maxlen=self.config.log_every))
 
@@ -138,32 +154,39 @@ class Trainer:
     def fingerprint(self) -> dict:
         config = self.config.to_dict()
         config.pop("allow_diverged")  # accepting a diverged run must not make its own checkpoint "another run"
+        config.pop("parallel")  # the state is global either way: resume with any split over any number of ranks
         return {"config": config, "specs": [dataclasses.asdict(s) for s in self.specs], "data": _describe(self.source)}
 
     @contextlib.contextmanager
     def locked(self):
-        """Hold the run folder's lock (re-entrant): one process at a time may write a run."""
+        """Hold the run folder's lock (re-entrant): one process at a time may write a run (rank 0 for all ranks)."""
         if self.out is None or self._lock is not None:
             yield
             return
-        with FolderLock(self.out, "training run") as lock:
-            self._lock = lock
-            try:
-                yield
-            finally:
-                self._lock = None
+        lock = FolderLock(self.out, "training run")
+        self.world.main_first(lock.__enter__, f"lock {self.out}")
+        self._lock = lock
+        try:
+            yield
+        finally:
+            self._lock = None
+            lock.__exit__(None, None, None)
 
     def fit(self) -> list[TrainedSAE]:
         with self.locked():
             return self._fit()
 
     def _fit(self) -> list[TrainedSAE]:
+        self.world.check_same({**self.fingerprint(), "parallel": self.config.parallel}, "training settings or data")
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.resume:
                 self._restore()
-        logger = _Logger(self.out, self.step, self.config.wandb_project, self.fingerprint())
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step", disable=not self.progress)
+        main = self.world.main
+        logger = _Logger(self.out if main else None, self.step, self.config.wandb_project if main else None,
+                         self.fingerprint())
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step",
+                   disable=not (self.progress and main))
         try:
             for batch in self._batches():
                 if self.step >= self.config.steps:
@@ -187,6 +210,7 @@ class Trainer:
             logger.close()
         if self.step < self.config.steps:
             raise TrainingError(f"the activations ran out after {self.step} of {self.config.steps} steps")
+        self._share_states()
         self._judge()
         if self.tokens < self.config.tokens:
             warnings.warn(f"saelab: trained on {self.tokens} tokens, fewer than TrainConfig.tokens={self.config.tokens}: "
@@ -199,10 +223,11 @@ class Trainer:
         A batch holds, for each hook the SAEs read, [rows, d] activations of the same 1..batch_size tokens; a
         smaller batch (say the last one of your own tensors) is fine: `tokens` counts the rows actually trained on.
         """
-        rows = self._rows(batch)
+        rows = self._rows(batch) * (self.world.size if self.data_parallel else 1)
         if not self._started:
             self._initialise(batch)
-        outputs = [self._train_step(member, batch.acts[member.hook]) for member in self.members]
+        outputs = [self._train_step(member, batch.acts[member.hook]) if member in self.mine else None
+                   for member in self.members]
         self.step += 1
         self.tokens += rows
         return outputs
@@ -247,21 +272,29 @@ class Trainer:
             yield from batches
 
     def _finite(self, batch: ActivationBatch) -> bool:
-        for hook in {m.hook for m in self.members}:
+        where = None
+        for hook in sorted({m.hook for m in self.members}):
             bad = (~torch.isfinite(batch.acts[hook])).any(dim=1)
             if bad.any():
                 where = f"{int(bad.sum())} of {len(bad)} tokens at {hook} in batch {self.batches_read - 1} (step {self.step})"
-                if self.config.nan_policy == "error":
-                    raise TrainingError(f"non-finite activations: {where}; pass nan_policy='skip' to skip such batches")
-                self.skipped += 1
-                return False
-        return True
+                break
+        if self.data_parallel and not self.world.all(where is None):  # every rank skips (or stops) together
+            where = where or "on another rank's share of the batch"
+        if where is None:
+            return True
+        if self.config.nan_policy == "error":
+            raise TrainingError(f"non-finite activations: {where}; pass nan_policy='skip' to skip such batches")
+        self.skipped += 1
+        return False
 
     @torch.no_grad()
     def _initialise(self, batch: ActivationBatch) -> None:
-        """From the first batch: the input scale (unit mean squared norm) and the decoder bias of each SAE."""
+        """From the first batch: the input scale (unit mean squared norm) and the decoder bias of each SAE (from the
+        whole batch, gathered from the ranks' shares, so every rank starts where one process would)."""
         for member in self.members:
-            x = batch.acts[member.hook].to(self.config.device, torch.float32)
+            x = batch.acts[member.hook].to(self.device, torch.float32)
+            if self.data_parallel:
+                x = self.world.gather(x.to(self.world.device)).to(self.device)
             scale = estimate_input_scale(x) if self.config.normalize_activations else 1.0
             member.sae.cfg = dataclasses.replace(member.sae.cfg, input_scale=scale)
             if self.config.b_dec_init != "zeros":
@@ -270,7 +303,7 @@ class Trainer:
         self._started = True
 
     def _train_step(self, member: Member, acts: torch.Tensor):
-        x = acts.to(self.config.device, torch.float32) * member.sae.cfg.input_scale
+        x = acts.to(self.device, torch.float32) * member.sae.cfg.input_scale
         for group in member.optimizer.param_groups:
             group["lr"] = member.spec.learning_rate * self.config.lr_factor(self.step)
         out = member.training.loss(x, step=self.step, dead=member.dead(self.config.dead_window))
@@ -279,13 +312,15 @@ class Trainer:
                                 "lower the learning rate")
         member.sae.zero_grad(set_to_none=True)
         out.loss.backward()
+        world = self.world if self.data_parallel else distributed.SINGLE
+        world.average_grads(list(member.sae.parameters()))
         member.sae.remove_parallel_grad_()
         member.step()
         member.sae.normalize_decoder_()
-        member.since_fired += len(x)
-        member.since_fired[out.fired] = 0
-        variance = (x - x.mean(0)).square_().sum(-1).mean()
-        fvu = float(out.mse / variance)
+        member.since_fired += len(x) * world.size
+        member.since_fired[world.any(out.fired)] = 0
+        variance = world.mean((x - world.mean(x.mean(0))).square_().sum(-1).mean())
+        fvu = float(world.mean(out.mse) / variance)
         member.recent_fvu.append(fvu)
         return out, fvu
 
@@ -293,20 +328,29 @@ class Trainer:
         """A log line: every term of every SAE's loss (what the step optimised), as JSON-safe floats and lists."""
         record = {"step": self.step, "tokens": self.tokens,
                   "lr_factor": round(self.config.lr_factor(self.step - 1), 6), "skipped_batches": self.skipped}
-        for member, (out, fvu) in zip(self.members, outputs):
+        for member, output in zip(self.members, outputs):
+            if output is None:  # trained by another rank
+                continue
+            out, fvu = output
             values = {"loss": out.loss.detach(), "mse": out.mse, "fvu": fvu, "l0": out.l0, "aux": out.aux_loss,
                       "sparsity": out.sparsity_loss, "dead": member.dead(self.config.dead_window).float().mean(),
                       "lr": member.optimizer.param_groups[0]["lr"]}
             if out.prefix_mse is not None:
                 values["prefix_mse"] = out.prefix_mse
             values.update(out.extras)
+            if self.data_parallel:  # the whole batch's means (fvu is already)
+                values = {name: value if name == "fvu" else self.world.mean(torch.as_tensor(value, dtype=torch.float64,
+                          device=self.world.device)) for name, value in values.items()}
             record[member.name] = {name: _plain(value) for name, value in values.items()}
+        if self.world.distributed and not self.data_parallel:  # each rank logged its own SAEs
+            for part in self.world.gather_json(record):
+                record.update(part)
         return record
 
     def _diverged(self) -> dict[str, str]:
         """{SAE name: what is wrong} for each SAE whose last steps say it diverged or collapsed."""
         verdicts = {}
-        for member in self.members:
+        for member in self.mine:
             problems = []
             if member.recent_fvu:
                 fvu = sum(member.recent_fvu) / len(member.recent_fvu)
@@ -318,6 +362,8 @@ class Trainer:
                 problems.append(f"{dead:.0%} of its latents dead (not fired in the last {self.config.dead_window} tokens)")
             if problems:
                 verdicts[member.name] = " and ".join(problems)
+        if self.world.distributed and not self.data_parallel:
+            verdicts = {name: why for part in self.world.gather_json(verdicts) for name, why in part.items()}
         return verdicts
 
     def _judge(self) -> None:
@@ -337,36 +383,42 @@ class Trainer:
 
     # -- checkpoints
     def _save(self) -> None:
+        self._share_states()
+        if not self.world.main:
+            return
         state = {"fingerprint": self.fingerprint(), "step": self.step, "batches_read": self.batches_read,
                  "skipped": self.skipped, "tokens": self.tokens, "members": []}
         tensors = {}
         for i, member in enumerate(self.members):
-            for name, value in member.sae.state_dict().items():
-                tensors[f"{i}.sae.{name}"] = value
-            tensors[f"{i}.since_fired"] = member.since_fired
-            opt_tensors, groups = optimizer_tensors(member.optimizer, f"{i}.adam")
-            tensors.update(opt_tensors)
-            state["members"].append({"cfg": member.sae.cfg.to_dict(), "training": member.training.state_dict(),
-                                     "param_groups": groups, "recent_fvu": list(member.recent_fvu)})
+            saved, member_tensors = _member_state(i, member)
+            state["members"].append(saved)
+            tensors.update(member_tensors)
         save_checkpoint(self.out, state, tensors)
+
+    def _share_states(self) -> None:
+        """parallel='saes': every SAE's state (weights, Adam, clocks) from the rank that trains it to all ranks, so
+        rank 0 can save them all and every rank exports the same SAEs."""
+        if not self.world.distributed or self.data_parallel:
+            return
+        for i, member in enumerate(self.members):
+            owner = i % self.world.size
+            saved, tensors = _member_state(i, member) if self.world.rank == owner else (None, None)
+            saved, tensors = self.world.broadcast_state(saved, tensors, owner)
+            if self.world.rank != owner:
+                _load_member_state(i, member, saved, tensors)
 
     def _restore(self) -> None:
         found = load_checkpoint(self.out)
         if found is None:
             return
         state, tensors = found
-        if state["fingerprint"] != self.fingerprint():
-            theirs, ours = state["fingerprint"], self.fingerprint()
+        theirs, ours = _without_old_share(state["fingerprint"]), self.fingerprint()
+        if theirs != ours:
             changed = [k for k in ours if theirs.get(k) != ours[k]]
             raise CheckpointError(f"{self.out} holds a checkpoint of another run (differs in: {', '.join(changed)}); "
                                   "use another output folder, or resume=False (--no-resume) to start over there")
         for i, (member, saved) in enumerate(zip(self.members, state["members"])):
-            member.sae.cfg = SAEConfig.from_dict(saved["cfg"])
-            member.sae.load_state_dict({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{i}.sae.")})
-            member.since_fired.copy_(tensors[f"{i}.since_fired"])
-            restore_optimizer(member.optimizer, f"{i}.adam", tensors, saved["param_groups"])
-            member.training.load_state_dict(saved["training"])
-            member.recent_fvu.extend(saved.get("recent_fvu", []))
+            _load_member_state(i, member, saved, tensors)
         self.step, self.batches_read, self.skipped = state["step"], state["batches_read"], state["skipped"]
         self.tokens = state.get("tokens", self.step * self.config.batch_size)  # older checkpoints: full batches
         self._started = True
@@ -376,6 +428,35 @@ class Trainer:
         sae = export() if export is not None else member.sae
         sae.cfg = dataclasses.replace(sae.cfg, training_tokens=self.tokens)
         return TrainedSAE(member.name, member.hook, sae.fold_input_scale(), self.step)
+
+
+def _member_state(i: int, member: Member) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One SAE's part of a checkpoint: (JSON-able state, tensors named '<i>.<what>')."""
+    tensors = {f"{i}.sae.{name}": value for name, value in member.sae.state_dict().items()}
+    tensors[f"{i}.since_fired"] = member.since_fired
+    opt_tensors, groups = optimizer_tensors(member.optimizer, f"{i}.adam")
+    tensors.update(opt_tensors)
+    return ({"cfg": member.sae.cfg.to_dict(), "training": member.training.state_dict(), "param_groups": groups,
+             "recent_fvu": list(member.recent_fvu)}, tensors)
+
+
+def _load_member_state(i: int, member: Member, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
+    member.sae.cfg = SAEConfig.from_dict(saved["cfg"])
+    member.sae.load_state_dict({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{i}.sae.")})
+    member.since_fired.copy_(tensors[f"{i}.since_fired"])
+    restore_optimizer(member.optimizer, f"{i}.adam", tensors, saved["param_groups"])
+    member.training.load_state_dict(saved["training"])
+    member.recent_fvu.clear()
+    member.recent_fvu.extend(saved.get("recent_fvu", []))
+
+
+def _without_old_share(fingerprint: dict) -> dict:
+    """A checkpoint's fingerprint without the rank / world_size that runs before distributed training recorded
+    (always 0 / 1 there): the data a run reads no longer depends on how many ranks share it."""
+    data = fingerprint.get("data", {})
+    if data.get("rank") == 0 and data.get("world_size") == 1:
+        data = {k: v for k, v in data.items() if k not in ("rank", "world_size")}
+    return {**fingerprint, "data": data}
 
 
 class _Logger:
@@ -456,15 +537,57 @@ def _postfix(record: dict) -> str:
     return " | ".join(parts)
 
 
-def _as_source(source, batch_size: int):
+def _as_source(source, batch_size: int, share: distributed.World):
     """A cache folder, an ActivationStore, a ModelStream, or any iterable of ActivationBatches that says its
     `hooks`, their widths `d` and its `batch_size` (e.g. activations already in memory)."""
     if isinstance(source, (str, Path)):
-        return ActivationStore(source, batch_size=batch_size)
+        return ActivationStore(source, batch_size=batch_size, **source_share(share))
     if all(hasattr(source, name) for name in ("__iter__", "hooks", "d", "batch_size")):
         return source
     raise TypeError(f"train from an activation cache folder, an ActivationStore, a ModelStream or an iterable of "
                     f"ActivationBatches with .hooks, .d and .batch_size; not {type(source).__name__}")
+
+
+def source_share(share: distributed.World, stream: bool = False) -> dict:
+    """The rank / world_size arguments of an ActivationStore (or, stream=True, a ModelStream) for a run that
+    shares batches as `share` says: data-parallel ranks read equal slices of every batch; with parallel='saes'
+    every rank reads whole batches (a stream's ranks still split the model forwards and gather them)."""
+    if stream:
+        world = distributed.current()
+        return dict(rank=world.rank, world_size=world.size, gather=True, split_batches=share.distributed)
+    return dict(rank=share.rank, world_size=share.size)
+
+
+def run_share(config: TrainConfig) -> distributed.World:
+    """How the batches of a run under `config` are shared among this process group's ranks."""
+    world = distributed.current()
+    return world if world.distributed and config.parallel == "data" else distributed.SINGLE
+
+
+def _check_share(source, world: distributed.World, data_parallel: bool) -> None:
+    """A data-parallel rank must read its equal slice of every batch; with parallel='saes', whole batches."""
+    size = getattr(source, "world_size", 1) if getattr(source, "split_batches", True) else 1
+    wanted = world.size if data_parallel else 1
+    if isinstance(source, ModelStream) and source.world_size > 1 and not source.gather:
+        size = -1  # ranks reading their own contexts would see different batches, and unequal numbers of them
+    if data_parallel and (source.batch_size % world.size or not getattr(source, "drop_last", True)):
+        raise ValueError(f"data-parallel training over {world.size} ranks needs batch_size a multiple of {world.size} "
+                         f"(got {source.batch_size}) and whole batches only (drop_last=True), so that every rank "
+                         "takes an equal share of every batch")
+    if size != wanted or (data_parallel and getattr(source, "rank", 0) != world.rank):
+        how = (f"rank={world.rank}, world_size={world.size}" if data_parallel else
+               "world_size=1 for an ActivationStore, split_batches=False for a ModelStream")
+        raise ValueError(f"rank {world.rank} of {world.size} (parallel={'data' if data_parallel else 'saes'}) needs "
+                         f"its activation source built with {how} (see saelab.training.trainer.source_share); "
+                         "or pass the cache folder and let the trainer build it")
+
+
+def _check_data_parallel(members: list[Member]) -> None:
+    batchwide = [m.name for m in members if not m.sae.per_token]
+    if batchwide:
+        raise ValueError(f"{', '.join(batchwide)}: BatchTopK-style SAEs pick their latents over the whole batch, which "
+                         "data-parallel ranks do not hold; train them with parallel='saes' (--parallel saes), which "
+                         "gives each rank whole batches and its own SAEs")
 
 
 def _model_name(source) -> str:
@@ -476,12 +599,10 @@ def _model_name(source) -> str:
 def _describe(source) -> dict:
     if isinstance(source, ActivationStore):
         return {"cache": source.manifest.run, "tokens": source.n_tokens, "hooks": source.hooks, "seed": source.seed,
-                "shuffle": source.shuffle, "shards_per_window": source.shards_per_window,
-                "rank": source.rank, "world_size": source.world_size}
-    if isinstance(source, ModelStream):
+                "shuffle": source.shuffle, "shards_per_window": source.shards_per_window}
+    if isinstance(source, ModelStream):  # not how ranks share it: a run resumes on any number of ranks
         return {"model": source.model.name, "hooks": source.hooks, "text": source.text.fingerprint(),
-                "seed": source.seed, "buffer_tokens": source.buffer_tokens, "rank": source.rank,
-                "world_size": source.world_size}
+                "seed": source.seed, "buffer_tokens": source.buffer_tokens}
     return {"source": type(source).__name__, "hooks": list(source.hooks)}
 
 
@@ -497,7 +618,7 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
     trainer = Trainer(source, saes, config, out=out, resume=resume, progress=progress)
     with trainer.locked():  # through the saving too: a second process must not write the same SAE folders
         trained = trainer.fit()
-        for result in trained:
+        for result in trained if trainer.world.main else []:  # rank 0 alone evaluates and saves
             if model is not None and eval_text is not None:
                 from saelab.eval import evaluate
 

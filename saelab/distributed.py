@@ -234,7 +234,7 @@ def init(device: str = "cpu") -> World:
         raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: start the "
                                "ranks with torchrun (torchrun --nproc_per_node N -m saelab ...)")
     cuda = str(device).startswith("cuda")
-    if cuda:
+    if torch.cuda.is_available():  # "cuda" then means this rank's own GPU, whatever the backend
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s()))

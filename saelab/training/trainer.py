@@ -576,7 +576,7 @@ def _check_share(source, world: distributed.World, data_parallel: bool) -> None:
                          "takes an equal share of every batch")
     if size != wanted or (data_parallel and getattr(source, "rank", 0) != world.rank):
         how = (f"rank={world.rank}, world_size={world.size}" if data_parallel else
-               "world_size=1 for an ActivationStore, split_batches=False for a ModelStream")
+               "world_size=1 for an ActivationStore, gather=True and split_batches=False for a ModelStream")
         raise ValueError(f"rank {world.rank} of {world.size} (parallel={'data' if data_parallel else 'saes'}) needs "
                          f"its activation source built with {how} (see saelab.training.trainer.source_share); "
                          "or pass the cache folder and let the trainer build it")

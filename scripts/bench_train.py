@@ -7,6 +7,7 @@ SAELens when a reference venv is given (they cannot share saelab's environment: 
     python scripts/bench_train.py                                   # d=576, n=16384, k=32, batch 4096
     python scripts/bench_train.py --ref-python /work/ref-venv/bin/python   # + sparsify and SAELens
     python scripts/bench_train.py --sweep                           # also n in 4k..65k and k in 16..128
+    python scripts/bench_train.py --ranks 2                         # 2 data-parallel gloo ranks beside 1 process
 
 Make the reference venv with: python3 -m venv /work/ref-venv && /work/ref-venv/bin/pip install torch==2.13.0 &&
 /work/ref-venv/bin/pip install eai-sparsify sae-lens
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -36,12 +39,13 @@ class RandomActivations:
 
     hooks = [HOOK]
 
-    def __init__(self, d: int, batch_size: int, seed: int = 0):
+    def __init__(self, d: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.d = {HOOK: d}
-        self.batch_size = batch_size
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         generator = torch.Generator().manual_seed(seed)
-        self.batch = ActivationBatch({HOOK: torch.randn(batch_size, d, generator=generator)},
-                                     torch.zeros(batch_size, dtype=torch.long), torch.arange(batch_size))
+        share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)  # a rank's rows
+        self.batch = ActivationBatch({HOOK: torch.randn(batch_size, d, generator=generator)[share]},
+                                     torch.zeros(batch_size, dtype=torch.long)[share], torch.arange(batch_size)[share])
 
     def __iter__(self):
         while True:
@@ -88,6 +92,61 @@ def tokens_per_s(steps_by_name: dict, steps: int, rounds: int, batch: int) -> di
     return {name: batch * steps / seconds for name, seconds in best.items()}
 
 
+def rank_worker(shape: dict, steps: int) -> None:
+    """One rank (or the only process) of a --ranks timing: `steps` data-parallel steps between two barriers;
+    rank 0 prints the global tokens/s."""
+    from saelab import distributed
+
+    world = distributed.init()
+    source = RandomActivations(shape["d"], shape["batch"], rank=world.rank, world_size=world.size)
+    config = TrainConfig(tokens=shape["batch"] * 10_000, batch_size=shape["batch"], dead_tokens=shape["batch"])
+    trainer = Trainer(source, [SAESpec(width=shape["n"], k=shape["k"])], config, progress=False)
+    for _ in range(3):
+        trainer.train_on(source.batch)
+    world.barrier()
+    started = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_on(source.batch)
+    world.barrier()
+    if world.main:
+        print(shape["batch"] * steps / (time.perf_counter() - started))
+    distributed.finish()
+
+
+def ranks_tokens_per_s(shape: dict, steps: int, world: int) -> float:
+    """Tokens/s of `world` gloo ranks on one torch thread each (as torchrun starts them), or of one process on all
+    the machine's threads (world=1): fresh processes, their start-up not timed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, __file__, *[f"--{key}={value}" for key, value in shape.items()], f"--steps={steps}",
+            "--rank-worker"]
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ)
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [proc.communicate() for proc in procs]
+    if procs[0].returncode:
+        raise SystemExit(f"the {world}-rank timing failed: {outputs[0][1].strip().splitlines()[-1:]}")
+    return float(outputs[0][0].strip().splitlines()[-1])
+
+
+def compare_ranks(shape: dict, steps: int, rounds: int, world: int) -> None:
+    """--ranks: data-parallel throughput beside one process, rounds interleaved; the best round of each counts."""
+    best = {1: 0.0, world: 0.0}
+    for round_ in range(rounds):
+        for size in best:
+            best[size] = max(best[size], ranks_tokens_per_s(shape, steps, size))
+            print(f"round {round_ + 1}: {size} process(es): {best[size]:,.0f} tokens/s (best so far)", flush=True)
+    print(f"{'processes':<34}{'tokens/s':>12}\n{'1 (all threads)':<34}{best[1]:>12,.0f}\n"
+          f"{f'{world} gloo ranks (1 thread each)':<34}{best[world]:>12,.0f}")
+    print(f"RESULT ranks={world} one_process_tok_s={best[1]:.0f} ranks_tok_s={best[world]:.0f} "
+          f"speedup={best[world] / best[1]:.3f} cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f}")
+
+
 def peak_memory_of(kernel: str, shape: dict, arch: str = "topk") -> float:
     """Peak resident memory (GB) of a fresh process that builds the trainer and runs a few steps on `kernel`."""
     args = [f"--{key}={value}" for key, value in shape.items()] + [f"--arch={arch}"]
@@ -130,13 +189,22 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep n and k (saelab, ceiling, sparsify)")
     parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "matryoshka"],
                         help="the architecture saelab trains (the references run TopK only, so only with topk)")
+    parser.add_argument("--ranks", type=int, default=None,
+                        help="time this many data-parallel gloo ranks (TopK) beside one process, instead")
     parser.add_argument("--memory-of", choices=["auto", "dense"], help=argparse.SUPPRESS)  # used by peak_memory_of
+    parser.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)  # used by ranks_tokens_per_s
     args = parser.parse_args()
 
     shape = dict(d=args.d, n=args.n, k=args.k, batch=args.batch)
+    if args.rank_worker:
+        rank_worker(shape, args.steps)
+        return
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"{args.arch} SAE fp32, Adam, AuxK on; d={args.d} n={args.n} k={args.k} batch={args.batch}, "
           f"{args.steps} steps")
+    if args.ranks:
+        compare_ranks(shape, args.steps, args.rounds, args.ranks)
+        return
     if args.memory_of:
         step = saelab_step(**shape, kernel=args.memory_of, arch=args.arch)
         step()

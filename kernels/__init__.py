@@ -6,6 +6,11 @@ TopK codes are (indices [N, k] int64, values [N, k]); W_enc [d, n], b_enc [n], W
     *codes, aux_idx, aux_val = topk_encode_with_aux(x, W_enc, b_enc, k, dead, k_aux)  # + AuxK's pick, same matmul
     x_hat = sparse_decode(indices, values, W_dec)            # sum_j values[:, j] * W_dec[indices[:, j]]
 
+A batch-level top-k (k*N over the whole batch) gives CSR codes, a variable number of latents per row (`csr`):
+
+    offsets, indices, values, cut, aux_idx, aux_val = batch_topk_encode(x, W_enc, b_enc, k)
+    x_hat = sparse_decode_csr(offsets, indices, values, W_dec)
+
 Both are autograd functions whose backward passes cost O(N k d): the encoder's dense x @ W_enc is the only
 O(N n d) work of a training step. `kernel=` picks the backend:
 
@@ -20,7 +25,9 @@ O(N n d) work of a training step. `kernel=` picks the backend:
 
 from . import reference
 from .api import KERNELS, resolve_kernel, sparse_decode, topk_encode, topk_encode_with_aux, triton_available
+from .csr import batch_topk_encode, sparse_decode_csr
 
 __all__ = [
-    "KERNELS", "reference", "resolve_kernel", "sparse_decode", "topk_encode", "topk_encode_with_aux", "triton_available",
+    "KERNELS", "batch_topk_encode", "reference", "resolve_kernel", "sparse_decode", "sparse_decode_csr", "topk_encode",
+    "topk_encode_with_aux", "triton_available",
 ]

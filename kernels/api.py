@@ -142,19 +142,28 @@ class TopKEncode(torch.autograd.Function):
         g *= values > 0
         if needs_x:  # sparse(g) @ W_enc^T: gather the selected columns of W_enc
             grad_x = ops.gather_sum(indices, g, W_enc.T, out_dtype=x.dtype)
-        if needs_W or needs_b or needs_center:  # (x - center)^T @ sparse(g), and the per-latent sums of g
-            csr = by_latent(indices, n)
-            sums_needed = needs_b or needs_center or (needs_W and center is not None)
-            grad_Wt, wsum = ops.segment_sum(csr, g, x, n, out_dtype=W_enc.dtype, weight_sum=sums_needed)
-            if needs_W:
-                if center is not None:
-                    grad_Wt.addr_(wsum.to(W_enc.dtype), center.to(W_enc.dtype), alpha=-1)
-                grad_W = grad_Wt.T  # [d, n] view of the [n, d] result
-            if needs_b:
-                grad_b = wsum.to(W_enc.dtype)
-            if needs_center:
-                grad_center = -(W_enc.to(wsum.dtype) @ wsum).to(center.dtype)
+        if needs_W or needs_b or needs_center:
+            grad_W, grad_b, grad_center = encoder_weight_grads(
+                ops, by_latent(indices, n), g, x, W_enc, center, needs_W, needs_b, needs_center)
         return grad_x, grad_W, grad_b, grad_center, None, None, None, None, None, None
+
+
+def encoder_weight_grads(ops, csr, g, x, W_enc, center, needs_W, needs_b, needs_center):
+    """(grad W_enc, grad b_enc, grad center) of pre = (x - center) @ W_enc + b_enc from the sparse gradient g of
+    pre, whose entries `csr` groups by latent: (x - center)^T @ sparse(g) and the per-latent sums of g."""
+    n = W_enc.shape[1]
+    grad_W = grad_b = grad_center = None
+    sums_needed = needs_b or needs_center or (needs_W and center is not None)
+    grad_Wt, wsum = ops.segment_sum(csr, g, x, n, out_dtype=W_enc.dtype, weight_sum=sums_needed)
+    if needs_W:
+        if center is not None:
+            grad_Wt.addr_(wsum.to(W_enc.dtype), center.to(W_enc.dtype), alpha=-1)
+        grad_W = grad_Wt.T  # [d, n] view of the [n, d] result
+    if needs_b:
+        grad_b = wsum.to(W_enc.dtype)
+    if needs_center:
+        grad_center = -(W_enc.to(wsum.dtype) @ wsum).to(center.dtype)
+    return grad_W, grad_b, grad_center
 
 
 def _fuses(ops, x: torch.Tensor, W_enc: torch.Tensor, k: int) -> bool:
@@ -204,6 +213,13 @@ def _check_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tens
         lo, hi = int(indices.min()), int(indices.max())  # a device sync on GPUs: pass check_indices=False to skip
         if lo < 0 or hi >= n:
             raise IndexError(f"indices must lie in [0, {n}) for W_dec with {n} latents, got values in [{lo}, {hi}]")
+
+
+def check_workspace(name: str, workspace, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    if workspace is not None and (tuple(workspace.shape) != shape or workspace.dtype != dtype
+                                  or workspace.device != device):
+        raise ValueError(f"{name} must be a {list(shape)} {dtype} tensor on {device}, got "
+                         f"{list(workspace.shape)} {workspace.dtype} on {workspace.device}")
 
 
 def _check_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, center=None) -> None:
@@ -337,11 +353,7 @@ def _encode(x, W_enc, b_enc, k, kernel, sorted, center, aux_columns, k_aux, work
     name = resolve_kernel(kernel, x.device)
     lead, d = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, d)
-    if workspace is not None:
-        wanted = (x2.shape[0], W_enc.shape[1])
-        if tuple(workspace.shape) != wanted or workspace.dtype != x.dtype or workspace.device != x.device:
-            raise ValueError(f"workspace must be a {list(wanted)} {x.dtype} tensor on {x.device}, got "
-                             f"{list(workspace.shape)} {workspace.dtype} on {workspace.device}")
+    check_workspace("workspace", workspace, (x2.shape[0], W_enc.shape[1]), x.dtype, x.device)
     if name == "dense":
         outs = reference.dense_topk_encode(x2, W_enc, b_enc, k, sorted=sorted, center=center,
                                            aux_columns=aux_columns, k_aux=k_aux)

@@ -34,10 +34,31 @@ class LatentCSR:
 def by_latent(indices: torch.Tensor, n: int) -> LatentCSR:
     """Group the entries of TopK indices [N, k] by latent id in [0, n)."""
     k = indices.shape[1]
-    flat = indices.reshape(-1).long()
-    latents, order = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n)
-    offsets = torch.zeros(n + 1, dtype=torch.long, device=indices.device)
-    torch.cumsum(counts, dim=0, out=offsets[1:])
+    latents, order, offsets = _sorted(indices.reshape(-1).long(), n)
     rows = torch.div(order, k, rounding_mode="floor") if k > 0 else order
     return LatentCSR(latents=latents, order=order, rows=rows, offsets=offsets)
+
+
+def entries_by_latent(latents: torch.Tensor, rows: torch.Tensor, n: int) -> LatentCSR:
+    """Group a flat list of code entries (latent id, batch row) [nnz] by latent: codes with a variable number of
+    latents per row (a batch-level selection), where the row of an entry is not its position // k."""
+    latents, order, offsets = _sorted(latents.long(), n)
+    return LatentCSR(latents=latents, order=order, rows=rows.long()[order], offsets=offsets)
+
+
+def row_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """[n_rows + 1] CSR offsets of entries sorted by row: row b owns entries offsets[b]:offsets[b + 1]."""
+    offsets = torch.zeros(n_rows + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), dim=0, out=offsets[1:])
+    return offsets
+
+
+def entry_rows(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The row of each of the nnz entries of CSR `offsets` [N + 1] (the inverse of row_offsets)."""
+    counts = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(torch.arange(len(counts), device=offsets.device), counts, output_size=nnz)
+
+
+def _sorted(flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    latents, order = torch.sort(flat, stable=True)
+    return latents, order, row_offsets(flat, n)

@@ -16,7 +16,9 @@ import torch
 
 __all__ = [
     "acc_dtype",
+    "dense_batch_topk_encode",
     "dense_decode",
+    "dense_decode_csr",
     "dense_topk_encode",
     "gather_sum_reference",
     "sddmm_reference",
@@ -72,6 +74,51 @@ def dense_topk_encode(
     return indices, values, aux_columns[local], aux_values
 
 
+def dense_decode_csr(offsets: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor):
+    """out[b] = sum over row b's entries e (offsets[b]:offsets[b+1]) of values[e] * W_dec[indices[e]], via the
+    dense code matrix."""
+    acc = acc_dtype(values.dtype, W_dec.dtype)
+    N = len(offsets) - 1
+    rows = torch.repeat_interleave(torch.arange(N, device=offsets.device), offsets.diff())
+    codes = torch.zeros(N, W_dec.shape[0], dtype=acc, device=values.device)
+    codes = codes.index_put((rows, indices.long()), values.to(acc), accumulate=True)
+    return (codes @ W_dec.to(acc)).to(values.dtype)
+
+
+def dense_batch_topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    k: int,
+    center: torch.Tensor | None = None,
+    aux_columns: torch.Tensor | None = None,
+    k_aux: int = 0,
+):
+    """Batch top-k: the k*N largest entries of relu((x - center) @ W_enc + b_enc) over the whole batch (all of the
+    positive ones when there are fewer), as CSR rows, by sorting. Returns (offsets [N + 1], indices [nnz], values
+    [nnz], cut, aux_indices, aux_values); cut lies halfway between the smallest value kept and the largest left
+    out (0 when every positive entry is kept); the aux selection is dense_topk_encode's."""
+    if center is not None:
+        x = x - center
+    pre = torch.relu(x @ W_enc + b_enc)
+    N, n = pre.shape
+    flat = pre.detach().flatten()
+    ranked = flat.argsort(descending=True, stable=True)
+    positive = int((flat > 0).sum())
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[ranked[: min(k * N, positive)]] = True
+    cut = (flat[ranked[k * N - 1]] + flat[ranked[k * N]]) / 2 if positive > k * N else flat.new_zeros(())
+    rows, cols = keep.view(N, n).nonzero(as_tuple=True)
+    offsets = torch.zeros(N + 1, dtype=torch.long, device=x.device)
+    offsets[1:] = torch.bincount(rows, minlength=N).cumsum(0)
+    if aux_columns is None:
+        aux_indices, aux_values = cols.new_zeros(N, 0), pre.new_zeros(N, 0)
+    else:
+        aux_values, local = pre[:, aux_columns].topk(k_aux, dim=-1)
+        aux_indices = aux_columns[local]
+    return offsets, cols, pre[rows, cols], cut, aux_indices, aux_values
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Primitives (what each Triton kernel / fast torch path computes)
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,3 +171,23 @@ def segment_sum_reference(
     S = S.scatter_add(1, indices.long(), weights.to(acc))
     out = S.T @ table.to(acc)
     return out.to(out_dtype or table.dtype), S.sum(dim=0)
+
+
+def gather_sum_csr_reference(offsets: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                             table: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`gather_sum` with a variable number of entries per row: out[b] = sum_{e in offsets[b]:offsets[b+1]}
+    weights[e] * table[indices[e]] ([N + 1], [nnz], [nnz], [n, d] -> [N, d])."""
+    acc = acc_dtype(weights.dtype, table.dtype)
+    rows = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=offsets.device), offsets.diff())
+    out = torch.zeros(len(offsets) - 1, table.shape[1], dtype=acc, device=table.device)
+    out.index_add_(0, rows, weights.to(acc).unsqueeze(-1) * table.to(acc)[indices.long()])
+    return out.to(out_dtype or weights.dtype)
+
+
+def sddmm_csr_reference(offsets: torch.Tensor, indices: torch.Tensor, a: torch.Tensor, table: torch.Tensor,
+                        out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`sddmm` with a variable number of entries per row: out[e] = <a[b], table[indices[e]]> for entry e of row b."""
+    acc = acc_dtype(a.dtype, table.dtype)
+    rows = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=offsets.device), offsets.diff())
+    out = (table.to(acc)[indices.long()] * a.to(acc)[rows]).sum(-1)
+    return out.to(out_dtype or a.dtype)

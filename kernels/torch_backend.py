@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .layout import LatentCSR
+from .layout import LatentCSR, entry_rows
 from .reference import acc_dtype
 
 NAME = "torch"
@@ -89,6 +89,42 @@ def _sddmm_gather_bmm(indices: torch.Tensor, a: torch.Tensor, table: torch.Tenso
         rows = table[indices[s : s + step].long()].to(cd)  # [c, k, d]
         out[s : s + step] = torch.bmm(rows, a[s : s + step].to(cd).unsqueeze(-1)).squeeze(-1)
     return out
+
+
+def gather_sum_csr(
+    offsets: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """out[b] = sum_{e in offsets[b]:offsets[b+1]} weights[e] * table[indices[e]]   (a variable number of latents
+    per row: [N + 1], [nnz], [nnz], [n, d] -> [N, d])."""
+    cd = _compute_dtype(weights.dtype, table.dtype)
+    if indices.numel() == 0:
+        return torch.zeros(len(offsets) - 1, table.shape[1], dtype=out_dtype, device=table.device)
+    out = F.embedding_bag(indices.long(), table.to(cd).contiguous(), offsets, per_sample_weights=weights.to(cd),
+                          mode="sum", include_last_offset=True)
+    return out.to(out_dtype)
+
+
+def sddmm_csr(
+    offsets: torch.Tensor, indices: torch.Tensor, a: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """out[e] = <a[b], table[indices[e]]> for each entry e of row b   ([N + 1], [nnz], [N, d], [n, d] -> [nnz])."""
+    nnz = indices.numel()
+    if nnz == 0:
+        return torch.zeros(0, dtype=out_dtype, device=a.device)
+    cd = acc_dtype(a.dtype, table.dtype)
+    if a.device.type == "cpu":
+        with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            pattern = torch.sparse_csr_tensor(offsets, indices.long(), torch.zeros(nnz, dtype=cd),
+                                              (len(offsets) - 1, table.shape[0]), check_invariants=False)
+            out = torch.sparse.sampled_addmm(pattern, a.to(cd).contiguous(), table.to(cd).contiguous().T, beta=0.0)
+        return out.values().to(out_dtype)
+    rows = entry_rows(offsets, nnz)
+    out = torch.empty(nnz, dtype=cd, device=a.device)
+    step = max(1, (1 << 25) // max(1, table.shape[1]))
+    for s in range(0, nnz, step):  # chunks bound the [chunk, d] gathers
+        out[s : s + step] = (table[indices[s : s + step].long()].to(cd) * a[rows[s : s + step]].to(cd)).sum(-1)
+    return out.to(out_dtype)
 
 
 def segment_sum(

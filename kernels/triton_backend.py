@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import torch_backend
 from .layout import LatentCSR
 
 NAME = "triton"
@@ -228,6 +229,28 @@ def gather_sum(
             BLOCK_P=_block_p(k), BLOCK_D=BLOCK_D,
         )  # fmt: skip
     return out
+
+
+def gather_sum_csr(
+    offsets: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """out[b] = sum_{e in offsets[b]:offsets[b+1]} weights[e] * table[indices[e]]: `_bag_kernel` with one CSR
+    segment per row (-> [N, d])."""
+    N, d = len(offsets) - 1, table.shape[1]
+    out = torch.empty(N, d, dtype=out_dtype, device=table.device)
+    if N == 0 or d == 0 or indices.numel() == 0:
+        return out.zero_()
+    BLOCK_D = _block_d(d)
+    with _on(out.device):
+        _bag_kernel[(N, triton.cdiv(d, BLOCK_D))](
+            out, out, table, indices.contiguous(), weights.contiguous(), offsets.contiguous(),
+            0, d, table.stride(0), table.stride(1), out.stride(0),
+            FIXED_K=False, HAS_WSUM=False, ACC=_acc(weights.dtype, table.dtype), BLOCK_P=32, BLOCK_D=BLOCK_D,
+        )  # fmt: skip
+    return out
+
+
+sddmm_csr = torch_backend.sddmm_csr  # a chunked gather + dot on the GPU (no Triton kernel of its own yet)
 
 
 def segment_sum(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saelab.kernels import sparse_decode, topk_encode, topk_encode_with_aux
+from saelab.kernels import batch_topk_encode, sparse_decode_csr
 
 from .base import SAE, SAEConfig, TrainOutput, mse_of, wide
 from .jumprelu import JumpReLUSAE
@@ -29,30 +29,14 @@ def batch_topk(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(flat).scatter_(0, indices, values).view_as(acts)
 
 
-def keep_batch_top(values: Tensor, budget: int) -> tuple[Tensor, Tensor]:
-    """(mask, cut) of the `budget` largest entries of the flat `values` (all of them if fewer). cut lies halfway
-    between the smallest kept value and the largest one left out, so a JumpReLU with that threshold makes the same
-    choice on this batch (0 when there are no more values than the budget)."""
-    if budget >= values.numel():
-        return torch.ones_like(values, dtype=torch.bool), values.new_zeros(())
-    top = values.topk(budget + 1, sorted=False)
-    last = top.values.argmin()  # the largest value left out
-    keep = torch.zeros_like(values, dtype=torch.bool)
-    keep[top.indices] = True
-    keep[top.indices[last]] = False
-    smallest_kept = top.values.masked_fill(torch.arange(budget + 1, device=values.device) == last, float("inf")).min()
-    return keep, (smallest_kept + top.values[last]) / 2
-
-
 @dataclass
 class Selection:
-    """A batch selection in two parts: each row's top candidates as (indices, values) [N, c] with the values left
-    out zeroed, and the full code rows [len(rows), width] of the few `rows` that needed more than c latents."""
+    """A batch selection as CSR codes: row b holds latents indices[offsets[b]:offsets[b + 1]] with those values;
+    cut as in saelab.kernels.csr.keep_batch_top; AuxK's [N, k_aux] pick among the dead latents when any are dead."""
 
+    offsets: Tensor
     indices: Tensor
     values: Tensor
-    rows: Tensor
-    dense: Tensor
     cut: Tensor
     aux_indices: Tensor | None = None
     aux_values: Tensor | None = None
@@ -60,13 +44,13 @@ class Selection:
     def fired(self, width: int) -> Tensor:
         fired = torch.zeros(width, dtype=torch.bool, device=self.values.device)
         fired[self.indices[self.values.detach() > 0]] = True
-        return fired | (self.dense.detach() > 0).any(0)
+        return fired
 
     def l0(self) -> Tensor:
-        return ((self.values.detach() > 0).sum() + (self.dense.detach() > 0).sum()).float() / max(1, len(self.values))
+        return (self.values.detach() > 0).sum().float() / max(1, len(self.offsets) - 1)
 
     def smallest(self) -> Tensor | None:
-        kept = torch.cat([self.values.detach()[self.values.detach() > 0], self.dense.detach()[self.dense.detach() > 0]])
+        kept = self.values.detach()[self.values.detach() > 0]
         return kept.min() if kept.numel() else None
 
 
@@ -91,61 +75,33 @@ class BatchTopKSAE(SAE):
 class BatchTopKTraining(TopKTraining):
     """loss = mse + AuxK(dead), on the sparse kernels like TopK: no [N, width] code matrix is formed.
 
-    The batch selection is exact and made in one pass. The encoder's top-k kernel gives each row its `candidates`
-    largest latents and the k*N largest of all candidates are picked. A row whose candidates were all picked might
-    have more above the cut (real activations have rare tokens that take thousands of latents), so those few rows
-    are encoded in full and the pick is made again over the union. `candidates` doubles while more than 1 row in 64
-    needs that. Each loss() under grad mode also updates the running threshold (torch.no_grad() calls do not).
+    The batch selection is exact and gives each token as many latents as it takes (CSR codes, see
+    saelab.kernels.csr): a threshold from a sample of rows, then a top-k among the entries above it. Each loss()
+    under grad mode also updates the running threshold (torch.no_grad() calls do not).
     """
+
+    _mask: Tensor | None = None  # the selection's [N, width] bool buffer, kept across steps like _workspace
 
     def __init__(self, sae: BatchTopKSAE):
         super().__init__(sae)
         self.threshold = wide(torch.zeros((), dtype=sae.dtype, device=sae.device))
         self.threshold_updates = 0
-        self.candidates = min(sae.cfg.width, 4 * sae.cfg.k)
 
     def select(self, x: Tensor, dead_ids: Tensor) -> Selection:
-        sae, width, c = self.sae, self.cfg.width, self.candidates
-        options = dict(sorted=False, center=sae.b_dec, workspace=self._workspace(x))
-        aux_indices = aux_values = None
-        if len(dead_ids):
-            indices, values, aux_indices, aux_values = topk_encode_with_aux(
-                x, sae.W_enc, sae.b_enc, c, dead_ids, min(self.k_aux, len(dead_ids)), self.kernel, **options)
-        else:
-            indices, values = topk_encode(x, sae.W_enc, sae.b_enc, c, self.kernel, **options)
-        budget = self.cfg.k * len(x)
-        keep, cut = keep_batch_top(values.detach().flatten(), budget)
-        keep = keep.view_as(values)
-        # the cut among candidates is at most the true one, so a row with a candidate below it is complete
-        saturated = keep.all(1) & (values.detach().amin(1) > 0) if c < width else keep.new_zeros(len(x))
-        rows = saturated.nonzero().squeeze(1)
-        dense = values.new_zeros(0, width)
-        if len(rows):
-            dense = sae.pre_acts(x[rows]).relu()
-            pool = torch.cat([values.detach().masked_fill(saturated[:, None], float("-inf")).flatten(),
-                              dense.detach().flatten()])
-            keep_all, cut = keep_batch_top(pool, budget)
-            keep = keep_all[: values.numel()].view_as(values)
-            dense = dense * keep_all[values.numel():].view_as(dense)
-            if len(rows) * 64 > len(x):
-                self.candidates = min(width, 2 * c)
-        # keep only as many columns as the busiest row needs: decode and its backward then cost what was picked
-        used = int(keep.sum(1).max()) if len(x) else 0
-        if used < c:
-            columns = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :max(1, used)]
-            indices, values, keep = indices.gather(1, columns), values.gather(1, columns), keep.gather(1, columns)
-        return Selection(indices, values * keep, rows, dense, cut, aux_indices, aux_values)
+        sae, workspace = self.sae, self._workspace(x)
+        if workspace is not None and (self._mask is None or self._mask.shape != workspace.shape
+                                      or self._mask.device != workspace.device):
+            self._mask = torch.empty(workspace.shape, dtype=torch.bool, device=workspace.device)
+        aux = dict(aux_columns=dead_ids, k_aux=min(self.k_aux, len(dead_ids))) if len(dead_ids) else {}
+        offsets, indices, values, cut, aux_indices, aux_values = batch_topk_encode(
+            x, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, center=sae.b_dec, workspace=workspace,
+            mask_workspace=self._mask if workspace is not None else None, **aux)
+        return Selection(offsets, indices, values, cut, aux_indices, aux_values)
 
-    def decode(self, selection: Selection, start: int = 0, end: int | None = None) -> Tensor:
-        """What the selected latents in [start, end) add to x_hat (no b_dec): sparse rows plus the full ones."""
-        W_dec, end = self.sae.W_dec, self.cfg.width if end is None else end
-        values = selection.values
-        if (start, end) != (0, self.cfg.width):
-            values = values * ((selection.indices >= start) & (selection.indices < end))
-        out = sparse_decode(selection.indices, values, W_dec, self.kernel)
-        if len(selection.rows):
-            out = out.index_add(0, selection.rows, selection.dense[:, start:end] @ W_dec[start:end])
-        return out
+    def decode(self, selection: Selection) -> Tensor:
+        """What the selected latents add to x_hat (no b_dec)."""
+        return sparse_decode_csr(selection.offsets, selection.indices, selection.values, self.sae.W_dec, self.kernel,
+                                 check_indices=False)
 
     def reconstruction(self, x: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor | None]:
         """(loss term, x_hat, per-prefix mse or None); Matryoshka overrides this."""
@@ -164,12 +120,11 @@ class BatchTopKTraining(TopKTraining):
         return TrainOutput(loss=recon + aux, mse=mse_of(x, x_hat).detach(), aux_loss=aux.detach(),
                            sparsity_loss=recon.new_zeros(()), l0=selection.l0(), fired=selection.fired(self.cfg.width),
                            x_hat=x_hat.detach(), prefix_mse=prefix_mse,
-                           extras={"threshold": self.threshold.clone(), "batch_cut": wide(selection.cut.detach()),
-                                   "full_rows": torch.tensor(float(len(selection.rows)))})
+                           extras={"threshold": self.threshold.clone(), "batch_cut": wide(selection.cut.detach())})
 
     @torch.no_grad()
     def _update_threshold(self, selection: Selection):
-        """threshold <- d * threshold + (1 - d) * this batch's cut (see keep_batch_top), in the units the trained SAE
+        """threshold <- d * threshold + (1 - d) * this batch's cut (see kernels.csr.keep_batch_top), in the units the trained SAE
         sees (export and fold_input_scale carry it to raw units). d = min(threshold_decay, 1 - 1 / (1 + n / 10))
         after n updates: the mean covers about the last tenth of the run so far, so a short run's threshold follows
         the final weights rather than the first batches (the cut drifts by half while an SAE trains)."""

@@ -11,6 +11,9 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from saelab.kernels import sparse_decode_csr
+from saelab.kernels.layout import entry_rows, row_offsets
+
 from .base import SAEConfig, mse_of
 from .batchtopk import BatchTopKSAE, BatchTopKTraining, Selection
 from .registry import register
@@ -42,15 +45,20 @@ class MatryoshkaSAE(BatchTopKSAE):
 
 class MatryoshkaTraining(BatchTopKTraining):
     """loss = sum over prefixes m of mse(x, codes[:, :m] @ W_dec[:m] + b_dec) + AuxK(dead), on the sparse kernels:
-    each group's share of the batch selection is decoded on its own and added to the previous prefix's x_hat."""
+    one decode gives every group's part of each row (the selection's CSR rows split at the group boundaries, which
+    is free: a row's latents are in ascending order), and prefix reconstructions are their cumulative sums."""
 
     def reconstruction(self, x: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
-        x_hat = self.sae.b_dec.expand_as(x)
-        start, mses = 0, []
-        for end in self.sae.prefix_ends:
-            x_hat = x_hat + self.decode(selection, start, end)
+        ends = self.sae.prefix_ends
+        groups, N = len(ends), len(x)
+        rows = entry_rows(selection.offsets, selection.indices.numel())
+        group = torch.bucketize(selection.indices, selection.indices.new_tensor(ends[:-1]), right=True)
+        parts = sparse_decode_csr(row_offsets(rows * groups + group, N * groups), selection.indices,
+                                  selection.values, self.sae.W_dec, self.kernel, check_indices=False)
+        x_hat, mses = self.sae.b_dec, []
+        for part in parts.view(N, groups, -1).unbind(1):  # one [N, d] sum per prefix (unbind: one backward buffer)
+            x_hat = x_hat + part
             mses.append(mse_of(x, x_hat))
-            start = end
         mses = torch.stack(mses)
         return mses.sum(), x_hat, mses.detach()
 

@@ -204,3 +204,33 @@ def test_two_ranks_share_the_model_forwards_of_a_live_stream(tiny_model_dir, tmp
     assert [rc for rc, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
     assert_same_weights(saved(tmp_path / "one"), saved(tmp_path / "two"))
     assert [r["tokens"] for r in log_lines(tmp_path / "two")] == [r["tokens"] for r in log_lines(tmp_path / "one")]
+
+
+@pytest.mark.slow  # a longer cache, killed midway: kept out of the fast tier's minute
+def test_a_killed_cache_rank_stops_the_other_and_a_rerun_keeps_the_listed_shards(tiny_model, tiny_model_dir, tmp_path):
+    out = tmp_path / "two"
+    args = ["cache", "--model", str(tiny_model_dir), "--hooks", HOOK, "--out", str(out), "--tokens", "16000",
+            "--shard-tokens", "256", "--context-len", "32"]
+    procs = launch(args, tmp_path)
+    deadline = time.monotonic() + 120
+    listed = []
+    while len(listed) < 8 and time.monotonic() < deadline and procs[0].poll() is None:
+        try:
+            listed = Manifest.read(out).shards
+        except Exception:  # not written yet
+            pass
+        time.sleep(0.05)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    (rc, output), _ = finish(procs, tmp_path, timeout=90)
+    assert rc == 2 and "the other ranks stopped answering" in output
+    kept = {s.index: s.sha256 for s in Manifest.read(out).shards}
+    assert {1, 3, 5} <= kept.keys()  # rank 1's shards were listed as the run went
+    assert main(args) == 0  # one process finishes it, recomputing only what is not listed
+    finished = Manifest.read(out)
+    assert finished.complete and all(kept[s.index] == s.sha256 for s in finished.shards if s.index in kept)
+    reference = tmp_path / "one"
+    cache_activations(tiny_model, HOOK, reference, text=TextConfig(context_len=32), tokens=16000, shard_tokens=256,
+                      progress=False)
+    for a, b in zip(Manifest.read(reference).shards, finished.shards, strict=True):
+        x, y = load_file(reference / a.file), load_file(out / b.file)
+        assert all(torch.equal(x[k], y[k]) for k in x)

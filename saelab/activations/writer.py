@@ -3,8 +3,8 @@
 Resumable by construction: contexts come from a deterministic stream and shard i holds a fixed slice of it, so a
 second run with the same arguments recomputes exactly the shards that are missing or damaged, and nothing else.
 The same property spreads a run over torchrun's ranks: rank r computes and writes shards r, r + N, ...; rank 0
-alone opens the run and writes the manifest (after each of its own shards, and with everyone's at the end), so the
-cache is the one a single process writes, and a single process reads it as usual.
+alone opens the run and writes the manifest (listing every rank's finished shards every LIST_EVERY_ROUNDS rounds
+and at the end), so the cache is the one a single process writes, and a single process reads it as usual.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from saelab.errors import CacheError, DataError
 from saelab.files import LOCK_FILE, FolderLock, remove_owned, write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LIST_EVERY_ROUNDS = 2
+"""Distributed: rank 0 lists every rank's finished shards in the manifest every this many rounds of one shard per
+rank, so a run killed midway keeps them (each listing waits for the rank's last write)."""
 
 
 def cache_activations(
@@ -113,6 +116,10 @@ def _write_shards(model, hooks, out: Path, manifest: Manifest, contexts, text: T
     with ThreadPoolExecutor(max_workers=1) as io:  # serialise + hash + write the last shard while computing the next
         pending: Future | None = None
         for index in range(manifest.n_shards):
+            if world.distributed and index and index % (LIST_EVERY_ROUNDS * world.size) == 0:
+                if pending is not None:
+                    pending.result()
+                _list_every_ranks_shards(out, manifest, todo, world)
             chunk = list(islice(contexts, manifest.expected_contexts(index)))
             if len(chunk) < manifest.expected_contexts(index):  # the text ran out: the cache ends here
                 manifest.exhausted_at = index * manifest.shard_contexts + len(chunk)
@@ -123,16 +130,24 @@ def _write_shards(model, hooks, out: Path, manifest: Manifest, contexts, text: T
             tensors = _compute_shard(model, hooks, batches, dtype, index)
             if pending is not None:
                 pending.result()
-            pending = io.submit(_write_shard, out, manifest, index, len(chunk), tensors, world.main)
+            pending = io.submit(_write_shard, out, manifest, index, len(chunk), tensors, not world.distributed)
             pending.add_done_callback(lambda _: bar.update())
         if pending is not None:
             pending.result()
     bar.close()
-    if world.distributed:  # rank 0 lists every rank's shards, then all return the finished manifest
-        theirs = [ShardRecord(**record) for part in world.gather_json([vars(s) for s in manifest.shards if s.index in todo])
-                  for record in part]
-        mine = {s.index for s in theirs}
-        manifest.shards = sorted([s for s in manifest.shards if s.index not in mine] + theirs, key=lambda s: s.index)
+    if world.distributed:
+        _list_every_ranks_shards(out, manifest, todo, world)
+    else:
+        manifest.write(out)
+
+
+def _list_every_ranks_shards(out: Path, manifest: Manifest, mine: set[int], world: distributed.World) -> None:
+    """Every rank's finished shards into every rank's manifest (rank `r` sends those of `mine` it wrote); rank 0
+    writes it."""
+    theirs = [ShardRecord(**record) for part in world.gather_json([vars(s) for s in manifest.shards if s.index in mine])
+              for record in part]
+    listed = {s.index for s in theirs}
+    manifest.shards = sorted([s for s in manifest.shards if s.index not in listed] + theirs, key=lambda s: s.index)
     if world.main:
         manifest.write(out)
 
@@ -261,5 +276,5 @@ def _write_shard(out: Path, manifest: Manifest, index: int, n_contexts: int, ten
     record = ShardRecord(index, name, n_contexts, int(tensors["positions"].numel()), len(payload),
                          hashlib.sha256(payload).hexdigest())
     manifest.shards = sorted([s for s in manifest.shards if s.index != index] + [record], key=lambda s: s.index)
-    if list_it:  # rank 0 (or the only process); the other ranks' shards are listed when all are done
+    if list_it:  # a single process; distributed ranks' shards are listed by _list_every_ranks_shards
         manifest.write(out)

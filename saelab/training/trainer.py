@@ -226,7 +226,7 @@ class Trainer:
         rows = self._rows(batch) * (self.world.size if self.data_parallel else 1)
         if not self._started:
             self._initialise(batch)
-        outputs = [self._train_step(member, batch.acts[member.hook]) if member in self.mine else None
+        outputs = [self._train_step(member, batch.acts[member.hook]) if any(member is m for m in self.mine) else None
                    for member in self.members]
         self.step += 1
         self.tokens += rows

@@ -154,12 +154,17 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_one_process(cache,
     assert [r["step"] for r in log_lines(out)] == list(range(5, 61, 5))
 
 
-def test_ranks_started_with_different_settings_are_refused(cache, tmp_path):
+def test_ranks_started_with_different_settings_are_refused(cache, tiny_model_dir, tmp_path):
     args = ["train", "--acts", str(cache), *TRAIN, "--tokens", str(4 * 64), "--out", str(tmp_path / "run")]
     results = finish(launch(args, tmp_path, per_rank=lambda r: ["--lr", f"{1e-3 * (r + 1)}"]), tmp_path)
     for rank, (rc, output) in enumerate(results):
         assert rc == 2 and "ranks were started with different training settings" in output, output[-2000:]
     assert not (tmp_path / "run" / "checkpoint").exists()
+    args = ["cache", "--model", str(tiny_model_dir), "--hooks", HOOK, "--out", str(tmp_path / "acts")]
+    results = finish(launch(args, tmp_path, per_rank=lambda r: ["--tokens", str(1000 * (r + 1))]), tmp_path)
+    for rank, (rc, output) in enumerate(results):
+        assert rc == 2 and "ranks were started with different cache settings" in output, output[-2000:]
+    assert not (tmp_path / "acts").exists()
 
 
 def test_saes_spread_over_ranks_train_as_in_one_process_and_batchtopk_refuses_data_parallel(cache, tmp_path):

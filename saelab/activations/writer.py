@@ -76,6 +76,7 @@ def cache_activations(
     )
     out = Path(out)
     world = distributed.current()
+    world.check_same([fresh.run, fresh.target_contexts, str(out), overwrite], "cache settings")
     with contextlib.ExitStack() as held:
         def open_run():  # on rank 0 alone: the folder's checks, its lock, the manifest and the shards still to do
             _check_folder(out, overwrite)  # before the lock, which would leave a lock file in a folder we must not touch

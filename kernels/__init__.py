@@ -10,6 +10,7 @@ A batch-level top-k (k*N over the whole batch) gives CSR codes, a variable numbe
 
     offsets, indices, values, cut, aux_idx, aux_val = batch_topk_encode(x, W_enc, b_enc, k)
     x_hat = sparse_decode_csr(offsets, indices, values, W_dec)
+    offsets, indices, values = threshold_encode(x, W_enc, b_enc, threshold)   # ReLU / JumpReLU codes, as CSR
 
 Both are autograd functions whose backward passes cost O(N k d): the encoder's dense x @ W_enc is the only
 O(N n d) work of a training step. `kernel=` picks the backend:
@@ -25,9 +26,9 @@ O(N n d) work of a training step. `kernel=` picks the backend:
 
 from . import reference
 from .api import KERNELS, resolve_kernel, sparse_decode, topk_encode, topk_encode_with_aux, triton_available
-from .csr import batch_topk_encode, sparse_decode_csr
+from .csr import batch_topk_encode, sparse_decode_csr, threshold_encode
 
 __all__ = [
     "KERNELS", "batch_topk_encode", "reference", "resolve_kernel", "sparse_decode", "sparse_decode_csr", "topk_encode",
-    "topk_encode_with_aux", "triton_available",
+    "threshold_encode", "topk_encode_with_aux", "triton_available",
 ]

@@ -15,6 +15,7 @@ dense_batch_topk_encode`, `reference.dense_decode_csr`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,7 +25,7 @@ from . import reference
 from .api import _check_decode, _check_encode, _ops, check_workspace, encoder_weight_grads, resolve_kernel
 from .layout import entries_by_latent, entry_rows, row_offsets
 
-__all__ = ["batch_topk_encode", "keep_batch_top", "sparse_decode_csr"]
+__all__ = ["batch_topk_encode", "keep_batch_top", "sparse_decode_csr", "threshold_encode"]
 
 SAMPLE_STRIDE = 1021
 """Every 1021st pre-activation of the batch (a prime, so the sample walks across columns) estimates the threshold."""
@@ -60,7 +61,7 @@ def _thresholds(flat: torch.Tensor, budget: int):
 
 
 @torch.no_grad()
-def select_batch_top(pre: torch.Tensor, budget: int, mask: torch.Tensor | None = None):
+def select_batch_top(pre: torch.Tensor, mask: torch.Tensor | None = None, *, budget: int):
     """(rows, cols, values, cut) of the `budget` largest positive entries of pre [N, n], row-major (see
     keep_batch_top for cut). Usually one pass over pre: the entries above a threshold (into `mask`, a reused bool
     buffer, when given), lowered until more than `budget` are, then a top-k among those few."""
@@ -101,12 +102,22 @@ class SparseDecodeCSR(torch.autograd.Function):
         return None, None, grad_values, grad_W, None
 
 
-class BatchTopKEncode(torch.autograd.Function):
-    """CSR codes of the k*N largest entries of relu((x - center) @ W_enc + b_enc), and optionally AuxK's top-k_aux
-    among the `aux_columns` of each row (as topk_encode_with_aux). Backward touches only the selected entries."""
+@torch.no_grad()
+def select_above(pre: torch.Tensor, mask: torch.Tensor | None = None, *, threshold: torch.Tensor | float):
+    """(rows, cols, values, 0) of the entries of pre [N, n] above `threshold` (a float or [n], >= 0), row-major."""
+    above = torch.gt(pre, threshold, out=mask) if mask is not None else pre > threshold
+    where = above.view(-1).nonzero().squeeze(1)
+    rows = torch.div(where, pre.shape[1], rounding_mode="floor")
+    return rows, where - rows * pre.shape[1], pre.view(-1)[where], pre.new_zeros(())
+
+
+class CSREncode(torch.autograd.Function):
+    """CSR codes of the entries of relu((x - center) @ W_enc + b_enc) that `select` picks (the k*N largest of the
+    batch, or those above a threshold), and optionally AuxK's top-k_aux among the `aux_columns` of each row (as
+    topk_encode_with_aux). Backward touches only the selected entries."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, center, k, aux_columns, k_aux, workspace, mask, ops):
+    def forward(ctx, x, W_enc, b_enc, center, select, aux_columns, k_aux, workspace, mask, ops):
         bias = b_enc if center is None else torch.addmv(b_enc, W_enc.T, center, alpha=-1)
         pre = torch.addmm(bias, x, W_enc, out=workspace) if workspace is not None else torch.addmm(bias, x, W_enc)
         N = len(x)
@@ -116,7 +127,7 @@ class BatchTopKEncode(torch.autograd.Function):
             aux_values, local = pre.index_select(1, aux_columns).topk(k_aux, dim=1, sorted=False)
             aux_indices = aux_columns[local]
             aux_values.clamp_(min=0)
-        rows, cols, values, cut = select_batch_top(pre, k * N, mask)
+        rows, cols, values, cut = select(pre, mask)
         offsets = row_offsets(rows, N)
         ctx.ops = ops
         ctx.save_for_backward(x, W_enc, center, offsets, rows, cols, values, aux_indices, aux_values)
@@ -211,5 +222,37 @@ def batch_topk_encode(
     name = resolve_kernel(kernel, x.device)
     if name == "dense":
         return reference.dense_batch_topk_encode(x, W_enc, b_enc, k, center, aux_columns, k_aux)
-    return BatchTopKEncode.apply(x, W_enc, b_enc, center, k, aux_columns, k_aux, workspace, mask_workspace,
-                                 _ops(name))
+    select = functools.partial(select_batch_top, budget=k * len(x))
+    return CSREncode.apply(x, W_enc, b_enc, center, select, aux_columns, k_aux, workspace, mask_workspace, _ops(name))
+
+
+def threshold_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    threshold: torch.Tensor | float,
+    kernel: str = "auto",
+    *,
+    center: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
+    mask_workspace: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of (x - center) @ W_enc + b_enc above `threshold` (a float or an [n] tensor, >= 0, not
+    differentiated) as CSR codes (offsets [N + 1], indices [nnz], values [nnz]): the sparse codes of a ReLU (0) or
+    JumpReLU SAE. Gradients flow through values to x, W_enc, b_enc and center, touching only the nnz entries."""
+    _check_encode(x, W_enc, b_enc, 1, center)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, d], got shape {tuple(x.shape)}")
+    if isinstance(threshold, torch.Tensor) and (threshold.shape not in ((), (W_enc.shape[1],)) or threshold.requires_grad):
+        raise ValueError(f"threshold must be a float or a [{W_enc.shape[1]}] tensor without grad, got "
+                         f"{tuple(threshold.shape)}")
+    shape = (x.shape[0], W_enc.shape[1])
+    check_workspace("workspace", workspace, shape, x.dtype, x.device)
+    check_workspace("mask_workspace", mask_workspace, shape, torch.bool, x.device)
+    name = resolve_kernel(kernel, x.device)
+    if name == "dense":
+        return reference.dense_threshold_encode(x, W_enc, b_enc, threshold, center)
+    select = functools.partial(select_above, threshold=threshold)
+    offsets, indices, values, *_ = CSREncode.apply(x, W_enc, b_enc, center, select, None, 0, workspace,
+                                                   mask_workspace, _ops(name))
+    return offsets, indices, values

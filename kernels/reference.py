@@ -19,6 +19,7 @@ __all__ = [
     "dense_batch_topk_encode",
     "dense_decode",
     "dense_decode_csr",
+    "dense_threshold_encode",
     "dense_topk_encode",
     "gather_sum_reference",
     "sddmm_reference",
@@ -117,6 +118,16 @@ def dense_batch_topk_encode(
         aux_values, local = pre[:, aux_columns].topk(k_aux, dim=-1)
         aux_indices = aux_columns[local]
     return offsets, cols, pre[rows, cols], cut, aux_indices, aux_values
+
+
+def dense_threshold_encode(x, W_enc, b_enc, threshold, center=None):
+    """(offsets, indices, values): the entries of (x - center) @ W_enc + b_enc above `threshold` (float or [n]),
+    as CSR rows, with plain autograd through the dense pre-activations."""
+    pre = (x if center is None else x - center) @ W_enc + b_enc
+    rows, cols = (pre.detach() > threshold).nonzero(as_tuple=True)
+    offsets = torch.zeros(len(x) + 1, dtype=torch.long, device=x.device)
+    offsets[1:] = torch.bincount(rows, minlength=len(x)).cumsum(0)
+    return offsets, cols, pre[rows, cols]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 
 from reference_speed import peak_rss_gb  # a sibling script (scripts/ is on the path when run as a script)
 from saelab.activations import ActivationBatch
+from saelab.sae import sae_class
 from saelab.training import SAESpec, TrainConfig, Trainer
 
 HOOK = "bench"
@@ -58,10 +59,21 @@ def saelab_step(d: int, n: int, k: int, batch: int, kernel: str, arch: str = "to
     dead_tokens is one batch, so latents that miss a step are dead for the next and AuxK runs on them."""
     source = RandomActivations(d, batch)
     config = TrainConfig(tokens=batch * 10_000, batch_size=batch, kernel=kernel, dead_tokens=batch)
-    trainer = Trainer(source, [SAESpec(arch=arch, width=n, k=k)], config, progress=False)
+    takes_k = sae_class(arch).takes_k
+    spec = SAESpec(arch=arch, width=n, k=k) if takes_k else SAESpec(arch=arch, width=n, options={"target_l0": k})
+    trainer = Trainer(source, [spec], config, progress=False)
     for _ in range(3):  # the first call also initialises b_dec (geometric median) and the input scale
         trainer.train_on(source.batch)
+        if arch == "relu":  # as when the steered L1 has brought it near its target (a fresh ReLU SAE fires half)
+            at_target_l0(trainer.members[0].sae, source.batch.acts[HOOK] * trainer.members[0].sae.cfg.input_scale, k)
     return lambda: trainer.train_on(source.batch)
+
+
+@torch.no_grad()
+def at_target_l0(sae, x: torch.Tensor, l0: int) -> None:
+    """Shift each latent's encoder bias so that it fires on l0 / width of the batch's tokens."""
+    rank = max(1, round(len(x) * (1 - l0 / sae.cfg.width)))
+    sae.b_enc.sub_(sae.pre_acts(x).kthvalue(rank, dim=0).values)
 
 
 def ceiling_step(d: int, n: int, k: int, batch: int, reuse_buffer: bool = True):
@@ -187,8 +199,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timings per implementation; the best one counts")
     parser.add_argument("--ref-python", default=None, help="python of a venv with eai-sparsify and sae-lens")
     parser.add_argument("--sweep", action="store_true", help="also sweep n and k (saelab, ceiling, sparsify)")
-    parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "matryoshka"],
-                        help="the architecture saelab trains (the references run TopK only, so only with topk)")
+    parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "relu"],
+                        help="the architecture saelab trains (the references run TopK only, so only with topk); "
+                             "jumprelu and relu run at L0 = k (thresholds from the first batch, ReLU biases shifted)")
     parser.add_argument("--ranks", type=int, default=None,
                         help="time this many data-parallel gloo ranks (TopK) beside one process, instead")
     parser.add_argument("--memory-of", choices=["auto", "dense"], help=argparse.SUPPRESS)  # used by peak_memory_of

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import saelab.kernels.csr as csr
-from saelab.kernels import batch_topk_encode, reference, sparse_decode_csr, torch_backend
+from saelab.kernels import batch_topk_encode, reference, sparse_decode_csr, threshold_encode, torch_backend
 from saelab.kernels.layout import entries_by_latent, entry_rows, row_offsets
 from saelab.kernels.testing import assert_close
 
@@ -106,7 +106,7 @@ def test_threshold_lowered_when_the_sample_misses_the_busy_entries(monkeypatch):
     tried = []
     original = csr._thresholds
     monkeypatch.setattr(csr, "_thresholds", lambda flat, budget: (tried.append(t) or t for t in original(flat, budget)))
-    rows, cols, values, cut = csr.select_batch_top(pre, k * N, torch.empty(N, n, dtype=torch.bool))
+    rows, cols, values, cut = csr.select_batch_top(pre, torch.empty(N, n, dtype=torch.bool), budget=k * N)
     assert tried[-1] == 0.0 and len(tried) >= 2
     keep = sorted_batch_top(pre, k)
     assert torch.equal(torch.stack([rows, cols], 1), keep.nonzero())
@@ -116,7 +116,7 @@ def test_threshold_lowered_when_the_sample_misses_the_busy_entries(monkeypatch):
 def test_fewer_positive_entries_than_the_budget_keeps_them_all():
     pre = -torch.ones(4, 10, dtype=torch.float64)
     pre[1, 3], pre[2, 7] = 0.5, 0.25
-    rows, cols, values, cut = csr.select_batch_top(pre, 8)
+    rows, cols, values, cut = csr.select_batch_top(pre, budget=8)
     assert rows.tolist() == [1, 2] and cols.tolist() == [3, 7] and float(cut) == 0.0
     assert values.tolist() == [0.5, 0.25]
 
@@ -129,3 +129,22 @@ def test_encode_input_errors():
         batch_topk_encode(x, W, b, 2, mask_workspace=torch.empty(3, 9))
     with pytest.raises(ValueError, match="k_aux"):
         batch_topk_encode(x, W, b, 2, aux_columns=torch.tensor([1]), k_aux=2)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "dense"])
+@pytest.mark.parametrize("per_latent", [False, True])
+def test_threshold_encode_keeps_the_entries_above_and_differentiates_like_dense(kernel, per_latent):
+    g = torch.Generator().manual_seed(3)
+    N, d, n = 9, 5, 12
+    x = torch.randn(N, d, generator=g, dtype=torch.float64)
+    W, b, c = (torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True) for s in ((d, n), (n,), (d,)))
+    threshold = torch.rand(n, generator=g, dtype=torch.float64) if per_latent else 0.0
+    offsets, indices, values = threshold_encode(x, W, b, threshold, kernel, center=c)
+    pre = (x - c) @ W + b
+    above = pre.detach() > threshold
+    assert 0 < int(above.sum()) < N * n
+    assert torch.equal(offsets, row_offsets(above.nonzero()[:, 0], N)) and torch.equal(indices, above.nonzero()[:, 1])
+    weights = torch.randn(len(values), generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((values * weights).sum(), (W, b, c))
+    for got, want in zip(ours, torch.autograd.grad((pre[above] * weights).sum(), (W, b, c))):
+        torch.testing.assert_close(got, want)

@@ -5,11 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
-def test_bench_train_prints_a_result_line():
-    args = ["--d", "32", "--n", "256", "--k", "4", "--batch", "64", "--steps", "1", "--rounds", "1"]
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_bench_train_prints_a_result_line(arch):
+    args = ["--d", "32", "--n", "256", "--k", "4", "--batch", "64", "--steps", "1", "--rounds", "1", f"--arch={arch}"]
     proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), *args], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -459,6 +459,7 @@ class Training:
 
     def __init__(self, sae: SAE):
         self.sae = sae
+        self._buffers: dict[str, Tensor] = {}  # [N, width] step buffers kept across steps (sparse_codes.reused)
 
     @property
     def cfg(self) -> SAEConfig:

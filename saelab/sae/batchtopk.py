@@ -18,6 +18,7 @@ from saelab.kernels import batch_topk_encode, sparse_decode_csr
 from .base import SAE, SAEConfig, TrainOutput, mse_of, wide
 from .jumprelu import JumpReLUSAE
 from .registry import register
+from .sparse_codes import sparse_summary, reused
 from .topk import TopKTraining
 
 
@@ -40,14 +41,6 @@ class Selection:
     cut: Tensor
     aux_indices: Tensor | None = None
     aux_values: Tensor | None = None
-
-    def fired(self, width: int) -> Tensor:
-        fired = torch.zeros(width, dtype=torch.bool, device=self.values.device)
-        fired[self.indices[self.values.detach() > 0]] = True
-        return fired
-
-    def l0(self) -> Tensor:
-        return (self.values.detach() > 0).sum().float() / max(1, len(self.offsets) - 1)
 
     def smallest(self) -> Tensor | None:
         kept = self.values.detach()[self.values.detach() > 0]
@@ -80,8 +73,6 @@ class BatchTopKTraining(TopKTraining):
     under grad mode also updates the running threshold (torch.no_grad() calls do not).
     """
 
-    _mask: Tensor | None = None  # the selection's [N, width] bool buffer, kept across steps like _workspace
-
     def __init__(self, sae: BatchTopKSAE):
         super().__init__(sae)
         self.threshold = wide(torch.zeros((), dtype=sae.dtype, device=sae.device))
@@ -89,13 +80,11 @@ class BatchTopKTraining(TopKTraining):
 
     def select(self, x: Tensor, dead_ids: Tensor) -> Selection:
         sae, workspace = self.sae, self._workspace(x)
-        if workspace is not None and (self._mask is None or self._mask.shape != workspace.shape
-                                      or self._mask.device != workspace.device):
-            self._mask = torch.empty(workspace.shape, dtype=torch.bool, device=workspace.device)
+        mask = None if workspace is None else reused(self._buffers, "mask", workspace.shape, torch.bool, x.device)
         aux = dict(aux_columns=dead_ids, k_aux=min(self.k_aux, len(dead_ids))) if len(dead_ids) else {}
         offsets, indices, values, cut, aux_indices, aux_values = batch_topk_encode(
             x, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, center=sae.b_dec, workspace=workspace,
-            mask_workspace=self._mask if workspace is not None else None, **aux)
+            mask_workspace=mask, **aux)
         return Selection(offsets, indices, values, cut, aux_indices, aux_values)
 
     def decode(self, selection: Selection) -> Tensor:
@@ -117,8 +106,9 @@ class BatchTopKTraining(TopKTraining):
                else wide(recon.new_zeros(())))
         if torch.is_grad_enabled():
             self._update_threshold(selection)
+        l0, fired = sparse_summary(selection.indices, selection.values, len(x), self.cfg.width)
         return TrainOutput(loss=recon + aux, mse=mse_of(x, x_hat).detach(), aux_loss=aux.detach(),
-                           sparsity_loss=recon.new_zeros(()), l0=selection.l0(), fired=selection.fired(self.cfg.width),
+                           sparsity_loss=recon.new_zeros(()), l0=l0, fired=fired,
                            x_hat=x_hat.detach(), prefix_mse=prefix_mse,
                            extras={"threshold": self.threshold.clone(), "batch_cut": wide(selection.cut.detach())})
 

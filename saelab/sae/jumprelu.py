@@ -20,8 +20,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from saelab.kernels import sparse_decode_csr
+
 from .base import SAE, SAEConfig, SparsityCoefficient, Training, TrainOutput, mse_of, summarise, wide
 from .registry import register
+from .sparse_codes import ThresholdCodes, sparse_summary
 
 
 START_L0_FACTOR = 3.0
@@ -101,7 +104,7 @@ class JumpReLUSAE(SAE):
         return folded
 
 
-class JumpReLUTraining(Training):
+class JumpReLUTraining(ThresholdCodes, Training):
     """loss = mse + l0(step) * mean_tokens sum_i H(z_i - theta_i); the coefficient warms up linearly (or is steered
     to cfg.target_l0)."""
 
@@ -126,15 +129,30 @@ class JumpReLUTraining(Training):
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
         sae, cfg = self.sae, self.cfg
         x = self._flat(x)
-        z = sae.pre_acts(x).relu()
-        theta = sae.threshold
-        codes = jumprelu(z, theta, cfg.jumprelu_bandwidth)
-        x_hat = sae.decode(codes)
+        theta, eps = sae.threshold, cfg.jumprelu_bandwidth
+        # Sparse: only entries with z > theta - eps/2 carry a value or a gradient (the rectangle kernel is zero
+        # below); with a threshold under eps/2, every z = 0 would, so that step is dense.
+        lower = theta.detach() - eps / 2
+        sparse = self._sparse_step() and bool((lower > 0).all())
+        if sparse:
+            offsets, indices, z = self._above(x, lower)
+            theta = theta[indices]
+            sparse = len(indices) > 0
+        if sparse:
+            codes = jumprelu(z, theta, eps)
+            x_hat = sparse_decode_csr(offsets, indices, codes, sae.W_dec, self.kernel, check_indices=False) + sae.b_dec
+            l0_smooth = wide(heaviside(z, theta, eps)).sum() / len(x)
+            l0, fired = sparse_summary(indices, codes, len(x), cfg.width)
+        else:
+            z = sae.pre_acts(x).relu()
+            codes = jumprelu(z, sae.threshold, eps)
+            x_hat = sae.decode(codes)
+            l0_smooth = wide(heaviside(z, sae.threshold, eps)).sum(-1).mean()
+            l0, fired = summarise(codes)
         mse = mse_of(x, x_hat)
-        l0_smooth = wide(heaviside(z, theta, cfg.jumprelu_bandwidth)).sum(-1).mean()
         coefficient = self.coefficient.at(step)
         sparsity = coefficient * l0_smooth
-        l0, fired = summarise(codes)
+        self._seen(l0)
         self.coefficient.observe(step, l0, mse.detach(), l0_smooth.detach(), self.across_ranks)
         return TrainOutput(loss=mse + sparsity, mse=mse.detach(), aux_loss=mse.new_zeros(()),
                            sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach(),

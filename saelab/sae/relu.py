@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from saelab.kernels import sparse_decode_csr
+
 from .base import SAE, SparsityCoefficient, Training, TrainOutput, mse_of, summarise, wide
 from .registry import register
+from .sparse_codes import ThresholdCodes, sparse_summary
 
 
 @register("relu")
@@ -22,7 +25,7 @@ class ReLUSAE(SAE):
         return pre.relu()
 
 
-class ReLUTraining(Training):
+class ReLUTraining(ThresholdCodes, Training):
     """loss = mse + l1(step) * mean_tokens sum_i |f_i| * ||W_dec[i]||, l1 warming up linearly (or steered to
     cfg.target_l0)."""
 
@@ -34,13 +37,21 @@ class ReLUTraining(Training):
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
         sae = self.sae
         x = self._flat(x)
-        codes = sae.encode(x)
-        x_hat = sae.decode(codes)
+        norms = wide(sae.W_dec).norm(dim=1)
+        if self._sparse_step():  # codes as CSR: the positive pre-activations
+            offsets, indices, values = self._above(x, 0.0)
+            x_hat = sparse_decode_csr(offsets, indices, values, sae.W_dec, self.kernel, check_indices=False) + sae.b_dec
+            l1 = (wide(values) * norms[indices]).sum() / max(1, len(x))
+            l0, fired = sparse_summary(indices, values, len(x), self.cfg.width)
+        else:
+            codes = sae.encode(x)
+            x_hat = sae.decode(codes)
+            l1 = (wide(codes).abs() * norms).sum(-1).mean()
+            l0, fired = summarise(codes)
         mse = mse_of(x, x_hat)
-        l1 = (wide(codes).abs() * wide(sae.W_dec).norm(dim=1)).sum(-1).mean()
         coefficient = self.coefficient.at(step)
         sparsity = coefficient * l1
-        l0, fired = summarise(codes)
+        self._seen(l0)
         self.coefficient.observe(step, l0, mse.detach(), l1.detach(), self.across_ranks)
         return TrainOutput(loss=mse + sparsity, mse=mse.detach(), aux_loss=mse.new_zeros(()),
                            sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach(),

@@ -1,9 +1,16 @@
-"""Quality comparison (issue 3): saelab's TopK SAE against SAELens and EleutherAI sparsify on the same cached
-activations, with the same width, k, batch size, token budget and batch sequence, scored by FVU on the same
-held-out rows.
+"""Quality comparison (issues 3, 15): a saelab SAE against SAELens and EleutherAI sparsify on the same cached
+activations, with the same architecture, width, k, batch size, token budget and batch sequence, scored by FVU on
+the same held-out rows (and, with --ce-tokens, by CE loss recovered with each saved SAE spliced into the model).
 
-    python scripts/compare_quality.py [--tokens 1228800] [--width 4608] [--k 32] [--batch-size 4096]
+    python scripts/compare_quality.py [--arch topk] [--tokens 1228800] [--width 4608] [--k 32] [--batch-size 4096]
         [--train-cache runs/quickstart/acts] [--heldout-cache runs/heldout-acts] [--ref-python /work/ref-venv/bin/python]
+        [--ce-tokens 4096]
+
+--arch batchtopk | matryoshka | jumprelu | relu compare with SAELens's implementation of the same architecture
+(sparsify has only TopK). For jumprelu and relu, --k is saelab's target_l0 and --saelens-coefficient SAELens's
+L0 / L1 coefficient (tune it so that SAELens lands near k). Every trained SAE is saved under <work-dir>/<impl>
+in its own library's format; the CE scoring loads all of them through saelab's loaders (saelab.hub.load_sae),
+so one code path scores all three. --score-only adds CE to an earlier run's results.json without training.
 
 The batch sequence is the one saelab's ActivationStore gives (seed 0, shuffled, epochs repeated until the budget is
 spent); it is written to <work-dir>/order.safetensors and scripts/reference_train.py (run with --ref-python, a venv
@@ -63,31 +70,70 @@ def batch_order(store: ActivationStore, steps: int) -> torch.Tensor:
     return torch.stack(rows).long()
 
 
+def saelab_spec(args) -> SAESpec:
+    """The saelab SAE to train: --arch at --k (target_l0 for the architectures steered to an L0), with any
+    --saelab-option KEY=VALUE added to SAESpec.options."""
+    options = dict(args.saelab_option)
+    if args.arch in ("jumprelu", "relu"):
+        options.setdefault("target_l0", float(args.k))
+        return SAESpec(arch=args.arch, width=args.width, lr=args.saelab_lr, options=options)
+    return SAESpec(arch=args.arch, width=args.width, k=args.k, lr=args.saelab_lr, options=options)
+
+
+def reconstruct_with(sae):
+    """reconstruct(x) -> (x_hat, l0 per token) for heldout_metrics; TopK on its sparse path, the rest dense."""
+    def reconstruct(x):
+        if hasattr(sae, "encode_topk"):
+            indices, values = sae.encode_topk(x)
+            return sae.decode_topk(indices, values), (values > 0).sum(-1)
+        codes = sae.encode(x)
+        return sae.decode(codes), (codes != 0).sum(-1)
+
+    return reconstruct
+
+
 def run_saelab(store, args, heldout, ref) -> dict:
-    spec = SAESpec(arch="topk", width=args.width, k=args.k, lr=args.saelab_lr)
+    spec = saelab_spec(args)
     config = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, seed=args.seed,
                          lr_warmup_steps=args.saelab_warmup, lr_decay_fraction=args.saelab_decay_fraction,
                          normalize_activations=not args.saelab_no_normalize, b_dec_init=args.saelab_b_dec_init,
+                         adam_betas=tuple(args.saelab_betas),
                          **({"dead_tokens": args.saelab_dead_tokens} if args.saelab_dead_tokens else {}))
     started = time.perf_counter()
     trained = train(store, [spec], config, progress=False)[0]
     seconds = time.perf_counter() - started
     sae = trained.sae.eval()
-
-    def reconstruct(x):
-        indices, values = sae.encode_topk(x)
-        return sae.decode_topk(indices, values), (values > 0).sum(-1)
-
+    sae.save(args.work_dir / "saelab")  # what the CE scoring loads
     import saelab
 
     settings = {"lr": spec.learning_rate, "lr_warmup_steps": config.warmup_steps,
                 "lr_decay_fraction": config.lr_decay_fraction, "adam_betas": list(config.adam_betas),
                 "normalize_activations": config.normalize_activations, "b_dec_init": config.b_dec_init,
-                "dead_window_tokens": config.dead_window, "auxk_coefficient": sae.cfg.auxk_coefficient,
-                "k_aux": sae.cfg.k_aux or sae.cfg.d_in // 2}
-    return {"impl": "saelab", "version": saelab.__version__, "seconds": seconds, "steps": trained.steps,
-            "tokens": trained.steps * args.batch_size, "settings": settings,
-            **ref.heldout_metrics(reconstruct, heldout)}
+                "dead_window_tokens": config.dead_window, "options": spec.options,
+                "auxk_coefficient": sae.cfg.auxk_coefficient, "k_aux": sae.cfg.k_aux or sae.cfg.d_in // 2}
+    return {"impl": "saelab", "version": saelab.__version__, "arch": args.arch, "seconds": seconds,
+            "steps": trained.steps, "tokens": trained.steps * args.batch_size, "settings": settings,
+            "folder": str(args.work_dir / "saelab"), **ref.heldout_metrics(reconstruct_with(sae), heldout)}
+
+
+def add_ce_recovered(results: list[dict], args, hook: str) -> None:
+    """CE loss recovered of every saved SAE (saelab's, SAELens's, sparsify's), loaded by saelab.hub.load_sae and
+    scored by saelab.eval.spliced_metrics on the same held-out contexts of --ce-text."""
+    from saelab.eval import spliced_metrics
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    model = load_model(args.ce_model)
+    for result in results:
+        if not result.get("folder"):
+            continue
+        sae = load_sae(result["folder"])
+        started = time.perf_counter()
+        spliced = spliced_metrics(sae, model, args.ce_text, hook=hook, tokens=args.ce_tokens)
+        result.update(ce_loss_recovered=spliced.ce_loss_recovered, ce_sae=spliced.ce_sae, ce_clean=spliced.ce_clean,
+                      ce_zero=spliced.ce_zero, kl_sae=spliced.kl_sae, ce_predictions=spliced.n_predictions)
+        print(f"{result['impl']}: CE recovered {spliced.ce_loss_recovered:.4f} on {spliced.n_predictions} "
+              f"predictions ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
 def run_references(order_file: Path, args) -> list[dict]:
@@ -101,7 +147,10 @@ def run_references(order_file: Path, args) -> list[dict]:
     json_out.unlink(missing_ok=True)
     command = [str(ref_python), str(REFERENCE), "--train-cache", str(args.train_cache), "--heldout-cache",
                str(args.heldout_cache), "--order", str(order_file), "--width", str(args.width), "--k", str(args.k),
-               "--seed", str(args.seed), "--impls", args.impls, "--json-out", str(json_out)]
+               "--seed", str(args.seed), "--impls", args.impls, "--json-out", str(json_out), "--arch", args.arch,
+               "--save-dir", str(order_file.parent)]
+    if args.saelens_coefficient is not None:
+        command += ["--saelens-coefficient", str(args.saelens_coefficient)]
     print("running:", " ".join(command), file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=sys.stderr, cwd=ROOT)  # its progress goes to our stderr
     results = json.loads(json_out.read_text()) if json_out.exists() else []
@@ -114,14 +163,28 @@ def fmt(value, spec=".4f") -> str:
     return "na" if value is None else format(value, spec)
 
 
+def key_value(text: str) -> tuple[str, object]:
+    """--saelab-option KEY=VALUE, the value read as JSON when it parses (numbers, null) and as a string otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
     parser.add_argument("--train-cache", type=Path, default=ROOT / "runs/quickstart/acts")
     parser.add_argument("--heldout-cache", type=Path, default=ROOT / "runs/heldout-acts",
                         help="make it with: saelab cache --model smollm2-135m --hooks blocks.15.hook_resid_post "
                              "--text /work/shared/data/wikitext-2-raw/wiki.test.raw --tokens 20k --out runs/heldout-acts")
     parser.add_argument("--width", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", type=int, default=32, help="k, or saelab's target_l0 for jumprelu and relu")
+    parser.add_argument("--saelens-coefficient", type=float, default=None,
+                        help="SAELens's l1 (relu) / l0 (jumprelu) coefficient; default: SAELens's own")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=300 * 4096, help="training tokens per SAE (a multiple of batch)")
     parser.add_argument("--seed", type=int, default=0, help="SAE initialisation seed (all three)")
@@ -138,6 +201,15 @@ def main() -> None:
     parser.add_argument("--saelab-no-normalize", action="store_true")
     parser.add_argument("--saelab-b-dec-init", default=TrainConfig.b_dec_init)
     parser.add_argument("--saelab-dead-tokens", type=int, default=None)
+    parser.add_argument("--saelab-betas", type=float, nargs=2, default=TrainConfig.adam_betas, metavar=("B1", "B2"))
+    parser.add_argument("--saelab-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="an SAESpec option, e.g. auxk_coefficient=0 (repeatable)")
+    # CE loss recovered of the saved SAEs, all scored by saelab.eval on held-out text
+    parser.add_argument("--ce-tokens", type=int, default=0, help="held-out positions for CE recovered (0: skip)")
+    parser.add_argument("--ce-model", default="smollm2-135m")
+    parser.add_argument("--ce-text", default="/work/shared/data/wikitext-2-raw/wiki.test.raw")
+    parser.add_argument("--score-only", action="store_true",
+                        help="no training: add CE recovered (--ce-tokens) to <work-dir>/results.json")
     args = parser.parse_args()
     if args.tokens % args.batch_size:
         parser.error("--tokens must be a multiple of --batch-size (every library then takes the same steps)")
@@ -146,6 +218,15 @@ def main() -> None:
     ref = _reference_module()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     store = ActivationStore(args.train_cache, batch_size=args.batch_size)  # what train(cache_path, ...) builds
+    results_file = args.json_out or args.work_dir / "results.json"
+    if args.score_only:
+        if not args.ce_tokens:
+            parser.error("--score-only needs --ce-tokens")
+        results = json.loads(results_file.read_text())
+        add_ce_recovered(results, args, store.hooks[0])
+        results_file.write_text(json.dumps(results, indent=1))
+        report(results, args, ref)
+        return
     order = batch_order(store, steps)
     order_file = args.work_dir / "order.safetensors"
     save_file({"rows": order}, order_file)
@@ -158,17 +239,26 @@ def main() -> None:
     if results:
         print(json.dumps(results[0]), file=sys.stderr, flush=True)
     results += run_references(order_file, args)
-    (args.json_out or args.work_dir / "results.json").write_text(json.dumps(results, indent=1))
+    results_file.write_text(json.dumps(results, indent=1))
+    if args.ce_tokens:
+        add_ce_recovered(results, args, hook)
+        results_file.write_text(json.dumps(results, indent=1))
+    report(results, args, ref)
 
+
+def report(results: list[dict], args, ref) -> None:
+    """The table, then one RESULT line."""
     by_impl = {r["impl"]: r for r in results}
-    header = f"{'implementation':<16}{'width':>7}{'k':>5}{'tokens':>10}{'FVU':>9}{'FVU typ.':>10}{'L0':>7}{'seconds':>9}"
+    header = (f"{'implementation':<16}{'arch':>11}{'width':>7}{'k':>5}{'tokens':>10}{'FVU':>9}{'FVU typ.':>10}"
+              f"{'CE rec.':>9}{'L0':>7}{'seconds':>9}")
     print(header)
     print("-" * len(header))
     for impl in ["saelab", *filter(None, args.impls.split(","))]:
         r = by_impl.get(impl)
         name = f"{impl} {r['version']}" if r else impl
-        print(f"{name:<16}{args.width:>7}{args.k:>5}{args.tokens:>10}{fmt(r and r['fvu']):>9}"
-              f"{fmt(r and r['fvu_typical']):>10}{fmt(r and r['l0'], '.1f'):>7}{fmt(r and r['seconds'], '.0f'):>9}")
+        print(f"{name:<16}{args.arch:>11}{args.width:>7}{args.k:>5}{args.tokens:>10}{fmt(r and r['fvu']):>9}"
+              f"{fmt(r and r['fvu_typical']):>10}{fmt(r and r.get('ce_loss_recovered')):>9}"
+              f"{fmt(r and r['l0'], '.1f'):>7}{fmt(r and r['seconds'], '.0f'):>9}")
     if results:
         r = results[0]
         print(f"(held-out: {r['heldout_tokens']} tokens; FVU typ. leaves out {r['massive_tokens']} massive-activation "

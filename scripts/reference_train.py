@@ -1,6 +1,7 @@
-"""Reference TopK SAEs for the quality comparison (issue 3): SAELens and EleutherAI sparsify, trained on the same
+"""Reference SAEs for the quality comparison (issues 3, 15): SAELens and EleutherAI sparsify, trained on the same
 cached activations, the same rows in the same order and the same budget as saelab, then scored on the same held-out
-rows. Runs in a separate virtual environment (SAELens pins transformer-lens < 4), so it imports nothing from saelab:
+rows. --arch picks the architecture: topk (both libraries), or batchtopk, matryoshka, jumprelu, relu (SAELens's
+batchtopk, matryoshka_batchtopk, jumprelu and standard SAEs; sparsify has only TopK). Runs in a separate virtual environment (SAELens pins transformer-lens < 4), so it imports nothing from saelab:
 
     python3 -m venv /work/ref-venv
     /work/ref-venv/bin/pip install torch==2.13.0          # the CPU wheel first, so pip keeps it
@@ -12,14 +13,18 @@ Usually scripts/compare_quality.py writes the order file and runs this for you.
 
 Both libraries are driven through their own public training code, with their own defaults for everything the
 comparison does not fix (width, k, batch size, tokens, data order, init seed):
-  - SAELens: `TopKTrainingSAE(TopKTrainingSAEConfig(...))` stepped by `sae_lens.training.sae_trainer.SAETrainer`
-    (the trainer that `LanguageModelSAETrainingRunner` uses) fed from an iterator over the given batches.
+  - SAELens: `TopKTrainingSAE(TopKTrainingSAEConfig(...))` (or the --arch's training class) stepped by
+    `sae_lens.training.sae_trainer.SAETrainer` (the trainer that `LanguageModelSAETrainingRunner` uses) fed from an
+    iterator over the given batches. The SAE that is scored is the inference SAE SAELens saves
+    (`save_inference_model`; BatchTopK and Matryoshka are saved as JumpReLU), loaded back with `SAE.load_from_disk`.
   - sparsify: `sparsify.Trainer` itself (its hook-based loop: b_dec init, decoder renormalisation, parallel-gradient
     removal, optimiser, dead-latent bookkeeping, checkpointing), driven by a stand-in "model" whose only submodule
     returns cached activation rows for the row indices it is given as input_ids. The SAE that is scored is the
     one sparsify saves to disk at the end of training (schedule-free optimisers save their averaged weights).
 
-The metrics are shared with compare_quality.py (it imports `heldout_metrics` and `load_rows` from this file).
+With --save-dir, each library's saved SAE stays in <save-dir>/<impl> (its own format) for compare_quality.py's CE
+scoring through saelab's loaders. The metrics are shared with compare_quality.py (it imports `heldout_metrics` and
+`load_rows` from this file).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -82,17 +88,47 @@ def batches(acts: torch.Tensor, order: torch.Tensor):
         yield acts[rows]
 
 
+def saved_folder(args, impl: str) -> Path:
+    """Where `impl`'s saved SAE stays (--save-dir), or a temporary folder removed at exit."""
+    root = Path(args.save_dir) if args.save_dir else Path(tempfile.mkdtemp(prefix="reference-"))
+    folder = root / impl
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
 # -- SAELens
+def saelens_config(args, d_in: int):
+    """SAELens's training config for --arch: its own defaults, with width, k (or the coefficient) and no
+    input normalisation unless asked. Matryoshka gets saelab's default nested widths (width/16, /8, /4, /2, 1)."""
+    import sae_lens
+
+    common = dict(d_in=d_in, d_sae=args.width, device="cpu", dtype="float32",
+                  normalize_activations=args.saelens_normalize)
+    if args.arch == "topk":
+        return sae_lens.TopKTrainingSAEConfig(k=args.k, **common)
+    if args.arch == "batchtopk":
+        return sae_lens.BatchTopKTrainingSAEConfig(k=args.k, **common)
+    if args.arch == "matryoshka":
+        widths = [args.width // 2**i for i in range(4, 0, -1)] + [args.width]
+        return sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(k=args.k, matryoshka_widths=widths, **common)
+    coefficient = {} if args.saelens_coefficient is None else (
+        {"l0_coefficient": args.saelens_coefficient} if args.arch == "jumprelu" else
+        {"l1_coefficient": args.saelens_coefficient})
+    if args.arch == "jumprelu":
+        return sae_lens.JumpReLUTrainingSAEConfig(**coefficient, **common)
+    return sae_lens.StandardTrainingSAEConfig(**coefficient, **common)
+
+
 def train_saelens(acts, order, heldout, args) -> dict:
     import sae_lens
-    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens import SAE, LanguageModelSAERunnerConfig, LoggingConfig
+    from sae_lens.registry import get_sae_training_class
     from sae_lens.training.sae_trainer import SAETrainer
 
     steps, batch_size = order.shape
     torch.manual_seed(args.seed)
-    cfg = TopKTrainingSAEConfig(d_in=acts.shape[1], d_sae=args.width, k=args.k, device="cpu", dtype="float32",
-                                normalize_activations=args.saelens_normalize)
-    sae = TopKTrainingSAE(cfg)
+    cfg = saelens_config(args, acts.shape[1])
+    sae = get_sae_training_class(cfg.architecture())[0](cfg)
     # the trainer settings LanguageModelSAETrainingRunner would use (its config's defaults), minus the LM and I/O
     runner_cfg = LanguageModelSAERunnerConfig(sae=cfg, training_tokens=steps * batch_size,
                                               train_batch_size_tokens=batch_size, device="cpu",
@@ -104,9 +140,12 @@ def train_saelens(acts, order, heldout, args) -> dict:
         data = itertools.chain([acts[order[0]]], data)
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=data)
     started = time.perf_counter()
-    sae = trainer.fit()
+    trained = trainer.fit()
     seconds = time.perf_counter() - started
-    sae.eval()
+    name = "saelens" if args.saelens_normalize == "none" else f"saelens+{args.saelens_normalize}"
+    folder = saved_folder(args, name)
+    trained.save_inference_model(folder)
+    sae = SAE.load_from_disk(folder, device="cpu").eval()  # what SAELens saved (BatchTopK: as JumpReLU)
 
     def reconstruct(x):
         codes = sae.encode(x)
@@ -122,10 +161,9 @@ def train_saelens(acts, order, heldout, args) -> dict:
                  "decoding use W_dec-norm-rescaled activations); AuxK after dead_feature_window steps without firing.",
     }
     dead = int(trainer.dead_neurons.sum())
-    name = "saelens" if args.saelens_normalize == "none" else f"saelens+{args.saelens_normalize}"
-    return {"impl": name, "version": sae_lens.__version__, "seconds": seconds, "steps": steps,
+    return {"impl": name, "version": sae_lens.__version__, "arch": args.arch, "seconds": seconds, "steps": steps,
             "tokens": steps * batch_size, "dead_at_end": dead, "settings": settings,
-            **heldout_metrics(reconstruct, heldout)}
+            "folder": str(folder) if args.save_dir else None, **heldout_metrics(reconstruct, heldout)}
 
 
 # -- sparsify
@@ -165,8 +203,11 @@ def train_sparsify(acts, order, heldout, args) -> dict:
 
     from sparsify import SaeConfig, SparseCoder, Trainer, TrainConfig
 
+    if args.arch != "topk":
+        raise SystemExit(f"sparsify has no {args.arch} SAE: use --impls saelens")
     steps, batch_size = order.shape
     dataset = [{"input_ids": rows} for rows in order]  # one "sequence" of batch_size rows per step
+    folder = saved_folder(args, "sparsify")
     with tempfile.TemporaryDirectory() as save_dir:
         cfg = TrainConfig(SaeConfig(num_latents=args.width, k=args.k), batch_size=1, hookpoints=["acts"],
                           init_seeds=[args.seed], log_to_wandb=False, save_dir=save_dir, run_name="ref")
@@ -175,8 +216,8 @@ def train_sparsify(acts, order, heldout, args) -> dict:
         trainer.fit()
         seconds = time.perf_counter() - started
         dead = int((trainer.num_tokens_since_fired["acts"] > cfg.dead_feature_threshold).sum())
-        sae = SparseCoder.load_from_disk(Path(save_dir) / "ref" / "acts")  # what sparsify saved (averaged weights)
-    sae.eval()
+        shutil.copytree(Path(save_dir) / "ref" / "acts", folder)
+    sae = SparseCoder.load_from_disk(folder).eval()  # what sparsify saved (averaged weights)
 
     def reconstruct(x):
         out = sae(x)
@@ -194,9 +235,9 @@ def train_sparsify(acts, order, heldout, args) -> dict:
                  "encoder init, renormalised to unit rows before every step, parallel gradient removed; "
                  "AuxK off (auxk_alpha 0); no input normalisation.",
     }
-    return {"impl": "sparsify", "version": version("eai-sparsify"), "seconds": seconds, "steps": steps,
-            "tokens": steps * batch_size, "dead_at_end": dead, "settings": settings,
-            **heldout_metrics(reconstruct, heldout)}
+    return {"impl": "sparsify", "version": version("eai-sparsify"), "arch": args.arch, "seconds": seconds,
+            "steps": steps, "tokens": steps * batch_size, "dead_at_end": dead, "settings": settings,
+            "folder": str(folder) if args.save_dir else None, **heldout_metrics(reconstruct, heldout)}
 
 
 def main() -> None:
@@ -204,13 +245,17 @@ def main() -> None:
     parser.add_argument("--train-cache", required=True)
     parser.add_argument("--heldout-cache", required=True)
     parser.add_argument("--order", required=True, help="safetensors file with 'rows' [steps, batch] (row ids)")
+    parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
     parser.add_argument("--width", type=int, default=4608)
-    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--k", type=int, default=32, help="k (topk, batchtopk, matryoshka; unused otherwise)")
+    parser.add_argument("--saelens-coefficient", type=float, default=None,
+                        help="SAELens's l0 (jumprelu) / l1 (relu) coefficient; default: SAELens's own (1.0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--impls", default="saelens,sparsify")
     parser.add_argument("--saelens-normalize", default="none", choices=["none", "expected_average_only_in"],
                         help="SAELens normalize_activations (its default: none)")
     parser.add_argument("--json-out", help="also write the results (a JSON list) here")
+    parser.add_argument("--save-dir", help="keep each saved SAE in <save-dir>/<impl> (default: a temporary folder)")
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
 

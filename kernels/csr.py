@@ -1,4 +1,4 @@
-"""Codes with a variable number of latents per row (CSR): the batch-level top-k and its decoder.
+"""Codes with a variable number of latents per row (CSR): the batch-level top-k, threshold codes, their decoder.
 
 A batch top-k (BatchTopK, Matryoshka) keeps the k*N largest activations of a whole batch, so a row may hold none
 or thousands of latents. Its codes are CSR rows: offsets [N + 1] and, row after row, indices [nnz] (latent ids,
@@ -8,9 +8,11 @@ ascending within a row) and values [nnz]. Row b owns entries offsets[b]:offsets[
     x_hat = sparse_decode_csr(offsets, indices, values, W_dec) + b_dec
 
 The selection is exact (the same entries as sorting the whole batch, up to ties) and made without a per-row
-top-k: a threshold estimated from a sample of rows leaves some more than k*N candidates above it, and a top-k over
-those few picks the batch's. Backward costs O(nnz d), as for TopK codes (`api`). References: `reference.
-dense_batch_topk_encode`, `reference.dense_decode_csr`.
+top-k: a threshold estimated from a strided sample of the batch leaves somewhat more than k*N candidates above it
+(one compare and one nonzero over the [N, n] pre-activations), and a top-k over those few picks the batch's; a
+threshold that leaves too few is lowered and the pass redone. `threshold_encode` gives the codes of a ReLU or
+JumpReLU SAE the same way, from a fixed threshold. Backward costs O(nnz d), as for TopK codes (`api`).
+References: `reference.dense_batch_topk_encode`, `reference.dense_threshold_encode`, `reference.dense_decode_csr`.
 """
 
 from __future__ import annotations

@@ -256,6 +256,7 @@ def test_the_log_holds_every_loss_term_as_plain_json(tmp_path):
         else:
             assert jumprelu["l0_coefficient"] == pytest.approx(1e-3, rel=1.05 ** (step - 4) - 1 + 1e-6)
         assert jumprelu["loss"] == pytest.approx(jumprelu["mse"] + jumprelu["sparsity"], **close)
+        assert jumprelu["threshold"] > 0 and batchtopk["batch_cut"] > 0
         assert topk["loss"] == pytest.approx(topk["mse"] + topk["aux"], **close)
         assert batchtopk["threshold"] > 0 and batchtopk["loss"] == pytest.approx(batchtopk["mse"] + batchtopk["aux"], **close)
         assert len(matryoshka["prefix_mse"]) == 5 and matryoshka["mse"] == pytest.approx(matryoshka["prefix_mse"][-1], **close)

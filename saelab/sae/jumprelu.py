@@ -157,6 +157,7 @@ class JumpReLUTraining(ThresholdCodes, Training):
         return TrainOutput(loss=mse + sparsity, mse=mse.detach(), aux_loss=mse.new_zeros(()),
                            sparsity_loss=sparsity.detach(), l0=l0, fired=fired, x_hat=x_hat.detach(),
                            extras={"l0_coefficient": l0_smooth.new_tensor(coefficient),
+                                   "threshold": sae.threshold.detach().mean(),  # what the steering moves
                                    **self.coefficient.logged()})
 
     def state_dict(self):

@@ -119,12 +119,18 @@ def sddmm_csr(
                                               (len(offsets) - 1, table.shape[0]), check_invariants=False)
             out = torch.sparse.sampled_addmm(pattern, a.to(cd).contiguous(), table.to(cd).contiguous().T, beta=0.0)
         return out.values().to(out_dtype)
+    return _sddmm_csr_gather(offsets, indices, a, table).to(out_dtype)
+
+
+def _sddmm_csr_gather(offsets, indices, a, table, chunk_elems: int = 1 << 25):
+    """sddmm_csr off the CPU: gather each entry's two rows and take their dot product, in chunks of entries."""
+    nnz, cd = indices.numel(), acc_dtype(a.dtype, table.dtype)
     rows = entry_rows(offsets, nnz)
     out = torch.empty(nnz, dtype=cd, device=a.device)
-    step = max(1, (1 << 25) // max(1, table.shape[1]))
-    for s in range(0, nnz, step):  # chunks bound the [chunk, d] gathers
+    step = max(1, chunk_elems // max(1, table.shape[1]))
+    for s in range(0, nnz, step):
         out[s : s + step] = (table[indices[s : s + step].long()].to(cd) * a[rows[s : s + step]].to(cd)).sum(-1)
-    return out.to(out_dtype)
+    return out
 
 
 def segment_sum(

@@ -37,6 +37,8 @@ def test_primitives_match_references():
                  reference.gather_sum_csr_reference(offsets, indices, w, table), 1e-12, "gather_sum_csr")
     assert_close(torch_backend.sddmm_csr(offsets, indices, a, table, torch.float64),
                  reference.sddmm_csr_reference(offsets, indices, a, table), 1e-12, "sddmm_csr")
+    assert_close(torch_backend._sddmm_csr_gather(offsets, indices, a, table, chunk_elems=16),  # the GPU path
+                 reference.sddmm_csr_reference(offsets, indices, a, table), 1e-12, "sddmm_csr by gathers")
     rows = entry_rows(offsets, len(indices))
     assert torch.equal(row_offsets(rows, len(offsets) - 1), offsets)
     layout = entries_by_latent(indices, rows, table.shape[0])

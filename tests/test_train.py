@@ -158,8 +158,9 @@ def test_learning_rate_schedule():
     assert TrainConfig(tokens=300 * 10, batch_size=10).warmup_steps == 15
     assert TrainConfig(tokens=10_000 * 10, batch_size=10).warmup_steps == 100
     assert TrainConfig(tokens=10 * 10, batch_size=10).lr_factor(0) == 1.0  # too short for a warm-up
-    assert SAESpec(width=2**14).learning_rate == pytest.approx(4e-4)
-    assert SAESpec(width=2**16).learning_rate == pytest.approx(2e-4)
+    assert SAESpec(width=2**14).learning_rate == pytest.approx(8e-4)
+    assert SAESpec(width=2**16).learning_rate == pytest.approx(4e-4)
+    assert SAESpec(arch="relu", width=2**14).learning_rate == pytest.approx(4e-4)  # its steering's calibration
 
 
 def test_sparse_kernels_train_like_the_dense_reference(cache):

@@ -284,7 +284,8 @@ def follow_reference(arch: str, steps: int = 40, rows: int = 128, **options) -> 
     member = trainer.members[0]
     reference = reference_trainer.train(
         arch, {n: p.detach().clone() for n, p in member.sae.named_parameters()}, batches, steps=config.steps,
-        lr=3e-3, warmup_steps=config.warmup_steps, k=k, dead_window=config.dead_window, **options)
+        lr=3e-3, warmup_steps=config.warmup_steps, betas=config.adam_betas, k=k, dead_window=config.dead_window,
+        **options)
     worst_loss = worst_weight = 0.0
     for batch in batches:
         ((out, _),) = trainer.train_on(batch_of({HOOK: batch}))

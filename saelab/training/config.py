@@ -25,8 +25,10 @@ class SAESpec:
     hook: str | None = None
     """Hook point to read; None: the stream's first hook."""
     lr: float | None = None
-    """Adam learning rate; None: 4e-4 / sqrt(width / 2^14), twice Gao et al.'s fit, which with a linear warm-up
-    and decay trains short runs markedly better at no cost to long ones we measured (docs/quality.md)."""
+    """Adam learning rate; None: 8e-4 / sqrt(width / 2^14) for the architectures that take k (four times Gao et
+    al.'s fit: with the warm-up, the decay and beta2 = 0.99 it trains runs of a few hundred steps markedly better at
+    every k from 16 to 128, most at large k; docs/quality.md, issue 15), 4e-4 / sqrt(width / 2^14) for ReLU and
+    JumpReLU (whose steered coefficients were calibrated at that rate)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Further SAEConfig fields, e.g. {"target_l0": 64} or {"l1_coefficient": 0.2, "sparsity_warmup_steps": 200}.
     ReLU and JumpReLU get target_l0=32 unless their coefficient is given."""
@@ -52,7 +54,9 @@ class SAESpec:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else 4e-4 / math.sqrt(self.width / 2**14)
+        if self.lr is not None:
+            return self.lr
+        return (8e-4 if self.k is not None else 4e-4) / math.sqrt(self.width / 2**14)
 
     def name(self) -> str:
         """Folder name of this SAE inside the run: arch-width[-k]."""
@@ -73,8 +77,10 @@ class TrainConfig:
     """Linear learning-rate warm-up from 0; None: min(100, steps // 20), so short runs are not a third warm-up."""
     lr_decay_fraction: float = 0.2
     """The learning rate decays linearly to 0 over this final fraction of the steps."""
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    """Adam (beta1, beta2); JumpReLU recipes use beta1 = 0."""
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    """Adam (beta1, beta2); JumpReLU recipes use beta1 = 0. beta2 = 0.99, not 0.999: a rare huge-norm token (a
+    "massive activation") inflates the second moment of every latent it fires, which then barely moves for the next
+    ~1000 steps at 0.999; at large k that is a large share of the dictionary (docs/quality.md)."""
     seed: int = 0
     """Seeds SAE initialisation (data order is seeded by the store / stream)."""
     normalize_activations: bool = True

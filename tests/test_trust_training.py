@@ -357,8 +357,8 @@ def test_training_follows_the_reference_on_real_smollm2_activations(smollm2_acts
     batches = [b.acts[REAL_HOOK] for epoch in range(-(-steps // store.batches_per_epoch()))
                for b in store.iter_batches(epoch=epoch)]
     run = reference_trainer.train(arch, init, batches, steps=steps, lr=2e-3, warmup_steps=config.warmup_steps,
-                                  k=k, dead_window=config.dead_window, sparsity_warmup_steps=options.get("sparsity_warmup_steps", 0),
-                                  dtype=getattr(torch, dtype))
+                                  betas=config.adam_betas, k=k, dead_window=config.dead_window,
+                                  sparsity_warmup_steps=options.get("sparsity_warmup_steps", 0), dtype=getattr(torch, dtype))
     worst_loss = 0.0
     for record, (losses, params) in zip(log_of(tmp_path), run, strict=True):
         ours = record[member.name]

@@ -8,6 +8,7 @@ reductions that are the identity in a single process, so the trainer has one cod
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import json
@@ -236,6 +237,8 @@ def init(device: str = "cpu") -> World:
     cuda = str(device).startswith("cuda")
     if torch.cuda.is_available():  # "cuda" then means this rank's own GPU, whatever the backend
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # leave the group while the interpreter is still whole: gloo's threads can abort its shutdown otherwise
+    atexit.register(finish)
     try:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s()))
     except (RuntimeError, ValueError) as error:  # a rendezvous that times out, or a port already taken

@@ -77,8 +77,7 @@ def select_batch_top(pre: torch.Tensor, mask: torch.Tensor | None = None, *, bud
     keep, cut = keep_batch_top(values, budget)
     if len(values) > budget:
         where, values = where[keep], values[keep]
-    rows = torch.div(where, pre.shape[1], rounding_mode="floor")
-    return rows, where - rows * pre.shape[1], values, cut
+    return (*_rows_and_columns(where, pre.shape[1]), values, cut)
 
 
 class SparseDecodeCSR(torch.autograd.Function):
@@ -109,8 +108,13 @@ def select_above(pre: torch.Tensor, mask: torch.Tensor | None = None, *, thresho
     """(rows, cols, values, 0) of the entries of pre [N, n] above `threshold` (a float or [n], >= 0), row-major."""
     above = torch.gt(pre, threshold, out=mask) if mask is not None else pre > threshold
     where = above.view(-1).nonzero().squeeze(1)
-    rows = torch.div(where, pre.shape[1], rounding_mode="floor")
-    return rows, where - rows * pre.shape[1], pre.view(-1)[where], pre.new_zeros(())
+    return (*_rows_and_columns(where, pre.shape[1]), pre.view(-1)[where], pre.new_zeros(()))
+
+
+def _rows_and_columns(where: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of flat row-major positions in a [N, width] matrix."""
+    rows = torch.div(where, width, rounding_mode="floor")
+    return rows, where - rows * width
 
 
 class CSREncode(torch.autograd.Function):

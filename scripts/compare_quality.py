@@ -120,6 +120,7 @@ def add_ce_recovered(results: list[dict], args, hook: str) -> None:
     """CE loss recovered of every saved SAE (saelab's, SAELens's, sparsify's), loaded by saelab.hub.load_sae and
     scored by saelab.eval.spliced_metrics on the same held-out contexts of --ce-text."""
     from saelab.eval import spliced_metrics
+    from saelab.data import TextConfig
     from saelab.hub import load_sae
     from saelab.models import load_model
 
@@ -129,7 +130,8 @@ def add_ce_recovered(results: list[dict], args, hook: str) -> None:
             continue
         sae = load_sae(result["folder"])
         started = time.perf_counter()
-        spliced = spliced_metrics(sae, model, args.ce_text, hook=hook, tokens=args.ce_tokens)
+        text = TextConfig(source=args.ce_text, start=args.ce_start)
+        spliced = spliced_metrics(sae, model, text, hook=hook, tokens=args.ce_tokens)
         result.update(ce_loss_recovered=spliced.ce_loss_recovered, ce_sae=spliced.ce_sae, ce_clean=spliced.ce_clean,
                       ce_zero=spliced.ce_zero, kl_sae=spliced.kl_sae, ce_predictions=spliced.n_predictions)
         print(f"{result['impl']}: CE recovered {spliced.ce_loss_recovered:.4f} on {spliced.n_predictions} "
@@ -151,6 +153,8 @@ def run_references(order_file: Path, args) -> list[dict]:
                "--save-dir", str(order_file.parent)]
     if args.saelens_coefficient is not None:
         command += ["--saelens-coefficient", str(args.saelens_coefficient)]
+    for option in args.saelens_option:
+        command += ["--saelens-option", option]
     print("running:", " ".join(command), file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=sys.stderr, cwd=ROOT)  # its progress goes to our stderr
     results = json.loads(json_out.read_text()) if json_out.exists() else []
@@ -163,18 +167,8 @@ def fmt(value, spec=".4f") -> str:
     return "na" if value is None else format(value, spec)
 
 
-def key_value(text: str) -> tuple[str, object]:
-    """--saelab-option KEY=VALUE, the value read as JSON when it parses (numbers, null) and as a string otherwise."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value
-
-
 def main() -> None:
+    ref = _reference_module()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "relu"])
     parser.add_argument("--train-cache", type=Path, default=ROOT / "runs/quickstart/acts")
@@ -185,6 +179,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32, help="k, or saelab's target_l0 for jumprelu and relu")
     parser.add_argument("--saelens-coefficient", type=float, default=None,
                         help="SAELens's l1 (relu) / l0 (jumprelu) coefficient; default: SAELens's own")
+    parser.add_argument("--saelens-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to SAELens's SAE config, e.g. jumprelu_sparsity_loss_mode=quadratic")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=300 * 4096, help="training tokens per SAE (a multiple of batch)")
     parser.add_argument("--seed", type=int, default=0, help="SAE initialisation seed (all three)")
@@ -202,12 +198,15 @@ def main() -> None:
     parser.add_argument("--saelab-b-dec-init", default=TrainConfig.b_dec_init)
     parser.add_argument("--saelab-dead-tokens", type=int, default=None)
     parser.add_argument("--saelab-betas", type=float, nargs=2, default=TrainConfig.adam_betas, metavar=("B1", "B2"))
-    parser.add_argument("--saelab-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--saelab-option", type=ref.key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="an SAESpec option, e.g. auxk_coefficient=0 (repeatable)")
     # CE loss recovered of the saved SAEs, all scored by saelab.eval on held-out text
     parser.add_argument("--ce-tokens", type=int, default=0, help="held-out positions for CE recovered (0: skip)")
     parser.add_argument("--ce-model", default="smollm2-135m")
-    parser.add_argument("--ce-text", default="/work/shared/data/wikitext-2-raw/wiki.test.raw")
+    parser.add_argument("--ce-text", default="/work/shared/data/wikitext-2-raw/wiki.test.raw",
+                        help="text source for CE recovered ('default': saelab's built-in text)")
+    parser.add_argument("--ce-start", type=int, default=0,
+                        help="skip this many contexts of --ce-text (the training cache's, for text like it, held out)")
     parser.add_argument("--score-only", action="store_true",
                         help="no training: add CE recovered (--ce-tokens) to <work-dir>/results.json")
     args = parser.parse_args()
@@ -215,7 +214,6 @@ def main() -> None:
         parser.error("--tokens must be a multiple of --batch-size (every library then takes the same steps)")
     steps = args.tokens // args.batch_size
 
-    ref = _reference_module()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     store = ActivationStore(args.train_cache, batch_size=args.batch_size)  # what train(cache_path, ...) builds
     results_file = args.json_out or args.work_dir / "results.json"

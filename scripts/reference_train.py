@@ -46,6 +46,17 @@ from safetensors.torch import load_file
 MASSIVE = 10.0  # a token is "massive" when its norm exceeds this many times the median token norm
 
 
+def key_value(text: str) -> tuple[str, object]:
+    """A KEY=VALUE option, the value read as JSON when it parses (numbers, null) and as a string otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 # -- data and metrics (shared with compare_quality.py)
 def load_rows(cache: str | Path, hook: str | None = None) -> tuple[torch.Tensor, str]:
     """All rows of a saelab activation cache as one float32 tensor, shards in manifest order (= saelab row ids)."""
@@ -103,7 +114,7 @@ def saelens_config(args, d_in: int):
     import sae_lens
 
     common = dict(d_in=d_in, d_sae=args.width, device="cpu", dtype="float32",
-                  normalize_activations=args.saelens_normalize)
+                  normalize_activations=args.saelens_normalize, **dict(args.saelens_option))
     if args.arch == "topk":
         return sae_lens.TopKTrainingSAEConfig(k=args.k, **common)
     if args.arch == "batchtopk":
@@ -250,6 +261,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32, help="k (topk, batchtopk, matryoshka; unused otherwise)")
     parser.add_argument("--saelens-coefficient", type=float, default=None,
                         help="SAELens's l0 (jumprelu) / l1 (relu) coefficient; default: SAELens's own (1.0)")
+    parser.add_argument("--saelens-option", type=key_value, action="append", default=[], metavar="KEY=VALUE",
+                        help="a field of SAELens's SAE config, e.g. jumprelu_sparsity_loss_mode=quadratic")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--impls", default="saelens,sparsify")
     parser.add_argument("--saelens-normalize", default="none", choices=["none", "expected_average_only_in"],

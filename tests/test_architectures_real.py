@@ -42,7 +42,8 @@ def real_rows(smollm2_acts):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, tolerance", [
     ("topk", 0.0), ("batchtopk", 0.10), ("matryoshka", 0.10),  # the bound for the batch selections
-    ("jumprelu", 0.25), ("relu", 0.25),  # steered to their target: within a quarter after 200 short steps
+    ("jumprelu", 0.10),  # steered to its target, thresholds shifted towards it every step
+    ("relu", 0.25),  # steered coefficient only: within a quarter after 200 short steps
 ])
 def test_held_out_l0_of_the_saved_sae_is_what_was_asked(real_rows, arch, tolerance, tmp_path):
     train_x, held_x = real_rows

@@ -8,7 +8,7 @@ import torch
 from saelab.activations import ActivationBatch
 from saelab.sae import SAEConfig, create_sae, create_training
 from saelab.sae.base import SparsityCoefficient, steered
-from saelab.sae.jumprelu import START_L0_FACTOR
+from saelab.sae.jumprelu import MAX_THRESHOLD_SHIFT, START_L0_FACTOR, THRESHOLD_SHIFT_RATE
 from saelab.training import SAESpec, TrainConfig, Trainer
 
 HOOK = "blocks.0.hook_resid_post"
@@ -92,9 +92,8 @@ def test_relu_lands_at_the_target_l0_from_a_coefficient_far_off(start):
 
 
 def test_the_logged_jumprelu_coefficient_follows_the_steering_rule(tmp_path):
-    """JumpReLU's L0 answers its coefficient too slowly for a short synthetic run to land (the real-data test in
-    test_architectures_real.py checks that); here the wiring: each step's coefficient is the rule applied to the
-    previous step's logged L0, reconstruction loss and penalty."""
+    """The wiring: each step's coefficient is the rule applied to the previous step's logged L0, reconstruction
+    loss and penalty."""
     spec = SAESpec(arch="jumprelu", width=128, lr=3e-3, options={"target_l0": 2.0, "sparsity_warmup_steps": 3})
     Trainer(Planted(), [spec], TrainConfig(tokens=30 * 256, batch_size=256, log_every=1, lr_warmup_steps=2),
             out=tmp_path, progress=False).fit()
@@ -112,3 +111,37 @@ def test_the_logged_jumprelu_coefficient_follows_the_steering_rule(tmp_path):
         expected = max(steered(coefficient, before["l0"], 2.0), min(coefficient, floor))
         assert after["l0_coefficient"] == pytest.approx(expected, rel=1e-5)
     assert records[-1]["l0_coefficient"] > 1e-3  # L0 started at 3 x 2 latents, so the coefficient rose
+
+
+def test_jumprelu_shifts_its_thresholds_towards_the_target_each_training_step():
+    torch.manual_seed(0)
+    x = next(iter(Planted(batch_size=512))).acts[HOOK]
+    for target, shifts in ((5.0, True), (None, False)):
+        sae = create_sae(SAEConfig(arch="jumprelu", d_in=32, width=128, target_l0=target, sparsity_warmup_steps=0))
+        training = create_training(sae)
+        training.start(x)
+        before = sae.log_threshold.detach().clone()
+        with torch.no_grad():
+            training.loss(x, step=5)  # an evaluation pass: nothing moves
+        assert torch.equal(sae.log_threshold, before)
+        l0 = float(training.loss(x, step=5).l0)
+        moved = sae.log_threshold.detach() - before
+        if shifts:  # L0 starts at 3 x the target: every threshold rises by 0.1 log(3) (capped at 0.05)
+            assert l0 == pytest.approx(START_L0_FACTOR * 5.0, rel=0.01)
+            expected = min(MAX_THRESHOLD_SHIFT, THRESHOLD_SHIFT_RATE * math.log(l0 / 5.0))
+            assert torch.allclose(moved, torch.full_like(moved, expected))
+        else:  # a fixed coefficient (the Gemma Scope recipe): the thresholds move only by their gradient
+            assert torch.equal(moved, torch.zeros_like(moved))
+
+
+def test_jumprelu_lands_at_the_target_l0():
+    spec = SAESpec(arch="jumprelu", width=128, lr=3e-3, options={"target_l0": 8.0})
+    trainer = Trainer(Planted(), [spec], TrainConfig(tokens=300 * 256, batch_size=256, log_every=10**9,
+                                                      lr_warmup_steps=10), progress=False)
+    l0s = []
+    for batch in iter(Planted(seed=1)):
+        if trainer.step >= 300:
+            break
+        out, _ = trainer.train_on(batch)[0]
+        l0s.append(float(out.l0))
+    assert sum(l0s[-50:]) / 50 == pytest.approx(8.0, rel=0.1), l0s[::25]

@@ -353,6 +353,11 @@ ADAPT_RATE = 0.02
 """How fast a sparsity coefficient follows its target L0: log-coefficient change per step per unit log(L0/target)."""
 
 
+def log_l0_error(l0: float, target: float) -> float:
+    """log(L0 / target), with L0 = 0 (a dead start) read as 1 % of the target."""
+    return math.log(max(l0, 0.01 * target) / target)
+
+
 def steered(coefficient: float, l0: float, target: float, rate: float | None = None) -> float:
     """The sparsity coefficient after one step of steering L0 towards `target`.
 
@@ -360,7 +365,7 @@ def steered(coefficient: float, l0: float, target: float, rate: float | None = N
     same for an L1 and an L0 penalty; each step changes the coefficient by at most 5 %, so one odd batch (or a dead
     start, L0 = 0) cannot throw it far.
     """
-    error = math.log(max(l0, 0.01 * target) / target)
+    error = log_l0_error(l0, target)
     return coefficient * math.exp(min(0.05, max(-0.05, (ADAPT_RATE if rate is None else rate) * error)))
 
 
@@ -379,9 +384,10 @@ class SparsityCoefficient:
         return warmup(self.value, step, self.warmup_steps)
 
     def observe(self, step: int, l0: Tensor | float, mse: Tensor | float, penalty: Tensor | float,
-                across=None) -> None:
+                across=None) -> float | None:
         """After a step that measured `l0`, its reconstruction loss `mse` and the unweighted `penalty` (L1 or L0);
-        across (Training.across_ranks) turns a rank's share of a batch into the batch's value.
+        across (Training.across_ranks) turns a rank's share of a batch into the batch's value. Returns the batch's
+        log(L0 / target) when the coefficient was steered, else None.
 
         L0 can fall below the target for reasons the coefficient does not control (early on, reconstruction alone
         switches random latents off); the coefficient then stops falling where its term is 1 % of the reconstruction loss, as
@@ -394,6 +400,8 @@ class SparsityCoefficient:
                                                        dtype=torch.float64, device=device)).tolist()
             floor = MIN_PENALTY_SHARE * float(mse) / max(float(penalty), 1e-12)
             self.value = max(steered(self.value, float(l0), self.target), min(self.value, floor))
+            return log_l0_error(float(l0), self.target)
+        return None
 
     def logged(self) -> dict[str, Tensor]:
         """The target beside the L0 in every log line, so a run shows how close it got."""

@@ -155,6 +155,8 @@ def run_references(order_file: Path, args) -> list[dict]:
         command += ["--saelens-coefficient", str(args.saelens_coefficient)]
     for option in args.saelens_option:
         command += ["--saelens-option", option]
+    if args.saelens_normalize != "none":
+        command += ["--saelens-normalize", args.saelens_normalize]
     print("running:", " ".join(command), file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=sys.stderr, cwd=ROOT)  # its progress goes to our stderr
     results = json.loads(json_out.read_text()) if json_out.exists() else []
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32, help="k, or saelab's target_l0 for jumprelu and relu")
     parser.add_argument("--saelens-coefficient", type=float, default=None,
                         help="SAELens's l1 (relu) / l0 (jumprelu) coefficient; default: SAELens's own")
+    parser.add_argument("--saelens-normalize", default="none", choices=["none", "expected_average_only_in"],
+                        help="SAELens's normalize_activations (its default: none)")
     parser.add_argument("--saelens-option", action="append", default=[], metavar="KEY=VALUE",
                         help="passed to SAELens's SAE config, e.g. jumprelu_sparsity_loss_mode=quadratic")
     parser.add_argument("--batch-size", type=int, default=4096)

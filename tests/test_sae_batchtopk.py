@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from saelab.sae import (BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, SAEConfig, create_sae, create_training)
-from saelab.sae.matryoshka import default_group_sizes
+from saelab.sae.matryoshka import PrefixResiduals, default_group_sizes
 
 D, W, K, N = 6, 16, 3, 10
 
@@ -83,6 +83,24 @@ def test_loss_and_grads_match_reference(arch, groups, n_dead):
     loss.backward()
     for n, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, P[n].grad, msg=n)
+
+
+def test_prefix_residuals_match_autograd_of_the_prefix_sums():
+    """The in-place prefix function against autograd of the plain expression: residuals, mses, and the gradients
+    wrt parts, x and b_dec from both outputs (its backward runs once, so no gradcheck)."""
+    torch.manual_seed(0)
+    parts, x, b = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((4 * 3, 5), (4, 5), (5,)))
+    grad_residuals, grad_mses = torch.randn(4 * 3, 5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    residuals, mses = PrefixResiduals.apply(parts.clone(), x, b)
+    expected = parts.view(4, 3, 5).cumsum(1) + b - x.unsqueeze(1)
+    expected_mses = expected.square().sum((0, 2)) / 4
+    torch.testing.assert_close(residuals.view(4, 3, 5), expected)
+    torch.testing.assert_close(mses, expected_mses)
+    ours = torch.autograd.grad((residuals * grad_residuals).sum() + (mses * grad_mses).sum(), (parts, x, b))
+    reference = torch.autograd.grad((expected.reshape(12, 5) * grad_residuals).sum() + (expected_mses * grad_mses).sum(),
+                                    (parts, x, b))
+    for got, want in zip(ours, reference):
+        torch.testing.assert_close(got, want)
 
 
 def test_matryoshka_with_one_group_is_batchtopk():

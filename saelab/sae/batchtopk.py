@@ -107,7 +107,8 @@ class BatchTopKTraining(TopKTraining):
         if torch.is_grad_enabled():
             self._update_threshold(selection)
         l0, fired = sparse_summary(selection.indices, selection.values, len(x), self.cfg.width)
-        return TrainOutput(loss=recon + aux, mse=mse_of(x, x_hat).detach(), aux_loss=aux.detach(),
+        mse = recon.detach() if prefix_mse is None else prefix_mse[-1]  # the full reconstruction's, not recomputed
+        return TrainOutput(loss=recon + aux, mse=mse, aux_loss=aux.detach(),
                            sparsity_loss=recon.new_zeros(()), l0=l0, fired=fired,
                            x_hat=x_hat.detach(), prefix_mse=prefix_mse,
                            extras={"threshold": self.threshold.clone(), "batch_cut": wide(selection.cut.detach())})

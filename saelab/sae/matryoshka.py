@@ -10,11 +10,12 @@ import dataclasses
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from saelab.kernels import sparse_decode_csr
 from saelab.kernels.layout import entry_rows, row_offsets
 
-from .base import SAEConfig, mse_of
+from .base import SAEConfig, wide
 from .batchtopk import BatchTopKSAE, BatchTopKTraining, Selection
 from .registry import register
 
@@ -43,10 +44,47 @@ class MatryoshkaSAE(BatchTopKSAE):
         return ends
 
 
+class PrefixResiduals(torch.autograd.Function):
+    """Every prefix's residual and mean squared error from each group's decoded part, in place.
+
+    parts [N * G, d] (row n's group g at n * G + g) becomes x_hat_m - x for every prefix m (b_dec + the first m
+    groups). This replaces G additions and G mse_loss calls, whose backward also stacks G [N, d] gradients. Here
+    forward is one cumulative pass and backward one reverse pass, over the same buffer, and the squared errors
+    are summed per row before float64 accumulation."""
+
+    @staticmethod
+    def forward(ctx, parts: Tensor, x: Tensor, b_dec: Tensor):
+        N = len(x)
+        residuals = parts.view(N, -1, x.shape[1])
+        for m in range(1, residuals.shape[1]):
+            residuals[:, m] += residuals[:, m - 1]
+        residuals.sub_((x - b_dec).unsqueeze(1))
+        wide_dtype = torch.promote_types(residuals.dtype, torch.float32)  # bf16 rows are summed in float32
+        mses = torch.linalg.vector_norm(residuals, dim=2, dtype=wide_dtype).square().sum(0, dtype=torch.float64)
+        mses = mses / max(N, 1)
+        ctx.mark_dirty(parts)
+        ctx.save_for_backward(parts)
+        ctx.set_materialize_grads(False)  # the residuals usually get no gradient: no [N * G, d] of zeros
+        return parts, mses.to(wide(x).dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_residuals: Tensor | None, grad_mses: Tensor):
+        (parts,) = ctx.saved_tensors  # overwritten with the gradient: this backward runs once
+        N, G = len(parts) // len(grad_mses), len(grad_mses)
+        grad = parts.view(N, G, -1).mul_((grad_mses * (2 / max(N, 1))).to(parts.dtype).view(1, G, 1))
+        if grad_residuals is not None:
+            grad.add_(grad_residuals.view_as(grad))
+        for m in range(G - 2, -1, -1):  # prefix m's residual holds groups 0..m: group g gets the sum over m >= g
+            grad[:, m] += grad[:, m + 1]
+        grad_x = -grad[:, 0] if ctx.needs_input_grad[1] else None
+        return parts, grad_x, grad[:, 0].sum(0) if ctx.needs_input_grad[2] else None
+
+
 class MatryoshkaTraining(BatchTopKTraining):
     """loss = sum over prefixes m of mse(x, codes[:, :m] @ W_dec[:m] + b_dec) + AuxK(dead), on the sparse kernels:
     one decode gives every group's part of each row (the selection's CSR rows split at the group boundaries, which
-    is free: a row's latents are in ascending order), and prefix reconstructions are their cumulative sums."""
+    is free: a row's latents are in ascending order), and PrefixResiduals turns them into every prefix's error."""
 
     def reconstruction(self, x: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
         ends = self.sae.prefix_ends
@@ -55,11 +93,8 @@ class MatryoshkaTraining(BatchTopKTraining):
         group = torch.bucketize(selection.indices, selection.indices.new_tensor(ends[:-1]), right=True)
         parts = sparse_decode_csr(row_offsets(rows * groups + group, N * groups), selection.indices,
                                   selection.values, self.sae.W_dec, self.kernel, check_indices=False)
-        x_hat, mses = self.sae.b_dec, []
-        for part in parts.view(N, groups, -1).unbind(1):  # one [N, d] sum per prefix (unbind: one backward buffer)
-            x_hat = x_hat + part
-            mses.append(mse_of(x, x_hat))
-        mses = torch.stack(mses)
+        residuals, mses = PrefixResiduals.apply(parts, x, self.sae.b_dec)
+        x_hat = residuals.detach().view(N, groups, -1)[:, -1] + x
         return mses.sum(), x_hat, mses.detach()
 
 

@@ -126,9 +126,10 @@ def test_jumprelu_shifts_its_thresholds_towards_the_target_each_training_step():
         training = create_training(sae)
         training.start(x)
         before = sae.log_threshold.detach().clone()
+        coefficient = training.coefficient.value
         with torch.no_grad():
             training.loss(x, step=5)  # an evaluation pass: nothing moves
-        assert torch.equal(sae.log_threshold, before)
+        assert torch.equal(sae.log_threshold, before) and training.coefficient.value == coefficient
         l0 = float(training.loss(x, step=5).l0)
         moved = sae.log_threshold.detach() - before
         if shifts:  # L0 starts at 3 x the target: every threshold rises by 0.1 log(3) (capped at 0.05)

@@ -387,13 +387,14 @@ class SparsityCoefficient:
                 across=None) -> float | None:
         """After a step that measured `l0`, its reconstruction loss `mse` and the unweighted `penalty` (L1 or L0);
         across (Training.across_ranks) turns a rank's share of a batch into the batch's value. Returns the batch's
-        log(L0 / target) when the coefficient was steered, else None.
+        log(L0 / target) when the coefficient was steered, else None (no target, warm-up, or a torch.no_grad() pass).
 
         L0 can fall below the target for reasons the coefficient does not control (early on, reconstruction alone
         switches random latents off); the coefficient then stops falling where its term is 1 % of the reconstruction loss, as
         lowering it further has no effect and would only delay its return (integral wind-up).
         """
-        if self.target is not None and step >= self.warmup_steps:  # reading the tensors syncs a GPU: only then
+        # steer in training passes only (not under torch.no_grad()); reading the tensors syncs a GPU, so only then
+        if self.target is not None and step >= self.warmup_steps and torch.is_grad_enabled():
             if across is not None:  # every rank steers by the whole batch, so their coefficients stay equal
                 device = next((v.device for v in (l0, mse, penalty) if isinstance(v, Tensor)), None)
                 l0, mse, penalty = across(torch.tensor([float(l0), float(mse), float(penalty)],

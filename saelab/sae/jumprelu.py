@@ -166,7 +166,7 @@ class JumpReLUTraining(ThresholdCodes, Training):
         sparsity = coefficient * l0_smooth
         self._seen(l0)
         error = self.coefficient.observe(step, l0, mse.detach(), l0_smooth.detach(), self.across_ranks)
-        if error is not None and torch.is_grad_enabled():
+        if error is not None:
             with torch.no_grad():  # see THRESHOLD_SHIFT_RATE
                 shift = THRESHOLD_SHIFT_RATE * error
                 sae.log_threshold.add_(max(-MAX_THRESHOLD_SHIFT, min(MAX_THRESHOLD_SHIFT, shift)))

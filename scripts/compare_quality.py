@@ -119,18 +119,18 @@ def run_saelab(store, args, heldout, ref) -> dict:
 def add_ce_recovered(results: list[dict], args, hook: str) -> None:
     """CE loss recovered of every saved SAE (saelab's, SAELens's, sparsify's), loaded by saelab.hub.load_sae and
     scored by saelab.eval.spliced_metrics on the same held-out contexts of --ce-text."""
-    from saelab.eval import spliced_metrics
     from saelab.data import TextConfig
+    from saelab.eval import spliced_metrics
     from saelab.hub import load_sae
     from saelab.models import load_model
 
     model = load_model(args.ce_model)
+    text = TextConfig(source=args.ce_text, start=args.ce_start)
     for result in results:
         if not result.get("folder"):
             continue
         sae = load_sae(result["folder"])
         started = time.perf_counter()
-        text = TextConfig(source=args.ce_text, start=args.ce_start)
         spliced = spliced_metrics(sae, model, text, hook=hook, tokens=args.ce_tokens)
         result.update(ce_loss_recovered=spliced.ce_loss_recovered, ce_sae=spliced.ce_sae, ce_clean=spliced.ce_clean,
                       ce_zero=spliced.ce_zero, kl_sae=spliced.kl_sae, ce_predictions=spliced.n_predictions)

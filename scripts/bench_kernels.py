@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from saelab.kernels import sparse_decode, topk_encode, triton_available
+from saelab.kernels.api import sparse_decode, topk_encode, triton_available
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

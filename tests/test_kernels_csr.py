@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import saelab.kernels.csr as csr
-from saelab.kernels import batch_topk_encode, reference, sparse_decode_csr, threshold_encode, torch_backend
+from saelab.kernels import reference, torch_backend
+from saelab.kernels.csr import batch_topk_encode, sparse_decode_csr, threshold_encode
 from saelab.kernels.layout import entries_by_latent, entry_rows, row_offsets
 from saelab.kernels.testing import assert_close
 

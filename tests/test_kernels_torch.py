@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from saelab.kernels import KERNELS, reference, resolve_kernel, sparse_decode, topk_encode, topk_encode_with_aux
-from saelab.kernels import torch_backend
+from saelab.kernels import reference, torch_backend
+from saelab.kernels.api import KERNELS, resolve_kernel, sparse_decode, topk_encode, topk_encode_with_aux
 from saelab.kernels.layout import by_latent
 from saelab.kernels.testing import (
     assert_close,

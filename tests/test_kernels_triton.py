@@ -18,7 +18,8 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not importable")
 
-from saelab.kernels import api, reference, sparse_decode, topk_encode  # noqa: E402
+from saelab.kernels import api, reference  # noqa: E402
+from saelab.kernels.api import sparse_decode, topk_encode  # noqa: E402
 from saelab.kernels.layout import by_latent  # noqa: E402
 from saelab.kernels.testing import (  # noqa: E402
     assert_close,
@@ -147,7 +148,8 @@ def test_kernels_match_references(tb, dtype):
 def test_csr_gather_matches_reference(tb, dtype):
     """Rows with 0, 1 and 70 entries (several BLOCK_P=32 chunks), d=70 (one masked block); also through the CSR
     decoder's autograd (its sddmm and segment sum) against the torch backend."""
-    from saelab.kernels import sparse_decode_csr, torch_backend
+    from saelab.kernels import torch_backend
+    from saelab.kernels.csr import sparse_decode_csr
     n, d = 80, 70
     g = torch.Generator().manual_seed(4)
     offsets = torch.tensor([0, 0, 1, 71, 75])

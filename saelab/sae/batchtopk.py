@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saelab.kernels import batch_topk_encode, sparse_decode_csr
+from saelab.kernels.csr import batch_topk_encode, sparse_decode_csr
 
 from .base import SAE, SAEConfig, TrainOutput, mse_of, wide
 from .jumprelu import JumpReLUSAE

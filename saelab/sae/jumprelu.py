@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from saelab.kernels import sparse_decode_csr
+from saelab.kernels.csr import sparse_decode_csr
 
 from .base import SAE, SAEConfig, SparsityCoefficient, Training, TrainOutput, mse_of, summarise, wide
 from .registry import register

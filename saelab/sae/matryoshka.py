@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from saelab.kernels import sparse_decode_csr
+from saelab.kernels.csr import sparse_decode_csr
 from saelab.kernels.layout import entry_rows, row_offsets
 
 from .base import SAEConfig, wide

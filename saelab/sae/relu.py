@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from saelab.kernels import sparse_decode_csr
+from saelab.kernels.csr import sparse_decode_csr
 
 from .base import SAE, SparsityCoefficient, Training, TrainOutput, mse_of, summarise, wide
 from .registry import register

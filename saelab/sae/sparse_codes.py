@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saelab.kernels import threshold_encode
+from saelab.kernels.csr import threshold_encode
 
 SPARSE_MAX_DENSITY = 1 / 32
 """ReLU/JumpReLU decode sparsely while the last step fired at most this share of the latents; denser codes take

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saelab.kernels import sparse_decode, topk_encode, topk_encode_with_aux
+from saelab.kernels.api import sparse_decode, topk_encode, topk_encode_with_aux
 
 from .base import SAE, SAEConfig, Training, TrainOutput, auxk_ratio, mse_of, wide
 from .registry import register

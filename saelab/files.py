@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -130,3 +131,18 @@ def check_schema_version(record: dict, supported: int, what: str) -> None:
     if not isinstance(version, int) or version > supported:
         raise ValueError(f"{what} schema_version {version!r} is not one this saelab ({__version__}) reads (it reads "
                          f"up to {supported}); upgrade saelab")
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors.torch.save with the header's keys sorted, so the same tensors always give the same bytes.
+
+    safetensors writes `metadata` from a hash map whose order changes from call to call: two runs of one cache command
+    gave identical tensors but different files, and caches could not be compared by SHA-256.
+    """
+    from safetensors.torch import save
+
+    payload = save(tensors, metadata=metadata)
+    length = int.from_bytes(payload[:8], "little")
+    header = json.dumps(json.loads(payload[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    return len(header).to_bytes(8, "little") + header + payload[8 + length:]

@@ -161,3 +161,15 @@ def test_a_second_writer_is_refused(tiny_model, tmp_path):
 
 def test_one_atomic_write_everywhere():
     assert manifest_module.write_atomic is saelab.files.write_atomic
+
+
+def test_the_same_cache_command_writes_the_same_bytes(tiny_model, tmp_path):
+    """Caches compare by hash: safetensors wrote its metadata in hash-map order, which changed from call to call."""
+    run = {**RUN, "shard_tokens": 128}  # 8 shards: a hash-map order that happened to agree on all would be 1 in 256
+    first = cache_activations(tiny_model, HOOK, tmp_path / "a", **run)
+    second = cache_activations(tiny_model, HOOK, tmp_path / "b", **run)
+    assert len(first.shards) == 8
+    assert [s.sha256 for s in first.shards] == [s.sha256 for s in second.shards]
+    assert all((tmp_path / "a" / s.file).read_bytes() == (tmp_path / "b" / s.file).read_bytes() for s in first.shards)
+    assert ActivationStore(tmp_path / "a").manifest.complete  # what is written still reads, hashes verified
+    assert sum(len(b) for b in ActivationStore(tmp_path / "a", batch_size=31, drop_last=False)) == 32 * 31

@@ -18,7 +18,6 @@ from itertools import chain, islice
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 import saelab
@@ -26,7 +25,7 @@ from saelab import distributed
 from saelab.activations.manifest import MANIFEST, Manifest, ShardRecord, check_shard, shard_name, written_by_saelab
 from saelab.data import TextConfig, token_batches
 from saelab.errors import CacheError, DataError
-from saelab.files import LOCK_FILE, FolderLock, remove_owned, write_atomic
+from saelab.files import LOCK_FILE, FolderLock, remove_owned, safetensors_bytes, write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LIST_EVERY_ROUNDS = 2

@@ -100,10 +100,12 @@ def cmd_quickstart(args) -> None:
     SAE on it, evaluate it on held-out text with the SAE spliced into the model, and save it."""
     from saelab.activations import cache_activations
     from saelab.data import TextConfig
+    from saelab.explore.dashboard import check_folder
     from saelab.models import load_model
     from saelab.training import SAESpec, TrainConfig, train
 
     out = Path(args.out)
+    check_folder(out / "dashboard")  # before minutes of work, not after them
     print(f"loading {QUICKSTART_MODEL} (offline; the first load de-quantises and caches the weights)")
     model = load_model(QUICKSTART_MODEL)
     text = TextConfig(context_len=128)
@@ -139,8 +141,10 @@ def _model_of(sae, args):
 def cmd_dashboard(args) -> None:
     """A static HTML dashboard of an SAE's features over an activation cache: index.html + one page per latent."""
     from saelab.explore import explore
+    from saelab.explore.dashboard import check_folder
     from saelab.hub import load_sae
 
+    check_folder(args.out)  # a folder the dashboard may not write is refused before the pass, not after it
     sae = load_sae(args.sae)
     model = _model_of(sae, args)
     started = time.perf_counter()
@@ -226,13 +230,53 @@ def load_config_file(path: str | None) -> dict:
 
     text = Path(path).read_text()
     try:
-        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        data = (json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path)) if path.endswith(".json")
+                else _load_yaml(text, path))
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise SettingError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from None
     if not isinstance(data, dict):
         raise SettingError(f"{path} must hold a mapping with keys {', '.join(RUN_KEYS)}")
     check_keys(data, RUN_KEYS, path)
     return data
+
+
+def _unique_keys(pairs: list[tuple], where: str) -> dict:
+    """A JSON object from its (key, value) pairs, refusing a key given twice (see _duplicate_key)."""
+    mapping: dict = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise _duplicate_key(key, where)
+        mapping[key] = value
+    return mapping
+
+
+def _load_yaml(text: str, path: str):
+    """yaml.safe_load, but a key given twice in one mapping is refused, naming it and its line."""
+    from collections.abc import Hashable
+
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<` merges are overrides by design
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # PyYAML's own error says so
+                if key in seen:
+                    raise _duplicate_key(key, f"{path}, line {key_node.start_mark.line + 1}")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
+def _duplicate_key(key, where: str) -> SettingError:
+    """JSON and YAML parsers keep the last of two equal keys silently: the run would use a setting its author
+    did not see, so it is refused instead."""
+    return SettingError(f"{where}: the key {key!r} is given twice in one mapping; keep one of them")
 
 
 def train_config(args, config: dict, where: str) -> TrainConfig:

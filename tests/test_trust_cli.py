@@ -173,3 +173,25 @@ def test_a_full_disk_names_the_file_and_rerunning_finishes_the_job(tmp_path, tin
     monkeypatch.setattr(saelab.files.os, "fsync", real_fsync)
     assert main(args) == 0  # the advice works: the same command finishes the cache
     assert "complete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,text,where", [
+    ("run.yaml", "eval_tokens: 0\nout: first\nout: second\n", "run.yaml, line 3: the key 'out'"),
+    ("run.yaml", "train:\n  tokens: 256\n  batch_size: 64\n  tokens: 512\n", "run.yaml, line 4: the key 'tokens'"),
+    ("run.json", '{"out": "first", "train": {"tokens": 256, "tokens": 512}}', "run.json: the key 'tokens'"),
+])
+def test_a_key_given_twice_in_a_run_file_is_refused_naming_it(tmp_path, captured_train, capsys, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert where in err and "given twice" in err and "Traceback" not in err
+    assert not captured_train
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    from saelab.cli import load_config_file
+
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  <<: {tokens: 256, batch_size: 64}\n  tokens: 512\n")
+    assert load_config_file(str(path))["train"] == {"tokens": 512, "batch_size": 64}

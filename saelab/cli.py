@@ -188,11 +188,15 @@ def option_fields() -> dict[str, list[str]]:
 def sae_specs(args, config: dict, where: str) -> list[SAESpec]:
     """The SAEs to train: the product of the comma lists --arch x --width x --k x --hook, else the run file's `saes`
     (else one SAE of SAESpec's defaults); --lr and architecture options then apply to every SAE that reads them."""
-    from saelab.sae import sae_class
+    from saelab.sae import available_architectures, sae_class
 
     given = flag_values(args, list(PRODUCT_FIELDS))
     if given or not config.get("saes"):
         lists = {name: str(given.get(name, getattr(SAESpec, name) or "")).split(",") for name in PRODUCT_FIELDS}
+        if "k" in given and not any(sae_class(arch).takes_k for arch in lists["arch"]):
+            takers = ", ".join(arch for arch in available_architectures() if sae_class(arch).takes_k)
+            raise SettingError(f"--k is read only by {takers}, and no SAE here has that architecture; ask "
+                               f"{', '.join(lists['arch'])} for an L0 with --target-l0 instead, and drop --k")
         specs, seen = [], set()
         for arch, width, k, hook in itertools.product(*lists.values()):
             takes_k = sae_class(arch).takes_k

@@ -195,3 +195,16 @@ def test_yaml_merge_keys_still_override(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  <<: {tokens: 256, batch_size: 64}\n  tokens: 512\n")
     assert load_config_file(str(path))["train"] == {"tokens": 512, "batch_size": 64}
+
+
+def test_a_k_flag_no_architecture_reads_is_refused_not_dropped(tmp_path, tiny_model_dir, captured_train, capsys):
+    base = ["train", "--model", str(tiny_model_dir), "--hooks", "blocks.1.hook_resid_post", "--context-len", "32",
+            "--eval-tokens", "0", "--tokens", "256", "--batch-size", "64", "--out", str(tmp_path / "run")]
+    for arch in ("relu", "jumprelu", "relu,jumprelu"):
+        assert main(base + ["--arch", arch, "--k", "8"]) == 2
+        err = capsys.readouterr().err
+        assert "--k is read only by" in err and "topk" in err and "--target-l0" in err and "Traceback" not in err
+    assert not captured_train
+    assert main(base + ["--arch", "relu", "--target-l0", "8"]) == 0  # the advice works
+    assert main(base + ["--arch", "topk,relu", "--k", "8"]) == 0  # k goes to the SAEs that read it, as options do
+    assert [(s.arch, s.k) for s in captured_train[-1]["saes"]] == [("topk", 8), ("relu", None)]

@@ -3,21 +3,31 @@
     out/index.html          every exported latent in a table (density, mean, max, top tokens, promoted tokens),
                             searchable and sortable; its data and script are inline
     out/latents/<i>.html    one self-contained page per latent: its card, links to its neighbours, arrow keys step
+    out/.saelab-dashboard.json   the files this dashboard consists of
 
 Every file carries its own CSS (and the index its own small script); nothing is fetched, so the pages render the
 same from file://, from a zip, or from any static host. One file per latent keeps each page small and fast.
+
+A new dashboard may replace only the files a dashboard recorded writing there (as a cache may delete only its own
+files): a folder holding anything else is refused before anything is written, and one process writes at a time.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Iterable
 
+from saelab.errors import SaelabError
 from saelab.explore.examples import EMPTY
 from saelab.explore.features import FeatureSet
 from saelab.explore.html import STYLE, esc, shown, top_tokens
+from saelab.files import LOCK_FILE, FolderLock, remove_owned, write_atomic
+
+INDEX = "index.html"
+PAGES = "latents"
+RECORD = ".saelab-dashboard.json"
+"""The files of the dashboard written in a folder (relative names): what the next dashboard there may replace."""
 
 PAGE_STYLE = """body{margin:16px 22px;font:13px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;color:#1d1d1f}
 nav{margin-bottom:10px}nav a{margin-right:14px}a{color:#0a58ca;text-decoration:none}a:hover{text-decoration:underline}
@@ -84,19 +94,65 @@ def inline_json(data) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
 
 
+def recorded_files(out: Path) -> set[str]:
+    """The files the dashboard last written in `out` consists of, as its record lists them (none without one)."""
+    try:
+        files = json.loads((out / RECORD).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {name for name in files if isinstance(name, str)} if isinstance(files, list) else set()
+
+
+def check_folder(out: str | Path) -> set[str]:
+    """The files in `out` a new dashboard may replace; refuses, naming one, a folder that holds anything else (a
+    user's page, a folder, a link), so that no one's file is overwritten or deleted. Cheap: call it before a pass."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SaelabError(f"{out} is a file, not a folder; choose another folder for the dashboard (--out)")
+    owned = recorded_files(out) if out.is_dir() else set()
+    ours = owned | {LOCK_FILE, RECORD, RECORD + ".tmp"}
+    found = sorted(out.iterdir()) if out.is_dir() else []
+    pages = out / PAGES
+    if pages.is_dir() and not pages.is_symlink():
+        found += sorted(pages.iterdir())
+
+    def written(path: Path) -> bool:  # a regular file the record lists (or the pages' own folder): no link
+        if path.is_symlink():
+            return False
+        return path.is_dir() if path == pages else path.is_file() and path.relative_to(out).as_posix() in ours
+
+    foreign = [path.relative_to(out).as_posix() for path in found if not written(path)]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise SaelabError(f"{out} holds {foreign[0]}{more}, which no saelab dashboard wrote there; nothing was changed. "
+                          "Choose another folder for the dashboard (--out), or remove it")
+    return owned
+
+
 def write_dashboard(features: FeatureSet, out: str | Path, latents: Iterable[int], *, title: str = "") -> Path:
-    """Write index.html and latents/<i>.html for `latents` into `out`; returns the index page's path. Pages left
-    by an earlier export into the same folder are removed, so the index and the pages always agree."""
+    """Write index.html and latents/<i>.html for `latents` into `out`; returns the index page's path. The pages of
+    an earlier dashboard there are removed, so the index and the pages always agree; a folder holding anything a
+    dashboard did not write is refused (see check_folder), and so is a second process writing the same folder."""
     latents = sorted({features.check(int(i)) for i in latents})
     if not latents:
         raise ValueError("no latents to export")
     out = Path(out)
-    pages = out / "latents"
-    pages.mkdir(parents=True, exist_ok=True)
+    check_folder(out)  # a user's folder is refused untouched, without even a lock file left in it
+    with FolderLock(out, "dashboard"):
+        owned = check_folder(out)  # again, now that no other process writes here
+        pages = out / PAGES
+        if pages.is_dir():
+            remove_owned(pages, {name.split("/", 1)[1] for name in owned if name.startswith(PAGES + "/")}, "dashboard")
+        pages.mkdir(exist_ok=True)
+        files = [INDEX, *(f"{PAGES}/{latent}.html" for latent in latents)]
+        write_atomic(out / RECORD, json.dumps({"written_by": "saelab dashboard", "files": files}, indent=1).encode())
+        return _write_pages(features, out, latents, title)
+
+
+def _write_pages(features: FeatureSet, out: Path, latents: list[int], title: str) -> Path:
+    """index.html and one page per latent (the folder is this process's, and its record already lists them)."""
+    pages = out / PAGES
     exported = set(latents)
-    for old in pages.iterdir():
-        if re.fullmatch(r"\d+\.html", old.name) and int(old.stem) not in exported:
-            old.unlink()
     table = features.stats
     ids = set(table.top.tokens.unique().tolist()) | set(table.sample.tokens.unique().tolist())
     features.token_texts(sorted(ids - {EMPTY}))  # decode every token once, in one call
@@ -119,7 +175,7 @@ def write_dashboard(features: FeatureSet, out: str | Path, latents: Iterable[int
     stats = features.stats
     meta = (f"{stats.width} latents, {len(latents)} exported &middot; {stats.n_tokens:,} tokens"
             + (f" of {esc(stats.meta['source'])}" if stats.meta.get("source") else ""))
-    index = out / "index.html"
+    index = out / INDEX
     index.write_text(
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         f"<style>{PAGE_STYLE}</style></head><body><h1>{esc(title)}</h1><div class=\"meta\">{meta}</div>"

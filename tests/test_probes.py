@@ -1,6 +1,7 @@
 """saelab.analysis: labelled data, document splits, probes (no test leakage), concept directions, steering, CLI."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -161,6 +162,23 @@ def test_loaders(tmp_path):
     data = from_sources({label: tmp_path / label for label in ("poems", "recipes")}, words=10)
     assert len(data) == 18 and len(set(data.docs)) == 6
     assert len(from_templates(["a {} b", "{} c"], {"x": ["1", "2"], "y": ["3"]})) == 6
+
+
+@pytest.mark.parametrize("line,shown", [('"label": null', "null"), ('"label": ""', '""'), ('"label": [1, 2]', "[1, 2]"),
+                                        ('"label": {"a": 1}', '{"a": 1}'), ('"label": NaN', "nan")])
+def test_a_null_empty_or_non_scalar_label_is_refused_with_its_file_and_line(tmp_path, line, shown):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a fine text", "label": "x"}\n\n{"text": "another text", ' + line + '}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}, line 3: the label is {shown}, not a class name")):
+        load_labelled(path)
+    (tmp_path / "d.csv").write_text("text,label\nhello,1\nworld\n")  # a row one cell short: no label
+    with pytest.raises(DataError, match="d.csv, line 3: the label is null"):
+        load_labelled(tmp_path / "d.csv")
+    with pytest.raises(DataError, match="example 1: the label is null"):
+        LabelledTexts(["one", "two"], ["a", None], ["1", "2"])
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": f"text {i}", "label": x}) + "\n" for i, x in enumerate([3, True, 0.5])))
+    assert load_labelled(numbers).labels == ["3", "True", "0.5"]  # numbers and booleans are class names
 
 
 def test_languages_from_iso_codes():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import re
 import struct
@@ -33,7 +34,8 @@ class LabelledTexts:
     """For two labels: the one a binary probe detects (default: the second in sorted order)."""
 
     def __post_init__(self):
-        self.texts, self.labels, self.docs = list(self.texts), [str(x) for x in self.labels], [str(d) for d in self.docs]
+        self.texts, self.docs = list(self.texts), [str(d) for d in self.docs]
+        self.labels = [class_name(x, f"{self.name}: example {i}") for i, x in enumerate(self.labels)]
         if not (len(self.texts) == len(self.labels) == len(self.docs)):
             raise DataError(f"{self.name}: {len(self.texts)} texts, {len(self.labels)} labels and {len(self.docs)} "
                             "document ids; give one of each per example")
@@ -95,11 +97,21 @@ def load_labelled(path: str | Path, *, text_field: str = "text", label_field: st
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}, line {line}: the text is empty")
         texts.append(text)
-        labels.append(str(record[label_field]))
+        labels.append(class_name(record[label_field], f"{path}, line {line}"))
         docs.append(str(record.get(doc_field) or f"line{line}"))
     if not texts:
         raise DataError(f"{path}: no examples")
     return LabelledTexts(texts, labels, docs, name=path.stem)
+
+
+def class_name(label, where: str) -> str:
+    """A label as the name of its class. null, an empty string, NaN, a list or an object is refused: str() would
+    quietly make a class "None" or "[1, 2]" of it, and the probe would learn that class."""
+    if isinstance(label, (str, int)) or (isinstance(label, float) and math.isfinite(label)):
+        if str(label).strip():
+            return str(label)
+    shown = json.dumps(label) if not isinstance(label, float) else str(label)
+    raise DataError(f"{where}: the label is {shown}, not a class name; give every example a string or number label")
 
 
 def from_templates(templates: Sequence[str], fillers: dict[str, Sequence[str]], name: str = "templates") -> LabelledTexts:

@@ -191,6 +191,25 @@ def test_weights_that_disagree_with_cfg_say_what_to_do(tmp_path):
         load_sae(folder)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
+def test_weights_that_are_not_floating_point_are_refused_naming_the_tensor(tmp_path, dtype):
+    import numpy as np
+
+    folder = saved(tmp_path / "sae")
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    save_file({**weights, "W_dec": (weights["W_dec"] * 3).to(dtype)}, str(folder / "sae_weights.safetensors"))
+    shown = str(dtype).removeprefix("torch.")
+    with pytest.raises(HubError, match=f"tensor 'W_dec' has dtype {shown}, not a floating-point type"):
+        load_sae(folder)
+    gemma = tmp_path / "gemmascope"  # a format that casts to float64 on its own reads through the same check
+    gemma.mkdir()
+    arrays = {"W_enc": np.ones((8, 16), np.float32), "W_dec": np.ones((16, 8), np.int32), "b_enc": np.zeros(16, np.float32),
+              "b_dec": np.zeros(8, np.float32), "threshold": np.zeros(16, np.float32)}
+    np.savez(gemma / "params.npz", **arrays)
+    with pytest.raises(HubError, match="tensor 'W_dec' has dtype int32"):
+        load_sae(gemma)
+
+
 def test_save_refuses_metadata_that_contradicts_the_config(tmp_path):
     with pytest.raises(HubError, match=r"metadata\['hook_name'\]='blocks.2.hook_z' disagrees with sae.cfg.hook_name"):
         save_sae(make(), tmp_path / "sae", metadata={"hook_name": "blocks.2.hook_z"})

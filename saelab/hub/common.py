@@ -147,7 +147,23 @@ def refuse_pickle(path: Path) -> None:
 
 
 def load_tensors(path: Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """All tensors of a .safetensors, .npz or (with allow_pickle) .pt/.bin/... file, on the CPU."""
+    """All tensors of a .safetensors, .npz or (with allow_pickle) .pt/.bin/... file, on the CPU; every one floating
+    point (see `floating_only`)."""
+    return floating_only(_read_tensors(path, allow_pickle), path)
+
+
+def floating_only(tensors: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """Refuse a weights file holding an integer or boolean tensor: cast to float it would load as a plausible SAE
+    of truncated weights (mostly zeros) that encodes nothing."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise HubError(f"{path}: tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, not a "
+                           f"floating-point type; SAE weights are float32, float16, bfloat16 or float64: save them "
+                           f"again from the trained SAE")
+    return tensors
+
+
+def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
     if not path.is_file():
         raise HubError(f"weights file {path} does not exist")

@@ -123,6 +123,35 @@ def remove_owned(folder: Path, owned: set[str] | list[str], what: str) -> None:
             raise SaelabError(f"{path} is a folder, not a file saelab wrote; nothing more was deleted")
 
 
+def name_problem(name) -> str | None:
+    """Why `name` cannot be one file or folder name inside a folder, or None when it can.
+
+    The one rule for every name saelab reads from a file or a setting and then uses in a path (hook names in a cache
+    manifest or a cfg.json, SAE names, Hub subfolders): a hostile `../../x` must not place a write outside its folder.
+    """
+    if not isinstance(name, str) or not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "refers to a folder itself or its parent"
+    if "/" in name or "\\" in name:
+        return "holds a path separator ('/' or '\\')"
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        return "holds a control character"
+    return None
+
+
+def inside(folder: str | Path, relative: str, what: str) -> Path:
+    """`folder / relative` for a '/'-separated path built from names read from files or settings (a run's
+    '<hook>/<arch>-<width>'), after checking every part with `name_problem` and that no link leads it out of `folder`."""
+    for part in relative.split("/"):
+        if problem := name_problem(part):
+            raise SaelabError(f"{what} {relative!r} cannot be a path inside {folder}: {part!r} {problem}")
+    path = Path(folder).joinpath(*relative.split("/"))
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise SaelabError(f"{path} leads outside {folder} through a link; remove the link or choose another folder")
+    return path
+
+
 def check_schema_version(record: dict, supported: int, what: str) -> None:
     """Refuse a saved JSON record (metrics, probe or matching results) written by a newer saelab than this one."""
     from saelab import __version__

@@ -3,6 +3,7 @@
 One test per guarantee; each failed before its fix.
 """
 
+import hashlib
 import json
 import shlex
 
@@ -173,3 +174,49 @@ def test_the_same_cache_command_writes_the_same_bytes(tiny_model, tmp_path):
     assert all((tmp_path / "a" / s.file).read_bytes() == (tmp_path / "b" / s.file).read_bytes() for s in first.shards)
     assert ActivationStore(tmp_path / "a").manifest.complete  # what is written still reads, hashes verified
     assert sum(len(b) for b in ActivationStore(tmp_path / "a", batch_size=31, drop_last=False)) == 32 * 31
+
+
+def rename_hook(cache, new: str) -> None:
+    """Rename the cached hook in the manifest and in every shard, with the shards' sizes and SHA-256 updated to match:
+    a manifest that passes every integrity check but was written by hand."""
+    from safetensors.torch import load_file
+
+    data = json.loads((cache / "manifest.json").read_text())
+    (old,) = data["hooks"]
+    data["hooks"] = {new: data["hooks"][old]}
+    data["run"]["hooks"] = [new]
+    for record in data["shards"]:
+        tensors = load_file(cache / record["file"])
+        tensors[f"acts.{new}"] = tensors.pop(f"acts.{old}")
+        payload = saelab.files.safetensors_bytes(tensors)
+        (cache / record["file"]).write_bytes(payload)
+        record["bytes"], record["sha256"] = len(payload), hashlib.sha256(payload).hexdigest()
+    (cache / "manifest.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("hook", ["../../escaped_dir", "/tmp/escaped_dir", "..", "a\\b", "bad\nname"])
+def test_a_hook_name_that_is_a_path_is_refused_and_nothing_is_written(tiny_model, tmp_path, monkeypatch, capsys, hook):
+    """A manifest naming a hook '../../escaped_dir' (its shards' hashes updated to match) made `saelab train --acts C
+    --out sub/t` write the SAE folder outside --out and exit 0."""
+    cache = tmp_path / "work" / "C"
+    cache_activations(tiny_model, HOOK, cache, **RUN)
+    rename_hook(cache, hook)
+    monkeypatch.chdir(tmp_path / "work")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["train", "--acts", "C", "--out", "sub/t", "--arch", "topk", "--width", "64", "--k", "4",
+                 "--tokens", "512", "--batch-size", "128", "--eval-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "names a hook" in err and "rebuild the cache" in err
+    assert sorted(tmp_path.rglob("*")) == before and not (tmp_path / "escaped_dir").exists()
+    with pytest.raises(CacheError, match="names a hook"):
+        ActivationStore(cache)
+
+
+def test_a_shard_file_outside_the_cache_is_refused(tiny_model, tmp_path):
+    cache = tmp_path / "C"
+    cache_activations(tiny_model, HOOK, cache, **RUN)
+    data = json.loads((cache / "manifest.json").read_text())
+    data["shards"][0]["file"] = "../elsewhere.safetensors"
+    (cache / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(CacheError, match=r"lists shard 0 as the file '\.\./elsewhere\.safetensors'"):
+        Manifest.read(cache)

@@ -13,7 +13,7 @@ import torch
 
 import reference_trainer
 from saelab.activations import ActivationBatch, ActivationStore
-from saelab.errors import HookError, TrainingError
+from saelab.errors import HookError, SaelabError, TrainingError
 from saelab.files import LOCK_FILE, FolderBusyError
 from saelab.training import TrainConfig, Trainer, train
 from saelab.training.checkpoint import CheckpointError, load_checkpoint
@@ -263,6 +263,26 @@ def test_the_log_holds_every_loss_term_as_plain_json(tmp_path):
         assert matryoshka["loss"] == pytest.approx(sum(matryoshka["prefix_mse"]) + matryoshka["aux"], **close)
         assert all(values["lr"] > 0 for values in (relu, jumprelu, topk, batchtopk, matryoshka))
     assert max(r[f"{HOOK}/topk-64-k4"]["aux"] for r in records) > 0  # AuxK did run, and is logged
+
+
+# -- 6b. SAE folders stay inside the run folder
+
+
+def test_sae_folders_stay_inside_the_run_folder(tmp_path):
+    """A hook name becomes a folder of the run: one that is a path is refused before any training, and a link in the
+    run folder cannot lead the export outside it."""
+    run, outside = tmp_path / "run", tmp_path / "elsewhere"
+    hostile = Tensors([{"../elsewhere": x} for x in synthetic(2, 32)])
+    with pytest.raises(ValueError, match=r"hook_name must be a hook point name; it holds a path separator"):
+        train(hostile, [dict(width=32, k=4)], TrainConfig(tokens=64, batch_size=32), out=run, progress=False)
+    assert not run.exists() and not outside.exists()
+    outside.mkdir()
+    run.mkdir()
+    (run / HOOK).symlink_to(outside)
+    with pytest.raises(SaelabError, match=rf"{run / HOOK / 'topk-32-k4'} leads outside {run} through a link"):
+        train(Tensors(synthetic(2, 32)), [dict(width=32, k=4)], TrainConfig(tokens=64, batch_size=32), out=run,
+              progress=False)
+    assert list(outside.iterdir()) == []
 
 
 # -- 7. an independent reference

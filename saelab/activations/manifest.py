@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from saelab.errors import CacheError
-from saelab.files import file_sha256, write_atomic
+from saelab.files import file_sha256, name_problem, write_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "saelab-activations"
@@ -113,11 +113,28 @@ class Manifest:
             raise CacheError(f"{path} has format version {data['version']}; this saelab reads up to {VERSION}")
         data.pop("tokens", None)
         data.pop("complete", None)
+        _check_names(data, path)
         data["shards"] = [ShardRecord(**s) for s in data["shards"]]
         return cls(**data)
 
     def write(self, folder: Path) -> None:
         write_atomic(Path(folder) / MANIFEST, self.to_json().encode())
+
+
+def _check_names(data: dict, path: Path | str) -> None:
+    """Refuse a manifest whose names would become paths outside the cache or the run reading it: hook names (a
+    training run's SAE folders are named after them) must pass `name_problem`, shard files must be saelab's names."""
+    hooks = [*data.get("hooks", {}), *data.get("run", {}).get("hooks", [])]
+    for hook in hooks:
+        if problem := name_problem(hook):
+            raise CacheError(f"{path} names a hook {hook!r}, which {problem}: saelab writes model hook names only, so "
+                             "the manifest was altered; rebuild the cache with `saelab cache` into a new folder")
+    for shard in data.get("shards", []):
+        index, file = shard.get("index"), shard.get("file")
+        if not isinstance(index, int) or file != shard_name(index):
+            raise CacheError(f"{path} lists shard {index!r} as the file {file!r}, not a name saelab writes "
+                             f"(shard_NNNNN.safetensors for its index); rebuild the cache with `saelab cache` into a "
+                             "new folder")
 
 
 def check_shard(folder: Path, record: ShardRecord, *, checksum: bool = True) -> None:

@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from saelab.options import Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+from saelab.files import name_problem
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,11 +35,11 @@ class SAEConfig:
 
     arch: str
     """Architecture name in the registry: relu, topk, batchtopk, jumprelu, matryoshka."""
-    d_in: int
+    d_in: PositiveInt
     """Width of the activations the SAE reads."""
-    width: int
+    width: PositiveInt
     """Number of latents."""
-    k: int | None = None
+    k: PositiveInt | None = None
     """Active latents per token (topk) or on average per token (batchtopk, matryoshka)."""
     dtype: str = "float32"
     """Parameter dtype: float32 for training; bfloat16/float16 are fine for inference."""
@@ -45,33 +49,33 @@ class SAEConfig:
     """Language model the activations came from."""
     hook_name: str = ""
     """Hook point the activations came from, e.g. blocks.15.hook_resid_post."""
-    input_scale: float = 1.0
+    input_scale: PositiveFloat = 1.0
     """The SAE was trained on x * input_scale (unit mean squared norm); `fold_input_scale()` removes it."""
-    training_tokens: int = 0
+    training_tokens: NonNegativeInt = 0
     """Tokens seen during training."""
 
     # -- training hyperparameters (read by the Training objects, ignored at inference)
-    l1_coefficient: float = 0.1
+    l1_coefficient: NonNegativeFloat = 0.1
     """ReLU: weight of sum_i |f_i| * ||W_dec[i]|| (the start when steered to target_l0; on unit-normalised
     SmolLM2-135M activations L0 = 32 needed about 0.07)."""
-    l0_coefficient: float = 1e-3
+    l0_coefficient: NonNegativeFloat = 1e-3
     """JumpReLU: weight of the L0 penalty."""
-    sparsity_warmup_steps: int = 0
+    sparsity_warmup_steps: NonNegativeInt = 0
     """ReLU/JumpReLU: the sparsity coefficient ramps linearly from 0 over this many steps."""
-    target_l0: float | None = None
+    target_l0: PositiveFloat | None = None
     """ReLU/JumpReLU: the L0 the sparsity coefficient is steered to while training (the coefficient is then only
     its starting value). SAESpec sets 32 unless the coefficient is given; None keeps the coefficient fixed."""
-    auxk_coefficient: float = 1 / 32
+    auxk_coefficient: NonNegativeFloat = 1 / 32
     """TopK family: weight of the AuxK dead-latent loss."""
-    k_aux: int | None = None
+    k_aux: PositiveInt | None = None
     """TopK family: latents used by AuxK; None means d_in // 2."""
-    jumprelu_bandwidth: float = 1e-3
+    jumprelu_bandwidth: PositiveFloat = 1e-3
     """JumpReLU: width of the rectangle kernel of the straight-through estimator."""
-    jumprelu_init_threshold: float = 1e-3
+    jumprelu_init_threshold: PositiveFloat = 1e-3
     """JumpReLU: initial threshold of every latent."""
-    threshold_decay: float = 0.999
+    threshold_decay: Decay = 0.999
     """BatchTopK/Matryoshka: EMA decay of the running threshold exported for inference."""
-    group_sizes: list[int] | None = None
+    group_sizes: list[PositiveInt] | None = None
     """Matryoshka: sizes of the nested latent groups (sum = width); None means prefixes at width/16, /8, /4, /2, 1."""
 
     def __post_init__(self):
@@ -92,6 +96,8 @@ class SAEConfig:
             fail("k_aux", "must be a positive integer (or None for d_in // 2)")
         if self.dtype not in DTYPES:
             fail("dtype", f"must be one of {sorted(DTYPES)}")
+        if isinstance(self.hook_name, str) and self.hook_name and (problem := name_problem(self.hook_name)):  # it names folders: a run's, the Hub's
+            fail("hook_name", f"must be a hook point name; it {problem}")
         for name in ("l1_coefficient", "l0_coefficient", "auxk_coefficient"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from saelab import distributed
 from saelab.activations import ActivationBatch, ActivationStore, ModelStream
 from saelab.errors import HookError, TrainingError
-from saelab.files import FolderLock, write_atomic
+from saelab.files import FolderLock, inside, write_atomic
 from saelab.options import from_mapping
 from saelab.sae import SAE, SAEConfig, create_sae, create_training, estimate_input_scale
 from saelab.training.checkpoint import (CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer,
@@ -626,5 +626,5 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
             if out is not None:
                 from saelab.hub import save_sae
 
-                result.folder = save_sae(result.sae, Path(out) / result.name, metrics=result.metrics)
+                result.folder = save_sae(result.sae, inside(out, result.name, "SAE folder"), metrics=result.metrics)
     return trained

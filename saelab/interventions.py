@@ -252,7 +252,16 @@ def _vector(value: Tensor, model, hook: str, kind: str) -> Tensor:
     if value.ndim != 1 or value.shape[0] != d:
         got = value.shape[-1] if value.ndim == 1 else tuple(value.shape)
         raise ValueError(f"{kind}: expects d={d} at {hook}, got {got}")
-    return value.detach()
+    return finite(value.detach(), f"{kind} at {hook}: the vector")
+
+
+def finite(value: Tensor, what: str) -> Tensor:
+    """`value`, if it holds no NaN or infinity: one non-finite number in a patch makes every later position's
+    logits NaN, and each metric computed from them NaN, without an error."""
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{what} holds NaN or infinite values; a patch must be finite (check how it was computed, "
+                         "e.g. a direction normalised by a zero norm)")
+    return value
 
 
 @dataclass(eq=False)
@@ -267,7 +276,8 @@ class Add:
     def _bind(self, model):
         hook = _one_hook(model, self.hook)
         check_positions(self.positions)
-        step = _vector(self.vector, model, hook, "Add") * self.scale
+        step = finite(_vector(self.vector, model, hook, "Add") * self.scale, f"Add at {hook}: scale={self.scale} x "
+                      "the vector")
 
         def apply(x: Tensor, tokens: Tokens) -> Tensor:
             where = position_mask(self.positions, tokens).to(x.device).unsqueeze(-1)
@@ -298,6 +308,7 @@ class Replace:
                 if not isinstance(new, Tensor) or new.shape != x.shape:
                     shape = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
                     raise ValueError(f"Replace at {hook}: the function must return {tuple(x.shape)}, got {shape}")
+                finite(new[where.squeeze(-1)], f"Replace at {hook}: the function's value")
             return torch.where(where, new.to(x.dtype), x)
 
         return hook, apply
@@ -363,7 +374,8 @@ class Splice:
             raise ValueError(f"Splice: clamped latent {bad[0]} is out of range for an SAE of width {self.sae.cfg.width}")
         sae = (self.sae.fold_input_scale() if self.sae.cfg.input_scale != 1 else self.sae).eval()
         latents = torch.tensor([int(i) for i in self.clamp], dtype=torch.long, device=sae.device)
-        values = torch.tensor(list(self.clamp.values()), dtype=sae.dtype, device=sae.device)
+        values = finite(torch.tensor(list(self.clamp.values()), dtype=sae.dtype, device=sae.device),
+                        f"Splice at {hook}: clamp {self.clamp}")
 
         def apply(x: Tensor, tokens: Tokens) -> Tensor:
             where = position_mask(self.positions, tokens) if self.positions is not None else (

@@ -1,6 +1,7 @@
 """saelab.interventions: activations at positions, Add / Replace / Read / Splice patches, loss, greedy generation."""
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -289,6 +290,25 @@ def test_bad_input_gets_clear_errors(tiny_model):
         tiny_model.logits(TEXTS, patches=[Replace(HOOK, lambda x: x[:, :1])])
     with pytest.raises(ValueError, match="prefix of each row"):
         Tokens(torch.ones(1, 3, dtype=torch.long), torch.tensor([[True, False, True]]))
+
+
+def test_a_non_finite_patch_is_refused_naming_the_patch_not_turned_into_nan_logits(tiny_model):
+    d = tiny_model.d_model
+    nan_at_3 = torch.zeros(d).index_fill(0, torch.tensor([3]), float("nan"))
+    cases = [(Add(HOOK, nan_at_3), f"Add at {HOOK}: the vector"),
+             (Add(HOOK, torch.ones(d), scale=float("inf")), f"Add at {HOOK}: scale=inf x the vector"),
+             (Add(HOOK, torch.full((d,), 3e38), scale=10.0), f"Add at {HOOK}: scale=10.0 x the vector"),  # overflow
+             (Replace(HOOK, torch.full((d,), float("-inf"))), f"Replace at {HOOK}: the vector"),
+             (Replace(HOOK, lambda x: x / 0 * 0), f"Replace at {HOOK}: the function's value"),
+             (Splice(topk_sae(tiny_model), error_term=True, clamp={5: float("nan")}), f"Splice at {HOOK}: clamp")]
+    for patch, named in cases:
+        with pytest.raises(ValueError, match=re.escape(named) + ".* holds NaN or infinite values"):
+            tiny_model.logits(TEXTS, patches=[patch])
+        with pytest.raises(ValueError, match="holds NaN or infinite values"), tiny_model.patched(patch):
+            tiny_model.generate(TEXTS[:1], 2)
+    nan_after_first = lambda x: torch.cat([x[:, :1], torch.full_like(x[:, 1:], float("nan"))], 1)  # noqa: E731
+    logits = tiny_model.logits(TEXTS, patches=[Replace(HOOK, nan_after_first, positions=0)])
+    assert torch.isfinite(logits).all()  # only the values a patch puts in place are checked
 
 
 # ------------------------------------------------------------------------------------------- the real model

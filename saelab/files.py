@@ -140,12 +140,18 @@ def name_problem(name) -> str | None:
     return None
 
 
+def relative_path_problem(relative: str) -> str | None:
+    """Why a '/'-separated path made of such names (a run's '<hook>/<arch>-<width>', a Hub subfolder) cannot lead
+    inside a folder, or None when it can: every part must pass `name_problem`."""
+    return next((f"has a part {part!r} that {why}" for part in relative.split("/") if (why := name_problem(part))),
+                None)
+
+
 def inside(folder: str | Path, relative: str, what: str) -> Path:
-    """`folder / relative` for a '/'-separated path built from names read from files or settings (a run's
-    '<hook>/<arch>-<width>'), after checking every part with `name_problem` and that no link leads it out of `folder`."""
-    for part in relative.split("/"):
-        if problem := name_problem(part):
-            raise SaelabError(f"{what} {relative!r} cannot be a path inside {folder}: {part!r} {problem}")
+    """`folder / relative` after checking `relative` with `relative_path_problem` and that no link leads the result
+    out of `folder`: how every write joins names read from files or settings."""
+    if problem := relative_path_problem(relative):
+        raise SaelabError(f"{what} {relative!r} cannot be a path inside {folder}: it {problem}")
     path = Path(folder).joinpath(*relative.split("/"))
     if not path.resolve().is_relative_to(Path(folder).resolve()):
         raise SaelabError(f"{path} leads outside {folder} through a link; remove the link or choose another folder")

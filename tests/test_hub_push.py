@@ -215,4 +215,4 @@ def test_card_tolerates_missing_and_odd_metrics():
     assert flat_metrics(entries[0].metrics) == {"l0": 3.0, "kl": 0.5}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert "| `a` |" in card and "| `b` |" in card
+        assert "| <code>a</code> |" in card and "| <code>b</code> |" in card

@@ -3,6 +3,7 @@ HubError (never a traceback, never the token). No test reaches the Hub: HfApi is
 import errno
 import json
 import os
+import re
 import socket
 import warnings
 from pathlib import Path
@@ -497,3 +498,59 @@ def test_saving_over_an_older_sae_leaves_nothing_of_it_behind(tmp_path):
     save_sae(create_sae(SAEConfig(arch="topk", d_in=6, width=16, k=2)), folder)
     assert read_metrics(folder) is None
     assert not (folder / SPARSITY_FILE).exists() and not (folder / "feature_density.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- hostile names
+def with_hook(folder: Path, hook: str) -> Path:
+    """A saelab folder whose cfg.json names `hook` everywhere it is written (so the keys agree)."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for place in (cfg, cfg["saelab"]["config"], cfg.get("metadata", {})):
+        if "hook_name" in place:
+            place["hook_name"] = hook
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("hook", ["../../escaped", "..", "a\\b", "x\ny"])
+def test_a_cfg_hook_name_that_is_a_path_is_refused_and_nothing_is_staged(tmp_path, hook):
+    """push named the subfolder after the hook: '../../escaped' staged the SAE outside the dry-run folder."""
+    folder = with_hook(saved(tmp_path / "in" / "sae"), hook)
+    with pytest.raises(HubError, match=r"cfg.json: invalid SAE config \(SAEConfig.hook_name must be a hook point name"):
+        load_sae(folder)
+    with pytest.raises(HubError, match="hook_name must be a hook point name"):
+        push_to_hub(folder, REPO, dry_run=tmp_path / "in" / "up")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"] and not (tmp_path / "in" / "up").exists()
+
+
+def test_a_subfolder_outside_the_repo_is_refused_before_any_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from saelab.hub import from_pretrained
+
+    saved(tmp_path / "hub")  # an SAE where '../../..' leads from the snapshot: it loaded
+    snapshot = tmp_path / "hub" / "models--me--saes" / "snapshots" / ("a" * 40)
+    (snapshot / HOOK).mkdir(parents=True)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: calls.append(kw) or str(snapshot))
+    for subfolder in ("../../..", f"{HOOK}/../../../..", "a/./b", "a\\..\\b"):
+        with pytest.raises(HubError, match=rf"subfolder '.*' has a part .* that .*; give a path inside the repo"):
+            from_pretrained("me/saes", subfolder=subfolder)
+    assert calls == []
+
+
+def test_the_model_card_shows_hostile_names_as_text():
+    """A hook name '<script>...' (as an older saelab let through) was put into the card as HTML."""
+    from saelab.hub.card import CardEntry, build_model_card
+
+    cfg = SAEConfig(arch="topk", d_in=8, width=16, k=3, model_name="evil/<img src=x onerror=alert(1)>")
+    cfg.hook_name = "<script>alert(1)</script>\n# heading | cell `code` [link](javascript:alert(1)) &amp;"
+    entry = CardEntry("<b>sub</b>`\n```", cfg, metrics={"fvu": 0.5}, density_plot="<b>sub</b>/feature_density.png")
+    card = build_model_card([entry], "me/<i>repo</i>")
+    body = card.split("\n---\n", 1)[1]  # after the YAML front matter (safe_dump quotes what it must)
+    assert set(re.findall(r"<\s*/?\s*([a-zA-Z]+)", body)) == {"code"}  # no tag but the card's own
+    assert "&lt;script&gt;alert(1)&lt;" in body and "&amp;amp;" in body
+    assert "\n# heading" not in body and "[link](" not in body
+    lines = body.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| Subfolder"))
+    assert lines[header + 2].replace("\\|", "").count("|") == lines[header].count("|")  # one row, its own cells
+    assert sum(line.startswith("```") for line in lines) == 4  # the two snippets' fences, none from a name

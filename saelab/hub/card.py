@@ -1,9 +1,13 @@
 """The model card (README.md) of a Hub repo of saelab SAEs: YAML front matter, a metrics table, plots, a snippet."""
 from __future__ import annotations
 
+import html
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from saelab.sae import SAEConfig
 
@@ -67,8 +71,22 @@ def flat_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
     return out
 
 
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+def _text(value: Any) -> str:
+    """Text from a config or a file name as Markdown that shows exactly that text: a hook name such as
+    `<script>...` must not become HTML, a link, a table cell or a line of the card."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return re.sub(r"([\\`|\[\]])", r"\\\1", text)
+
+
+def _code(value: Any) -> str:
+    """`_text` in code style (HTML's <code>: inside Markdown's backticks an escaped `&lt;` would show as is)."""
+    return f"<code>{_text(value)}</code>"
+
+
+def _literal(value: Any) -> str:
+    """A Python string literal of `value` for the card's code snippets: on one line (no name can end the code block)
+    and with no raw '<', '>' or '&' (the card holds no tag but its own)."""
+    return json.dumps(str(value)).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _metric(metrics: dict[str, float], keys: tuple[str, ...], fmt: str) -> str:
@@ -101,21 +119,21 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
     meta = front_matter(entries, license)
     models = sorted({e.cfg.model_name for e in entries if e.cfg.model_name})
     hooks = sorted({e.cfg.hook_name for e in entries if e.cfg.hook_name})
-    model_text = ", ".join(f"`{m}`" for m in models) or "a language model"
+    model_text = ", ".join(_code(m) for m in models) or "a language model"
     if meta.get("base_model"):
         bases = meta["base_model"] if isinstance(meta["base_model"], list) else [meta["base_model"]]
-        model_text += " (" + ", ".join(f"[{b}](https://huggingface.co/{b})" for b in bases) + ")"
+        model_text += " (" + ", ".join(f"[{_text(b)}](https://huggingface.co/{quote(b)})" for b in bases) + ")"
     n = len(entries)
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"),
         "---",
         "",
-        f"# Sparse autoencoders for {', '.join(models) or 'a language model'}",
+        f"# Sparse autoencoders for {', '.join(_text(m) for m in models) or 'a language model'}",
         "",
         f"{n} sparse autoencoder{'s (SAEs)' if n != 1 else ' (SAE)'} trained with "
         f"saelab on the activations of {model_text}"
-        + (f" at {', '.join(f'`{h}`' for h in hooks)}" if hooks else "") + ". "
+        + (f" at {', '.join(_code(h) for h in hooks)}" if hooks else "") + ". "
         "Each SAE decomposes an activation vector into a sparse combination of learned feature directions "
         "(rows of `W_dec`), for mechanistic interpretability.",
         "",
@@ -131,8 +149,8 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
     lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|")
     for e in entries:
         m = flat_metrics(e.metrics)
-        row = [f"`{_cell(e.subfolder)}`", f"`{_cell(e.cfg.hook_name)}`" if e.cfg.hook_name else "–",
-               _cell(e.cfg.arch), str(e.cfg.width), str(e.cfg.k) if e.cfg.k is not None else "–"]
+        row = [_code(e.subfolder), _code(e.cfg.hook_name) if e.cfg.hook_name else "–",
+               _text(e.cfg.arch), str(e.cfg.width), str(e.cfg.k) if e.cfg.k is not None else "–"]
         row += [_metric(m, keys, fmt) for _, keys, fmt in METRIC_COLUMNS]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -147,7 +165,7 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
     if plots:
         lines += ["## Feature density", ""]
         for e in plots:
-            lines += [f"![Feature density of {e.subfolder}]({e.density_plot})", ""]
+            lines += [f"![Feature density of {_text(e.subfolder)}]({quote(e.density_plot)})", ""]
 
     first = entries[0].subfolder
     lines += [
@@ -158,7 +176,7 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
         "```python",
         "from saelab.sae import SAE",
         "",
-        f'sae = SAE.from_pretrained("{repo_id}", subfolder="{first}")',
+        f"sae = SAE.from_pretrained({_literal(repo_id)}, subfolder={_literal(first)})",
         "codes = sae.encode(x)          # x: raw activations [..., d_in]",
         "x_hat = sae.decode(codes)",
         "```",
@@ -168,7 +186,7 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
         "```python",
         "from sae_lens import SAE",
         "",
-        f'sae = SAE.from_pretrained("{repo_id}", "{first}")',
+        f"sae = SAE.from_pretrained({_literal(repo_id)}, {_literal(first)})",
         "```",
         "",
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saelab.files import inside, relative_path_problem
 from saelab.sae import SAE
 
 from .common import (CFG_FILE, GEMMASCOPE_FILES, METRICS_FILE, PICKLE_SUFFIXES, SPARSIFY_WEIGHTS_FILE,
@@ -38,6 +39,9 @@ def download(repo_id: str, subfolder: str | None = None, revision: str | None = 
     if not isinstance(repo_id, str) or not repo_id:
         raise HubError(f"repo_id must be a Hub repo id like 'user/name', got {repo_id!r}")
     sub = (subfolder or "").strip("/")
+    if sub and (problem := relative_path_problem(sub)):  # before any download: '../../..' led out of the snapshot
+        raise HubError(f"subfolder {subfolder!r} {problem}; give a path inside the repo like "
+                       "'blocks.15.hook_resid_post'")
     if sub:
         patterns = [f"{sub}/*", "config.json"]  # config.json: a sparsify run's model and dataset
     else:
@@ -66,7 +70,7 @@ def download(repo_id: str, subfolder: str | None = None, revision: str | None = 
         raise HubError(f"the Hub refused {where} (HTTP {status}); check the repo id, revision and token") from None
     except (OSError, *_INCOMPLETE) as e:  # a partial cached snapshot offline, disk errors
         raise HubError(f"could not fetch Hub repo {where}: {type(e).__name__}: {e}") from None
-    folder = Path(snapshot) / sub if sub else Path(snapshot)
+    folder = inside(snapshot, sub, "subfolder") if sub else Path(snapshot)
     if not folder.is_dir() or not any(folder.iterdir()):
         available = _top_folders(repo_id, revision, token, Path(snapshot))
         hint = f"; folders in the repo: {available[:20]}" if available else ""

@@ -26,12 +26,12 @@ import shutil
 import tempfile
 import warnings
 from collections import Counter
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi
 
-from saelab.files import LOCK_FILE
+from saelab.files import LOCK_FILE, inside, relative_path_problem
 from saelab.sae import SAE
 
 from .card import CardEntry, build_model_card
@@ -104,10 +104,11 @@ def sae_folders(root: Path, depth: int = 4) -> list[Path]:
 
 
 def _check_name(name: str) -> str:
-    parts = PurePosixPath(name.strip("/")).parts
-    if not parts or any(p in (".", "..") or "\\" in p for p in parts) or name.startswith("/"):
-        raise HubError(f"subfolder name {name!r} must be a relative path like 'blocks.15.hook_resid_post'")
-    return "/".join(parts)
+    """An explicit subfolder name ('l15/topk'), checked as every name that becomes a path is."""
+    problem = "is absolute" if name.startswith("/") else relative_path_problem(name.strip("/"))
+    if problem:
+        raise HubError(f"subfolder name {name!r} {problem}; name it as a relative path like 'blocks.15.hook_resid_post'")
+    return name.strip("/")
 
 
 def subfolder_names(cfgs: list, explicit: list[str | None]) -> list[str]:
@@ -249,7 +250,7 @@ def stage(saes_or_folders: Any, out: Path, repo_id: str, *, license: str | None 
     names = subfolder_names(cfgs, [name for name, _, _ in items])
     entries = []
     for name, (_, item, _), fmt, sae, files in zip(names, items, formats, loaded, sources):
-        dst = out / name
+        dst = inside(out, name, "subfolder")
         if isinstance(item, SAE):
             save_sae(item, dst)
         else:

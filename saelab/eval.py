@@ -51,7 +51,7 @@ from saelab import __version__
 from saelab.activations.store import ActivationBatch, ActivationStore
 from saelab.data import TextConfig, token_batches
 from saelab.errors import DataError, HookError
-from saelab.files import check_schema_version
+from saelab.files import check_schema_version, without_local_paths
 from saelab.interventions import Replace, Tokens
 
 if TYPE_CHECKING:
@@ -231,8 +231,9 @@ def _json_safe(value):
 
 
 def _title(summary: SAESummary) -> str:
+    """The density plot's title; a model folder by its name only, as the plot is published with the SAE."""
     k = f" k={summary.k}" if summary.k is not None else ""
-    where = " ".join(p for p in (summary.model_name, summary.hook_name) if p)
+    where = " ".join(p for p in (without_local_paths(summary.model_name), summary.hook_name) if p)
     return f"{summary.arch} width={summary.width}{k}" + (f" · {where}" if where else "")
 
 

@@ -11,8 +11,10 @@ import errno
 import fcntl
 import hashlib
 import json
+import ntpath
 import os
-from pathlib import Path
+import posixpath
+from pathlib import Path, PureWindowsPath
 
 from saelab.errors import SaelabError
 
@@ -181,3 +183,19 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
     header = json.dumps(json.loads(payload[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
     return len(header).to_bytes(8, "little") + header + payload[8 + length:]
+
+
+def without_local_paths(value):
+    """`value` (a string, or parsed JSON) with every absolute local path in it reduced to its last name
+    ('/home/ana/texts/diary.txt' -> 'diary.txt', also '~/...' and 'C:\\Users\\...').
+
+    For what saelab publishes: it must not say where a user keeps files, nor their user name. Local records keep
+    the full paths; a text's SHA-256 beside its name still identifies it.
+    """
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and (posixpath.isabs(value) or ntpath.isabs(value) or value.startswith("~")):
+        return PureWindowsPath(value).name  # splits at '/' and '\'
+    return value

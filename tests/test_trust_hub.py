@@ -1,6 +1,7 @@
 """Trust in saelab.hub: nothing uploaded through a link, no half-read cfg.json, every network or disk failure a clear
 HubError (never a traceback, never the token). No test reaches the Hub: HfApi is faked or pointed at a closed port."""
 import errno
+import hashlib
 import json
 import os
 import re
@@ -554,3 +555,36 @@ def test_the_model_card_shows_hostile_names_as_text():
     header = next(i for i, line in enumerate(lines) if line.startswith("| Subfolder"))
     assert lines[header + 2].replace("\\|", "").count("|") == lines[header].count("|")  # one row, its own cells
     assert sum(line.startswith("```") for line in lines) == 4  # the two snippets' fences, none from a name
+
+
+# ---------------------------------------------------------------------------------------------------- privacy
+def test_push_publishes_no_local_path(tiny_model_dir, tmp_path):
+    """`train --eval-tokens` then `push --dry-run` staged metrics.json with the text's absolute path (and cfg.json
+    with the model folder's): nothing uploaded may say where the user keeps files, nor their user name."""
+    from saelab.cli import main
+
+    text = tmp_path / "ana" / "private" / "diary.txt"
+    text.parent.mkdir(parents=True)
+    text.write_text(" ".join(f"day {i} the weather was {['fine', 'grey', 'wet'][i % 3]}." for i in range(3000)))
+    acts, run, dry = tmp_path / "acts", tmp_path / "run", tmp_path / "dry"
+    assert main(["cache", "--model", str(tiny_model_dir), "--hooks", "blocks.0.hook_resid_post", "--out", str(acts),
+                 "--tokens", "2k", "--context-len", "32", "--batch-size", "4", "--text", str(text)]) == 0
+    assert main(["train", "--acts", str(acts), "--arch", "topk", "--width", "64", "--k", "4", "--tokens", "1024",
+                 "--batch-size", "128", "--out", str(run), "--eval-tokens", "256"]) == 0
+    (local,) = run.rglob("metrics.json")
+    assert json.loads(local.read_text())["settings"]["text"]["source"] == str(text)  # kept as given, locally
+    from saelab.eval import EvalResult, _title  # the density plot's title is pixels: check the text drawn
+
+    assert _title(EvalResult.load(local.parent).sae).endswith(f"· {tiny_model_dir.name} blocks.0.hook_resid_post")
+    assert main(["push", str(run), REPO, "--dry-run", str(dry)]) == 0
+
+    private = [str(tmp_path), str(tiny_model_dir), str(Path.home())]
+    staged = [path for path in dry.rglob("*") if path.is_file()]
+    assert {p.name for p in staged} >= {"README.md", "cfg.json", "metrics.json"}
+    for path in staged:
+        data = path.read_bytes()
+        assert not [p for p in private if p.encode() in data], path
+    (metrics,) = dry.rglob("metrics.json")
+    published = json.loads(metrics.read_text())["settings"]["text"]
+    assert published["source"] == "diary.txt" and published["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert load_sae(metrics.parent).cfg.model_name == tiny_model_dir.name  # cfg.json still agrees with itself

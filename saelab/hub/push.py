@@ -31,13 +31,13 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
-from saelab.files import LOCK_FILE, inside, relative_path_problem
+from saelab.files import LOCK_FILE, inside, relative_path_problem, without_local_paths
 from saelab.sae import SAE
 
 from .card import CardEntry, build_model_card
 from .common import (CFG_FILE, DENSITY_PLOTS, FIRING_COUNTS_FILE, GEMMASCOPE_FILES, METRICS_FILE,
                      SPARSIFY_WEIGHTS_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, PathLike, copy_regular, link_error,
-                     refuse_links)
+                     read_json, refuse_links, write_json)
 from .folder import detect_format, load_sae, log10_densities, read_metrics, read_saelab_cfg, save_sae, write_reason
 from .saelens import read_log_densities
 
@@ -212,6 +212,16 @@ def _sparsity_from_counts(files: dict[str, Path], dst: Path) -> None:
         pass
 
 
+def _remove_local_paths(folder: Path) -> None:
+    """Reduce every local path in a staged cfg.json and metrics.json to its last name (`without_local_paths`): a text
+    file's or a model folder's absolute path would publish where the user keeps files, and their user name."""
+    for path in (folder / CFG_FILE, folder / METRICS_FILE):
+        if path.is_file():
+            record = read_json(path, "staged file")
+            if (public := without_local_paths(record)) != record:
+                write_json(path, public)
+
+
 def _check_sparsity(folder: Path, width: int) -> None:
     """A copied sparsity.safetensors must hold one finite log10 density per latent, or the card and SAELens lie."""
     sparsity = read_log_densities(folder)
@@ -255,6 +265,7 @@ def stage(saes_or_folders: Any, out: Path, repo_id: str, *, license: str | None 
             save_sae(item, dst)
         else:
             _stage_folder(item, files, dst, fmt, sae)
+        _remove_local_paths(dst)
         cfg, block = read_saelab_cfg(dst)
         _check_sparsity(dst, cfg.width)
         plot = next((f"{name}/{p}" for p in DENSITY_PLOTS if (dst / p).is_file()), None)

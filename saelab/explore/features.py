@@ -21,6 +21,9 @@ from saelab.explore.directions import logit_effects, nearest_latents, unembeddin
 from saelab.explore.examples import EMPTY, ExampleTable
 from saelab.explore.stats import LatentStats, collect
 
+REPLACEMENT = "\ufffd"
+"""What a tokenizer decodes the bytes of a partial UTF-8 character to."""
+
 
 class LatentError(IndexError, ValueError):
     """A latent number that is not an int in [0, width): an IndexError for `features[i]`, a ValueError for callers
@@ -39,6 +42,25 @@ class Example:
     context: int
     position: int
     """Where the firing token sits: context number and position in it (as in the cache)."""
+
+    def spans(self) -> list[range]:
+        """The tokens as shown, one span each, except that a token with no text of its own (its bytes end inside a
+        character the next token completes, see FeatureSet.window_texts) shares the next token's span."""
+        spans, start = [], 0
+        for i, token in enumerate(self.tokens):
+            if token or i == len(self.tokens) - 1:
+                spans.append(range(start, i + 1))
+                start = i + 1
+        return spans
+
+    def span_of(self, i: int) -> range:
+        """The span token i is shown in."""
+        return next(span for span in self.spans() if i in span)
+
+    @property
+    def firing_text(self) -> str:
+        """The text of the firing token's span: its own, or the character it is part of."""
+        return "".join(self.tokens[i] for i in self.span_of(self.at))
 
 
 @dataclass
@@ -108,6 +130,7 @@ class FeatureSet:
         self.logits = logit_effects(W_dec, W_U, n_logits) if W_U is not None else None
         self.nearest = nearest_latents(W_dec, n_nearest)
         self._texts: dict[int, str] = {}
+        self._runs: dict[tuple[int, ...], list[str]] = {}
         vocab = len(tokenizer)
         seen = int(max(stats.top.tokens.max(), stats.sample.tokens.max() if stats.sample.n else -1))
         if seen >= vocab:
@@ -180,7 +203,7 @@ class FeatureSet:
                 continue
             keep = [i for i, token in enumerate(tokens[slot]) if token != EMPTY]
             at = sum(1 for i in keep if i < table.before)
-            out.append(Example(self.token_texts([tokens[slot][i] for i in keep]), [acts[slot][i] for i in keep], at,
+            out.append(Example(self.window_texts([tokens[slot][i] for i in keep]), [acts[slot][i] for i in keep], at,
                                values[slot], contexts[slot], positions[slot]))
         return out
 
@@ -190,6 +213,36 @@ class FeatureSet:
         if missing:
             self._texts.update(zip(missing, self.tokenizer.batch_decode([[i] for i in missing])))
         return [self._texts[i] for i in ids]
+
+    def window_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's piece of the text of consecutive tokens `ids`, so that "".join(pieces) reads as the tokens
+        decoded together. A byte-level tokenizer splits a character such as 東 or ö into several tokens that decode
+        alone to "\ufffd"; each run of such tokens is decoded together, and each character goes to the token that
+        completes it (the ones before it get ""). Every other token reads as decoded alone."""
+        texts = self.token_texts(ids)
+        pieces, start = list(texts), None
+        for i, text in enumerate([*texts, ""]):
+            broken = REPLACEMENT in text
+            if broken and start is None:
+                start = i
+            elif not broken and start is not None:
+                pieces[start:i] = self._run_texts(tuple(ids[start:i]))
+                start = None
+        return pieces
+
+    def _run_texts(self, run: tuple[int, ...]) -> list[str]:
+        """The pieces of a run of tokens that do not decode to whole characters alone (cached): each token gets the
+        characters it completes; what the run leaves incomplete at its end reads as "\ufffd" on its last token."""
+        if run not in self._runs:
+            whole = self.tokenizer.decode(list(run))
+            pieces, done = [], ""
+            for end in range(1, len(run)):
+                text = self.tokenizer.decode(list(run[:end])).rstrip(REPLACEMENT)  # less what the next complete
+                grown = len(text) >= len(done) and whole.startswith(text)
+                pieces.append(text[len(done):] if grown else "")
+                done = text if grown else done
+            self._runs[run] = [*pieces, whole[len(done):]]  # "".join(pieces) == whole, whatever the tokenizer
+        return self._runs[run]
 
     def most_active(self, n: int = 20, by: str = "count") -> list[int]:
         """The n latents that fire most often (by="count") or most strongly (by="max")."""

@@ -45,12 +45,14 @@ def number(x: float) -> str:
 
 def example_html(example: Example, scale: float) -> str:
     """One context line: its activation, then each token shaded by this latent's activation (relative to `scale`,
-    the latent's max), the example's own token outlined."""
+    the latent's max), the example's own token outlined. The tokens of one character (see Example.spans) share a
+    span, shaded by the largest of their activations."""
     parts = [f'<div class="ex"><span class="v">{number(example.value)}</span>']
-    for i, (token, act) in enumerate(zip(example.tokens, example.acts)):
+    for span in example.spans():
+        token, act = "".join(example.tokens[i] for i in span), max(example.acts[i] for i in span)
         level = min(LEVELS, math.ceil(LEVELS * act / scale)) if act > 0 and scale > 0 else 0
-        classes = "tok" + (f" s{level}" if level else "") + (" hit" if i == example.at else "")
-        title = f' title="{number(act)}"' if act else ""
+        classes = "tok" + (f" s{level}" if level else "") + (" hit" if example.at in span else "")
+        title = f' title="{" ".join(number(example.acts[i]) for i in span)}"' if act else ""
         parts.append(f'<span class="{classes}"{title}>{esc(shown(token))}</span>')
     parts.append("</div>")
     return "".join(parts)
@@ -109,7 +111,7 @@ def top_tokens(feature: Feature, n: int = 4) -> list[str]:
     """The distinct tokens its top examples fire on, most frequent first."""
     counts: dict[str, int] = {}
     for example in feature.top:
-        token = example.tokens[example.at]
+        token = example.firing_text
         counts[token] = counts.get(token, 0) + 1
     return sorted(counts, key=lambda t: -counts[t])[:n]
 

@@ -24,7 +24,7 @@ def plot_feature(feature, path: str | Path | None = None):
     left.set_title(f"latent {feature.latent}: fires on {100 * feature.density:.3g}% of tokens", fontsize=10)
     top = feature.top[:12][::-1]
     right.barh(range(len(top)), [e.value for e in top], color="#e07b39")
-    right.set_yticks(range(len(top)), [repr(e.tokens[e.at]) for e in top], fontsize=8)
+    right.set_yticks(range(len(top)), [repr(e.firing_text) for e in top], fontsize=8)
     right.set_xlabel("activation")
     right.set_title("top activations (firing token)", fontsize=10)
     if path is None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from saelab.explore.examples import EMPTY, ExampleTable
+from saelab.explore.features import REPLACEMENT
 
 TEMPLATES = ("{}", "The next word is {}.", "She wrote {} on the board and left.", "We talked about {} yesterday.",
              "In the text, {} appears twice: {} again.")
@@ -79,14 +80,16 @@ def _hits(features, table: ExampleTable, wanted: str) -> Tensor:
     firing = table.tokens[:, :, table.before].long()
     ids = sorted(set(firing.unique().tolist()) - {EMPTY})
     keys = [text.strip().lower() or text.lower() for text in features.token_texts(ids)]
-    inside = [i for i, key in zip(ids, keys) if key and key in wanted]
+    # a token that is part of a character (東 in byte-level tokens) is judged in its window, decoded together
+    inside = [i for i, key in zip(ids, keys) if key and (key in wanted or REPLACEMENT in key)]
     hits = torch.isin(firing, torch.tensor(inside, dtype=torch.long)) & table.filled
     for latent, slot in hits.nonzero().tolist():  # the firing token is part of the phrase; is the phrase there?
         ids = table.tokens[latent, slot]
-        texts = features.token_texts(ids[ids != EMPTY].tolist())
+        texts = features.window_texts(ids[ids != EMPTY].tolist())
         at = int((ids[: table.before] != EMPTY).sum())
         start = sum(len(t) for t in texts[:at])
-        hits[latent, slot] = _overlaps("".join(texts).lower(), wanted, start, start + len(texts[at]))
+        own = next((t for t in texts[at:] if t), "")  # its text, or that of the token completing its character
+        hits[latent, slot] = _overlaps("".join(texts).lower(), wanted, start, start + len(own))
     return hits
 
 
@@ -125,7 +128,9 @@ def most_active_on(model, sae, text: str, n: int = 10) -> LatentTable:
     peak, where = codes.max(0)
     order = peak.topk(min(n, len(peak))).indices
     order = order[peak[order] > 0]
-    names = model.tokenizer.batch_decode(tokens.ids[0].unsqueeze(1).tolist())
+    # the characters each token covers in the text (each byte-level token of 東 reads 東), else each decoded alone
+    names = ([text[start:end] for start, end in tokens.spans[0].tolist()] if tokens.spans is not None
+             else model.tokenizer.batch_decode(tokens.ids[0].unsqueeze(1).tolist()))
     rows = [[int(i), float(peak[i]), names[int(where[i])], int((codes[:, i] > 0).sum())] for i in order]
     return LatentTable(f"most active latents on {text[:60]!r}", ["latent", "max", "at token", "tokens fired"], rows)
 

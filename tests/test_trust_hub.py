@@ -516,10 +516,12 @@ def with_hook(folder: Path, hook: str) -> Path:
 def test_a_cfg_hook_name_that_is_a_path_is_refused_and_nothing_is_staged(tmp_path, hook):
     """push named the subfolder after the hook: '../../escaped' staged the SAE outside the dry-run folder."""
     folder = with_hook(saved(tmp_path / "in" / "sae"), hook)
-    with pytest.raises(HubError, match=r"cfg.json: invalid SAE config \(SAEConfig.hook_name must be a hook point name"):
-        load_sae(folder)
-    with pytest.raises(HubError, match="hook_name must be a hook point name"):
-        push_to_hub(folder, REPO, dry_run=tmp_path / "in" / "up")
+    saelens = write_saelens(tmp_path / "in" / "saelens", hook_name=hook)
+    for sae_folder in (folder, saelens):
+        with pytest.raises(HubError, match=r"cfg.json: invalid SAE config \(SAEConfig.hook_name must be a hook point"):
+            load_sae(sae_folder)
+        with pytest.raises(HubError, match="hook_name must be a hook point name"):
+            push_to_hub(sae_folder, REPO, dry_run=tmp_path / "in" / "up")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"] and not (tmp_path / "in" / "up").exists()
 
 

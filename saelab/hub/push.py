@@ -107,7 +107,8 @@ def _check_name(name: str) -> str:
     """An explicit subfolder name ('l15/topk'), checked as every name that becomes a path is."""
     problem = "is absolute" if name.startswith("/") else relative_path_problem(name.strip("/"))
     if problem:
-        raise HubError(f"subfolder name {name!r} {problem}; name it as a relative path like 'blocks.15.hook_resid_post'")
+        raise HubError(f"subfolder name {name!r} {problem}; name it as a relative path like "
+                       "'blocks.15.hook_resid_post'")
     return name.strip("/")
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from saelab.sae import SAE, SAEConfig, sae_class
 
 from .common import (CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, build_sae, cfg_bool, cfg_int, cfg_str,
-                     is_int, load_tensors, parse_dtype, read_json, require, weights_file)
+                     config_from, is_int, load_tensors, parse_dtype, read_json, require, weights_file)
 
 # saelab arch -> SAELens architecture. SAELens has no batch-dependent inference class: its BatchTopK and Matryoshka
 # trainers save JumpReLU SAEs, as saelab's `training.export()` does; the as-is names below are SAELens's training names.
@@ -197,8 +197,8 @@ def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SA
             k = int(k)
         if not is_int(k) or not 1 <= k <= d_sae:
             raise HubError(f"{source}: a topk SAE needs an integer k in [1, d_sae={d_sae}], got {k!r}; fix cfg.json")
-    cfg = SAEConfig(arch=IMPORTABLE[arch], d_in=d_in, width=d_sae, k=k, dtype=dtype,
-                    model_name=model_name, hook_name=hook_name)
+    cfg = config_from(dict(arch=IMPORTABLE[arch], d_in=d_in, width=d_sae, k=k, dtype=dtype, model_name=model_name,
+                           hook_name=hook_name), source)  # a refused value (a hook name that is a path) names the file
     return build_sae(cfg, w, source=str(path), device=device)
 
 

@@ -20,8 +20,21 @@ RUN_KEYS = ["acts", "model", "hooks", "text", "out", "eval_tokens", "train", "sa
 """Top-level keys of a YAML / JSON run file."""
 
 
+def _text_flag(value: str) -> str:
+    """The argparse type of every flag naming text: its source must resolve (saelab.data.text_source), so a
+    mistyped path stops the command before any model loads, instead of being read as a dataset name or as text."""
+    from saelab.data import text_source
+    from saelab.errors import DataError
+
+    try:
+        text_source(value)
+    except DataError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def _text_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", default="default",
+    parser.add_argument("--text", type=_text_flag, default="default",
                         help="text file, folder, JSONL file, Hub dataset name, or 'default' (built-in prose)")
     parser.add_argument("--field", default="text", help="JSONL / dataset field holding the text")
     parser.add_argument("--context-len", type=int, default=128, help="tokens per context")
@@ -429,6 +442,7 @@ def cmd_match(args) -> None:
         results = compare_all(acc, [side_a, side_b], config, log=print,
                               alignment={"mode": "cache rows", "cache_a": str(args.cache_a), "cache_b": str(args.cache_b)})
     else:
+        text = _match_text(args.text)  # before any model loads
         models: dict[str, object] = {}
         sides = [[_match_side(spec, models, args.trust_remote_code) for spec in specs] for specs in (args.a, args.b)]
         if args.neurons:
@@ -437,13 +451,28 @@ def cmd_match(args) -> None:
             for group in sides:
                 for layer in sorted({int(s.hook.split(".")[1]) for s in group if s.hook.startswith("blocks.")}):
                     group.append(Side(group[0].model, neuron_hook(group[0].model, layer)))
-        documents = read_documents(Path(args.text) if Path(args.text).is_file() else args.text,
-                                   start_char=args.start_char)
+        documents = read_documents(text, start_char=args.start_char)
         results = match_models(sides[0], sides[1], documents, mode=args.mode, max_tokens=args.tokens,
-                               batch_size=args.batch_size, config=config, text=str(args.text), log=print)
+                               batch_size=args.batch_size, config=config, text=str(text), log=print)
     out = results.save(args.out)
     print(results.table())
     print(f"wrote {out}/matching.json, matching.md and figures ({results.seconds:.0f} s)")
+
+
+MATCH_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+"""What `saelab match` reads without --text: WikiText-2's test split in ../shared/data."""
+
+
+def _match_text(text: str | None) -> Path:
+    """The one local text file both sides of `match` read, resolved like every text source."""
+    from saelab.data import text_source
+    from saelab.errors import DataError
+
+    source = text_source(text or MATCH_TEXT)
+    if not (isinstance(source, Path) and source.is_file()):
+        raise DataError(f"--text {str(source)!r} is not a text file: match reads one local text file (cut into "
+                        "documents of whole paragraphs); give its path")
+    return source
 
 
 def _match_side(spec: str, models: dict, trust_remote_code: bool):
@@ -591,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--acts", help="activation cache folder to train on")
     trainer.add_argument("--model", help="stream live from this model instead of a cache (with --hooks)")
     trainer.add_argument("--hooks", help="hooks to stream, separated by ';' (with --model)")
-    trainer.add_argument("--text", default=None, help="text for --model streaming (default: built-in)")
+    trainer.add_argument("--text", type=_text_flag, default=None, help="text for --model streaming (default: built-in)")
     trainer.add_argument("--context-len", type=int, default=None)
     trainer.add_argument("--out", help="run folder: checkpoints, log.jsonl, one folder per SAE (default runs/sae)")
     trainer.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
@@ -613,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator = commands.add_parser("eval", help="evaluate a saved SAE: reconstruction, sparsity, spliced CE / KL")
     evaluator.add_argument("sae", help="SAE folder (saelab, SAELens, sparsify or Gemma Scope format)")
     evaluator.add_argument("--model", help="default: the model named in the SAE's cfg.json")
-    evaluator.add_argument("--text", default="default", help="held-out text: file, folder, JSONL, Hub dataset, default")
+    evaluator.add_argument("--text", type=_text_flag, default="default",
+                           help="held-out text: file, folder, JSONL, Hub dataset, default")
     evaluator.add_argument("--context-len", type=int, default=128)
     evaluator.add_argument("--tokens", type=parse_count, default=parse_count("20k"))
     evaluator.add_argument("--acts", help="also measure reconstruction on this activation cache")
@@ -666,7 +696,8 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--down", help="comma list of one-token words to subtract")
     steer.add_argument("--words", help="comma list of words to count in greedy generations (target: frequency)")
     steer.add_argument("--new-tokens", type=int, default=12)
-    steer.add_argument("--side-text", default="default", help="unrelated text for KL and CE (file, folder, default)")
+    steer.add_argument("--side-text", type=_text_flag, default="default",
+                       help="unrelated text for KL and CE (file, folder, Hub dataset, default)")
     steer.add_argument("--side-texts", type=int, default=16, help="passages of side text")
     steer.add_argument("--side-words", type=int, default=48, help="words per side passage")
     steer.add_argument("--shared-data", help="folder holding wikitext-2-raw and tinyshakespeare (for genre)")
@@ -692,9 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--a", action="append", required=True,
                        help="side A: MODEL:HOOK[:SAE_FOLDER] (repeatable, one model); no SAE: the hook's own units")
     match.add_argument("--b", action="append", required=True, help="side B, as --a")
-    match.add_argument("--text", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" /
-                                             "wikitext-2-raw" / "wiki.test.raw"),
-                       help="text file (cut into documents of whole paragraphs) both models read")
+    match.add_argument("--text", type=_text_flag,
+                       help="text file (cut into documents of whole paragraphs) both models read (default: "
+                            "WikiText-2's test split in ../shared/data)")
     match.add_argument("--start-char", type=int, default=0, help="skip the text before this character (held out)")
     match.add_argument("--tokens", type=parse_count, default=parse_count("20k"), help="aligned tokens to read")
     match.add_argument("--mode", choices=["word", "end"], default="word",

@@ -26,6 +26,8 @@ from saelab.files import file_sha256
 DEFAULT_TEXT = "default"
 TEXT_SUFFIXES = {".txt", ".md", ".raw", ".text", ".rst"}
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+DATA_SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | {".csv", ".tsv", ".parquet", ".gz", ".zip"}
+"""Suffixes that make a missing source a mistyped local path rather than a Hub dataset name."""
 CHUNK_CHARS = 1 << 20  # a plain text file is read in ~1M-character documents cut at blank lines
 
 
@@ -45,20 +47,35 @@ def iter_documents(source: str | Path | None = None, *, field: str = "text", spl
         raise DataError(f"text source {str(source or DEFAULT_TEXT)!r} holds no text (it is empty or only whitespace)")
 
 
-def _source_documents(source, field: str, split: str, config: str | None) -> Iterator[str]:
+def text_source(source: str | Path | None) -> str | Path:
+    """What a text source names: DEFAULT_TEXT, an existing file or folder (as a Path), or a Hub dataset name.
+
+    Every reader of text (and every `--text` flag) resolves its source here, so a mistyped path is always an
+    error, never a dataset to look up nor the text itself. A source is a local path when it cannot be a Hub dataset
+    id (a space, two slashes, a leading `.`, `/` or `~`, ...) or ends in a text file's suffix; a local path must
+    exist.
+    """
     if source is None or str(source) == DEFAULT_TEXT:
-        yield from _default_documents()
-        return
+        return DEFAULT_TEXT
     path = Path(source).expanduser()
-    if path.is_dir():
-        for file in _folder_files(path):
+    if path.exists():
+        return path
+    if _looks_like_path(str(source)):
+        raise DataError(f"text source {str(source)!r} does not exist (no such file or folder); check the path")
+    return str(source)
+
+
+def _source_documents(source, field: str, split: str, config: str | None) -> Iterator[str]:
+    source = text_source(source)
+    if source == DEFAULT_TEXT:
+        yield from _default_documents()
+    elif isinstance(source, str):
+        yield from _hub_documents(source, field, split, config)
+    elif source.is_dir():
+        for file in _folder_files(source):
             yield from _file_documents(file, field)
-    elif path.is_file():
-        yield from _file_documents(path, field)
-    elif _looks_like_path(str(source)):
-        raise DataError(f"text source {str(source)!r} does not exist (no such file or folder)")
     else:
-        yield from _hub_documents(str(source), field, split, config)
+        yield from _file_documents(source, field)
 
 
 def _folder_files(path: Path) -> list[Path]:
@@ -201,7 +218,15 @@ def _hub_documents(name: str, field: str, split: str, config: str | None) -> Ite
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).suffix in TEXT_SUFFIXES | JSONL_SUFFIXES
+    """Whether a source that does not exist was meant as a local path: it is no valid Hub dataset id, or it ends
+    like a data file (`notes.txt` is a valid id, but nobody names a dataset so)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return True
+    return source.startswith((".", "~")) or Path(source).suffix.lower() in DATA_SUFFIXES
 
 
 @dataclass

@@ -4,7 +4,7 @@ from itertools import islice
 import pytest
 from transformers import AutoTokenizer
 
-from saelab.data import TextConfig, iter_documents, pack_contexts, shuffled, token_batches
+from saelab.data import TextConfig, iter_documents, pack_contexts, shuffled, text_source, token_batches
 from saelab.errors import DataError
 
 
@@ -48,6 +48,11 @@ def test_bad_sources_say_what_is_wrong(tmp_path):
         list(iter_documents(tmp_path / "missing.txt"))
     with pytest.raises(DataError, match="does not exist"):
         list(iter_documents("./nowhere"))
+    for mistyped in ("missing file.txt", "data/wiki/test", "notes.txt", "corpus.csv"):  # no dataset is named so
+        with pytest.raises(DataError, match=f"text source '{mistyped}' does not exist"):
+            list(iter_documents(mistyped))
+    assert text_source("someone/corpus") == "someone/corpus" and text_source("wikitext") == "wikitext"  # Hub ids
+    assert text_source(str(tmp_path)) == tmp_path and text_source(None) == text_source("default") == "default"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"other": 1}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2 has no field 'text' \(it has: other\)"):

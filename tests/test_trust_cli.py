@@ -208,3 +208,47 @@ def test_a_k_flag_no_architecture_reads_is_refused_not_dropped(tmp_path, tiny_mo
     assert main(base + ["--arch", "relu", "--target-l0", "8"]) == 0  # the advice works
     assert main(base + ["--arch", "topk,relu", "--k", "8"]) == 0  # k goes to the SAEs that read it, as options do
     assert [(s.arch, s.k) for s in captured_train[-1]["saes"]] == [("topk", 8), ("relu", None)]
+
+
+def _flags_naming_text(parser):
+    """(verb, flag, action) of every flag of every (sub)command whose value is text to read."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for verb, sub in action.choices.items():
+                yield from ((f"{verb} {v}".strip(), f, a) for v, f, a in _flags_naming_text(sub))
+        for flag in action.option_strings:
+            if flag in ("--text", "--side-text"):
+                yield "", flag, action
+
+
+def test_every_text_flag_resolves_its_source_and_a_missing_path_is_an_error(tmp_path, tiny_model_dir, capsys):
+    from saelab.cli import _text_flag
+
+    found = list(_flags_naming_text(build_parser()))
+    assert {verb for verb, _, _ in found} >= {"cache", "train", "eval", "match", "steer"}
+    assert all(action.type is _text_flag for _, _, action in found), [(v, f) for v, f, a in found if a.type is not _text_flag]
+    model = str(tiny_model_dir)
+    commands = [["cache", "--model", model, "--hooks", "blocks.0.hook_resid_post", "--out", str(tmp_path / "c")],
+                ["train", "--model", model, "--hooks", "blocks.0.hook_resid_post", "--out", str(tmp_path / "t")],
+                ["eval", str(tmp_path / "sae")],
+                ["match", "--a", f"{model}:blocks.0.hook_resid_post", "--b", f"{model}:blocks.1.hook_resid_post"],
+                ["steer", "--model", model, "--prompts", "a", "--up", "b"]]
+    for missing in ("missing file.txt", "some/folder/notes", str(tmp_path / "gone.jsonl")):
+        for command in commands:
+            flag = "--side-text" if command[0] == "steer" else "--text"
+            with pytest.raises(SystemExit) as leaving:
+                main(command + [flag, missing])
+            err = capsys.readouterr().err
+            assert leaving.value.code == 2 and f"text source {missing!r} does not exist" in err, (command, err)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "t").exists()
+
+
+def test_match_reads_one_text_file_named_by_its_text(tmp_path, tiny_model_dir, capsys):
+    model = str(tiny_model_dir)
+    sides = ["match", "--a", f"{model}:blocks.0.hook_resid_post", "--b", f"{model}:blocks.1.hook_resid_post"]
+    for source in ("default", str(tmp_path)):  # real sources, but not the one text file match reads
+        assert main(sides + ["--text", source]) == 2
+        err = capsys.readouterr().err
+        assert "is not a text file: match reads one local text file" in err and "Traceback" not in err

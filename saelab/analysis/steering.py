@@ -237,9 +237,10 @@ def side_passages(source: str = "default", n: int = 16, words: int = 48) -> list
     """Unrelated text for the side effects: the first `words`-word passage of each of the first `n` documents
     (built-in prose by default; a file is cut into blocks of paragraphs)."""
     from saelab.analysis.concepts import documents, passages
-    from saelab.data import iter_documents
+    from saelab.data import iter_documents, text_source
 
-    docs = iter_documents(source) if source in ("default", None) or Path(source).is_dir() else documents(source)
+    resolved = text_source(source)  # a mistyped path is an error here too, not a dataset name
+    docs = documents(resolved) if isinstance(resolved, Path) and resolved.is_file() else iter_documents(resolved)
     found = []
     for doc in docs:
         found += passages(doc, words)[:1]

@@ -7,12 +7,19 @@ import itertools
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
-from saelab.options import SettingError, add_flags, check_keys, check_value, flag_values, from_mapping, parse_count
+from saelab.data import ContextLen
+from saelab.options import (FiniteFloat, NonNegativeInt, PositiveInt, Range, SettingError, add_flags, check_keys,
+                            check_value, flag_type, flag_values, from_mapping, parse_count)
 from saelab.training.config import DEFAULT_K, SAESpec, TrainConfig
 
 QUICKSTART_MODEL = "smollm2-135m"
 QUICKSTART_HOOK = "blocks.15.hook_resid_post"
+QUICKSTART_BATCH = 4096
+"""Tokens per training step of the quickstart."""
+Similarity = Annotated[float, Range(at_least=-1, at_most=1)]
+"""A correlation or a cosine."""
 PRODUCT_FIELDS = ("arch", "width", "k", "hook")
 """SAESpec fields that name an SAE: on the command line each takes a comma list and the lists form a product."""
 TRAIN_FLAGS = [name for name in TrainConfig.__dataclass_fields__]
@@ -37,9 +44,10 @@ def _text_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", type=_text_flag, default="default",
                         help="text file, folder, JSONL file, Hub dataset name, or 'default' (built-in prose)")
     parser.add_argument("--field", default="text", help="JSONL / dataset field holding the text")
-    parser.add_argument("--context-len", type=int, default=128, help="tokens per context")
+    parser.add_argument("--context-len", type=flag_type(ContextLen), default=128, help="tokens per context")
     parser.add_argument("--no-bos", action="store_true", help="do not start each context with BOS")
-    parser.add_argument("--seed", type=int, default=None, help="shuffle contexts in windows with this seed")
+    parser.add_argument("--seed", type=flag_type(NonNegativeInt), default=None,
+                        help="shuffle contexts in windows with this seed")
 
 
 def _text_config(args):
@@ -119,17 +127,18 @@ def cmd_quickstart(args) -> None:
 
     out = Path(args.out)
     check_folder(out / "dashboard")  # before minutes of work, not after them
+    spec = SAESpec(arch="topk", width=args.width, k=args.k)
+    config = TrainConfig(tokens=args.tokens, batch_size=QUICKSTART_BATCH)
     print(f"loading {QUICKSTART_MODEL} (offline; the first load de-quantises and caches the weights)")
     model = load_model(QUICKSTART_MODEL)
     text = TextConfig(context_len=128)
     started = time.perf_counter()
-    manifest = cache_activations(model, QUICKSTART_HOOK, out / "acts", text=text, tokens=args.cache_tokens)
+    manifest = cache_activations(model, QUICKSTART_HOOK, out / "acts", text=text, tokens=args.cache_tokens,
+                                 overwrite=args.overwrite)
     print_cache_summary(out / "acts", manifest, time.perf_counter() - started)
-    spec = SAESpec(arch="topk", width=args.width, k=args.k)
-    config = TrainConfig(tokens=args.tokens, batch_size=4096)
     print(f"training {spec.name()} on {QUICKSTART_HOOK} for {config.tokens:,} tokens "
           f"({config.steps} steps, {config.tokens / manifest.tokens:.1f} passes over the cache)")
-    (result,) = train(out / "acts", [spec], config, out=out / "sae", model=model,
+    (result,) = train(out / "acts", [spec], config, out=out / "sae", resume=not args.no_resume, model=model,
                       eval_text=text.after(manifest.n_contexts), eval_tokens=args.eval_tokens)
     print_metrics(result.folder, result.metrics)
     from saelab.explore import explore
@@ -205,7 +214,7 @@ def sae_specs(args, config: dict, where: str) -> list[SAESpec]:
 
     given = flag_values(args, list(PRODUCT_FIELDS))
     if given or not config.get("saes"):
-        lists = {name: str(given.get(name, getattr(SAESpec, name) or "")).split(",") for name in PRODUCT_FIELDS}
+        lists = {name: given.get(name, [getattr(SAESpec, name)]) for name in PRODUCT_FIELDS}  # parsed and checked
         if "k" in given and not any(sae_class(arch).takes_k for arch in lists["arch"]):
             takers = ", ".join(arch for arch in available_architectures() if sae_class(arch).takes_k)
             raise SettingError(f"--k is read only by {takers}, and no SAE here has that architecture; ask "
@@ -213,15 +222,15 @@ def sae_specs(args, config: dict, where: str) -> list[SAESpec]:
         specs, seen = [], set()
         for arch, width, k, hook in itertools.product(*lists.values()):
             takes_k = sae_class(arch).takes_k
-            spec = dict(arch=arch, width=parse_count(width), k=parse_count(k or str(DEFAULT_K)) if takes_k else None,
-                        hook=hook or None)
+            spec = dict(arch=arch, width=width, k=(k or DEFAULT_K) if takes_k else None, hook=hook or None)
             if tuple(spec.values()) not in seen:
                 seen.add(tuple(spec.values()))
                 specs.append(spec)
         where = "command line"
     else:
         saes = check_value(config["saes"], list[dict], f"{where}: saes")
-        specs = [dict(spec, options=dict(spec.get("options") or {})) for spec in saes]
+        specs = [dict(spec, options=check_value(spec.get("options"), dict | None, f"{where}: saes[{i}].options") or {})
+                 for i, spec in enumerate(saes)]
     if getattr(args, "lr", None) is not None:
         for spec in specs:
             spec["lr"] = args.lr
@@ -373,22 +382,14 @@ def cmd_push(args) -> None:
     print(f"{'wrote what would be uploaded to' if args.dry_run else 'pushed to'} {where}")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r} (example: 1,4,16)") from None
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma list of numbers: {text!r} (example: 0,0.5,1)") from None
-
-
 def _positions(text: str):
-    return int(text) if text.lstrip("-").isdigit() else text
+    """'mean', 'last' or a token index (negative: from the end of each text)."""
+    if text in ("mean", "last"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'mean', 'last' or a token index, got {text!r}") from None
 
 
 def cmd_probe(args) -> None:
@@ -592,12 +593,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = commands.add_parser("quickstart", help="the main job on built-in defaults (what `saelab` alone runs)")
     quick.add_argument("--out", default="runs/quickstart")
-    quick.add_argument("--cache-tokens", type=parse_count, default=800 * 128, help="tokens of built-in text to cache")
-    quick.add_argument("--tokens", type=parse_count, default=parse_count("400k"), help="training tokens (passes over the cache)")
-    quick.add_argument("--width", type=int, default=SAESpec.width)
-    quick.add_argument("--k", type=int, default=DEFAULT_K)
-    quick.add_argument("--eval-tokens", type=parse_count, default=4096, help="held-out tokens for the spliced-model eval")
-    quick.add_argument("--dashboard-latents", type=int, default=50, help="latents in the closing dashboard (the most active)")
+    quick.add_argument("--cache-tokens", type=flag_type(Annotated[int, Range(at_least=2 * QUICKSTART_BATCH)]),
+                       default=800 * 128, help=f"tokens of built-in text to cache (at least two training batches of "
+                                               f"{QUICKSTART_BATCH})")
+    quick.add_argument("--tokens", type=flag_type(PositiveInt), default=400_000,
+                       help="training tokens (passes over the cache)")
+    quick.add_argument("--width", type=flag_type(PositiveInt), default=SAESpec.width)
+    quick.add_argument("--k", type=flag_type(PositiveInt), default=DEFAULT_K)
+    quick.add_argument("--eval-tokens", type=flag_type(PositiveInt), default=4096,
+                       help="held-out tokens for the spliced-model eval")
+    quick.add_argument("--dashboard-latents", type=flag_type(PositiveInt), default=50,
+                       help="latents in the closing dashboard (the most active)")
+    quick.add_argument("--no-resume", action="store_true", help="start the training over even if --out holds a "
+                                                               "checkpoint of another run")
+    quick.add_argument("--overwrite", action="store_true", help="replace a different cache found in --out (deletes "
+                                                                "only files saelab wrote)")
     quick.set_defaults(run=cmd_quickstart)
 
     cache = commands.add_parser("cache", help="cache activations to sharded safetensors (resumable)")
@@ -605,9 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--hooks", required=True,
                        help="hook names or patterns separated by ';', e.g. 'blocks.{9,15}.hook_resid_post'")
     cache.add_argument("--out", required=True, help="output folder (re-run the same command to resume)")
-    cache.add_argument("--tokens", type=parse_count, default=parse_count("100k"), help="tokens to cache, e.g. 300k")
-    cache.add_argument("--batch-size", type=int, default=8, help="contexts per model forward")
-    cache.add_argument("--shard-tokens", type=parse_count, default=1 << 16, help="approximate tokens per shard")
+    cache.add_argument("--tokens", type=flag_type(PositiveInt), default=100_000, help="tokens to cache, e.g. 300k")
+    cache.add_argument("--batch-size", type=flag_type(PositiveInt), default=8, help="contexts per model forward")
+    cache.add_argument("--shard-tokens", type=flag_type(PositiveInt), default=1 << 16,
+                       help="approximate tokens per shard")
     cache.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     cache.add_argument("--keep-bos", action="store_true", help="also store the BOS position (an attention sink)")
     cache.add_argument("--overwrite", action="store_true", help="replace a different run found in --out (deletes only files saelab wrote)")
@@ -621,10 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--model", help="stream live from this model instead of a cache (with --hooks)")
     trainer.add_argument("--hooks", help="hooks to stream, separated by ';' (with --model)")
     trainer.add_argument("--text", type=_text_flag, default=None, help="text for --model streaming (default: built-in)")
-    trainer.add_argument("--context-len", type=int, default=None)
+    trainer.add_argument("--context-len", type=flag_type(ContextLen), default=None)
     trainer.add_argument("--out", help="run folder: checkpoints, log.jsonl, one folder per SAE (default runs/sae)")
     trainer.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
-    trainer.add_argument("--eval-tokens", type=parse_count, help="held-out tokens to evaluate on (0: skip; default 4096)")
+    trainer.add_argument("--eval-tokens", type=flag_type(NonNegativeInt),
+                         help="held-out tokens to evaluate on (0: skip; default 4096)")
     trainer.add_argument("--trust-remote-code", action="store_true")
     add_flags(trainer.add_argument_group("SAEs (SAESpec; comma lists form a product: --arch topk,relu --width "
                                          "4608,9216 trains 4 SAEs; flags replace the run file's saes)"),
@@ -644,8 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--model", help="default: the model named in the SAE's cfg.json")
     evaluator.add_argument("--text", type=_text_flag, default="default",
                            help="held-out text: file, folder, JSONL, Hub dataset, default")
-    evaluator.add_argument("--context-len", type=int, default=128)
-    evaluator.add_argument("--tokens", type=parse_count, default=parse_count("20k"))
+    evaluator.add_argument("--context-len", type=flag_type(ContextLen), default=128)
+    evaluator.add_argument("--tokens", type=flag_type(PositiveInt), default=20_000)
     evaluator.add_argument("--acts", help="also measure reconstruction on this activation cache")
     evaluator.add_argument("--out", help="where metrics.json goes (default: the SAE folder)")
     evaluator.add_argument("--trust-remote-code", action="store_true")
@@ -670,11 +682,13 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--sae", action="append", help="SAE folder whose latents to probe too (repeatable; its hook "
                                                         "must be among --hooks)")
     probe.add_argument("--neurons", action="store_true", help="also probe each hook's block's MLP neurons")
-    probe.add_argument("--k", type=_int_list, default=[1, 2, 4, 8, 16], help="sparse probe sizes, e.g. 1,4,16")
+    probe.add_argument("--k", type=flag_type(list[PositiveInt]), default=[1, 2, 4, 8, 16],
+                       help="sparse probe sizes, e.g. 1,4,16")
     probe.add_argument("--positions", type=_positions, default="mean",
                        help="'mean' (over tokens, no BOS), 'last', or a token index")
-    probe.add_argument("--seed", type=int, default=0, help="seeds the document split and the class balancing")
-    probe.add_argument("--batch-size", type=int, default=16)
+    probe.add_argument("--seed", type=flag_type(NonNegativeInt), default=0,
+                       help="seeds the document split and the class balancing")
+    probe.add_argument("--batch-size", type=flag_type(PositiveInt), default=16)
     probe.add_argument("--shared-data", help="folder holding wikitext-2-raw and tinyshakespeare (for genre)")
     probe.add_argument("--out", default="runs/probe", help="folder for probes.json, probes.md, accuracy_vs_k.png")
     probe.add_argument("--trust-remote-code", action="store_true")
@@ -685,21 +699,22 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--hook", help="where to add the direction (with --data)")
     steer.add_argument("--data", help="labelled data: steer along the difference of means of --positive vs the rest")
     steer.add_argument("--positive", help="the class to steer towards (default: the data's own, else the last)")
-    steer.add_argument("--positions", default="mean", help="positions the class means are read at")
+    steer.add_argument("--positions", type=_positions, default="mean",
+                       help="positions the class means are read at: 'mean', 'last', or a token index")
     steer.add_argument("--sae", help="SAE folder: steer along --latent's decoder row, or --clamp it")
-    steer.add_argument("--latent", type=int)
+    steer.add_argument("--latent", type=flag_type(NonNegativeInt))
     steer.add_argument("--clamp", action="store_true", help="clamp the latent to alpha instead of adding its row")
-    steer.add_argument("--alphas", type=_float_list, default=[0, 0.25, 0.5, 1, 2],
+    steer.add_argument("--alphas", type=flag_type(list[FiniteFloat]), default=[0, 0.25, 0.5, 1, 2],
                        help="steering strengths; for a direction in units of the hook's mean activation norm")
     steer.add_argument("--prompts", required=True, help="prompts separated by '|'")
     steer.add_argument("--up", help="comma list of one-token words whose logits should rise (target: logit diff)")
     steer.add_argument("--down", help="comma list of one-token words to subtract")
     steer.add_argument("--words", help="comma list of words to count in greedy generations (target: frequency)")
-    steer.add_argument("--new-tokens", type=int, default=12)
+    steer.add_argument("--new-tokens", type=flag_type(PositiveInt), default=12)
     steer.add_argument("--side-text", type=_text_flag, default="default",
                        help="unrelated text for KL and CE (file, folder, Hub dataset, default)")
-    steer.add_argument("--side-texts", type=int, default=16, help="passages of side text")
-    steer.add_argument("--side-words", type=int, default=48, help="words per side passage")
+    steer.add_argument("--side-texts", type=flag_type(PositiveInt), default=16, help="passages of side text")
+    steer.add_argument("--side-words", type=flag_type(PositiveInt), default=48, help="words per side passage")
     steer.add_argument("--shared-data", help="folder holding wikitext-2-raw and tinyshakespeare (for genre)")
     steer.add_argument("--out", default="runs/steer")
     steer.add_argument("--trust-remote-code", action="store_true")
@@ -711,11 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--out", default="runs/dashboard", help="folder for index.html and latents/<i>.html")
     dash.add_argument("--model", help="default: the model named in the SAE's cfg.json (gives tokens and unembedding)")
     dash.add_argument("--hook", help="the cache hook to read (default: the SAE's own)")
-    dash.add_argument("--latents", type=_int_list, help="latents to export, e.g. 0,5,17 (default: all)")
-    dash.add_argument("--most-active", type=int, help="export only the N latents that fire most often")
-    dash.add_argument("--tokens", type=parse_count, help="read at most this many tokens of the cache (default: all)")
-    dash.add_argument("--top", type=int, default=20, help="top activating examples per latent")
-    dash.add_argument("--sample", type=int, default=50, help="firings sampled per latent for the quantile groups")
+    dash.add_argument("--latents", type=flag_type(list[NonNegativeInt]),
+                      help="latents to export, e.g. 0,5,17 (default: all)")
+    dash.add_argument("--most-active", type=flag_type(PositiveInt), help="export only the N latents that fire most often")
+    dash.add_argument("--tokens", type=flag_type(PositiveInt),
+                      help="read at most this many tokens of the cache (default: all)")
+    dash.add_argument("--top", type=flag_type(PositiveInt), default=20, help="top activating examples per latent")
+    dash.add_argument("--sample", type=flag_type(PositiveInt), default=50,
+                      help="firings sampled per latent for the quantile groups")
     dash.add_argument("--trust-remote-code", action="store_true")
     dash.set_defaults(run=cmd_dashboard)
 
@@ -726,20 +744,24 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--text", type=_text_flag,
                        help="text file (cut into documents of whole paragraphs) both models read (default: "
                             "WikiText-2's test split in ../shared/data)")
-    match.add_argument("--start-char", type=int, default=0, help="skip the text before this character (held out)")
-    match.add_argument("--tokens", type=parse_count, default=parse_count("20k"), help="aligned tokens to read")
+    match.add_argument("--start-char", type=flag_type(NonNegativeInt), default=0,
+                       help="skip the text before this character (held out)")
+    match.add_argument("--tokens", type=flag_type(PositiveInt), default=20_000, help="aligned tokens to read")
     match.add_argument("--mode", choices=["word", "end"], default="word",
                        help="align tokens ending a word in both tokenizers, or any shared token end")
     match.add_argument("--neurons", action="store_true", help="also match the MLP neurons of each side's layers")
     match.add_argument("--cache-a", help="same-tokenizer mode: a cache folder for --a's SAE (rows align one to one)")
     match.add_argument("--cache-b", help="the cache for --b's SAE (same text and tokenizer as --cache-a)")
-    match.add_argument("--min-corr", type=float, default=0.1, help="drop pairs below this correlation")
+    match.add_argument("--min-corr", type=flag_type(Similarity), default=0.1, help="drop pairs below this correlation")
     match.add_argument("--shared-top-word", action="store_true", help="also require a shared top-5 word")
-    match.add_argument("--nulls", type=int, default=1000, help="draws of each null (shuffled pairing, random subsets)")
-    match.add_argument("--max-pairs", type=int, default=1000, help="score similarity on the most correlated pairs")
-    match.add_argument("--min-tokens", type=int, default=1000, help="fewer aligned tokens than this is an error")
-    match.add_argument("--seed", type=int, default=0)
-    match.add_argument("--batch-size", type=int, default=8, help="documents per forward")
+    match.add_argument("--nulls", type=flag_type(PositiveInt), default=1000,
+                       help="draws of each null (shuffled pairing, random subsets)")
+    match.add_argument("--max-pairs", type=flag_type(PositiveInt), default=1000,
+                       help="score similarity on the most correlated pairs")
+    match.add_argument("--min-tokens", type=flag_type(PositiveInt), default=1000,
+                       help="fewer aligned tokens than this is an error")
+    match.add_argument("--seed", type=flag_type(NonNegativeInt), default=0)
+    match.add_argument("--batch-size", type=flag_type(PositiveInt), default=8, help="documents per forward")
     match.add_argument("--out", default="runs/match", help="folder for matching.json, matching.md and figures")
     match.add_argument("--trust-remote-code", action="store_true")
     match.set_defaults(run=cmd_match)
@@ -752,32 +774,40 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--hook", help="the cache hook to read (default: the SAE's own)")
     search.add_argument("--method", choices=["spectral", "graph"], default="spectral",
                         help="spectral clustering on angular similarity, or the top-k-neighbour graph with a cosine cut")
-    search.add_argument("--n-clusters", type=int, default=500, help="spectral: number of clusters")
-    search.add_argument("--neighbors", type=int, default=32,
+    search.add_argument("--n-clusters", type=flag_type(PositiveInt), default=500, help="spectral: number of clusters")
+    search.add_argument("--neighbors", type=flag_type(NonNegativeInt), default=32,
                         help="spectral: neighbours per latent in the sparse graph (0: dense all-pairs affinity)")
-    search.add_argument("--top", type=int, default=2, help="graph: link each latent to its top nearest latents")
-    search.add_argument("--min-cosine", type=float, default=0.5, help="graph: only links above this cosine")
-    search.add_argument("--min-size", type=int, default=2, help="smallest cluster scored (2 or more latents)")
-    search.add_argument("--max-size", type=int, help="largest cluster scored")
-    search.add_argument("--min-tokens", type=int, default=100, help="score clusters firing on at least this many tokens")
-    search.add_argument("--tokens", type=parse_count, help="read at most this many tokens of the cache")
-    search.add_argument("--plots", type=int, default=5, help="plot the top N clusters in their PCA planes")
+    search.add_argument("--top", type=flag_type(PositiveInt), default=2,
+                        help="graph: link each latent to its top nearest latents")
+    search.add_argument("--min-cosine", type=flag_type(Similarity), default=0.5,
+                        help="graph: only links above this cosine")
+    search.add_argument("--min-size", type=flag_type(Annotated[int, Range(at_least=2)]), default=2,
+                        help="smallest cluster scored (2 or more latents)")
+    search.add_argument("--max-size", type=flag_type(Annotated[int, Range(at_least=2)]), help="largest cluster scored")
+    search.add_argument("--min-tokens", type=flag_type(PositiveInt), default=100,
+                        help="score clusters firing on at least this many tokens")
+    search.add_argument("--tokens", type=flag_type(PositiveInt), help="read at most this many tokens of the cache")
+    search.add_argument("--plots", type=flag_type(NonNegativeInt), default=5,
+                        help="plot the top N clusters in their PCA planes")
     search.add_argument("--model", help="tokenizer for labelling points (default: the SAE's model)")
     search.add_argument("--no-model", action="store_true", help="label points by token id (load no model)")
-    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--seed", type=flag_type(NonNegativeInt), default=0)
     search.add_argument("--out", default="runs/circles", help="folder for clusters.json, clusters.md and plots")
     search.add_argument("--trust-remote-code", action="store_true")
     search.set_defaults(run=cmd_circles_clusters)
     cal = circle_commands.add_parser("calendar", help="days / months arithmetic: probes, order, interventions")
     cal.add_argument("--model", required=True, help="smollm2-135m, gemma-3-270m, a Hub id or a local folder")
     cal.add_argument("--tasks", default="days,months", help="comma list of days, months")
-    cal.add_argument("--layers", type=_int_list, help="layers to probe, e.g. 0,4,8 (default: all)")
-    cal.add_argument("--intervene", type=_int_list, default=[], help="layers to intervene at, e.g. 4,10")
-    cal.add_argument("--targets", type=int, default=3, help="other items per held-out prompt (0: all)")
-    cal.add_argument("--k", type=int, default=5, help="PCA components the circle probe reads")
-    cal.add_argument("--test-fraction", type=float, default=0.3, help="share of durations held out")
-    cal.add_argument("--seed", type=int, default=0)
-    cal.add_argument("--batch-size", type=int, default=16)
+    cal.add_argument("--layers", type=flag_type(list[NonNegativeInt]), help="layers to probe, e.g. 0,4,8 (default: all)")
+    cal.add_argument("--intervene", type=flag_type(list[NonNegativeInt]), default=[],
+                     help="layers to intervene at, e.g. 4,10")
+    cal.add_argument("--targets", type=flag_type(NonNegativeInt), default=3,
+                     help="other items per held-out prompt (0: all)")
+    cal.add_argument("--k", type=flag_type(PositiveInt), default=5, help="PCA components the circle probe reads")
+    cal.add_argument("--test-fraction", type=flag_type(Annotated[float, Range(above=0, below=1)]), default=0.3,
+                     help="share of durations held out")
+    cal.add_argument("--seed", type=flag_type(NonNegativeInt), default=0)
+    cal.add_argument("--batch-size", type=flag_type(PositiveInt), default=16)
     cal.add_argument("--out", default="runs/circles", help="folder for <task>.json, <task>.md and figures")
     cal.add_argument("--trust-remote-code", action="store_true")
     cal.set_defaults(run=cmd_circles_calendar)

@@ -105,6 +105,7 @@ def iter_codes(sae, source: Source, *, hook: str | None = None, batch_size: int 
     """
     device = torch.device(device) if device is not None else sae.device
     batches, hook, model = _ordered_batches(source, batch_size, hook or sae.cfg.hook_name)
+    sae.check_hook(hook)
     if check_model and sae.cfg.model_name and model and sae.cfg.model_name != model:
         raise ValueError(f"the SAE was trained on {sae.cfg.model_name!r} activations but the source holds "
                          f"{model!r}'s; pass check_model=False if they are the same model under two names")

@@ -16,12 +16,16 @@ import random
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Annotated, Iterable, Iterator
 
 import torch
 
 from saelab.errors import DataError
 from saelab.files import file_sha256
+from saelab.options import NonNegativeInt, PositiveInt, Range
+
+ContextLen = Annotated[int, Range(at_least=2)]
+"""Tokens per context: BOS and at least one token of text."""
 
 DEFAULT_TEXT = "default"
 TEXT_SUFFIXES = {".txt", ".md", ".raw", ".text", ".rst"}
@@ -305,15 +309,15 @@ class TextConfig:
     """Everything that decides which contexts a run sees, in order; two runs with equal TextConfigs see the same."""
 
     source: str = DEFAULT_TEXT
-    context_len: int = 128
+    context_len: ContextLen = 128
     prepend_bos: bool = True
     pack: bool = True
     field: str = "text"
     split: str = "train"
     config: str | None = None
-    seed: int | None = None  # None: keep document order; else shuffle contexts in windows of `shuffle_window`
-    shuffle_window: int = 1024
-    start: int = 0  # skip this many contexts: held-out text after the ones a training run used
+    seed: NonNegativeInt | None = None  # None: keep document order; else shuffle contexts in windows of `shuffle_window`
+    shuffle_window: PositiveInt = 1024
+    start: NonNegativeInt = 0  # skip this many contexts: held-out text after the ones a training run used
 
     def contexts(self, tokenizer) -> Iterator[list[int]]:
         documents = iter_documents(self.source, field=self.field, split=self.split, config=self.config)

@@ -395,6 +395,7 @@ def reconstruction_stats(sae: SAE, activations: Tensor | Iterable, *, hook: str 
     sae.cfg.hook_name, picks the tensor), e.g. an ActivationStore or a ModelStream. max_tokens: stop after that many.
     """
     hook = hook or sae.cfg.hook_name or None
+    sae.check_hook(hook)
     label = _hook_label(sae, hook)
     raw = _raw_sae(sae)
     stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, dense_threshold)
@@ -455,6 +456,7 @@ def _resolve_hook(model, sae, hook: str | None) -> str:
     found = model.resolve_hooks(hook)
     if len(found) != 1:
         raise HookError(f"hook {hook!r} matches {len(found)} hook points ({', '.join(found[:5])}); name exactly one")
+    sae.check_hook(found[0])
     _check_width(sae, model.hook_dim(found[0]), found[0])
     return found[0]
 

@@ -364,6 +364,7 @@ class Splice:
         if not name:
             raise ValueError("Splice: the SAE's cfg.hook_name is empty; pass hook= (the hook point it reads)")
         hook = _one_hook(model, name)
+        self.sae.check_hook(hook)
         check_positions(self.positions)
         d = model.hook_dim(hook)
         if self.sae.cfg.d_in != d:

@@ -12,15 +12,55 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
 from functools import cache
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 
 class SettingError(ValueError):
     """A setting with an unknown name or a value of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The finite numbers a setting may take, carried in its annotation (`Annotated[int, Range(at_least=1)]`), so
+    run files (`from_mapping`), flags (`add_flags`, `flag_type`) and objects built in Python (`check_fields`) refuse
+    the same values in the same words, and NaN or infinity never passes as "large" or "all"."""
+
+    at_least: float | None = None
+    above: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+
+    def __contains__(self, value) -> bool:
+        return (math.isfinite(value) and (self.at_least is None or value >= self.at_least)
+                and (self.above is None or value > self.above) and (self.at_most is None or value <= self.at_most)
+                and (self.below is None or value < self.below))
+
+    def __str__(self) -> str:
+        low = (f"[{self.at_least:g}" if self.at_least is not None else f"({self.above:g}" if self.above is not None
+               else None)
+        high = f"{self.at_most:g}]" if self.at_most is not None else f"{self.below:g})" if self.below is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return (">= " if low[0] == "[" else "> ") + low[1:]
+        if high:
+            return ("<= " if high[-1] == "]" else "< ") + high[:-1]
+        return ""
+
+
+PositiveInt = Annotated[int, Range(at_least=1)]
+NonNegativeInt = Annotated[int, Range(at_least=0)]
+FiniteFloat = Annotated[float, Range()]
+PositiveFloat = Annotated[float, Range(above=0)]
+NonNegativeFloat = Annotated[float, Range(at_least=0)]
+Fraction = Annotated[float, Range(at_least=0, at_most=1)]
+Decay = Annotated[float, Range(at_least=0, below=1)]
+"""A per-step decay factor (Adam's betas, an EMA): 1 would never forget."""
 
 
 @cache
@@ -41,11 +81,24 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+def _ranges(hint: Any) -> tuple[Any, list[Range]]:
+    """(the annotation without its Annotated wrapper, the Ranges it carries)."""
+    if typing.get_origin(hint) is Annotated:
+        inner, *extras = typing.get_args(hint)
+        return inner, [extra for extra in extras if isinstance(extra, Range)]
+    return hint, []
 
 
 def describe(hint: Any) -> str:
     """A type annotation in words, for error messages."""
+    hint, ranges = _ranges(hint)
+    if ranges:
+        bounds = " and ".join(filter(None, map(str, ranges)))
+        name = {int: "an integer", float: "a number" if bounds else "a finite number"}.get(hint, describe(hint))
+        return f"{name} {bounds}".strip()
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
         return " or ".join("null" if a is type(None) else describe(a) for a in args)
@@ -57,7 +110,7 @@ def describe(hint: Any) -> str:
         return f"a list of {describe(args[0])}" if args else "a list"
     if origin is dict:
         return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(hint, str(hint))
 
 
 def check_value(value: Any, hint: Any, where: str) -> Any:
@@ -65,6 +118,15 @@ def check_value(value: Any, hint: Any, where: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     fail = SettingError(f"{where} must be {describe(hint)}, got {value!r}")
     if hint is Any:
+        return value
+    if origin is Annotated:
+        inner, ranges = _ranges(hint)
+        try:
+            value = check_value(value, inner, where)
+        except SettingError:
+            raise fail from None
+        if any(value not in r for r in ranges):
+            raise fail
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -135,6 +197,13 @@ def checked(cls: type, data: dict, where: str) -> dict:
     return {key: check_value(value, hints[key], f"{where}.{key}") for key, value in data.items()}
 
 
+def check_fields(obj) -> None:
+    """Refuse a dataclass built directly in Python whose fields do not fit their annotations (types and Ranges):
+    the checks `from_mapping` makes on run files, for `TrainConfig(batch_size=0)` too."""
+    cls = type(obj)
+    checked(cls, {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if f.init}, cls.__name__)
+
+
 # ------------------------------------------------------------------------------------------ command-line flags
 def parse_count(text: str) -> int:
     """'300k' -> 300000, '1.5M' -> 1500000."""
@@ -143,10 +212,28 @@ def parse_count(text: str) -> int:
     try:
         value = float(number) * scale
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (examples: 5000, 300k, 1.5M)") from None
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (examples: 5000, 300k, 1.5M)")
     if value != int(value):
         raise argparse.ArgumentTypeError(f"not a whole count: {text!r}")
     return int(value)
+
+
+def parse_number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def flag_type(hint: Any):
+    """The argparse `type` for a flag of this annotation: `type=flag_type(PositiveInt)` refuses 0, -1, nan and inf
+    where the flag is parsed, in argparse's one line naming the flag and the allowed range."""
+    parse = _parser_for(hint)
+    if parse is None:
+        raise TypeError(f"no command-line form for {hint}")
+    return parse
 
 
 def flag(name: str) -> str:
@@ -156,6 +243,18 @@ def flag(name: str) -> str:
 def _parser_for(hint: Any):
     """A string -> value converter for one annotation, or None when the field has no single-flag form."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        parse, ranges = _parser_for(args[0]), _ranges(hint)[1]
+        if parse is None:
+            return None
+
+        def parse_in_range(text: str):
+            value = parse(text)
+            if any(value not in r for r in ranges):
+                raise argparse.ArgumentTypeError(f"must be {describe(hint)}, got {text!r}")
+            return value
+
+        return parse_in_range
     if origin in (Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         parse = _parser_for(inner[0]) if len(inner) == 1 else None
@@ -165,13 +264,13 @@ def _parser_for(hint: Any):
     if hint is int:
         return parse_count
     if hint is float:
-        return float
+        return parse_number
     if hint is str or origin is Literal:
         return str
-    if origin is list and args and args[0] in (int, float, str):
+    if origin is list and args and typing.get_origin(args[0]) not in (list, tuple) and _parser_for(args[0]):
         item = _parser_for(args[0])
-        return lambda text: [item(part) for part in text.split(",")]
-    if origin is tuple and args and all(a in (int, float) for a in args):
+        return lambda text: [item(part.strip()) for part in text.split(",")]
+    if origin is tuple and args and all(_ranges(a)[0] in (int, float) for a in args):
         items = [_parser_for(a) for a in args]
 
         def parse_tuple(text: str):
@@ -189,7 +288,7 @@ def add_flags(group, cls: type, names: list[str] | None = None, *, lists: tuple[
     """Add one flag per field of `cls` (all, or `names`) to an argparse group; returns the fields added.
 
     Flags default to None, so `flag_values` can tell what the user set. Fields in `lists` take a comma list
-    (a product dimension). `defaults` overrides the default shown in the help; `notes` appends to it.
+    (a product dimension) and give a list of the field's type. Every value is checked where it is parsed. `defaults` overrides the default shown in the help; `notes` appends to it.
     """
     hints, docs = _hints(cls), field_docs(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -207,7 +306,8 @@ def add_flags(group, cls: type, names: list[str] | None = None, *, lists: tuple[
         if hint is bool:
             group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif name in lists:
-            group.add_argument(flag(name), default=None, metavar="A,B,...", help=help_text)
+            group.add_argument(flag(name), type=_parser_for(list[hint]), default=None, metavar="A,B,...",
+                               help=help_text)
         elif typing.get_origin(hint) is Literal:
             group.add_argument(flag(name), choices=typing.get_args(hint), default=None, help=help_text)
         else:
@@ -221,7 +321,7 @@ def add_flags(group, cls: type, names: list[str] | None = None, *, lists: tuple[
 
 def _metavar(hint: Any) -> str:
     inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    base = inner[0] if typing.get_origin(hint) in (Union, types.UnionType) else hint
+    base = _ranges(inner[0] if typing.get_origin(hint) in (Union, types.UnionType) else hint)[0]
     origin = typing.get_origin(base)
     if origin in (list, tuple):
         return "A,B,..."

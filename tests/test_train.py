@@ -118,14 +118,14 @@ def test_nan_activations_stop_with_where_or_are_skipped_and_counted():
 def test_bad_hyperparameters_and_hooks(cache):
     with pytest.raises(ValueError, match="k must be an integer with 1 <= k <= width=16"):
         train(cache, [dict(arch="topk", width=16, k=32)], TrainConfig(**CONFIG), progress=False)
-    with pytest.raises(ValueError, match="l1_coefficient must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="l1_coefficient must be a number >= 0"):
         train(cache, [dict(arch="relu", width=16, options={"l1_coefficient": -1.0})], TrainConfig(**CONFIG),
               progress=False)
     with pytest.raises(ValueError, match="expects d_in=640 but hook blocks.0.hook_resid_post gives 64"):
         train(cache, [dict(width=16, k=4, options={"d_in": 640})], TrainConfig(**CONFIG), progress=False)
-    with pytest.raises(ValueError, match="lr must be a positive number"):
+    with pytest.raises(ValueError, match="lr must be a number > 0"):
         SAESpec(lr=-1e-3)
-    with pytest.raises(ValueError, match="TrainConfig.batch_size is invalid"):
+    with pytest.raises(ValueError, match="TrainConfig.batch_size must be an integer >= 2"):
         TrainConfig(batch_size=0)
     with pytest.raises(HookError, match="reads hook 'blocks.5.hook_resid_post', but the activations hold"):
         train(cache, [dict(hook="blocks.5.hook_resid_post", width=16, k=4)], TrainConfig(**CONFIG), progress=False)

@@ -4,6 +4,7 @@ end in a message that names the file and what to do."""
 
 import dataclasses
 import errno
+import re
 
 import pytest
 import yaml
@@ -49,15 +50,21 @@ def run_file(tmp_path, tiny_model_dir, **overrides):
     ({"saes": [{"arch": "relu", "width": 32, "options": {"l1_coefficent": 2}}]},
      "no setting 'l1_coefficent' (did you mean 'l1_coefficient'?)"),
     ({"text": {"context_length": 32}}, "no setting 'context_length' (did you mean 'context_len'?)"),
-    ({"train": {"tokens": "lots"}}, "train.tokens must be an integer, got 'lots'"),
+    ({"train": {"tokens": "lots"}}, "train.tokens must be an integer >= 1, got 'lots'"),
     ({"train": {"adam_betas": [0.9]}}, "adam_betas must be a list of 2"),
     ({"train": {"kernel": "fast"}}, "train.kernel must be one of 'auto', 'triton', 'torch', 'dense', got 'fast'"),
-    ({"saes": [{"arch": "topk", "width": 32.5}]}, "width must be an integer, got 32.5"),
+    ({"saes": [{"arch": "topk", "width": 32.5}]}, "width must be an integer >= 1, got 32.5"),
     ({"saes": [{"arch": "topk", "width": 32, "options": {"l1_coefficient": 2}}]}, "no setting 'l1_coefficient'"),
     ({"saes": [{"arch": "relu", "width": 32, "k": 8}]}, "arch 'relu' takes no k"),
     ({"saes": [{"arch": "tpok", "width": 32}]}, "unknown SAE architecture 'tpok'"),
     ({"saes": {"arch": "relu"}}, "saes must be a list"),
     ({"eval_tokens": "none"}, "eval_tokens must be an integer"),
+    ({"saes": [{"arch": "relu", "width": 32, "options": [1, 2]}]}, "saes[0].options must be a mapping or null"),
+    ({"saes": [{"arch": "relu", "width": 32, "options": "l1_coefficient=2"}]}, "saes[0].options must be a mapping"),
+    ({"saes": [{"arch": "relu", "width": 32, "options": {"l1_coefficient": "big"}}]},
+     "options.l1_coefficient must be a number >= 0, got 'big'"),
+    ({"saes": [{"arch": "topk", "width": 32, "k": 64}]}, "k must be an integer with 1 <= k <= width=32, got 64"),
+    ({"text": {"context_len": 1}}, "text.context_len must be an integer >= 2"),
 ])
 def test_run_file_mistakes_are_refused_naming_what_is_valid(tmp_path, tiny_model_dir, captured_train, capsys,
                                                            overrides, expected):
@@ -252,3 +259,113 @@ def test_match_reads_one_text_file_named_by_its_text(tmp_path, tiny_model_dir, c
         assert main(sides + ["--text", source]) == 2
         err = capsys.readouterr().err
         assert "is not a text file: match reads one local text file" in err and "Traceback" not in err
+
+
+# -- issue 21: every number is checked where it is parsed, and every piece of advice names flags the verb has
+def _verbs(parser, words=()):
+    """(words naming the verb, its parser) for every command and sub-command."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*words, name), sub
+                yield from _verbs(sub, (*words, name))
+
+
+def _arity(parse) -> int:
+    """How many comma-separated numbers a flag's type reads (1, or 2 for a pair), or 0 if it reads no numbers."""
+    import argparse
+
+    for n in (1, 2):
+        for sample in ("1", "0.5", "100000"):
+            try:
+                value = parse(",".join([sample] * n))
+            except (argparse.ArgumentTypeError, ValueError, TypeError):
+                continue
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                return n
+    return 0
+
+
+NUMERIC_FLAGS = [(words, action.option_strings[0], _arity(action.type)) for words, parser in _verbs(build_parser())
+                 for action in parser._actions if action.option_strings and action.type and _arity(action.type)]
+"""Every flag of every verb whose value is a number or a list of numbers: a new one is covered automatically."""
+TAKES = {
+    "--seed": {"0"}, "train --eval-tokens": {"0"},  # 0 skips the evaluation
+    "--start-char": {"0"}, "--plots": {"0"}, "--neighbors": {"0"},  # 0: no plots; dense all-pairs affinity
+    "--targets": {"0"},  # 0: every other item
+    "--latent": {"0"}, "--latents": {"0"}, "--layers": {"0"}, "--intervene": {"0"},  # indices from 0
+    "--positions": {"0", "-1"},  # a token index; negative counts from the end
+    "--alphas": {"0", "-1"},  # 0: unsteered; negative steers the other way
+    "--min-corr": {"0", "-1"}, "--min-cosine": {"0", "-1"},  # anywhere in [-1, 1]
+    "--lr-warmup-steps": {"0"}, "--sparsity-warmup-steps": {"0"}, "--lr-decay-fraction": {"0"},  # none
+    "--adam-betas": {"0"}, "--threshold-decay": {"0"},  # no memory
+    "--l1-coefficient": {"0"}, "--l0-coefficient": {"0"}, "--auxk-coefficient": {"0"},  # no penalty
+}
+"""The values among 0 and -1 that a flag takes, and what they mean; every other numeric flag refuses both. NaN and
+infinity are refused everywhere."""
+
+
+def _takes(words, flag) -> set:
+    return TAKES.get(f"{' '.join(words)} {flag}", TAKES.get(flag, set()))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+@pytest.mark.parametrize("words,flag,arity", NUMERIC_FLAGS, ids=lambda x: " ".join(x) if isinstance(x, tuple) else x)
+def test_every_numeric_flag_of_every_verb_is_checked_where_it_is_parsed(capsys, words, flag, arity, value):
+    argv = [*words, flag, ",".join([value] * arity)]
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit as exit:
+        refused = f"argument {flag}:" in capsys.readouterr().err
+        assert exit.code == 2
+    else:
+        refused = False
+    assert refused == (value not in _takes(words, flag)), f"saelab {' '.join(argv)}"
+    if refused:
+        parser = dict(_verbs(build_parser()))[tuple(words)]
+        try:
+            parser.parse_args([flag, ",".join([value] * arity)])
+        except SystemExit:
+            pass
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"saelab {' '.join(words)}: error: argument {flag}")
+
+
+def _run_file_entry(name: str, value) -> dict:
+    """Where a `saelab train` setting goes in a run file, holding `value`."""
+    if name in TrainConfig.__dataclass_fields__:
+        return {"train": {"tokens": 256, "batch_size": 64, name: value}}
+    if name in SAESpec.__dataclass_fields__:
+        return {"saes": [{"arch": "topk", "width": 32, name: value}]}
+    return {"saes": [{"arch": option_fields()[name][0], "width": 32, "options": {name: value}}]}
+
+
+@pytest.mark.parametrize("text,value", [("0", 0), ("-1", -1), ("nan", float("nan")), ("inf", float("inf"))])
+def test_run_files_are_checked_like_the_flags(tmp_path, tiny_model_dir, captured_train, capsys, text, value):
+    """The same ranges hold in run files (from_mapping) as on the command line (add_flags): one annotation each."""
+    train_parser = dict(_verbs(build_parser()))[("train",)]
+    dests = {action.option_strings[0]: action.dest for action in train_parser._actions if action.option_strings}
+    checked = 0
+    for words, flag, arity in NUMERIC_FLAGS:
+        name = dests[flag] if words == ("train",) else None
+        if name not in {*TrainConfig.__dataclass_fields__, *SAESpec.__dataclass_fields__, *option_fields()}:
+            continue
+        if text in _takes(words, flag):
+            continue
+        entry = _run_file_entry(name, [value] * arity if arity > 1 or name == "group_sizes" else value)
+        assert main(["train", "--config", run_file(tmp_path, tiny_model_dir, **entry)]) == 2, name
+        err = capsys.readouterr().err
+        assert re.search(rf"\b{name}(\[\d+\])? must be", err) and "Traceback" not in err, err
+        checked += 1
+    assert checked >= 10 and not captured_train
+
+
+def test_batch_size_1_is_refused_where_it_is_parsed(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--batch-size", "1"])
+    assert "argument --batch-size: must be an integer >= 2, got '1'" in capsys.readouterr().err
+    with pytest.raises(SettingError, match="batch_size must be an integer >= 2"):
+        from_mapping(TrainConfig, {"batch_size": 1}, "train")

@@ -238,8 +238,7 @@ def check_pairing(sae: "SAE", manifest, hook: str) -> None:
                         "of the SAE's own model")
     if hook not in manifest.hooks:
         raise DataError(f"the cache has no hook {hook!r} (it holds {', '.join(manifest.hooks)}); cache the SAE's hook")
-    if sae.cfg.hook_name and sae.cfg.hook_name != hook:
-        raise DataError(f"the SAE was trained on {sae.cfg.hook_name}, not {hook}; its latents mean nothing there")
+    sae.check_hook(hook)
     d = manifest.hooks[hook]["d"]
     if d != sae.cfg.d_in:
         raise DataError(f"the SAE expects d_in={sae.cfg.d_in} but the cache's {hook} has d={d}")

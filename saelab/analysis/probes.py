@@ -49,9 +49,7 @@ class Features:
             trained = self.sae.cfg.hook_name
             if not self.hook and not trained:
                 raise ValueError("Features: the SAE's cfg.hook_name is empty; pass hook= (the hook point it reads)")
-            if self.hook and trained and self.hook != trained:
-                raise ValueError(f"Features: the SAE was trained on {trained}, not {self.hook}; its latents mean "
-                                 f"nothing at another hook (load the SAE trained on {self.hook})")
+            self.sae.check_hook(self.hook)
             self.hook = self.hook or trained
         if not self.hook:
             raise ValueError("Features needs a hook or an SAE")

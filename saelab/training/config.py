@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from saelab.options import Decay, Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields
 
 DEFAULT_K = 32
 COMMON_OPTIONS = ("dtype", "d_in")
@@ -18,13 +20,13 @@ class SAESpec:
 
     arch: str = "topk"
     """Architecture: relu, topk, batchtopk, jumprelu, matryoshka."""
-    width: int = 4608
+    width: PositiveInt = 4608
     """Number of latents."""
-    k: int | None = None
+    k: PositiveInt | None = None
     """Active latents per token, for the architectures that take one (topk, batchtopk, matryoshka); None: 32."""
     hook: str | None = None
     """Hook point to read; None: the stream's first hook."""
-    lr: float | None = None
+    lr: PositiveFloat | None = None
     """Adam learning rate; None: 8e-4 / sqrt(width / 2^14) for the architectures that take k (four times Gao et
     al.'s fit: with the warm-up, the decay and beta2 = 0.99 it trains runs of a few hundred steps markedly better at
     every k from 16 to 128, most at large k; docs/quality.md, issue 15), 4e-4 / sqrt(width / 2^14) for ReLU and
@@ -37,9 +39,12 @@ class SAESpec:
         from saelab.sae import SAEConfig, sae_class
         from saelab.options import check_keys, checked
 
+        check_fields(self)
         architecture = sae_class(self.arch)  # an unknown arch is refused, naming the known ones
         if architecture.takes_k:
             self.k = DEFAULT_K if self.k is None else self.k
+            if self.k > self.width:
+                raise ValueError(f"SAESpec.k must be an integer with 1 <= k <= width={self.width}, got {self.k}")
         elif self.k is not None:
             raise ValueError(f"SAESpec: arch {self.arch!r} takes no k: ask for its L0 with options target_l0 "
                              f"(default {DEFAULT_K}), or fix its {architecture.sparsity_coefficient}; drop k={self.k}")
@@ -49,8 +54,6 @@ class SAESpec:
         steers = "target_l0" in architecture.options
         if steers and not {"target_l0", architecture.sparsity_coefficient} & self.options.keys():
             self.options["target_l0"] = float(DEFAULT_K)  # a fixed coefficient's L0 depends on the data
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"SAESpec.lr must be a positive number, got {self.lr!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -69,31 +72,32 @@ class SAESpec:
 class TrainConfig:
     """How the run trains. Everything here (with the specs and the data) identifies a run for resuming."""
 
-    tokens: int = 2_000_000
+    tokens: PositiveInt = 2_000_000
     """Training tokens (activation rows) per SAE."""
-    batch_size: int = 4096
-    """Tokens per optimiser step."""
-    lr_warmup_steps: int | None = None
+    batch_size: Annotated[int, Range(at_least=2)] = 4096
+    """Tokens per optimiser step (at least 2: the training FVU, which the log shows and the divergence check reads,
+    is measured against the batch's own variance)."""
+    lr_warmup_steps: NonNegativeInt | None = None
     """Linear learning-rate warm-up from 0; None: min(100, steps // 20), so short runs are not a third warm-up."""
-    lr_decay_fraction: float = 0.2
+    lr_decay_fraction: Fraction = 0.2
     """The learning rate decays linearly to 0 over this final fraction of the steps."""
-    adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_betas: tuple[Decay, Decay] = (0.9, 0.99)
     """Adam (beta1, beta2); JumpReLU recipes use beta1 = 0. beta2 = 0.99, not 0.999: a rare huge-norm token (a
     "massive activation") inflates the second moment of every latent it fires, which then barely moves for the next
     ~1000 steps at 0.999; at large k that is a large share of the dictionary (docs/quality.md)."""
-    seed: int = 0
+    seed: NonNegativeInt = 0
     """Seeds SAE initialisation (data order is seeded by the store / stream)."""
     normalize_activations: bool = True
     """Scale inputs to unit mean squared norm while training; the factor is folded into the saved weights."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
     """Initial decoder bias: geometric_median, mean or zeros, from the first batch."""
-    dead_tokens: int | None = None
+    dead_tokens: PositiveInt | None = None
     """A latent is dead after this many tokens without firing; None: min(10M, tokens // 10)."""
     nan_policy: Literal["error", "skip"] = "error"
     """Non-finite activations: 'error' stops and says where; 'skip' skips the batch and counts it."""
-    checkpoint_every: int = 200
+    checkpoint_every: PositiveInt = 200
     """Steps between checkpoints (resume continues from the last one)."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between lines of log.jsonl."""
     device: str = "cpu"
     """Where the SAEs train: cpu, cuda, cuda:1, ... (the model, when streaming, runs there too)."""
@@ -112,20 +116,8 @@ class TrainConfig:
     run's identity: rerun a stopped run with it to accept the result from its checkpoint without retraining."""
 
     def __post_init__(self):
-        self.adam_betas = tuple(self.adam_betas)
-        checks = {
-            "tokens": self.tokens >= 1, "batch_size": self.batch_size >= 1, "lr_warmup_steps": self.lr_warmup_steps is None or self.lr_warmup_steps >= 0,
-            "lr_decay_fraction": 0 <= self.lr_decay_fraction <= 1, "checkpoint_every": self.checkpoint_every >= 1,
-            "log_every": self.log_every >= 1, "adam_betas": all(0 <= b < 1 for b in self.adam_betas),
-            "b_dec_init": self.b_dec_init in ("geometric_median", "mean", "zeros"),
-            "nan_policy": self.nan_policy in ("error", "skip"),
-            "dead_tokens": self.dead_tokens is None or self.dead_tokens >= 1,
-            "kernel": self.kernel in ("auto", "triton", "torch", "dense"),
-            "parallel": self.parallel in ("data", "saes"),
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"TrainConfig.{name} is invalid: {getattr(self, name)!r}")
+        self.adam_betas = tuple(self.adam_betas) if isinstance(self.adam_betas, list) else self.adam_betas
+        check_fields(self)  # the ranges in the annotations, which run files and flags are checked against too
 
     @property
     def steps(self) -> int:

@@ -411,39 +411,3 @@ def test_an_sae_is_read_only_at_its_own_hook_by_every_analysis(tiny_model, tmp_p
     assert named in err and "Traceback" not in err and not (tmp_path / "out").exists()
     # one activation under two names: blocks.1's resid_pre is blocks.0's resid_post
     assert Side(tiny_model, other, tiny_sae(tiny_model, 64, hook="blocks.1.hook_resid_pre")).hook == other
-
-
-def test_an_sae_is_read_only_at_its_own_hook_by_every_analysis(tiny_model, tmp_path, capsys):
-    """An SAE of blocks.0 has the width of blocks.1, so only its recorded hook tells them apart: every analysis
-    handed a model, a hook and an SAE refuses the pair, naming both hooks."""
-    from saelab.analysis import Features
-    from saelab.analysis.clusters import check_pairing
-    from saelab.cli import main
-    from saelab.codes import iter_codes
-    from saelab.eval import evaluate
-    from saelab.explore import explore
-    from saelab.interventions import Splice
-
-    other = "blocks.0.hook_resid_post"
-    sae = tiny_sae(tiny_model, 64, hook=other)
-    cache_activations(tiny_model, [other, HOOK], tmp_path / "acts", text=TextConfig(context_len=32), tokens=256,
-                      batch_size=4, progress=False)
-    named = f"trained on {other}, not {HOOK}"
-    refusals = {"match": lambda: Side(tiny_model, HOOK, sae), "probe": lambda: Features(HOOK, sae=sae),
-                "steer / splice": lambda: tiny_model.loss(SENTENCES, patches=[Splice(sae, hook=HOOK)]),
-                "dashboard": lambda: explore(sae, tmp_path / "acts", tiny_model, hook=HOOK),
-                "codes": lambda: next(iter_codes(sae, tmp_path / "acts", hook=HOOK)),
-                "circles": lambda: check_pairing(sae, Manifest.read(tmp_path / "acts"), HOOK),
-                "eval": lambda: evaluate(sae, model=tiny_model, text=TextConfig(context_len=32), tokens=64, hook=HOOK),
-                "eval on a cache": lambda: evaluate(sae, activations=tmp_path / "acts", hook=HOOK)}
-    for analysis, run in refusals.items():
-        with pytest.raises(ValueError, match=named):
-            run()
-    sae.save(tmp_path / "sae-0")
-    (tmp_path / "text.txt").write_text("\n".join(SENTENCES * 8))
-    assert main(["match", "--a", f"{tiny_model.name}:{HOOK}:{tmp_path / 'sae-0'}", "--b", f"{tiny_model.name}:{HOOK}",
-                 "--text", str(tmp_path / "text.txt"), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert named in err and "Traceback" not in err and not (tmp_path / "out").exists()
-    # one activation under two names: blocks.1's resid_pre is blocks.0's resid_post
-    assert Side(tiny_model, other, tiny_sae(tiny_model, 64, hook="blocks.1.hook_resid_pre")).hook == other

@@ -49,7 +49,6 @@ class Side:
         d = self.model.hook_dim(self.hook)
         if self.sae is not None:
             self.sae.check_hook(self.hook)
-            self.sae.check_hook(self.hook)
             if self.sae.cfg.d_in != d:
                 raise ValueError(f"SAE expects d_in={self.sae.cfg.d_in} but hook {self.hook} of {self.model.name} "
                                  f"gives {d}")

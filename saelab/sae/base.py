@@ -167,16 +167,6 @@ def residual_point(hook: str) -> str:
     return hook
 
 
-def residual_point(hook: str) -> str:
-    """A hook's name, with `blocks.L.hook_resid_pre` written as `blocks.(L-1).hook_resid_post`: between two blocks
-    the residual stream is one activation under two names (SAELens SAEs often name the first)."""
-    parts = hook.split(".")
-    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) > 0 and \
-            parts[2] == "hook_resid_pre":
-        return f"blocks.{int(parts[1]) - 1}.hook_resid_post"
-    return hook
-
-
 class SAE(nn.Module):
     """Inference SAE: weights plus encode/decode. Subclasses define `activation(pre)`."""
 
@@ -219,15 +209,6 @@ class SAE(nn.Module):
             where = f" (hook {self.cfg.hook_name})" if self.cfg.hook_name else ""
             raise ValueError(f"SAE expects d_in={self.cfg.d_in}{where} but got input with last dim {x.shape[-1]}")
         return x.to(self.W_enc.dtype)
-
-    def check_hook(self, hook: str | None) -> None:
-        """Refuse to be read at a hook other than the one this SAE was trained on (cfg.hook_name; an SAE that names
-        none is taken at its word): its latents mean nothing there, and a result would carry the other hook's name.
-        Every analysis handed a model, a hook and an SAE asks this before it reads anything."""
-        trained = self.cfg.hook_name
-        if trained and hook and residual_point(trained) != residual_point(hook):
-            raise ValueError(f"the SAE was trained on {trained}, not {hook}: its latents mean nothing at another hook; "
-                             f"read it at {trained}, or use an SAE trained on {hook}")
 
     def check_hook(self, hook: str | None) -> None:
         """Refuse to be read at a hook other than the one this SAE was trained on (cfg.hook_name; an SAE that names

@@ -313,12 +313,15 @@ def train_config(args, config: dict, where: str) -> TrainConfig:
 
 
 def cmd_train(args) -> None:
+    import warnings
+
     from saelab import distributed
     from saelab.activations import ActivationStore, ModelStream
     from saelab.data import TextConfig
+    from saelab.errors import SaelabError
     from saelab.models import load_model
     from saelab.training import train
-    from saelab.training.trainer import run_share, source_share
+    from saelab.training.trainer import NotEvaluated, run_share, source_share
 
     where = args.config or "command line"
     config = load_config_file(args.config)
@@ -356,10 +359,21 @@ def cmd_train(args) -> None:
                              **source_share(run_share(settings), stream=True))
         used = -(-(settings.tokens + source.buffer_tokens) // (text.context_len - 1)) + 1
         eval_text = text.after(used)
-    trained = train(source, specs, settings, out=out, resume=not args.no_resume, model=model if eval_tokens else None,
-                    eval_text=eval_text, eval_tokens=eval_tokens or 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotEvaluated)  # said once below, in one line
+        trained = train(source, specs, settings, out=out, resume=not args.no_resume,
+                        model=model if eval_tokens else None, eval_text=eval_text, eval_tokens=eval_tokens or 0)
     for result in trained if world.main else []:
         print_metrics(result.folder, result.metrics)
+    missed = [result for result in trained if result.not_evaluated]
+    if missed:  # the SAEs are saved either way; the exit status says whether an evaluation asked for is missing
+        message = (f"{len(missed)} of {len(trained)} SAEs were trained and saved but not evaluated: "
+                   f"{missed[0].not_evaluated}. Evaluate on other held-out text with `saelab eval {missed[0].folder} "
+                   f"--text FILE`{' (likewise the others)' if len(missed) > 1 else ''}, or train with --eval-tokens 0 "
+                   "to skip the evaluation")
+        if args.eval_tokens is not None or "eval_tokens" in run:
+            raise SaelabError(message)
+        print(f"saelab: warning: {message}", file=sys.stderr)
 
 
 def cmd_eval(args) -> None:

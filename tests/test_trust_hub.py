@@ -501,6 +501,38 @@ def test_saving_over_an_older_sae_leaves_nothing_of_it_behind(tmp_path):
     assert not (folder / SPARSITY_FILE).exists() and not (folder / "feature_density.png").exists()
 
 
+def test_save_sae_replaces_only_a_saelab_sae_or_its_own_save_cut_short(monkeypatch, tmp_path):
+    """A save removes and replaces the files of its format: only where they are a saelab SAE's, or the leftovers of
+    a saelab save that a full disk (or a kill) cut short. Anyone else's files there are refused, untouched."""
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "metrics.json").write_text('{"my": "numbers"}')
+    (users / "feature_density.png").write_bytes(b"\x89PNG my plot")
+    saelens = tmp_path / "saelens"
+    saelens.mkdir()
+    (saelens / "cfg.json").write_text('{"d_in": 8, "d_sae": 16}')
+    for folder, named in ((users, "feature_density.png, metrics.json"), (saelens, "cfg.json")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(HubError, match=rf"{folder} holds files but no SAE saelab wrote \({named}\); .* nothing was "
+                                           "changed. Choose another folder, or remove them"):
+            save_sae(make(), folder)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    ours = saved(tmp_path / "ours")
+    (ours / "notes.txt").write_text("about this SAE")
+    (ours / "firing_counts.safetensors").write_bytes(b"counts of the old weights")
+    saved(ours, seed=1)  # a saelab SAE's files are replaced; a user's notes beside them are kept
+    assert (ours / "notes.txt").read_text() == "about this SAE" and not (ours / "firing_counts.safetensors").exists()
+    with monkeypatch.context() as patch:
+        disk_full_in(patch, "safetensors")
+        with pytest.raises(HubError, match="No space left on device"):
+            saved(ours, seed=2)
+    assert not (ours / "cfg.json").exists()  # no SAE there now, but the save's leftovers are its own to replace
+    saved(ours, seed=2)
+    torch.testing.assert_close(load_sae(ours).W_dec, make(seed=2).W_dec)
+    assert sorted(p.name for p in ours.iterdir()) == ["cfg.json", "notes.txt", "sae_weights.safetensors"]
+
+
 # ---------------------------------------------------------------------------------------------------- hostile names
 def with_hook(folder: Path, hook: str) -> Path:
     """A saelab folder whose cfg.json names `hook` everywhere it is written (so the keys agree)."""

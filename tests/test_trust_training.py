@@ -285,6 +285,59 @@ def test_sae_folders_stay_inside_the_run_folder(tmp_path):
     assert list(outside.iterdir()) == []
 
 
+# -- 6c. nothing of the user's is overwritten, nothing trained is lost
+
+
+def test_a_folder_of_user_files_where_an_sae_goes_is_refused_before_training(tmp_path):
+    """resume=False (--no-resume) starts the run over; it must not take a user's files where an SAE is saved."""
+    out = tmp_path / "run"
+    folder = out / HOOK / "topk-32-k4"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text('{"my": "numbers"}')
+    (folder / "feature_density.png").write_bytes(b"\x89PNG my plot")
+    with pytest.raises(SaelabError, match=rf"{folder} holds files but no SAE saelab wrote \(feature_density.png, "
+                                          r"metrics.json\); .*nothing was changed"):
+        train(Tensors(synthetic(2, 32)), [dict(width=32, k=4)], TrainConfig(tokens=64, batch_size=32), out=out,
+              resume=False, progress=False)
+    assert (folder / "metrics.json").read_text() == '{"my": "numbers"}'
+    assert (folder / "feature_density.png").read_bytes() == b"\x89PNG my plot"
+    assert not (out / "checkpoint").exists()  # refused before the training, not after it
+
+
+def test_an_evaluation_that_cannot_run_leaves_every_trained_sae_saved(tiny_model, tiny_model_dir, tmp_path, capsys):
+    """A cache that read all of its text leaves no held-out text: the SAEs are saved first, the command says in one
+    line how to evaluate them; it exits 0 unless the evaluation was asked for (--eval-tokens), as a script must
+    then learn that the metrics it asked for are missing."""
+    import warnings
+
+    from saelab.activations import cache_activations
+    from saelab.cli import main
+    from saelab.data import TextConfig
+    from saelab.hub import load_sae, read_metrics
+
+    text = tmp_path / "short.txt"
+    text.write_text("A short text, read to its end by the cache. " * 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the text runs out: the cache says so
+        cache_activations(tiny_model, HOOK, tmp_path / "acts", text=TextConfig(source=str(text), context_len=32),
+                          tokens=10_000, batch_size=4, progress=False)
+    out = tmp_path / "run"
+    folders = [out / HOOK / "topk-32-k4", out / HOOK / "topk-48-k4"]
+    command = ["train", "--acts", str(tmp_path / "acts"), "--out", str(out), "--arch", "topk", "--width", "32,48",
+               "--k", "4", "--tokens", "256", "--batch-size", "32"]
+    for extra, code in (([], 0), (["--eval-tokens", "256"], 2)):
+        assert main(command + extra) == code
+        said = [line for line in capsys.readouterr().err.splitlines() if "not evaluated" in line]
+        assert len(said) == 1 and said[0].startswith("saelab: warning:" if code == 0 else "saelab: error:")
+        assert "2 of 2 SAEs were trained and saved" in said[0] and "yielded no contexts" in said[0]
+        assert f"saelab eval {folders[0]} --text FILE" in said[0] and "--eval-tokens 0" in said[0]
+        assert all(load_sae(folder).cfg.width in (32, 48) and read_metrics(folder) is None for folder in folders)
+    other = tmp_path / "other.txt"
+    other.write_text("Other held-out text for the evaluation, long enough for a few contexts. " * 20)
+    assert main(["eval", str(folders[0]), "--text", str(other), "--context-len", "32", "--tokens", "256"]) == 0
+    assert read_metrics(folders[0])["n_tokens"] > 0  # the advice works
+
+
 # -- 7. an independent reference
 
 

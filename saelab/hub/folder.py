@@ -21,16 +21,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab.files import LOCK_FILE
 from saelab.sae import SAE, SAEConfig, sae_class
 from saelab.sae.base import DTYPES
 
-from .common import (CFG_FILE, DENSITY_PLOTS, GEMMASCOPE_FILES, METRICS_FILE, SPARSIFY_WEIGHTS_FILE,
-                     SPARSITY_FILE, WEIGHTS_FILE, HubError, PathLike, build_sae, config_from,
+from .common import (CFG_FILE, DENSITY_PLOTS, FIRING_COUNTS_FILE, GEMMASCOPE_FILES, METRICS_FILE,
+                     SPARSIFY_WEIGHTS_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, PathLike, build_sae, config_from,
                      load_tensors, pickle_files, read_json, refuse_pickle, saelab_version, weights_file, write_json)
 from .saelens import load_saelens, saelens_cfg
 
 FORMAT_VERSION = 1
 FORMATS = ("saelab", "saelens", "sparsify", "gemmascope")
+SAVED_FILES = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, METRICS_FILE, *DENSITY_PLOTS, FIRING_COUNTS_FILE)
+"""What save_sae writes into a folder: a new save replaces or removes all of them (cfg.json first)."""
+SAVING = ".saelab-saving"
+"""Present while save_sae writes a folder, removed once cfg.json is written: a save cut short leaves it, so the next
+save knows the files it finds there are a saelab SAE's to replace."""
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -47,8 +53,7 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
     if not isinstance(sae, SAE):
         raise HubError(f"save_sae expects a saelab SAE, got {type(sae).__name__}")
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise HubError(f"cannot save an SAE into {folder}: it is a file, expected a folder")
+    check_sae_folder(folder)
     scale = float(sae.cfg.input_scale)
     raw = sae.fold_input_scale() if scale != 1.0 else sae
     cfg = raw.cfg
@@ -90,12 +95,11 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        (folder / SAVING).touch()
         # cfg.json goes last, and an older one first: a save cut short (a full disk) leaves a folder that does not
-        # load ("no cfg.json"), never old cfg.json + new weights
-        (folder / CFG_FILE).unlink(missing_ok=True)
-        # what an earlier save wrote about other weights must not survive beside these ones (push would upload it)
-        stale = [*DENSITY_PLOTS, *([SPARSITY_FILE] if sparsity is None else []), *([METRICS_FILE] if metrics is None else [])]
-        for name in stale:
+        # load ("no cfg.json"), never old cfg.json + new weights. What an earlier save wrote about other weights
+        # must not survive beside these ones (push would upload it), and no file is written through a link.
+        for name in SAVED_FILES:
             (folder / name).unlink(missing_ok=True)
         save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
         if sparsity is not None:
@@ -103,11 +107,49 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
         if metrics is not None:
             write_metrics(folder, metrics)
         (folder / CFG_FILE).write_text(cfg_text)
+        (folder / SAVING).unlink()
     except (OSError, SafetensorError) as e:
         raise HubError(f"could not write the SAE to {folder}: {write_reason(e)}; free some space or choose another "
                        f"folder, then save again (the folder holds no complete SAE until cfg.json is written)"
                        ) from None
     return folder
+
+
+def save_metrics(folder: PathLike, metrics: Any, width: int) -> None:
+    """Add evaluation metrics to the SAE saved in `folder`: metrics.json (with the density plot saelab.eval's
+    EvalResult writes) and the sparsity.safetensors its firing counts give."""
+    folder = Path(folder)
+    densities = _densities_from(metrics)
+    if densities is not None:
+        from safetensors.torch import save_file
+
+        save_file({"sparsity": log10_densities(densities, width)}, str(folder / SPARSITY_FILE))
+    write_metrics(folder, metrics)
+
+
+def check_sae_folder(folder: PathLike) -> None:
+    """Refuse a folder save_sae may not write: one holding files but no SAE saelab wrote (a user's metrics.json,
+    another library's SAE), since a save replaces and removes the files of its format there. Cheap: call it before
+    the work whose result goes there."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise HubError(f"cannot save an SAE into {folder}: it is a file, expected a folder")
+    names = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    if not names or SAVING in names or _holds_saelab_sae(folder):
+        return
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise HubError(f"{folder} holds files but no SAE saelab wrote ({shown}); saving there would replace or delete "
+                   "them, so nothing was changed. Choose another folder, or remove them")
+
+
+def _holds_saelab_sae(folder: Path) -> bool:
+    """Whether the folder's cfg.json is a saelab SAE's: a regular file holding a saelab block."""
+    if (folder / CFG_FILE).is_symlink():
+        return False
+    try:
+        return isinstance(read_json(folder / CFG_FILE, "SAE config").get("saelab"), dict)
+    except HubError:
+        return False
 
 
 def write_reason(error: BaseException) -> str:

@@ -80,6 +80,12 @@ class TrainedSAE:
     steps: int
     metrics: object | None = None  # saelab.eval.EvalResult, when evaluated
     folder: Path | None = None  # where it was saved
+    not_evaluated: str | None = None
+    """Why an evaluation that was asked for could not run (the held-out text ran out, say); the SAE is saved."""
+
+
+class NotEvaluated(UserWarning):
+    """An SAE was trained and saved, but the evaluation asked for could not run."""
 
 
 class Trainer:
@@ -611,20 +617,50 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
           eval_tokens: int = 4096) -> list[TrainedSAE]:
     """Train every SAE in `saes` on one activation stream.
 
-    out: checkpoint there (and resume from it), then save each SAE to out/<hook>/<arch>-<width>[-k<k>]/.
-    model + eval_text: evaluate each SAE at the end on that held-out text (reconstruction, sparsity, spliced CE/KL);
-    the metrics go into the SAE's folder as metrics.json.
+    out: checkpoint there (and resume from it), then save each SAE to out/<hook>/<arch>-<width>[-k<k>]/. A folder
+        there that holds files but no SAE saelab wrote is refused before training starts.
+    model + eval_text: then evaluate each SAE on that held-out text (reconstruction, sparsity, spliced CE/KL) and add
+        the metrics to its folder (metrics.json). Every SAE is saved before any is evaluated: one whose evaluation
+        cannot run (the text ran out, say) stays saved, with a NotEvaluated warning and `not_evaluated` saying why.
     """
+    from saelab.hub.folder import check_sae_folder, save_sae
+
     trainer = Trainer(source, saes, config, out=out, resume=resume, progress=progress)
+    folders = {m.name: inside(out, m.name, "SAE folder") for m in trainer.members} if out is not None else {}
+
+    def check_folders() -> None:  # before the training, not after it
+        for folder in folders.values():
+            check_sae_folder(folder)
+
     with trainer.locked():  # through the saving too: a second process must not write the same SAE folders
+        trainer.world.main_first(check_folders, "use the SAE folders")
         trained = trainer.fit()
-        for result in trained if trainer.world.main else []:  # rank 0 alone evaluates and saves
-            if model is not None and eval_text is not None:
-                from saelab.eval import evaluate
-
-                result.metrics = evaluate(result.sae, model=model, text=eval_text, tokens=eval_tokens)
+        if not trainer.world.main:  # rank 0 alone saves and evaluates
+            return trained
+        for result in trained:  # all saved first: an evaluation that fails must cost no trained SAE
             if out is not None:
-                from saelab.hub import save_sae
-
-                result.folder = save_sae(result.sae, inside(out, result.name, "SAE folder"), metrics=result.metrics)
+                result.folder = save_sae(result.sae, folders[result.name])
+        for result in trained if model is not None and eval_text is not None else []:
+            _evaluate(result, model, eval_text, eval_tokens)
     return trained
+
+
+def _evaluate(result: TrainedSAE, model, text, tokens: int) -> None:
+    """Evaluate a trained SAE and add the metrics to its folder; if the evaluation cannot run (the held-out text ran
+    out, a file is gone), say why in `result.not_evaluated` and a warning, and leave the saved SAE as it is."""
+    from saelab.errors import SaelabError
+    from saelab.eval import evaluate
+    from saelab.hub.folder import save_metrics
+
+    try:
+        result.metrics = evaluate(result.sae, model=model, text=text, tokens=tokens)
+    except (SaelabError, ValueError, OSError) as error:
+        why = str(error) + (f" (read from context {text.start:,} on, past the text the SAE was trained on)"
+                            if getattr(text, "start", 0) else "")
+        result.not_evaluated = why
+        how = f"saelab eval {result.folder} --text FILE" if result.folder else "saelab.evaluate(sae, model=, text=)"
+        warnings.warn(f"saelab: SAE {result.name} was trained{' and saved' if result.folder else ''} but not "
+                      f"evaluated: {why}. Evaluate it on other held-out text with {how}", NotEvaluated, stacklevel=3)
+        return
+    if result.folder is not None:
+        save_metrics(result.folder, result.metrics, result.sae.cfg.width)

@@ -49,7 +49,8 @@ def test_a_dashboard_replaces_only_what_a_dashboard_wrote(features, sae, cache, 
     (users / "index.html").write_text("<h1>my own index</h1>")
     (users / "latents" / "7.html").write_text("<p>my notes on latent 7</p>")
     before = files_under(users)
-    with pytest.raises(SaelabError, match=r"site holds index.html \(and 1 more\), which no saelab dashboard wrote"):
+    with pytest.raises(SaelabError, match=r"site holds index.html \(and 1 more\), which is not in the record of a saelab "
+                                          "dashboard there"):
         features.dashboard(users, [1, 2])
     sae_dir = tmp_path / "sae"
     sae.save(sae_dir)

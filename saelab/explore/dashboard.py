@@ -124,8 +124,9 @@ def check_folder(out: str | Path) -> set[str]:
     foreign = [path.relative_to(out).as_posix() for path in found if not written(path)]
     if foreign:
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise SaelabError(f"{out} holds {foreign[0]}{more}, which no saelab dashboard wrote there; nothing was changed. "
-                          "Choose another folder for the dashboard (--out), or remove it")
+        raise SaelabError(f"{out} holds {foreign[0]}{more}, which is not in the record of a saelab dashboard there "
+                          f"({RECORD}); nothing was changed. Choose another folder for the dashboard (--out), or "
+                          "remove it")
     return owned
 
 

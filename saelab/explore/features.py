@@ -220,6 +220,8 @@ class FeatureSet:
         alone to "\ufffd"; each run of such tokens is decoded together, and each character goes to the token that
         completes it (the ones before it get ""). Every other token reads as decoded alone."""
         texts = self.token_texts(ids)
+        if not any(REPLACEMENT in text for text in texts):
+            return texts
         pieces, start = list(texts), None
         for i, text in enumerate([*texts, ""]):
             broken = REPLACEMENT in text

@@ -150,6 +150,29 @@ def test_info_verifies_every_shard_and_prints_a_working_repair(tiny_model_dir, t
     assert "(complete, verified)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damage", ["a JSON list", "torn JSON", "a missing key", "shards not a list",
+                                    "run not a mapping", "a shard of the wrong type", "version a string"])
+def test_a_damaged_manifest_is_one_line_whose_advice_works(tiny_model_dir, tmp_path, capsys, damage):
+    out = tmp_path / "acts"
+    command = ["cache", "--model", str(tiny_model_dir), "--hooks", HOOK, "--out", str(out), "--tokens", "256",
+               "--context-len", "32", "--batch-size", "4", "--shard-tokens", "128"]
+    assert main(command) == 0
+    good = json.loads((out / "manifest.json").read_text())
+    damaged = {"a JSON list": [good], "torn JSON": None, "a missing key": {k: v for k, v in good.items() if k != "dtype"},
+               "shards not a list": {**good, "shards": 5}, "run not a mapping": {**good, "run": []},
+               "a shard of the wrong type": {**good, "shards": [{**good["shards"][0], "rows": "many"}]},
+               "version a string": {**good, "version": "1"}}[damage]
+    (out / "manifest.json").write_text(json.dumps(good)[:60] if damaged is None else json.dumps(damaged))
+    capsys.readouterr()
+    for reader in (["info", str(out)], command):  # reading it, and the rerun that would resume it
+        assert main(reader) == 2
+        err = capsys.readouterr().err
+        (line,) = [line for line in err.splitlines() if line.startswith("saelab: error:")]
+        assert "Traceback" not in err and str(out / "manifest.json") in line and "with --overwrite" in line, err
+    assert main(command + ["--overwrite"]) == 0  # the advice works
+    assert main(["info", str(out)]) == 0 and "(complete, verified)" in capsys.readouterr().out
+
+
 def test_a_second_writer_is_refused(tiny_model, tmp_path):
     out = tmp_path / "acts"
     with FolderLock(out, "activation cache"):  # flock: a second lock in this same process conflicts too

@@ -18,9 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from saelab.errors import CacheError
+from saelab.options import SettingError, check_value, from_mapping
 from saelab.files import file_sha256, name_problem, write_atomic
 
 MANIFEST = "manifest.json"
+REBUILD = ("rebuild the cache: rerun the `saelab cache` command that made it with --overwrite (overwrite=True), which "
+           "deletes only its manifest and shards, or cache into another folder")
+"""What to do about a manifest that cannot be read: rerunning without --overwrite would read it again."""
 FORMAT = "saelab-activations"
 VERSION = 1
 
@@ -100,22 +104,29 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as error:
-            raise CacheError(f"{path} is corrupt ({error.msg}); re-run the cache command to rebuild it") from None
+            raise CacheError(f"{path} is corrupt ({error.msg}); {REBUILD}") from None
         return cls.from_dict(data, path)
 
     @classmethod
     def from_dict(cls, data: dict, path: Path | str = "manifest") -> "Manifest":
         """A manifest from its parsed JSON (as read from `path`, or sent by another rank)."""
+        if not isinstance(data, dict):
+            raise CacheError(f"{path} must hold a JSON object, not a {type(data).__name__}; {REBUILD}")
         data = dict(data)
         if data.get("format") != FORMAT:
             raise CacheError(f"{path} is not a saelab activation manifest (format={data.get('format')!r})")
-        if data.get("version", 0) > VERSION:
+        if isinstance(data.get("version"), int) and data["version"] > VERSION:  # other types: refused below
             raise CacheError(f"{path} has format version {data['version']}; this saelab reads up to {VERSION}")
         data.pop("tokens", None)
         data.pop("complete", None)
+        try:  # every field of its type, before anything reads one: a damaged manifest is a CacheError, not a traceback
+            shards = [from_mapping(ShardRecord, s, f"shards[{i}]")
+                      for i, s in enumerate(check_value(data.get("shards"), list[dict], "shards"))]
+            manifest = from_mapping(cls, {**data, "shards": shards}, "manifest")
+        except (SettingError, TypeError) as error:
+            raise CacheError(f"{path} is damaged ({error}); {REBUILD}") from None
         _check_names(data, path)
-        data["shards"] = [ShardRecord(**s) for s in data["shards"]]
-        return cls(**data)
+        return manifest
 
     def write(self, folder: Path) -> None:
         write_atomic(Path(folder) / MANIFEST, self.to_json().encode())

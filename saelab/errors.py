@@ -1,6 +1,8 @@
 """Errors that name what was expected, so users can fix their input without reading saelab's source."""
 
 import errno
+import os
+import re
 
 
 class SaelabError(Exception):
@@ -53,3 +55,14 @@ def describe_os_error(error: OSError) -> str:
     reason = error.strerror or str(error) or type(error).__name__
     advice = _OS_ADVICE.get(error.errno, "check the path and the disk, then rerun the same command")
     return f"cannot use{where}: {reason}; {advice}"
+
+
+def as_os_error(error: BaseException, filename) -> OSError | None:
+    """`error` as an OSError naming `filename` (unless it names a file already), for a failed write; also for
+    libraries that give the OS error only in words (safetensors: '... No space left on device (os error 28)'), so
+    describe_os_error can say what to do. None when `error` is no I/O error."""
+    if isinstance(error, OSError):
+        error.filename = error.filename or str(filename)
+        return error
+    found = re.search(r"os error (\d+)", str(error))
+    return OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(filename)) if found else None

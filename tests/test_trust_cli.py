@@ -369,3 +369,100 @@ def test_batch_size_1_is_refused_where_it_is_parsed(capsys):
     assert "argument --batch-size: must be an integer >= 2, got '1'" in capsys.readouterr().err
     with pytest.raises(SettingError, match="batch_size must be an integer >= 2"):
         from_mapping(TrainConfig, {"batch_size": 1}, "train")
+
+
+def _no_space_in_save_file(error):
+    """safetensors reports a full disk in words; the checkpoint code must still name the file and say what to do."""
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_model, tmp_path_factory):
+    from saelab.activations import cache_activations
+    from saelab.data import TextConfig
+
+    out = tmp_path_factory.mktemp("tiny-cache")
+    cache_activations(tiny_model, "blocks.1.hook_resid_post", out, text=TextConfig(context_len=32), tokens=2048,
+                      progress=False)
+    return out
+
+
+@pytest.mark.parametrize("where", ["save_file", "fsync_file"])
+def test_a_full_disk_at_checkpoint_time_names_the_file_and_the_rerun_resumes(tmp_path, tiny_cache, monkeypatch,
+                                                                             capsys, where):
+    import saelab.training.checkpoint as checkpoint
+    from saelab.training.trainer import Trainer
+
+    out = tmp_path / "run"
+    args = ["train", "--acts", str(tiny_cache), "--tokens", "1024", "--batch-size", "64", "--checkpoint-every", "4",
+            "--eval-tokens", "0", "--arch", "topk", "--width", "32", "--k", "4", "--out", str(out)]
+    real, calls = getattr(checkpoint, where), []
+
+    def full_at_the_second_checkpoint(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise (_no_space_in_save_file(None) if where == "save_file" else OSError(errno.ENOSPC, "No space left on device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, where, full_at_the_second_checkpoint)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("saelab: error:") == 1
+    err = err.splitlines()[-1]  # one line, after the progress bar's
+    assert str(out / "checkpoint.tmp" / "tensors.safetensors") in err and "No space left on device" in err
+    assert "free space" in err and "rerun the same command" in err
+    assert not (out / "checkpoint.tmp").exists() and (out / "checkpoint").is_dir()  # the step-4 checkpoint stays
+
+    monkeypatch.setattr(checkpoint, where, real)
+    steps = []
+    real_train_on = Trainer.train_on
+    monkeypatch.setattr(Trainer, "train_on", lambda self, batch: steps.append(self.step) or real_train_on(self, batch))
+    assert main(args) == 0  # the advice works: the rerun resumes from the last checkpoint and finishes
+    assert steps[0] == 4 and len(steps) == 12
+
+
+def _flags_named(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+
+
+def _advice(capsys, words: tuple, argv: list[str]) -> str:
+    """Run `saelab <words> <argv>`, expecting an error; its line, once every flag it names is one the verb takes."""
+    assert main([*words, *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("saelab: error:"), err
+    parser = dict(_verbs(build_parser()))[words]
+    unknown = _flags_named(err) - {option for action in parser._actions for option in action.option_strings}
+    assert not unknown, f"{err!r} names {unknown}, which `saelab {' '.join(words)}` does not take"
+    return err
+
+
+def test_quickstart_advice_names_flags_it_takes_and_following_it_works(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import saelab.cli
+
+    monkeypatch.setattr(saelab.cli, "QUICKSTART_MODEL", str(tiny_model_dir))
+    monkeypatch.setattr(saelab.cli, "QUICKSTART_HOOK", "blocks.1.hook_resid_post")
+    monkeypatch.setattr(saelab.cli, "QUICKSTART_BATCH", 64)
+    base = ["--out", str(tmp_path / "quick"), "--width", "32", "--k", "4", "--eval-tokens", "64",
+            "--dashboard-latents", "2"]
+    assert main(["quickstart", *base, "--cache-tokens", "1024", "--tokens", "256"]) == 0
+    err = _advice(capsys, ("quickstart",), [*base, "--cache-tokens", "1024", "--tokens", "512"])  # another training
+    assert "--no-resume" in err
+    assert main(["quickstart", *base, "--cache-tokens", "1024", "--tokens", "512", "--no-resume"]) == 0
+    other = tmp_path / "other"  # a folder holding a cache of another run
+    assert main(["cache", "--model", str(tiny_model_dir), "--hooks", "blocks.0.hook_resid_post", "--tokens", "256",
+                 "--context-len", "32", "--out", str(other / "acts")]) == 0
+    base[1] = str(other)
+    err = _advice(capsys, ("quickstart",), [*base, "--cache-tokens", "1024", "--tokens", "256"])
+    assert "--overwrite" in err
+    assert main(["quickstart", *base, "--cache-tokens", "1024", "--tokens", "256", "--overwrite"]) == 0
+
+
+def test_train_advice_names_flags_train_takes(tmp_path, tiny_cache, capsys):
+    base = ["--acts", str(tiny_cache), "--tokens", "512", "--batch-size", "64", "--eval-tokens", "0",
+            "--arch", "topk", "--width", "32", "--k", "4", "--out", str(tmp_path / "run")]
+    assert "--lr" in _advice(capsys, ("train",), [*base, "--lr", "1e30"])  # a non-finite loss
+    assert main(["train", *base]) == 0
+    assert "--no-resume" in _advice(capsys, ("train",), [*base, "--seed", "1"])  # a checkpoint of another run
+    assert main(["train", *base, "--seed", "1", "--no-resume"]) == 0

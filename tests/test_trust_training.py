@@ -442,3 +442,51 @@ def test_training_follows_the_reference_on_real_smollm2_activations(smollm2_acts
     deviation["exported b_dec"] = float((exported.sae.b_dec.detach() - folded).norm() / folded.norm())
     assert worst_loss <= tolerance and max(deviation.values()) <= tolerance, (worst_loss, deviation)
     assert exported.sae.cfg.training_tokens == steps * rows
+
+
+# -- issue 21: a non-finite loss names its cause; a one-token batch trains
+def _massive(scale: float):
+    """Six batches whose fourth holds one token `scale` times the norm of the others (a "massive activation")."""
+    batches = synthetic(6, 64)
+    batches[3] = batches[3].clone()
+    batches[3][17] *= scale
+    return batches
+
+
+@pytest.mark.parametrize("batches,spec,said,not_said", [
+    (_massive(1e20), dict(arch="topk", width=64, k=4), ["token 17", "massive activation", "overflows float32"],
+     ["learning rate"]),
+    (_massive(1e3), dict(arch="topk", width=64, k=4, options={"dtype": "float16"}),
+     ["token 17", "massive activation", "train in float32", "--dtype float32"], ["learning rate"]),
+    (synthetic(6, 64), dict(arch="topk", width=64, k=4, lr=1e30), ["lower the learning rate", "--lr", "now 1e+30"],
+     ["massive", "float32"]),
+    (synthetic(6, 64), dict(arch="relu", width=64, lr=1e30), ["lower the learning rate"], ["massive"]),
+], ids=["massive-float32", "massive-float16", "lr-topk", "lr-relu"])
+def test_a_non_finite_loss_names_its_cause(batches, spec, said, not_said):
+    with pytest.raises(TrainingError, match="the loss became") as error:
+        train(Tensors(batches), [spec], TrainConfig(tokens=6 * 64, batch_size=64), progress=False)
+    message = str(error.value)
+    assert all(part in message for part in said) and not any(part in message for part in not_said), message
+
+
+def test_a_non_finite_input_given_to_train_on_is_named_as_the_cause():
+    """train_on is public: activations it is handed are not screened by nan_policy, so the loss names them."""
+    trainer = Trainer(Tensors(synthetic(2, 64)), [dict(arch="topk", width=64, k=4)], TrainConfig(tokens=128, batch_size=64),
+                      progress=False)
+    trainer.train_on(batch_of({HOOK: synthetic(1, 64)[0]}))
+    x = synthetic(1, 64, seed=1)[0]
+    x[5, 3] = float("nan")
+    with pytest.raises(TrainingError, match=r"1 of the batch's 64 tokens hold non-finite activations \(token 5"):
+        trainer.train_on(batch_of({HOOK: x}))
+
+
+def test_a_one_token_batch_trains_and_logs_no_fvu(tmp_path):
+    """A batch of one token has no variance to explain: its FVU is logged as null and left out of the divergence
+    check, instead of a NaN that broke the progress bar and marked the run diverged."""
+    x = synthetic(3, 32)
+    (trained,) = train(Tensors([x[0], x[1], x[2][:1]], batch_size=32), [dict(arch="topk", width=32, k=4)],
+                       TrainConfig(tokens=65, batch_size=32, log_every=1, lr_warmup_steps=0), out=tmp_path)
+    log = log_of(tmp_path)
+    assert [r["step"] for r in log] == [1, 2, 3] and trained.sae.cfg.training_tokens == 65
+    assert log[-1][trained.name]["fvu"] is None and all(r[trained.name]["fvu"] is not None for r in log[:2])
+    assert "diverged" not in log[-1]

@@ -13,9 +13,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from saelab.errors import SaelabError
+from saelab.errors import SaelabError, as_os_error
 from saelab.files import file_sha256, fsync_dir, fsync_file, write_atomic
 
 CHECKPOINT = "checkpoint"
@@ -31,12 +32,16 @@ def save_checkpoint(out: Path, state: dict, tensors: dict[str, torch.Tensor]) ->
     """Write a new checkpoint durably, then make it current; the previous one becomes `checkpoint.old`."""
     final, staging, old = out / CHECKPOINT, out / f"{CHECKPOINT}.tmp", out / f"{CHECKPOINT}.old"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / FILES[0])
-    fsync_file(staging / FILES[0])
-    write_atomic(staging / FILES[1], json.dumps(state, indent=1).encode())
-    write_atomic(staging / CHECKSUMS, json.dumps({name: _digest(staging / name) for name in FILES}, indent=1).encode())
-    fsync_dir(staging)
+    try:
+        staging.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, staging / FILES[0])
+        fsync_file(staging / FILES[0])
+        write_atomic(staging / FILES[1], json.dumps(state, indent=1).encode())
+        write_atomic(staging / CHECKSUMS, json.dumps({name: _digest(staging / name) for name in FILES}, indent=1).encode())
+        fsync_dir(staging)
+    except (OSError, SafetensorError) as error:  # a full disk: the previous checkpoint stays current for the rerun
+        shutil.rmtree(staging, ignore_errors=True)  # and the half-written one gives its space back
+        raise as_os_error(error, staging / FILES[0]) or error from None
     if final.exists():
         if _complete(final):  # keep the last good checkpoint as the fallback; a damaged one is not worth keeping
             shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from saelab import distributed
 from saelab.activations import ActivationBatch, ActivationStore, ModelStream
-from saelab.errors import HookError, TrainingError
+from saelab.errors import HookError, TrainingError, as_os_error
 from saelab.files import FolderLock, inside, write_atomic
 from saelab.options import from_mapping
 from saelab.sae import SAE, SAEConfig, create_sae, create_training, estimate_input_scale
@@ -43,6 +43,9 @@ MAX_FVU = 1.0
 """A training FVU above this (worse than predicting the batch mean) at the end of a run means it diverged."""
 MAX_DEAD = 0.9
 """More than this fraction of latents dead at the end of a run means it collapsed."""
+MASSIVE = 100.0
+"""A token whose activation norm is this many times its batch's median (a "massive activation") is named as the
+likely cause of a non-finite loss."""
 
 
 @dataclass
@@ -289,7 +292,8 @@ class Trainer:
         if where is None:
             return True
         if self.config.nan_policy == "error":
-            raise TrainingError(f"non-finite activations: {where}; pass nan_policy='skip' to skip such batches")
+            raise TrainingError(f"non-finite activations: {where}; pass nan_policy='skip' (--nan-policy skip) to skip "
+                                "such batches")
         self.skipped += 1
         return False
 
@@ -314,8 +318,8 @@ class Trainer:
             group["lr"] = member.spec.learning_rate * self.config.lr_factor(self.step)
         out = member.training.loss(x, step=self.step, dead=member.dead(self.config.dead_window))
         if not torch.isfinite(out.loss):
-            raise TrainingError(f"SAE {member.name}: the loss became {out.loss.item()} at step {self.step}; "
-                                "lower the learning rate")
+            raise TrainingError(f"SAE {member.name}: the loss became {out.loss.item()} at step {self.step}: "
+                                + _why_not_finite(member, x))
         member.sae.zero_grad(set_to_none=True)
         out.loss.backward()
         world = self.world if self.data_parallel else distributed.SINGLE
@@ -326,8 +330,9 @@ class Trainer:
         member.since_fired += len(x) * world.size
         member.since_fired[world.any(out.fired)] = 0
         variance = world.mean((x - world.mean(x.mean(0))).square_().sum(-1).mean())
-        fvu = float(world.mean(out.mse) / variance)
-        member.recent_fvu.append(fvu)
+        fvu = float(world.mean(out.mse) / variance) if variance > 0 else None  # one token: no variance to explain
+        if fvu is not None:
+            member.recent_fvu.append(fvu)
         return out, fvu
 
     def _record(self, outputs) -> dict:
@@ -486,8 +491,11 @@ class _Logger:
 
     def write(self, record: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as error:  # a full disk: name the log (a torn last line is dropped when the run resumes)
+                raise as_os_error(error, self.file.name) from None
         if self.wandb is not None:
             flat = {f"{k}/{m}": v for k, sub in record.items() if isinstance(sub, dict) for m, v in sub.items()}
             flat = {**{k: v for k, v in flat.items() if not isinstance(v, list)},  # prefix_mse: one series per prefix
@@ -528,19 +536,57 @@ def _plain(value) -> float | list | None:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
         value = value.item() if value.dim() == 0 else [_plain(v) for v in value.tolist()]
-    if isinstance(value, list):
+    if isinstance(value, list) or value is None:
         return value
     value = float(value)
     return value if math.isfinite(value) else None
 
 
 def _postfix(record: dict) -> str:
+    def shown(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     parts = []
     for name, values in record.items():
         if isinstance(values, dict) and "fvu" in values:
-            parts.append(f"{name.split('/')[-1]} fvu={values['fvu']:.3f} L0={values['l0']:.1f} "
-                         f"dead={values['dead']:.0%}")
+            parts.append(f"{name.split('/')[-1]} fvu={shown(values['fvu'], '.3f')} L0={shown(values['l0'], '.1f')} "
+                         f"dead={shown(values['dead'], '.0%')}")
     return " | ".join(parts)
+
+
+def _why_not_finite(member: Member, x: torch.Tensor) -> str:
+    """What made the loss of `member` on `x` (its input as the SAE saw it) non-finite, as far as the batch and the
+    SAE show, and what to do about it: the learning rate is only the answer when nothing else explains it."""
+    dtype = member.sae.W_enc.dtype
+    largest, name = torch.finfo(dtype).max, str(dtype).removeprefix("torch.")
+    lower_lr = (f"lower the learning rate (SAESpec.lr, --lr; now {member.spec.learning_rate:.3g}) or lengthen the "
+                "warm-up (TrainConfig.lr_warmup_steps, --lr-warmup-steps)")
+    use_float32 = (f"train in float32 (SAE option dtype, --dtype float32): {name} overflows above {largest:.3g}"
+                   if dtype in (torch.float16, torch.bfloat16) else None)
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bad.any():
+        return (f"{int(bad.sum())} of the batch's {len(x)} tokens hold non-finite activations (token {int(bad.nonzero()[0])} "
+                "first); find where they come from, or skip such batches with nan_policy='skip' (--nan-policy skip)")
+    if not all(bool(torch.isfinite(p).all()) for p in member.sae.parameters()):
+        return ("the SAE's weights were already non-finite: an earlier update diverged; "
+                + (use_float32 + ", or " + lower_lr if use_float32 else lower_lr))
+    norms = x.double().norm(dim=1)
+    worst = int(norms.argmax())
+    ratio = float(norms[worst] / norms.median().clamp_min(torch.finfo(torch.float64).tiny))
+    overflows = float(norms[worst]) ** 2 > largest  # the squared error of that token cannot be held in the SAE's dtype
+    if ratio >= MASSIVE or overflows:
+        found = (f"token {worst} of the batch has activation norm {float(norms[worst]):.3g}, {ratio:.3g} times the "
+                 f"batch's median (a massive activation)")
+        leave_out = ("leave such tokens out of the activations (a saelab cache leaves out each context's BOS unless "
+                     "asked to keep it), or check where they come from")
+        if overflows and use_float32 and float(norms[worst]) ** 2 <= torch.finfo(torch.float32).max:
+            return f"{found}; {use_float32}"
+        if overflows:
+            return f"{found}, whose squared error overflows {name}; {leave_out}"
+        return f"{found}; {leave_out}, or {lower_lr}"
+    if use_float32:
+        return f"the SAE computes in {name}; {use_float32}"
+    return lower_lr
 
 
 def _as_source(source, batch_size: int, share: distributed.World):

@@ -63,7 +63,7 @@ def cmd_cache(args) -> None:
     from saelab.models import load_model
 
     world = distributed.init()  # under torchrun: each rank writes its share of the shards
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code, max_batch_tokens=args.max_batch_tokens)
     started = time.perf_counter()
     manifest = cache_activations(model, args.hooks.split(";"), args.out, text=_text_config(args), tokens=args.tokens,
                                  batch_size=args.batch_size, shard_tokens=args.shard_tokens, dtype=args.dtype,
@@ -150,14 +150,14 @@ def cmd_quickstart(args) -> None:
           f"opens from disk in any browser)")
 
 
-def _model_of(sae, args):
-    """The language model an SAE reads: --model, else the one its cfg.json names."""
+def _model_of(sae, args, **options):
+    """The language model an SAE reads: --model, else the one its cfg.json names (load_model's `options`)."""
     from saelab.models import load_model
 
     name = args.model or sae.cfg.model_name
     if not name:
         raise ValueError(f"{args.sae} does not say which model it belongs to (its cfg.json names none); pass --model")
-    return load_model(name, trust_remote_code=args.trust_remote_code)
+    return load_model(name, trust_remote_code=args.trust_remote_code, **options)
 
 
 def cmd_dashboard(args) -> None:
@@ -341,14 +341,16 @@ def cmd_train(args) -> None:
                                  **source_share(run_share(settings)))
         cache_run = source.manifest.run
         if eval_tokens and world.main:  # rank 0 alone evaluates
-            model = load_model(cache_run["model"], device=device, trust_remote_code=args.trust_remote_code)
+            model = load_model(cache_run["model"], device=device, trust_remote_code=args.trust_remote_code,
+                               max_batch_tokens=args.max_batch_tokens)
         eval_text = TextConfig.from_fingerprint(cache_run["text"]).after(source.manifest.n_contexts)
     else:
         name = args.model or run.get("model")
         hooks = args.hooks or run.get("hooks")
         if not name or not hooks:
             raise SettingError("train needs --acts (an activation cache) or --model with --hooks (stream live)")
-        model = load_model(name, device=device, trust_remote_code=args.trust_remote_code)
+        model = load_model(name, device=device, trust_remote_code=args.trust_remote_code,
+                           max_batch_tokens=args.max_batch_tokens)
         text_fields = config.get("text") or {}
         text = (from_mapping(TextConfig, text_fields, f"{where}: text") if isinstance(text_fields, dict)
                 else TextConfig(source=check_value(text_fields, str, f"{where}: text")))
@@ -382,7 +384,7 @@ def cmd_eval(args) -> None:
     from saelab.hub import load_sae
 
     sae = load_sae(args.sae)
-    model = _model_of(sae, args)
+    model = _model_of(sae, args, max_batch_tokens=args.max_batch_tokens)
     text = TextConfig(source=args.text, context_len=args.context_len)
     out = args.out or args.sae
     print_metrics(out, evaluate(sae, model=model, text=text, tokens=args.tokens, activations=args.acts, out=out))
@@ -414,7 +416,7 @@ def cmd_probe(args) -> None:
     from saelab.models import load_model
 
     data = load_data(args.data, args.shared_data)
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code, max_batch_tokens=args.max_batch_tokens)
     hooks = model.resolve_hooks(args.hooks.split(";"))
     features = [Features(hook) for hook in hooks]
     for hook in hooks if args.neurons else []:
@@ -459,7 +461,8 @@ def cmd_match(args) -> None:
     else:
         text = _match_text(args.text)  # before any model loads
         models: dict[str, object] = {}
-        sides = [[_match_side(spec, models, args.trust_remote_code) for spec in specs] for specs in (args.a, args.b)]
+        sides = [[_match_side(spec, models, args.trust_remote_code, args.max_batch_tokens) for spec in specs]
+                 for specs in (args.a, args.b)]
         if args.neurons:
             from saelab.analysis import neuron_hook
 
@@ -490,7 +493,7 @@ def _match_text(text: str | None) -> Path:
     return source
 
 
-def _match_side(spec: str, models: dict, trust_remote_code: bool):
+def _match_side(spec: str, models: dict, trust_remote_code: bool, max_batch_tokens: int):
     from saelab.analysis.alignment import Side
     from saelab.hub import load_sae
     from saelab.models import load_model
@@ -499,7 +502,7 @@ def _match_side(spec: str, models: dict, trust_remote_code: bool):
     if len(parts) < 2:
         raise ValueError(f"a side is MODEL:HOOK[:SAE_FOLDER], got {spec!r}")
     if parts[0] not in models:
-        models[parts[0]] = load_model(parts[0], trust_remote_code=trust_remote_code)
+        models[parts[0]] = load_model(parts[0], trust_remote_code=trust_remote_code, max_batch_tokens=max_batch_tokens)
     return Side(models[parts[0]], parts[1], load_sae(parts[2]) if len(parts) == 3 and parts[2] else None)
 
 
@@ -526,7 +529,7 @@ def cmd_steer(args) -> None:
     from saelab.hub import load_sae
     from saelab.models import load_model
 
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code, max_batch_tokens=args.max_batch_tokens)
     side = side_passages(args.side_text, args.side_texts, args.side_words)
     if args.sae:
         sae = load_sae(args.sae)
@@ -539,7 +542,7 @@ def cmd_steer(args) -> None:
         data = load_data(args.data, args.shared_data)
         positive = args.positive or data.positive or data.classes[-1]
         (hook,) = model.resolve_hooks(args.hook)
-        X = model.activations_at(data.texts, hook, _positions(args.positions))[hook]
+        X = model.activations_at(data.texts, hook, args.positions, names=data.origin)[hook]
         theta = concept_direction(X, torch.tensor([label == positive for label in data.labels]).long())
         steer = Steer.direction(model, hook, theta, side)
     else:
@@ -591,7 +594,7 @@ def cmd_circles_calendar(args) -> None:
     unknown = [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
-    model = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code, max_batch_tokens=args.max_batch_tokens)
     for name in args.tasks.split(","):
         study = calendar_study(model, TASKS[name], args.layers, k=args.k, seed=args.seed,
                                test_fraction=args.test_fraction, intervention_layers=args.intervene,
@@ -599,6 +602,15 @@ def cmd_circles_calendar(args) -> None:
         study.save(args.out)
         print(study.table())
     print(f"wrote {args.out}/<task>.json, <task>.md and figures")
+
+
+def _budget_argument(parser: argparse.ArgumentParser) -> None:
+    """--max-batch-tokens, for every verb that runs a model (see saelab.interventions.plan_batches)."""
+    from saelab.interventions import MAX_BATCH_TOKENS
+
+    parser.add_argument("--max-batch-tokens", type=flag_type(PositiveInt), default=MAX_BATCH_TOKENS,
+                        help=f"padded tokens per model forward, e.g. 8k (default {MAX_BATCH_TOKENS}): bounds memory; "
+                             "a longer text or context is refused by name. Raise it for longer texts if memory allows")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -637,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--keep-bos", action="store_true", help="also store the BOS position (an attention sink)")
     cache.add_argument("--overwrite", action="store_true", help="replace a different run found in --out (deletes only files saelab wrote)")
     cache.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code to run")
+    _budget_argument(cache)
     _text_arguments(cache)
     cache.set_defaults(run=cmd_cache)
 
@@ -652,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--eval-tokens", type=flag_type(NonNegativeInt),
                          help="held-out tokens to evaluate on (0: skip; default 4096)")
     trainer.add_argument("--trust-remote-code", action="store_true")
+    _budget_argument(trainer)
     add_flags(trainer.add_argument_group("SAEs (SAESpec; comma lists form a product: --arch topk,relu --width "
                                          "4608,9216 trains 4 SAEs; flags replace the run file's saes)"),
               SAESpec, [*PRODUCT_FIELDS, "lr"], lists=PRODUCT_FIELDS)
@@ -675,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--acts", help="also measure reconstruction on this activation cache")
     evaluator.add_argument("--out", help="where metrics.json goes (default: the SAE folder)")
     evaluator.add_argument("--trust-remote-code", action="store_true")
+    _budget_argument(evaluator)
     evaluator.set_defaults(run=cmd_eval)
 
     push = commands.add_parser("push", help="publish SAE folders (or a whole training run) to a Hugging Face Hub repo")
@@ -706,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--shared-data", help="folder holding wikitext-2-raw and tinyshakespeare (for genre)")
     probe.add_argument("--out", default="runs/probe", help="folder for probes.json, probes.md, accuracy_vs_k.png")
     probe.add_argument("--trust-remote-code", action="store_true")
+    _budget_argument(probe)
     probe.set_defaults(run=cmd_probe)
 
     steer = commands.add_parser("steer", help="steering sweep: target effect and side effects (KL, CE) per alpha")
@@ -732,6 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--shared-data", help="folder holding wikitext-2-raw and tinyshakespeare (for genre)")
     steer.add_argument("--out", default="runs/steer")
     steer.add_argument("--trust-remote-code", action="store_true")
+    _budget_argument(steer)
     steer.set_defaults(run=cmd_steer)
 
     dash = commands.add_parser("dashboard", help="static HTML dashboard of an SAE's features (opens from disk, offline)")
@@ -778,6 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--batch-size", type=flag_type(PositiveInt), default=8, help="documents per forward")
     match.add_argument("--out", default="runs/match", help="folder for matching.json, matching.md and figures")
     match.add_argument("--trust-remote-code", action="store_true")
+    _budget_argument(match)
     match.set_defaults(run=cmd_match)
 
     circles = commands.add_parser("circles", help="multi-dimensional features: SAE cluster search, calendar circles")
@@ -824,6 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--batch-size", type=flag_type(PositiveInt), default=16)
     cal.add_argument("--out", default="runs/circles", help="folder for <task>.json, <task>.md and figures")
     cal.add_argument("--trust-remote-code", action="store_true")
+    _budget_argument(cal)
     cal.set_defaults(run=cmd_circles_calendar)
 
     info = commands.add_parser("info", help="describe an activation cache")

@@ -52,7 +52,7 @@ from saelab.activations.store import ActivationBatch, ActivationStore
 from saelab.data import TextConfig, token_batches
 from saelab.errors import DataError, HookError
 from saelab.files import check_schema_version, without_local_paths
-from saelab.interventions import Replace, Tokens
+from saelab.interventions import Replace, Tokens, plan_batches
 
 if TYPE_CHECKING:
     from saelab.models import LanguageModel
@@ -435,7 +435,8 @@ def _context_batches(model, text, tokens: int | None, batch_size: int) -> list[t
         if tokens is not None:
             ids = ids[: max(1, -(-tokens // ids.shape[1]))]
         ids = ids.long()
-        return [(chunk, torch.ones_like(chunk, dtype=torch.bool)) for chunk in ids.split(batch_size)]
+        per_forward = _contexts_per_forward(model, ids.shape[1], batch_size)
+        return [(chunk, torch.ones_like(chunk, dtype=torch.bool)) for chunk in ids.split(per_forward)]
     config = text if isinstance(text, TextConfig) else TextConfig(source=str(text))
     if config.context_len > model.n_ctx:
         raise ValueError(f"context_len {config.context_len} is longer than {model.name} allows ({model.n_ctx})")
@@ -443,10 +444,18 @@ def _context_batches(model, text, tokens: int | None, batch_size: int) -> list[t
     if tokens is not None:
         contexts = islice(contexts, max(1, -(-tokens // config.context_len)))
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    batches = [(b.tokens, b.mask) for b in token_batches(contexts, batch_size, config.context_len, pad_id=pad_id)]
+    per_forward = _contexts_per_forward(model, config.context_len, batch_size)
+    batches = [(b.tokens, b.mask) for b in token_batches(contexts, per_forward, config.context_len, pad_id=pad_id)]
     if not batches:
         raise DataError(f"text {config.source!r} yielded no contexts of {config.context_len} tokens")
     return batches
+
+
+def _contexts_per_forward(model, context_len: int, batch_size: int) -> int:
+    """batch_size, lowered so that one forward holds at most the model's max_batch_tokens (each batch is then one
+    forward, which the splice's per-batch positions need); a context longer than the budget is an error."""
+    plan_batches([context_len], model.max_batch_tokens, batch_size, names=lambda _: "a context (--context-len)")
+    return max(1, min(batch_size, model.max_batch_tokens // context_len))
 
 
 def _resolve_hook(model, sae, hook: str | None) -> str:

@@ -22,6 +22,12 @@ Positions (`positions=`), one spec for all texts:
 Patches at one hook apply in the order given (a Read after an Add sees the sum); patches from `patched()` blocks
 apply before those passed as `patches=`. Heads x d_head hooks are flattened, so vectors there are [n_heads*d_head].
 Forwards run without gradients.
+
+Forwards are batched on tokens, not texts (`plan_batches`): each holds at most the model's `max_batch_tokens`
+padded tokens (texts x the longest of them), shortest texts first so little is padding, and each batch is cut to
+its longest text, so one long text among short ones costs its own forward instead of padding every text to its
+length. Results come back in the order of the texts (`in_call_order`). A text that cannot fit (longer than the
+context or the budget) is an error naming it before any forward runs.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ if TYPE_CHECKING:
 
 Positions = Union[None, int, str, Sequence[int], Tensor]
 
+MAX_BATCH_TOKENS = 4096
+"""Default token budget of one forward (`max_batch_tokens`): texts x the longest of them, padding included.
+Activations grow with it linearly, eager attention with budget x longest text, logits with budget x vocabulary,
+so the worst case is one text of the whole budget: 2.9 GB peak for SmolLM2-135M's loss on CPU (measured), about
+10 GB for gemma-3-270m's (its 262k-word vocabulary), within a 24 GB machine. Longer texts need a larger budget."""
+
 
 # ---------------------------------------------------------------------------------------------------- tokens
 @dataclass
@@ -49,15 +61,16 @@ class Tokens:
     spans: long [n, L, 2], each token's [start, end) character range in its text ((-1, -1) for BOS and padding),
     when the tokens came from text; it is how analyses find a word's tokens with any tokenizer, and how positions
     of two tokenizers are aligned.
-    window: (first text, number of texts) of the whole call when these are one batch of it, so a positions spec
-    with one entry per text of the call (a list, a bool mask) is cut to this batch's rows.
+    window: (rows, n_texts, width) of the whole call when these are one batch of it (see `take`): which texts of
+    the call these rows are, so a positions spec with one entry per text of the call (a list, a bool mask) is cut
+    to this batch's rows and `in_call_order` puts results back.
     """
 
     ids: Tensor
     mask: Tensor
     bos_id: int | None = None
     spans: Tensor | None = None
-    window: tuple[int, int] | None = None
+    window: tuple[Tensor, int, int] | None = None
 
     def __post_init__(self):
         if self.ids.shape != self.mask.shape or self.ids.ndim != 2:
@@ -79,18 +92,25 @@ class Tokens:
         return Tokens(self.ids[rows], self.mask[rows], self.bos_id,
                       None if self.spans is None else self.spans[rows])
 
-    def batch(self, start: int, size: int) -> "Tokens":
-        """Texts [start, start + size) as one batch of a call over all of these (see `window`)."""
-        part = self[start : start + size]
-        part.window = (start, len(self))
+    def take(self, rows: Tensor) -> "Tokens":
+        """Texts `rows` (ascending) as one batch of a call over all of these, cut to the longest of them."""
+        width = max(1, int(self.lengths[rows].max()))
+        part = Tokens(self.ids[rows, :width], self.mask[rows, :width], self.bos_id,
+                      None if self.spans is None else self.spans[rows, :width])
+        part.window = (rows, len(self), self.ids.shape[1])
         return part
+
+    @property
+    def call(self) -> tuple[Tensor, int, int]:
+        """(rows, n_texts, width) of the call these rows belong to (see `window`); themselves when not a batch."""
+        return self.window or (torch.arange(len(self)), len(self), self.ids.shape[1])
 
     def rows_of(self, per_text: Tensor, what: str) -> Tensor:
         """This batch's rows of something given once per text of the whole call ([n_call, ...])."""
-        first, total = self.window or (0, len(self))
+        rows, total, _ = self.call
         if len(per_text) != total:
             raise ValueError(f"positions gives {len(per_text)} {what} for {total} texts; give one per text")
-        return per_text[first : first + len(self)]
+        return per_text[rows.to(per_text.device)]
 
     @property
     def lengths(self) -> Tensor:
@@ -121,6 +141,17 @@ def tokenize(tokenizer, texts: str | Sequence[str], n_ctx: int, *, prepend_bos: 
 
     Character spans come from the tokenizer's offsets (fast tokenizers); a slow tokenizer gives Tokens without.
     """
+    rows, spans = encode(tokenizer, texts, n_ctx, prepend_bos=prepend_bos, truncate=truncate)
+    return padded(rows, spans, pad_id(tokenizer), tokenizer.bos_token_id)
+
+
+def encode(tokenizer, texts: str | Sequence[str], n_ctx: int, *, prepend_bos: bool = True, truncate: bool = False,
+           names: Callable[[int], str] | None = None) -> tuple[list[list[int]], list[list[tuple]] | None]:
+    """Each text's token ids, BOS first and unpadded, and its character spans (None for a slow tokenizer).
+
+    A text longer than n_ctx is an error naming it by names(i) ("text i"), unless truncate keeps its first n_ctx.
+    """
+    name = names or _text_name
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -128,7 +159,7 @@ def tokenize(tokenizer, texts: str | Sequence[str], n_ctx: int, *, prepend_bos: 
         raise DataError("no texts given: the list is empty")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"text {i} is a {type(text).__name__}, not a str")
+            raise TypeError(f"{name(i)} is a {type(text).__name__}, not a str")
     bos = tokenizer.bos_token_id
     head = [bos] if prepend_bos and bos is not None else []
     fast = bool(getattr(tokenizer, "is_fast", False))
@@ -137,25 +168,100 @@ def tokenize(tokenizer, texts: str | Sequence[str], n_ctx: int, *, prepend_bos: 
     rows, row_spans = [], []
     for i, (ids, spans) in enumerate(zip(encoded["input_ids"], offsets)):
         if not ids:
-            raise DataError(f"text {i} is empty (no tokens)")
+            raise DataError(f"{name(i)} is empty (no tokens)")
         row = head + list(ids)
         if len(row) > n_ctx:
             if not truncate:
-                raise DataError(f"text {i} is {len(row)} tokens long (BOS included), longer than the model's "
+                raise DataError(f"{name(i)} is {len(row)} tokens long (BOS included), longer than the model's "
                                 f"context of {n_ctx}; shorten it or pass truncate=True")
             row = row[:n_ctx]
         rows.append(row)
         if fast:
             row_spans.append(([(-1, -1)] * len(head) + [tuple(s) for s in spans])[: len(row)])
-    ids = torch.full((len(rows), max(map(len, rows))), pad_id(tokenizer), dtype=torch.long)
+    return rows, row_spans if fast else None
+
+
+def padded(rows: Sequence[list[int]], spans: Sequence[list[tuple]] | None, pad: int, bos_id: int | None) -> Tokens:
+    """Token rows (and their spans) as Tokens right-padded to the longest row."""
+    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
     mask = torch.zeros(ids.shape, dtype=torch.bool)
-    spans = torch.full((*ids.shape, 2), -1, dtype=torch.long) if fast else None
+    all_spans = torch.full((*ids.shape, 2), -1, dtype=torch.long) if spans is not None else None
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = True
-        if fast:
-            spans[i, : len(row)] = torch.tensor(row_spans[i], dtype=torch.long)
-    return Tokens(ids, mask, bos, spans)
+        if spans is not None:
+            all_spans[i, : len(row)] = torch.tensor(spans[i], dtype=torch.long).reshape(-1, 2)
+    return Tokens(ids, mask, bos_id, all_spans)
+
+
+def _text_name(i: int) -> str:
+    return f"text {i}"
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+def plan_batches(lengths: Sequence[int], max_tokens: int, max_texts: int | None = None, *,
+                 names: Callable[[int], str] | None = None) -> list[Tensor]:
+    """Which texts share each forward: at most `max_tokens` padded tokens (texts x the longest of them) and
+    `max_texts` texts (None: no limit) each. Texts go shortest first, so a batch pads little; each batch lists its
+    texts (long [b]) in call order, and texts of equal length keep their order (equal lengths: consecutive slices).
+
+    A text longer than `max_tokens` is an error naming it by names(i) ("text i"), before any batch runs.
+    """
+    check_budget(max_tokens)
+    if max_texts is not None and (isinstance(max_texts, bool) or not isinstance(max_texts, int) or max_texts < 1):
+        raise ValueError(f"batch_size (texts per forward) must be a whole number of at least 1, got {max_texts!r}")
+    lengths = [int(n) for n in lengths]
+    too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
+    if too_long:
+        i = too_long[0]
+        more = f" ({len(too_long) - 1} more texts are too)" if len(too_long) > 1 else ""
+        raise DataError(f"{(names or _text_name)(i)} is {lengths[i]} tokens long (BOS included), more than one "
+                        f"forward may hold (max_batch_tokens {max_tokens}){more}; shorten it, or raise "
+                        f"--max-batch-tokens (max_batch_tokens= in Python) if memory allows")
+    batches, current = [], []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and (len(current) == max_texts or (len(current) + 1) * lengths[i] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return [torch.tensor(sorted(batch), dtype=torch.long) for batch in [*batches, current] if batch]
+
+
+def check_budget(max_tokens: int) -> int:
+    """`max_tokens` if it is a whole number of tokens of at least 1 (a token budget), else ValueError."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be a whole number of tokens of at least 1, got {max_tokens!r}")
+    return max_tokens
+
+
+def in_call_order(parts: Sequence[tuple[Tokens, Tensor]], positions: Positions = "last") -> Tensor:
+    """Per-batch results of `select(x, positions, batch)` back in the order of the call's texts: [n, ...] for one
+    position per text, [n, width, ...] for positions=None (each batch's [b, its width, ...]; padding is set to
+    zero in place, so the numbers do not depend on how the call was batched), [N, ...] for a mask (each text's
+    positions in turn). Batches come from `Interventions.batches`."""
+    if not parts:
+        raise ValueError("no batches to put in order")
+    first_batch, first = parts[0]
+    rows, total, width = first_batch.call
+    per_position = positions is None
+    for batch, value in parts if per_position else []:
+        value[~batch.mask.to(value.device)] = 0
+    if len(parts) == 1 and len(rows) == total and (not per_position or first.shape[1] == width):
+        return first  # one batch of the whole call, in order: nothing to move
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        chunks: dict[int, Tensor] = {}
+        for batch, value in parts:
+            counts = position_mask(positions, batch).sum(1).tolist()
+            chunks.update(zip(batch.call[0].tolist(), value.split(counts)))
+        return torch.cat([chunks[i] for i in sorted(chunks)])
+    out = first.new_zeros((total, width, *first.shape[2:]) if per_position else (total, *first.shape[1:]))
+    for batch, value in parts:
+        at = batch.call[0].to(out.device)
+        if per_position:
+            out[at, : value.shape[1]] = value
+        else:
+            out[at] = value
+    return out
 
 
 def pad_id(tokenizer) -> int:
@@ -195,9 +301,8 @@ def position_index(positions: Positions, tokens: Tokens) -> Tensor:
     bad = ((index < 0) | (index >= lengths)).nonzero()
     if len(bad):
         i = int(bad[0])
-        first = tokens.window[0] if tokens.window else 0
-        raise ValueError(f"position {int(given[i])} is out of range for text {first + i}, which has {int(lengths[i])} "
-                         f"tokens (BOS included)")
+        raise ValueError(f"position {int(given[i])} is out of range for text {int(tokens.call[0][i])}, which has "
+                         f"{int(lengths[i])} tokens (BOS included)")
     return index
 
 
@@ -209,13 +314,13 @@ def position_mask(positions: Positions, tokens: Tokens) -> Tensor:
     if isinstance(positions, str) and positions == "mean":
         raise ValueError("positions='mean' is for reading activations; a patch needs positions to act on")
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
-        total = tokens.window[1] if tokens.window else n
+        _, total, width = tokens.call
         given = positions.expand(total, -1) if positions.ndim == 1 else positions
-        if given.ndim != 2 or given.shape[0] != total or given.shape[1] > length and given[:, length:].any():
-            raise ValueError(f"a positions mask must be [n_texts={total}, <= {length}], got {tuple(positions.shape)}")
-        given = tokens.rows_of(given, "mask rows")
+        if given.ndim != 2 or given.shape[0] != total or given.shape[1] > width and given[:, width:].any():
+            raise ValueError(f"a positions mask must be [n_texts={total}, <= {width}], got {tuple(positions.shape)}")
+        given = tokens.rows_of(given, "mask rows")[:, :length]
         mask = torch.zeros(n, length, dtype=torch.bool)
-        mask[:, : given.shape[1]] = given[:, :length].cpu()
+        mask[:, : given.shape[1]] = given.cpu()
         return mask & tokens.mask
     mask = torch.zeros(n, length, dtype=torch.bool)
     mask[torch.arange(n), position_index(positions, tokens)] = True
@@ -329,16 +434,16 @@ class Read:
     def _bind(self, model):
         hook = _one_hook(model, self.hook)
         check_positions(self.positions, read=True)
-        self._parts: list[Tensor] = []
+        self._parts: list[tuple[Tokens, Tensor]] = []
 
         def apply(x: Tensor, tokens: Tokens) -> None:
-            self._parts.append(select(x.detach(), self.positions, tokens).to("cpu", torch.float32))
+            self._parts.append((tokens, select(x.detach(), self.positions, tokens).to("cpu", torch.float32)))
 
         return hook, apply
 
     def _collect(self) -> None:
         parts, self._parts = getattr(self, "_parts", []), []
-        self.value = torch.cat(parts) if parts else None
+        self.value = in_call_order(parts, self.positions) if parts else None
 
 
 @dataclass(eq=False)
@@ -429,6 +534,9 @@ class Generation:
 class Interventions:
     """LanguageModel's intervention methods (mixed into LanguageModel; see the module docstring)."""
 
+    max_batch_tokens: int = MAX_BATCH_TOKENS
+    """Padded tokens one forward may hold (see `plan_batches`): what bounds the memory of every call."""
+
     def tokenize(self, texts: str | Sequence[str], *, prepend_bos: bool = True, truncate: bool = False) -> Tokens:
         """Texts -> right-padded Tokens with BOS first, as the activation cache packs text; too long: an error
         naming the text, unless truncate=True keeps the first n_ctx tokens."""
@@ -451,6 +559,28 @@ class Interventions:
             raise DataError(f"context of {tokens.ids.shape[1]} tokens is longer than {self.name} allows ({self.n_ctx})")
         return tokens
 
+    def batches(self, inputs, *, max_texts: int | None = None, truncate: bool = False,
+                names: Callable[[int], str] | None = None) -> list[Tokens]:
+        """`inputs` (texts, token ids or Tokens) as the forwards that hold them: at most `max_batch_tokens` padded
+        tokens (and `max_texts` texts) each, shortest texts first, each cut to its longest text (see plan_batches).
+        Each batch's `window` names its texts in the call; `in_call_order` puts per-batch results back in order.
+        Every text is checked first, so one that cannot fit is an error naming it (names(i), else "text i")
+        before any forward runs. Texts are padded per batch, never all to the longest."""
+        if isinstance(inputs, (Tokens, Tensor)):
+            tokens = self.as_tokens(inputs)
+            plan = plan_batches(tokens.lengths.tolist(), self.max_batch_tokens, max_texts, names=names)
+            return [tokens.take(rows) for rows in plan]
+        rows, spans = encode(self.tokenizer, inputs, self.n_ctx, truncate=truncate, names=names)
+        plan = plan_batches([len(row) for row in rows], self.max_batch_tokens, max_texts, names=names)
+        width, pad, out = max(map(len, rows)), pad_id(self.tokenizer), []
+        for chosen in plan:
+            picked = chosen.tolist()
+            batch = padded([rows[i] for i in picked], None if spans is None else [spans[i] for i in picked], pad,
+                           self.bos_token_id)
+            batch.window = (chosen, len(rows), width)
+            out.append(batch)
+        return out
+
     @contextlib.contextmanager
     def patched(self, *patches: Patch) -> Iterator[dict[str, Tensor]]:
         """Apply `patches` to every forward of this model inside the block (nested blocks stack).
@@ -467,38 +597,46 @@ class Interventions:
             self._patch_frames().remove(frame)
 
     def activations_at(self, inputs, hooks: str | list[str], positions: Positions = "last", *,
-                       patches: Sequence[Patch] = (), batch_size: int = 32,
-                       truncate: bool = False) -> dict[str, Tensor]:
+                       patches: Sequence[Patch] = (), batch_size: int | None = None, truncate: bool = False,
+                       names: Callable[[int], str] | None = None) -> dict[str, Tensor]:
         """{hook: [n_texts, d]} CPU float32 at `positions` ("last", "mean", an int, one int per text), for probes.
 
-        Batched; each forward stops after the deepest hook; `patches` (and any `patched()` block) apply first.
-        positions=None gives [n, L, d] (padding included, see `tokenize(texts).mask`), a bool mask [N, d].
+        Batched on tokens (see `batches`; batch_size also caps texts per forward); each forward stops after the
+        deepest hook; `patches` (and any `patched()` block) apply first. positions=None gives [n, L, d] (zeros at
+        padding, see `tokenize(texts).mask`), a bool mask [N, d]. names(i) names text i in errors.
         """
         hooks = self.resolve_hooks(hooks)
-        tokens = self.as_tokens(inputs, truncate=truncate)
+        batches = self.batches(inputs, max_texts=batch_size, truncate=truncate, names=names)
         reads = [Read(hook, positions) for hook in hooks]
-        self._run(tokens, [*patches, *reads], batch_size=batch_size, stop_at_layer=self.stop_layer(hooks),
-                  logits=False)
+        self._run(batches, [*patches, *reads], stop_at_layer=self.stop_layer(hooks), logits=False)
         return {read.hook: read.value for read in reads}
 
-    def logits(self, inputs, *, patches: Sequence[Patch] = (), batch_size: int | None = None) -> Tensor:
-        """Logits [n, L, vocab] (model device and dtype) with the patches active."""
-        tokens = self.as_tokens(inputs)
-        return torch.cat(self._run(tokens, patches, batch_size=batch_size, keep=lambda batch, out: out))
+    def logits(self, inputs, *, patches: Sequence[Patch] = (), batch_size: int | None = None,
+               positions: Positions = None) -> Tensor:
+        """Logits (model device and dtype) with the patches active: [n, L, vocab] (zeros at padding), or
+        only at `positions` ([n, vocab] for "last", an int or one int per text; [N, vocab] for a mask), which keeps
+        a call's memory to those rows instead of every position's vocabulary."""
+        check_positions(positions, read=True)
+        parts = self._run(self.batches(inputs, max_texts=batch_size), patches,
+                          keep=lambda batch, out: select(out, positions, batch))
+        return in_call_order(parts, positions)
 
     def loss(self, inputs, *, patches: Sequence[Patch] = (), batch_size: int | None = None) -> TokenLoss:
         """Next-token cross-entropy per token and its mean, with the patches active; padding is never a target."""
-        tokens = self.as_tokens(inputs)
-        if tokens.ids.shape[1] < 2:
+        batches = self.batches(inputs, max_texts=batch_size)
+        width = batches[0].call[2]
+        if width < 2:
             raise DataError("loss needs texts of at least 2 tokens (BOS included): nothing is predicted")
 
-        def per_token(batch: Tokens, logits: Tensor) -> Tensor:
+        def per_token(batch: Tokens, logits: Tensor) -> Tensor:  # [b, L]: position t predicts t + 1, the last nothing
             logp = logits[:, :-1].float().log_softmax(-1)
             targets = batch.ids[:, 1:].to(logp.device)
-            return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+            nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+            return torch.nn.functional.pad(nll, (0, 1))
 
-        nll = torch.cat(self._run(tokens, patches, batch_size=batch_size, keep=per_token))
-        mask = tokens.mask[:, 1:]
+        nll = in_call_order(self._run(batches, patches, keep=per_token), None)[:, :-1]
+        lengths = in_call_order([(batch, batch.lengths) for batch in batches])
+        mask = torch.arange(1, width) < lengths.unsqueeze(1)  # prediction t is real when its target t + 1 is
         nll = torch.where(mask, nll, 0.0)
         return TokenLoss(per_token=nll, mask=mask, mean=float(nll.double().sum() / mask.sum().clamp_min(1)))
 
@@ -513,6 +651,7 @@ class Interventions:
         if int(lengths[longest]) + n_new > self.n_ctx:
             raise DataError(f"text {longest} has {int(lengths[longest])} tokens; with {n_new} new ones it would be "
                             f"longer than the model's context of {self.n_ctx}")
+        plan_batches((lengths + n_new).tolist(), self.max_batch_tokens)  # the last step fits too: refuse it now
         ids = torch.full((n, tokens.ids.shape[1] + n_new), pad_id(self.tokenizer), dtype=torch.long)
         ids[:, : tokens.ids.shape[1]] = tokens.ids
         rows = torch.arange(n)
@@ -520,8 +659,8 @@ class Interventions:
         for step in range(n_new):
             width = int(lengths.max())
             current = Tokens(ids[:, :width], torch.arange(width) < lengths.unsqueeze(1), tokens.bos_id)
-            (logits,) = self._run(current, bound=bound, keep=lambda batch, out: out[rows, lengths - 1].cpu())
-            ids[rows, lengths] = logits.argmax(-1)
+            parts = self._run(self.batches(current), bound=bound, keep=lambda batch, out: select(out, "last", batch))
+            ids[rows, lengths] = in_call_order(parts).argmax(-1).cpu()
             lengths += 1
         width = int(lengths.max())
         full = Tokens(ids[:, :width], torch.arange(width) < lengths.unsqueeze(1), tokens.bos_id)
@@ -541,24 +680,24 @@ class Interventions:
         return [b for bound, _ in self._patch_frames() for b in bound] + [(p, *p._bind(self)) for p in patches]
 
     @torch.no_grad()
-    def _run(self, tokens: Tokens, patches: Sequence[Patch] = (), *, bound: list | None = None,
-             batch_size: int | None = None, stop_at_layer: int | None = None, logits: bool = True,
+    def _run(self, batches: Sequence[Tokens], patches: Sequence[Patch] = (), *, bound: list | None = None,
+             stop_at_layer: int | None = None, logits: bool = True,
              keep: Callable[[Tokens, Any], Any] | None = None, extra_hooks: Sequence = ()) -> list:
-        """Forward `tokens` in batches with the patches (bound=[]: none, not even a block's) and `extra_hooks`
-        (raw TransformerLens hooks, after the patches); returns keep(batch, logits) per batch; Reads collect."""
+        """Forward each of `batches` (from `batches`) with the patches (bound=[]: none, not even a block's) and
+        `extra_hooks` (raw TransformerLens hooks, after the patches); returns (batch, keep(batch, logits)) per batch,
+        for `in_call_order`; Reads collect in call order. Only what `keep` returns outlives its forward."""
         bound = self._bind_all(patches) if bound is None else bound
         reads = [p for p, _, _ in bound if isinstance(p, Read)]
         for read in reads:
             read._parts = []
         kept = []
-        step = batch_size or len(tokens)
-        for start in range(0, len(tokens), step):
-            batch = tokens.batch(start, step)
+        for batch in batches:
             hooks = [(hook, _hook_fn(hook, apply, batch)) for _, hook, apply in bound] + list(extra_hooks)
             out = self.bridge.run_with_hooks(batch.ids.to(self.device), fwd_hooks=hooks, stop_at_layer=stop_at_layer,
                                              return_type="logits" if logits else None)
             if keep is not None:
-                kept.append(keep(batch, out))
+                kept.append((batch, keep(batch, out)))
+            del out  # before the next forward allocates its own
         for read in reads:
             read._collect()
         for frame_bound, frame_reads in self._patch_frames():
@@ -578,5 +717,6 @@ def _hook_fn(name: str, apply: Callable[[Tensor, Tokens], Tensor | None], tokens
     return fn
 
 
-__all__ = ["Add", "Generation", "Interventions", "Patch", "Positions", "Read", "Replace", "Splice", "TokenLoss",
-           "Tokens", "position_index", "position_mask", "select", "tokenize"]
+__all__ = ["Add", "Generation", "Interventions", "MAX_BATCH_TOKENS", "Patch", "Positions", "Read", "Replace", "Splice",
+           "TokenLoss", "Tokens", "check_budget", "encode", "in_call_order", "padded", "plan_batches", "position_index",
+           "position_mask", "select", "tokenize"]

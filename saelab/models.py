@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from saelab.errors import HookError, ModelError
-from saelab.interventions import Interventions, Tokens
+from saelab.interventions import MAX_BATCH_TOKENS, Interventions, Tokens, check_budget, in_call_order
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,11 @@ class LanguageModel(Interventions):
     The intervention methods (activations_at, patched, logits, loss, generate) come from saelab.interventions.
     """
 
-    def __init__(self, name: str, bridge, tokenizer):
+    def __init__(self, name: str, bridge, tokenizer, max_batch_tokens: int = MAX_BATCH_TOKENS):
         self.name = name
         self.bridge = bridge
         self.tokenizer = tokenizer
+        self.max_batch_tokens = check_budget(max_batch_tokens)
         self.hook_names = sorted(bridge.hook_dict)
         self._hook_shapes: dict[str, tuple[int, ...]] = {}
 
@@ -146,7 +147,8 @@ class LanguageModel(Interventions):
         """Run `tokens` [batch, pos] just far enough to fill every hook; return {hook: activation}.
 
         With flatten=True each activation is [batch, pos, d] (heads x d_head folded into d). Patches of an
-        enclosing `patched()` block apply (for texts and chosen positions, see `activations_at`).
+        enclosing `patched()` block apply (for texts and chosen positions, see `activations_at`). A batch of more
+        than `max_batch_tokens` tokens runs as several forwards.
         """
         return self._capture(tokens, hooks, flatten)
 
@@ -159,19 +161,20 @@ class LanguageModel(Interventions):
         missing = [h for h in hooks if h not in self.bridge.hook_dict]
         if missing:
             self.resolve_hooks(missing)  # raises with suggestions
-        captured: dict[str, torch.Tensor] = {}
+        captured: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
 
         def capture(name):
             def hook_fn(activation, hook):
-                captured[name] = activation.flatten(2) if flatten else activation
+                captured[name].append(activation.flatten(2) if flatten else activation)
                 return activation
 
             return hook_fn
 
-        tokens = Tokens(tokens, torch.ones(tokens.shape, dtype=torch.bool), self.bos_token_id)
-        self._run(tokens, bound=None if patched else [], stop_at_layer=self.stop_layer(hooks), logits=False,
+        batches = self.batches(Tokens(tokens, torch.ones(tokens.shape, dtype=torch.bool), self.bos_token_id),
+                               names=lambda i: f"context {i} of the batch")
+        self._run(batches, bound=None if patched else [], stop_at_layer=self.stop_layer(hooks), logits=False,
                   extra_hooks=[(h, capture(h)) for h in hooks])
-        return captured
+        return {h: in_call_order(list(zip(batches, parts)), None) for h, parts in captured.items()}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -199,8 +202,13 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     token: str | None = None,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
 ) -> LanguageModel:
-    """Load `name`: one of OFFLINE_MODELS, a local `save_pretrained` folder, or a Hugging Face model id."""
+    """Load `name`: one of OFFLINE_MODELS, a local `save_pretrained` folder, or a Hugging Face model id.
+
+    max_batch_tokens: padded tokens one forward may hold; it bounds the memory of every call (see
+    saelab.interventions.plan_batches), and a text longer than it is refused by name."""
+    check_budget(max_batch_tokens)  # a bad budget is refused before the model loads
     if name in OFFLINE_MODELS:
         folder = _dequantised_folder(name)
     elif Path(name).is_dir():
@@ -215,7 +223,7 @@ def load_model(
         )
     source = str(folder) if folder is not None else name
     hf_model, tokenizer = _load_hf(source, dtype, trust_remote_code, revision, token)
-    return _wrap(name, source, hf_model, tokenizer, device)
+    return _wrap(name, source, hf_model, tokenizer, device, max_batch_tokens)
 
 
 def _load_hf(source: str, dtype, trust_remote_code: bool, revision: str | None, token: str | None):
@@ -230,7 +238,8 @@ def _load_hf(source: str, dtype, trust_remote_code: bool, revision: str | None, 
     return hf_model, tokenizer
 
 
-def _wrap(name: str, source: str, hf_model, tokenizer, device: str) -> LanguageModel:
+def _wrap(name: str, source: str, hf_model, tokenizer, device: str,
+          max_batch_tokens: int = MAX_BATCH_TOKENS) -> LanguageModel:
     from transformer_lens.model_bridge import TransformerBridge
 
     if not getattr(hf_model.config, "architectures", None):
@@ -238,7 +247,7 @@ def _wrap(name: str, source: str, hf_model, tokenizer, device: str) -> LanguageM
     hf_model.eval()
     bridge = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=tokenizer, device=device)
     bridge.eval()
-    return LanguageModel(name, bridge, tokenizer)
+    return LanguageModel(name, bridge, tokenizer, max_batch_tokens)
 
 
 def _dequantised_folder(name: str) -> Path:

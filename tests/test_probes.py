@@ -65,7 +65,7 @@ def test_a_planted_single_neuron_is_found_at_k_1():
 def fake_extract(X):
     """Stand-in for extract: text 't{i}' -> row i of X, for every feature set."""
 
-    def extract(model, texts, features, positions="mean", batch_size=16):
+    def extract(model, texts, features, positions="mean", batch_size=None, names=None):
         rows = [int(t[1:]) for t in texts]
         return {f.name: X[rows] for f in features}
 

@@ -43,7 +43,7 @@ from saelab.analysis.concepts import DAYS, MONTHS
 from saelab.analysis.irreducibility import PCA, pca
 from saelab.analysis.report import save_figure
 from saelab.errors import DataError
-from saelab.interventions import Replace, Tokens
+from saelab.interventions import Replace, Tokens, in_call_order
 
 SCHEMA_VERSION = 1
 NUMBERS = ["One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten", "Eleven", "Twelve"]
@@ -137,15 +137,13 @@ def answer_ids(model, task: CalendarTask) -> Tensor:
 
 def answer_logits(model, tokens: Tokens, answers: Tensor, *, patches=(), batch_size: int = 16,
                   progress: bool = False, desc: str = "forwards") -> Tensor:
-    """Logits of the answer tokens at each text's last token: [n, p] (float32, CPU)."""
-    out = []
-    last = tokens.lengths - 1
-    for start in _progress(progress, iterable=range(0, len(tokens), batch_size), desc=desc):
-        rows = slice(start, start + batch_size)
-        logits = model.logits(tokens[rows], patches=patches)
-        out.append(logits[torch.arange(len(logits)), last[rows].to(logits.device)][:, answers.to(logits.device)]
-                   .float().cpu())
-    return torch.cat(out)
+    """Logits of the answer tokens at each text's last token: [n, p] (float32, CPU). One forward per batch of
+    `model.batches` (at most batch_size texts); `patches` apply to each batch as a call of its own."""
+    parts = []
+    for batch in _progress(progress, iterable=model.batches(tokens, max_texts=batch_size), desc=desc):
+        logits = model.logits(batch, patches=patches, positions="last")
+        parts.append((batch, logits[:, answers.to(logits.device)].float().cpu()))
+    return in_call_order(parts)
 
 
 @dataclass
@@ -560,21 +558,20 @@ def patched_answer_logits(model, tokens: Tokens, rows: Tensor, positions: Tensor
                           answers: Tensor, *, batch_size: int = 16, progress: bool = False,
                           desc: str = "forwards") -> Tensor:
     """Answer logits [m, p] of texts tokens[rows] with the activation at (hook, positions[i]) replaced by
-    values[i]; identical (row, value) pairs are run once."""
-    out = []
-    for start in _progress(progress, iterable=range(0, len(rows), batch_size), desc=desc):
-        part = slice(start, start + batch_size)
-        batch = tokens[rows[part]]
-        at, vectors = positions[part], values[part]
+    values[i]. Each batch of `model.batches` is one forward, so `put` sees exactly the rows it has values for."""
+    parts = []
+    for batch in _progress(progress, iterable=model.batches(tokens[rows], max_texts=batch_size), desc=desc):
+        picked = batch.call[0]
+        at, vectors = positions[picked], values[picked]
 
         def put(x: Tensor, at=at, vectors=vectors) -> Tensor:
             out = x.clone()
             out[torch.arange(len(x)), at.to(x.device)] = vectors.to(x.device, x.dtype)
             return out
 
-        out.append(answer_logits(model, batch, answers, patches=[Replace(hook, put, positions=at.tolist())],
-                                 batch_size=len(batch)))
-    return torch.cat(out)
+        logits = model.logits(batch, patches=[Replace(hook, put, positions=at.tolist())], positions="last")
+        parts.append((batch, logits[:, answers.to(logits.device)].float().cpu()))
+    return in_call_order(parts)
 
 
 def _progress(enabled: bool, **kwargs):

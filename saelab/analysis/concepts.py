@@ -13,7 +13,7 @@ import math
 import random
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -32,6 +32,8 @@ class LabelledTexts:
     name: str = "data"
     positive: str | None = None
     """For two labels: the one a binary probe detects (default: the second in sorted order)."""
+    origins: list[str] = field(default_factory=list)
+    """Where each text came from, for messages ("data.jsonl, line 31"); empty: "<name>: text <i>"."""
 
     def __post_init__(self):
         self.texts, self.docs = list(self.texts), [str(d) for d in self.docs]
@@ -41,6 +43,8 @@ class LabelledTexts:
                             "document ids; give one of each per example")
         if not self.texts:
             raise DataError(f"{self.name}: no examples")
+        if self.origins and len(self.origins) != len(self.texts):
+            raise DataError(f"{self.name}: {len(self.origins)} origins for {len(self.texts)} texts; give one each")
         for i, text in enumerate(self.texts):
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{self.name}: text {i} is empty" if isinstance(text, str) else
@@ -53,9 +57,14 @@ class LabelledTexts:
     def classes(self) -> list[str]:
         return sorted(set(self.labels))
 
+    def origin(self, i: int) -> str:
+        """Where text i came from, to name it in a message."""
+        return self.origins[i] if self.origins else f"{self.name}: text {i}"
+
     def subset(self, rows: Sequence[int]) -> "LabelledTexts":
         return LabelledTexts([self.texts[i] for i in rows], [self.labels[i] for i in rows],
-                             [self.docs[i] for i in rows], self.name, self.positive)
+                             [self.docs[i] for i in rows], self.name, self.positive,
+                             [self.origins[i] for i in rows] if self.origins else [])
 
 
 @dataclass
@@ -89,7 +98,7 @@ def load_labelled(path: str | Path, *, text_field: str = "text", label_field: st
                     records.append((i + 1, json.loads(line)))
                 except json.JSONDecodeError as error:
                     raise DataError(f"{path}, line {i + 1}: not JSON ({error.msg})") from None
-    texts, labels, docs = [], [], []
+    texts, labels, docs, origins = [], [], [], []
     for line, record in records:
         if not isinstance(record, dict) or text_field not in record or label_field not in record:
             raise DataError(f"{path}, line {line}: needs the fields '{text_field}' and '{label_field}'")
@@ -99,9 +108,10 @@ def load_labelled(path: str | Path, *, text_field: str = "text", label_field: st
         texts.append(text)
         labels.append(class_name(record[label_field], f"{path}, line {line}"))
         docs.append(str(record.get(doc_field) or f"line{line}"))
+        origins.append(f"{path}, line {line}")
     if not texts:
         raise DataError(f"{path}: no examples")
-    return LabelledTexts(texts, labels, docs, name=path.stem)
+    return LabelledTexts(texts, labels, docs, name=path.stem, origins=origins)
 
 
 def class_name(label, where: str) -> str:

@@ -16,7 +16,6 @@ regression on the top-k features by |mean difference| on the training split or b
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -24,7 +23,7 @@ import torch
 from torch import Tensor
 
 from saelab.errors import DataError, HookError
-from saelab.interventions import select
+from saelab.interventions import in_call_order, select
 
 if TYPE_CHECKING:
     from saelab.sae import SAE
@@ -92,14 +91,16 @@ def _check(model, features: Sequence[Features]) -> None:
 
 @torch.no_grad()
 def extract(model, texts: Sequence[str], features: Sequence[Features], positions="mean", *,
-            batch_size: int = 16) -> dict[str, Tensor]:
+            batch_size: int | None = None, names=None) -> dict[str, Tensor]:
     """{features.name: float32 [n_texts, d]} at `positions` ("mean" over real tokens without BOS, "last", an int,
     one int per text). One forward per batch serves every hook; SAE latents are encoded per token and then pooled,
-    so a "mean" over latents is the mean of each token's codes (as SAEBench pools)."""
+    so a "mean" over latents is the mean of each token's codes (as SAEBench pools). Batches hold at most the
+    model's max_batch_tokens (and batch_size texts), so memory stays bounded whatever the lengths; names(i) names
+    text i in errors (e.g. its file and line)."""
     features = list(features)
-    names = [f.name for f in features]
-    if len(set(names)) != len(names):
-        raise ValueError(f"two feature sets share a name: {names}; give them distinct labels")
+    labels = [f.name for f in features]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two feature sets share a name: {labels}; give them distinct labels")
     _check(model, features)
     hooks = sorted({f.hook for f in features})
     saes = {id(f.sae): (f.sae.fold_input_scale() if f.sae.cfg.input_scale != 1 else f.sae).eval()
@@ -107,21 +108,16 @@ def extract(model, texts: Sequence[str], features: Sequence[Features], positions
     per_text = isinstance(positions, (list, tuple, Tensor))
     if per_text and len(positions) != len(texts):
         raise ValueError(f"positions gives {len(positions)} indices for {len(texts)} texts; give one per text")
-    out: dict[str, list[Tensor]] = {name: [] for name in names}
-    for start in range(0, len(texts), batch_size):
-        try:
-            tokens = model.tokenize(list(texts[start : start + batch_size]))
-        except DataError as error:  # name the text by its index in `texts`, not in the batch
-            raise DataError(re.sub(r"^text (\d+)", lambda m: f"text {start + int(m.group(1))}", str(error))) from None
-        where = positions[start : start + batch_size] if per_text else positions
-        acts = model.activations_at(tokens, hooks, positions=None, batch_size=batch_size)
+    out: dict[str, list[tuple]] = {label: [] for label in labels}
+    for batch in model.batches(list(texts), max_texts=batch_size, names=names):
+        acts = model.activations_at(batch, hooks, positions=None)
         for f in features:
             x = acts[f.hook]
             if f.sae is not None:
                 sae = saes[id(f.sae)]
                 x = sae.encode(x.to(sae.device, sae.dtype)).float().cpu()
-            out[f.name].append(select(x, where, tokens))
-    return {name: torch.cat(parts) for name, parts in out.items()}
+            out[f.name].append((batch, select(x, positions, batch)))
+    return {label: in_call_order(parts, positions) for label, parts in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------------- probes

@@ -139,7 +139,7 @@ class ProbeResults:
 def run_probes(model, data: LabelledTexts, features: Sequence[Features], *, ks: Sequence[int] = (1, 2, 4, 8, 16),
                positions="mean", seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2),
                methods: Sequence[str] = METHODS, Cs: Sequence[float] = C_GRID, positive: str | None = None,
-               batch_size: int = 16, log=None) -> ProbeResults:
+               batch_size: int | None = None, log=None) -> ProbeResults:
     """Split by document, build balanced binary tasks (one-vs-rest for more than two labels), read every feature
     set in one pass over the texts, fit each probe on train + validation and score it once on test."""
     started = time.perf_counter()
@@ -149,7 +149,8 @@ def run_probes(model, data: LabelledTexts, features: Sequence[Features], *, ks: 
     where = {row: j for j, row in enumerate(used)}
     if log:
         log(f"{data.name}: {len(used)} texts, {len(jobs)} task(s), features: {', '.join(f.name for f in features)}")
-    X = extract(model, [data.texts[i] for i in used], features, positions, batch_size=batch_size)
+    X = extract(model, [data.texts[i] for i in used], features, positions, batch_size=batch_size,
+                names=lambda j: data.origin(used[j]))
     results = ProbeResults(model=model.name, data={
         "name": data.name, "n_examples": len(data), "n_documents": len(set(data.docs)), "classes": data.classes,
         "positions": positions if isinstance(positions, (str, int)) else "per-text", "seed": seed,

@@ -52,8 +52,9 @@ class Steer:
             raise ValueError("a steering direction must be a non-zero vector [d]")
         norm = 1.0
         if reference is not None:
-            acts = model.activations_at(list(reference), hook, positions=None)[hook]
-            norm = float(acts[model.tokenize(list(reference)).text_mask].norm(dim=-1).mean())
+            tokens = model.tokenize(list(reference))
+            acts = model.activations_at(tokens, hook, positions=tokens.text_mask)[hook]  # [real tokens, d]
+            norm = float(acts.norm(dim=-1).mean())
         return cls(hook, vector / vector.norm(), norm)
 
     @classmethod
@@ -110,8 +111,7 @@ class LogitDiff:
             raise ValueError("LogitDiff needs prompts and at least one `up` word")
 
     def measure(self, model, patch) -> float:
-        logits = model.logits(self.prompts, patches=[patch] if patch else [])
-        last = logits[torch.arange(len(logits)), model.tokenize(self.prompts).lengths - 1].float().cpu()
+        last = model.logits(self.prompts, patches=[patch] if patch else [], positions="last").float().cpu()
         value = last[:, _token_ids(model, self.up)].mean(-1)
         if self.down:
             value = value - last[:, _token_ids(model, self.down)].mean(-1)
@@ -211,26 +211,23 @@ class SteeringResult:
         return save_figure(fig, path)
 
 
-def side_effects(model, side_text: Sequence[str], patch, clean: list[Tensor] | None = None, batch_size: int = 8
-                 ) -> tuple[float, float, list[Tensor]]:
-    """(mean KL(clean || patched), mean patched CE, the clean log-probs per batch) on the side text."""
-    tokens = model.tokenize(list(side_text))
-    kl_sum, ce_sum, count, clean_out = 0.0, 0.0, 0, []
-    for b, start in enumerate(range(0, len(tokens), batch_size)):
-        batch = tokens[start : start + batch_size]
+def side_effects(model, side_text: Sequence[str], patch, batch_size: int | None = None) -> tuple[float, float]:
+    """(mean KL(clean || patched), mean patched CE) on the side text. Each batch's clean forward runs next to its
+    patched one instead of being kept for every alpha: the side text's log-probs at every position over the whole
+    vocabulary would grow without bound, one batch's stay within the model's max_batch_tokens."""
+    kl_sum, ce_sum, count = 0.0, 0.0, 0
+    for batch in model.batches(list(side_text), max_texts=batch_size):
         mask = batch.mask[:, 1:]
-        if clean is None:
-            clean_out.append(model.logits(batch)[:, :-1].float().log_softmax(-1).cpu())
-        ref = clean[b] if clean is not None else clean_out[-1]
-        logp = model.logits(batch, patches=[patch] if patch else [])[:, :-1].float().log_softmax(-1).cpu()
-        kl = (ref.exp() * (ref - logp)).sum(-1)
+        ref = model.logits(batch)[:, :-1].float().log_softmax(-1).cpu()
+        logp = model.logits(batch, patches=[patch])[:, :-1].float().log_softmax(-1).cpu() if patch else ref
+        kl = torch.nn.functional.kl_div(logp, ref, reduction="none", log_target=True).sum(-1)
         ce = -logp.gather(-1, batch.ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         kl_sum += float(kl[mask].sum())
         ce_sum += float(ce[mask].sum())
         count += int(mask.sum())
     if count == 0:
         raise DataError("the side text has no predicted tokens (each text needs at least one token after BOS)")
-    return kl_sum / count, ce_sum / count, clean if clean is not None else clean_out
+    return kl_sum / count, ce_sum / count
 
 
 def side_passages(source: str = "default", n: int = 16, words: int = 48) -> list[str]:
@@ -252,17 +249,17 @@ def side_passages(source: str = "default", n: int = 16, words: int = 48) -> list
 
 
 def sweep(model, steer: Steer, alphas: Sequence[float], target, side_text: Sequence[str], *,
-          batch_size: int = 8, log=None) -> SteeringResult:
+          batch_size: int | None = None, log=None) -> SteeringResult:
     """Measure `target` and the side effects at every alpha (0 is added if missing: the clean baseline)."""
     if not side_text:
         raise DataError("sweep needs some unrelated side text to measure KL and CE on")
     alphas = sorted(set(float(a) for a in alphas) | {0.0})
-    _, ce_clean, clean = side_effects(model, side_text, None, batch_size=batch_size)
+    _, ce_clean = side_effects(model, side_text, None, batch_size=batch_size)
     points = []
     for alpha in alphas:
         patch = steer.patch(alpha) if alpha != 0 else None
         value = target.measure(model, patch)
-        kl, ce, _ = side_effects(model, side_text, patch, clean, batch_size)
+        kl, ce = side_effects(model, side_text, patch, batch_size)
         samples = list(getattr(target, "samples", []) or []) or None
         points.append(SteeringPoint(alpha, value, kl, ce, samples))
         if log:

@@ -9,6 +9,7 @@ from saelab.activations import ActivationBatch
 from saelab.sae import SAEConfig, create_sae, create_training
 from saelab.sae.base import SparsityCoefficient, steered
 from saelab.sae.jumprelu import MAX_THRESHOLD_SHIFT, START_L0_FACTOR, THRESHOLD_SHIFT_RATE
+from saelab.sae.relu import BIAS_SHIFT_RATE, MAX_BIAS_SHIFT
 from saelab.training import SAESpec, TrainConfig, Trainer
 
 HOOK = "blocks.0.hook_resid_post"
@@ -94,6 +95,45 @@ def test_relu_lands_at_the_target_l0_from_a_coefficient_far_off(start):
     l0s, trainer = training_l0s(spec, 600)
     assert sum(l0s[-100:]) / 100 == pytest.approx(8.0, rel=0.2), (start, l0s[::50])
     assert trainer.members[0].training.coefficient.value != start
+
+
+@pytest.mark.parametrize("target", [4.0, 16.0])
+def test_relu_lands_at_the_target_l0_in_a_short_run_at_its_default_learning_rate(target):
+    """The red-team case in small: 150 steps at the default rate. Adam moves the biases at its rate whatever the
+    coefficient, so the coefficient alone overshot while L0 came down, the L1 penalty switched latents off for good,
+    and L0 ended at half the target (1.9 for 4, 6.8 for 16); the bias shift lands it."""
+    l0s, _ = training_l0s(SAESpec(arch="relu", width=512, options={"target_l0": target}), 150)
+    assert sum(l0s[-10:]) / 10 == pytest.approx(target, rel=0.1), l0s[::15]
+
+
+def test_relu_shifts_its_encoder_biases_towards_the_target_each_training_step():
+    torch.manual_seed(0)
+    x = next(iter(Planted(batch_size=512))).acts[HOOK]
+    for target in (5.0, None):
+        cfg = SAEConfig(arch="relu", d_in=32, width=128, target_l0=target)
+        sae = create_sae(cfg)
+        training = create_training(sae)
+        training.start(x)
+        before = sae.b_enc.detach().clone()
+        with torch.no_grad():
+            training.loss(x, step=5)  # an evaluation pass: nothing moves
+        assert torch.equal(sae.b_enc, before)
+        codes = sae.encode(x).detach()
+        typical = codes[codes > 0].log().mean().exp()  # the geometric mean of the active codes
+        l0 = float(training.loss(x, step=5).l0)
+        moved = sae.b_enc.detach() - before
+        if target is None:  # a fixed coefficient (the April 2024 recipe): the biases move only by their gradient
+            assert torch.equal(moved, torch.zeros_like(moved))
+            continue
+        expected = min(MAX_BIAS_SHIFT, BIAS_SHIFT_RATE * math.log(l0 / target)) * typical
+        assert torch.allclose(moved, torch.full_like(moved, -float(expected)), rtol=1e-4)
+        restored = create_training(create_sae(cfg))
+        restored.load_state_dict(training.state_dict())  # the shift's unit is checkpointed with the coefficient
+        assert restored.code_scale == training.code_scale == pytest.approx(float(typical), rel=1e-5)
+        with torch.no_grad():
+            sae.b_enc.fill_(-100.0)  # every latent switched off: no gradient reaches them, the shift does
+        assert float(training.loss(x, step=6).l0) == 0
+        assert torch.allclose(sae.b_enc, torch.full_like(sae.b_enc, -100.0 + MAX_BIAS_SHIFT * training.code_scale))
 
 
 def test_the_logged_jumprelu_coefficient_follows_the_steering_rule(tmp_path):

@@ -400,10 +400,11 @@ MIN_PENALTY_SHARE = 0.01
 
 class SparsityCoefficient:
     """The penalty weight of a ReLU/JumpReLU training: fixed (with the recipe's linear warm-up), or, when
-    cfg.target_l0 is set, steered each step after the warm-up towards that L0 (kept in the checkpoint)."""
+    cfg.target_l0 is set, steered each step after the warm-up towards that L0 (kept in the checkpoint); `rate` is
+    the steering's ADAPT_RATE, unless the architecture needs another."""
 
-    def __init__(self, start: float, target: float | None, warmup_steps: int):
-        self.value, self.target, self.warmup_steps = start, target, warmup_steps
+    def __init__(self, start: float, target: float | None, warmup_steps: int, rate: float = ADAPT_RATE):
+        self.value, self.target, self.warmup_steps, self.rate = start, target, warmup_steps, rate
 
     def at(self, step: int) -> float:
         return warmup(self.value, step, self.warmup_steps)
@@ -425,7 +426,7 @@ class SparsityCoefficient:
                 l0, mse, penalty = across(torch.tensor([float(l0), float(mse), float(penalty)],
                                                        dtype=torch.float64, device=device)).tolist()
             floor = MIN_PENALTY_SHARE * float(mse) / max(float(penalty), 1e-12)
-            self.value = max(steered(self.value, float(l0), self.target), min(self.value, floor))
+            self.value = max(steered(self.value, float(l0), self.target, self.rate), min(self.value, floor))
             return log_l0_error(float(l0), self.target)
         return None
 

@@ -321,6 +321,7 @@ def cmd_train(args) -> None:
     from saelab.errors import SaelabError
     from saelab.models import load_model
     from saelab.training import train
+    from saelab.training.landing import OffTarget, describe
     from saelab.training.trainer import NotEvaluated, run_share, source_share
 
     where = args.config or "command line"
@@ -363,10 +364,14 @@ def cmd_train(args) -> None:
         eval_text = text.after(used)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotEvaluated)  # said once below, in one line
+        warnings.simplefilter("ignore", OffTarget)  # likewise, once per SAE
         trained = train(source, specs, settings, out=out, resume=not args.no_resume,
                         model=model if eval_tokens else None, eval_text=eval_text, eval_tokens=eval_tokens or 0)
     for result in trained if world.main else []:
         print_metrics(result.folder, result.metrics)
+    for result in trained if world.main else []:
+        if result.l0 is not None and result.l0["off_target"]:
+            print(f"saelab: warning: {describe(result.name, result.l0)}", file=sys.stderr)
     missed = [result for result in trained if result.not_evaluated]
     if missed:  # the SAEs are saved either way; the exit status says whether an evaluation asked for is missing
         message = (f"{len(missed)} of {len(trained)} SAEs were trained and saved but not evaluated: "

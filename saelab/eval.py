@@ -153,6 +153,9 @@ class EvalResult:
     density: FeatureDensity | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     """How the evaluation was run: token budget, text fingerprint, splice_bos, ..."""
+    l0_target: dict[str, Any] | None = None
+    """Set by training: the L0 the SAE was asked for and where it landed, in training and here
+    (saelab.training.landing); left out of metrics.json when None."""
     firing_counts: list[int] | None = None
     """Per-latent count of tokens it was active on. Kept out of metrics.json (it has `width` entries);
     save() writes it to firing_counts.safetensors and load() reads it back."""
@@ -171,6 +174,8 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("firing_counts")
+        if d["l0_target"] is None:
+            d.pop("l0_target")
         head = {"schema_version": d.pop("schema_version"), "saelab_version": d.pop("saelab_version")}
         return _json_safe({**head, **d})
 

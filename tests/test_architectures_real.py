@@ -43,7 +43,7 @@ def real_rows(smollm2_acts):
 @pytest.mark.parametrize("arch, tolerance", [
     ("topk", 0.0), ("batchtopk", 0.10), ("matryoshka", 0.10),  # the issue's bound for the batch selections
     ("jumprelu", 0.10),  # steered to its target, thresholds shifted towards it every step
-    ("relu", 0.25),  # steered coefficient only: within a quarter after 200 short steps
+    ("relu", 0.10),  # steered, and its encoder biases shifted towards the target every step (was 0.25)
 ])
 def test_held_out_l0_of_the_saved_sae_is_what_was_asked(real_rows, arch, tolerance, tmp_path):
     train_x, held_x = real_rows
@@ -62,3 +62,18 @@ def test_held_out_l0_of_the_saved_sae_is_what_was_asked(real_rows, arch, toleran
         assert l0 == pytest.approx(32, rel=tolerance), (arch, l0, fvu)
     print(f"{arch}: held-out L0 {l0:.1f}, FVU {fvu:.4f}")
     assert fvu < 0.5, (arch, l0, fvu)  # a usable SAE, not a dead or identity one
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [16, 64])
+def test_relu_lands_at_other_targets_too(real_rows, target, tmp_path):
+    """ReLU at targets either side of the default (32, above). Held-out text fires a few % more than the training
+    text (17.4 and 65.6 held out, 15.9 and 63.2 in training), hence the wider bound there."""
+    train_x, held_x = real_rows
+    trainer = Trainer(Rows(train_x), [dict(arch="relu", width=1152, options={"target_l0": target})],
+                      TrainConfig(tokens=200 * ROWS, batch_size=ROWS, log_every=50), out=tmp_path, progress=False)
+    (trained,) = trainer.fit()
+    with torch.no_grad():
+        l0 = float((trained.sae.encode(held_x) > 0).sum(-1).float().mean())
+    print(f"relu, target {target}: held-out L0 {l0:.1f}, training L0 {trained.l0['training']:.1f}")
+    assert l0 == pytest.approx(target, rel=0.15) and trained.l0["training"] == pytest.approx(target, rel=0.10)

@@ -183,3 +183,44 @@ def test_jumprelu_shifts_its_thresholds_towards_the_target_each_training_step():
 def test_jumprelu_lands_at_the_target_l0():
     l0s, _ = training_l0s(SAESpec(arch="jumprelu", width=128, lr=3e-3, options={"target_l0": 8.0}), 300)
     assert sum(l0s[-50:]) / 50 == pytest.approx(8.0, rel=0.1), l0s[::25]
+
+
+def test_an_sae_off_its_target_l0_says_so_in_the_log_the_metrics_and_the_last_message(tiny_model_dir, tmp_path,
+                                                                                       capsys):
+    """A ReLU asked for L0 2 but trained 4 steps still fires several times that (far too short to steer): it is
+    saved, and the log, its metrics.json and train's last message say so; the TopK beside it (L0 = k) is not named."""
+    import json
+
+    from saelab.cli import main
+    from saelab.hub import load_sae, read_metrics
+
+    acts, run = tmp_path / "acts", tmp_path / "run"
+    assert main(["cache", "--model", str(tiny_model_dir), "--hooks", HOOK, "--out", str(acts), "--tokens", "2k",
+                 "--context-len", "32", "--batch-size", "4"]) == 0
+    assert main(["train", "--acts", str(acts), "--arch", "relu,topk", "--width", "64", "--k", "4", "--target-l0", "2",
+                 "--tokens", "512", "--batch-size", "128", "--out", str(run), "--eval-tokens", "256"]) == 0
+    relu, topk = f"{HOOK}/relu-64-target2", f"{HOOK}/topk-64-k4"
+    said = [line for line in capsys.readouterr().err.splitlines() if "off target" in line]
+    assert len(said) == 1 and said[0].startswith(f"saelab: warning: SAE {relu} is off target: L0 ")
+    assert "asked for 2 (more than 25% off)" in said[0] and "--tokens" in said[0]
+    assert load_sae(run / relu).cfg.target_l0 == 2  # saved as it is
+    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert list(last["off_target"]) == [relu] and "asked for 2" in last["off_target"][relu]
+    landed = read_metrics(run / relu)["l0_target"]
+    assert landed["target"] == 2 and landed["tolerance"] == 0.25 and landed["off_target"] is True
+    assert landed["training"] > 2.5 and landed["held_out"] > 2.5
+    assert read_metrics(run / topk)["l0_target"] == {"target": 4, "training": 4, "held_out": pytest.approx(4, rel=0.25),
+                                                     "tolerance": 0.25, "off_target": False}
+
+
+def test_an_off_target_sae_warns_in_python_too_and_a_fixed_coefficient_has_no_target():
+    from saelab.training.landing import OffTarget
+
+    specs = [SAESpec(arch="relu", width=128, options={"target_l0": 2.0}),
+             SAESpec(arch="relu", width=128, options={"l1_coefficient": 0.1})]
+    config = TrainConfig(tokens=3 * 256, batch_size=256, allow_diverged=True)  # 3 steps: far from done
+    trainer = Trainer(Planted(), specs, config, progress=False)
+    with pytest.warns(OffTarget, match="relu-128-target2 is off target"):
+        steered, fixed = trainer.fit()
+    assert steered.l0["off_target"] and steered.l0["training"] > 2.5 and steered.l0["held_out"] is None
+    assert fixed.l0 is None

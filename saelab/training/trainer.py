@@ -37,6 +37,7 @@ from saelab.sae import SAE, SAEConfig, create_sae, create_training, estimate_inp
 from saelab.training.checkpoint import (CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer,
                                      save_checkpoint)
 from saelab.training.config import SAESpec, TrainConfig
+from saelab.training.landing import OffTarget, asked_l0, describe, landing
 
 LOG = "log.jsonl"
 MAX_FVU = 1.0
@@ -63,6 +64,15 @@ class Member:
     """(parameter, the contiguous alias Adam steps instead), for parameters stored transposed (W_enc)."""
     recent_fvu: collections.deque = field(default_factory=collections.deque)
     """Training FVU of the last `log_every` steps: judges at the end whether the run diverged."""
+    recent_l0: collections.deque = field(default_factory=collections.deque)
+    """Training L0 of the last `log_every` steps: judges at the end whether the SAE landed at the L0 asked for."""
+
+    def landed(self) -> dict | None:
+        """Where this SAE's L0 ended against the L0 asked for (saelab.training.landing); None without a target."""
+        target = asked_l0(self.sae.cfg)
+        if target is None:
+            return None
+        return landing(target, sum(self.recent_l0) / len(self.recent_l0) if self.recent_l0 else None)
 
     def step(self) -> None:
         for param, alias in self.aliases:
@@ -85,6 +95,9 @@ class TrainedSAE:
     folder: Path | None = None  # where it was saved
     not_evaluated: str | None = None
     """Why an evaluation that was asked for could not run (the held-out text ran out, say); the SAE is saved."""
+    l0: dict | None = None
+    """Where its L0 landed against the L0 asked for, held-out L0 included once evaluated (saelab.training.landing);
+    None for a fixed sparsity coefficient."""
 
 
 class NotEvaluated(UserWarning):
@@ -157,7 +170,7 @@ class Trainer:
         if self.data_parallel:
             training.across_ranks = self.world.mean
         return Member(name, hook, spec, sae, training, optimizer, since, aliases,
-                      collections.deque(maxlen=self.config.log_every))
+                      collections.deque(maxlen=self.config.log_every), collections.deque(maxlen=self.config.log_every))
 
     # -- the run
     def fingerprint(self) -> dict:
@@ -210,6 +223,8 @@ class Trainer:
                     record = self._record(outputs)
                     if self.step == self.config.steps and (verdicts := self._diverged()):
                         record["diverged"] = verdicts  # marked in the log too, whether or not allow_diverged
+                    if self.step == self.config.steps and (missed := self._off_target()):
+                        record["off_target"] = missed
                     logger.write(record)
                     bar.set_postfix_str(_postfix(record))
                 if self.out is not None and (self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps):
@@ -333,6 +348,7 @@ class Trainer:
         fvu = float(world.mean(out.mse) / variance) if variance > 0 else None  # one token: no variance to explain
         if fvu is not None:
             member.recent_fvu.append(fvu)
+        member.recent_l0.append(float(world.mean(out.l0)))
         return out, fvu
 
     def _record(self, outputs) -> dict:
@@ -376,6 +392,14 @@ class Trainer:
         if self.world.distributed and not self.data_parallel:
             verdicts = {name: why for part in self.world.gather_json(verdicts) for name, why in part.items()}
         return verdicts
+
+    def _off_target(self) -> dict[str, str]:
+        """{SAE name: how far off} for each SAE whose L0 over its last steps missed the L0 asked for."""
+        landings = {m.name: m.landed() for m in self.mine}
+        missed = {name: describe(name, landed) for name, landed in landings.items() if landed and landed["off_target"]}
+        if self.world.distributed and not self.data_parallel:
+            missed = {name: why for part in self.world.gather_json(missed) for name, why in part.items()}
+        return missed
 
     def _judge(self) -> None:
         """Stop a diverged run before it is exported as a finished SAE (its checkpoint is already saved)."""
@@ -438,7 +462,10 @@ class Trainer:
         export = getattr(member.training, "export", None)
         sae = export() if export is not None else member.sae
         sae.cfg = dataclasses.replace(sae.cfg, training_tokens=self.tokens)
-        return TrainedSAE(member.name, member.hook, sae.fold_input_scale(), self.step)
+        landed = member.landed()
+        if landed is not None and landed["off_target"]:
+            warnings.warn(f"saelab: {describe(member.name, landed)}", OffTarget, stacklevel=4)
+        return TrainedSAE(member.name, member.hook, sae.fold_input_scale(), self.step, l0=landed)
 
 
 def _member_state(i: int, member: Member) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -448,7 +475,7 @@ def _member_state(i: int, member: Member) -> tuple[dict, dict[str, torch.Tensor]
     opt_tensors, groups = optimizer_tensors(member.optimizer, f"{i}.adam")
     tensors.update(opt_tensors)
     return ({"cfg": member.sae.cfg.to_dict(), "training": member.training.state_dict(), "param_groups": groups,
-             "recent_fvu": list(member.recent_fvu)}, tensors)
+             "recent_fvu": list(member.recent_fvu), "recent_l0": list(member.recent_l0)}, tensors)
 
 
 def _load_member_state(i: int, member: Member, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -459,6 +486,8 @@ def _load_member_state(i: int, member: Member, saved: dict, tensors: dict[str, t
     member.training.load_state_dict(saved["training"])
     member.recent_fvu.clear()
     member.recent_fvu.extend(saved.get("recent_fvu", []))
+    member.recent_l0.clear()
+    member.recent_l0.extend(saved.get("recent_l0", []))
 
 
 def _without_old_share(fingerprint: dict) -> dict:
@@ -708,5 +737,17 @@ def _evaluate(result: TrainedSAE, model, text, tokens: int) -> None:
         warnings.warn(f"saelab: SAE {result.name} was trained{' and saved' if result.folder else ''} but not "
                       f"evaluated: {why}. Evaluate it on other held-out text with {how}", NotEvaluated, stacklevel=3)
         return
+    if result.l0 is not None:  # metrics.json says whether the SAE landed, on this text too
+        _add_held_out_l0(result)
+        result.metrics.l0_target = result.l0
     if result.folder is not None:
         save_metrics(result.folder, result.metrics, result.sae.cfg.width)
+
+
+def _add_held_out_l0(result: TrainedSAE) -> None:
+    """Judge the landing on the evaluation's held-out L0 too; warn if only that one is off target."""
+    held_out = result.metrics.reconstruction.l0 if result.metrics.reconstruction is not None else None
+    known = result.l0
+    result.l0 = landing(known["target"], known["training"], held_out)
+    if result.l0["off_target"] and not known["off_target"]:
+        warnings.warn(f"saelab: {describe(result.name, result.l0)}", OffTarget, stacklevel=4)

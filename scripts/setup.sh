@@ -11,7 +11,9 @@ VENV=.venv
 PINS=(-c scripts/constraints.txt)
 if [ "${1:-}" = --latest ]; then
   VENV=.venv-latest
-  PINS=(--upgrade --upgrade-strategy eager)
+  # torch stays at the CPU build on this disk: an eager upgrade would pull a multi-GB CUDA build of a newer one.
+  echo "torch==2.13.0" > "${TMPDIR:-/tmp}/saelab-torch-cpu.txt"
+  PINS=(--upgrade --upgrade-strategy eager -c "${TMPDIR:-/tmp}/saelab-torch-cpu.txt")
 elif [ -n "${1:-}" ]; then
   echo "usage: bash scripts/setup.sh [--latest]" >&2; exit 2
 fi

@@ -83,6 +83,19 @@ def test_a_checkpoint_from_another_config_is_refused(cache, tmp_path):
           resume=False, progress=False)
 
 
+def test_a_cache_folder_is_read_in_the_order_of_the_run_seed(cache):
+    """train(folder, ..., TrainConfig(seed=s)) reads the cache as `saelab train --acts folder --seed s` does (its
+    store is seeded with s); the API read every folder with seed 0 whatever the run's seed."""
+    def first_rows(seed):
+        trainer = Trainer(str(cache), [dict(arch="topk", width=32, k=4)], TrainConfig(seed=seed, batch_size=64),
+                          progress=False)
+        return next(iter(trainer.source)).rows
+
+    cli_store = ActivationStore(cache, batch_size=64, seed=3)
+    assert torch.equal(first_rows(3), next(iter(cli_store)).rows)
+    assert not torch.equal(first_rows(3), first_rows(0))
+
+
 def test_epochs_wrap_around_a_small_cache(cache):
     store = ActivationStore(cache, batch_size=256)
     config = TrainConfig(**{**CONFIG, "tokens": (store.batches_per_epoch() + 3) * 256})

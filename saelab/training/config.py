@@ -86,7 +86,8 @@ class TrainConfig:
     "massive activation") inflates the second moment of every latent it fires, which then barely moves for the next
     ~1000 steps at 0.999; at large k that is a large share of the dictionary (docs/quality.md)."""
     seed: NonNegativeInt = 0
-    """Seeds SAE initialisation (data order is seeded by the store / stream)."""
+    """Seeds SAE initialisation and the order a cache folder is read in (`saelab train --acts` and
+    `train(folder, ...)` alike); a store or stream you build yourself keeps its own seed."""
     normalize_activations: bool = True
     """Scale inputs to unit mean squared norm while training; the factor is folded into the saved weights."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"

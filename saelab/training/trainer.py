@@ -111,7 +111,7 @@ class Trainer:
         self.world = distributed.current()
         self.device = distributed.local_device(self.config.device, self.world)
         self.data_parallel = self.world.distributed and self.config.parallel == "data"
-        self.source = _as_source(source, self.config.batch_size, self.world if self.data_parallel else distributed.SINGLE)
+        self.source = _as_source(source, self.config, self.world if self.data_parallel else distributed.SINGLE)
         _check_share(self.source, self.world, self.data_parallel)
         if getattr(self.source, "batch_size", self.config.batch_size) != self.config.batch_size:
             raise ValueError(f"the activation source gives batches of {self.source.batch_size} but "
@@ -618,11 +618,12 @@ def _why_not_finite(member: Member, x: torch.Tensor) -> str:
     return lower_lr
 
 
-def _as_source(source, batch_size: int, share: distributed.World):
+def _as_source(source, config: TrainConfig, share: distributed.World):
     """A cache folder, an ActivationStore, a ModelStream, or any iterable of ActivationBatches that says its
-    `hooks`, their widths `d` and its `batch_size` (e.g. activations already in memory)."""
+    `hooks`, their widths `d` and its `batch_size` (e.g. activations already in memory). A folder is read in the
+    order `config.seed` gives, as `saelab train --acts --seed` reads it."""
     if isinstance(source, (str, Path)):
-        return ActivationStore(source, batch_size=batch_size, **source_share(share))
+        return ActivationStore(source, batch_size=config.batch_size, seed=config.seed, **source_share(share))
     if all(hasattr(source, name) for name in ("__iter__", "hooks", "d", "batch_size")):
         return source
     raise TypeError(f"train from an activation cache folder, an ActivationStore, a ModelStream or an iterable of "

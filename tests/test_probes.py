@@ -13,6 +13,8 @@ from saelab.analysis import (CausalInnerProduct, Features, LabelledTexts, LogitD
                              load_labelled, neuron_hook, run_probes, split_documents, sweep, tasks)
 from saelab.analysis.concepts import SPLITS, calendar, from_sources, languages
 from saelab.analysis.probes import extract, fit_probes
+from saelab.analysis.report import ProbeConfig
+from saelab.analysis.steering import SteerConfig, SteeringPoint, SteeringResult, target_of
 from saelab.errors import DataError, HookError
 from saelab.sae import SAEConfig, create_sae
 
@@ -238,7 +240,46 @@ def test_probes_read_residual_neurons_and_sae_latents_side_by_side(tiny_model, t
     folder = results.save(tmp_path / "out")
     again = report.ProbeResults.load(folder)
     assert again.records == results.records and (folder / "accuracy_vs_k.png").stat().st_size > 0
+    assert again.to_dict() == results.to_dict() and again.table() == results.table()
     assert "| resid @ blocks.0.hook_resid_post |" in (folder / "probes.md").read_text()
+
+
+def test_every_probing_result_loads_back_from_what_it_saved(tmp_path):
+    probes = report.ProbeResults(model="m", data={"name": "d", "fractions": [0.6, 0.2, 0.2], "ks": [1, 2]},
+                                 records=[report.ProbeRecord("t", "resid @ h", "resid", "h", "sparse_mean_diff", 2, 0.1, 0.75,
+                                                             0.5, 0.625, 10, 4, 4, [3, 1])], seconds=1.5)
+    steering = SteeringResult("m", "add alpha at h", "logit difference", 3.25,
+                              [SteeringPoint(0.0, 1.0, 0.0, 3.25), SteeringPoint(1.0, 2.5, 0.125, 3.5, ["x y"])], 40,
+                              seconds=0.25)
+    for result in (probes, steering):
+        result.save(tmp_path)
+        again = type(result).load(tmp_path)
+        assert again == result and again.to_dict() == result.to_dict() and again.table() == result.table()
+        assert list(result.to_dict())[-3:] == ["seconds", "schema_version", "saelab_version"]
+    assert SteeringResult.load(tmp_path / "steering.json") == steering and (tmp_path / "steering.png").exists()
+    newer = {**probes.to_dict(), "schema_version": 99}
+    with pytest.raises(ValueError, match="schema_version 99"):
+        report.ProbeResults.from_dict(newer)
+    with pytest.raises(ValueError, match="unknown field 'colour'"):
+        report.ProbeResults.from_dict({**probes.to_dict(), "colour": 1})
+    with pytest.raises(FileNotFoundError, match="matching.json"):
+        report.ProbeResults.load(tmp_path / "matching.json")
+
+
+def test_probe_and_steer_configs_hold_every_setting_with_checked_values():
+    config = ProbeConfig(model="m", hooks="h", data="calendar")
+    assert (config.k, config.positions, config.seed, config.batch_size, config.neurons) == ([1, 2, 4, 8, 16], "mean",
+                                                                                         0, 16, False)
+    assert report.position_of(ProbeConfig("m", "h", "d", positions=-1).positions) == -1
+    with pytest.raises(ValueError, match="positions must be"):
+        ProbeConfig("m", "h", "d", positions="first")
+    with pytest.raises(ValueError, match="batch_size"):
+        ProbeConfig("m", "h", "d", batch_size=0)
+    steer = SteerConfig(model="m", prompts="a|b")
+    assert (steer.alphas, steer.new_tokens, steer.side_texts, steer.side_words) == ([0, 0.25, 0.5, 1, 2], 12, 16, 48)
+    with pytest.raises(ValueError, match="give a target"):
+        target_of(steer)
+    assert target_of(SteerConfig("m", "a|b", up=" x, y", down=" z")).up == [" x", " y"]
 
 
 def test_causal_inner_product(tiny_model):
@@ -262,7 +303,7 @@ def test_steering_moves_the_target_logit_and_kl_grows_with_alpha(tiny_model):
     assert kls[0] == pytest.approx(0, abs=1e-6) and all(b > a for a, b in zip(kls, kls[1:]))
     sae = create_sae(SAEConfig(arch="topk", d_in=64, width=32, k=4, hook_name=hook))
     clamped = sweep(tiny_model, Steer.clamp(sae, 3), [0, 5], LogitDiff(["The list"], [target_word]), side)
-    assert clamped.points[1].kl > 0
+    assert clamped.points[1].kl > 0 and clamped.seconds > 0
     with pytest.raises(ValueError, match="out of range"):
         Steer.clamp(sae, 99)
     with pytest.raises(DataError, match="one-token words"):

@@ -27,29 +27,27 @@ b kept; the effect is the change of logit(answer) - logit((a' + b) mod p) (posit
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor
 
-from saelab import __version__
 from saelab.analysis.concepts import DAYS, MONTHS
 from saelab.analysis.irreducibility import PCA, pca
-from saelab.analysis.report import save_figure
+from saelab.analysis.study import SCHEMA_VERSION, StudyResult
 from saelab.errors import DataError
+from saelab.figures import GRID_ALPHA, pyplot, save_figure
 from saelab.interventions import Replace, Tokens, in_call_order
+from saelab.options import NonNegativeInt, PositiveInt, Range, check_fields
 
-SCHEMA_VERSION = 1
 NUMBERS = ["One", "Two", "Three", "Four", "Five", "Six", "Seven", "Eight", "Nine", "Ten", "Eleven", "Twelve"]
 METHODS = ("circle", "layer", "pca_subspace", "mean_ablate", "zero_circle")
-TARGETED = ("circle", "layer", "pca_subspace")
 CONTROLS = 5
+PROBE_TENSORS = ("mean", "components", "variance", "explained", "weights")
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -334,22 +332,44 @@ class InterventionRecord:
 
 
 @dataclass
-class CalendarStudy:
+class CalendarStudy(StudyResult):
+    """One task on one model; saved as <task>.json, <task>.md, <task>.safetensors (each layer's activations and
+    circle probe, which the plane figure reads) and the figures."""
+
+    WHAT: ClassVar[str] = "calendar study"
+
     model: str
     task: str
     accuracy: TaskAccuracy
     layers: list[LayerRecord] = field(default_factory=list)
     interventions: list[InterventionRecord] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    schema_version: int = SCHEMA_VERSION
-    saelab_version: str = __version__
     activations: dict[int, Tensor] = field(default_factory=dict, repr=False)
     probes: dict[int, CircleProbe] = field(default_factory=dict, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        skip = ("activations", "probes")
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in skip}
+    def name(self) -> str:
+        return self.task
+
+    @classmethod
+    def tensor_fields(cls) -> tuple[str, ...]:
+        return ("activations", "probes")
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {f"activations.{layer}": x for layer, x in self.activations.items()}
+        for layer, probe in self.probes.items():
+            parts = dict(mean=probe.pca.mean, components=probe.pca.components, variance=probe.pca.variance,
+                         explained=probe.pca.explained, weights=probe.weights)
+            out.update({f"probes.{layer}.{key}": value for key, value in parts.items()})
+        return out
+
+    def restore_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for key, value in tensors.items():
+            if key.startswith("activations."):
+                self.activations[int(key.split(".")[1])] = value
+        for layer in sorted({int(key.split(".")[1]) for key in tensors if key.startswith("probes.")}):
+            part = {key: tensors[f"probes.{layer}.{key}"] for key in PROBE_TENSORS}
+            fitted = PCA(part["mean"], part["components"], part["variance"], part["explained"])
+            self.probes[layer] = CircleProbe(fitted, part["weights"], self.settings["period"])
 
     def table(self) -> str:
         lines = [f"{self.task} on {self.model}: accuracy {self.accuracy.accuracy:.2f} (chance "
@@ -369,11 +389,7 @@ class CalendarStudy:
         return "\n".join(lines) + "\n"
 
     def plot_layers(self, path: str | Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
         x = [r.layer for r in self.layers]
         period = self.settings["period"]
@@ -387,17 +403,13 @@ class CalendarStudy:
         ax.set_ylim(0, 1.02)
         ax.set_title(f"{self.task} on {self.model} (task accuracy {self.accuracy.accuracy:.2f})", fontsize=10)
         ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=GRID_ALPHA)
         return save_figure(fig, path)
 
     def plot_planes(self, path: str | Path, layers: Sequence[int], items: Sequence[str]) -> Path:
         """Each layer's activations at the day/month token in the train PCA's top-2 plane, coloured and labelled
         by item (class means labelled with the item's name)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         layers = [layer for layer in layers if layer in self.activations]
         fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.6), squeeze=False)
         item_of = torch.tensor(self.settings["items"])
@@ -417,11 +429,7 @@ class CalendarStudy:
         return save_figure(fig, path)
 
     def plot_interventions(self, path: str | Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         layers = sorted({r.layer for r in self.interventions})
         fig, ax = plt.subplots(figsize=(7, 3.8))
         width = 0.8 / len(METHODS)
@@ -436,21 +444,22 @@ class CalendarStudy:
         ax.legend(fontsize=7)
         return save_figure(fig, path)
 
-    def save(self, folder: str | Path, plane_layers: Sequence[int] | None = None) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{self.task}.json").write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-        (folder / f"{self.task}.md").write_text(self.table())
+    def save(self, folder: str | Path, name: str | None = None, plane_layers: Sequence[int] | None = None) -> Path:
+        """The record and the figures (planes at `plane_layers`, default four spread over the depth studied)."""
+        self.write(folder, name)
+        self.save_figures(Path(folder), name or self.name(), plane_layers)
+        return Path(folder)
+
+    def save_figures(self, folder: Path, name: str, plane_layers: Sequence[int] | None = None) -> None:
         if self.layers:
-            self.plot_layers(folder / f"{self.task}_layers.png")
+            self.plot_layers(folder / f"{name}_layers.png")
             if plane_layers is None:  # four layers spread over the depth studied
                 studied = [r.layer for r in self.layers]
                 plane_layers = sorted({studied[round(i * (len(studied) - 1) / 3)] for i in range(4)})
-            self.plot_planes(folder / f"{self.task}_planes.png", plane_layers, TASKS[self.task].items
+            self.plot_planes(folder / f"{name}_planes.png", plane_layers, TASKS[self.task].items
                              if self.task in TASKS else [str(i) for i in range(self.settings["period"])])
         if self.interventions:
-            self.plot_interventions(folder / f"{self.task}_interventions.png")
-        return folder
+            self.plot_interventions(folder / f"{name}_interventions.png")
 
 
 def calendar_study(model, task: CalendarTask, layers: Sequence[int] | None = None, *, k: int = 5, seed: int = 0,
@@ -580,17 +589,57 @@ def _progress(enabled: bool, **kwargs):
     return tqdm(disable=not enabled, leave=False, **kwargs)
 
 
-def _plain(value):
-    if dataclasses.is_dataclass(value):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
+@dataclass
+class CalendarConfig:
+    """The calendar study on one model: which tasks and layers, how the circle probe is fitted and held out, and
+    where the interventions are made."""
+
+    model: str
+    """Model to study: smollm2-135m, gemma-3-270m, a Hub id or a local folder."""
+    tasks: str = "days,months"
+    """Comma list of days, months."""
+    layers: list[NonNegativeInt] | None = None
+    """Layers to probe, e.g. 0,4,8 (None: all)."""
+    intervene: list[NonNegativeInt] = field(default_factory=list)
+    """Layers to intervene at, e.g. 4,10."""
+    targets: NonNegativeInt = 3
+    """Other items per held-out prompt (0: all)."""
+    k: PositiveInt = 5
+    """PCA components the circle probe reads."""
+    test_fraction: Annotated[float, Range(above=0, below=1)] = 0.3
+    """Share of durations held out."""
+    seed: NonNegativeInt = 0
+    """Seeds the held-out durations, the shuffled-order controls and the intervention targets."""
+    batch_size: PositiveInt = 16
+    """Prompts per model forward (at most)."""
+
+    def __post_init__(self):
+        check_fields(self)
+        self.task_list()
+
+    def task_list(self) -> list[CalendarTask]:
+        unknown = [t for t in self.tasks.split(",") if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(TASKS)}")
+        return [TASKS[t] for t in self.tasks.split(",")]
 
 
-__all__ = ["CalendarOrder", "CalendarPrompt", "CalendarStudy", "CalendarTask", "CircleProbe", "DAYS_TASK",
+def run_calendar(config: CalendarConfig, *, model=None, progress: bool = True, trust_remote_code: bool = False,
+                 max_batch_tokens: int | None = None) -> list[CalendarStudy]:
+    """One CalendarStudy per task of the config (what `saelab circles calendar` runs); `model` skips loading it."""
+    from saelab.models import load_model
+
+    if model is None:
+        options = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
+        model = load_model(config.model, trust_remote_code=trust_remote_code, **options)
+    return [calendar_study(model, task, config.layers, k=config.k, seed=config.seed,
+                           test_fraction=config.test_fraction, intervention_layers=config.intervene,
+                           targets=config.targets or None, batch_size=config.batch_size, progress=progress)
+            for task in config.task_list()]
+
+
+__all__ = ["CalendarConfig", "CalendarOrder", "CalendarPrompt", "CalendarStudy", "CalendarTask", "CircleProbe",
+           "DAYS_TASK", "run_calendar",
            "InterventionRecord", "LayerRecord", "METHODS", "MONTHS_TASK", "TASKS", "TaskAccuracy", "answer_ids",
            "answer_logits", "calendar_order", "calendar_study", "circle_targets", "fit_circle_probe", "intervene",
            "item_positions", "patched_answer_logits", "split_by_duration", "task_accuracy"]

@@ -14,28 +14,27 @@ token at its own position.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from saelab import __version__
 from saelab.analysis.irreducibility import PCA, irreducibility_score, pair_indices
-from saelab.analysis.report import save_figure
+from saelab.analysis.study import SCHEMA_VERSION, Similarity, StudyResult
 from saelab.errors import DataError
+from saelab.figures import pyplot, save_figure
+from saelab.options import NonNegativeInt, PositiveInt, Range, check_fields
 
 if TYPE_CHECKING:
     from saelab.sae import SAE
 
-SCHEMA_VERSION = 1
 RESULTS_FILE = "clusters.json"
+ClusterSize = Annotated[int, Range(at_least=2)]
 
 
 # ---------------------------------------------------------------------------------------------------- clustering
@@ -252,15 +251,16 @@ def cluster_points(sae: "SAE", source, groups: dict[int, Tensor], *, hook: str |
 
     Only the nonzeros of latents in `groups` are kept, so memory is about their count, never tokens x width.
     """
-    from saelab.activations import ActivationStore
+    from saelab.activations import ActivationStore, open_source
     from saelab.codes import iter_codes
 
     for cluster, latents in groups.items():
         if len(latents) < 2:
             raise ValueError(f"cluster {cluster} has one latent ({int(latents[0])}): a single direction has no "
                              "plane to score; keep clusters of 2 or more latents")
-    store = source if isinstance(source, ActivationStore) else ActivationStore(source, shuffle=False,
-                                                                                 drop_last=False)
+    store = open_source(source, batch_size=batch_size)
+    if not isinstance(store, ActivationStore):
+        raise TypeError(f"cluster points are read from an activation cache, not a {type(store).__name__}")
     hook = hook or sae.cfg.hook_name or next(iter(store.manifest.hooks))
     check_pairing(sae, store.manifest, hook)
     cluster_of = torch.full((sae.cfg.width,), -1, dtype=torch.long)
@@ -348,24 +348,34 @@ def token_text(tokenizer, token_id: int) -> str:
 
 
 @dataclass
-class ClusterSearch:
-    """Ranked clusters of one SAE over one cache (best first), with how they were found."""
+class ClusterSearch(StudyResult):
+    """Ranked clusters of one SAE over one cache (best first), with how they were found; saved as clusters.json,
+    clusters.md, clusters.safetensors (each scored cluster's PCA coordinates and token ids, which the plots read)
+    and the top clusters' plots."""
+
+    NAME: ClassVar[str] = "clusters"
+    WHAT: ClassVar[str] = "cluster search"
 
     sae: dict[str, Any]
     cache: str
     clustering: dict[str, Any]
     clusters: list[ClusterScore] = field(default_factory=list)
     n_tokens: int = 0
-    seconds: float = 0.0
-    schema_version: int = SCHEMA_VERSION
-    saelab_version: str = __version__
     coords: dict[int, Tensor] = field(default_factory=dict, repr=False)
     token_ids: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("coords", "token_ids")}
-        d["clusters"] = [dataclasses.asdict(c) for c in self.clusters]
-        return d
+    @classmethod
+    def tensor_fields(cls) -> tuple[str, ...]:
+        return ("coords", "token_ids")
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {f"{kind}.{cluster}": value for kind in self.tensor_fields()
+                for cluster, value in getattr(self, kind).items()}
+
+    def restore_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for key, value in tensors.items():
+            kind, cluster = key.split(".")
+            getattr(self, kind)[int(cluster)] = value
 
     def find(self, words: Sequence[str], tokenizer=None) -> list[ClusterScore]:
         """Clusters whose top tokens include any of `words` (stripped, case-insensitive)."""
@@ -385,11 +395,7 @@ class ClusterSearch:
     def plot(self, rank: int, path: str | Path, tokenizer=None, labels: int = 40, seed: int = 0) -> Path:
         """The rank-th cluster (1 = best) in its PC1-PC2 and PC2-PC3 planes, points coloured by their own token
         (the 8 commonest get a legend) and a seeded sample of `labels` points annotated with it."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         c = self.clusters[rank - 1]
         coords, ids = self.coords[c.cluster], self.token_ids[c.cluster]
         planes = [(0, 1)] + ([(1, 2)] if coords.shape[1] > 2 else [])
@@ -417,14 +423,14 @@ class ClusterSearch:
         return save_figure(fig, path)
 
     def save(self, folder: str | Path, tokenizer=None, plots: int = 5) -> Path:
-        """clusters.json, clusters.md and cluster_rank<r>.png for the top `plots` clusters."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RESULTS_FILE).write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-        (folder / "clusters.md").write_text(self.table())
+        """The record and cluster_rank<r>.png for the top `plots` clusters (points labelled with `tokenizer`)."""
+        self.write(folder)
+        self.save_figures(Path(folder), self.name(), tokenizer, plots)
+        return Path(folder)
+
+    def save_figures(self, folder: Path, name: str, tokenizer=None, plots: int = 5) -> None:
         for rank in range(1, min(plots, len(self.clusters)) + 1):
             self.plot(rank, folder / f"cluster_rank{rank}.png", tokenizer)
-        return folder
 
 
 def search_clusters(sae: "SAE", source, clusters: Clusters, *, tokenizer=None, hook: str | None = None,
@@ -459,6 +465,75 @@ def search_clusters(sae: "SAE", source, clusters: Clusters, *, tokenizer=None, h
     return search
 
 
-__all__ = ["ClusterPoints", "ClusterScore", "ClusterSearch", "Clusters", "angular_similarity", "check_pairing",
+@dataclass
+class ClusterSearchConfig:
+    """One cluster search: the SAE and the cache of its hook, how its decoder directions are clustered, which
+    clusters are scored, and how many are plotted."""
+
+    sae: str
+    """SAE folder (saelab, SAELens, sparsify or Gemma Scope format)."""
+    acts: str
+    """Activation cache holding the SAE's hook (of the SAE's model)."""
+    hook: str | None = None
+    """The cache hook to read (default: the SAE's own)."""
+    method: Literal["spectral", "graph"] = "spectral"
+    """Spectral clustering on angular similarity, or the top-k-neighbour graph with a cosine cut."""
+    n_clusters: PositiveInt = 500
+    """Spectral: number of clusters."""
+    neighbors: NonNegativeInt = 32
+    """Spectral: neighbours per latent in the sparse graph (0: dense all-pairs affinity)."""
+    top: PositiveInt = 2
+    """Graph: link each latent to its top nearest latents."""
+    min_cosine: Similarity = 0.5
+    """Graph: only links above this cosine."""
+    min_size: ClusterSize = 2
+    """Smallest cluster scored (2 or more latents)."""
+    max_size: ClusterSize | None = None
+    """Largest cluster scored (None: any)."""
+    min_tokens: PositiveInt = 100
+    """Score clusters firing on at least this many tokens."""
+    tokens: PositiveInt | None = None
+    """Read at most this many tokens of the cache (None: all)."""
+    plots: NonNegativeInt = 5
+    """Plot the top N clusters in their PCA planes."""
+    model: str | None = None
+    """Tokenizer for labelling points (default: the SAE's model)."""
+    no_model: bool = False
+    """Label points by token id (load no model)."""
+    seed: NonNegativeInt = 0
+    """Seeds the spectral clustering and the indices' subsamples."""
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def cluster_decoder(sae: "SAE", config: ClusterSearchConfig) -> Clusters:
+    """The SAE's decoder directions clustered as the config says."""
+    if config.method == "spectral":
+        return spectral_clusters(sae.W_dec, config.n_clusters, neighbors=config.neighbors or None, seed=config.seed)
+    return graph_clusters(sae.W_dec, top=config.top, min_cosine=config.min_cosine)
+
+
+def run_cluster_search(config: ClusterSearchConfig, *, sae: "SAE | None" = None, tokenizer=None, log=None,
+                       progress: bool = True, trust_remote_code: bool = False) -> ClusterSearch:
+    """The cluster search a config describes (what `saelab circles clusters` runs); `sae` and `tokenizer` skip
+    loading them."""
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    sae = sae if sae is not None else load_sae(config.sae)
+    clusters = cluster_decoder(sae, config)
+    if log:
+        log(f"{config.method}: {len(clusters.groups(config.min_size))} clusters of {config.min_size}+ latents")
+    name = config.model or sae.cfg.model_name
+    if tokenizer is None and name and not config.no_model:
+        tokenizer = load_model(name, trust_remote_code=trust_remote_code).tokenizer
+    return search_clusters(sae, config.acts, clusters, tokenizer=tokenizer, hook=config.hook,
+                           min_size=config.min_size, max_size=config.max_size, min_tokens=config.min_tokens,
+                           max_tokens=config.tokens, seed=config.seed, progress=progress)
+
+
+__all__ = ["ClusterPoints", "ClusterScore", "ClusterSearch", "ClusterSearchConfig", "Clusters", "cluster_decoder",
+           "run_cluster_search", "angular_similarity", "check_pairing",
            "cluster_points", "graph_clusters", "kmeans", "nearest_neighbours", "score_cluster", "search_clusters",
            "spectral_clusters", "unit_rows"]

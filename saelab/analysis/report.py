@@ -3,22 +3,20 @@ table and an accuracy-vs-k figure, like eval's metrics.json."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
-from saelab import __version__
 from saelab.analysis.concepts import SPLITS, LabelledTexts, split_documents, tasks
 from saelab.analysis.probes import C_GRID, METHODS, Features, extract, fit_probes
-from saelab.files import check_schema_version
+from saelab.analysis.study import SCHEMA_VERSION, StudyResult
+from saelab.figures import GRID_ALPHA, pyplot, save_figure
+from saelab.options import NonNegativeInt, PositiveInt, check_fields
 
-SCHEMA_VERSION = 1
 RESULTS_FILE = "probes.json"
 
 
@@ -51,28 +49,16 @@ class ProbeRecord:
 
 
 @dataclass
-class ProbeResults:
+class ProbeResults(StudyResult):
+    """Every probe's test scores over one labelled dataset; saved as probes.json, probes.md and accuracy_vs_k.png."""
+
+    NAME: ClassVar[str] = "probes"
+    WHAT: ClassVar[str] = "probe results"
+
     model: str
     data: dict[str, Any]
     """Dataset name, sizes, classes, positions, seed and split fractions."""
     records: list[ProbeRecord] = field(default_factory=list)
-    seconds: float = 0.0
-    schema_version: int = SCHEMA_VERSION
-    saelab_version: str = __version__
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ProbeResults":
-        check_schema_version(d, SCHEMA_VERSION, "probe results")
-        d = dict(d)
-        d["records"] = [ProbeRecord(**r) for r in d.get("records", [])]
-        return cls(**d)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "ProbeResults":
-        return cls.from_dict(json.loads((Path(folder) / RESULTS_FILE).read_text()))
 
     def mean_accuracy(self) -> dict[tuple[str, str, int | None], float]:
         """{(features, method, k): test accuracy averaged over tasks (one-vs-rest classes)}."""
@@ -98,11 +84,7 @@ class ProbeResults:
     def plot(self, path: str | Path, title: str = "") -> Path:
         """Accuracy vs k (mean over tasks): one colour per feature set, solid |mean-diff| ranking, dotted L1 path,
         the dense logistic probe as a marker at the right."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         means = self.mean_accuracy()
         names = list(dict.fromkeys(r.features for r in self.records))
         ks = sorted({k for _, _, k in means if k is not None})
@@ -122,18 +104,12 @@ class ProbeResults:
         ax.set_xlabel("k (features the probe reads; solid: top |mean diff|, dotted: L1 path; star: dense)")
         ax.set_ylabel("test accuracy")
         ax.set_title(title or f"{self.data.get('name', '')} on {self.model}")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=GRID_ALPHA)
         ax.legend(fontsize=7, loc="lower right")
         return save_figure(fig, path)
 
-    def save(self, folder: str | Path) -> Path:
-        """probes.json, probes.md and accuracy_vs_k.png in `folder`."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RESULTS_FILE).write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-        (folder / "probes.md").write_text(self.table())
+    def save_figures(self, folder: Path, name: str) -> None:
         self.plot(folder / "accuracy_vs_k.png")
-        return folder
 
 
 def run_probes(model, data: LabelledTexts, features: Sequence[Features], *, ks: Sequence[int] = (1, 2, 4, 8, 16),
@@ -175,16 +151,84 @@ def run_probes(model, data: LabelledTexts, features: Sequence[Features], *, ks: 
     return results
 
 
-__all__ = ["ProbeRecord", "ProbeResults", "RESULTS_FILE", "SCHEMA_VERSION", "run_probes"]
+@dataclass
+class ProbeConfig:
+    """One probing study: which model, hooks and labelled data, and how the probes are fitted and scored."""
+
+    model: str
+    """Model to probe: smollm2-135m, gemma-3-270m, a Hub id or a local folder."""
+    hooks: str
+    """Hooks separated by ';', e.g. 'blocks.{5,10,15}.hook_resid_post'."""
+    data: str
+    """JSONL / CSV (text, label[, doc]), a folder with one file or sub-folder per label, or a built-in concept:
+    genre, calendar, languages."""
+    sae: list[str] = field(default_factory=list)
+    """SAE folders whose latents to probe too (each one's hook must be among the hooks)."""
+    neurons: bool = False
+    """Also probe each hook's block's MLP neurons."""
+    k: list[PositiveInt] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Sparse probe sizes, e.g. 1,4,16."""
+    positions: str = "mean"
+    """'mean' (over tokens, no BOS), 'last', or a token index (negative: from the end of each text)."""
+    seed: NonNegativeInt = 0
+    """Seeds the document split and the class balancing."""
+    batch_size: PositiveInt = 16
+    """Texts per model forward (at most)."""
+    shared_data: str | None = None
+    """Folder holding wikitext-2-raw and tinyshakespeare (for genre); None: ../shared/data."""
+    positive: str | None = None
+    """For two labels: the class a probe detects (default: the data's own, else the second in sorted order)."""
+
+    def __post_init__(self):
+        self.positions = str(self.positions)
+        check_fields(self)
+        position_of(self.positions)
 
 
-def save_figure(fig, path: str | Path) -> Path:
-    """Lay out, write (making the folder) and close a matplotlib figure; returns the path."""
-    import matplotlib.pyplot as plt
+def position_of(text: str):
+    """'mean', 'last' or a token index, from its text form."""
+    if text in ("mean", "last"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"positions must be 'mean', 'last' or a token index, got {text!r}") from None
 
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+
+def probe_features(model, config: ProbeConfig) -> list[Features]:
+    """The feature sets a config names: each hook, its block's MLP neurons (with `neurons`), each SAE's latents."""
+    from saelab.analysis.probes import neuron_hook
+    from saelab.hub import load_sae
+
+    hooks = model.resolve_hooks(config.hooks.split(";"))
+    features = [Features(hook) for hook in hooks]
+    for hook in hooks if config.neurons else []:
+        if not hook.startswith("blocks."):
+            raise ValueError(f"neurons: {hook} is not inside a block, so it has no MLP neurons")
+        features.append(Features(neuron_hook(model, int(hook.split(".")[1]))))
+    for folder in config.sae:
+        sae = load_sae(folder)
+        if sae.cfg.hook_name not in hooks:
+            raise ValueError(f"SAE {folder} was trained on {sae.cfg.hook_name or 'an unnamed hook'}, which is not "
+                             f"among the hooks ({', '.join(hooks)}); add its hook or leave it out")
+        features.append(Features(sae=sae, label=f"sae {Path(folder).name} @ {sae.cfg.hook_name}"))
+    return features
+
+
+def run_probe_study(config: ProbeConfig, *, model=None, data: LabelledTexts | None = None, log=None,
+                    trust_remote_code: bool = False, max_batch_tokens: int | None = None) -> ProbeResults:
+    """The probing study a config describes (what `saelab probe` runs); `model` and `data` skip loading them."""
+    from saelab.analysis.concepts import load_data
+    from saelab.models import load_model
+
+    data = data if data is not None else load_data(config.data, config.shared_data)
+    if model is None:
+        options = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
+        model = load_model(config.model, trust_remote_code=trust_remote_code, **options)
+    return run_probes(model, data, probe_features(model, config), ks=config.k, positions=position_of(config.positions),
+                      seed=config.seed, positive=config.positive, batch_size=config.batch_size, log=log)
+
+
+__all__ = ["ProbeConfig", "ProbeRecord", "ProbeResults", "RESULTS_FILE", "SCHEMA_VERSION", "position_of",
+           "probe_features", "run_probe_study", "run_probes"]
+

@@ -81,13 +81,6 @@ def svcca_basis(x: np.ndarray, keep: float = VARIANCE_KEPT) -> np.ndarray:
     return u[:, :kept]
 
 
-def svcca_directions(x: np.ndarray, keep: float = VARIANCE_KEPT) -> np.ndarray:
-    """Centred x projected on its top singular directions that together explain `keep` of the variance."""
-    u, s = _left_singular(x)
-    basis = svcca_basis(x, keep)
-    return basis * s[: basis.shape[1]]
-
-
 @dataclass
 class SVCCA:
     value: float

@@ -11,25 +11,23 @@ while the target has stopped moving is where steering starts to break the model.
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor
 
-from saelab import __version__
-from saelab.analysis.report import save_figure
+from saelab.analysis.study import SCHEMA_VERSION, StudyResult
 from saelab.errors import DataError
+from saelab.figures import GRID_ALPHA, pyplot, save_figure
 from saelab.interventions import Add, Splice
+from saelab.options import FiniteFloat, NonNegativeInt, PositiveInt, check_fields
 
 if TYPE_CHECKING:
     from saelab.analysis.probes import Probe
     from saelab.sae import SAE
-
-SCHEMA_VERSION = 1
 
 
 @dataclass(eq=False)
@@ -164,25 +162,22 @@ class SteeringPoint:
 
 
 @dataclass
-class SteeringResult:
+class SteeringResult(StudyResult):
+    """One steering sweep: the target and the side effects at every alpha; saved as steering.json, steering.md and
+    steering.png (`save(folder, name)` for another stem)."""
+
+    NAME: ClassVar[str] = "steering"
+    WHAT: ClassVar[str] = "steering results"
+
     model: str
     steer: str
     target: str
     ce_clean: float
     points: list[SteeringPoint]
     side_tokens: int
-    schema_version: int = SCHEMA_VERSION
-    saelab_version: str = __version__
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def save(self, folder: str | Path, name: str = "steering") -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{name}.json").write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
+    def save_figures(self, folder: Path, name: str) -> None:
         self.plot(folder / f"{name}.png")
-        return folder
 
     def table(self) -> str:
         lines = [f"| alpha | {self.target} | KL to clean (nats) | CE (clean {self.ce_clean:.3f}) |", "|---|---|---|---|"]
@@ -190,11 +185,7 @@ class SteeringResult:
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path, title: str = "") -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         alphas = [p.alpha for p in self.points]
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
         top.plot(alphas, [p.target for p in self.points], "o-", color="tab:blue")
@@ -207,7 +198,7 @@ class SteeringResult:
         bottom.set_xlabel("alpha")
         bottom.legend(fontsize=8)
         for ax in (top, bottom):
-            ax.grid(alpha=0.3)
+            ax.grid(alpha=GRID_ALPHA)
         return save_figure(fig, path)
 
 
@@ -253,6 +244,7 @@ def sweep(model, steer: Steer, alphas: Sequence[float], target, side_text: Seque
     """Measure `target` and the side effects at every alpha (0 is added if missing: the clean baseline)."""
     if not side_text:
         raise DataError("sweep needs some unrelated side text to measure KL and CE on")
+    started = time.perf_counter()
     alphas = sorted(set(float(a) for a in alphas) | {0.0})
     _, ce_clean = side_effects(model, side_text, None, batch_size=batch_size)
     points = []
@@ -265,8 +257,105 @@ def sweep(model, steer: Steer, alphas: Sequence[float], target, side_text: Seque
         if log:
             log(f"  alpha {alpha:g}: {target.name} {value:.3f}, KL {kl:.3f}, CE {ce:.3f} (clean {ce_clean:.3f})")
     return SteeringResult(model.name, steer.describe(), target.name, ce_clean, points,
-                          int(model.tokenize(list(side_text)).mask[:, 1:].sum()))
+                          int(model.tokenize(list(side_text)).mask[:, 1:].sum()), seconds=time.perf_counter() - started)
 
 
-__all__ = ["LogitDiff", "ProbeOutput", "Steer", "SteeringPoint", "SteeringResult", "WordFrequency", "side_effects",
-           "side_passages", "sweep"]
+@dataclass
+class SteerConfig:
+    """One steering sweep: what to steer along (a class difference of means, an SAE latent's decoder row, or a
+    clamped latent), the target measured on the prompts, and the unrelated side text the side effects are read on."""
+
+    model: str
+    """Model to steer: smollm2-135m, gemma-3-270m, a Hub id or a local folder."""
+    prompts: str
+    """Prompts separated by '|'."""
+    hook: str | None = None
+    """Where to add the direction (with data)."""
+    data: str | None = None
+    """Labelled data: steer along the difference of means of the positive class vs the rest."""
+    positive: str | None = None
+    """The class to steer towards (default: the data's own, else the last)."""
+    positions: str = "mean"
+    """Positions the class means are read at: 'mean', 'last', or a token index."""
+    sae: str | None = None
+    """SAE folder: steer along the latent's decoder row, or clamp it."""
+    latent: NonNegativeInt | None = None
+    """The SAE latent to steer along or clamp."""
+    clamp: bool = False
+    """Clamp the latent to alpha instead of adding its row."""
+    alphas: list[FiniteFloat] = field(default_factory=lambda: [0, 0.25, 0.5, 1, 2])
+    """Steering strengths; for a direction in units of the hook's mean activation norm."""
+    up: str | None = None
+    """Comma list of one-token words whose logits should rise (target: logit difference)."""
+    down: str | None = None
+    """Comma list of one-token words to subtract."""
+    words: str | None = None
+    """Comma list of words to count in greedy generations (target: frequency)."""
+    new_tokens: PositiveInt = 12
+    """Tokens generated per prompt for the word-frequency target."""
+    side_text: str = "default"
+    """Unrelated text for KL and CE (file, folder, Hub dataset, default)."""
+    side_texts: PositiveInt = 16
+    """Passages of side text."""
+    side_words: PositiveInt = 48
+    """Words per side passage."""
+    shared_data: str | None = None
+    """Folder holding wikitext-2-raw and tinyshakespeare (for genre); None: ../shared/data."""
+
+    def __post_init__(self):
+        from saelab.analysis.report import position_of
+
+        self.positions = str(self.positions)
+        check_fields(self)
+        position_of(self.positions)
+
+
+def steer_of(model, config: SteerConfig, side: Sequence[str]) -> Steer:
+    """The Steer a config names: an SAE latent (clamped or its decoder row) or a class difference of means."""
+    from saelab.analysis.concepts import load_data
+    from saelab.analysis.probes import concept_direction
+    from saelab.analysis.report import position_of
+    from saelab.hub import load_sae
+
+    if config.sae:
+        if config.latent is None:
+            raise ValueError("an SAE needs a latent (the latent to clamp or to steer along)")
+        sae = load_sae(config.sae)
+        return Steer.clamp(sae, config.latent) if config.clamp else Steer.decoder_row(sae, config.latent, model, side)
+    if not config.data:
+        raise ValueError("give data (steer along the difference of class means) or an SAE with a latent")
+    if not config.hook:
+        raise ValueError("data needs a hook (where to read the classes and to add the direction)")
+    data = load_data(config.data, config.shared_data)
+    positive = config.positive or data.positive or data.classes[-1]
+    (hook,) = model.resolve_hooks(config.hook)
+    X = model.activations_at(data.texts, hook, position_of(config.positions), names=data.origin)[hook]
+    theta = concept_direction(X, torch.tensor([label == positive for label in data.labels]).long())
+    return Steer.direction(model, hook, theta, side)
+
+
+def target_of(config: SteerConfig):
+    """The target a config names: word frequency in generations (words) or a logit difference (up, down)."""
+    prompts = config.prompts.split("|")
+    if config.words:
+        return WordFrequency(prompts, config.words.split(","), n_new=config.new_tokens)
+    if config.up:
+        return LogitDiff(prompts, config.up.split(","), config.down.split(",") if config.down else [])
+    raise ValueError("give a target: up (and down) words for a logit difference, or words to count in generations")
+
+
+def run_steering(config: SteerConfig, *, model=None, log=None, trust_remote_code: bool = False,
+                 max_batch_tokens: int | None = None) -> SteeringResult:
+    """The steering sweep a config describes (what `saelab steer` runs); `model` skips loading it."""
+    from saelab.models import load_model
+
+    target = target_of(config)  # a missing target is refused before the model loads
+    if model is None:
+        options = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
+        model = load_model(config.model, trust_remote_code=trust_remote_code, **options)
+    side = side_passages(config.side_text, config.side_texts, config.side_words)
+    return sweep(model, steer_of(model, config, side), config.alphas, target, side, log=log)
+
+
+__all__ = ["LogitDiff", "ProbeOutput", "Steer", "SteerConfig", "SteeringPoint", "SteeringResult", "WordFrequency",
+           "run_steering", "side_effects", "side_passages", "steer_of", "sweep", "target_of"]

@@ -14,26 +14,24 @@ baseline over exactly the same aligned tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Literal, Sequence
 
 import numpy as np
 
-from saelab import __version__
-from saelab.analysis.alignment import AlignedChunk, Side, aligned_chunks
+from saelab.analysis.alignment import AlignedChunk, Side, aligned_chunks, read_documents
 from saelab.analysis.correlation import Correlation, RunningCorrelation, TopActivations
 from saelab.analysis.matching import GROUPS, filter_pairs, group_members, many_to_one, mutual_best, non_concept, \
     one_to_one
-from saelab.analysis.report import save_figure
 from saelab.analysis.similarity import MEASURES, Paired, random_subset_null, shuffled_pairing_null
+from saelab.analysis.study import SCHEMA_VERSION, Similarity, StudyResult
 from saelab.errors import DataError
-from saelab.files import check_schema_version
+from saelab.figures import GRID_ALPHA, pyplot, save_figure
+from saelab.options import NonNegativeInt, PositiveInt, check_fields
 
-SCHEMA_VERSION = 1
 RESULTS_FILE = "matching.json"
 THRESHOLDS = (0.3, 0.5, 0.7)
 
@@ -42,25 +40,31 @@ THRESHOLDS = (0.3, 0.5, 0.7)
 class MatchConfig:
     """How pairs are formed, filtered and tested."""
 
-    min_corr: float = 0.1
+    min_corr: Similarity = 0.1
     """Pairs below this activation correlation are dropped (methods.md: < 0.1)."""
-    top_k: int = 5
+    top_k: PositiveInt = 5
     """Top words per feature read by the non-concept filter, the shared-word rule and the semantic groups."""
     shared_top_word: bool = False
     """Also require the two features to share a top-k word."""
-    candidates: int = 8
+    candidates: PositiveInt = 8
     """Per-feature candidates for the sparse 1:1 assignment on large matrices."""
-    null_draws: int = 1000
+    null_draws: PositiveInt = 1000
     """Draws of each null (shuffled pairing, random subsets)."""
-    subset_draws: int | None = None
+    subset_draws: PositiveInt | None = None
     """Draws of the random-subset null (default: null_draws)."""
-    max_pairs: int = 1000
+    max_pairs: PositiveInt = 1000
     """Similarity is scored on at most this many pairs (the most correlated); the nulls use the same count."""
-    knn: int = 10
-    seed: int = 0
-    min_tokens: int = 1000
+    knn: PositiveInt = 10
+    """Neighbours per point of the mutual k-nearest-neighbour measure."""
+    seed: NonNegativeInt = 0
+    """Seeds both nulls."""
+    min_tokens: PositiveInt = 1000
     """Fewer aligned tokens than this is an error: correlations would be noise."""
-    group_min_pairs: int = 3
+    group_min_pairs: PositiveInt = 3
+    """A semantic group is scored against its nulls only with at least this many pairs (and 3)."""
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
@@ -123,33 +127,16 @@ def _layer(label: str) -> int | None:
 
 
 @dataclass
-class MatchResults:
+class MatchResults(StudyResult):
+    """Every comparison of one matching run; saved as matching.json, matching.md and the figures."""
+
+    NAME: ClassVar[str] = "matching"
+    WHAT: ClassVar[str] = "matching results"
+
     alignment: dict[str, Any]
     """Text, mode, documents and aligned tokens."""
     comparisons: list[Comparison] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    schema_version: int = SCHEMA_VERSION
-    saelab_version: str = __version__
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MatchResults":
-        check_schema_version(d, SCHEMA_VERSION, "matching results")
-        d = dict(d)
-        comparisons = []
-        for c in d.get("comparisons", []):
-            c = dict(c)
-            c["groups"] = [GroupRecord(**g) for g in c.get("groups", [])]
-            comparisons.append(Comparison(**c))
-        d["comparisons"] = comparisons
-        return cls(**d)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "MatchResults":
-        return cls.from_dict(json.loads((Path(folder) / RESULTS_FILE).read_text()))
 
     def table(self) -> str:
         """Markdown: one row per comparison; similarity as observed (shuffled-null mean, p; subset-null mean, p)."""
@@ -186,11 +173,7 @@ class MatchResults:
 
     def plot_similarity(self, path: str | Path) -> Path:
         """Each measure per comparison (SAE kinds): observed vs the 95th percentile of both nulls."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         rows = [c for c in self.comparisons if c.similarity]
         fig, axes = plt.subplots(1, len(MEASURES), figsize=(3.2 * len(MEASURES), 3.6), sharey=False)
         x = np.arange(len(rows))
@@ -204,17 +187,13 @@ class MatchResults:
             ax.plot(x, observed, "o", color="tab:blue", label="matched")
             ax.set_xticks(x, [f"L{c.layers[0]}-L{c.layers[1]}" for c in rows], rotation=45, fontsize=7)
             ax.set_title(m)
-            ax.grid(alpha=0.3)
+            ax.grid(alpha=GRID_ALPHA)
         np.atleast_1d(axes)[0].legend(fontsize=6)
         return save_figure(fig, path)
 
     def plot_correlations(self, path: str | Path) -> Path:
         """Histogram of each A feature's best correlation, per comparison (SAE latents solid, neurons dashed)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 4))
         edges = np.linspace(0, 1, 21)
         for c in self.comparisons:
@@ -225,17 +204,13 @@ class MatchResults:
                     label=f"{c.kind} L{c.layers[0]}-L{c.layers[1]}")
         ax.set_xlabel("correlation of each A feature with its best B feature")
         ax.set_ylabel("share of A features")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=GRID_ALPHA)
         ax.legend(fontsize=7)
         return save_figure(fig, path)
 
     def plot_layers(self, path: str | Path, value: str = "mean_best_corr_a", kind: str = "sae") -> Path:
         """Layer x layer heat map of one number (default: mean best correlation) for one kind of comparison."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         rows = [c for c in self.comparisons if c.kind == kind and c.decoder is None]  # across models only
         la = sorted({c.layers[0] for c in rows})
         lb = sorted({c.layers[1] for c in rows})
@@ -254,18 +229,15 @@ class MatchResults:
         fig.colorbar(image, ax=ax)
         return save_figure(fig, path)
 
-    def save(self, folder: str | Path) -> Path:
-        """matching.json, matching.md and the figures in `folder`."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RESULTS_FILE).write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n")
-        (folder / "matching.md").write_text(self.table() + "\n" + self.group_table())
+    def report(self) -> str:
+        return self.table() + "\n" + self.group_table()
+
+    def save_figures(self, folder: Path, name: str) -> None:
         if any(c.similarity for c in self.comparisons):
             self.plot_similarity(folder / "similarity.png")
         self.plot_correlations(folder / "correlation.png")
         if any(c.kind == "sae" for c in self.comparisons):
             self.plot_layers(folder / "layers.png")
-        return folder
 
 
 def _short(label: str) -> str:
@@ -440,7 +412,7 @@ def compare_all(acc: Accumulated, sides: Sequence[Side], config: MatchConfig | N
     config = config or MatchConfig()
     started = time.perf_counter()
     results = MatchResults(alignment={**(alignment or {}), "documents": acc.n_documents, "tokens": acc.n_tokens},
-                           config=dataclasses.asdict(config))
+                           config={f.name: getattr(config, f.name) for f in dataclasses.fields(MatchConfig)})
     by_label = {s.label: s for s in sides}
     for (la, lb), corr in acc.correlations.items():
         t0 = time.perf_counter()
@@ -459,6 +431,108 @@ def compare_all(acc: Accumulated, sides: Sequence[Side], config: MatchConfig | N
     return results
 
 
-__all__ = ["Accumulated", "Comparison", "GroupRecord", "MatchConfig", "MatchResults", "RESULTS_FILE",
+@dataclass
+class MatchStudyConfig(MatchConfig):
+    """One matching study: the sides to compare and the text both read (or two caches of one text), and how pairs
+    are formed, filtered and tested (the MatchConfig fields)."""
+
+    a: list[str] = field(default_factory=list)
+    """Side A: MODEL:HOOK[:SAE_FOLDER] each (one model); no SAE: the hook's own units. In cache mode: one SAE
+    folder."""
+    b: list[str] = field(default_factory=list)
+    """Side B, as a."""
+    text: str | None = None
+    """Text file (cut into documents of whole paragraphs) both models read; None: WikiText-2's test split in the
+    shared data."""
+    start_char: NonNegativeInt = 0
+    """Skip the text before this character (held out)."""
+    tokens: PositiveInt = 20_000
+    """Aligned tokens to read."""
+    mode: Literal["word", "end"] = "word"
+    """Align tokens ending a word in both tokenizers, or any shared token end."""
+    neurons: bool = False
+    """Also match the MLP neurons of each side's layers."""
+    cache_a: str | None = None
+    """Same-tokenizer mode: a cache folder for a's SAE (rows align one to one)."""
+    cache_b: str | None = None
+    """The cache for b's SAE (same text and tokenizer as cache_a)."""
+    batch_size: PositiveInt = 8
+    """Documents per forward."""
+
+
+def match_text(text: str | None) -> Path:
+    """The one local text file both sides read, resolved like every text source."""
+    from saelab.data import shared_data, text_source
+
+    source = text_source(text or shared_data("wikitext-2-raw/wiki.test.raw"))
+    if not (isinstance(source, Path) and source.is_file()):
+        raise DataError(f"text {str(source)!r} is not a text file: matching reads one local text file (cut into "
+                        "documents of whole paragraphs); give its path")
+    return source
+
+
+def match_side(spec: str, models: dict, **load_options) -> Side:
+    """A side from MODEL:HOOK[:SAE_FOLDER]; models loaded once each into `models`."""
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    parts = spec.split(":", 2)
+    if len(parts) < 2:
+        raise ValueError(f"a side is MODEL:HOOK[:SAE_FOLDER], got {spec!r}")
+    if parts[0] not in models:
+        models[parts[0]] = load_model(parts[0], **load_options)
+    return Side(models[parts[0]], parts[1], load_sae(parts[2]) if len(parts) == 3 and parts[2] else None)
+
+
+def match_caches(config: MatchStudyConfig, log=None) -> MatchResults:
+    """Two SAEs of one model over two caches of the same text and tokenizer (rows align one to one)."""
+    from saelab.activations.manifest import Manifest
+    from saelab.analysis.alignment import aligned_cache_chunks
+    from saelab.hub import load_sae
+    from saelab.models import load_model
+
+    if not (config.cache_a and config.cache_b and len(config.a) == len(config.b) == 1):
+        raise ValueError("cache mode takes cache_a, cache_b and one SAE folder each as a and b")
+    sae_a, sae_b = load_sae(config.a[0]), load_sae(config.b[0])
+    model = load_model(Manifest.read(Path(config.cache_a)).run.get("model", ""))
+    side_a = Side(model, sae_a.cfg.hook_name, sae_a, label=f"a:{sae_a.cfg.hook_name}:sae")
+    side_b = Side(model, sae_b.cfg.hook_name, sae_b, label=f"b:{sae_b.cfg.hook_name}:sae")
+
+    def relabel(chunk):
+        chunk.a, chunk.b = {side_a.label: chunk.a["a"]}, {side_b.label: chunk.b["b"]}
+        chunk.words = model.tokenizer.batch_decode(chunk.token_a.unsqueeze(1).tolist())
+        return chunk
+
+    chunks = aligned_cache_chunks(sae_a, config.cache_a, sae_b, config.cache_b, max_tokens=config.tokens)
+    acc = accumulate((relabel(c) for c in chunks), [side_a], [side_b])
+    return compare_all(acc, [side_a, side_b], config, log=log, alignment={
+        "mode": "cache rows", "cache_a": str(config.cache_a), "cache_b": str(config.cache_b)})
+
+
+def run_match(config: MatchStudyConfig, *, log=None, trust_remote_code: bool = False,
+              max_batch_tokens: int | None = None) -> MatchResults:
+    """The matching study a config describes (what `saelab match` runs): two caches, or models over a text."""
+    from saelab.analysis.probes import neuron_hook
+
+    if config.cache_a or config.cache_b:
+        return match_caches(config, log)
+    if not config.a or not config.b:
+        raise ValueError("matching needs at least one side each in a and b (MODEL:HOOK[:SAE_FOLDER])")
+    text = match_text(config.text)  # before any model loads
+    options = {"trust_remote_code": trust_remote_code}
+    if max_batch_tokens is not None:
+        options["max_batch_tokens"] = max_batch_tokens
+    models: dict[str, object] = {}
+    sides = [[match_side(spec, models, **options) for spec in specs] for specs in (config.a, config.b)]
+    for group in sides if config.neurons else []:
+        for layer in sorted({int(s.hook.split(".")[1]) for s in group if s.hook.startswith("blocks.")}):
+            group.append(Side(group[0].model, neuron_hook(group[0].model, layer)))
+    documents = read_documents(text, start_char=config.start_char)
+    return match_models(sides[0], sides[1], documents, mode=config.mode, max_tokens=config.tokens,
+                        batch_size=config.batch_size, config=config, text=str(text), log=log)
+
+
+__all__ = ["Accumulated", "Comparison", "GroupRecord", "MatchConfig", "MatchResults", "MatchStudyConfig",
+           "RESULTS_FILE", "match_caches", "match_side", "match_text", "run_match",
            "SCHEMA_VERSION", "accumulate", "compare", "compare_all", "compare_decoders", "decoder_rows",
            "match_models"]

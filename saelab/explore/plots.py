@@ -30,7 +30,7 @@ def plot_feature(feature, path: str | Path | None = None):
     if path is None:
         fig.tight_layout()
         return fig
-    from saelab.analysis.report import save_figure
+    from saelab.figures import save_figure
 
     return save_figure(fig, path)
 
@@ -50,6 +50,6 @@ def plot_densities(features, path: str | Path | None = None):
     if path is None:
         fig.tight_layout()
         return fig
-    from saelab.analysis.report import save_figure
+    from saelab.figures import save_figure
 
     return save_figure(fig, path)

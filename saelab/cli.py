@@ -482,16 +482,16 @@ def cmd_match(args) -> None:
     print(f"wrote {out}/matching.json, matching.md and figures ({results.seconds:.0f} s)")
 
 
-MATCH_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-"""What `saelab match` reads without --text: WikiText-2's test split in ../shared/data."""
+MATCH_TEXT = "wikitext-2-raw/wiki.test.raw"
+"""What `saelab match` reads without --text: WikiText-2's test split in the shared data (saelab.data.shared_data)."""
 
 
 def _match_text(text: str | None) -> Path:
     """The one local text file both sides of `match` read, resolved like every text source."""
-    from saelab.data import text_source
+    from saelab.data import shared_data, text_source
     from saelab.errors import DataError
 
-    source = text_source(text or MATCH_TEXT)
+    source = text_source(text or shared_data(MATCH_TEXT))
     if not (isinstance(source, Path) and source.is_file()):
         raise DataError(f"--text {str(source)!r} is not a text file: match reads one local text file (cut into "
                         "documents of whole paragraphs); give its path")

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import random
 from dataclasses import dataclass
 from itertools import islice
@@ -33,6 +34,30 @@ JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 DATA_SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | {".csv", ".tsv", ".parquet", ".gz", ".zip"}
 """Suffixes that make a missing source a mistyped local path rather than a Hub dataset name."""
 CHUNK_CHARS = 1 << 20  # a plain text file is read in ~1M-character documents cut at blank lines
+DATA_ENV = "SAELAB_DATA"
+"""The environment variable naming the shared data folder (the one holding wikitext-2-raw and tinyshakespeare)."""
+CHECKOUT = Path(__file__).resolve().parents[1]
+"""The folder above the package: a source checkout when it holds pyproject.toml, else wherever pip installed it."""
+
+
+def shared_data(name: str = "") -> Path:
+    """A file or folder of the shared data (WikiText-2, tinyshakespeare), by its path inside that folder.
+
+    The folder is $SAELAB_DATA when set, else ../shared/data beside a source checkout. An installed saelab has no
+    checkout to look beside, so without the variable it says so rather than guessing a path in site-packages.
+    """
+    if os.environ.get(DATA_ENV):
+        root, where = Path(os.environ[DATA_ENV]).expanduser(), f"{DATA_ENV}={os.environ[DATA_ENV]}"
+    elif (CHECKOUT / "pyproject.toml").is_file():
+        root, where = CHECKOUT.parent / "shared" / "data", "../shared/data beside the checkout"
+    else:
+        raise DataError(f"saelab runs from {CHECKOUT}, not a source checkout, so it cannot find the shared data: "
+                        f"set {DATA_ENV} to the folder holding wikitext-2-raw and tinyshakespeare")
+    path = root / name
+    if not path.exists():
+        raise DataError(f"{path} is missing from the shared data ({where}); set {DATA_ENV} to the folder that holds "
+                        f"{name or 'wikitext-2-raw and tinyshakespeare'}")
+    return path
 
 
 def iter_documents(source: str | Path | None = None, *, field: str = "text", split: str = "train",

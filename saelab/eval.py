@@ -47,12 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab import __version__
 from saelab.activations.store import ActivationBatch, ActivationStore
 from saelab.data import TextConfig, token_batches
 from saelab.errors import DataError, HookError
 from saelab.files import check_schema_version, without_local_paths
 from saelab.interventions import Replace, Tokens, plan_batches
+from saelab.version import __version__
 
 if TYPE_CHECKING:
     from saelab.models import LanguageModel

@@ -162,7 +162,7 @@ def inside(folder: str | Path, relative: str, what: str) -> Path:
 
 def check_schema_version(record: dict, supported: int, what: str) -> None:
     """Refuse a saved JSON record (metrics, probe or matching results) written by a newer saelab than this one."""
-    from saelab import __version__
+    from saelab.version import __version__
 
     version = record.get("schema_version")
     if not isinstance(version, int) or version > supported:

@@ -49,8 +49,8 @@ Positions = Union[None, int, str, Sequence[int], Tensor]
 MAX_BATCH_TOKENS = 4096
 """Default token budget of one forward (`max_batch_tokens`): texts x the longest of them, padding included.
 Activations grow with it linearly, eager attention with budget x longest text, logits with budget x vocabulary,
-so the worst case is one text of the whole budget: 2.9 GB peak for SmolLM2-135M's loss on CPU (measured), about
-10 GB for gemma-3-270m's (its 262k-word vocabulary), within a 24 GB machine. Longer texts need a larger budget."""
+so the worst case is one text of the whole budget, which this default keeps within a 24 GB machine for the built-in
+models (their peaks: docs/reliability.md). Longer texts need a larger budget."""
 
 
 # ---------------------------------------------------------------------------------------------------- tokens

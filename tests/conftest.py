@@ -81,3 +81,12 @@ def smollm2():
     from saelab.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model's activations at helpers.CACHE_HOOKS (4,096 tokens in 8 shards), cached once for the whole
+    run. Read-only: a test that writes to a cache makes its own with helpers.make_cache."""
+    from helpers import make_cache
+
+    return make_cache(tiny_model, tmp_path_factory.mktemp("tiny-cache"))

@@ -4,7 +4,8 @@ from itertools import islice
 import pytest
 from transformers import AutoTokenizer
 
-from saelab.data import TextConfig, iter_documents, pack_contexts, shuffled, text_source, token_batches
+from saelab import data
+from saelab.data import TextConfig, iter_documents, pack_contexts, shared_data, shuffled, text_source, token_batches
 from saelab.errors import DataError
 
 
@@ -151,3 +152,28 @@ def test_hub_dataset_source_streams_rows_and_checks_the_field(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match="neither a local path nor a loadable Hub dataset"):
         list(iter_documents("someone/corpus"))
+
+
+def test_shared_data_is_the_environment_variable_else_beside_the_checkout(tmp_path, monkeypatch):
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_text("text")
+    monkeypatch.setenv("SAELAB_DATA", str(tmp_path))
+    assert shared_data("wikitext-2-raw/wiki.test.raw") == tmp_path / "wikitext-2-raw" / "wiki.test.raw"
+    assert shared_data() == tmp_path
+    monkeypatch.delenv("SAELAB_DATA")
+    checkout = tmp_path / "checkout"
+    (checkout / "saelab").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    (tmp_path / "shared" / "data" / "tinyshakespeare").mkdir(parents=True)
+    monkeypatch.setattr(data, "CHECKOUT", checkout)
+    assert shared_data("tinyshakespeare") == tmp_path / "shared" / "data" / "tinyshakespeare"
+
+
+def test_shared_data_outside_a_checkout_asks_for_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAELAB_DATA", raising=False)
+    monkeypatch.setattr(data, "CHECKOUT", tmp_path / "site-packages")  # no pyproject.toml: an installed saelab
+    with pytest.raises(DataError, match="not a source checkout.*set SAELAB_DATA"):
+        shared_data("wikitext-2-raw/wiki.test.raw")
+    monkeypatch.setenv("SAELAB_DATA", str(tmp_path))
+    with pytest.raises(DataError, match=r"wiki\.test\.raw is missing from the shared data \(SAELAB_DATA="):
+        shared_data("wikitext-2-raw/wiki.test.raw")

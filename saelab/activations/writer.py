@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import saelab
 from saelab import distributed
 from saelab.activations.manifest import MANIFEST, Manifest, ShardRecord, check_shard, shard_name, written_by_saelab
 from saelab.data import TextConfig, token_batches
 from saelab.errors import CacheError, DataError
 from saelab.files import LOCK_FILE, FolderLock, remove_owned, safetensors_bytes, write_atomic
+from saelab.version import __version__
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LIST_EVERY_ROUNDS = 2
@@ -71,7 +71,7 @@ def cache_activations(
         context_len=text.context_len,
         shard_contexts=shard_contexts,
         target_contexts=-(-tokens // text.context_len),
-        saelab_version=saelab.__version__,
+        saelab_version=__version__,
     )
     out = Path(out)
     world = distributed.current()

@@ -203,7 +203,8 @@ def genre(shared_data: str | Path, **kwargs) -> LabelledTexts:
     wiki, shakespeare = root / "wikitext-2-raw" / "wiki.test.raw", root / "tinyshakespeare" / "input.txt"
     for path in (wiki, shakespeare):
         if not path.is_file():
-            raise DataError(f"{path} is missing: genre needs ../shared/data (WikiText-2 raw and tinyshakespeare)")
+            raise DataError(f"{path} is missing: genre needs the shared data (WikiText-2 raw and "
+                            "tinyshakespeare): pass its folder or set SAELAB_DATA")
     articles = [_clean_wikitext(a) for a in re.split(r"\n \= [^=\n]+ \= \n", wiki.read_text(encoding="utf-8"))]
     sources = {"wikipedia": [a for a in articles if a.strip()], "shakespeare": documents(shakespeare),
                "python-docs": [topics[k] for k in sorted(topics)]}
@@ -288,7 +289,9 @@ def languages(locale_dir: str | Path = "/usr/share/locale", langs: Sequence[str]
 def builtin(name: str, shared_data: str | Path | None = None, **kwargs) -> LabelledTexts:
     """A built-in concept by name: genre, calendar or languages."""
     if name == "genre":
-        return genre(shared_data or Path(__file__).resolve().parents[3] / "shared" / "data", **kwargs)
+        from saelab.data import shared_data as default_shared_data
+
+        return genre(shared_data or default_shared_data(), **kwargs)
     if name == "calendar":
         return calendar()
     if name == "languages":

@@ -42,12 +42,9 @@ PathLike = str | Path
 
 
 def saelab_version() -> str:
-    try:
-        import saelab
+    from saelab.version import __version__
 
-        return str(getattr(saelab, "__version__", "unknown"))
-    except Exception:  # pragma: no cover - only when the package is half-imported
-        return "unknown"
+    return __version__
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

@@ -56,8 +56,8 @@ class SAEConfig:
 
     # -- training hyperparameters (read by the Training objects, ignored at inference)
     l1_coefficient: NonNegativeFloat = 0.1
-    """ReLU: weight of sum_i |f_i| * ||W_dec[i]|| (the start when steered to target_l0; on unit-normalised
-    SmolLM2-135M activations L0 = 32 needed about 0.07)."""
+    """ReLU: weight of sum_i |f_i| * ||W_dec[i]|| (the start when steered to target_l0; where steering takes it,
+    and why the default start is low: docs/quality.md)."""
     l0_coefficient: NonNegativeFloat = 1e-3
     """JumpReLU: weight of the L0 penalty."""
     sparsity_warmup_steps: NonNegativeInt = 0

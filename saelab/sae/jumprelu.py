@@ -30,17 +30,17 @@ from .sparse_codes import ThresholdCodes, sparse_summary
 
 START_L0_FACTOR = 3.0
 """Thresholds start where this multiple of target_l0 latents fire per token of the first batch: in the first hundred
-steps reconstruction alone switches off random latents, and L0 falls to about a third of its start (SmolLM2-135M;
-started at the target itself, a 200-step run ended at L0 17.5 of 32, started at 3x, at 30.4)."""
+steps reconstruction alone switches off random latents, and L0 falls to about a third of its start (the runs that
+chose 3: docs/quality.md)."""
 
 
 THRESHOLD_SHIFT_RATE = 0.1
 """With a target L0, every step also moves all log-thresholds by this times log(L0 / target) (at most
 MAX_THRESHOLD_SHIFT). The threshold gradient only sees activations within bandwidth/2 of a threshold, so it
-barely moves the thresholds in a short run (SmolLM2-135M, 300 steps: the mean threshold moved 2 %), while
-reconstruction training shrinks the pre-activations and L0 with them. Steering the coefficient alone landed
-15-25 % under the target or over it, depending on where the run stopped (100 / 300 / 1,200 steps: L0 34.7 /
-24.7 / 38.3 for a target of 32); shifting the thresholds acts on L0 at once (32.2 / 32.3 / 33.2). The gradient
+barely moves the thresholds in a short run, while reconstruction training shrinks the pre-activations and L0
+with them. Steering the coefficient alone landed off the target by an amount that depended on where the run
+stopped; shifting the thresholds acts on L0 at once (the runs: docs/quality.md, "JumpReLU: the thresholds follow
+the target too"). The gradient
 still places each threshold relative to the others."""
 MAX_THRESHOLD_SHIFT = 0.05
 

@@ -26,8 +26,8 @@ MAX_BIAS_SHIFT) typical active codes (their geometric mean): for exponentially d
 codes multiplies L0 by about exp(-s / 2). The coefficient alone cannot land ReLU: Adam moves every bias at its
 learning rate whatever the coefficient, so L0 follows the coefficient late, the coefficient overshoots, and the L1
 penalty switches latents off. A ReLU latent that never fires gets no gradient at all, so a lower coefficient does not
-bring it back (SmolLM2-135M blocks.15, width 4,608, batches of 1,024: L0 fell from 2,300 to under 1 by step 50 and
-ended at 1.9 of 32 after 132 steps). The shift acts on L0 at once, and also on the latents no gradient reaches."""
+bring it back (the collapse it caused: docs/quality.md, "ReLU: the encoder biases follow the target too"). The
+shift acts on L0 at once, and also on the latents no gradient reaches."""
 MAX_BIAS_SHIFT = 0.5
 
 COEFFICIENT_RATE = 0.2

@@ -12,8 +12,8 @@ from saelab.kernels.csr import threshold_encode
 
 SPARSE_MAX_DENSITY = 1 / 32
 """ReLU/JumpReLU decode sparsely while the last step fired at most this share of the latents; denser codes take
-the dense step (its matmuls cost the same at any density). On a 2-core CPU (d=576, n=16,384, batch 4,096) a ReLU
-step at L0 = 256 (1.6 %) ran 3.2x faster sparse than dense."""
+the dense step (its matmuls cost the same at any density). Below it the sparse step is the faster one (measured:
+docs/benchmarks.md)."""
 
 
 def reused(holder: dict, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -29,7 +29,7 @@ class SAESpec:
     lr: PositiveFloat | None = None
     """Adam learning rate; None: 8e-4 / sqrt(width / 2^14) for the architectures that take k (four times Gao et
     al.'s fit: with the warm-up, the decay and beta2 = 0.99 it trains runs of a few hundred steps markedly better at
-    every k from 16 to 128, most at large k; docs/quality.md, issue 15), 4e-4 / sqrt(width / 2^14) for ReLU and
+    every k from 16 to 128, most at large k; docs/quality.md), 4e-4 / sqrt(width / 2^14) for ReLU and
     JumpReLU (whose steered coefficients were calibrated at that rate)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Further SAEConfig fields, e.g. {"target_l0": 64} or {"l1_coefficient": 0.2, "sparsity_warmup_steps": 200}.

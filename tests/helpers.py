@@ -1,0 +1,67 @@
+"""Shared test helpers: one way to make a small SAE of any architecture, and one way to cache a tiny model's
+activations, so that each test file stops growing its own slightly different copy.
+
+The tests import these as `from helpers import make_sae, make_cache` (pytest puts tests/ on sys.path, as it does
+for conftest). The session fixture `tiny_cache` in conftest.py is `make_cache` on the tiny model, made once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+HOOK = "blocks.0.hook_resid_post"
+"""The hook the tiny model's tests read by default (the tiny Llama of conftest.py has blocks 0 and 1, d_model 64)."""
+CACHE_HOOKS = (HOOK, "blocks.1.hook_resid_post")
+DEFAULT_K = 8
+"""Active latents of the architectures that take k: few enough that the codes of a 96-wide SAE are sparse."""
+
+
+def make_sae(arch: str = "topk", *, d_in: int = 64, width: int = 96, k: int | None = DEFAULT_K, seed: int = 0,
+             dtype: str = "float32", input_scale: float = 1.0, model_name: str = "tiny", hook_name: str = HOOK,
+             bias_std: float = 0.3, threshold_range: tuple[float, float] = (0.05, 1.0), **options):
+    """A small SAE of any registered architecture, random but shaped like a trained one.
+
+    A freshly initialised SAE has zero encoder biases and equal thresholds, so every latent behaves alike and bugs
+    in bias folding, b_dec handling or per-latent thresholds go unseen; here the encoder biases are drawn with
+    `bias_std` and JumpReLU's thresholds spread log-uniformly over `threshold_range`. The same seed gives the same
+    SAE. `k` is dropped for the architectures that take none; `options` are the architecture's own settings
+    (e.g. target_l0=16, group_sizes=[32, 64]).
+    """
+    from saelab.sae import create_sae, sae_class
+
+    torch.manual_seed(seed)
+    k = k if sae_class(arch).takes_k else None
+    sae = create_sae(sae_config(arch, d_in=d_in, width=width, k=k, dtype=dtype, input_scale=input_scale,
+                                model_name=model_name, hook_name=hook_name, options=options))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, bias_std)
+        if hasattr(sae, "log_threshold"):
+            low, high = map(math.log, threshold_range)
+            sae.log_threshold.copy_(torch.empty(width).uniform_(low, high))
+    return sae
+
+
+def sae_config(arch: str, *, options: dict, **fields):
+    """The SAEConfig for `fields` and the architecture's `options`: the one place that knows how SAEConfig takes
+    architecture options (a nested `options` mapping where SAEConfig has that field, else flat keywords)."""
+    from saelab.sae import SAEConfig
+
+    if "options" in {f.name for f in dataclasses.fields(SAEConfig)}:
+        return SAEConfig(arch=arch, options=options, **fields)
+    return SAEConfig(arch=arch, **fields, **options)
+
+
+def make_cache(model, folder: Path, *, hooks=CACHE_HOOKS, tokens: int = 4096, context_len: int = 32,
+               shard_tokens: int = 512, batch_size: int = 8) -> Path:
+    """Cache `tokens` activations of `model` at `hooks` into `folder`, from the built-in text: several shards (so
+    shard edges are crossed) of short contexts (so many contexts), in seconds on a CPU for the tiny model."""
+    from saelab.activations import cache_activations
+    from saelab.data import TextConfig
+
+    cache_activations(model, list(hooks), folder, text=TextConfig(context_len=context_len), tokens=tokens,
+                      batch_size=batch_size, shard_tokens=shard_tokens, progress=False)
+    return folder

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from saelab.analysis.circles import (DAYS_TASK, MONTHS_TASK, CalendarTask, answer_logits, calendar_order,
-                                     calendar_study, fit_circle_probe, intervene, item_positions, split_by_duration)
-from saelab.analysis.clusters import (Clusters, cluster_points, graph_clusters, search_clusters, spectral_clusters)
+from saelab.analysis.circles import (DAYS_TASK, MONTHS_TASK, CalendarConfig, CalendarStudy, CalendarTask, answer_logits,
+                                     calendar_order, calendar_study, fit_circle_probe, intervene, item_positions,
+                                     split_by_duration)
+from saelab.analysis.clusters import (ClusterSearch, ClusterSearchConfig, Clusters, cluster_points, graph_clusters,
+                                      search_clusters, spectral_clusters)
 from saelab.analysis.irreducibility import (BINS, RANGE, irreducibility_score, mixture_index, mutual_information,
                                             normalise, pair_indices, pca, separability_index)
 from saelab.errors import DataError
@@ -198,6 +200,12 @@ def test_search_ranks_scored_clusters_and_saves(tiny_model, tiny_cache, tmp_path
     saved = json.loads((tmp_path / "clusters.json").read_text())
     assert [c["score"] for c in saved["clusters"]] == scores
     assert (tmp_path / "cluster_rank1.png").exists() and (tmp_path / "clusters.md").exists()
+    loaded = ClusterSearch.load(tmp_path)
+    assert loaded.to_dict() == search.to_dict() and loaded.table() == search.table()
+    assert loaded.coords.keys() == search.coords.keys() and all(
+        torch.equal(loaded.coords[c], search.coords[c]) and torch.equal(loaded.token_ids[c], search.token_ids[c])
+        for c in search.coords)
+    assert loaded.plot(1, tmp_path / "again.png", tiny_model.tokenizer).stat().st_size > 0  # plots from the file
     again = search_clusters(sae, tiny_cache, found, tokenizer=tiny_model.tokenizer, min_tokens=20, progress=False)
     assert [c.cluster for c in again.clusters] == [c.cluster for c in search.clusters]
     spectral = search_clusters(sae, tiny_cache, spectral_clusters(sae.W_dec, 40, seed=0), min_tokens=10**6,
@@ -391,8 +399,32 @@ def test_calendar_study_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     assert saved["settings"]["n_prompts"] == 36 and len(saved["layers"]) == 2
     for name in ("toy_layers.png", "toy_planes.png", "toy_interventions.png", "toy.md"):
         assert (tmp_path / name).exists()
+    loaded = CalendarStudy.load(tmp_path, name="toy")
+    assert loaded.to_dict() == study.to_dict() and loaded.table() == study.table()
+    assert loaded == CalendarStudy.load(tmp_path / "toy.json")
+    assert all(torch.equal(loaded.activations[layer], study.activations[layer]) for layer in study.activations)
+    x = study.activations[1]
+    torch.testing.assert_close(loaded.probes[1].reading(x), study.probes[1].reading(x))
+    with pytest.raises(ValueError, match="name="):
+        CalendarStudy.load(tmp_path)
     with pytest.raises(ValueError, match="layer 7 is out of range"):
         calendar_study(tiny_model, word_task(tiny_model), layers=[7], progress=False)
+
+
+def test_circle_configs_hold_the_command_settings_and_check_them():
+    calendar = CalendarConfig(model="m")
+    assert (calendar.tasks, calendar.layers, calendar.intervene, calendar.targets, calendar.k, calendar.test_fraction,
+            calendar.seed, calendar.batch_size) == ("days,months", None, [], 3, 5, 0.3, 0, 16)
+    assert [t.name for t in calendar.task_list()] == ["days", "months"]
+    with pytest.raises(ValueError, match="unknown task 'weeks'"):
+        CalendarConfig(model="m", tasks="days,weeks")
+    with pytest.raises(ValueError, match="test_fraction"):
+        CalendarConfig(model="m", test_fraction=1.0)
+    search = ClusterSearchConfig(sae="s", acts="a")
+    assert (search.method, search.n_clusters, search.neighbors, search.top, search.min_cosine, search.min_size,
+            search.min_tokens, search.plots) == ("spectral", 500, 32, 2, 0.5, 2, 100, 5)
+    with pytest.raises(ValueError, match="min_size"):
+        ClusterSearchConfig(sae="s", acts="a", min_size=1)
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -1,6 +1,7 @@
 """Feature matching across models: similarity measures against their reference values and invariances, streaming
 correlation against dense numpy, matching on planted pairs, nulls, cross-tokenizer alignment and bad input."""
 
+import dataclasses
 import json
 import re
 
@@ -17,7 +18,8 @@ from saelab.analysis.matching import (GROUPS, filter_pairs, group_members, many_
                                       one_to_one)
 from saelab.analysis.similarity import (Paired, all_measures, canonical_correlations, linear_cka, mean_squared_cca,
                                         mutual_knn, random_subset_null, rsa, shuffled_pairing_null, svcca)
-from saelab.analysis.universality import MatchConfig, MatchResults, accumulate, compare, match_models
+from saelab.analysis.universality import Accumulated, MatchConfig, MatchResults, MatchStudyConfig, accumulate, \
+    compare, compare_all, match_models, run_match
 from saelab.codes import Codes, sparse_rows
 from saelab.data import TextConfig
 from saelab.errors import DataError
@@ -252,8 +254,24 @@ def test_compare_record_round_trips_without_nan(tmp_path):
     results.save(tmp_path)
     text = (tmp_path / "matching.json").read_text()
     assert "NaN" not in text and json.loads(text)["schema_version"] == 1
-    assert MatchResults.load(tmp_path).comparisons[0].groups[0].name == "calendar"
+    again = MatchResults.load(tmp_path)
+    assert again.comparisons[0].groups[0].name == "calendar" and again == results
+    assert again.to_dict() == results.to_dict() and again.report() == (tmp_path / "matching.md").read_text()
     assert {p.name for p in tmp_path.iterdir()} >= {"matching.md", "similarity.png", "correlation.png", "layers.png"}
+
+
+def test_match_configs_check_their_values_and_record_only_the_matching_settings():
+    config = MatchStudyConfig(a=["m:h"], b=["n:h"], null_draws=5)
+    assert (config.tokens, config.mode, config.batch_size, config.start_char, config.max_pairs) == (20_000, "word", 8,
+                                                                                                  0, 1000)
+    with pytest.raises(ValueError, match="min_corr"):
+        MatchConfig(min_corr=1.5)
+    with pytest.raises(ValueError, match="mode"):
+        MatchStudyConfig(mode="char")
+    with pytest.raises(ValueError, match="at least one side"):
+        run_match(MatchStudyConfig())
+    recorded = compare_all(Accumulated({}, {}, 0, 0), [], config).config
+    assert recorded == dataclasses.asdict(MatchConfig(null_draws=5))
 
 
 def test_too_few_tokens_is_an_error():

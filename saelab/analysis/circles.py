@@ -344,8 +344,8 @@ class CalendarStudy(StudyResult):
     layers: list[LayerRecord] = field(default_factory=list)
     interventions: list[InterventionRecord] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    activations: dict[int, Tensor] = field(default_factory=dict, repr=False)
-    probes: dict[int, CircleProbe] = field(default_factory=dict, repr=False)
+    activations: dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    probes: dict[int, CircleProbe] = field(default_factory=dict, repr=False, compare=False)
 
     def name(self) -> str:
         return self.task

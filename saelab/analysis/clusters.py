@@ -361,8 +361,8 @@ class ClusterSearch(StudyResult):
     clustering: dict[str, Any]
     clusters: list[ClusterScore] = field(default_factory=list)
     n_tokens: int = 0
-    coords: dict[int, Tensor] = field(default_factory=dict, repr=False)
-    token_ids: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    coords: dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    token_ids: dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def tensor_fields(cls) -> tuple[str, ...]:

@@ -103,7 +103,9 @@ def test_per_text_positions_follow_their_texts_across_batches(tiny_model):
     mask[7, 2] = True
     masked = tiny_model.logits(texts, patches=[Add(HOOK, v, positions=mask)], batch_size=4)
     clean = tiny_model.logits(texts)
-    assert torch.equal(masked[:7], clean[:7]) and not torch.allclose(masked[7, 2], clean[7, 2], atol=1e-4)
+    # rows untouched by the mask match to rounding (batch sizes differ, so bitwise equality is not promised)
+    torch.testing.assert_close(masked[:7], clean[:7], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(masked[7, 2], clean[7, 2], atol=1e-4)
     with pytest.raises(ValueError, match="positions gives 2 indices for 9 texts"):
         tiny_model.activations_at(texts, HOOK, [1, 2], batch_size=4)
 

@@ -16,6 +16,7 @@ irreducibility score over the cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,27 +24,32 @@ from pathlib import Path
 import torch
 
 import saelab
-from saelab.analysis.circles import DAYS_TASK, MONTHS_TASK, calendar_study
-from saelab.analysis.clusters import graph_clusters, search_clusters, spectral_clusters
+from saelab.analysis.circles import CalendarConfig, run_calendar
+from saelab.analysis.clusters import ClusterSearchConfig, cluster_decoder, run_cluster_search
 from saelab.analysis.concepts import DAYS, MONTHS
+from saelab.options import add_flags, flag_values
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["smollm2-135m:4,10,16", "gemma-3-270m:3,7,11"]
+CALENDAR_FLAGS = ["tasks", "k", "test_fraction", "seed", "batch_size"]
+CLUSTER_FLAGS = ["n_clusters"]
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def calendar(spec: str, out: Path, targets: dict[str, int], tasks, progress: bool) -> list[str]:
+def calendar(spec: str, out: Path, targets: dict[str, int], settings: dict, progress: bool) -> list[str]:
+    """Every task of the calendar study on one model, intervening at the spec's layers with the task's targets."""
     name, layers = spec.split(":")
+    config = CalendarConfig(model=name, intervene=[int(x) for x in layers.split(",") if x], **settings)
     model = saelab.load_model(name)
     log(f"loaded {model}")
     short = Path(name).name
     tables = []
-    for task in tasks:
-        study = calendar_study(model, task, intervention_layers=[int(x) for x in layers.split(",") if x],
-                               targets=targets[task.name], progress=progress)
+    for task in config.task_list():
+        one = dataclasses.replace(config, tasks=task.name, targets=targets[task.name])
+        (study,) = run_calendar(one, model=model, progress=progress)
         folder = out / short
         study.save(folder)
         log(f"{short} {task.name}: {study.seconds:.0f} s, accuracy {study.accuracy.accuracy:.2f}")
@@ -52,17 +58,18 @@ def calendar(spec: str, out: Path, targets: dict[str, int], tasks, progress: boo
     return tables
 
 
-def clusters(sae_folder: str, acts: str, out: Path, n_clusters: int, progress: bool) -> list[str]:
+def clusters(sae_folder: str, acts: str, out: Path, settings: dict, progress: bool) -> list[str]:
+    """The cluster search with both clusterings of the decoder."""
     sae = saelab.load_sae(sae_folder)
     model = saelab.load_model(sae.cfg.model_name)
     tables = []
     words = DAYS + MONTHS
     for method in ("spectral", "graph"):
+        config = ClusterSearchConfig(sae=sae_folder, acts=acts, method=method, **settings)
         started = time.perf_counter()
-        found = (spectral_clusters(sae.W_dec, n_clusters, seed=0) if method == "spectral"
-                 else graph_clusters(sae.W_dec))
+        found = cluster_decoder(sae, config)
         log(f"{method}: {len(found.groups())} clusters of 2+ latents in {time.perf_counter() - started:.0f} s")
-        search = search_clusters(sae, acts, found, tokenizer=model.tokenizer, progress=progress)
+        search = run_cluster_search(config, sae=sae, tokenizer=model.tokenizer, clusters=found, progress=progress)
         search.save(out / f"clusters_{method}", model.tokenizer, plots=4)
         calendar_clusters = search.find(words)
         summary = {"method": method, "found": search.clustering["n_clusters_found"],
@@ -75,27 +82,32 @@ def clusters(sae_folder: str, acts: str, out: Path, n_clusters: int, progress: b
     return tables
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The report's own flags, and the study settings it lets through from CalendarConfig and ClusterSearchConfig
+    (their defaults and help come from the configs)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=MODELS, help="name:intervention_layers")
     parser.add_argument("--sae", help="SAE folder for the cluster search")
     parser.add_argument("--acts", help="activation cache of the SAE's hook")
-    parser.add_argument("--n-clusters", type=int, default=500)
-    parser.add_argument("--tasks", default="days,months")
-    parser.add_argument("--targets", default="days:3,months:2", help="other items per held-out prompt")
+    parser.add_argument("--targets", default="days:3,months:2", help="other items per held-out prompt, per task")
     parser.add_argument("--out", default=str(ROOT / "docs" / "circles"))
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args()
+    add_flags(parser.add_argument_group("calendar study (CalendarConfig)"), CalendarConfig, CALENDAR_FLAGS)
+    add_flags(parser.add_argument_group("cluster search (ClusterSearchConfig)"), ClusterSearchConfig, CLUSTER_FLAGS)
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     targets = {k: int(v) for k, v in (part.split(":") for part in args.targets.split(","))}
     tables = []
     for spec in args.models:
-        tables += calendar(spec, out, targets, [{"days": DAYS_TASK, "months": MONTHS_TASK}[t] for t in
-                                                args.tasks.split(",")], not args.no_progress)
+        tables += calendar(spec, out, targets, flag_values(args, CALENDAR_FLAGS), not args.no_progress)
     if args.sae:
-        tables += clusters(args.sae, args.acts, out, args.n_clusters, not args.no_progress)
+        tables += clusters(args.sae, args.acts, out, flag_values(args, CLUSTER_FLAGS), not args.no_progress)
     stamp = time.strftime("%Y-%m-%d %H:%M")
     name = "tables_" + ("_".join(Path(s.split(":")[0]).name for s in args.models) or "clusters") + ".md"
     (out / name).write_text(f"Generated by scripts/circles_report.py ({stamp})\n\n" + "\n".join(tables))

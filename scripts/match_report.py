@@ -28,6 +28,7 @@ import saelab
 from saelab.activations.store import ActivationBatch
 from saelab.analysis.alignment import AlignedChunk, Side, aligned_chunks, read_documents
 from saelab.analysis.universality import MatchConfig, accumulate, compare_all
+from saelab.options import add_flags, flag_values
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -113,7 +114,9 @@ def fvu(sae, x: torch.Tensor) -> float:
         return float(((sae(x) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
 
 
-def main() -> None:
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    """The report's own flags and every MatchConfig setting (defaults and help from MatchConfig); returns the
+    parser and the MatchConfig fields it added."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs=2, default=MODELS)
     parser.add_argument("--text", default=str(SHARED / "wikitext-2-raw" / "wiki.test.raw"))
@@ -121,12 +124,77 @@ def main() -> None:
     parser.add_argument("--train-fraction", type=float, default=0.62)
     parser.add_argument("--train-tokens", type=int, default=160_000, help="SAE training tokens (epochs over the split)")
     parser.add_argument("--width", type=int, default=4608)
-    parser.add_argument("--nulls", type=int, default=1000)
-    parser.add_argument("--max-pairs", type=int, default=300)
     parser.add_argument("--runs", default=str(ROOT / "runs" / "match_report"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "matching"))
     parser.add_argument("--quick", action="store_true", help="tiny SAEs, for a smoke run")
+    matching = add_flags(parser.add_argument_group("matching (MatchConfig)"), MatchConfig)
+    return parser, matching
+
+
+def held_out_quality(models, saes, data: dict, match_rows: torch.Tensor) -> dict:
+    """Each SAE's fraction of variance unexplained on the held-out (matching) rows."""
+    quality = {}
+    for m, which, trained in zip(models, "ab", saes):
+        for (hook, seed), sae in trained.items():
+            held_out = data["acts"][f"{which}|{m.name}:{hook}:units"][match_rows]
+            quality[f"{m.name}:{hook}:seed{seed}"] = {"fvu_held_out": fvu(sae, held_out)}
+            log(f"{m.name} {hook} seed {seed}: held-out FVU {quality[f'{m.name}:{hook}:seed{seed}']['fvu_held_out']:.3f}")
+    return quality
+
+
+def report_sides(models, layers, saes) -> tuple[list[Side], list[Side], list[tuple[Side, Side]]]:
+    """Sides A and B (SAEs, second seeds, MLP neurons) and the pairs compared: same kind across models, and each
+    second-seed SAE against the first at its hook."""
+    sides = []
+    for m, ls, trained in zip(models, layers, saes):
+        group = []
+        for layer in ls:
+            hook = f"blocks.{layer}.hook_resid_post"
+            group.append(Side(m, hook, trained[(hook, 0)], label=f"{m.name}:{hook}:sae"))
+            if (hook, 1) in trained:
+                group.append(Side(m, hook, trained[(hook, 1)], label=f"{m.name}:{hook}:sae-seed1"))
+        for layer in ls:
+            group.append(Side(m, f"blocks.{layer}.mlp.hook_post", label=f"{m.name}:blocks.{layer}.mlp.hook_post:units"))
+        sides.append(group)
+    sides_a, sides_b = sides
+    pairs = [(a, b) for a in sides_a for b in sides_b if (a.sae is None) == (b.sae is None) and
+             not a.label.endswith("seed1")]
+    pairs += [(a, s) for a in sides_a for s in sides_a if s.label.endswith("seed1") and a.hook == s.hook and a is not s]
+    return sides_a, sides_b, pairs
+
+
+def held_out_chunks(sides_a, sides_b, data: dict, match_rows: torch.Tensor, shuffle_b: bool = False):
+    """Held-out aligned rows; shuffle_b pairs B's rows with other tokens (the token-shuffle control)."""
+    docs = torch.tensor(data["documents"])
+    shuffled_rows = match_rows[torch.randperm(len(match_rows), generator=torch.Generator().manual_seed(0))]
+    for start in range(0, len(match_rows), 2048):
+        rows = match_rows[start:start + 2048]
+        features = {}
+        for which, group in (("a", sides_a), ("b", sides_b)):
+            take = shuffled_rows[start:start + 2048] if which == "b" and shuffle_b else rows
+            features[which] = {s.label: s.features(data["acts"][f"{which}|{s.model.name}:{s.hook}:units"][take]
+                                                   .float()) for s in group}
+        yield AlignedChunk(features["a"], features["b"], torch.zeros(len(rows), dtype=torch.long),
+                           torch.zeros(len(rows), dtype=torch.long), docs[rows], torch.zeros(len(rows)),
+                           [data["words"][int(r)] for r in rows])
+
+
+def token_shuffle_control(sides_a, sides_b, pairs, data: dict, match_rows: torch.Tensor) -> dict:
+    """Best correlations across models when B reads other tokens: what chance alignment gives."""
+    cross = [(a, b) for a, b in pairs if a.model is not b.model]
+    control = accumulate(held_out_chunks(sides_a, sides_b, data, match_rows, shuffle_b=True), sides_a, sides_b,
+                         pairs=cross)
+    shuffled_best = {f"{a} | {b}": {"mean_best_corr_a": float(c.matrix.max(1)[~c.constant_a].mean()),
+                                    "frac_best_above_0.5": float((c.matrix.max(1)[~c.constant_a] > 0.5).mean())}
+                     for (a, b), c in control.correlations.items()}
+    log(f"token-shuffle control: {json.dumps(shuffled_best)}")
+    return shuffled_best
+
+
+def main() -> None:
+    parser, matching = build_parser()
     args = parser.parse_args()
+    config = MatchConfig(**flag_values(args, matching))  # a bad setting is refused before any model loads
     runs, out = Path(args.runs), Path(args.out)
     runs.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,57 +213,16 @@ def main() -> None:
     width = 256 if args.quick else args.width
     saes = [train_saes(m, which, ls, seed_layer, data, train_rows, runs / "sae", width, args.train_tokens,
                        args.quick) for m, which, ls, (_, _, seed_layer) in zip(models, "ab", layers, specs)]
-    quality = {}
-    for m, which, trained in zip(models, "ab", saes):
-        for (hook, seed), sae in trained.items():
-            held_out = data["acts"][f"{which}|{m.name}:{hook}:units"][match_rows]
-            quality[f"{m.name}:{hook}:seed{seed}"] = {"fvu_held_out": fvu(sae, held_out)}
-            log(f"{m.name} {hook} seed {seed}: held-out FVU {quality[f'{m.name}:{hook}:seed{seed}']['fvu_held_out']:.3f}")
-
-    sides = []
-    for m, which, ls, trained in zip(models, "ab", layers, saes):
-        group = []
-        for layer in ls:
-            hook = f"blocks.{layer}.hook_resid_post"
-            group.append(Side(m, hook, trained[(hook, 0)], label=f"{m.name}:{hook}:sae"))
-            if (hook, 1) in trained:
-                group.append(Side(m, hook, trained[(hook, 1)], label=f"{m.name}:{hook}:sae-seed1"))
-        for layer in ls:
-            group.append(Side(m, f"blocks.{layer}.mlp.hook_post", label=f"{m.name}:blocks.{layer}.mlp.hook_post:units"))
-        sides.append(group)
-    sides_a, sides_b = sides
-    pairs = [(a, b) for a in sides_a for b in sides_b if (a.sae is None) == (b.sae is None) and
-             not a.label.endswith("seed1")]
-    pairs += [(a, s) for a in sides_a for s in sides_a if s.label.endswith("seed1") and a.hook == s.hook and a is not s]
-
-    shuffled_rows = match_rows[torch.randperm(len(match_rows), generator=torch.Generator().manual_seed(0))]
-
-    def chunks(shuffle_b: bool = False):
-        """Held-out aligned rows; shuffle_b pairs B's rows with other tokens (the token-shuffle control)."""
-        for start in range(0, len(match_rows), 2048):
-            rows = match_rows[start:start + 2048]
-            features = {}
-            for which, group in (("a", sides_a), ("b", sides_b)):
-                take = shuffled_rows[start:start + 2048] if which == "b" and shuffle_b else rows
-                features[which] = {s.label: s.features(data["acts"][f"{which}|{s.model.name}:{s.hook}:units"][take]
-                                                       .float()) for s in group}
-            yield AlignedChunk(features["a"], features["b"], torch.zeros(len(rows), dtype=torch.long),
-                               torch.zeros(len(rows), dtype=torch.long), docs[rows], torch.zeros(len(rows)),
-                               [data["words"][int(r)] for r in rows])
-
+    quality = held_out_quality(models, saes, data, match_rows)
+    sides_a, sides_b, pairs = report_sides(models, layers, saes)
     started = time.perf_counter()
-    acc = accumulate(chunks(), sides_a, sides_b, pairs=pairs)
+    acc = accumulate(held_out_chunks(sides_a, sides_b, data, match_rows), sides_a, sides_b, pairs=pairs)
     log(f"correlations over {acc.n_tokens} held-out aligned tokens in {time.perf_counter() - started:.0f} s")
-    cross = [(a, b) for a, b in pairs if a.model is not b.model]
-    control = accumulate(chunks(shuffle_b=True), sides_a, sides_b, pairs=cross)
-    shuffled_best = {f"{a} | {b}": {"mean_best_corr_a": float(c.matrix.max(1)[~c.constant_a].mean()),
-                                    "frac_best_above_0.5": float((c.matrix.max(1)[~c.constant_a] > 0.5).mean())}
-                     for (a, b), c in control.correlations.items()}
-    log(f"token-shuffle control: {json.dumps(shuffled_best)}")
-    config = MatchConfig(null_draws=args.nulls, max_pairs=args.max_pairs)
+    shuffled_best = token_shuffle_control(sides_a, sides_b, pairs, data, match_rows)
     results = compare_all(acc, [*sides_a, *sides_b], config, log=log, alignment={
         "text": Path(args.text).name, "mode": "word", "model_a": models[0].name, "model_b": models[1].name,
-        "train_rows": len(train_rows), "sae_quality": quality, "token_shuffle_control": shuffled_best, "width": width, "train_tokens": args.train_tokens})
+        "train_rows": len(train_rows), "sae_quality": quality, "token_shuffle_control": shuffled_best, "width": width,
+        "train_tokens": args.train_tokens})
     results.save(runs / "results")
     for name in ("similarity.png", "correlation.png", "layers.png", "matching.md", "matching.json"):
         if (runs / "results" / name).exists():

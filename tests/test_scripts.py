@@ -1,5 +1,7 @@
-"""The benchmark scripts run end to end at toy sizes and end with their machine-readable RESULT line."""
+"""The benchmark scripts run end to end at toy sizes and end with their machine-readable RESULT line; the report
+scripts take their study settings from the study configs."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -20,3 +22,34 @@ def test_bench_train_prints_a_result_line(arch):
     assert re.fullmatch(r"RESULT saelab_tok_s=\d+ ceiling_tok_s=\d+ ratio=[\d.]+ sparsify_tok_s=na saelens_tok_s=na",
                         result), result
     assert re.search(r"saelab \(sparse kernels\)\s+[\d,]+\s+[\d.]+\s+[\d.]+", proc.stdout)  # tokens/s, ratio, GB
+
+
+def _script(name: str):
+    """A report script as a module (its main() does not run on import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_scripts_take_their_study_settings_from_the_configs():
+    from saelab.analysis import CalendarConfig, ClusterSearchConfig, MatchConfig
+    from saelab.options import flag_values
+
+    match_report = _script("match_report")
+    parser, names = match_report.build_parser()
+    assert names == [f.name for f in dataclasses.fields(MatchConfig)]
+    assert MatchConfig(**flag_values(parser.parse_args([]), names)) == MatchConfig()
+    given = flag_values(parser.parse_args(["--max-pairs", "200", "--null-draws", "5"]), names)
+    assert MatchConfig(**given) == MatchConfig(max_pairs=200, null_draws=5)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-pairs", "0"])
+    probe_report = _script("probe_report")
+    args = probe_report.build_parser().parse_args(["--k", "1,4", "--positions", "last"])
+    assert flag_values(args, probe_report.PROBE_FLAGS) == {"k": [1, 4], "positions": "last"}
+    circles_report = _script("circles_report")
+    args = circles_report.build_parser().parse_args(["--n-clusters", "40", "--tasks", "days"])
+    assert CalendarConfig("m", **flag_values(args, circles_report.CALENDAR_FLAGS)).tasks == "days"
+    assert ClusterSearchConfig("s", "a", **flag_values(args, circles_report.CLUSTER_FLAGS)).n_clusters == 40

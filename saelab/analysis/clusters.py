@@ -514,15 +514,16 @@ def cluster_decoder(sae: "SAE", config: ClusterSearchConfig) -> Clusters:
     return graph_clusters(sae.W_dec, top=config.top, min_cosine=config.min_cosine)
 
 
-def run_cluster_search(config: ClusterSearchConfig, *, sae: "SAE | None" = None, tokenizer=None, log=None,
-                       progress: bool = True, trust_remote_code: bool = False) -> ClusterSearch:
-    """The cluster search a config describes (what `saelab circles clusters` runs); `sae` and `tokenizer` skip
-    loading them."""
+def run_cluster_search(config: ClusterSearchConfig, *, sae: "SAE | None" = None, tokenizer=None,
+                       clusters: Clusters | None = None, log=None, progress: bool = True,
+                       trust_remote_code: bool = False) -> ClusterSearch:
+    """The cluster search a config describes (what `saelab circles clusters` runs); `sae`, `tokenizer` and
+    `clusters` (of this SAE's decoder) skip loading or computing them."""
     from saelab.hub import load_sae
     from saelab.models import load_model
 
     sae = sae if sae is not None else load_sae(config.sae)
-    clusters = cluster_decoder(sae, config)
+    clusters = clusters if clusters is not None else cluster_decoder(sae, config)
     if log:
         log(f"{config.method}: {len(clusters.groups(config.min_size))} clusters of {config.min_size}+ latents")
     name = config.model or sae.cfg.model_name

@@ -22,13 +22,15 @@ DEFAULT_K = 8
 
 def make_sae(arch: str = "topk", *, d_in: int = 64, width: int = 96, k: int | None = DEFAULT_K, seed: int = 0,
              dtype: str = "float32", input_scale: float = 1.0, model_name: str = "tiny", hook_name: str = HOOK,
-             bias_std: float = 0.3, threshold_range: tuple[float, float] = (0.05, 1.0), **options):
+             bias_std: float = 0.3, b_dec_std: float = 0.0,
+             threshold_range: tuple[float, float] | None = (0.05, 1.0), **options):
     """A small SAE of any registered architecture, random but shaped like a trained one.
 
     A freshly initialised SAE has zero encoder biases and equal thresholds, so every latent behaves alike and bugs
     in bias folding, b_dec handling or per-latent thresholds go unseen; here the encoder biases are drawn with
-    `bias_std` and JumpReLU's thresholds spread log-uniformly over `threshold_range`. The same seed gives the same
-    SAE. `k` is dropped for the architectures that take none; `options` are the architecture's own settings
+    `bias_std` (the decoder bias with `b_dec_std`) and JumpReLU's thresholds spread log-uniformly over
+    `threshold_range`; bias_std=0 and threshold_range=None keep the fresh initialisation. The same seed gives the
+    same SAE. `k` is dropped for the architectures that take none; `options` are the architecture's own settings
     (e.g. target_l0=16, group_sizes=[32, 64]).
     """
     from saelab.sae import create_sae, sae_class
@@ -38,8 +40,11 @@ def make_sae(arch: str = "topk", *, d_in: int = 64, width: int = 96, k: int | No
     sae = create_sae(sae_config(arch, d_in=d_in, width=width, k=k, dtype=dtype, input_scale=input_scale,
                                 model_name=model_name, hook_name=hook_name, options=options))
     with torch.no_grad():
-        sae.b_enc.normal_(0, bias_std)
-        if hasattr(sae, "log_threshold"):
+        if bias_std:
+            sae.b_enc.normal_(0, bias_std)
+        if b_dec_std:
+            sae.b_dec.normal_(0, b_dec_std)
+        if threshold_range is not None and hasattr(sae, "log_threshold"):
             low, high = map(math.log, threshold_range)
             sae.log_threshold.copy_(torch.empty(width).uniform_(low, high))
     return sae

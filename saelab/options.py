@@ -227,6 +227,19 @@ def parse_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def split_list(text: str) -> list[str]:
+    """The items of a list flag: separated by commas or semicolons outside braces, so a hook pattern
+    (`blocks.{9,15}.hook_resid_post`) is one item, and `a;b`, `a,b` and `a, b` are the same two."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char in ",;" and depth <= 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items]
+
+
 def flag_type(hint: Any):
     """The argparse `type` for a flag of this annotation: `type=flag_type(PositiveInt)` refuses 0, -1, nan and inf
     where the flag is parsed, in argparse's one line naming the flag and the allowed range."""
@@ -269,7 +282,7 @@ def _parser_for(hint: Any):
         return str
     if origin is list and args and typing.get_origin(args[0]) not in (list, tuple) and _parser_for(args[0]):
         item = _parser_for(args[0])
-        return lambda text: [item(part.strip()) for part in text.split(",")]
+        return lambda text: [item(part) for part in split_list(text)]
     if origin is tuple and args and all(_ranges(a)[0] in (int, float) for a in args):
         items = [_parser_for(a) for a in args]
 
@@ -283,49 +296,157 @@ def _parser_for(hint: Any):
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How one field is spelled on the command line where the rule (`--field-name`, its text parsed and checked by
+    the annotation) does not fit: carried in the annotation (`Annotated[str, Flag(positional=True)]`), or given to
+    add_flags (`spell=`) for a field of a library config."""
+
+    name: str | None = None
+    """The flag's name where it is not the field's (`nulls` for null_draws)."""
+    positional: bool = False
+    """An argument without a flag name, in field order; a list takes one or more."""
+    switch: bool = False
+    """Takes no value: `--NAME` sets a field defaulting to False, `--no-NAME` clears one defaulting to True."""
+    repeat: bool = False
+    """A list given one item per flag (`--sae A --sae B`), for items that may hold commas."""
+    parse: Any = None
+    """The argparse type, where the annotation cannot say how text becomes a value (a text source to resolve)."""
+    bare: Any = None
+    """Not None: the flag may also be given without a value, meaning this (`--dry-run` alone: True)."""
+    metavar: str | None = None
+    required: bool = False
+    """Must be given, though the field has a default (an empty list the command cannot run on)."""
+    hint: Any = None
+    """A narrower annotation (a Range) to check the flag's values against than the library field's own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Marks a field holding a config of its own (`Annotated[MatchConfig, Group(...)]`): its fields are flags too, in
+    one help group, all of them or `names`, spelled as `spell` says. A field typed by a dataclass needs no mark."""
+
+    names: tuple[str, ...] | None = None
+    spell: dict[str, Flag] | None = None
+
+
+def _marks(hint: Any) -> tuple[Any, Flag | None, Group | None]:
+    """(the annotation without its Flag / Group marks, the Flag, the Group)."""
+    if typing.get_origin(hint) is not Annotated:
+        return hint, None, (Group() if dataclasses.is_dataclass(hint) else None)
+    inner, *extras = typing.get_args(hint)
+    rest = [extra for extra in extras if not isinstance(extra, (Flag, Group))]
+    flags = [extra for extra in extras if isinstance(extra, Flag)]
+    groups = [extra for extra in extras if isinstance(extra, Group)]
+    return (Annotated[(inner, *rest)] if rest else inner), (flags or [None])[0], (groups or [None])[0]
+
+
 def add_flags(group, cls: type, names: list[str] | None = None, *, lists: tuple[str, ...] = (),
-              defaults: dict[str, Any] | None = None, notes: dict[str, str] | None = None) -> list[str]:
+              defaults: dict[str, Any] | None = None, notes: dict[str, str] | None = None,
+              spell: dict[str, Flag] | None = None) -> list[str]:
     """Add one flag per field of `cls` (all, or `names`) to an argparse group; returns the fields added.
 
-    Flags default to None, so `flag_values` can tell what the user set. Fields in `lists` take a comma list
-    (a product dimension) and give a list of the field's type. Every value is checked where it is parsed. `defaults` overrides the default shown in the help; `notes` appends to it.
+    Flags default to None, so `flag_values` can tell what the user set; a field without a default is a required
+    flag. Fields in `lists` take a comma list (a product dimension) and give a list of the field's type. Every value
+    is checked where it is parsed. `defaults` overrides the default shown in the help; `notes` appends to it; `spell`
+    says how fields of a config the command line does not own are spelled (see Flag).
     """
     hints, docs = _hints(cls), field_docs(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     added = []
     for name in names if names is not None else list(fields):
-        hint = hints[name]
-        default = (defaults or {}).get(name, _default_of(fields[name]))
+        hint, how, _ = _marks(hints[name])
+        how = (spell or {}).get(name) or how or Flag()
+        hint = how.hint if how.hint is not None else hint
+        default = (defaults or {}).get(name, "required" if how.required else _default_of(fields[name]))
         help_text = docs.get(name, "")
         if typing.get_origin(hint) is Literal:
             help_text += f" [{', '.join(map(str, typing.get_args(hint)))}]"
         if name in lists:
             help_text += " Comma list: one SAE per combination."
-        help_text += (f" {notes[name]}" if notes and name in notes else "") + f" (default: {default})"
-        help_text = help_text.replace("%", "%%")
-        if hint is bool:
-            group.add_argument(flag(name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif name in lists:
-            group.add_argument(flag(name), type=_parser_for(list[hint]), default=None, metavar="A,B,...",
-                               help=help_text)
-        elif typing.get_origin(hint) is Literal:
-            group.add_argument(flag(name), choices=typing.get_args(hint), default=None, help=help_text)
-        else:
-            parse = _parser_for(hint)
-            if parse is None:
-                continue
-            group.add_argument(flag(name), type=parse, default=None, metavar=_metavar(hint), help=help_text)
+        help_text += f" {notes[name]}" if notes and name in notes else ""
+        if not (how.switch or how.positional or default is None):
+            help_text += " (required)" if default == "required" else f" (default: {default})"
+        options = dict(default=None, help=help_text.strip().replace("%", "%%"))
+        if not _add_flag(group, name, hint, how, default, options, name in lists):
+            continue
         added.append(name)
     return added
 
 
-def _metavar(hint: Any) -> str:
+def _add_flag(group, name: str, hint: Any, how: Flag, default: Any, options: dict, product: bool) -> bool:
+    """One field's argument, as `how` spells it; False when the field has no command-line form."""
+    names = [how.name or name] if how.positional else [flag(how.name or name)]
+    if how.positional:
+        options["nargs"] = "+" if typing.get_origin(hint) is list else None if default == "required" else "?"
+    else:
+        options.update(dest=name, required=default == "required")
+    if how.switch:
+        names = [flag("no_" + (how.name or name))] if default is True else names
+        group.add_argument(*names, action="store_false" if default is True else "store_true", **options)
+    elif hint is bool:
+        group.add_argument(*names, action=argparse.BooleanOptionalAction, **options)
+    elif product:
+        group.add_argument(*names, type=_parser_for(list[hint]), metavar="A,B,...", **options)
+    elif typing.get_origin(hint) is Literal and how.parse is None:
+        group.add_argument(*names, choices=typing.get_args(hint), **options)
+    else:
+        item = typing.get_args(hint)[0] if how.repeat or options.get("nargs") == "+" else hint
+        parse = how.parse or _parser_for(item)
+        if parse is None:
+            return False
+        if how.repeat:
+            options["action"] = "append"
+        if how.bare is not None:
+            options.update(nargs="?", const=how.bare)
+        group.add_argument(*names, type=parse, metavar=how.metavar or (None if how.positional else _metavar(item)),
+                           **options)
+    return True
+
+
+def add_config_flags(parser, cls: type, *, names: tuple[str, ...] | None = None,
+                     spell: dict[str, Flag] | None = None, title: str | None = None) -> None:
+    """Flags for a command's config `cls`: its own fields in `parser` (or a group titled `title`), each field that
+    holds a config of its own (a dataclass, or one marked by Group) in a group of its own. `config_from_flags`
+    builds the config back from what was parsed."""
+    hints, own = _hints(cls), []
+    for field in dataclasses.fields(cls):
+        inner, _, group = _marks(hints[field.name])
+        if not field.init or names is not None and field.name not in names:
+            continue
+        if group is None:
+            own.append(field.name)
+        else:
+            add_config_flags(parser, inner, names=group.names, spell=group.spell, title=_title(inner))
+    add_flags(parser.add_argument_group(title) if title else parser, cls, own, spell=spell)
+
+
+def config_from_flags(cls: type, args: argparse.Namespace, names: tuple[str, ...] | None = None):
+    """`cls` from parsed flags (see add_config_flags): each field the command line gave, else its default."""
+    hints, values = _hints(cls), {}
+    for field in dataclasses.fields(cls):
+        inner, _, group = _marks(hints[field.name])
+        if not field.init or names is not None and field.name not in names:
+            continue
+        if group is not None:
+            values[field.name] = config_from_flags(inner, args, group.names)
+        elif getattr(args, field.name, None) is not None:
+            values[field.name] = getattr(args, field.name)
+    return cls(**values)
+
+
+def _title(cls: type) -> str:
+    return " ".join((inspect.getdoc(cls) or cls.__name__).split("\n\n")[0].split()).rstrip(".")
+
+
+def _metavar(hint: Any) -> str | None:
+    """How the help writes a flag's value; None: the flag's name in capitals (a string)."""
     inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = _ranges(inner[0] if typing.get_origin(hint) in (Union, types.UnionType) else hint)[0]
     origin = typing.get_origin(base)
     if origin in (list, tuple):
         return "A,B,..."
-    return {int: "N", float: "X", str: "TEXT"}.get(base, "VALUE")
+    return {int: "N", float: "X", str: None}.get(base, "VALUE")
 
 
 def _default_of(field: dataclasses.Field) -> Any:

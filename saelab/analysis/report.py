@@ -15,7 +15,7 @@ from saelab.analysis.concepts import SPLITS, LabelledTexts, split_documents, tas
 from saelab.analysis.probes import C_GRID, METHODS, Features, extract, fit_probes
 from saelab.analysis.study import SCHEMA_VERSION, StudyResult
 from saelab.figures import GRID_ALPHA, pyplot, save_figure
-from saelab.options import NonNegativeInt, PositiveInt, check_fields
+from saelab.options import NonNegativeInt, PositiveInt, check_fields, split_list
 
 RESULTS_FILE = "probes.json"
 
@@ -158,7 +158,7 @@ class ProbeConfig:
     model: str
     """Model to probe: smollm2-135m, gemma-3-270m, a Hub id or a local folder."""
     hooks: str
-    """Hooks separated by ';', e.g. 'blocks.{5,10,15}.hook_resid_post'."""
+    """Hooks separated by commas or ';' (outside braces), e.g. 'blocks.{5,10,15}.hook_resid_post'."""
     data: str
     """JSONL / CSV (text, label[, doc]), a folder with one file or sub-folder per label, or a built-in concept:
     genre, calendar, languages."""
@@ -200,7 +200,7 @@ def probe_features(model, config: ProbeConfig) -> list[Features]:
     from saelab.analysis.probes import neuron_hook
     from saelab.hub import load_sae
 
-    hooks = model.resolve_hooks(config.hooks.split(";"))
+    hooks = model.resolve_hooks(split_list(config.hooks))
     features = [Features(hook) for hook in hooks]
     for hook in hooks if config.neurons else []:
         if not hook.startswith("blocks."):

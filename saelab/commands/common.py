@@ -1,0 +1,140 @@
+"""Flag groups several verbs share, each one dataclass written once: loading a model, the text to read, and
+what the verbs print. A verb's config inherits the group (`class ProbeCommand(ModelFlags)`) or holds it as a field."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Annotated
+
+from saelab.data import ContextLen
+from saelab.interventions import MAX_BATCH_TOKENS
+from saelab.options import Flag, NonNegativeInt, PositiveInt, Range
+
+
+def text_flag(value: str) -> str:
+    """The argparse type of every flag naming text: its source must resolve (saelab.data.text_source), so a
+    mistyped path stops the command before any model loads, instead of being read as a dataset name or as text."""
+    from saelab.data import text_source
+    from saelab.errors import DataError
+
+    try:
+        text_source(value)
+    except DataError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
+def token_position(text: str) -> str | int:
+    """'mean', 'last' or a token index (negative: from the end of each text)."""
+    if text in ("mean", "last"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'mean', 'last' or a token index, got {text!r}") from None
+
+
+TextSource = Annotated[str, Flag(parse=text_flag)]
+"""A text file, folder, JSONL file, Hub dataset name, or 'default', resolved where the flag is parsed."""
+Positions = Annotated[str | int, Flag(parse=token_position, metavar="POSITIONS")]
+"""Where a text's activations are read: 'mean' (over tokens, no BOS), 'last', or a token index."""
+Switch = Annotated[bool, Flag(switch=True)]
+"""An on/off flag taking no value."""
+Positional = Flag(positional=True)
+Similarity = Annotated[float, Range(at_least=-1, at_most=1)]
+"""A correlation or a cosine."""
+
+
+@dataclass(kw_only=True)
+class LoadsModel:
+    """Loading a model."""
+
+    trust_remote_code: Switch = False
+    """allow a Hub model's own code to run"""
+
+
+@dataclass(kw_only=True)
+class RunsModel(LoadsModel):
+    """Running a model."""
+
+    max_batch_tokens: PositiveInt = MAX_BATCH_TOKENS
+    """padded tokens per model forward, e.g. 8k: bounds memory; a longer text or context is refused by name. Raise it
+    for longer texts if memory allows"""
+
+
+@dataclass(kw_only=True)
+class ModelFlags(RunsModel):
+    """The model to run."""
+
+    model: str
+    """smollm2-135m, gemma-3-270m, a Hub id or a local folder"""
+
+    def load(self, **options):
+        from saelab.models import load_model
+
+        return load_model(self.model, trust_remote_code=self.trust_remote_code,
+                          max_batch_tokens=self.max_batch_tokens, **options)
+
+
+@dataclass(kw_only=True)
+class SAEModelFlags(LoadsModel):
+    """The model an SAE reads."""
+
+    model: str | None = None
+    """default: the model named in the SAE's cfg.json (gives tokens and unembedding)"""
+
+    def load_for(self, sae, folder, **options):
+        """--model, else the model the SAE's cfg.json names (load_model's `options`)."""
+        from saelab.models import load_model
+
+        name = self.model or sae.cfg.model_name
+        if not name:
+            raise ValueError(f"{folder} does not say which model it belongs to (its cfg.json names none); pass --model")
+        return load_model(name, trust_remote_code=self.trust_remote_code, **options)
+
+
+@dataclass(kw_only=True)
+class TextFlags:
+    """The text to read."""
+
+    text: TextSource = "default"
+    """text file, folder, JSONL file, Hub dataset name, or 'default' (built-in prose)"""
+    context_len: ContextLen = 128
+    """tokens per context"""
+
+    def text_config(self, **settings):
+        from saelab.data import TextConfig
+
+        return TextConfig(source=self.text, context_len=self.context_len, **settings)
+
+
+@dataclass(kw_only=True)
+class CacheTextFlags(TextFlags):
+    """The text to cache, in order."""
+
+    field: str = "text"
+    """JSONL / dataset field holding the text"""
+    no_bos: Switch = False
+    """do not start each context with BOS"""
+    seed: NonNegativeInt | None = None
+    """shuffle contexts in windows with this seed"""
+
+    def text_config(self):
+        return super().text_config(field=self.field, prepend_bos=not self.no_bos, seed=self.seed)
+
+
+def print_metrics(folder, metrics) -> None:
+    print(f"\nSAE        {folder}")
+    if metrics is None:
+        return
+    flat = metrics.metrics()
+    names = [("fvu", "fraction of variance unexplained"), ("explained_variance", "explained variance"),
+             ("mse", "MSE (raw units)"), ("l0", "L0 (active latents per token)"), ("frac_dead", "dead latents"),
+             ("frac_dense", "dense latents (>1% of tokens)"), ("ce_clean", "CE loss, clean model"),
+             ("ce_sae", "CE loss, SAE spliced in"), ("ce_zero", "CE loss, hook zero-ablated"),
+             ("ce_loss_recovered", "CE loss recovered"), ("kl_sae", "KL(clean || spliced), nats")]
+    print(f"held-out   {metrics.n_tokens:,} tokens")
+    for key, label in names:
+        if flat.get(key) is not None:
+            print(f"  {label:<34}{flat[key]:>10.4f}")

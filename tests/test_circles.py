@@ -9,9 +9,9 @@ import torch
 
 from saelab.analysis.circles import (DAYS_TASK, MONTHS_TASK, CalendarConfig, CalendarStudy, CalendarTask, answer_logits,
                                      calendar_order, calendar_study, fit_circle_probe, intervene, item_positions,
-                                     split_by_duration)
+                                     run_calendar, split_by_duration)
 from saelab.analysis.clusters import (ClusterSearch, ClusterSearchConfig, Clusters, cluster_points, graph_clusters,
-                                      search_clusters, spectral_clusters)
+                                      run_cluster_search, search_clusters, spectral_clusters)
 from saelab.analysis.irreducibility import (BINS, RANGE, irreducibility_score, mixture_index, mutual_information,
                                             normalise, pair_indices, pca, separability_index)
 from saelab.errors import DataError
@@ -425,6 +425,16 @@ def test_circle_configs_hold_the_command_settings_and_check_them():
             search.min_tokens, search.plots) == ("spectral", 500, 32, 2, 0.5, 2, 100, 5)
     with pytest.raises(ValueError, match="min_size"):
         ClusterSearchConfig(sae="s", acts="a", min_size=1)
+
+
+def test_the_circle_studies_run_from_their_configs(tiny_model, tiny_cache, tmp_path):
+    tiny_sae(tiny_model).save(tmp_path / "sae")
+    config = ClusterSearchConfig(sae=str(tmp_path / "sae"), acts=str(tiny_cache), method="graph", min_tokens=20,
+                                 no_model=True)
+    search = run_cluster_search(config, progress=False)
+    assert search.clustering["method"] == "graph" and search.clustering["n_clusters_found"] == 6
+    with pytest.raises(DataError, match="splits 'Monday' into"):
+        run_calendar(CalendarConfig(model="unused", tasks="days"), model=tiny_model, progress=False)
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -395,6 +395,21 @@ def test_cli_match_end_to_end(tiny_model, other_model, tmp_path):
     assert main(bad) == 2
 
 
+def test_the_matching_study_runs_from_its_config(tiny_model, other_model, tmp_path):
+    tiny_sae(tiny_model, 64).save(tmp_path / "sae-a")
+    tiny_sae(other_model, 48).save(tmp_path / "sae-b")
+    (tmp_path / "text.txt").write_text("\n".join(SENTENCES * 8))
+    config = MatchStudyConfig(a=[f"{tiny_model.name}:{HOOK}:{tmp_path / 'sae-a'}"],
+                              b=[f"{other_model.name}:{HOOK}:{tmp_path / 'sae-b'}"], text=str(tmp_path / "text.txt"),
+                              neurons=True, null_draws=20, min_tokens=100)
+    results = run_match(config)
+    assert [c.kind for c in results.comparisons] == ["sae", "units"]
+    assert results.config == {f.name: getattr(config, f.name) for f in dataclasses.fields(MatchConfig)}
+    assert results.alignment["text"] == str(tmp_path / "text.txt") and results.seconds > 0
+    with pytest.raises(ValueError, match="cache mode takes"):
+        run_match(MatchStudyConfig(a=["x"], b=["y", "z"], cache_a="c"))
+
+
 def test_an_sae_is_read_only_at_its_own_hook_by_every_analysis(tiny_model, tmp_path, capsys):
     """An SAE of blocks.0 has the width of blocks.1, so only its recorded hook tells them apart: every analysis
     handed a model, a hook and an SAE refuses the pair, naming both hooks."""

@@ -13,8 +13,8 @@ from saelab.analysis import (CausalInnerProduct, Features, LabelledTexts, LogitD
                              load_labelled, neuron_hook, run_probes, split_documents, sweep, tasks)
 from saelab.analysis.concepts import SPLITS, calendar, from_sources, languages
 from saelab.analysis.probes import extract, fit_probes
-from saelab.analysis.report import ProbeConfig
-from saelab.analysis.steering import SteerConfig, SteeringPoint, SteeringResult, target_of
+from saelab.analysis.report import ProbeConfig, run_probe_study
+from saelab.analysis.steering import SteerConfig, SteeringPoint, SteeringResult, run_steering, target_of
 from saelab.errors import DataError, HookError
 from saelab.sae import SAEConfig, create_sae
 
@@ -280,6 +280,25 @@ def test_probe_and_steer_configs_hold_every_setting_with_checked_values():
     with pytest.raises(ValueError, match="give a target"):
         target_of(steer)
     assert target_of(SteerConfig("m", "a|b", up=" x, y", down=" z")).up == [" x", " y"]
+
+
+def test_the_probe_and_steering_studies_run_from_their_configs(tiny_model, tmp_path):
+    rows = [{"text": f"{w} is {c}.", "label": lab, "doc": w} for lab, words in
+            {"colour": ["red", "blue", "green", "pink", "black"], "number": ["one", "two", "three", "four", "five"]}.items()
+            for w in words for c in ("here", "there")]
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = ProbeConfig(model="unused", hooks="blocks.{0,1}.hook_resid_post", data=str(data), k=[1, 2], neurons=True)
+    results = run_probe_study(config, model=tiny_model)
+    assert {r.kind for r in results.records} == {"resid", "neurons"} and results.data["ks"] == [1, 2]
+    with pytest.raises(ValueError, match="k=999 is larger"):
+        run_probe_study(ProbeConfig("unused", HOOK, str(data), k=[999]), model=tiny_model)
+    steer = SteerConfig(model="unused", prompts="It is|Look at", hook=HOOK, data=str(data), positive="colour",
+                        alphas=[0, 1], up=" the", side_texts=2, side_words=10)
+    result = run_steering(steer, model=tiny_model)
+    assert [p.alpha for p in result.points] == [0, 1] and "add alpha" in result.steer
+    with pytest.raises(ValueError, match="needs a latent"):
+        run_steering(SteerConfig("unused", "It is", sae=str(tmp_path), up=" the", side_texts=2), model=tiny_model)
 
 
 def test_causal_inner_product(tiny_model):

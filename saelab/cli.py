@@ -186,17 +186,27 @@ def train_config(args, config: dict, where: str) -> TrainConfig:
     return from_mapping(TrainConfig, fields, f"{where}: train")
 
 
+def train_text(args, config: dict, where: str):
+    """The text a stream trains on: the run file's `text` (a source, or TextConfig fields) with --text and
+    --context-len over it (flags win; the file's other fields stay)."""
+    from saelab.data import TextConfig
+
+    fields = config.get("text") or {}
+    fields = (dict(fields) if isinstance(fields, dict) else {"source": check_value(fields, str, f"{where}: text")})
+    flags = {"source": args.text, "context_len": args.context_len}
+    return from_mapping(TextConfig, {**fields, **{k: v for k, v in flags.items() if v is not None}},
+                        f"{where}: text")
+
+
 def cmd_train(args) -> None:
     import warnings
 
     from saelab import distributed
-    from saelab.activations import ActivationStore, ModelStream
-    from saelab.data import TextConfig
+    from saelab.activations.source import open_source, run_share
     from saelab.errors import SaelabError
     from saelab.models import load_model
-    from saelab.training import train
+    from saelab.training import NotEvaluated, train
     from saelab.training.landing import OffTarget, describe
-    from saelab.training.trainer import NotEvaluated, run_share, source_share
 
     where = args.config or "command line"
     config = load_config_file(args.config)
@@ -210,32 +220,21 @@ def cmd_train(args) -> None:
     acts = args.acts or run.get("acts")
     out = args.out or run.get("out") or "runs/sae"
     eval_tokens = args.eval_tokens if args.eval_tokens is not None else run.get("eval_tokens", 4096)
-    model = None
-    if acts:
-        source = ActivationStore(acts, batch_size=settings.batch_size, seed=settings.seed,
-                                 **source_share(run_share(settings)))
-        cache_run = source.manifest.run
-        if eval_tokens and world.main:  # rank 0 alone evaluates
-            model = load_model(cache_run["model"], device=device, trust_remote_code=args.trust_remote_code,
-                               max_batch_tokens=args.max_batch_tokens)
-        eval_text = TextConfig.from_fingerprint(cache_run["text"]).after(source.manifest.n_contexts)
-    else:
-        name = args.model or run.get("model")
-        hooks = args.hooks or run.get("hooks")
+    model, stream = None, {}
+    if not acts:
+        name, hooks = args.model or run.get("model"), args.hooks or run.get("hooks")
         if not name or not hooks:
             raise SettingError("train needs --acts (an activation cache) or --model with --hooks (stream live)")
         model = load_model(name, device=device, trust_remote_code=args.trust_remote_code,
                            max_batch_tokens=args.max_batch_tokens)
-        text_fields = config.get("text") or {}
-        text = (from_mapping(TextConfig, text_fields, f"{where}: text") if isinstance(text_fields, dict)
-                else TextConfig(source=check_value(text_fields, str, f"{where}: text")))
-        if args.text is not None:
-            text = TextConfig(source=args.text, context_len=args.context_len or text.context_len)
-        hooks = hooks.split(";") if isinstance(hooks, str) else hooks
-        source = ModelStream(model, hooks, text, batch_size=settings.batch_size, seed=settings.seed,
-                             **source_share(run_share(settings), stream=True))
-        used = -(-(settings.tokens + source.buffer_tokens) // (text.context_len - 1)) + 1
-        eval_text = text.after(used)
+        stream = dict(model=model, hooks=hooks.split(";") if isinstance(hooks, str) else hooks,
+                      text=train_text(args, config, where))
+    source = open_source(acts or None, batch_size=settings.batch_size, seed=settings.seed,
+                         share=run_share(settings), **stream)
+    if acts and eval_tokens and world.main:  # rank 0 alone evaluates
+        model = load_model(source.model_name, device=device, trust_remote_code=args.trust_remote_code,
+                           max_batch_tokens=args.max_batch_tokens)
+    eval_text = source.held_out_text(settings.tokens)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotEvaluated)  # said once below, in one line
         warnings.simplefilter("ignore", OffTarget)  # likewise, once per SAE

@@ -20,12 +20,12 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from saelab.activations.manifest import Manifest
+from saelab.activations.source import ActivationSource, open_source
 from saelab.activations.store import ActivationBatch, ActivationStore
 from saelab.activations.stream import ModelStream
 from saelab.errors import HookError
 
-Source = str | Path | ActivationStore | ModelStream
+Source = str | Path | ActivationStore | ModelStream | ActivationSource
 
 
 @dataclass
@@ -98,8 +98,9 @@ def iter_codes(sae, source: Source, *, hook: str | None = None, batch_size: int 
                check_model: bool = True) -> Iterator[Codes]:
     """Encode every position of `source` with `sae`, in text order, batch by batch (CPU tensors out).
 
-    source: a cache folder or an unshuffled ActivationStore (all its rows), or a ModelStream (its contexts in
-    order). hook: which hook to read (default: the SAE's cfg.hook_name, else the source's only hook).
+    source: a cache folder or an ActivationStore (all its rows, in order, whatever its shuffle), a ModelStream (its
+    contexts in order) or another ActivationSource (its in_order()). hook: which hook to read (default: the SAE's
+    cfg.hook_name, else the source's only hook).
     max_tokens: stop after this many positions. check_model: refuse a source of another model than the SAE's
     cfg.model_name (when both name one); turn off for SAEs whose model is named differently.
     """
@@ -128,19 +129,12 @@ def iter_codes(sae, source: Source, *, hook: str | None = None, batch_size: int 
 
 
 def _ordered_batches(source: Source, batch_size: int, wanted: str) -> tuple[Iterator[ActivationBatch], str, str]:
-    """(batches in text order, the hook to read, the source's model name)."""
-    if isinstance(source, ModelStream):
-        return source.in_order(), _pick_hook(wanted, source.hooks, "the model stream"), source.model.name
-    if isinstance(source, ActivationStore):
-        if source.shuffle or source.drop_last:
-            raise ValueError("iter_codes reads the whole cache in order: give an ActivationStore with shuffle=False "
-                             "and drop_last=False, or the cache folder itself")
-        hook = _pick_hook(wanted, source.hooks, f"the cache {source.path}")
-        return source.iter_batches(), hook, source.manifest.run.get("model", "")
-    manifest = Manifest.read(Path(source))
-    hook = _pick_hook(wanted, list(manifest.hooks), f"the cache {source}")
-    store = ActivationStore(source, hook, batch_size=batch_size, shuffle=False, drop_last=False)
-    return store.iter_batches(), hook, manifest.run.get("model", "")
+    """(batches in text order, the hook to read, the source's model name). A source given whole is read in order
+    (every row once, whatever its shuffle), in its own batch size."""
+    source = open_source(source, batch_size=batch_size)
+    where = f"the cache {source.path}" if isinstance(source, ActivationStore) else "the model stream"
+    hook = _pick_hook(wanted, source.hooks, where)
+    return source.in_order(hooks=[hook]), hook, source.model_name
 
 
 def _pick_hook(hook: str, hooks: list[str], where: str) -> str:

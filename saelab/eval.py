@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.activations.store import ActivationBatch, ActivationStore
+from saelab.activations.source import open_source
+from saelab.activations.store import ActivationBatch
 from saelab.data import TextConfig, token_batches
 from saelab.errors import DataError, HookError
 from saelab.files import check_schema_version, without_local_paths
@@ -515,13 +516,7 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
     device = model.device
 
     if mean_ablation and mean_activation is None:
-        total, count = torch.zeros(sae.cfg.d_in, dtype=torch.float64), 0
-        for ids, mask in batches:
-            x = model.activations(ids, [hook], flatten=True)[hook].to("cpu", torch.float64)
-            where = _replaced_positions(Tokens(ids, mask, bos_id), splice_bos)
-            total += x[where].sum(0)
-            count += int(where.sum())
-        mean_activation = total / max(count, 1)
+        mean_activation = _mean_activation(model, batches, hook, sae.cfg.d_in, splice_bos)
 
     def sae_replace(x: Tensor, where: Tensor) -> Tensor:
         _check_finite(x[where.to(x.device)], hook)
@@ -551,12 +546,28 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
     if n_predictions == 0:
         raise DataError("no next-token predictions to evaluate: every context is shorter than 2 tokens")
 
-    n = n_predictions
+    return _spliced_result(clean, spliced, zero, mean if mean_ablation else None, n_contexts, n_predictions,
+                           splice_bos)
+
+
+def _mean_activation(model, batches: list[tuple[Tensor, Tensor]], hook: str, d_in: int, splice_bos: bool) -> Tensor:
+    """The mean activation over the positions a splice replaces (a pass that stops at the hook's layer)."""
+    total, count = torch.zeros(d_in, dtype=torch.float64), 0
+    for ids, mask in batches:
+        x = model.activations(ids, [hook], flatten=True)[hook].to("cpu", torch.float64)
+        where = _replaced_positions(Tokens(ids, mask, model.bos_token_id), splice_bos)
+        total += x[where].sum(0)
+        count += int(where.sum())
+    return total / max(count, 1)
+
+
+def _spliced_result(clean: _Loss, spliced: _Loss, zero: _Loss, mean: _Loss | None, n_contexts: int, n: int,
+                    splice_bos: bool) -> SplicedMetrics:
     ce_clean, ce_sae, ce_zero = clean.ce / n, spliced.ce / n, zero.ce / n
     result = SplicedMetrics(n_contexts=n_contexts, n_predictions=n, ce_clean=ce_clean, ce_sae=ce_sae,
                             ce_zero=ce_zero, ce_loss_recovered=_recovered(ce_clean, ce_sae, ce_zero),
                             kl_sae=spliced.kl / n, kl_zero=zero.kl / n, splice_bos=splice_bos)
-    if mean_ablation:
+    if mean is not None:
         result.ce_mean = mean.ce / n
         result.kl_mean = mean.kl / n
         result.ce_loss_recovered_mean = _recovered(ce_clean, ce_sae, result.ce_mean)
@@ -597,40 +608,53 @@ def evaluate(sae: SAE, *, activations: Tensor | Iterable | str | Path | None = N
     settings: dict[str, Any] = {"dense_threshold": dense_threshold}
     stats = None
     if activations is not None:
-        if isinstance(activations, (str, Path)):
-            if hook is None:
-                raise ValueError("reading an activation cache needs the hook: pass hook= or set sae.cfg.hook_name")
-            settings["activations"] = str(activations)
-            activations = ActivationStore(activations, [hook], batch_size=4096, shuffle=False, drop_last=False)
-        stats = reconstruction_stats(sae, activations, hook=hook, max_tokens=activation_tokens,
-                                     dense_threshold=dense_threshold)
-        settings["reconstruction_source"] = "activations"
+        stats = _activation_stats(sae, activations, hook, activation_tokens, dense_threshold, settings)
     spliced = None
     if model is not None:
-        own_stats = None
-        if stats is None:
-            own_stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, dense_threshold)
-            settings["reconstruction_source"] = "spliced pass"
-        mean = stats.mean if (mean_ablation and stats is not None) else None
-        spliced = spliced_metrics(sae, model, text, hook=hook, tokens=tokens, batch_size=batch_size,
-                                  splice_bos=splice_bos, mean_ablation=mean_ablation, mean_activation=mean,
-                                  stats=own_stats)
-        if stats is None:
-            stats = own_stats
-        settings.update(model=model.name, tokens=tokens, batch_size=batch_size, splice_bos=splice_bos,
-                        mean_ablation=mean_ablation, **_describe_text(text))
-        if mean_ablation:
-            settings["mean_source"] = "activations" if mean is not None else "text"
+        spliced, stats = _spliced_pass(sae, model, text, hook, stats, settings, tokens=tokens, batch_size=batch_size,
+                                       splice_bos=splice_bos, mean_ablation=mean_ablation)
+    result = _result(sae, hook, stats, spliced, settings)
+    if out is not None:
+        result.save(out)
+    return result
+
+
+def _activation_stats(sae: SAE, activations, hook: str | None, max_tokens: int | None, dense_threshold: float,
+                      settings: dict[str, Any]) -> ReconstructionStats:
+    """Reconstruction sums over the activations given (a cache folder is read whole, in order)."""
+    if isinstance(activations, (str, Path)):
+        if hook is None:
+            raise ValueError("reading an activation cache needs the hook: pass hook= or set sae.cfg.hook_name")
+        settings["activations"] = str(activations)
+        activations = open_source(activations, hooks=[hook], batch_size=4096).in_order()
+    settings["reconstruction_source"] = "activations"
+    return reconstruction_stats(sae, activations, hook=hook, max_tokens=max_tokens, dense_threshold=dense_threshold)
+
+
+def _spliced_pass(sae: SAE, model: LanguageModel, text, hook: str, stats: ReconstructionStats | None,
+                  settings: dict[str, Any], **options) -> tuple[SplicedMetrics, ReconstructionStats]:
+    """The spliced metrics on `text`; without reconstruction sums from activations, the same pass gathers them."""
+    own_stats = None
+    if stats is None:
+        own_stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, settings["dense_threshold"])
+        settings["reconstruction_source"] = "spliced pass"
+    mean = stats.mean if (options["mean_ablation"] and stats is not None) else None
+    spliced = spliced_metrics(sae, model, text, hook=hook, mean_activation=mean, stats=own_stats, **options)
+    settings.update(model=model.name, **options, **_describe_text(text))
+    if options["mean_ablation"]:
+        settings["mean_source"] = "activations" if mean is not None else "text"
+    return spliced, stats if stats is not None else own_stats
+
+
+def _result(sae: SAE, hook: str | None, stats: ReconstructionStats | None, spliced: SplicedMetrics | None,
+            settings: dict[str, Any]) -> EvalResult:
     reconstruction = stats.metrics() if stats is not None and stats.n_tokens else None
-    result = EvalResult(
+    return EvalResult(
         sae=SAESummary.of(sae, hook), n_tokens=stats.n_tokens if stats is not None else 0,
         reconstruction=reconstruction, spliced=spliced,
         density=stats.density() if reconstruction is not None else None, settings=settings,
         firing_counts=stats.firing_counts.tolist() if reconstruction is not None else None,
     )
-    if out is not None:
-        result.save(out)
-    return result
 
 
 __all__ = [

@@ -16,7 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from saelab.activations.manifest import Manifest, ShardRecord, check_shard
-from saelab.errors import CacheError, HookError
+from saelab.data import TextConfig
+from saelab.errors import CacheError, HookError, TrainingError
 
 
 @dataclass
@@ -81,6 +82,20 @@ class ActivationStore:
         return {h: self.manifest.hooks[h]["d"] for h in self.hooks}
 
     @property
+    def model_name(self) -> str:
+        return self.manifest.run.get("model", "")
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to resume on this store: the cache and the order it is read in (not the
+        ranks sharing it: a run resumes on any number of them)."""
+        return {"cache": self.manifest.run, "tokens": self.n_tokens, "hooks": self.hooks, "seed": self.seed,
+                "shuffle": self.shuffle, "shards_per_window": self.shards_per_window}
+
+    def held_out_text(self, tokens: int | None = None) -> TextConfig:
+        """The text that follows the cached contexts: held out from anything trained on this cache."""
+        return TextConfig.from_fingerprint(self.manifest.run["text"]).after(self.manifest.n_contexts)
+
+    @property
     def n_tokens(self) -> int:
         """Token positions in the whole cache."""
         return self.manifest.tokens
@@ -107,7 +122,33 @@ class ActivationStore:
 
     def iter_batches(self, epoch: int = 0, start: int = 0) -> Iterator[ActivationBatch]:
         """Batches of one epoch, from batch number `start` on (same batches as a full pass would give there)."""
-        shards = self._epoch_shards(epoch)
+        return self._walk(self._epoch_shards(epoch), epoch, start, self.shuffle, self.drop_last, self.hooks,
+                          self.world_size > 1)
+
+    def batches(self, start: int = 0) -> Iterator[ActivationBatch]:
+        """The endless training sequence from batch number `start` on: epoch after epoch, each in its own order."""
+        epoch = 0
+        while True:
+            per_epoch = self.batches_per_epoch(epoch)
+            if per_epoch == 0:
+                raise TrainingError(f"the cache holds fewer tokens than one batch ({self.batch_size})")
+            if start < per_epoch:
+                yield from self.iter_batches(epoch=epoch, start=start)
+                start = 0
+            else:
+                start -= per_epoch
+            epoch += 1
+
+    def in_order(self, hooks: list[str] | None = None) -> Iterator[ActivationBatch]:
+        """Every row of the cache once, in text order, whatever this store's shuffle, drop_last and rank; up to
+        batch_size rows a batch. hooks: read only these of the store's hooks (default: all of them)."""
+        for hook in hooks or []:
+            if hook not in self.hooks:
+                raise HookError(f"the store reads {', '.join(self.hooks)}, not {hook!r}")
+        return self._walk(list(self.manifest.shards), 0, 0, False, False, hooks or self.hooks, False)
+
+    def _walk(self, shards: list[ShardRecord], epoch: int, start: int, shuffle: bool, drop_last: bool,
+              hooks: list[str], share: bool) -> Iterator[ActivationBatch]:
         windows = [shards[i : i + self.shards_per_window] for i in range(0, len(shards), self.shards_per_window)]
         skip = start * self.batch_size  # rows of the epoch sequence before the first batch we yield
         carry: dict[str, torch.Tensor] | None = None
@@ -116,7 +157,7 @@ class ActivationStore:
             if skip >= rows:
                 skip -= rows
                 continue
-            part = self._load_window(window, epoch, number)
+            part = self._load_window(window, epoch, number, shuffle, hooks)
             if skip:
                 part = {key: value[skip:] for key, value in part.items()}
                 skip = 0
@@ -124,36 +165,37 @@ class ActivationStore:
                 part = {key: torch.cat([carry[key], value]) for key, value in part.items()}
             n_full = len(part["rows"]) // self.batch_size * self.batch_size
             for begin in range(0, n_full, self.batch_size):
-                yield self._batch(part, slice(begin, begin + self.batch_size))
+                yield self._batch(part, slice(begin, begin + self.batch_size), hooks, share)
             carry = {key: value[n_full:] for key, value in part.items()}
-        if carry is not None and len(carry["rows"]) and not self.drop_last:
-            yield self._batch(carry, slice(None))
+        if carry is not None and len(carry["rows"]) and not drop_last:
+            yield self._batch(carry, slice(None), hooks, share)
 
-    def _batch(self, part: dict[str, torch.Tensor], where: slice) -> ActivationBatch:
-        if self.world_size > 1:  # this rank's share of the batch
+    def _batch(self, part: dict[str, torch.Tensor], where: slice, hooks: list[str], share: bool) -> ActivationBatch:
+        if share:  # this rank's share of the batch
             start, stop, _ = where.indices(len(part["rows"]))
             bounds = [start + (stop - start) * r // self.world_size for r in (self.rank, self.rank + 1)]
             where = slice(*bounds)
-        return ActivationBatch({h: part[h][where] for h in self.hooks}, part["token_ids"][where], part["rows"][where],
+        return ActivationBatch({h: part[h][where] for h in hooks}, part["token_ids"][where], part["rows"][where],
                                part["contexts"][where], part["positions"][where])
 
-    def _load_window(self, window: list[ShardRecord], epoch: int, number: int) -> dict[str, torch.Tensor]:
-        parts = [self._load_shard(record) for record in window]
+    def _load_window(self, window: list[ShardRecord], epoch: int, number: int, shuffle: bool,
+                     hooks: list[str]) -> dict[str, torch.Tensor]:
+        parts = [self._load_shard(record, hooks) for record in window]
         joined = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        if self.shuffle:
+        if shuffle:
             generator = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 10_007 + number + 1)
             order = torch.randperm(len(joined["rows"]), generator=generator)
             joined = {key: value[order] for key, value in joined.items()}
         return joined
 
-    def _load_shard(self, record: ShardRecord) -> dict[str, torch.Tensor]:
+    def _load_shard(self, record: ShardRecord, hooks: list[str]) -> dict[str, torch.Tensor]:
         if record.index not in self._verified:
             check_shard(self.path, record, checksum=self.verify)
             self._verified.add(record.index)
         file = self.path / record.file
         try:
             with safe_open(file, framework="pt") as shard:
-                loaded = {hook: shard.get_tensor(f"acts.{hook}") for hook in self.hooks}
+                loaded = {hook: shard.get_tensor(f"acts.{hook}") for hook in hooks}
                 tokens, positions = shard.get_tensor("tokens"), shard.get_tensor("positions").long()
         except (SafetensorError, OSError) as error:
             raise CacheError(f"shard {file} cannot be read ({error}); re-run the cache command to recompute it") from None

@@ -13,6 +13,7 @@ import torch
 
 from saelab.activations.store import ActivationBatch
 from saelab.data import TextConfig, token_batches
+from saelab.errors import HookError
 
 
 class ModelStream:
@@ -53,13 +54,41 @@ class ModelStream:
     def d(self) -> dict[str, int]:
         return {h: self.model.hook_dim(h) for h in self.hooks}
 
-    def in_order(self) -> Iterator[ActivationBatch]:
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to resume on this stream (not how ranks share it: a run resumes on any
+        number of them)."""
+        return {"model": self.model.name, "hooks": self.hooks, "text": self.text.fingerprint(), "seed": self.seed,
+                "buffer_tokens": self.buffer_tokens}
+
+    def held_out_text(self, tokens: int) -> TextConfig:
+        """The text after every context a run of `tokens` training tokens can read: the buffer is filled past the
+        last batch, and each context gives at most context_len - 1 positions (its BOS dropped)."""
+        used = -(-(tokens + self.buffer_tokens) // (self.text.context_len - 1)) + 1
+        return self.text.after(used)
+
+    def batches(self, start: int = 0) -> Iterator[ActivationBatch]:
+        """The batches from batch number `start` on. A live stream cannot seek: it replays (deterministic for its
+        seed) up to there."""
+        batches = iter(self)
+        for _ in range(start):
+            next(batches, None)
+        yield from batches
+
+    def in_order(self, hooks: list[str] | None = None) -> Iterator[ActivationBatch]:
         """Unshuffled batches of up to model_batch_size contexts each, in text order (for analyses that show
-        contexts); max_tokens and batch_size do not apply."""
+        contexts); max_tokens and batch_size do not apply. hooks: only these of the stream's hooks (default: all)."""
+        hooks = hooks or self.hooks
+        for hook in hooks:
+            if hook not in self.hooks:
+                raise HookError(f"the stream reads {', '.join(self.hooks)}, not {hook!r}")
         length = self.text.context_len
         for chunk in self._positions():
             rows = chunk["rows"]
-            yield ActivationBatch({h: chunk[h] for h in self.hooks}, chunk["token_ids"], rows, rows // length,
+            yield ActivationBatch({h: chunk[h] for h in hooks}, chunk["token_ids"], rows, rows // length,
                                   rows % length)
 
     def _positions(self) -> Iterator[dict[str, torch.Tensor]]:

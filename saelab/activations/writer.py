@@ -55,12 +55,7 @@ def cache_activations(
     """
     text = text if isinstance(text, TextConfig) else TextConfig(source=text or "default")
     hooks = model.resolve_hooks(hooks)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if text.context_len > model.n_ctx:
-        raise ValueError(f"context_len {text.context_len} is longer than {model.name} allows ({model.n_ctx})")
-    if tokens < 1 or batch_size < 1:
-        raise ValueError(f"tokens and batch_size must be positive, got tokens={tokens}, batch_size={batch_size}")
+    _check_settings(model, text, tokens, batch_size, dtype)
     contexts = _contexts(text, model.tokenizer)
     shard_contexts = max(batch_size, shard_tokens // text.context_len // batch_size * batch_size)
     fresh = Manifest(
@@ -94,6 +89,15 @@ def cache_activations(
         warnings.warn(f"the text {text.source!r} ran out: the cache holds {manifest.n_contexts * text.context_len:,} "
                       f"tokens, fewer than the {manifest.target_contexts * text.context_len:,} asked", stacklevel=2)
     return manifest
+
+
+def _check_settings(model, text: TextConfig, tokens: int, batch_size: int, dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if text.context_len > model.n_ctx:
+        raise ValueError(f"context_len {text.context_len} is longer than {model.name} allows ({model.n_ctx})")
+    if tokens < 1 or batch_size < 1:
+        raise ValueError(f"tokens and batch_size must be positive, got tokens={tokens}, batch_size={batch_size}")
 
 
 def _contexts(text: TextConfig, tokenizer):

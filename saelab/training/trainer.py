@@ -17,11 +17,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import json
-import math
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -29,58 +27,24 @@ import torch
 from tqdm.auto import tqdm
 
 from saelab import distributed
-from saelab.activations import ActivationBatch, ActivationStore, ModelStream
-from saelab.errors import HookError, TrainingError, as_os_error
-from saelab.files import FolderLock, inside, write_atomic
+from saelab.activations import ActivationBatch
+from saelab.activations.source import check_share, open_source, run_share
+from saelab.activations.source import source_share  # noqa: F401 (importable from here too)
+from saelab.errors import HookError, TrainingError
+from saelab.files import FolderLock
 from saelab.options import from_mapping
 from saelab.sae import SAE, SAEConfig, create_sae, create_training, estimate_input_scale
-from saelab.training.checkpoint import (CheckpointError, load_checkpoint, optimizer_tensors, restore_optimizer,
-                                     save_checkpoint)
+from saelab.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from saelab.training.config import SAESpec, TrainConfig
-from saelab.training.landing import OffTarget, asked_l0, describe, landing
+from saelab.training.diagnosis import why_not_finite
+from saelab.training.landing import OffTarget, describe
+from saelab.training.log import RunLog, plain, postfix
+from saelab.training.member import Member, load_member_state, member_state
 
-LOG = "log.jsonl"
 MAX_FVU = 1.0
 """A training FVU above this (worse than predicting the batch mean) at the end of a run means it diverged."""
 MAX_DEAD = 0.9
 """More than this fraction of latents dead at the end of a run means it collapsed."""
-MASSIVE = 100.0
-"""A token whose activation norm is this many times its batch's median (a "massive activation") is named as the
-likely cause of a non-finite loss."""
-
-
-@dataclass
-class Member:
-    """One SAE being trained, with its optimiser and the tokens since each latent last fired."""
-
-    name: str
-    hook: str
-    spec: SAESpec
-    sae: SAE
-    training: object
-    optimizer: torch.optim.Optimizer
-    since_fired: torch.Tensor
-    aliases: list[tuple[torch.Tensor, torch.Tensor]]
-    """(parameter, the contiguous alias Adam steps instead), for parameters stored transposed (W_enc)."""
-    recent_fvu: collections.deque = field(default_factory=collections.deque)
-    """Training FVU of the last `log_every` steps: judges at the end whether the run diverged."""
-    recent_l0: collections.deque = field(default_factory=collections.deque)
-    """Training L0 of the last `log_every` steps: judges at the end whether the SAE landed at the L0 asked for."""
-
-    def landed(self) -> dict | None:
-        """Where this SAE's L0 ended against the L0 asked for (saelab.training.landing); None without a target."""
-        target = asked_l0(self.sae.cfg)
-        if target is None:
-            return None
-        return landing(target, sum(self.recent_l0) / len(self.recent_l0) if self.recent_l0 else None)
-
-    def step(self) -> None:
-        for param, alias in self.aliases:
-            alias.grad = param.grad.T if param.grad is not None else None
-        self.optimizer.step()
-
-    def dead(self, window: int) -> torch.Tensor:
-        return self.since_fired >= window
 
 
 @dataclass
@@ -100,10 +64,6 @@ class TrainedSAE:
     None for a fixed sparsity coefficient."""
 
 
-class NotEvaluated(UserWarning):
-    """An SAE was trained and saved, but the evaluation asked for could not run."""
-
-
 class Trainer:
     def __init__(self, source, specs: list[SAESpec | dict], config: TrainConfig | None = None, *,
                  out: str | Path | None = None, resume: bool = True, progress: bool = True):
@@ -111,9 +71,12 @@ class Trainer:
         self.world = distributed.current()
         self.device = distributed.local_device(self.config.device, self.world)
         self.data_parallel = self.world.distributed and self.config.parallel == "data"
-        self.source = _as_source(source, self.config, self.world if self.data_parallel else distributed.SINGLE)
-        _check_share(self.source, self.world, self.data_parallel)
-        if getattr(self.source, "batch_size", self.config.batch_size) != self.config.batch_size:
+        self.source = open_source(source, batch_size=self.config.batch_size, seed=self.config.seed,
+                                  share=run_share(self.config))
+        """A cache folder is read in the order config.seed gives, as `saelab train --acts --seed` reads it; an
+        iterable of ActivationBatches you hold (with .hooks, .d, .batch_size) is read as it comes."""
+        check_share(self.source, self.world, self.data_parallel)
+        if self.source.batch_size != self.config.batch_size:
             raise ValueError(f"the activation source gives batches of {self.source.batch_size} but "
                              f"TrainConfig.batch_size is {self.config.batch_size}")
         self.specs = [s if isinstance(s, SAESpec) else from_mapping(SAESpec, s, f"saes[{i}]")
@@ -149,7 +112,7 @@ class Trainer:
         if d_in != self.source.d[hook]:
             raise ValueError(f"SAE {spec.name()} expects d_in={d_in} but hook {hook} gives {self.source.d[hook]}")
         cfg = SAEConfig(arch=spec.arch, d_in=d_in, width=spec.width, k=spec.k, hook_name=hook,
-                        model_name=_model_name(self.source), **options)
+                        model_name=self.source.model_name, **options)
         name = f"{hook}/{spec.name()}"  # also the SAE's folder in the run: one folder per hook, as on the Hub
         with torch.random.fork_rng(devices=[]):  # each SAE's init depends on the seed and its name, not on order
             torch.manual_seed(self.config.seed + zlib.crc32(name.encode()))
@@ -177,7 +140,8 @@ class Trainer:
         config = self.config.to_dict()
         config.pop("allow_diverged")  # accepting a diverged run must not make its own checkpoint "another run"
         config.pop("parallel")  # the state is global either way: resume with any split over any number of ranks
-        return {"config": config, "specs": [dataclasses.asdict(s) for s in self.specs], "data": _describe(self.source)}
+        return {"config": config, "specs": [dataclasses.asdict(s) for s in self.specs],
+                "data": self.source.fingerprint()}
 
     @contextlib.contextmanager
     def locked(self):
@@ -205,8 +169,8 @@ class Trainer:
             if self.resume:
                 self._restore()
         main = self.world.main
-        logger = _Logger(self.out if main else None, self.step, self.config.wandb_project if main else None,
-                         self.fingerprint())
+        logger = RunLog(self.out if main else None, self.step, self.config.wandb_project if main else None,
+                        self.fingerprint())
         bar = tqdm(total=self.config.steps, initial=self.step, desc="training", unit="step",
                    disable=not (self.progress and main))
         try:
@@ -226,7 +190,7 @@ class Trainer:
                     if self.step == self.config.steps and (missed := self._off_target()):
                         record["off_target"] = missed
                     logger.write(record)
-                    bar.set_postfix_str(_postfix(record))
+                    bar.set_postfix_str(postfix(record))
                 if self.out is not None and (self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps):
                     self._save()
         finally:
@@ -276,24 +240,8 @@ class Trainer:
         return next(iter(rows.values()))
 
     def _batches(self) -> Iterator[ActivationBatch]:
-        """The run's batch sequence from batch number `batches_read` on, across epochs for a cache."""
-        if isinstance(self.source, ActivationStore):
-            epoch, start = 0, self.batches_read
-            while True:
-                per_epoch = self.source.batches_per_epoch(epoch)
-                if per_epoch == 0:
-                    raise TrainingError(f"the cache holds fewer tokens than one batch ({self.config.batch_size})")
-                if start < per_epoch:
-                    yield from self.source.iter_batches(epoch=epoch, start=start)
-                    start = 0
-                else:
-                    start -= per_epoch
-                epoch += 1
-        else:  # a live stream cannot seek: replay it (deterministic for its seed) up to where the run stopped
-            batches = iter(self.source)
-            for _ in range(self.batches_read):
-                next(batches, None)
-            yield from batches
+        """The run's batch sequence from batch number `batches_read` on (across epochs for a cache)."""
+        return self.source.batches(self.batches_read)
 
     def _finite(self, batch: ActivationBatch) -> bool:
         where = None
@@ -334,7 +282,7 @@ class Trainer:
         out = member.training.loss(x, step=self.step, dead=member.dead(self.config.dead_window))
         if not torch.isfinite(out.loss):
             raise TrainingError(f"SAE {member.name}: the loss became {out.loss.item()} at step {self.step}: "
-                                + _why_not_finite(member, x))
+                                + why_not_finite(member, x))
         member.sae.zero_grad(set_to_none=True)
         out.loss.backward()
         world = self.world if self.data_parallel else distributed.SINGLE
@@ -368,7 +316,7 @@ class Trainer:
             if self.data_parallel:  # the whole batch's means (fvu is already)
                 values = {name: value if name == "fvu" else self.world.mean(torch.as_tensor(value, dtype=torch.float64,
                           device=self.world.device)) for name, value in values.items()}
-            record[member.name] = {name: _plain(value) for name, value in values.items()}
+            record[member.name] = {name: plain(value) for name, value in values.items()}
         if self.world.distributed and not self.data_parallel:  # each rank logged its own SAEs
             for part in self.world.gather_json(record):
                 record.update(part)
@@ -425,7 +373,7 @@ class Trainer:
                  "skipped": self.skipped, "tokens": self.tokens, "members": []}
         tensors = {}
         for i, member in enumerate(self.members):
-            saved, member_tensors = _member_state(i, member)
+            saved, member_tensors = member_state(i, member)
             state["members"].append(saved)
             tensors.update(member_tensors)
         save_checkpoint(self.out, state, tensors)
@@ -437,10 +385,10 @@ class Trainer:
             return
         for i, member in enumerate(self.members):
             owner = i % self.world.size
-            saved, tensors = _member_state(i, member) if self.world.rank == owner else (None, None)
+            saved, tensors = member_state(i, member) if self.world.rank == owner else (None, None)
             saved, tensors = self.world.broadcast_state(saved, tensors, owner)
             if self.world.rank != owner:
-                _load_member_state(i, member, saved, tensors)
+                load_member_state(i, member, saved, tensors)
 
     def _restore(self) -> None:
         found = load_checkpoint(self.out)
@@ -453,7 +401,7 @@ class Trainer:
             raise CheckpointError(f"{self.out} holds a checkpoint of another run (differs in: {', '.join(changed)}); "
                                   "use another output folder, or resume=False (--no-resume) to start over there")
         for i, (member, saved) in enumerate(zip(self.members, state["members"])):
-            _load_member_state(i, member, saved, tensors)
+            load_member_state(i, member, saved, tensors)
         self.step, self.batches_read, self.skipped = state["step"], state["batches_read"], state["skipped"]
         self.tokens = state.get("tokens", self.step * self.config.batch_size)  # older checkpoints: full batches
         self._started = True
@@ -468,28 +416,6 @@ class Trainer:
         return TrainedSAE(member.name, member.hook, sae.fold_input_scale(), self.step, l0=landed)
 
 
-def _member_state(i: int, member: Member) -> tuple[dict, dict[str, torch.Tensor]]:
-    """One SAE's part of a checkpoint: (JSON-able state, tensors named '<i>.<what>')."""
-    tensors = {f"{i}.sae.{name}": value for name, value in member.sae.state_dict().items()}
-    tensors[f"{i}.since_fired"] = member.since_fired
-    opt_tensors, groups = optimizer_tensors(member.optimizer, f"{i}.adam")
-    tensors.update(opt_tensors)
-    return ({"cfg": member.sae.cfg.to_dict(), "training": member.training.state_dict(), "param_groups": groups,
-             "recent_fvu": list(member.recent_fvu), "recent_l0": list(member.recent_l0)}, tensors)
-
-
-def _load_member_state(i: int, member: Member, saved: dict, tensors: dict[str, torch.Tensor]) -> None:
-    member.sae.cfg = SAEConfig.from_dict(saved["cfg"])
-    member.sae.load_state_dict({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{i}.sae.")})
-    member.since_fired.copy_(tensors[f"{i}.since_fired"])
-    restore_optimizer(member.optimizer, f"{i}.adam", tensors, saved["param_groups"])
-    member.training.load_state_dict(saved["training"])
-    member.recent_fvu.clear()
-    member.recent_fvu.extend(saved.get("recent_fvu", []))
-    member.recent_l0.clear()
-    member.recent_l0.extend(saved.get("recent_l0", []))
-
-
 def _without_old_share(fingerprint: dict) -> dict:
     """A checkpoint's fingerprint without the rank / world_size that runs before distributed training recorded
     (always 0 / 1 there): the data a run reads no longer depends on how many ranks share it."""
@@ -497,171 +423,6 @@ def _without_old_share(fingerprint: dict) -> dict:
     if data.get("rank") == 0 and data.get("world_size") == 1:
         data = {k: v for k, v in data.items() if k not in ("rank", "world_size")}
     return {**fingerprint, "data": data}
-
-
-class _Logger:
-    """log.jsonl (truncated to the resumed step, so a resumed run's log reads as one run) and optional W&B."""
-
-    def __init__(self, out: Path | None, step: int, wandb_project: str | None, config: dict):
-        self.file = None
-        if out is not None:
-            path = out / LOG
-            kept = _log_lines(path, step) if step > 0 and path.exists() else []
-            write_atomic(path, "".join(line + "\n" for line in kept).encode())
-            self.file = path.open("a")
-        self.wandb = None
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                print("saelab: wandb is not installed; logging to log.jsonl only")
-            else:
-                self.wandb = wandb.init(project=wandb_project, config=config)
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            try:
-                self.file.write(json.dumps(record) + "\n")
-                self.file.flush()
-            except OSError as error:  # a full disk: name the log (a torn last line is dropped when the run resumes)
-                raise as_os_error(error, self.file.name) from None
-        if self.wandb is not None:
-            flat = {f"{k}/{m}": v for k, sub in record.items() if isinstance(sub, dict) for m, v in sub.items()}
-            flat = {**{k: v for k, v in flat.items() if not isinstance(v, list)},  # prefix_mse: one series per prefix
-                    **{f"{k}/{i}": x for k, v in flat.items() if isinstance(v, list) for i, x in enumerate(v)}}
-            self.wandb.log({**{k: v for k, v in record.items() if not isinstance(v, dict)}, **flat}, step=record["step"])
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _log_lines(path: Path, step: int) -> list[str]:
-    """The lines of log.jsonl up to `step`. A torn last line (the run was killed while writing it) is dropped; an
-    unreadable line before it was not torn by a crash, so it is an error rather than silently lost."""
-    lines = path.read_text(errors="replace").splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    kept = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            line_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError) as error:
-            if i == last:
-                break
-            raise TrainingError(f"{path} line {i + 1} is not a log record ({error}); only a last line can be torn by "
-                                "a crash, so the file was altered. Repair or delete that line, or rerun with "
-                                "resume=False (--no-resume) to start the run and its log over") from None
-        if line_step <= step:
-            kept.append(line)
-    return kept
-
-
-def _plain(value) -> float | list | None:
-    """A loss term for the log: a float (None if not finite, which JSON cannot hold), or a list of them."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        value = value.item() if value.dim() == 0 else [_plain(v) for v in value.tolist()]
-    if isinstance(value, list) or value is None:
-        return value
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _postfix(record: dict) -> str:
-    def shown(value, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    parts = []
-    for name, values in record.items():
-        if isinstance(values, dict) and "fvu" in values:
-            parts.append(f"{name.split('/')[-1]} fvu={shown(values['fvu'], '.3f')} L0={shown(values['l0'], '.1f')} "
-                         f"dead={shown(values['dead'], '.0%')}")
-    return " | ".join(parts)
-
-
-def _why_not_finite(member: Member, x: torch.Tensor) -> str:
-    """What made the loss of `member` on `x` (its input as the SAE saw it) non-finite, as far as the batch and the
-    SAE show, and what to do about it: the learning rate is only the answer when nothing else explains it."""
-    dtype = member.sae.W_enc.dtype
-    largest, name = torch.finfo(dtype).max, str(dtype).removeprefix("torch.")
-    lower_lr = (f"lower the learning rate (SAESpec.lr, --lr; now {member.spec.learning_rate:.3g}) or lengthen the "
-                "warm-up (TrainConfig.lr_warmup_steps, --lr-warmup-steps)")
-    use_float32 = (f"train in float32 (SAE option dtype, --dtype float32): {name} overflows above {largest:.3g}"
-                   if dtype in (torch.float16, torch.bfloat16) else None)
-    bad = ~torch.isfinite(x).all(dim=1)
-    if bad.any():
-        return (f"{int(bad.sum())} of the batch's {len(x)} tokens hold non-finite activations (token {int(bad.nonzero()[0])} "
-                "first); find where they come from, or skip such batches with nan_policy='skip' (--nan-policy skip)")
-    if not all(bool(torch.isfinite(p).all()) for p in member.sae.parameters()):
-        return ("the SAE's weights were already non-finite: an earlier update diverged; "
-                + (use_float32 + ", or " + lower_lr if use_float32 else lower_lr))
-    norms = x.double().norm(dim=1)
-    worst = int(norms.argmax())
-    ratio = float(norms[worst] / norms.median().clamp_min(torch.finfo(torch.float64).tiny))
-    overflows = float(norms[worst]) ** 2 > largest  # the squared error of that token cannot be held in the SAE's dtype
-    if ratio >= MASSIVE or overflows:
-        found = (f"token {worst} of the batch has activation norm {float(norms[worst]):.3g}, {ratio:.3g} times the "
-                 f"batch's median (a massive activation)")
-        leave_out = ("leave such tokens out of the activations (a saelab cache leaves out each context's BOS unless "
-                     "asked to keep it), or check where they come from")
-        if overflows and use_float32 and float(norms[worst]) ** 2 <= torch.finfo(torch.float32).max:
-            return f"{found}; {use_float32}"
-        if overflows:
-            return f"{found}, whose squared error overflows {name}; {leave_out}"
-        return f"{found}; {leave_out}, or {lower_lr}"
-    if use_float32:
-        return f"the SAE computes in {name}; {use_float32}"
-    return lower_lr
-
-
-def _as_source(source, config: TrainConfig, share: distributed.World):
-    """A cache folder, an ActivationStore, a ModelStream, or any iterable of ActivationBatches that says its
-    `hooks`, their widths `d` and its `batch_size` (e.g. activations already in memory). A folder is read in the
-    order `config.seed` gives, as `saelab train --acts --seed` reads it."""
-    if isinstance(source, (str, Path)):
-        return ActivationStore(source, batch_size=config.batch_size, seed=config.seed, **source_share(share))
-    if all(hasattr(source, name) for name in ("__iter__", "hooks", "d", "batch_size")):
-        return source
-    raise TypeError(f"train from an activation cache folder, an ActivationStore, a ModelStream or an iterable of "
-                    f"ActivationBatches with .hooks, .d and .batch_size; not {type(source).__name__}")
-
-
-def source_share(share: distributed.World, stream: bool = False) -> dict:
-    """The rank / world_size arguments of an ActivationStore (or, stream=True, a ModelStream) for a run that
-    shares batches as `share` says: data-parallel ranks read equal slices of every batch; with parallel='saes'
-    every rank reads whole batches (a stream's ranks still split the model forwards and gather them)."""
-    if stream:
-        world = distributed.current()
-        return dict(rank=world.rank, world_size=world.size, gather=True, split_batches=share.distributed)
-    return dict(rank=share.rank, world_size=share.size)
-
-
-def run_share(config: TrainConfig) -> distributed.World:
-    """How the batches of a run under `config` are shared among this process group's ranks."""
-    world = distributed.current()
-    return world if world.distributed and config.parallel == "data" else distributed.SINGLE
-
-
-def _check_share(source, world: distributed.World, data_parallel: bool) -> None:
-    """A data-parallel rank must read its equal slice of every batch; with parallel='saes', whole batches."""
-    size = getattr(source, "world_size", 1) if getattr(source, "split_batches", True) else 1
-    wanted = world.size if data_parallel else 1
-    if isinstance(source, ModelStream) and source.world_size > 1 and not source.gather:
-        size = -1  # ranks reading their own contexts would see different batches, and unequal numbers of them
-    if data_parallel and (source.batch_size % world.size or not getattr(source, "drop_last", True)):
-        raise ValueError(f"data-parallel training over {world.size} ranks needs batch_size a multiple of {world.size} "
-                         f"(got {source.batch_size}) and whole batches only (drop_last=True), so that every rank "
-                         "takes an equal share of every batch")
-    if size != wanted or (data_parallel and getattr(source, "rank", 0) != world.rank):
-        how = (f"rank={world.rank}, world_size={world.size}" if data_parallel else
-               "world_size=1 for an ActivationStore, gather=True and split_batches=False for a ModelStream")
-        raise ValueError(f"rank {world.rank} of {world.size} (parallel={'data' if data_parallel else 'saes'}) needs "
-                         f"its activation source built with {how} (see saelab.training.trainer.source_share); "
-                         "or pass the cache folder and let the trainer build it")
 
 
 def _check_data_parallel(members: list[Member]) -> None:
@@ -672,83 +433,3 @@ def _check_data_parallel(members: list[Member]) -> None:
                          "gives each rank whole batches and its own SAEs")
 
 
-def _model_name(source) -> str:
-    if isinstance(source, ActivationStore):
-        return source.manifest.run["model"]
-    return source.model.name if isinstance(source, ModelStream) else getattr(source, "model_name", "")
-
-
-def _describe(source) -> dict:
-    if isinstance(source, ActivationStore):
-        return {"cache": source.manifest.run, "tokens": source.n_tokens, "hooks": source.hooks, "seed": source.seed,
-                "shuffle": source.shuffle, "shards_per_window": source.shards_per_window}
-    if isinstance(source, ModelStream):  # not how ranks share it: a run resumes on any number of ranks
-        return {"model": source.model.name, "hooks": source.hooks, "text": source.text.fingerprint(),
-                "seed": source.seed, "buffer_tokens": source.buffer_tokens}
-    return {"source": type(source).__name__, "hooks": list(source.hooks)}
-
-
-def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None, *, out: str | Path | None = None,
-          resume: bool = True, progress: bool = True, model=None, eval_text=None,
-          eval_tokens: int = 4096) -> list[TrainedSAE]:
-    """Train every SAE in `saes` on one activation stream.
-
-    out: checkpoint there (and resume from it), then save each SAE to out/<hook>/<arch>-<width>[-k<k>]/. A folder
-        there that holds files but no SAE saelab wrote is refused before training starts.
-    model + eval_text: then evaluate each SAE on that held-out text (reconstruction, sparsity, spliced CE/KL) and add
-        the metrics to its folder (metrics.json). Every SAE is saved before any is evaluated: one whose evaluation
-        cannot run (the text ran out, say) stays saved, with a NotEvaluated warning and `not_evaluated` saying why.
-    """
-    from saelab.hub.folder import check_sae_folder, save_sae
-
-    trainer = Trainer(source, saes, config, out=out, resume=resume, progress=progress)
-    folders = {m.name: inside(out, m.name, "SAE folder") for m in trainer.members} if out is not None else {}
-
-    def check_folders() -> None:  # before the training, not after it
-        for folder in folders.values():
-            check_sae_folder(folder)
-
-    with trainer.locked():  # through the saving too: a second process must not write the same SAE folders
-        trainer.world.main_first(check_folders, "use the SAE folders")
-        trained = trainer.fit()
-        if not trainer.world.main:  # rank 0 alone saves and evaluates
-            return trained
-        for result in trained:  # all saved first: an evaluation that fails must cost no trained SAE
-            if out is not None:
-                result.folder = save_sae(result.sae, folders[result.name])
-        for result in trained if model is not None and eval_text is not None else []:
-            _evaluate(result, model, eval_text, eval_tokens)
-    return trained
-
-
-def _evaluate(result: TrainedSAE, model, text, tokens: int) -> None:
-    """Evaluate a trained SAE and add the metrics to its folder; if the evaluation cannot run (the held-out text ran
-    out, a file is gone), say why in `result.not_evaluated` and a warning, and leave the saved SAE as it is."""
-    from saelab.errors import SaelabError
-    from saelab.eval import evaluate
-    from saelab.hub.folder import save_metrics
-
-    try:
-        result.metrics = evaluate(result.sae, model=model, text=text, tokens=tokens)
-    except (SaelabError, ValueError, OSError) as error:
-        why = str(error) + (f" (read from context {text.start:,} on, past the text the SAE was trained on)"
-                            if getattr(text, "start", 0) else "")
-        result.not_evaluated = why
-        how = f"saelab eval {result.folder} --text FILE" if result.folder else "saelab.evaluate(sae, model=, text=)"
-        warnings.warn(f"saelab: SAE {result.name} was trained{' and saved' if result.folder else ''} but not "
-                      f"evaluated: {why}. Evaluate it on other held-out text with {how}", NotEvaluated, stacklevel=3)
-        return
-    if result.l0 is not None:  # metrics.json says whether the SAE landed, on this text too
-        _add_held_out_l0(result)
-        result.metrics.l0_target = result.l0
-    if result.folder is not None:
-        save_metrics(result.folder, result.metrics, result.sae.cfg.width)
-
-
-def _add_held_out_l0(result: TrainedSAE) -> None:
-    """Judge the landing on the evaluation's held-out L0 too; warn if only that one is off target."""
-    held_out = result.metrics.reconstruction.l0 if result.metrics.reconstruction is not None else None
-    known = result.l0
-    result.l0 = landing(known["target"], known["training"], held_out)
-    if result.l0["off_target"] and not known["off_target"]:
-        warnings.warn(f"saelab: {describe(result.name, result.l0)}", OffTarget, stacklevel=4)

@@ -7,8 +7,8 @@ saelab.analysis.study.StudyResult (save, load, table).
     run_calendar)
 """
 
-from saelab.analysis.circles import DAYS_TASK, MONTHS_TASK, CalendarConfig, CalendarStudy, CalendarTask, calendar_study, \
-    fit_circle_probe, run_calendar
+from saelab.analysis.circles import DAYS_TASK, MONTHS_TASK, CalendarConfig, CalendarStudy, CalendarTask, \
+    calendar_study, fit_circle_probe, run_calendar
 from saelab.analysis.clusters import ClusterSearch, ClusterSearchConfig, graph_clusters, run_cluster_search, \
     search_clusters, spectral_clusters
 from saelab.analysis.concepts import LabelledTexts, Task, builtin, calendar, from_sources, from_templates, genre, \

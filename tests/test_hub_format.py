@@ -9,10 +9,11 @@ from safetensors.torch import load_file, save_file
 
 from saelab.errors import SaelabError
 from saelab.hub import HubError, detect_format, load_sae, read_log_densities, read_metrics, save_sae
-from saelab.sae import SAE, JumpReLUSAE, SAEConfig, TopKSAE, create_sae, create_training
+from saelab.sae import (SAE, JumpReLUSAE, SAEConfig, TopKSAE, available_architectures, create_sae, create_training,
+                        sae_class)
 
-K_ARCHS = {"topk", "batchtopk", "matryoshka"}
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
+ARCHS = available_architectures()
+K_ARCHS = {a for a in ARCHS if sae_class(a).takes_k}
 
 
 def make(arch, d_in=8, width=32, input_scale=1.0, dtype="float32", **kw):
@@ -51,7 +52,7 @@ def test_round_trip_identical_outputs(tmp_path, arch, scale):
         torch.testing.assert_close(loaded.encode(x), sae.encode(x * scale) / scale, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loaded(x), sae(x * scale) / scale, rtol=1e-5, atol=1e-5)
     if arch == "matryoshka":
-        assert loaded.cfg.group_sizes == sae.cfg.group_sizes
+        assert loaded.cfg.options == sae.cfg.options
 
 
 def test_batchtopk_exported_round_trip_and_as_is_warns(tmp_path):

@@ -4,10 +4,11 @@ import math
 import pytest
 import torch
 
-from saelab.sae import SAEConfig, auxk_loss, create_sae, create_training, estimate_input_scale, geometric_median
+from saelab.sae import (SAEConfig, auxk_loss, available_architectures, create_sae, create_training,
+                        estimate_input_scale, geometric_median, sae_class)
 
-K_ARCHS = {"topk", "batchtopk", "matryoshka"}
-ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
+ARCHS = available_architectures()
+K_ARCHS = {a for a in ARCHS if sae_class(a).takes_k}
 
 
 def make(arch, d_in=6, width=16, k=3, **kw):
@@ -158,7 +159,8 @@ def test_training_state_and_warmup_defaults():
     for arch in ARCHS:
         tr = create_training(make(arch))
         assert isinstance(tr.state_dict(), dict)
-        assert tr.k_aux == 3  # d_in // 2
+        if "k_aux" in sae_class(arch).options_cls.names():
+            assert tr.k_aux == 3  # d_in // 2
 
 
 def test_auxk_rejects_a_wrong_dead_mask():

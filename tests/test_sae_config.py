@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from saelab.sae import SAEConfig, available_architectures, create_sae, create_training, register, SAE
+from saelab.sae import SAEConfig, available_architectures, create_sae, create_training, register, SAE, sae_class
 
-K_ARCHS = {"topk", "batchtopk", "matryoshka"}
+K_ARCHS = {a for a in available_architectures() if sae_class(a).takes_k}
 
 
 def cfg_for(arch, **kw):
@@ -27,10 +27,28 @@ def test_all_architectures_registered():
 ])
 def test_config_validation_names_field_and_value(field, value):
     kw = dict(arch="topk", d_in=6, width=16, k=3)
-    kw[field] = value
+    if field in SAEConfig.common_keys():
+        kw[field] = value
+    else:  # an option: given to an architecture that reads it
+        kw["arch"] = next(a for a in available_architectures() if field in sae_class(a).options_cls.names())
+        kw["options"] = {field: value}
     with pytest.raises(ValueError) as err:
         SAEConfig(**kw)
     assert field in str(err.value) and repr(value) in str(err.value)
+
+
+def test_options_belong_to_their_architecture():
+    relu = SAEConfig(arch="relu", d_in=6, width=16, options={"l1_coefficient": 0.5})
+    assert relu.options == sae_class("relu").options_cls(l1_coefficient=0.5)
+    assert SAEConfig(arch="relu", d_in=6, width=16, options=relu.options) == relu
+    with pytest.raises(ValueError, match="no setting 'l1_coefficient'"):
+        SAEConfig(arch="topk", d_in=6, width=16, k=3, options={"l1_coefficient": 0.5})
+    with pytest.raises(ValueError, match="must be a TopKOptions"):
+        SAEConfig(arch="topk", d_in=6, width=16, k=3, options=relu.options)
+    # cfg.json stays flat, and one written when every config held every architecture's settings still loads
+    flat = relu.to_dict()
+    assert flat["l1_coefficient"] == 0.5 and "options" not in flat and "auxk_coefficient" not in flat
+    assert SAEConfig.from_dict({**flat, "auxk_coefficient": 1 / 32, "group_sizes": None}) == relu
 
 
 def test_k_required_for_topk_family():

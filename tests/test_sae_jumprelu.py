@@ -39,8 +39,9 @@ def test_threshold_gradient_sums_over_tokens():
 
 def setup(step_warmup=0, lam=0.05):
     torch.manual_seed(0)
-    sae = create_sae(SAEConfig(arch="jumprelu", d_in=6, width=16, dtype="float64", l0_coefficient=lam,
-                               sparsity_warmup_steps=step_warmup, jumprelu_bandwidth=EPS))
+    sae = create_sae(SAEConfig(arch="jumprelu", d_in=6, width=16, dtype="float64",
+                               options=dict(l0_coefficient=lam, sparsity_warmup_steps=step_warmup,
+                                            jumprelu_bandwidth=EPS)))
     x = torch.randn(10, 6, dtype=torch.float64)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.2)

@@ -7,8 +7,8 @@ from saelab.sae import ReLUSAE, ReLUTraining, SAEConfig, create_sae, create_trai
 
 def setup(warmup=0, l1=0.3):
     torch.manual_seed(0)
-    sae = create_sae(SAEConfig(arch="relu", d_in=6, width=16, dtype="float64", l1_coefficient=l1,
-                               sparsity_warmup_steps=warmup))
+    sae = create_sae(SAEConfig(arch="relu", d_in=6, width=16, dtype="float64",
+                               options=dict(l1_coefficient=l1, sparsity_warmup_steps=warmup)))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.2)
         sae.b_dec.normal_()

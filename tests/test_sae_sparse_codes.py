@@ -13,7 +13,7 @@ D, W, N = 6, 64, 40
 
 def make(arch, **kw):
     torch.manual_seed(0)
-    sae = create_sae(SAEConfig(arch=arch, d_in=D, width=W, dtype="float64", sparsity_warmup_steps=0, **kw))
+    sae = create_sae(SAEConfig(arch=arch, d_in=D, width=W, dtype="float64", options=dict(sparsity_warmup_steps=0, **kw)))
     x = torch.randn(N, D, dtype=torch.float64) * 2
     with torch.no_grad():
         sae.b_dec.normal_()

@@ -9,7 +9,8 @@ D, W, K, N = 6, 16, 3, 10
 
 def setup(**kw):
     torch.manual_seed(0)
-    sae = create_sae(SAEConfig(arch="topk", d_in=D, width=W, k=K, dtype="float64", **kw))
+    common = {key: kw.pop(key) for key in list(kw) if key in SAEConfig.common_keys()}
+    sae = create_sae(SAEConfig(arch="topk", d_in=D, width=W, k=K, dtype="float64", **common, options=kw))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.2)
         sae.b_dec.normal_()

@@ -64,12 +64,12 @@ def test_specs_default_to_a_target_unless_a_coefficient_is_given():
     assert "target_l0" not in SAESpec(arch="relu", options={"l1_coefficient": 0.3}).options
     assert "target_l0" not in SAESpec(arch="topk").options
     with pytest.raises(ValueError, match="target_l0"):
-        SAEConfig(arch="relu", d_in=8, width=16, target_l0=17)
+        SAEConfig(arch="relu", d_in=8, width=16, options={"target_l0": 17})
 
 
 def test_jumprelu_thresholds_start_at_the_first_batch_cut_for_the_target():
     torch.manual_seed(0)
-    sae = create_sae(SAEConfig(arch="jumprelu", d_in=32, width=128, target_l0=5.0))
+    sae = create_sae(SAEConfig(arch="jumprelu", d_in=32, width=128, options={"target_l0": 5.0}))
     x = next(iter(Planted(batch_size=512)))
     create_training(sae).start(x.acts[HOOK])
     expected = START_L0_FACTOR * 5.0
@@ -110,7 +110,7 @@ def test_relu_shifts_its_encoder_biases_towards_the_target_each_training_step():
     torch.manual_seed(0)
     x = next(iter(Planted(batch_size=512))).acts[HOOK]
     for target in (5.0, None):
-        cfg = SAEConfig(arch="relu", d_in=32, width=128, target_l0=target)
+        cfg = SAEConfig(arch="relu", d_in=32, width=128, options={"target_l0": target})
         sae = create_sae(cfg)
         training = create_training(sae)
         training.start(x)
@@ -162,7 +162,8 @@ def test_jumprelu_shifts_its_thresholds_towards_the_target_each_training_step():
     torch.manual_seed(0)
     x = next(iter(Planted(batch_size=512))).acts[HOOK]
     for target, shifts in ((5.0, True), (None, False)):
-        sae = create_sae(SAEConfig(arch="jumprelu", d_in=32, width=128, target_l0=target, sparsity_warmup_steps=0))
+        sae = create_sae(SAEConfig(arch="jumprelu", d_in=32, width=128,
+                                   options={"target_l0": target, "sparsity_warmup_steps": 0}))
         training = create_training(sae)
         training.start(x)
         before = sae.log_threshold.detach().clone()
@@ -203,7 +204,7 @@ def test_an_sae_off_its_target_l0_says_so_in_the_log_the_metrics_and_the_last_me
     said = [line for line in capsys.readouterr().err.splitlines() if "off target" in line]
     assert len(said) == 1 and said[0].startswith(f"saelab: warning: SAE {relu} is off target: L0 ")
     assert "asked for 2 (more than 25% off)" in said[0] and "--tokens" in said[0]
-    assert load_sae(run / relu).cfg.target_l0 == 2  # saved as it is
+    assert load_sae(run / relu).cfg.options.target_l0 == 2  # saved as it is
     last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert list(last["off_target"]) == [relu] and "asked for 2" in last["off_target"][relu]
     landed = read_metrics(run / relu)["l0_target"]

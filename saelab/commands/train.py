@@ -42,17 +42,16 @@ class TrainCommand(RunsModel):
 def add_setting_flags(parser: argparse.ArgumentParser) -> list[str]:
     """Flags for every SAE and training setting, from SAESpec, SAEConfig and TrainConfig; they default to None, so
     a run file's values stand unless a flag is given. Returns their names (TrainCommand.given)."""
-    from saelab.cli import PRODUCT_FIELDS, TRAIN_FLAGS, option_fields
+    from saelab.cli import PRODUCT_FIELDS, TRAIN_FLAGS, option_fields, option_owners
     from saelab.options import add_flags
-    from saelab.sae import SAEConfig
     from saelab.training.config import SAESpec, TrainConfig
 
     readers = option_fields()
+    options = parser.add_argument_group("architecture options (each applies to the SAEs whose architecture reads it)")
     return [*add_flags(parser.add_argument_group("SAEs (SAESpec; comma lists form a product: --arch topk,relu --width "
                                                  "4608,9216 trains 4 SAEs; flags replace the run file's saes)"),
                        SAESpec, [*PRODUCT_FIELDS, "lr"], lists=PRODUCT_FIELDS),
-            *add_flags(parser.add_argument_group("architecture options (SAEConfig; each applies to the SAEs whose "
-                                                 "architecture reads it)"), SAEConfig, list(readers),
-                       notes={name: f"Read by: {', '.join(archs)}." for name, archs in readers.items()}),
+            *[added for name, owner in option_owners().items()  # each option from the class that declares it
+              for added in add_flags(options, owner, [name], notes={name: f"Read by: {', '.join(readers[name])}."})],
             *add_flags(parser.add_argument_group("training (TrainConfig; flags override the run file's train)"),
                        TrainConfig, TRAIN_FLAGS)]

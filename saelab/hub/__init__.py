@@ -5,8 +5,10 @@
     sae = from_pretrained("me/smollm2-135m-saes", subfolder="blocks.15.hook_resid_post")
     push_to_hub([sae_a, sae_b], "me/smollm2-135m-saes", dry_run="out/")   # writes the tree, uploads nothing
 
-The saelab folder is SAELens's layout, so SAELens users can load saelab SAEs; see docs/hub-format.md.
+The saelab folder is SAELens's layout, so SAELens users can load saelab SAEs; see docs/hub-format.md. Importing
+this package also gives every SAE its save / load / from_pretrained / push_to_hub methods (`methods`).
 """
+from . import methods  # noqa: F401  (attaches the SAE methods)
 from .card import BASE_MODELS, CardEntry, build_model_card
 from .common import HubError
 from .folder import FORMATS, detect_format, load_sae, read_metrics, save_sae

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from saelab.sae import SAEConfig
+from saelab.sae import SAEConfig, available_architectures, sae_class
 
 # saelab's offline model names -> their Hub ids (the card's base_model)
 BASE_MODELS = {
@@ -117,6 +117,19 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
     if not entries:
         raise ValueError("a model card needs at least one SAE")
     meta = front_matter(entries, license)
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"), "---", ""]
+    lines += _introduction(entries, meta)
+    lines += _table(entries)
+    plots = [e for e in entries if e.density_plot]
+    if plots:
+        lines += ["## Feature density", ""]
+        for e in plots:
+            lines += [f"![Feature density of {_text(e.subfolder)}]({quote(e.density_plot)})", ""]
+    lines += _loading(entries, repo_id)
+    return "\n".join(lines)
+
+
+def _introduction(entries: list[CardEntry], meta: dict[str, Any]) -> list[str]:
     models = sorted({e.cfg.model_name for e in entries if e.cfg.model_name})
     hooks = sorted({e.cfg.hook_name for e in entries if e.cfg.hook_name})
     model_text = ", ".join(_code(m) for m in models) or "a language model"
@@ -124,11 +137,7 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
         bases = meta["base_model"] if isinstance(meta["base_model"], list) else [meta["base_model"]]
         model_text += " (" + ", ".join(f"[{_text(b)}](https://huggingface.co/{quote(b)})" for b in bases) + ")"
     n = len(entries)
-    lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"),
-        "---",
-        "",
+    return [
         f"# Sparse autoencoders for {', '.join(_text(m) for m in models) or 'a language model'}",
         "",
         f"{n} sparse autoencoder{'s (SAEs)' if n != 1 else ' (SAE)'} trained with "
@@ -144,9 +153,11 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
         "## SAEs and evaluation",
         "",
     ]
+
+
+def _table(entries: list[CardEntry]) -> list[str]:
     header = ["Subfolder", "Hook", "Arch", "Width", "k"] + [title for title, _, _ in METRIC_COLUMNS]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     for e in entries:
         m = flat_metrics(e.metrics)
         row = [_code(e.subfolder), _code(e.cfg.hook_name) if e.cfg.hook_name else "–",
@@ -155,20 +166,15 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     if not any(flat_metrics(e.metrics) for e in entries):
-        lines += ["No evaluation metrics were provided with these SAEs.", ""]
-    else:
-        lines += ["FVU: fraction of variance unexplained; L0: mean active latents per token; Dead: latents that never "
-                  "fired in evaluation; CE loss recovered: 1 = the spliced-in SAE is as good as the clean model, "
-                  "0 = as bad as zero-ablation; KL: KL(clean || spliced) in nats. – : not measured.", ""]
+        return lines + ["No evaluation metrics were provided with these SAEs.", ""]
+    return lines + ["FVU: fraction of variance unexplained; L0: mean active latents per token; Dead: latents that "
+                    "never fired in evaluation; CE loss recovered: 1 = the spliced-in SAE is as good as the clean "
+                    "model, 0 = as bad as zero-ablation; KL: KL(clean || spliced) in nats. – : not measured.", ""]
 
-    plots = [e for e in entries if e.density_plot]
-    if plots:
-        lines += ["## Feature density", ""]
-        for e in plots:
-            lines += [f"![Feature density of {_text(e.subfolder)}]({quote(e.density_plot)})", ""]
 
+def _loading(entries: list[CardEntry], repo_id: str) -> list[str]:
     first = entries[0].subfolder
-    lines += [
+    lines = [
         "## Loading",
         "",
         "With saelab:",
@@ -190,8 +196,8 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
         "```",
         "",
     ]
-    archs = {e.cfg.arch for e in entries}
-    if archs & {"batchtopk", "matryoshka"}:
-        lines += ["Note: the batchtopk / matryoshka SAEs here are stored as is (their codes depend on the batch); "
+    if any(not sae_class(e.cfg.arch).per_token for e in entries):  # SAELens names only its training SAEs so
+        batchwise = [a for a in available_architectures() if not sae_class(a).per_token]
+        lines += [f"Note: the {' / '.join(batchwise)} SAEs here are stored as is (their codes depend on the batch); "
                   "SAELens has no such inference SAE, use saelab to load them.", ""]
-    return "\n".join(lines)
+    return lines

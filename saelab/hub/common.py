@@ -20,7 +20,7 @@ from torch import Tensor
 
 from saelab.errors import SaelabError
 from saelab.sae import SAE, SAEConfig, sae_class
-from saelab.sae.base import DTYPES
+from saelab.sae.config import DTYPES
 
 
 class HubError(SaelabError):
@@ -295,14 +295,12 @@ def expect_class(sae: SAE, cls: type) -> SAE:
 
 def config_from(values: dict[str, Any], source: str) -> SAEConfig:
     """SAEConfig.from_dict, but keys this saelab does not know (a newer writer) are dropped with a warning."""
-    import dataclasses
-
-    known = {f.name for f in dataclasses.fields(SAEConfig)}
+    known = set(SAEConfig.accepted_keys())
     unknown = sorted(set(values) - known)
     if unknown:
         warnings.warn(f"{source}: ignoring config keys this saelab version does not know: {unknown}", stacklevel=3)
     try:
-        return SAEConfig(**{k: v for k, v in values.items() if k in known})
+        return SAEConfig.from_dict({k: v for k, v in values.items() if k in known})
     except (TypeError, ValueError) as e:
         raise HubError(f"{source}: invalid SAE config ({e})") from None
 

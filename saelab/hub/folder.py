@@ -23,7 +23,7 @@ from torch import Tensor
 
 from saelab.files import LOCK_FILE
 from saelab.sae import SAE, SAEConfig, sae_class
-from saelab.sae.base import DTYPES
+from saelab.sae.config import DTYPES
 
 from .common import (CFG_FILE, DENSITY_PLOTS, FIRING_COUNTS_FILE, GEMMASCOPE_FILES, METRICS_FILE,
                      SPARSIFY_WEIGHTS_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, PathLike, build_sae, config_from,
@@ -62,7 +62,21 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
                       f"inference SAE. For a per-token SAE that SAELens loads, save training.export() (JumpReLU).",
                       stacklevel=2)
 
-    # everything is checked before anything is written
+    cfg_text = _cfg_text(cfg, scale, metadata)  # everything is checked before anything is written
+    if densities is None and metrics is not None:
+        densities = _densities_from(metrics)
+    sparsity = log10_densities(densities, cfg.width) if densities is not None else None
+    tensors = {name: getattr(raw, name).detach().to("cpu").contiguous()
+               for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if hasattr(raw, "log_threshold"):
+        # float64, so that log(threshold) on load gives back log_threshold exactly in the SAE's dtype
+        tensors["threshold"] = raw.log_threshold.detach().to("cpu", torch.float64).exp().contiguous()
+    _write_folder(folder, tensors, sparsity, metrics, cfg_text)
+    return folder
+
+
+def _cfg_text(cfg: SAEConfig, scale: float, metadata: dict[str, Any] | None) -> str:
+    """cfg.json of a saved SAE: SAELens's keys and the saelab block (the flat SAEConfig), as JSON text."""
     for key in ("model_name", "hook_name"):  # cfg.json must say one thing, or SAELens and saelab read different SAEs
         if metadata and key in metadata and metadata[key] != getattr(cfg, key):
             raise HubError(f"metadata[{key!r}]={metadata[key]!r} disagrees with sae.cfg.{key}={getattr(cfg, key)!r}; "
@@ -78,18 +92,13 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
         "training_tokens": cfg.training_tokens,
     }
     try:
-        cfg_text = json.dumps(out, indent=2, allow_nan=False) + "\n"
+        return json.dumps(out, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise HubError(f"metadata must be JSON-serialisable (plain numbers, strings, lists, dicts): {e}") from None
-    if densities is None and metrics is not None:
-        densities = _densities_from(metrics)
-    sparsity = log10_densities(densities, cfg.width) if densities is not None else None
-    tensors = {name: getattr(raw, name).detach().to("cpu").contiguous()
-               for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
-    if hasattr(raw, "log_threshold"):
-        # float64, so that log(threshold) on load gives back log_threshold exactly in the SAE's dtype
-        tensors["threshold"] = raw.log_threshold.detach().to("cpu", torch.float64).exp().contiguous()
 
+
+def _write_folder(folder: Path, tensors: dict[str, Tensor], sparsity: Tensor | None, metrics: Any,
+                  cfg_text: str) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -112,7 +121,6 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
         raise HubError(f"could not write the SAE to {folder}: {write_reason(e)}; free some space or choose another "
                        f"folder, then save again (the folder holds no complete SAE until cfg.json is written)"
                        ) from None
-    return folder
 
 
 def save_metrics(folder: PathLike, metrics: Any, width: int) -> None:

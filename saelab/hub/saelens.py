@@ -23,15 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saelab.sae import SAE, SAEConfig, sae_class
+from saelab.sae import SAE, SAEConfig, available_architectures, sae_class
 
 from .common import (CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, build_sae, cfg_bool, cfg_int, cfg_str,
                      config_from, is_int, load_tensors, parse_dtype, read_json, require, weights_file)
 
-# saelab arch -> SAELens architecture. SAELens has no batch-dependent inference class: its BatchTopK and Matryoshka
-# trainers save JumpReLU SAEs, as saelab's `training.export()` does; the as-is names below are SAELens's training names.
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
-                "matryoshka": "matryoshka_batchtopk"}
+# Each SAE class names its SAELens architecture (saelens_name). SAELens has no batch-dependent inference class: its
+# BatchTopK and Matryoshka trainers save JumpReLU SAEs, as saelab's `training.export()` does; those classes give
+# SAELens's training names, for folders saved as is. Import reads the SAELens architectures below.
 IMPORTABLE = {"standard": "relu", "relu": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 
 # SAELens's LLM_METADATA_KEYS (6.x): run facts that live under cfg["metadata"] in 6.x and at the top level before.
@@ -70,13 +69,14 @@ def run_metadata(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dic
 
 def saelens_cfg(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """SAELens cfg.json keys for a saelab SAE whose weights read raw activations (input scale folded)."""
-    arch = SAELENS_ARCH.get(cfg.arch)
-    if arch is None:
-        raise HubError(f"saelab arch {cfg.arch!r} has no SAELens equivalent; known: {sorted(SAELENS_ARCH)}")
+    architecture = sae_class(cfg.arch)
+    if architecture.saelens_name is None:
+        exported = [a for a in available_architectures() if sae_class(a).saelens_name is not None]
+        raise HubError(f"saelab arch {cfg.arch!r} has no SAELens equivalent; known: {exported}")
     run = run_metadata(cfg, overrides)
-    topk = cfg.arch == "topk"
+    topk = architecture.saelens_activation == "topk"
     out: dict[str, Any] = {
-        "architecture": arch,
+        "architecture": architecture.saelens_name,
         "d_in": cfg.d_in,
         "d_sae": cfg.width,
         "dtype": cfg.dtype,
@@ -85,20 +85,11 @@ def saelens_cfg(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dict
         "normalize_activations": "none",
         "reshape_activations": "hook_z" if cfg.hook_name.endswith("hook_z") else "none",
     }
-    if cfg.k is not None and sae_class(cfg.arch).takes_k:
-        out["k"] = cfg.k
-    if topk:
-        out["rescale_acts_by_decoder_norm"] = False
-    if cfg.arch == "matryoshka" and cfg.group_sizes:
-        ends, total = [], 0
-        for g in cfg.group_sizes:
-            total += g
-            ends.append(total)
-        out["matryoshka_widths"] = ends
+    out.update(architecture.saelens_keys(cfg))
     # pre-6.0 keys, at the top level (SAELens 6 drops what its config classes do not know)
     out.update({
-        "activation_fn": "topk" if topk else "relu",
-        "activation_fn_str": "topk" if topk else "relu",
+        "activation_fn": architecture.saelens_activation,
+        "activation_fn_str": architecture.saelens_activation,
         "activation_fn_kwargs": {"k": cfg.k} if topk else {},
         "finetuning_scaling_factor": False,
         "hook_layer": hook_layer(cfg.hook_name),
@@ -128,16 +119,29 @@ def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SA
     folder = Path(folder)
     source = str(folder / CFG_FILE)
     flat = _flatten(read_json(folder / CFG_FILE, "SAELens config"))
-
     # every value is checked for its type first: "false" as a string must not read as true, "4608" not as 4608
+    model_name, hook_name = cfg_str(flat, "model_name", source), cfg_str(flat, "hook_name", source)
+    arch, kwargs = _architecture(flat, source)
+    _check_normalization(flat.get("normalize_activations"), source)
+    d_in, d_sae = cfg_int(flat, "d_in", source), cfg_int(flat, "d_sae", source)
+    dtype = parse_dtype(flat.get("dtype", "float32"), source)
+    path = weights_file(folder, WEIGHTS_FILE, allow_pickle=allow_pickle)
+    w = _weights(load_tensors(path, allow_pickle=allow_pickle), flat, arch, source, path, d_in, d_sae)
+    k = _topk_k(flat, kwargs, d_sae, source) if arch == "topk" else None
+    cfg = config_from(dict(arch=IMPORTABLE[arch], d_in=d_in, width=d_sae, k=k, dtype=dtype, model_name=model_name,
+                           hook_name=hook_name), source)  # a refused value (a hook name that is a path) names the file
+    return build_sae(cfg, w, source=str(path), device=device)
+
+
+def _architecture(flat: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
+    """(SAELens architecture, activation_fn_kwargs) of a folder saelab can import; anything else is refused."""
     arch = cfg_str(flat, "architecture", source, "standard") or "standard"
     activation = cfg_str(flat, "activation_fn", source, "relu") or "relu"
     kwargs = flat.get("activation_fn_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise HubError(f"{source}: 'activation_fn_kwargs' must be an object, got {kwargs!r}; fix cfg.json")
-    apply_b_dec = cfg_bool(flat, "apply_b_dec_to_input", source, True)
-    rescale = cfg_bool(flat, "rescale_acts_by_decoder_norm", source, False)
-    model_name, hook_name = cfg_str(flat, "model_name", source), cfg_str(flat, "hook_name", source)
+    for key, default in (("apply_b_dec_to_input", True), ("rescale_acts_by_decoder_norm", False)):
+        cfg_bool(flat, key, source, default)  # refused before anything else, as every value
     if arch == "standard" and activation == "topk" and kwargs.get("k") is not None:
         arch = "topk"  # pre-6.0 TopK SAEs were 'standard' with a topk activation
     if arch not in IMPORTABLE:
@@ -147,8 +151,11 @@ def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SA
         raise HubError(f"{source}: activation_fn {activation!r} is not supported for a standard SAE; expected relu")
     if flat.get("hook_name_out") or flat.get("d_out"):
         raise HubError(f"{source}: this is a transcoder (it has hook_name_out / d_out); saelab imports SAEs only")
+    return arch, kwargs
 
-    norm = flat.get("normalize_activations")
+
+def _check_normalization(norm: Any, source: str) -> None:
+    """Refuse run-time normalisation (a saelab SAE cannot represent it); warn about a scale the folder lacks."""
     if not any(norm is n or (isinstance(n, str) and norm == n) for n in NORMALIZATIONS):
         raise HubError(f"{source}: unknown normalize_activations {norm!r}; expected one of "
                        f"{[n for n in NORMALIZATIONS if isinstance(n, str)]}")
@@ -158,12 +165,12 @@ def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SA
     if norm is True or norm == "expected_average_only_in":
         warnings.warn(f"{source}: normalize_activations='expected_average_only_in' means the SAE was trained on "
                       f"scaled activations and the folder does not hold the factor; the imported SAE reads inputs "
-                      f"exactly as SAELens's load_from_disk does (unscaled)", stacklevel=3)
+                      f"exactly as SAELens's load_from_disk does (unscaled)", stacklevel=4)
 
-    d_in, d_sae = cfg_int(flat, "d_in", source), cfg_int(flat, "d_sae", source)
-    dtype = parse_dtype(flat.get("dtype", "float32"), source)
-    path = weights_file(folder, WEIGHTS_FILE, allow_pickle=allow_pickle)
-    tensors = load_tensors(path, allow_pickle=allow_pickle)
+
+def _weights(tensors: dict[str, Tensor], flat: dict[str, Any], arch: str, source: str, path: Path, d_in: int,
+             d_sae: int) -> dict[str, Tensor]:
+    """The SAELens tensors (float64) with every SAELens-only convention folded in, as saelab computes them."""
     extra = sorted(set(tensors) - KNOWN_TENSORS)
     if extra:
         raise HubError(f"{path}: unexpected tensors {extra} for SAELens architecture {arch!r}; expected "
@@ -171,7 +178,6 @@ def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SA
     w = {k: v.to(torch.float64) for k, v in tensors.items()}
     if arch == "jumprelu" and "threshold" not in w and "log_threshold" in w:
         w["threshold"] = w.pop("log_threshold").exp()
-
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     require(w, shapes, str(path), f"cfg.json d_in={d_in}, d_sae={d_sae}")
     for name in ("scaling_factor", "finetuning_scaling_factor"):
@@ -179,27 +185,26 @@ def load_saelens(folder: Path, *, allow_pickle: bool = False, device=None) -> SA
             scale = w.pop(name)
             require({name: scale}, {name: (d_sae,)}, str(path), f"d_sae={d_sae}")
             w["W_dec"] = w["W_dec"] * scale[:, None]
-    if arch == "topk" and rescale:
+    if arch == "topk" and cfg_bool(flat, "rescale_acts_by_decoder_norm", source, False):
         norms = w["W_dec"].norm(dim=-1).clamp_min(1e-12)
         w["W_enc"] = w["W_enc"] * norms
         w["b_enc"] = w["b_enc"] * norms
         w["W_dec"] = w["W_dec"] / norms[:, None]
-    if not apply_b_dec:
+    if not cfg_bool(flat, "apply_b_dec_to_input", source, True):
         w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
+    return w
 
-    k = None
-    if arch == "topk":
-        k = flat.get("k", kwargs.get("k"))
-        if "k" in flat and "k" in kwargs and kwargs["k"] != k:  # SAELens 6 reads k, older releases the kwargs
-            raise HubError(f"{source}: k={k!r} but activation_fn_kwargs.k={kwargs['k']!r}; SAELens versions would "
-                           f"read different SAEs. Fix cfg.json so that both agree")
-        if isinstance(k, float) and k.is_integer():
-            k = int(k)
-        if not is_int(k) or not 1 <= k <= d_sae:
-            raise HubError(f"{source}: a topk SAE needs an integer k in [1, d_sae={d_sae}], got {k!r}; fix cfg.json")
-    cfg = config_from(dict(arch=IMPORTABLE[arch], d_in=d_in, width=d_sae, k=k, dtype=dtype, model_name=model_name,
-                           hook_name=hook_name), source)  # a refused value (a hook name that is a path) names the file
-    return build_sae(cfg, w, source=str(path), device=device)
+
+def _topk_k(flat: dict[str, Any], kwargs: dict[str, Any], d_sae: int, source: str) -> int:
+    k = flat.get("k", kwargs.get("k"))
+    if "k" in flat and "k" in kwargs and kwargs["k"] != k:  # SAELens 6 reads k, older releases the kwargs
+        raise HubError(f"{source}: k={k!r} but activation_fn_kwargs.k={kwargs['k']!r}; SAELens versions would "
+                       f"read different SAEs. Fix cfg.json so that both agree")
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)
+    if not is_int(k) or not 1 <= k <= d_sae:
+        raise HubError(f"{source}: a topk SAE needs an integer k in [1, d_sae={d_sae}], got {k!r}; fix cfg.json")
+    return k
 
 
 def read_log_densities(folder: Path) -> Tensor | None:

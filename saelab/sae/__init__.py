@@ -1,21 +1,24 @@
 """SAE architectures: one file each, all built from an SAEConfig through the registry.
 
     sae = create_sae(SAEConfig(arch="topk", d_in=576, width=4608, k=32))
+    sae = create_sae(SAEConfig(arch="relu", d_in=576, width=4608, options={"target_l0": 32}))
     training = create_training(sae)            # loss(), training-only state, export() for batchtopk
 """
-from .base import (SAE, SAEConfig, Training, TrainOutput, auxk_loss, estimate_input_scale, geometric_median,
-                   sparse_decode)
-from .registry import available_architectures, create_sae, create_training, register, sae_class
-from .relu import ReLUSAE, ReLUTraining
-from .topk import TopKSAE, TopKTraining
-from .jumprelu import JumpReLUSAE, JumpReLUTraining
-from .batchtopk import BatchTopKSAE, BatchTopKTraining
-from .matryoshka import MatryoshkaSAE, MatryoshkaTraining
+from .config import Options, SAEConfig, create_sae, create_training
+from .base import (SAE, AuxKOptions, SteeredOptions, Training, TrainOutput, auxk_loss, estimate_input_scale,
+                   geometric_median)
+from .registry import available_architectures, options_class, register, sae_class
+from .relu import ReLUOptions, ReLUSAE, ReLUTraining
+from .topk import TopKOptions, TopKSAE, TopKTraining
+from .jumprelu import JumpReLUOptions, JumpReLUSAE, JumpReLUTraining
+from .batchtopk import BatchTopKOptions, BatchTopKSAE, BatchTopKTraining
+from .matryoshka import MatryoshkaOptions, MatryoshkaSAE, MatryoshkaTraining
 
 __all__ = [
-    "SAE", "SAEConfig", "Training", "TrainOutput", "auxk_loss", "estimate_input_scale", "geometric_median",
-    "sparse_decode",
-    "available_architectures", "create_sae", "create_training", "register", "sae_class",
-    "ReLUSAE", "ReLUTraining", "TopKSAE", "TopKTraining", "JumpReLUSAE", "JumpReLUTraining",
-    "BatchTopKSAE", "BatchTopKTraining", "MatryoshkaSAE", "MatryoshkaTraining",
+    "SAE", "SAEConfig", "Options", "Training", "TrainOutput", "auxk_loss", "estimate_input_scale",
+    "geometric_median", "available_architectures", "create_sae", "create_training", "options_class", "register",
+    "sae_class", "SteeredOptions", "AuxKOptions",
+    "ReLUOptions", "ReLUSAE", "ReLUTraining", "TopKOptions", "TopKSAE", "TopKTraining",
+    "JumpReLUOptions", "JumpReLUSAE", "JumpReLUTraining", "BatchTopKOptions", "BatchTopKSAE", "BatchTopKTraining",
+    "MatryoshkaOptions", "MatryoshkaSAE", "MatryoshkaTraining",
 ]

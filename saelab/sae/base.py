@@ -1,4 +1,4 @@
-"""Shared pieces of every SAE: the config, the inference base class, the training base class, AuxK.
+"""Shared pieces of every SAE: the option families, the inference base class, the training base class, AuxK.
 
 Conventions (all architectures):
     pre    = (x - b_dec) @ W_enc + b_enc        W_enc [d_in, width], b_enc [width]
@@ -22,121 +22,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelab.options import Decay, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from saelab.kernels.api import sparse_decode
+from saelab.options import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-from saelab.files import name_problem
+from .config import DTYPES, Options, SAEConfig
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class SAEConfig:
-    """Everything needed to rebuild an SAE (and train it); saved next to the weights as cfg.json."""
+class SteeredOptions(Options):
+    """Settings of the architectures with a sparsity penalty whose weight can be steered to a target L0 (ReLU,
+    JumpReLU): see SparsityCoefficient."""
 
-    arch: str
-    """Architecture name in the registry: relu, topk, batchtopk, jumprelu, matryoshka."""
-    d_in: PositiveInt
-    """Width of the activations the SAE reads."""
-    width: PositiveInt
-    """Number of latents."""
-    k: PositiveInt | None = None
-    """Active latents per token (topk) or on average per token (batchtopk, matryoshka)."""
-    dtype: str = "float32"
-    """Parameter dtype: float32 for training; bfloat16/float16 are fine for inference."""
-
-    # -- metadata for the Hub and for users
-    model_name: str = ""
-    """Language model the activations came from."""
-    hook_name: str = ""
-    """Hook point the activations came from, e.g. blocks.15.hook_resid_post."""
-    input_scale: PositiveFloat = 1.0
-    """The SAE was trained on x * input_scale (unit mean squared norm); `fold_input_scale()` removes it."""
-    training_tokens: NonNegativeInt = 0
-    """Tokens seen during training."""
-
-    # -- training hyperparameters (read by the Training objects, ignored at inference)
-    l1_coefficient: NonNegativeFloat = 0.1
-    """ReLU: weight of sum_i |f_i| * ||W_dec[i]|| (the start when steered to target_l0; where steering takes it,
-    and why the default start is low: docs/quality.md)."""
-    l0_coefficient: NonNegativeFloat = 1e-3
-    """JumpReLU: weight of the L0 penalty."""
     sparsity_warmup_steps: NonNegativeInt = 0
     """ReLU/JumpReLU: the sparsity coefficient ramps linearly from 0 over this many steps."""
     target_l0: PositiveFloat | None = None
     """ReLU/JumpReLU: the L0 the sparsity coefficient is steered to while training (the coefficient is then only
     its starting value). SAESpec sets 32 unless the coefficient is given; None keeps the coefficient fixed."""
+
+    def check_for(self, cfg: SAEConfig) -> None:
+        if self.target_l0 is not None and not self.target_l0 <= cfg.width:
+            raise ValueError(f"SAEConfig.target_l0 must be a number in (0, width={cfg.width}] or None, "
+                             f"got {self.target_l0!r}")
+
+
+@dataclass
+class AuxKOptions(Options):
+    """Settings of the TopK family's AuxK dead-latent loss (see auxk_loss)."""
+
     auxk_coefficient: NonNegativeFloat = 1 / 32
     """TopK family: weight of the AuxK dead-latent loss."""
     k_aux: PositiveInt | None = None
     """TopK family: latents used by AuxK; None means d_in // 2."""
-    jumprelu_bandwidth: PositiveFloat = 1e-3
-    """JumpReLU: width of the rectangle kernel of the straight-through estimator."""
-    jumprelu_init_threshold: PositiveFloat = 1e-3
-    """JumpReLU: initial threshold of every latent."""
-    threshold_decay: Decay = 0.999
-    """BatchTopK/Matryoshka: EMA decay of the running threshold exported for inference."""
-    group_sizes: list[PositiveInt] | None = None
-    """Matryoshka: sizes of the nested latent groups (sum = width); None means prefixes at width/16, /8, /4, /2, 1."""
-
-    def __post_init__(self):
-        def fail(name, why):
-            raise ValueError(f"SAEConfig.{name} {why}, got {getattr(self, name)!r}")
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not isinstance(self.arch, str) or not self.arch:
-            fail("arch", "must be a non-empty architecture name")
-        for name in ("d_in", "width"):
-            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
-                fail(name, "must be a positive integer")
-        if self.k is not None and (not is_int(self.k) or not 1 <= self.k <= self.width):
-            fail("k", f"must be an integer with 1 <= k <= width={self.width}")
-        if self.k_aux is not None and (not is_int(self.k_aux) or self.k_aux < 1):
-            fail("k_aux", "must be a positive integer (or None for d_in // 2)")
-        if self.dtype not in DTYPES:
-            fail("dtype", f"must be one of {sorted(DTYPES)}")
-        if isinstance(self.hook_name, str) and self.hook_name and (problem := name_problem(self.hook_name)):  # it names folders: a run's, the Hub's
-            fail("hook_name", f"must be a hook point name; it {problem}")
-        for name in ("l1_coefficient", "l0_coefficient", "auxk_coefficient"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                fail(name, "must be a finite number >= 0")
-        for name in ("input_scale", "jumprelu_bandwidth", "jumprelu_init_threshold"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                fail(name, "must be a finite number > 0")
-        for name in ("sparsity_warmup_steps", "training_tokens"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
-                fail(name, "must be an integer >= 0")
-        if self.target_l0 is not None and (not isinstance(self.target_l0, (int, float)) or
-                                           not 0 < self.target_l0 <= self.width):
-            fail("target_l0", f"must be a number in (0, width={self.width}] or None")
-        if not isinstance(self.threshold_decay, (int, float)) or not 0 <= self.threshold_decay < 1:
-            fail("threshold_decay", "must be in [0, 1)")
-        if self.group_sizes is not None:
-            self.group_sizes = list(self.group_sizes)
-            if not self.group_sizes or not all(is_int(g) and g > 0 for g in self.group_sizes):
-                fail("group_sizes", "must be a non-empty list of positive integers")
-            if sum(self.group_sizes) != self.width:
-                fail("group_sizes", f"must sum to width={self.width} (sum is {sum(self.group_sizes)})")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (plain ints, floats, strings, lists)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
-        """Inverse of to_dict; unknown keys are an error, so a typo never silently becomes a default."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"SAEConfig got unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
@@ -168,18 +85,30 @@ def residual_point(hook: str) -> str:
 
 
 class SAE(nn.Module):
-    """Inference SAE: weights plus encode/decode. Subclasses define `activation(pre)`."""
+    """Inference SAE: weights plus encode/decode. Subclasses define `activation(pre)`.
+
+    save / load / from_pretrained / push_to_hub are attached by saelab.hub (loaded with saelab itself), so that the
+    hub imports this package and never the other way round."""
 
     arch: ClassVar[str] = ""  # set by @register
     training_cls: ClassVar[type["Training"]]  # set at the bottom of each architecture file
     takes_k: ClassVar[bool] = False
     """Whether the architecture reads cfg.k (active latents per token); the CLI and SAESpec ask this."""
-    options: ClassVar[tuple[str, ...]] = ()
-    """The SAEConfig training settings this architecture reads; setting any other one is refused, not ignored."""
+    options_cls: ClassVar[type[Options]] = Options  # set by @register
+    """The dataclass of the settings this architecture reads (cfg.options); setting any other one is refused."""
     per_token: ClassVar[bool] = True
     """Whether a token's codes depend on that token alone (BatchTopK's depend on the whole batch)."""
     sparsity_coefficient: ClassVar[str | None] = None
-    """The SAEConfig field weighting this architecture's sparsity penalty (ReLU, JumpReLU), if it has one."""
+    """The option weighting this architecture's sparsity penalty (ReLU, JumpReLU), if it has one."""
+    saelens_name: ClassVar[str | None] = None
+    """The architecture's name in SAELens's cfg.json ('architecture'); None: SAELens has no equivalent."""
+    saelens_activation: ClassVar[str] = "relu"
+    """The activation_fn SAELens releases before 6.0 read."""
+
+    @classmethod
+    def saelens_keys(cls, cfg: SAEConfig) -> dict[str, Any]:
+        """The keys of its SAELens cfg.json that only this architecture has (the export writes the shared ones)."""
+        return {"k": cfg.k} if cls.takes_k and cfg.k is not None else {}
 
     def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None):
         super().__init__()
@@ -238,7 +167,7 @@ class SAE(nn.Module):
 
     def decode_topk(self, indices: Tensor, values: Tensor) -> Tensor:
         """Decode sparse codes given as (indices, values) [..., k] without building a dense [..., width] matrix."""
-        return sparse_decode(self.W_dec, indices, values) + self.b_dec
+        return sparse_decode(indices, values.to(self.W_dec.dtype), self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
@@ -301,40 +230,6 @@ class SAE(nn.Module):
             raise ValueError(f"init_b_dec_ method must be 'geometric_median' or 'mean', got {method!r}")
         self.b_dec.copy_(centre)
 
-    # -- saving, loading, publishing: thin wrappers over saelab.hub (imported lazily: hub imports this module)
-    def save(self, folder, *, densities=None, metrics=None, metadata=None):
-        """Write cfg.json + sae_weights.safetensors (SAELens layout, input scale folded); see saelab.hub.save_sae."""
-        from saelab.hub import save_sae
-
-        return save_sae(self, folder, densities=densities, metrics=metrics, metadata=metadata)
-
-    def push_to_hub(self, repo_id: str, *, subfolder: str | None = None, private: bool = False,
-                    token: str | None = None, dry_run=None, **kwargs):
-        """Upload this SAE (to `subfolder`, default: its hook name) with a model card; see saelab.hub.push_to_hub."""
-        from saelab.hub import push_to_hub
-
-        return push_to_hub({subfolder: self} if subfolder else self, repo_id, private=private, token=token,
-                           dry_run=dry_run, **kwargs)
-
-    @classmethod
-    def load(cls, folder, *, allow_pickle: bool = False, device=None) -> "SAE":
-        """An SAE from a folder in saelab, SAELens, sparsify or Gemma Scope format; see saelab.hub.load_sae."""
-        from saelab.hub import load_sae
-        from saelab.hub.common import expect_class
-
-        return expect_class(load_sae(folder, allow_pickle=allow_pickle, device=device), cls)
-
-    @classmethod
-    def from_pretrained(cls, repo_id: str, subfolder: str | None = None, revision: str | None = None,
-                        token: str | None = None, cache_dir=None, *, allow_pickle: bool = False,
-                        device=None) -> "SAE":
-        """An SAE from a Hugging Face Hub repo (through the HF cache); see saelab.hub.from_pretrained."""
-        from saelab.hub import from_pretrained
-        from saelab.hub.common import expect_class
-
-        return expect_class(from_pretrained(repo_id, subfolder, revision, token, cache_dir, allow_pickle=allow_pickle,
-                                            device=device), cls)
-
 
 @torch.no_grad()
 def estimate_input_scale(sample: Tensor) -> float:
@@ -343,16 +238,6 @@ def estimate_input_scale(sample: Tensor) -> float:
     if not ms > 0:
         raise ValueError("cannot estimate input_scale: the sample is empty or all zeros")
     return float(ms.rsqrt())
-
-
-def sparse_decode(W_dec: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-    """sum_j values[..., j] * W_dec[indices[..., j]] (no bias) via embedding_bag: O(N*k*d), not O(N*width*d)."""
-    if indices.shape != values.shape:
-        raise ValueError(f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must have the same shape")
-    k = indices.shape[-1]
-    out = F.embedding_bag(indices.reshape(-1, k).long(), W_dec,
-                          per_sample_weights=values.reshape(-1, k).to(W_dec.dtype), mode="sum")
-    return out.reshape(*indices.shape[:-1], W_dec.shape[1])
 
 
 @torch.no_grad()
@@ -400,7 +285,7 @@ MIN_PENALTY_SHARE = 0.01
 
 class SparsityCoefficient:
     """The penalty weight of a ReLU/JumpReLU training: fixed (with the recipe's linear warm-up), or, when
-    cfg.target_l0 is set, steered each step after the warm-up towards that L0 (kept in the checkpoint); `rate` is
+    target_l0 is set (SteeredOptions), steered each step after the warm-up towards that L0 (kept in the checkpoint); `rate` is
     the steering's ADAPT_RATE, unless the architecture needs another."""
 
     def __init__(self, start: float, target: float | None, warmup_steps: int, rate: float = ADAPT_RATE):
@@ -459,7 +344,7 @@ def auxk_loss(W_dec: Tensor, pre: Tensor, residual: Tensor, dead: Tensor | None,
     if n_dead == 0 or pre.shape[0] == 0:
         return zero
     vals, idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
-    return auxk_ratio(sparse_decode(W_dec, idx, vals.relu()), residual, n_dead, k_aux, coefficient)
+    return auxk_ratio(sparse_decode(idx, vals.relu(), W_dec), residual, n_dead, k_aux, coefficient)
 
 
 def auxk_ratio(e_hat: Tensor, residual: Tensor, n_dead: int, k_aux: int, coefficient: float,
@@ -508,10 +393,6 @@ class Training:
 
     def _flat(self, x: Tensor) -> Tensor:
         return self.sae._check_input(x).reshape(-1, self.cfg.d_in)
-
-    @property
-    def k_aux(self) -> int:
-        return self.cfg.k_aux if self.cfg.k_aux is not None else max(1, self.cfg.d_in // 2)
 
     def start(self, x: Tensor) -> None:
         """Initialise from the first batch x (already in training units), after b_dec; most need nothing."""

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from saelab.kernels.csr import batch_topk_encode, sparse_decode_csr
+from saelab.options import Decay
 
-from .base import SAE, SAEConfig, TrainOutput, mse_of, wide
+from .base import SAE, AuxKOptions, SAEConfig, TrainOutput, mse_of, wide
 from .jumprelu import JumpReLUSAE
 from .registry import register
 from .sparse_codes import sparse_summary, reused
@@ -47,14 +48,20 @@ class Selection:
         return kept.min() if kept.numel() else None
 
 
-@register("batchtopk")
+@dataclass
+class BatchTopKOptions(AuxKOptions):
+    threshold_decay: Decay = 0.999
+    """BatchTopK/Matryoshka: EMA decay of the running threshold exported for inference."""
+
+
+@register("batchtopk", options=BatchTopKOptions)
 class BatchTopKSAE(SAE):
     """Encodes with batch-top-k over all tokens of the input (leading dims flattened); for training and
     analysis. Use `training.export()` to get the per-token JumpReLU SAE for inference."""
 
     takes_k = True
-    options = ("auxk_coefficient", "k_aux", "threshold_decay")
     per_token = False
+    saelens_name = "batchtopk"  # SAELens's training name: it has no batch-dependent inference class
 
     def __init__(self, cfg: SAEConfig, device=None):
         if cfg.k is None:
@@ -125,7 +132,7 @@ class BatchTopKTraining(TopKTraining):
             if smallest is None:
                 return
             cut = smallest / 2
-        d = min(self.cfg.threshold_decay, 1 - 1 / (1 + self.threshold_updates / 10))
+        d = min(self.cfg.options.threshold_decay, 1 - 1 / (1 + self.threshold_updates / 10))
         self.threshold = d * self.threshold + (1 - d) * wide(cut)
         self.threshold_updates += 1
 
@@ -133,7 +140,7 @@ class BatchTopKTraining(TopKTraining):
         """The inference SAE: same weights, JumpReLU with the running threshold on every latent."""
         if self.threshold_updates == 0:
             raise RuntimeError("BatchTopK threshold not estimated yet: run at least one training loss() first")
-        cfg = dataclasses.replace(self.cfg, arch="jumprelu", k=None, group_sizes=None)
+        cfg = dataclasses.replace(self.cfg, arch="jumprelu", k=None, options={})
         out = JumpReLUSAE(cfg, device=self.sae.device)
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):

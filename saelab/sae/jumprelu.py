@@ -17,13 +17,15 @@ per token.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from saelab.kernels.csr import sparse_decode_csr
+from saelab.options import NonNegativeFloat, PositiveFloat
 
-from .base import SAE, SAEConfig, SparsityCoefficient, Training, TrainOutput, mse_of, summarise, wide
+from .base import SAE, SAEConfig, SparsityCoefficient, SteeredOptions, Training, TrainOutput, mse_of, summarise, wide
 from .registry import register
 from .sparse_codes import ThresholdCodes, sparse_summary
 
@@ -90,15 +92,24 @@ def heaviside(z: Tensor, theta: Tensor, eps: float) -> Tensor:
     return _Step.apply(z, theta, eps)
 
 
-@register("jumprelu")
+@dataclass
+class JumpReLUOptions(SteeredOptions):
+    l0_coefficient: NonNegativeFloat = 1e-3
+    """JumpReLU: weight of the L0 penalty."""
+    jumprelu_bandwidth: PositiveFloat = 1e-3
+    """JumpReLU: width of the rectangle kernel of the straight-through estimator."""
+    jumprelu_init_threshold: PositiveFloat = 1e-3
+    """JumpReLU: initial threshold of every latent."""
+
+
+@register("jumprelu", options=JumpReLUOptions)
 class JumpReLUSAE(SAE):
-    options = ("l0_coefficient", "sparsity_warmup_steps", "jumprelu_bandwidth", "jumprelu_init_threshold",
-               "target_l0")
     sparsity_coefficient = "l0_coefficient"
+    saelens_name = "jumprelu"
 
     def __init__(self, cfg: SAEConfig, device=None):
         super().__init__(cfg, device=device)
-        init = math.log(cfg.jumprelu_init_threshold)
+        init = math.log(cfg.options.jumprelu_init_threshold)
         self.log_threshold = nn.Parameter(torch.full((cfg.width,), init, device=device, dtype=cfg.torch_dtype))
 
     @property
@@ -118,18 +129,18 @@ class JumpReLUSAE(SAE):
 
 class JumpReLUTraining(ThresholdCodes, Training):
     """loss = mse + l0(step) * mean_tokens sum_i H(z_i - theta_i); the coefficient warms up linearly (or is steered
-    to cfg.target_l0)."""
+    to target_l0)."""
 
     def __init__(self, sae):
         super().__init__(sae)
-        self.coefficient = SparsityCoefficient(self.cfg.l0_coefficient, self.cfg.target_l0,
-                                               self.cfg.sparsity_warmup_steps)
+        options = self.cfg.options
+        self.coefficient = SparsityCoefficient(options.l0_coefficient, options.target_l0, options.sparsity_warmup_steps)
 
     @torch.no_grad()
     def start(self, x: Tensor) -> None:
         """With a target L0: every threshold at the value that keeps START_L0_FACTOR x target_l0 latents per token
         of this batch."""
-        target = self.cfg.target_l0
+        target = self.cfg.options.target_l0
         if target is None:
             return
         z = self.sae.pre_acts(x).relu().flatten()
@@ -141,7 +152,7 @@ class JumpReLUTraining(ThresholdCodes, Training):
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
         sae, cfg = self.sae, self.cfg
         x = self._flat(x)
-        theta, eps = sae.threshold, cfg.jumprelu_bandwidth
+        theta, eps = sae.threshold, cfg.options.jumprelu_bandwidth
         # Sparse: only entries with z > theta - eps/2 carry a value or a gradient (the rectangle kernel is zero
         # below); with a threshold under eps/2, every z = 0 would, so that step is dense.
         lower = theta.detach() - eps / 2

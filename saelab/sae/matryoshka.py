@@ -7,6 +7,7 @@ and later ones refine them instead of absorbing them. Exported as JumpReLU, like
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -14,9 +15,10 @@ from torch.autograd.function import once_differentiable
 
 from saelab.kernels.csr import sparse_decode_csr
 from saelab.kernels.layout import entry_rows, row_offsets
+from saelab.options import PositiveInt
 
 from .base import SAEConfig, wide
-from .batchtopk import BatchTopKSAE, BatchTopKTraining, Selection
+from .batchtopk import BatchTopKOptions, BatchTopKSAE, BatchTopKTraining, Selection
 from .registry import register
 
 
@@ -26,22 +28,44 @@ def default_group_sizes(width: int) -> list[int]:
     return [b - a for a, b in zip([0] + ends[:-1], ends)]
 
 
-@register("matryoshka")
+@dataclass
+class MatryoshkaOptions(BatchTopKOptions):
+    group_sizes: list[PositiveInt] | None = None
+    """Matryoshka: sizes of the nested latent groups (sum = width); None means prefixes at width/16, /8, /4, /2, 1."""
+
+    def check_for(self, cfg: SAEConfig) -> None:
+        if self.group_sizes is not None and (not self.group_sizes or sum(self.group_sizes) != cfg.width):
+            raise ValueError(f"SAEConfig.group_sizes must be a non-empty list summing to width={cfg.width} "
+                             f"(sum is {sum(self.group_sizes)}), got {self.group_sizes!r}")
+
+
+def prefix_ends(group_sizes: list[int]) -> list[int]:
+    """Where each nested prefix ends: the running sums of the group sizes."""
+    ends, total = [], 0
+    for g in group_sizes:
+        total += g
+        ends.append(total)
+    return ends
+
+
+@register("matryoshka", options=MatryoshkaOptions)
 class MatryoshkaSAE(BatchTopKSAE):
-    options = BatchTopKSAE.options + ("group_sizes",)
+    saelens_name = "matryoshka_batchtopk"
 
     def __init__(self, cfg: SAEConfig, device=None):
-        if cfg.group_sizes is None:  # resolve the default, so the saved cfg.json states the groups used
-            cfg = dataclasses.replace(cfg, group_sizes=default_group_sizes(cfg.width))
+        if cfg.options.group_sizes is None:  # resolve the default, so the saved cfg.json states the groups used
+            options = dataclasses.replace(cfg.options, group_sizes=default_group_sizes(cfg.width))
+            cfg = dataclasses.replace(cfg, options=options)
         super().__init__(cfg, device=device)
+
+    @classmethod
+    def saelens_keys(cls, cfg: SAEConfig) -> dict:
+        groups = cfg.options.group_sizes
+        return {**super().saelens_keys(cfg), **({"matryoshka_widths": prefix_ends(groups)} if groups else {})}
 
     @property
     def prefix_ends(self) -> list[int]:
-        ends, total = [], 0
-        for g in self.cfg.group_sizes:
-            total += g
-            ends.append(total)
-        return ends
+        return prefix_ends(self.cfg.options.group_sizes)
 
 
 class PrefixResiduals(torch.autograd.Function):

@@ -1,22 +1,31 @@
-"""Architecture name -> SAE class. Each architecture file registers itself with @register("name")."""
+"""Architecture name -> SAE class, and the options class registered with it.
+
+Each architecture file registers itself: `@register("jumprelu", options=JumpReLUOptions)`. Everything else that
+depends on the architecture (the config's keys, the CLI's flags, run-file checks, the SAELens export, the model card,
+the tests' architecture lists) asks the registry, so adding an architecture is its own file and its tests.
+This module imports nothing of the package: the config asks it which options an architecture has.
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from .base import SAE
+    from .config import Options
 
-from .base import SAE, SAEConfig, Training
-
-_REGISTRY: dict[str, type[SAE]] = {}
+_REGISTRY: dict[str, type["SAE"]] = {}
 
 
-def register(name: str):
-    """Class decorator: make `create_sae(SAEConfig(arch=name, ...))` build this class."""
+def register(name: str, *, options: type["Options"] | None = None):
+    """Class decorator: make `create_sae(SAEConfig(arch=name, ...))` build this class, with `options` (a subclass of
+    saelab.sae.config.Options) holding the settings only this architecture reads; None keeps the base class's."""
 
-    def add(cls: type[SAE]) -> type[SAE]:
+    def add(cls: type["SAE"]) -> type["SAE"]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"SAE architecture {name!r} is already registered to {_REGISTRY[name].__name__}")
         cls.arch = name
+        if options is not None:
+            cls.options_cls = options
         _REGISTRY[name] = cls
         return cls
 
@@ -27,19 +36,12 @@ def available_architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def sae_class(arch: str) -> type[SAE]:
+def sae_class(arch: str) -> type["SAE"]:
     if arch not in _REGISTRY:
         raise ValueError(f"unknown SAE architecture {arch!r}; known: {', '.join(available_architectures())}")
     return _REGISTRY[arch]
 
 
-def create_sae(cfg: SAEConfig | dict[str, Any], device: torch.device | str | None = None) -> SAE:
-    """A freshly initialised SAE for `cfg` (an SAEConfig or its dict form)."""
-    if isinstance(cfg, dict):
-        cfg = SAEConfig.from_dict(cfg)
-    return sae_class(cfg.arch)(cfg, device=device)
-
-
-def create_training(sae: SAE) -> Training:
-    """The training objective (and training-only state) that goes with this SAE's architecture."""
-    return type(sae).training_cls(sae)
+def options_class(arch: str) -> type["Options"]:
+    """The options dataclass of an architecture (an unknown one is refused, naming the known ones)."""
+    return sae_class(arch).options_cls

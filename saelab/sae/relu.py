@@ -9,13 +9,15 @@ lands at the sparsity asked for.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from saelab.kernels.csr import sparse_decode_csr
+from saelab.options import NonNegativeFloat
 
-from .base import SAE, SparsityCoefficient, Training, TrainOutput, mse_of, summarise, wide
+from .base import SAE, SparsityCoefficient, SteeredOptions, Training, TrainOutput, mse_of, summarise, wide
 from .registry import register
 from .sparse_codes import ThresholdCodes, sparse_summary
 
@@ -36,10 +38,17 @@ coefficient sees only a small error, yet it must still reach the value at which 
 there: held up by the shift against too strong a penalty, the codes would shrink towards zero."""
 
 
-@register("relu")
+@dataclass
+class ReLUOptions(SteeredOptions):
+    l1_coefficient: NonNegativeFloat = 0.1
+    """ReLU: weight of sum_i |f_i| * ||W_dec[i]|| (the start when steered to target_l0; where steering takes it,
+    and why the default start is low: docs/quality.md)."""
+
+
+@register("relu", options=ReLUOptions)
 class ReLUSAE(SAE):
-    options = ("l1_coefficient", "sparsity_warmup_steps", "target_l0")
     sparsity_coefficient = "l1_coefficient"
+    saelens_name = "standard"
 
     def activation(self, pre: Tensor) -> Tensor:
         return pre.relu()
@@ -47,19 +56,20 @@ class ReLUSAE(SAE):
 
 class ReLUTraining(ThresholdCodes, Training):
     """loss = mse + l1(step) * mean_tokens sum_i |f_i| * ||W_dec[i]||, l1 warming up linearly (or steered to
-    cfg.target_l0, the encoder biases shifted towards it)."""
+    target_l0, the encoder biases shifted towards it)."""
 
     def __init__(self, sae):
         super().__init__(sae)
-        self.coefficient = SparsityCoefficient(self.cfg.l1_coefficient, self.cfg.target_l0,
-                                               self.cfg.sparsity_warmup_steps, rate=COEFFICIENT_RATE)
+        options = self.cfg.options
+        self.coefficient = SparsityCoefficient(options.l1_coefficient, options.target_l0,
+                                               options.sparsity_warmup_steps, rate=COEFFICIENT_RATE)
         self.code_scale = 0.0
         """The typical active code (training units) of the last step with any: the bias shift's unit."""
 
     @torch.no_grad()
     def start(self, x: Tensor) -> None:
         """With a target L0: the bias shift's unit from this batch's codes."""
-        if self.cfg.target_l0 is not None:
+        if self.cfg.options.target_l0 is not None:
             self._measure_code_scale(self.sae.encode(x))
 
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:

@@ -4,20 +4,32 @@ The sparse form (indices, values) [N, k] is first-class: the sparse kernels and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from saelab.kernels.api import sparse_decode, topk_encode, topk_encode_with_aux
 
-from .base import SAE, SAEConfig, Training, TrainOutput, auxk_ratio, mse_of, wide
+from .base import SAE, AuxKOptions, SAEConfig, Training, TrainOutput, auxk_ratio, mse_of, wide
 from .registry import register
 from .sparse_codes import sparse_summary, reused
 
 
-@register("topk")
+@dataclass
+class TopKOptions(AuxKOptions):
+    """TopK's settings: AuxK's, nothing of its own (k is common to every SAE config)."""
+
+
+@register("topk", options=TopKOptions)
 class TopKSAE(SAE):
     takes_k = True
-    options = ("auxk_coefficient", "k_aux")
+    saelens_name = "topk"
+    saelens_activation = "topk"
+
+    @classmethod
+    def saelens_keys(cls, cfg: SAEConfig) -> dict:
+        return {**super().saelens_keys(cfg), "rescale_acts_by_decoder_norm": False}
 
     def __init__(self, cfg: SAEConfig, device=None):
         if cfg.k is None:
@@ -45,6 +57,11 @@ class TopKTraining(Training):
     """
 
     kernel: str = "auto"
+
+    @property
+    def k_aux(self) -> int:
+        k_aux = self.cfg.options.k_aux
+        return k_aux if k_aux is not None else max(1, self.cfg.d_in // 2)
 
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
         sae = self.sae
@@ -75,7 +92,7 @@ class TopKTraining(Training):
     def _dead_ids(self, dead: Tensor | None, x: Tensor) -> Tensor:
         """The latents AuxK trains (none when it is off or nothing is dead)."""
         none = torch.zeros(0, dtype=torch.long, device=x.device)
-        if dead is None or self.cfg.auxk_coefficient == 0 or x.shape[0] == 0:
+        if dead is None or self.cfg.options.auxk_coefficient == 0 or x.shape[0] == 0:
             return none
         if dead.shape != (self.cfg.width,):
             raise ValueError(f"dead mask must have shape [width]=[{self.cfg.width}], got {list(dead.shape)}")
@@ -84,7 +101,7 @@ class TopKTraining(Training):
     def _auxk(self, residual: Tensor, aux_indices: Tensor, aux_values: Tensor, n_dead: int) -> Tensor:
         """AuxK (see base.auxk_loss): the dead latents' top-k_aux reconstruct the main residual."""
         e_hat = sparse_decode(aux_indices, aux_values, self.sae.W_dec, self.kernel)
-        return auxk_ratio(e_hat, residual, n_dead, self.k_aux, self.cfg.auxk_coefficient, self.across_ranks)
+        return auxk_ratio(e_hat, residual, n_dead, self.k_aux, self.cfg.options.auxk_coefficient, self.across_ranks)
 
 
 TopKSAE.training_cls = TopKTraining

@@ -11,7 +11,7 @@ from saelab.options import Decay, Fraction, NonNegativeInt, PositiveFloat, Posit
 
 DEFAULT_K = 32
 COMMON_OPTIONS = ("dtype", "d_in")
-"""SAEConfig fields every architecture reads, beside its own `options`."""
+"""SAEConfig fields a spec may set for every architecture, beside its architecture's options."""
 
 
 @dataclass
@@ -32,8 +32,9 @@ class SAESpec:
     every k from 16 to 128, most at large k; docs/quality.md), 4e-4 / sqrt(width / 2^14) for ReLU and
     JumpReLU (whose steered coefficients were calibrated at that rate)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Further SAEConfig fields, e.g. {"target_l0": 64} or {"l1_coefficient": 0.2, "sparsity_warmup_steps": 200}.
-    ReLU and JumpReLU get target_l0=32 unless their coefficient is given."""
+    """The architecture's options (its options class, `sae_class(arch).options_cls`) and dtype, e.g.
+    {"target_l0": 64} or {"l1_coefficient": 0.2, "sparsity_warmup_steps": 200}. ReLU and JumpReLU get target_l0=32
+    unless their coefficient is given."""
 
     def __post_init__(self):
         from saelab.sae import SAEConfig, sae_class
@@ -48,10 +49,12 @@ class SAESpec:
         elif self.k is not None:
             raise ValueError(f"SAESpec: arch {self.arch!r} takes no k: ask for its L0 with options target_l0 "
                              f"(default {DEFAULT_K}), or fix its {architecture.sparsity_coefficient}; drop k={self.k}")
-        valid = [*COMMON_OPTIONS, *architecture.options]
-        check_keys(self.options, valid, f"SAESpec({self.arch}).options")
-        self.options = checked(SAEConfig, self.options, f"SAESpec({self.arch}).options")
-        steers = "target_l0" in architecture.options
+        where, names = f"SAESpec({self.arch}).options", architecture.options_cls.names()
+        check_keys(self.options, [*COMMON_OPTIONS, *names], where)
+        common = {key: value for key, value in self.options.items() if key in COMMON_OPTIONS}
+        own = {key: value for key, value in self.options.items() if key not in COMMON_OPTIONS}
+        self.options = {**checked(SAEConfig, common, where), **checked(architecture.options_cls, own, where)}
+        steers = "target_l0" in names
         if steers and not {"target_l0", architecture.sparsity_coefficient} & self.options.keys():
             self.options["target_l0"] = float(DEFAULT_K)  # a fixed coefficient's L0 depends on the data
 

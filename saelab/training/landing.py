@@ -20,8 +20,9 @@ class OffTarget(UserWarning):
 
 def asked_l0(cfg: SAEConfig) -> float | None:
     """The L0 an SAE was asked for: target_l0, else k; None for a fixed sparsity coefficient (no target)."""
-    if cfg.target_l0 is not None:
-        return float(cfg.target_l0)
+    target = getattr(cfg.options, "target_l0", None)  # the architectures steered to an L0 have one
+    if target is not None:
+        return float(target)
     return float(cfg.k) if cfg.k is not None else None
 
 

@@ -111,8 +111,9 @@ class Trainer:
         d_in = options.pop("d_in", self.source.d[hook])
         if d_in != self.source.d[hook]:
             raise ValueError(f"SAE {spec.name()} expects d_in={d_in} but hook {hook} gives {self.source.d[hook]}")
+        common = {key: options.pop(key) for key in SAEConfig.common_keys() if key in options}  # dtype
         cfg = SAEConfig(arch=spec.arch, d_in=d_in, width=spec.width, k=spec.k, hook_name=hook,
-                        model_name=self.source.model_name, **options)
+                        model_name=self.source.model_name, **common, options=options)
         name = f"{hook}/{spec.name()}"  # also the SAE's folder in the run: one folder per hook, as on the Hub
         with torch.random.fork_rng(devices=[]):  # each SAE's init depends on the seed and its name, not on order
             torch.manual_seed(self.config.seed + zlib.crc32(name.encode()))

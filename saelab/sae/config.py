@@ -1,0 +1,154 @@
+"""SAEConfig: what every SAE has, plus its architecture's options object; and building an SAE from one.
+
+    SAEConfig(arch="relu", d_in=576, width=4608, options={"l1_coefficient": 0.1})   # or options=ReLUOptions(...)
+    create_sae(cfg)
+
+On disk (cfg.json, checkpoints) the config is one flat dict, as SAELens's is: `to_dict` merges the options into it
+and `from_dict` splits them out again by the architecture's options class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from saelab.files import name_problem
+from saelab.options import NonNegativeInt, PositiveFloat, PositiveInt, checked, from_mapping
+
+from .registry import available_architectures, options_class, sae_class
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Options:
+    """The settings one architecture reads (mostly training knobs), registered with its class. Fields carry the
+    Range annotations of saelab.options, so an object built in Python, a run file and a flag are checked alike."""
+
+    def __post_init__(self):
+        for name, value in checked(type(self), dataclasses.asdict(self), type(self).__name__).items():
+            setattr(self, name, value)  # ints given for floats become floats, tuples lists
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def check_for(self, cfg: "SAEConfig") -> None:
+        """Checks that need the rest of the config (its width); nothing by default."""
+
+
+@dataclass
+class SAEConfig:
+    """Everything needed to rebuild an SAE (and train it); saved next to the weights as cfg.json."""
+
+    arch: str
+    """Architecture name in the registry: relu, topk, batchtopk, jumprelu, matryoshka."""
+    d_in: PositiveInt
+    """Width of the activations the SAE reads."""
+    width: PositiveInt
+    """Number of latents."""
+    k: PositiveInt | None = None
+    """Active latents per token (topk) or on average per token (batchtopk, matryoshka). Kept here rather than in
+    the TopK family's options because it names an SAE wherever SAEs are listed (run folders, Hub subfolders, the
+    model card) and is a top-level key of SAELens's cfg.json; the architectures without one refuse it in SAESpec."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 for training; bfloat16/float16 are fine for inference."""
+
+    # -- metadata for the Hub and for users
+    model_name: str = ""
+    """Language model the activations came from."""
+    hook_name: str = ""
+    """Hook point the activations came from, e.g. blocks.15.hook_resid_post."""
+    input_scale: PositiveFloat = 1.0
+    """The SAE was trained on x * input_scale (unit mean squared norm); `fold_input_scale()` removes it."""
+    training_tokens: NonNegativeInt = 0
+    """Tokens seen during training."""
+
+    options: Options | dict[str, Any] = field(default_factory=dict)
+    """The architecture's own settings: its options object (`sae_class(arch).options_cls`), or a dict of them; a
+    setting the architecture does not read is refused, not ignored."""
+
+    def __post_init__(self):
+        self._check_common()
+        cls = options_class(self.arch)  # an unknown architecture is refused, naming the known ones
+        if isinstance(self.options, dict):
+            self.options = from_mapping(cls, self.options, "SAEConfig")
+        elif type(self.options) is not cls:
+            raise ValueError(f"SAEConfig.options of arch {self.arch!r} must be a {cls.__name__} or a dict of its "
+                             f"settings, got {type(self.options).__name__}")
+        else:  # a copy: configs made by dataclasses.replace must not share one options object
+            self.options = dataclasses.replace(self.options)
+        self.options.check_for(self)
+
+    def _check_common(self):
+        def fail(name, why):
+            raise ValueError(f"SAEConfig.{name} {why}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.arch, str) or not self.arch:
+            fail("arch", "must be a non-empty architecture name")
+        for name in ("d_in", "width"):
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(name, "must be a positive integer")
+        if self.k is not None and (not is_int(self.k) or not 1 <= self.k <= self.width):
+            fail("k", f"must be an integer with 1 <= k <= width={self.width}")
+        if self.dtype not in DTYPES:
+            fail("dtype", f"must be one of {sorted(DTYPES)}")
+        if isinstance(self.hook_name, str) and self.hook_name and (problem := name_problem(self.hook_name)):  # it names folders: a run's, the Hub's
+            fail("hook_name", f"must be a hook point name; it {problem}")
+        v = self.input_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            fail("input_scale", "must be a finite number > 0")
+        if not is_int(self.training_tokens) or self.training_tokens < 0:
+            fail("training_tokens", "must be an integer >= 0")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat JSON-safe dict of cfg.json: the common fields, then the architecture's options."""
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**common, **dataclasses.asdict(self.options)}
+
+    @classmethod
+    def common_keys(cls) -> list[str]:
+        """The fields every SAE's config has (all but its options)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name != "options"]
+
+    @classmethod
+    def accepted_keys(cls) -> list[str]:
+        """Every key `from_dict` accepts: the common fields and every architecture's options."""
+        options = [name for arch in available_architectures() for name in options_class(arch).names()]
+        return cls.common_keys() + sorted(set(options))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        """Inverse of to_dict; unknown keys are an error, so a typo never silently becomes a default.
+
+        Keys of another architecture's options are dropped: cfg.json files written before each architecture owned
+        its options hold every architecture's settings, and the others never affected this SAE."""
+        common = cls.common_keys()
+        arch = d.get("arch")
+        own = options_class(arch).names() if isinstance(arch, str) and arch in available_architectures() else ()
+        unknown = sorted(set(d) - set(cls.accepted_keys()))
+        if unknown:
+            raise ValueError(f"SAEConfig got unknown keys {unknown}; known keys are {sorted([*common, *own])}")
+        return cls(**{k: v for k, v in d.items() if k in common}, options={k: v for k, v in d.items() if k in own})
+
+
+def create_sae(cfg: SAEConfig | dict[str, Any], device: torch.device | str | None = None):
+    """A freshly initialised SAE for `cfg` (an SAEConfig or its dict form)."""
+    if isinstance(cfg, dict):
+        cfg = SAEConfig.from_dict(cfg)
+    return sae_class(cfg.arch)(cfg, device=device)
+
+
+def create_training(sae):
+    """The training objective (and training-only state) that goes with this SAE's architecture."""
+    return type(sae).training_cls(sae)

@@ -11,9 +11,9 @@ TopK codes are (indices [N, k] int64, values [N, k]); W_enc [d, n], b_enc [n], W
 
 A batch-level top-k (k*N over the whole batch) gives CSR codes, a variable number of latents per row (`csr`):
 
-    offsets, indices, values, cut, aux_idx, aux_val = batch_topk_encode(x, W_enc, b_enc, k)
-    x_hat = sparse_decode_csr(offsets, indices, values, W_dec)
-    offsets, indices, values = threshold_encode(x, W_enc, b_enc, threshold)   # ReLU / JumpReLU codes, as CSR
+    codes, cut, aux_idx, aux_val = batch_topk_encode(x, W_enc, b_enc, k)   # codes: CSRCodes (offsets, indices,
+    x_hat = sparse_decode_csr(codes, W_dec)                                 # values, width)
+    codes = threshold_encode(x, W_enc, b_enc, threshold)                    # ReLU / JumpReLU codes, as CSR
 
 Both are autograd functions whose backward passes cost O(N k d): the encoder's dense x @ W_enc is the only
 O(N n d) work of a training step. `kernel=` picks the backend:

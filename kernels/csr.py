@@ -1,11 +1,11 @@
 """Codes with a variable number of latents per row (CSR): the batch-level top-k, threshold codes, their decoder.
 
 A batch top-k (BatchTopK, Matryoshka) keeps the k*N largest activations of a whole batch, so a row may hold none
-or thousands of latents. Its codes are CSR rows: offsets [N + 1] and, row after row, indices [nnz] (latent ids,
-ascending within a row) and values [nnz]. Row b owns entries offsets[b]:offsets[b + 1].
+or thousands of latents. Its codes are CSR rows (`CSRCodes`, from `layout`): offsets [N + 1] and, row after row,
+indices [nnz] (latent ids, ascending within a row) and values [nnz]. Row b owns entries offsets[b]:offsets[b + 1].
 
-    offsets, indices, values, cut, aux_i, aux_v = batch_topk_encode(x, W_enc, b_enc, k, center=b_dec)
-    x_hat = sparse_decode_csr(offsets, indices, values, W_dec) + b_dec
+    codes, cut, aux_i, aux_v = batch_topk_encode(x, W_enc, b_enc, k, center=b_dec)
+    x_hat = sparse_decode_csr(codes, W_dec) + b_dec
 
 The selection is exact (the same entries as sorting the whole batch, up to ties) and made without a per-row
 top-k: a threshold estimated from a strided sample of the batch leaves somewhat more than k*N candidates above it
@@ -25,9 +25,9 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from .api import _check_decode, _check_encode, _ops, check_workspace, encoder_weight_grads, resolve_kernel
-from .layout import entries_by_latent, entry_rows, row_offsets
+from .layout import CSRCodes, entries_by_latent, entry_rows, row_offsets
 
-__all__ = ["batch_topk_encode", "keep_batch_top", "sparse_decode_csr", "threshold_encode"]
+__all__ = ["CSRCodes", "batch_topk_encode", "keep_batch_top", "sparse_decode_csr", "threshold_encode"]
 
 SAMPLE_STRIDE = 1021
 """Every 1021st pre-activation of the batch (a prime, so the sample walks across columns) estimates the threshold."""
@@ -163,24 +163,20 @@ class CSREncode(torch.autograd.Function):
         return grad_x, grad_W, grad_b, grad_center, None, None, None, None, None, None
 
 
-def sparse_decode_csr(
-    offsets: torch.Tensor,
-    indices: torch.Tensor,
-    values: torch.Tensor,
-    W_dec: torch.Tensor,
-    kernel: str = "auto",
-    *,
-    check_indices: bool = True,
-) -> torch.Tensor:
+def sparse_decode_csr(codes: CSRCodes, W_dec: torch.Tensor, kernel: str = "auto", *,
+                      check_indices: bool = True) -> torch.Tensor:
     """Decode CSR codes: out[b] = sum over row b's entries e of values[e] * W_dec[indices[e]].
 
     Args:
-        offsets: [N + 1] int64, non-decreasing, offsets[0] = 0 and offsets[-1] = nnz.
-        indices: [nnz] int64/int32 latent ids in [0, n); values: [nnz] (differentiable); W_dec: [n, d]
-            (differentiable). kernel and check_indices as in `sparse_decode`.
+        codes: offsets [N + 1] int64, non-decreasing, offsets[0] = 0 and offsets[-1] = nnz; indices [nnz]
+            int64/int32 latent ids in [0, n); values [nnz] (differentiable).
+        W_dec: [n, d] (differentiable). kernel and check_indices as in `sparse_decode`.
 
     Returns [N, d] in values' dtype. Backward: O(nnz d), like `sparse_decode`.
     """
+    if not isinstance(codes, CSRCodes):
+        raise TypeError(f"codes must be CSRCodes (offsets, indices, values, width), got {type(codes).__name__}")
+    offsets, indices, values = codes.offsets, codes.indices, codes.values
     _check_decode(indices, values, W_dec, check_indices)
     if indices.dim() != 1 or offsets.dim() != 1 or offsets.dtype != torch.int64 or len(offsets) == 0:
         raise ValueError(f"CSR codes need 1-D int64 offsets [N + 1] and 1-D indices, values [nnz]; got offsets "
@@ -213,8 +209,7 @@ def batch_topk_encode(
     Args as `topk_encode_with_aux` (aux_columns None: no AuxK selection); k is the mean number of latents per row.
     mask_workspace: optional reused [N, n] bool buffer for the selection.
 
-    Returns (offsets [N + 1], indices [nnz], values [nnz], cut, aux_indices [N, k_aux], aux_values [N, k_aux]):
-    cut (a 0-d tensor) lies halfway between the smallest value kept and the largest left out, 0 when all positive
+    Returns (CSRCodes, cut, aux_indices [N, k_aux], aux_values [N, k_aux]): cut (a 0-d tensor) lies halfway between the smallest value kept and the largest left out, 0 when all positive
     entries were kept. Gradients flow through values and aux_values.
     """
     _check_encode(x, W_enc, b_enc, k, center)
@@ -227,9 +222,13 @@ def batch_topk_encode(
     check_workspace("mask_workspace", mask_workspace, shape, torch.bool, x.device)
     name = resolve_kernel(kernel, x.device)
     if name == "dense":
-        return reference.dense_batch_topk_encode(x, W_enc, b_enc, k, center, aux_columns, k_aux)
-    select = functools.partial(select_batch_top, budget=k * len(x))
-    return CSREncode.apply(x, W_enc, b_enc, center, select, aux_columns, k_aux, workspace, mask_workspace, _ops(name))
+        offsets, indices, values, *rest = reference.dense_batch_topk_encode(x, W_enc, b_enc, k, center, aux_columns,
+                                                                            k_aux)
+    else:
+        select = functools.partial(select_batch_top, budget=k * len(x))
+        offsets, indices, values, *rest = CSREncode.apply(x, W_enc, b_enc, center, select, aux_columns, k_aux,
+                                                          workspace, mask_workspace, _ops(name))
+    return CSRCodes(offsets, indices, values, W_enc.shape[1]), *rest
 
 
 def threshold_encode(
@@ -242,10 +241,9 @@ def threshold_encode(
     center: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
     mask_workspace: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> CSRCodes:
     """The entries of (x - center) @ W_enc + b_enc above `threshold` (a float or an [n] tensor, >= 0, not
-    differentiated) as CSR codes (offsets [N + 1], indices [nnz], values [nnz]): the sparse codes of a ReLU (0) or
-    JumpReLU SAE. Gradients flow through values to x, W_enc, b_enc and center, touching only the nnz entries."""
+    differentiated) as CSR codes: the sparse codes of a ReLU (0) or JumpReLU SAE. Gradients flow through values to x, W_enc, b_enc and center, touching only the nnz entries."""
     _check_encode(x, W_enc, b_enc, 1, center)
     if x.dim() != 2:
         raise ValueError(f"x must be [N, d], got shape {tuple(x.shape)}")
@@ -257,8 +255,8 @@ def threshold_encode(
     check_workspace("mask_workspace", mask_workspace, shape, torch.bool, x.device)
     name = resolve_kernel(kernel, x.device)
     if name == "dense":
-        return reference.dense_threshold_encode(x, W_enc, b_enc, threshold, center)
+        return CSRCodes(*reference.dense_threshold_encode(x, W_enc, b_enc, threshold, center), W_enc.shape[1])
     select = functools.partial(select_above, threshold=threshold)
     offsets, indices, values, *_ = CSREncode.apply(x, W_enc, b_enc, center, select, None, 0, workspace,
                                                    mask_workspace, _ops(name))
-    return offsets, indices, values
+    return CSRCodes(offsets, indices, values, W_enc.shape[1])

@@ -1,4 +1,5 @@
-"""Sorting TopK codes by latent (the CSR layout of the transposed code matrix).
+"""Code layouts: CSR rows (`CSRCodes`, `row_offsets`, `entry_rows`), and TopK codes sorted by latent (the CSR
+layout of the transposed code matrix).
 
 The gradients wrt W_dec and W_enc are S^T @ dense for the N x n code matrix S. Sorting the N*k code entries by
 latent turns that product into a segmented reduction: latent l owns the contiguous run
@@ -29,6 +30,32 @@ class LatentCSR:
     order: torch.Tensor
     rows: torch.Tensor
     offsets: torch.Tensor
+
+
+@dataclass
+class CSRCodes:
+    """Sparse codes with any number of latents per row (CSR), the one form in which the kernels, an SAE's training
+    step and saelab.codes hand them on: row b holds latents indices[offsets[b]:offsets[b + 1]] (ascending within
+    a row) with those values, out of `width` latents.
+
+    offsets: [N + 1] int64, from 0 to nnz.   indices: [nnz] latent ids.   values: [nnz] activations.
+    """
+
+    offsets: torch.Tensor
+    indices: torch.Tensor
+    values: torch.Tensor
+    width: int
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.numel()
+
+    def row_ids(self) -> torch.Tensor:
+        """long [nnz]: the row of each entry."""
+        return entry_rows(self.offsets, self.nnz)
 
 
 def by_latent(indices: torch.Tensor, n: int) -> LatentCSR:

@@ -24,45 +24,42 @@ from saelab.activations.source import ActivationSource, open_source
 from saelab.activations.store import ActivationBatch, ActivationStore
 from saelab.activations.stream import ModelStream
 from saelab.errors import HookError
+from saelab.kernels.layout import CSRCodes, row_offsets
 
 Source = str | Path | ActivationStore | ModelStream | ActivationSource
 
 
 @dataclass
-class Codes:
-    """Sparse codes of n token positions (CSR over `width` latents), in the SAE's raw output units."""
+class Codes(CSRCodes):
+    """Sparse codes of n token positions in the SAE's raw output units: the kernels' CSR codes (offsets, indices,
+    values over `width` latents; len(), nnz, row_ids()) with the token behind every row."""
 
-    crow: Tensor
-    latents: Tensor
-    values: Tensor
-    width: int
     token_ids: Tensor
     rows: Tensor
     contexts: Tensor
     positions: Tensor
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
+    @property
+    def crow(self) -> Tensor:
+        """`offsets` under the name the analyses read."""
+        return self.offsets
 
     @property
-    def nnz(self) -> int:
-        return len(self.latents)
-
-    def row_ids(self) -> Tensor:
-        """long [nnz]: the row of each nonzero."""
-        return torch.repeat_interleave(torch.arange(len(self)), self.crow.diff())
+    def latents(self) -> Tensor:
+        """`indices` under the name the analyses read."""
+        return self.indices
 
     def csr(self) -> Tensor:
         """torch sparse CSR [n, width] (for sparse products such as codes_a.T @ codes_b)."""
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self.crow, self.latents, self.values, (len(self), self.width),
+            return torch.sparse_csr_tensor(self.offsets, self.indices, self.values, (len(self), self.width),
                                            check_invariants=False)
 
     def dense(self) -> Tensor:
         """float [n, width]; only for small n."""
         out = torch.zeros(len(self), self.width, dtype=self.values.dtype)
-        out[self.row_ids(), self.latents] = self.values
+        out[self.row_ids(), self.indices] = self.values
         return out
 
     def texts(self, tokenizer) -> list[str]:
@@ -73,9 +70,7 @@ class Codes:
 def sparse_rows(dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Dense codes [n, width] -> CSR (crow [n+1], latents [nnz], values [nnz]) of their nonzeros."""
     rows, latents = dense.nonzero(as_tuple=True)
-    crow = torch.zeros(len(dense) + 1, dtype=torch.long)
-    crow[1:] = torch.bincount(rows, minlength=len(dense)).cumsum(0)
-    return crow, latents, dense[rows, latents]
+    return row_offsets(rows, len(dense)), latents, dense[rows, latents]
 
 
 def encode_sparse(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,9 +82,7 @@ def encode_sparse(sae, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         keep = values > 0
         order = torch.argsort(indices.masked_fill(~keep, sae.cfg.width), dim=1)  # latents ascending, zeros last
         indices, values, keep = indices.gather(1, order), values.gather(1, order), keep.gather(1, order)
-        crow = torch.zeros(len(x) + 1, dtype=torch.long, device=x.device)
-        crow[1:] = keep.sum(1).cumsum(0)
-        return crow, indices[keep], values[keep]
+        return row_offsets(keep.nonzero(as_tuple=True)[0], len(x)), indices[keep], values[keep]
     return sparse_rows(sae.encode(x))
 
 

@@ -110,7 +110,8 @@ def run_saelab(store, args, heldout, ref) -> dict:
                 "lr_decay_fraction": config.lr_decay_fraction, "adam_betas": list(config.adam_betas),
                 "normalize_activations": config.normalize_activations, "b_dec_init": config.b_dec_init,
                 "dead_window_tokens": config.dead_window, "options": spec.options,
-                "auxk_coefficient": sae.cfg.auxk_coefficient, "k_aux": sae.cfg.k_aux or sae.cfg.d_in // 2}
+                "auxk_coefficient": getattr(sae.cfg.options, "auxk_coefficient", None),
+                "k_aux": getattr(sae.cfg.options, "k_aux", None) or sae.cfg.d_in // 2}
     return {"impl": "saelab", "version": saelab.__version__, "arch": args.arch, "seconds": seconds,
             "steps": trained.steps, "tokens": trained.steps * args.batch_size, "settings": settings,
             "folder": str(args.work_dir / "saelab"), **ref.heldout_metrics(reconstruct_with(sae), heldout)}

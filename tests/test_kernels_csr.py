@@ -5,7 +5,7 @@ import torch
 
 import saelab.kernels.csr as csr
 from saelab.kernels import reference, torch_backend
-from saelab.kernels.csr import batch_topk_encode, sparse_decode_csr, threshold_encode
+from saelab.kernels.csr import CSRCodes, batch_topk_encode, sparse_decode_csr, threshold_encode
 from saelab.kernels.layout import entries_by_latent, entry_rows, row_offsets
 from saelab.kernels.testing import assert_close
 
@@ -51,22 +51,25 @@ def test_decode_matches_dense_codes(kernel):
     offsets, indices, values, W = csr_inputs()
     codes = torch.zeros(len(offsets) - 1, W.shape[0], dtype=torch.float64)
     codes.index_put_((entry_rows(offsets, len(indices)), indices), values, accumulate=True)
-    torch.testing.assert_close(sparse_decode_csr(offsets, indices, values, W, kernel), codes @ W)
+    torch.testing.assert_close(sparse_decode_csr(CSRCodes(offsets, indices, values, W.shape[0]), W, kernel), codes @ W)
 
 
 def test_gradcheck_decode_fp64():
     offsets, indices, values, W = csr_inputs(N=5, n=9, d=3)
     values.requires_grad_(True)
     W.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v, w: sparse_decode_csr(offsets, indices, v, w, "torch"), (values, W))
+    assert torch.autograd.gradcheck(lambda v, w: sparse_decode_csr(CSRCodes(offsets, indices, v, 9), w, "torch"),
+                                    (values, W))
 
 
 def test_decode_rejects_bad_offsets():
     offsets, indices, values, W = csr_inputs()
     with pytest.raises(ValueError, match="rise from 0"):
-        sparse_decode_csr(offsets[:-1], indices, values, W)
+        sparse_decode_csr(CSRCodes(offsets[:-1], indices, values, W.shape[0]), W)
     with pytest.raises(ValueError, match="1-D int64 offsets"):
-        sparse_decode_csr(offsets.int(), indices, values, W)
+        sparse_decode_csr(CSRCodes(offsets.int(), indices, values, W.shape[0]), W)
+    with pytest.raises(TypeError, match="CSRCodes"):
+        sparse_decode_csr((offsets, indices, values), W)
 
 
 @pytest.mark.parametrize("kernel", ["torch", "dense"])
@@ -78,7 +81,9 @@ def test_batch_topk_encode_selects_and_differentiates_like_sorting(kernel, with_
     x[4] *= 20  # a row that takes far more than k latents
     W, b, c = (torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True) for s in ((d, n), (n,), (d,)))
     aux = dict(aux_columns=torch.tensor([1, 5, 7, 30]), k_aux=2) if with_aux else {}
-    offsets, indices, values, cut, aux_indices, aux_values = batch_topk_encode(x, W, b, k, kernel, center=c, **aux)
+    codes, cut, aux_indices, aux_values = batch_topk_encode(x, W, b, k, kernel, center=c, **aux)
+    offsets, indices, values = codes.offsets, codes.indices, codes.values
+    assert codes.width == n and len(codes) == N and torch.equal(codes.row_ids(), entry_rows(offsets, codes.nnz))
     pre = (x - c) @ W + b
     keep = sorted_batch_top(pre.detach(), k)
     assert int(keep[4].sum()) > 3 * k
@@ -142,7 +147,8 @@ def test_threshold_encode_keeps_the_entries_above_and_differentiates_like_dense(
     x = torch.randn(N, d, generator=g, dtype=torch.float64)
     W, b, c = (torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True) for s in ((d, n), (n,), (d,)))
     threshold = torch.rand(n, generator=g, dtype=torch.float64) if per_latent else 0.0
-    offsets, indices, values = threshold_encode(x, W, b, threshold, kernel, center=c)
+    codes = threshold_encode(x, W, b, threshold, kernel, center=c)
+    offsets, indices, values = codes.offsets, codes.indices, codes.values
     pre = (x - c) @ W + b
     above = pre.detach() > threshold
     assert 0 < int(above.sum()) < N * n

@@ -149,7 +149,7 @@ def test_csr_gather_matches_reference(tb, dtype):
     """Rows with 0, 1 and 70 entries (several BLOCK_P=32 chunks), d=70 (one masked block); also through the CSR
     decoder's autograd (its sddmm and segment sum) against the torch backend."""
     from saelab.kernels import torch_backend
-    from saelab.kernels.csr import sparse_decode_csr
+    from saelab.kernels.csr import CSRCodes, sparse_decode_csr
     n, d = 80, 70
     g = torch.Generator().manual_seed(4)
     offsets = torch.tensor([0, 0, 1, 71, 75])
@@ -161,7 +161,7 @@ def test_csr_gather_matches_reference(tb, dtype):
     grads = []
     for kernel in ("triton", "torch"):
         values, W = w.clone().requires_grad_(True), table.clone().requires_grad_(True)
-        out = sparse_decode_csr(offsets, indices, values, W, kernel)
+        out = sparse_decode_csr(CSRCodes(offsets, indices, values, n), W, kernel)
         grads.append((out, *torch.autograd.grad(out.square().sum(), (values, W))))
     for got, want, what in zip(grads[0], grads[1], ("decode", "grad values", "grad W_dec")):
         assert_close(got, want, tol, what)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saelab.kernels.csr import batch_topk_encode, sparse_decode_csr
+from saelab.kernels.csr import CSRCodes, batch_topk_encode, sparse_decode_csr
 from saelab.options import Decay
 
 from .base import SAE, AuxKOptions, SAEConfig, TrainOutput, mse_of, wide
@@ -33,18 +33,17 @@ def batch_topk(pre: Tensor, k: int) -> Tensor:
 
 @dataclass
 class Selection:
-    """A batch selection as CSR codes: row b holds latents indices[offsets[b]:offsets[b + 1]] with those values;
-    cut as in saelab.kernels.csr.keep_batch_top; AuxK's [N, k_aux] pick among the dead latents when any are dead."""
+    """A batch selection: its CSR codes, the cut (as in saelab.kernels.csr.keep_batch_top), and AuxK's [N, k_aux]
+    pick among the dead latents when any are dead."""
 
-    offsets: Tensor
-    indices: Tensor
-    values: Tensor
+    codes: CSRCodes
     cut: Tensor
     aux_indices: Tensor | None = None
     aux_values: Tensor | None = None
 
     def smallest(self) -> Tensor | None:
-        kept = self.values.detach()[self.values.detach() > 0]
+        values = self.codes.values.detach()
+        kept = values[values > 0]
         return kept.min() if kept.numel() else None
 
 
@@ -89,15 +88,12 @@ class BatchTopKTraining(TopKTraining):
         sae, workspace = self.sae, self._workspace(x)
         mask = None if workspace is None else reused(self._buffers, "mask", workspace.shape, torch.bool, x.device)
         aux = dict(aux_columns=dead_ids, k_aux=min(self.k_aux, len(dead_ids))) if len(dead_ids) else {}
-        offsets, indices, values, cut, aux_indices, aux_values = batch_topk_encode(
-            x, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, center=sae.b_dec, workspace=workspace,
-            mask_workspace=mask, **aux)
-        return Selection(offsets, indices, values, cut, aux_indices, aux_values)
+        return Selection(*batch_topk_encode(x, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, center=sae.b_dec,
+                                            workspace=workspace, mask_workspace=mask, **aux))
 
     def decode(self, selection: Selection) -> Tensor:
         """What the selected latents add to x_hat (no b_dec)."""
-        return sparse_decode_csr(selection.offsets, selection.indices, selection.values, self.sae.W_dec, self.kernel,
-                                 check_indices=False)
+        return sparse_decode_csr(selection.codes, self.sae.W_dec, self.kernel, check_indices=False)
 
     def reconstruction(self, x: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor | None]:
         """(loss term, x_hat, per-prefix mse or None); Matryoshka overrides this."""
@@ -113,7 +109,7 @@ class BatchTopKTraining(TopKTraining):
                else wide(recon.new_zeros(())))
         if torch.is_grad_enabled():
             self._update_threshold(selection)
-        l0, fired = sparse_summary(selection.indices, selection.values, len(x), self.cfg.width)
+        l0, fired = sparse_summary(selection.codes.indices, selection.codes.values, len(x), self.cfg.width)
         mse = recon.detach() if prefix_mse is None else prefix_mse[-1]  # the full reconstruction's, not recomputed
         return TrainOutput(loss=recon + aux, mse=mse, aux_loss=aux.detach(),
                            sparsity_loss=recon.new_zeros(()), l0=l0, fired=fired,

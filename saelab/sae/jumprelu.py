@@ -16,6 +16,7 @@ per token.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -158,14 +159,15 @@ class JumpReLUTraining(ThresholdCodes, Training):
         lower = theta.detach() - eps / 2
         sparse = self._sparse_step() and bool((lower > 0).all())
         if sparse:
-            offsets, indices, z = self._above(x, lower)
-            theta = theta[indices]
-            sparse = len(indices) > 0
+            csr = self._above(x, lower)  # z above theta - eps/2
+            z, theta = csr.values, theta[csr.indices]
+            sparse = csr.nnz > 0
         if sparse:
             codes = jumprelu(z, theta, eps)
-            x_hat = sparse_decode_csr(offsets, indices, codes, sae.W_dec, self.kernel, check_indices=False) + sae.b_dec
+            x_hat = sparse_decode_csr(dataclasses.replace(csr, values=codes), sae.W_dec, self.kernel,
+                                      check_indices=False) + sae.b_dec
             l0_smooth = wide(heaviside(z, theta, eps)).sum() / len(x)
-            l0, fired = sparse_summary(indices, codes, len(x), cfg.width)
+            l0, fired = sparse_summary(csr.indices, codes, len(x), cfg.width)
         else:
             z = sae.pre_acts(x).relu()
             codes = jumprelu(z, sae.threshold, eps)

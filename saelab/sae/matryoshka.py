@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from saelab.kernels.csr import sparse_decode_csr
-from saelab.kernels.layout import entry_rows, row_offsets
+from saelab.kernels.csr import CSRCodes, sparse_decode_csr
+from saelab.kernels.layout import row_offsets
 from saelab.options import PositiveInt
 
 from .base import SAEConfig, wide
@@ -111,12 +111,12 @@ class MatryoshkaTraining(BatchTopKTraining):
     is free: a row's latents are in ascending order), and PrefixResiduals turns them into every prefix's error."""
 
     def reconstruction(self, x: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
-        ends = self.sae.prefix_ends
+        ends, codes = self.sae.prefix_ends, selection.codes
         groups, N = len(ends), len(x)
-        rows = entry_rows(selection.offsets, selection.indices.numel())
-        group = torch.bucketize(selection.indices, selection.indices.new_tensor(ends[:-1]), right=True)
-        parts = sparse_decode_csr(row_offsets(rows * groups + group, N * groups), selection.indices,
-                                  selection.values, self.sae.W_dec, self.kernel, check_indices=False)
+        group = torch.bucketize(codes.indices, codes.indices.new_tensor(ends[:-1]), right=True)
+        by_group = CSRCodes(row_offsets(codes.row_ids() * groups + group, N * groups), codes.indices, codes.values,
+                            codes.width)  # row n's group g is row n * G + g
+        parts = sparse_decode_csr(by_group, self.sae.W_dec, self.kernel, check_indices=False)
         residuals, mses = PrefixResiduals.apply(parts, x, self.sae.b_dec)
         x_hat = residuals.detach().view(N, groups, -1)[:, -1] + x
         return mses.sum(), x_hat, mses.detach()

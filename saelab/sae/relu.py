@@ -78,10 +78,11 @@ class ReLUTraining(ThresholdCodes, Training):
         norms = wide(sae.W_dec).norm(dim=1)
         sparse = self._sparse_step()
         if sparse:  # codes as CSR: the positive pre-activations
-            offsets, indices, values = self._above(x, 0.0)
-            x_hat = sparse_decode_csr(offsets, indices, values, sae.W_dec, self.kernel, check_indices=False) + sae.b_dec
-            l1 = (wide(values) * norms[indices]).sum() / max(1, len(x))
-            l0, fired = sparse_summary(indices, values, len(x), self.cfg.width)
+            csr = self._above(x, 0.0)
+            values = csr.values
+            x_hat = sparse_decode_csr(csr, sae.W_dec, self.kernel, check_indices=False) + sae.b_dec
+            l1 = (wide(values) * norms[csr.indices]).sum() / max(1, len(x))
+            l0, fired = sparse_summary(csr.indices, values, len(x), self.cfg.width)
         else:
             codes = sae.encode(x)
             x_hat = sae.decode(codes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from saelab.kernels.csr import threshold_encode
+from saelab.kernels.csr import CSRCodes, threshold_encode
 
 SPARSE_MAX_DENSITY = 1 / 32
 """ReLU/JumpReLU decode sparsely while the last step fired at most this share of the latents; denser codes take
@@ -47,8 +47,8 @@ class ThresholdCodes:
     def _seen(self, l0: Tensor) -> None:
         self._density = float(l0) / self.cfg.width
 
-    def _above(self, x: Tensor, threshold: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
-        """CSR codes (offsets, indices, values) of the pre-activations of x above `threshold`."""
+    def _above(self, x: Tensor, threshold: Tensor | float) -> CSRCodes:
+        """CSR codes of the pre-activations of x above `threshold`."""
         sae, holder, shape = self.sae, self._buffers, (x.shape[0], self.cfg.width)
         return threshold_encode(x, sae.W_enc, sae.b_enc, threshold, self.kernel, center=sae.b_dec,
                                 workspace=reused(holder, "pre", shape, x.dtype, x.device),

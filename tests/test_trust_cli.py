@@ -466,3 +466,40 @@ def test_train_advice_names_flags_train_takes(tmp_path, tiny_cache, capsys):
     assert main(["train", *base]) == 0
     assert "--no-resume" in _advice(capsys, ("train",), [*base, "--seed", "1"])  # a checkpoint of another run
     assert main(["train", *base, "--seed", "1", "--no-resume"]) == 0
+
+
+# -- issue 22: every verb's flags come from its config, and one list rule holds for every list flag
+def test_list_flags_split_on_commas_or_semicolons_outside_braces():
+    from saelab.options import split_list
+
+    assert split_list("blocks.{9,15}.hook_resid_post") == ["blocks.{9,15}.hook_resid_post"]
+    assert split_list("a;b") == split_list("a,b") == split_list("a, b") == ["a", "b"]
+    assert split_list("blocks.{0,1}.x;blocks.3.y,z") == ["blocks.{0,1}.x", "blocks.3.y", "z"]
+    verbs = dict(_verbs(build_parser()))
+    for words, flag, others in [(("cache",), "--hooks", ["--model", "m", "--out", "o"]), (("train",), "--hooks", []),
+                                (("train",), "--hook", [])]:
+        for text in ("blocks.{0,1}.x;blocks.2.x", "blocks.{0,1}.x,blocks.2.x"):
+            args = verbs[words].parse_args([*others, flag, text])
+            assert getattr(args, flag[2:]) == ["blocks.{0,1}.x", "blocks.2.x"], (words, flag, text)
+
+
+def test_every_verb_takes_its_defaults_from_its_config():
+    """Parsing no flags gives the config's own defaults: no verb restates one."""
+    from saelab.analysis import CalendarConfig, ClusterSearchConfig, MatchStudyConfig, ProbeConfig, SteerConfig
+    from saelab.cli import VERBS
+    from saelab.options import config_from_flags
+
+    required = {"cache": ["--model", "m", "--hooks", "h", "--out", "o"], "push": ["f", "me/r"], "info": ["c"],
+                "eval": ["s"], "dashboard": ["s", "--acts", "a"], "probe": ["--model", "m", "--hooks", "h", "--data", "d"],
+                "steer": ["--model", "m", "--prompts", "p"], "match": ["--a", "m:h", "--b", "m:h"],
+                "clusters": ["s", "--acts", "a"], "calendar": ["--model", "m"]}
+    verbs = {words[-1]: parser for words, parser in _verbs(build_parser())}
+    for verb in [v for top in VERBS for v in (top.verbs or (top,))]:
+        config = config_from_flags(verb.config, verbs[verb.name].parse_args(required.get(verb.name, [])))
+        assert isinstance(config, verb.config)
+    studies = {"probe": ProbeConfig("m", "h", "d"), "steer": SteerConfig("m", "p"),
+               "match": MatchStudyConfig(a=["m:h"], b=["m:h"]), "clusters": ClusterSearchConfig("s", "a"),
+               "calendar": CalendarConfig("m")}
+    for name, study in studies.items():
+        verb = next(v for top in VERBS for v in (top.verbs or (top,)) if v.name == name)
+        assert config_from_flags(verb.config, verbs[name].parse_args(required[name])).study == study, name

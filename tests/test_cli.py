@@ -5,8 +5,9 @@ import json
 import pytest
 import yaml
 
-from saelab.cli import main, parse_count
+from saelab.cli import main
 from saelab.hub import load_sae
+from saelab.options import parse_count
 
 
 def test_parse_count():

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 import saelab.training
-from saelab.cli import build_parser, main, option_fields, option_owners
+from saelab.cli import build_parser, main
+from saelab.commands.train import option_fields, option_owners
 from saelab.options import SettingError, field_docs, from_mapping
 from saelab.sae import SAEConfig, available_architectures, sae_class
 from saelab.training import SAESpec, TrainConfig
@@ -197,7 +198,7 @@ def test_a_key_given_twice_in_a_run_file_is_refused_naming_it(tmp_path, captured
 
 
 def test_yaml_merge_keys_still_override(tmp_path):
-    from saelab.cli import load_config_file
+    from saelab.commands.run_file import load_config_file
 
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  <<: {tokens: 256, batch_size: 64}\n  tokens: 512\n")

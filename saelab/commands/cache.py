@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -32,6 +33,21 @@ class CacheCommand(ModelFlags, CacheTextFlags):
     """replace a different run found in --out (deletes only files saelab wrote)"""
 
 
+def cmd_cache(args: CacheCommand) -> None:
+    from saelab import distributed
+    from saelab.activations import cache_activations
+    from saelab.models import load_model
+
+    world = distributed.init()  # under torchrun: each rank writes its share of the shards
+    model = load_model(args.model, trust_remote_code=args.trust_remote_code, max_batch_tokens=args.max_batch_tokens)
+    started = time.perf_counter()
+    manifest = cache_activations(model, args.hooks, args.out, text=args.text_config(), tokens=args.tokens,
+                                 batch_size=args.batch_size, shard_tokens=args.shard_tokens, dtype=args.dtype,
+                                 drop_bos=not args.keep_bos, overwrite=args.overwrite)
+    if world.main:
+        print_cache_summary(args.out, manifest, time.perf_counter() - started)
+
+
 @dataclass
 class InfoCommand:
     """Describe an activation cache."""
@@ -42,7 +58,7 @@ class InfoCommand:
     """check every shard's size and SHA-256 (--no-verify skips it: fast on a big cache)"""
 
 
-def info(config: InfoCommand) -> None:
+def cmd_info(config: InfoCommand) -> None:
     """Describe a cache and, unless --no-verify, check every shard's size and SHA-256: "complete" must mean usable."""
     from saelab.activations import Manifest
     from saelab.activations.manifest import cache_command, check_shard

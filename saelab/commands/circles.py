@@ -22,7 +22,7 @@ class ClustersCommand(LoadsModel):
     """folder for clusters.json, clusters.md and plots"""
 
 
-def clusters(config: ClustersCommand) -> None:
+def cmd_circles_clusters(config: ClustersCommand) -> None:
     """Cluster an SAE's decoder directions and rank the clusters by how irreducible (circle-like) they are."""
     from saelab.analysis.clusters import run_cluster_search
     from saelab.hub import load_sae
@@ -48,7 +48,7 @@ class CalendarCommand(RunsModel):
     """folder for <task>.json, <task>.md and figures"""
 
 
-def calendar(config: CalendarCommand) -> None:
+def cmd_circles_calendar(config: CalendarCommand) -> None:
     """Days / months arithmetic: accuracy, a circle probe per layer, calendar order, interventions vs baselines."""
     from saelab.analysis.circles import run_calendar
 

@@ -34,7 +34,7 @@ class DashboardCommand(SAEModelFlags):
     """firings sampled per latent for the quantile groups"""
 
 
-def dashboard(config: DashboardCommand) -> None:
+def cmd_dashboard(config: DashboardCommand) -> None:
     """A static HTML dashboard of an SAE's features over an activation cache: index.html + one page per latent."""
     from saelab.explore import explore
     from saelab.explore.dashboard import check_folder

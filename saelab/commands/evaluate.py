@@ -23,7 +23,7 @@ class EvalCommand(SAEModelFlags, RunsModel, TextFlags):
     """where metrics.json goes (default: the SAE folder)"""
 
 
-def evaluate(config: EvalCommand) -> None:
+def cmd_eval(config: EvalCommand) -> None:
     from saelab.eval import evaluate
     from saelab.hub import load_sae
 
@@ -52,7 +52,7 @@ class PushCommand:
     """license for the model card, e.g. apache-2.0"""
 
 
-def push(config: PushCommand) -> None:
+def cmd_push(config: PushCommand) -> None:
     from saelab.hub import push_to_hub
 
     folders = config.folders if len(config.folders) > 1 else config.folders[0]

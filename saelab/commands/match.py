@@ -24,7 +24,7 @@ class MatchCommand(RunsModel):
     """folder for matching.json, matching.md and figures"""
 
 
-def match(config: MatchCommand) -> None:
+def cmd_match(config: MatchCommand) -> None:
     """Match features of two (model, hook, SAE) sides over the same text; see saelab.analysis.universality."""
     from saelab.analysis.universality import run_match
 

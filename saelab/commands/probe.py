@@ -24,7 +24,7 @@ class ProbeCommand(RunsModel):
     """folder for probes.json, probes.md, accuracy_vs_k.png"""
 
 
-def probe(config: ProbeCommand) -> None:
+def cmd_probe(config: ProbeCommand) -> None:
     """Probe residual dimensions, MLP neurons and SAE latents at each hook for a labelled concept."""
     from saelab.analysis.report import run_probe_study
 
@@ -45,7 +45,7 @@ class SteerCommand(RunsModel):
     """folder for steering.json and steering.png"""
 
 
-def steer(config: SteerCommand) -> None:
+def cmd_steer(config: SteerCommand) -> None:
     """Sweep a steering strength: target effect and side effects (KL, CE on unrelated text) at each alpha."""
     from saelab.analysis.steering import run_steering
 

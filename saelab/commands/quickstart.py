@@ -41,7 +41,7 @@ class QuickstartCommand:
     """replace a different cache found in --out (deletes only files saelab wrote)"""
 
 
-def quickstart(config: QuickstartCommand) -> None:
+def cmd_quickstart(config: QuickstartCommand) -> None:
     """The main job: cache a mid-depth residual stream of the offline SmolLM2-135M on built-in text, train a TopK
     SAE on it, evaluate it on held-out text with the SAE spliced into the model, and save it."""
     from saelab.activations import cache_activations

@@ -167,7 +167,9 @@ class SAE(nn.Module):
 
     def decode_topk(self, indices: Tensor, values: Tensor) -> Tensor:
         """Decode sparse codes given as (indices, values) [..., k] without building a dense [..., width] matrix."""
-        return sparse_decode(indices, values.to(self.W_dec.dtype), self.W_dec) + self.b_dec
+        # on the CPU, embedding_bag refuses an out-of-range index itself: the kernels' separate check is skipped there
+        return sparse_decode(indices, values.to(self.W_dec.dtype), self.W_dec,
+                             check_indices=indices.device.type != "cpu") + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
@@ -344,7 +346,8 @@ def auxk_loss(W_dec: Tensor, pre: Tensor, residual: Tensor, dead: Tensor | None,
     if n_dead == 0 or pre.shape[0] == 0:
         return zero
     vals, idx = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
-    return auxk_ratio(sparse_decode(idx, vals.relu(), W_dec), residual, n_dead, k_aux, coefficient)
+    return auxk_ratio(sparse_decode(idx, vals.relu(), W_dec, check_indices=False), residual, n_dead, k_aux,
+                      coefficient)  # top-k positions: always in range
 
 
 def auxk_ratio(e_hat: Tensor, residual: Tensor, n_dead: int, k_aux: int, coefficient: float,

@@ -57,7 +57,7 @@ def test_k_required_for_topk_family():
             create_sae(SAEConfig(arch=arch, d_in=6, width=16))
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
+@pytest.mark.parametrize("arch", available_architectures())
 def test_registry_round_trip(arch):
     cfg = cfg_for(arch, model_name="smollm2-135m", hook_name="blocks.3.hook_resid_post", input_scale=0.7,
                   training_tokens=12345)
@@ -106,7 +106,7 @@ def test_input_shape_errors_speak_plainly():
         create_training(sae).loss(torch.randn(2, 640))
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
+@pytest.mark.parametrize("arch", available_architectures())
 def test_bf16_inference_matches_fp32(arch):
     # orthonormal decoder and inputs built from exactly k latents each: a selection with no near-ties
     torch.manual_seed(0)

@@ -317,16 +317,13 @@ class Flag:
     metavar: str | None = None
     required: bool = False
     """Must be given, though the field has a default (an empty list the command cannot run on)."""
-    hint: Any = None
-    """A narrower annotation (a Range) to check the flag's values against than the library field's own."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """Marks a field holding a config of its own (`Annotated[MatchConfig, Group(...)]`): its fields are flags too, in
-    one help group, all of them or `names`, spelled as `spell` says. A field typed by a dataclass needs no mark."""
+    """Marks a field holding a config of its own (`Annotated[MatchConfig, Group(spell=...)]`): its fields are flags
+    too, in one help group, spelled as `spell` says. A field typed by a dataclass needs no mark."""
 
-    names: tuple[str, ...] | None = None
     spell: dict[str, Flag] | None = None
 
 
@@ -357,7 +354,6 @@ def add_flags(group, cls: type, names: list[str] | None = None, *, lists: tuple[
     for name in names if names is not None else list(fields):
         hint, how, _ = _marks(hints[name])
         how = (spell or {}).get(name) or how or Flag()
-        hint = how.hint if how.hint is not None else hint
         default = (defaults or {}).get(name, "required" if how.required else _default_of(fields[name]))
         help_text = docs.get(name, "")
         if typing.get_origin(hint) is Literal:
@@ -404,32 +400,31 @@ def _add_flag(group, name: str, hint: Any, how: Flag, default: Any, options: dic
     return True
 
 
-def add_config_flags(parser, cls: type, *, names: tuple[str, ...] | None = None,
-                     spell: dict[str, Flag] | None = None, title: str | None = None) -> None:
+def add_config_flags(parser, cls: type, *, spell: dict[str, Flag] | None = None, title: str | None = None) -> None:
     """Flags for a command's config `cls`: its own fields in `parser` (or a group titled `title`), each field that
     holds a config of its own (a dataclass, or one marked by Group) in a group of its own. `config_from_flags`
     builds the config back from what was parsed."""
     hints, own = _hints(cls), []
     for field in dataclasses.fields(cls):
         inner, _, group = _marks(hints[field.name])
-        if not field.init or names is not None and field.name not in names:
+        if not field.init:
             continue
         if group is None:
             own.append(field.name)
         else:
-            add_config_flags(parser, inner, names=group.names, spell=group.spell, title=_title(inner))
+            add_config_flags(parser, inner, spell=group.spell, title=_title(inner))
     add_flags(parser.add_argument_group(title) if title else parser, cls, own, spell=spell)
 
 
-def config_from_flags(cls: type, args: argparse.Namespace, names: tuple[str, ...] | None = None):
+def config_from_flags(cls: type, args: argparse.Namespace):
     """`cls` from parsed flags (see add_config_flags): each field the command line gave, else its default."""
     hints, values = _hints(cls), {}
     for field in dataclasses.fields(cls):
         inner, _, group = _marks(hints[field.name])
-        if not field.init or names is not None and field.name not in names:
+        if not field.init:
             continue
         if group is not None:
-            values[field.name] = config_from_flags(inner, args, group.names)
+            values[field.name] = config_from_flags(inner, args)
         elif getattr(args, field.name, None) is not None:
             values[field.name] = getattr(args, field.name)
     return cls(**values)

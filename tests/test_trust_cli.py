@@ -504,3 +504,14 @@ def test_every_verb_takes_its_defaults_from_its_config():
     for name, study in studies.items():
         verb = next(v for top in VERBS for v in (top.verbs or (top,)) if v.name == name)
         assert config_from_flags(verb.config, verbs[name].parse_args(required[name])).study == study, name
+
+
+def test_every_flag_of_every_verb_has_a_type():
+    """Each value is parsed (and checked) by its field's annotation; switches take none and choices are named."""
+    import argparse
+
+    for words, parser in _verbs(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.nargs == 0:
+                continue
+            assert action.type is not None or action.choices, f"saelab {' '.join(words)} {action.option_strings}"

@@ -55,7 +55,7 @@ class InfoCommand:
     cache: Annotated[str, Positional]
     """the cache folder"""
     verify: Switch = True
-    """check every shard's size and SHA-256 (--no-verify skips it: fast on a big cache)"""
+    """check every shard's size and SHA-256; --no-verify skips the check (fast on a big cache)"""
 
 
 def cmd_info(config: InfoCommand) -> None:

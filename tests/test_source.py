@@ -8,7 +8,8 @@ import torch
 
 from saelab.activations import (ActivationSource, ActivationStore, IterableSource, ModelStream, cache_activations,
                                 open_source)
-from saelab.cli import main, train_text
+from saelab.cli import main
+from saelab.commands.train import train_text
 from saelab.data import TextConfig
 from saelab.hub import load_sae
 from saelab.training import SAESpec, TrainConfig, train

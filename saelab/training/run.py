@@ -20,6 +20,8 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
           eval_tokens: int = 4096) -> list[TrainedSAE]:
     """Train every SAE in `saes` on one activation stream.
 
+    source: a cache folder (read in the order config.seed gives), an ActivationStore or ModelStream, or batches you
+        hold: any iterable of ActivationBatches with .hooks, .d and .batch_size (saelab.activations.open_source).
     out: checkpoint there (and resume from it), then save each SAE to out/<hook>/<arch>-<width>[-k<k>]/. A folder
         there that holds files but no SAE saelab wrote is refused before training starts.
     model + eval_text: then evaluate each SAE on that held-out text (reconstruction, sparsity, spliced CE/KL) and add

@@ -54,7 +54,8 @@ VERBS = (
     Verb("dashboard", DashboardCommand, cmd_dashboard),
     Verb("match", MatchCommand, cmd_match),
     Verb("circles", help="multi-dimensional features: SAE cluster search, calendar circles",
-         verbs=(Verb("clusters", ClustersCommand, cmd_circles_clusters), Verb("calendar", CalendarCommand, cmd_circles_calendar))),
+         verbs=(Verb("clusters", ClustersCommand, cmd_circles_clusters),
+                Verb("calendar", CalendarCommand, cmd_circles_calendar))),
     Verb("info", InfoCommand, cmd_info),
 )
 

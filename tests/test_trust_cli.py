@@ -491,7 +491,8 @@ def test_every_verb_takes_its_defaults_from_its_config():
     from saelab.options import config_from_flags
 
     required = {"cache": ["--model", "m", "--hooks", "h", "--out", "o"], "push": ["f", "me/r"], "info": ["c"],
-                "eval": ["s"], "dashboard": ["s", "--acts", "a"], "probe": ["--model", "m", "--hooks", "h", "--data", "d"],
+                "eval": ["s"], "dashboard": ["s", "--acts", "a"],
+                "probe": ["--model", "m", "--hooks", "h", "--data", "d"],
                 "steer": ["--model", "m", "--prompts", "p"], "match": ["--a", "m:h", "--b", "m:h"],
                 "clusters": ["s", "--acts", "a"], "calendar": ["--model", "m"]}
     verbs = {words[-1]: parser for words, parser in _verbs(build_parser())}

@@ -1,5 +1,5 @@
-"""Flag groups several verbs share, each one dataclass written once: loading a model, the text to read, and
-what the verbs print. A verb's config inherits the group (`class ProbeCommand(ModelFlags)`) or holds it as a field."""
+"""Flag groups several verbs share, each one dataclass written once (loading a model, the text to read), and what
+the verbs print. A verb's config inherits the groups it takes: `class CacheCommand(ModelFlags, CacheTextFlags)`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 from saelab.data import ContextLen
 from saelab.interventions import MAX_BATCH_TOKENS
-from saelab.options import Flag, NonNegativeInt, PositiveInt, Range
+from saelab.options import Flag, NonNegativeInt, PositiveInt
 
 
 def text_flag(value: str) -> str:
@@ -37,13 +37,9 @@ def token_position(text: str) -> str | int:
 
 TextSource = Annotated[str, Flag(parse=text_flag)]
 """A text file, folder, JSONL file, Hub dataset name, or 'default', resolved where the flag is parsed."""
-Positions = Annotated[str | int, Flag(parse=token_position, metavar="POSITIONS")]
-"""Where a text's activations are read: 'mean' (over tokens, no BOS), 'last', or a token index."""
 Switch = Annotated[bool, Flag(switch=True)]
 """An on/off flag taking no value."""
 Positional = Flag(positional=True)
-Similarity = Annotated[float, Range(at_least=-1, at_most=1)]
-"""A correlation or a cosine."""
 
 
 @dataclass(kw_only=True)

@@ -8,13 +8,15 @@
     fires_on(model, sae, "Monday"); most_active_on(model, sae, "See you on Monday.")
     features.dashboard("runs/dash")                    # index.html + latents/<i>.html, opens from disk
 
-Modules, one job each: stats (the pass), examples (per-latent example tables), directions (logit effects,
-neighbours), features (card data), html (rendering), dashboard (the static folder), search, plots.
+Modules, one job each, each importing only those before it: examples (per-latent example tables), stats (the pass),
+directions (logit effects, neighbours), texts (what tokens read as), html and plots (rendering), records (a card's
+data), search, dashboard (the static folder), features (FeatureSet and explore, on top).
 """
 
 from saelab.explore.dashboard import write_dashboard
-from saelab.explore.features import Example, Feature, FeatureSet, QuantileGroup, explore
+from saelab.explore.features import FeatureSet, explore
 from saelab.explore.plots import plot_densities, plot_feature
+from saelab.explore.records import Example, Feature, QuantileGroup
 from saelab.explore.search import LatentTable, encode_texts, fires_on, most_active_on
 from saelab.explore.stats import LatentStats, collect
 

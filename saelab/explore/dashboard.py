@@ -20,7 +20,6 @@ from typing import Iterable
 
 from saelab.errors import SaelabError
 from saelab.explore.examples import EMPTY
-from saelab.explore.features import FeatureSet
 from saelab.explore.html import STYLE, esc, shown, top_tokens
 from saelab.files import LOCK_FILE, FolderLock, remove_owned, write_atomic
 
@@ -130,10 +129,11 @@ def check_folder(out: str | Path) -> set[str]:
     return owned
 
 
-def write_dashboard(features: FeatureSet, out: str | Path, latents: Iterable[int], *, title: str = "") -> Path:
-    """Write index.html and latents/<i>.html for `latents` into `out`; returns the index page's path. The pages of
-    an earlier dashboard there are removed, so the index and the pages always agree; a folder holding anything a
-    dashboard did not write is refused (see check_folder), and so is a second process writing the same folder."""
+def write_dashboard(features, out: str | Path, latents: Iterable[int], *, title: str = "") -> Path:
+    """Write index.html and latents/<i>.html for `latents` of `features` (a FeatureSet) into `out`; returns the index
+    page's path. The pages of an earlier dashboard there are removed, so the index and the pages always agree; a
+    folder holding anything a dashboard did not write is refused (see check_folder), and so is a second process
+    writing the same folder."""
     latents = sorted({features.check(int(i)) for i in latents})
     if not latents:
         raise ValueError("no latents to export")
@@ -150,7 +150,7 @@ def write_dashboard(features: FeatureSet, out: str | Path, latents: Iterable[int
         return _write_pages(features, out, latents, title)
 
 
-def _write_pages(features: FeatureSet, out: Path, latents: list[int], title: str) -> Path:
+def _write_pages(features, out: Path, latents: list[int], title: str) -> Path:
     """index.html and one page per latent (the folder is this process's, and its record already lists them)."""
     pages = out / PAGES
     exported = set(latents)

@@ -1,5 +1,5 @@
-"""Feature cards: one latent's data (top contexts, quantile samples, histogram, density, logit effects, neighbours),
-read out of a pass's `LatentStats`, as plain records that render to HTML (Jupyter, the dashboard) and JSON.
+"""What a user holds after a pass: a FeatureSet reads each latent's card (top contexts, quantile samples, histogram,
+density, logit effects, neighbours) out of the pass's `LatentStats` and offers the views of them in one place.
 
     features = explore(sae, "runs/acts", model)      # one pass over the cache
     features[123]                                    # a card in Jupyter (_repr_html_)
@@ -9,7 +9,6 @@ read out of a pass's `LatentStats`, as plain records that render to HTML (Jupyte
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -17,105 +16,19 @@ import torch
 from torch import Tensor
 
 from saelab.codes import Source
+from saelab.explore.dashboard import write_dashboard
 from saelab.explore.directions import logit_effects, nearest_latents, unembedding
 from saelab.explore.examples import EMPTY, ExampleTable
+from saelab.explore.html import Browser
+from saelab.explore.records import Example, Feature, QuantileGroup
+from saelab.explore.search import LatentTable, search_examples
 from saelab.explore.stats import LatentStats, collect
-
-REPLACEMENT = "\ufffd"
-"""What a tokenizer decodes the bytes of a partial UTF-8 character to."""
+from saelab.explore.texts import TokenTexts
 
 
 class LatentError(IndexError, ValueError):
     """A latent number that is not an int in [0, width): an IndexError for `features[i]`, a ValueError for callers
     (such as the CLI) that report bad input."""
-
-
-@dataclass
-class Example:
-    """A window of text around one firing: the tokens, this latent's activation on each, and which one fired."""
-
-    tokens: list[str]
-    acts: list[float]
-    at: int
-    """Index in `tokens` of the token the example is about."""
-    value: float
-    context: int
-    position: int
-    """Where the firing token sits: context number and position in it (as in the cache)."""
-
-    def spans(self) -> list[range]:
-        """The tokens as shown, one span each, except that a token with no text of its own (its bytes end inside a
-        character the next token completes, see FeatureSet.window_texts) shares the next token's span."""
-        spans, start = [], 0
-        for i, token in enumerate(self.tokens):
-            if token or i == len(self.tokens) - 1:
-                spans.append(range(start, i + 1))
-                start = i + 1
-        return spans
-
-    def span_of(self, i: int) -> range:
-        """The span token i is shown in."""
-        return next(span for span in self.spans() if i in span)
-
-    @property
-    def firing_text(self) -> str:
-        """The text of the firing token's span: its own, or the character it is part of."""
-        return "".join(self.tokens[i] for i in self.span_of(self.at))
-
-
-@dataclass
-class QuantileGroup:
-    """Firings whose activation ranks between quantiles lo_q and hi_q of the latent's activations (exact when the
-    latent fired at most `sample` times in the pass, else of a uniform random sample of its firings)."""
-
-    lo_q: float
-    hi_q: float
-    lo: float
-    hi: float
-    examples: list[Example]
-
-
-@dataclass
-class Feature:
-    """Everything a card shows about one latent."""
-
-    latent: int
-    width: int
-    n_tokens: int
-    count: int
-    mean: float
-    max: float
-    top: list[Example]
-    quantiles: list[QuantileGroup]
-    hist_edges: list[float]
-    hist_counts: list[int]
-    promoted: list[tuple[str, float]] = field(default_factory=list)
-    suppressed: list[tuple[str, float]] = field(default_factory=list)
-    nearest: list[tuple[int, float]] = field(default_factory=list)
-    name: str = ""
-
-    @property
-    def density(self) -> float:
-        """Fraction of tokens the latent fires on."""
-        return self.count / max(self.n_tokens, 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def html(self, link=None) -> str:
-        from saelab.explore.html import card
-
-        return card(self, link)
-
-    def _repr_html_(self) -> str:
-        from saelab.explore.html import STYLE
-
-        return f"<style>{STYLE}</style>{self.html()}"
-
-    def plot(self, path: str | Path | None = None):
-        from saelab.explore.plots import plot_feature
-
-        return plot_feature(self, path)
 
 
 class FeatureSet:
@@ -129,8 +42,7 @@ class FeatureSet:
         self.groups, self.per_group = groups, per_group
         self.logits = logit_effects(W_dec, W_U, n_logits) if W_U is not None else None
         self.nearest = nearest_latents(W_dec, n_nearest)
-        self._texts: dict[int, str] = {}
-        self._runs: dict[tuple[int, ...], list[str]] = {}
+        self._texts = TokenTexts(tokenizer)
         vocab = len(tokenizer)
         seen = int(max(stats.top.tokens.max(), stats.sample.tokens.max() if stats.sample.n else -1))
         if seen >= vocab:
@@ -209,42 +121,12 @@ class FeatureSet:
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
         """Each token id decoded on its own (cached)."""
-        missing = sorted({i for i in ids if i not in self._texts})
-        if missing:
-            self._texts.update(zip(missing, self.tokenizer.batch_decode([[i] for i in missing])))
-        return [self._texts[i] for i in ids]
+        return self._texts.alone(ids)
 
     def window_texts(self, ids: Sequence[int]) -> list[str]:
-        """Each token's piece of the text of consecutive tokens `ids`, so that "".join(pieces) reads as the tokens
-        decoded together. A byte-level tokenizer splits a character such as 東 or ö into several tokens that decode
-        alone to "\ufffd"; each run of such tokens is decoded together, and each character goes to the token that
-        completes it (the ones before it get ""). Every other token reads as decoded alone."""
-        texts = self.token_texts(ids)
-        if not any(REPLACEMENT in text for text in texts):
-            return texts
-        pieces, start = list(texts), None
-        for i, text in enumerate([*texts, ""]):
-            broken = REPLACEMENT in text
-            if broken and start is None:
-                start = i
-            elif not broken and start is not None:
-                pieces[start:i] = self._run_texts(tuple(ids[start:i]))
-                start = None
-        return pieces
-
-    def _run_texts(self, run: tuple[int, ...]) -> list[str]:
-        """The pieces of a run of tokens that do not decode to whole characters alone (cached): each token gets the
-        characters it completes; what the run leaves incomplete at its end reads as "\ufffd" on its last token."""
-        if run not in self._runs:
-            whole = self.tokenizer.decode(list(run))
-            pieces, done = [], ""
-            for end in range(1, len(run)):
-                text = self.tokenizer.decode(list(run[:end])).rstrip(REPLACEMENT)  # less what the next complete
-                grown = len(text) >= len(done) and whole.startswith(text)
-                pieces.append(text[len(done):] if grown else "")
-                done = text if grown else done
-            self._runs[run] = [*pieces, whole[len(done):]]  # "".join(pieces) == whole, whatever the tokenizer
-        return self._runs[run]
+        """Each token's piece of the text of consecutive tokens `ids` (see TokenTexts.window): "".join(pieces) reads
+        as the tokens decoded together, a character split across tokens going to the token that completes it."""
+        return self._texts.window(ids)
 
     def most_active(self, n: int = 20, by: str = "count") -> list[int]:
         """The n latents that fire most often (by="count") or most strongly (by="max")."""
@@ -253,24 +135,18 @@ class FeatureSet:
         score = self.stats.count.double() if by == "count" else self.stats.max.double()
         return score.topk(min(n, self.width)).indices.tolist()
 
-    def search(self, phrase: str, n: int = 10):
+    def search(self, phrase: str, n: int = 10) -> LatentTable:
         """Latents that fire on `phrase` in the pass: the share of their top examples and of their sampled firings
         whose firing token lies inside an occurrence of the phrase (case-insensitive)."""
-        from saelab.explore.search import search_examples
-
         return search_examples(self, phrase, n)
 
-    def browse(self, latents: Sequence[int] | None = None):
+    def browse(self, latents: Sequence[int] | None = None) -> Browser:
         """A small browser over latents for Jupyter: one line each, unfolding into its card."""
-        from saelab.explore.html import Browser
-
         return Browser([self[latent] for latent in (self.most_active(20) if latents is None else latents)])
 
     def dashboard(self, out: str | Path, latents: Sequence[int] | None = None, *, title: str = "") -> Path:
         """Write a static dashboard (index.html + latents/<i>.html, inline CSS/JS, no network) for `latents`
         (default: all); returns the index page's path."""
-        from saelab.explore.dashboard import write_dashboard
-
         return write_dashboard(self, out, range(self.width) if latents is None else latents, title=title)
 
     def __repr__(self) -> str:

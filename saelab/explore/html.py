@@ -1,14 +1,13 @@
 """Feature cards as HTML: rendered here in Python, so a card needs no JavaScript and looks the same in Jupyter, in
 GitHub's notebook viewer and in the static dashboard. Hand-written CSS scoped under .saelab-card; no CDN, no fonts,
-no images (the histogram is inline SVG)."""
+no images (the histogram is inline SVG). It reads the records (records.py) by their fields and imports nothing of
+this package, so that a record can render itself (Feature._repr_html_)."""
 
 from __future__ import annotations
 
 import html
 import math
 from typing import Callable, Sequence
-
-from saelab.explore.features import Example, Feature
 
 LEVELS = 9
 STYLE = """
@@ -43,10 +42,10 @@ def number(x: float) -> str:
     return f"{x:.3g}" if x else "0"
 
 
-def example_html(example: Example, scale: float) -> str:
-    """One context line: its activation, then each token shaded by this latent's activation (relative to `scale`,
-    the latent's max), the example's own token outlined. The tokens of one character (see Example.spans) share a
-    span, shaded by the largest of their activations."""
+def example_html(example, scale: float) -> str:
+    """One context line of an Example: its activation, then each token shaded by this latent's activation (relative
+    to `scale`, the latent's max), the example's own token outlined. The tokens of one character (see Example.spans)
+    share a span, shaded by the largest of their activations."""
     parts = [f'<div class="ex"><span class="v">{number(example.value)}</span>']
     for span in example.spans():
         token, act = "".join(example.tokens[i] for i in span), max(example.acts[i] for i in span)
@@ -72,8 +71,9 @@ def histogram_svg(edges: Sequence[float], counts: Sequence[int], width: int = 28
     return f'<svg width="{width}" height="{height}" role="img" aria-label="activation histogram">{bars}{labels}</svg>'
 
 
-def card(feature: Feature, link: Callable[[int], str | None] | None = None) -> str:
-    """The card of one latent. link(latent) gives the href of another latent's page (or None) for the neighbours."""
+def card(feature, link: Callable[[int], str | None] | None = None) -> str:
+    """The card of one latent (a Feature). link(latent) gives the href of another latent's page (or None) for the
+    neighbours."""
     f = feature
     stats = (f"fires on {100 * f.density:.3g}% of {f.n_tokens:,} tokens ({f.count:,}&times;) &middot; "
              f"mean {number(f.mean)} &middot; max {number(f.max)}" if f.count
@@ -107,8 +107,8 @@ def card(feature: Feature, link: Callable[[int], str | None] | None = None) -> s
             f'<div class="main">{"".join(main)}</div></div></div>')
 
 
-def top_tokens(feature: Feature, n: int = 4) -> list[str]:
-    """The distinct tokens its top examples fire on, most frequent first."""
+def top_tokens(feature, n: int = 4) -> list[str]:
+    """The distinct tokens a Feature's top examples fire on, most frequent first."""
     counts: dict[str, int] = {}
     for example in feature.top:
         token = example.firing_text
@@ -120,7 +120,7 @@ class Browser:
     """Latents listed one per line (density, max, top tokens); each line unfolds into its card. Pure HTML
     (<details>), so it works wherever notebook HTML is shown, scripts or not."""
 
-    def __init__(self, features: list[Feature]):
+    def __init__(self, features: list):
         self.features = features
 
     def _repr_html_(self) -> str:
@@ -128,5 +128,5 @@ class Browser:
         for f in self.features:
             tokens = " ".join(f'<span class="tok s3">{esc(shown(t))}</span>' for t in top_tokens(f))
             rows.append(f"<details><summary>latent <b>{f.latent}</b> &middot; {100 * f.density:.3g}% &middot; max "
-                        f"{number(f.max)} &middot; {tokens}</summary>{f.html()}</details>")
+                        f"{number(f.max)} &middot; {tokens}</summary>{card(f)}</details>")
         return f'<style>{STYLE}</style><div class="saelab-card">{"".join(rows)}</div>'

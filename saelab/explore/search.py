@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from saelab.explore.examples import EMPTY, ExampleTable
-from saelab.explore.features import REPLACEMENT
+from saelab.explore.html import esc
+from saelab.explore.texts import REPLACEMENT
 
 TEMPLATES = ("{}", "The next word is {}.", "She wrote {} on the board and left.", "We talked about {} yesterday.",
              "In the text, {} appears twice: {} again.")
@@ -43,8 +44,6 @@ class LatentTable:
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        from saelab.explore.html import esc
-
         head = "".join(f"<th>{esc(c)}</th>" for c in self.columns)
         body = "".join("<tr>" + "".join(f"<td>{esc(self._cell(v))}</td>" for v in row) + "</tr>" for row in self.rows)
         return f"<div><b>{esc(self.title)}</b><table><tr>{head}</tr>{body}</table></div>"

@@ -17,13 +17,8 @@ from saelab.files import LOCK_FILE, FolderBusyError
 from saelab.training import SAESpec, TrainConfig, Trainer, train
 from saelab.training.checkpoint import CheckpointError, load_checkpoint
 
-
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-
-
 SPECS = [dict(arch="topk", width=128, k=8), dict(arch="batchtopk", width=96, k=4, hook=HOOKS[1])]
-
-
 CONFIG = dict(tokens=40 * 256, batch_size=256, lr_warmup_steps=5, checkpoint_every=10, log_every=5)
 
 
@@ -482,8 +477,6 @@ def test_an_evaluation_that_cannot_run_leaves_every_trained_sae_saved(tiny_model
 
 
 LOSS_TOL = 1e-5  # measured: 2.2e-7 (topk), 1.4e-7 (relu) over 40 steps; the bugs below: 3e-3 to 0.56
-
-
 WEIGHT_TOL = 1e-4  # measured: 9.8e-7 (topk), 1.4e-7 (relu); the bugs below: 0.027 to 0.29
 
 

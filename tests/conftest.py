@@ -90,3 +90,18 @@ def tiny_cache(tiny_model, tmp_path_factory) -> Path:
     from helpers import make_cache
 
     return make_cache(tiny_model, tmp_path_factory.mktemp("tiny-cache"))
+
+
+@pytest.fixture
+def captured_train(monkeypatch):
+    """Replace training by a recorder: the tests that take it are about what reaches train(), not about training."""
+    import saelab.training
+
+    calls = []
+
+    def record(source, saes, config, **kwargs):
+        calls.append(dict(source=source, saes=saes, config=config, **kwargs))
+        return []
+
+    monkeypatch.setattr(saelab.training, "train", record)
+    return calls

@@ -70,3 +70,21 @@ def make_cache(model, folder: Path, *, hooks=CACHE_HOOKS, tokens: int = 4096, co
     cache_activations(model, list(hooks), folder, text=TextConfig(context_len=context_len), tokens=tokens,
                       batch_size=batch_size, shard_tokens=shard_tokens, progress=False)
     return folder
+
+
+def run_file(tmp_path, tiny_model_dir, **overrides):
+    """A `saelab train --config` run file for the tiny model (one small ReLU SAE), with top-level keys replaced by
+    `overrides` (None removes one); returns its path."""
+    import yaml
+
+    data = {"model": str(tiny_model_dir), "hooks": "blocks.1.hook_resid_post", "text": {"context_len": 32},
+            "out": str(tmp_path / "run"), "eval_tokens": 0, "train": {"tokens": 256, "batch_size": 64},
+            "saes": [{"arch": "relu", "width": 32, "options": {"l1_coefficient": 2.0}}]}
+    for key, value in overrides.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)

@@ -1,5 +1,7 @@
-"""The `saelab` command end to end on the tiny model: cache -> train (two SAEs) -> eval -> push --dry-run."""
+"""The `saelab` command end to end on the tiny model (cache -> train (two SAEs) -> eval -> push --dry-run), and its
+failures: one line that names the file and what to do, never a traceback."""
 
+import errno
 import json
 
 import pytest
@@ -63,3 +65,39 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
     assert main(["info", str(tmp_path)]) == 2
     assert "not an activation cache" in capsys.readouterr().err
+
+
+def test_a_path_through_a_file_names_the_file_and_what_to_do(tmp_path, tiny_model_dir, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a user's file")
+    code = main(["cache", "--model", str(tiny_model_dir), "--hooks", "blocks.0.hook_resid_post", "--tokens", "256",
+                 "--context-len", "32", "--out", str(blocker / "acts")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(blocker) in err and "choose another path" in err and "Traceback" not in err
+    assert blocker.read_text() == "a user's file"
+
+
+def test_a_full_disk_names_the_file_and_rerunning_finishes_the_job(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import os
+
+    import saelab.files
+
+    out = tmp_path / "acts"
+    args = ["cache", "--model", str(tiny_model_dir), "--hooks", "blocks.0.hook_resid_post", "--tokens", "2k",
+            "--context-len", "32", "--batch-size", "4", "--shard-tokens", "512", "--out", str(out)]
+    real_fsync, calls = os.fsync, []
+
+    def full_after_a_while(fd):
+        calls.append(fd)
+        if len(calls) > 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(saelab.files.os, "fsync", full_after_a_while)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "the disk is full" in err and str(out) in err
+    assert not list(out.glob("*.tmp"))
+    monkeypatch.setattr(saelab.files.os, "fsync", real_fsync)
+    assert main(args) == 0  # the advice works: the same command finishes the cache
+    assert "complete" in capsys.readouterr().out

@@ -1,34 +1,25 @@
-"""saelab.explore against brute-force references: the dense codes of a whole (tiny) cache, read in one batch."""
+"""saelab.explore against brute-force references (the dense codes of the whole tiny cache, read in one batch); a
+dashboard replaces only what a dashboard wrote, one writer at a time; non-Latin text reads as text."""
 
+import json
 import math
 import re
 
 import pytest
 import torch
 
+from helpers import make_sae
 from saelab.activations import ActivationStore, ModelStream, cache_activations
 from saelab.data import TextConfig
-from saelab.errors import HookError
+from saelab.errors import HookError, SaelabError
 from saelab.explore import explore, fires_on, most_active_on
 from saelab.explore.directions import logit_effects, nearest_latents, unembedding
-from saelab.sae import SAEConfig, create_sae
+from saelab.explore.features import FeatureSet
+from saelab.files import FolderBusyError, FolderLock
 
 HOOK = "blocks.1.hook_resid_post"
 TEXT = TextConfig(context_len=32)
 TOP, SAMPLE, BEFORE, AFTER = 6, 24, 5, 3
-
-
-@pytest.fixture(scope="module")
-def cache(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("explore-cache")
-    cache_activations(tiny_model, HOOK, out, text=TEXT, tokens=1500, batch_size=4, shard_tokens=256, progress=False)
-    return out
-
-
-def make_sae(tiny_model, d_in=64):
-    torch.manual_seed(1)
-    return create_sae(SAEConfig(arch="relu", d_in=d_in, width=48, model_name=tiny_model.name, hook_name=HOOK,
-                                input_scale=0.5))
 
 
 def spread_densities(sae, x):
@@ -40,10 +31,10 @@ def spread_densities(sae, x):
 
 
 @pytest.fixture(scope="module")
-def reference(cache, tiny_model):
+def reference(tiny_cache, tiny_model):
     """Dense codes [tokens, width] of the whole cache in text order, and each row's context and token."""
-    sae = make_sae(tiny_model)
-    (batch,) = ActivationStore(cache, HOOK, batch_size=10**6, shuffle=False, drop_last=False)
+    sae = make_sae("relu", width=48, seed=1, input_scale=0.5, model_name=tiny_model.name, hook_name=HOOK)
+    (batch,) = ActivationStore(tiny_cache, HOOK, batch_size=10**6, shuffle=False, drop_last=False)
     spread_densities(sae, batch.acts[HOOK])
     with torch.no_grad():
         dense = sae.fold_input_scale().encode(batch.acts[HOOK])
@@ -51,9 +42,10 @@ def reference(cache, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def features(cache, tiny_model, reference):
+def features(tiny_cache, tiny_model, reference):
     # small chunks, so examples merge across many chunks and windows cross chunk edges
-    return explore(reference[0], cache, tiny_model, top=TOP, sample=SAMPLE, before=BEFORE, after=AFTER, batch_size=97)
+    return explore(reference[0], tiny_cache, tiny_model, top=TOP, sample=SAMPLE, before=BEFORE, after=AFTER,
+                   batch_size=97)
 
 
 def window(batch, dense, row: int, latent: int) -> tuple[list[int], list[float]]:
@@ -89,7 +81,7 @@ def test_top_contexts_are_the_top_activations_with_the_right_windows(features, r
             row = int(((batch.contexts == example.context) & (batch.positions == example.position)).nonzero())
             assert float(dense[row, latent]) == pytest.approx(example.value, abs=1e-6)
             tokens, acts = window(batch, dense, row, latent)
-            assert example.tokens == features.token_texts(tokens)
+            assert example.tokens == features.window_texts(tokens)  # decoded whole, as cards are
             assert example.acts == pytest.approx(acts, abs=1e-6)
             # the highlighted token is the one that fired, with the example's activation
             assert tokens[example.at] == int(batch.token_ids[row])
@@ -172,7 +164,7 @@ def test_logit_effects_and_nearest_latents_match_brute_force(features, reference
     assert card.nearest[0][0] == int(cosine[3].argmax())
 
 
-def test_a_model_stream_gives_the_same_features(cache, tiny_model, reference, features):
+def test_a_model_stream_gives_the_same_features(tiny_cache, tiny_model, reference, features):
     stream = ModelStream(tiny_model, HOOK, TEXT, model_batch_size=8)
     live = explore(reference[0], stream, tiny_model, top=TOP, sample=SAMPLE, before=BEFORE, after=AFTER,
                    max_tokens=features.stats.n_tokens)
@@ -262,7 +254,7 @@ def test_plots_write_files(features, tmp_path):
     assert plot_densities(features, tmp_path / "d.png").stat().st_size > 1000
 
 
-def test_bad_input_gives_clear_errors(features, cache, tiny_model, reference):
+def test_bad_input_gives_clear_errors(features, tiny_cache, tiny_model, reference):
     with pytest.raises(IndexError, match="latent 48 is out of range: this SAE has 48 latents"):
         features[48]
     with pytest.raises(IndexError, match="out of range"):
@@ -270,38 +262,200 @@ def test_bad_input_gives_clear_errors(features, cache, tiny_model, reference):
     with pytest.raises(TypeError):
         features["3"]
     with pytest.raises(ValueError, match="d_in=32"):
-        explore(make_sae(tiny_model, d_in=32), cache, tokenizer=tiny_model.tokenizer)
-    wrong_model = make_sae(tiny_model)
+        explore(make_sae("relu", d_in=32, width=48, model_name=tiny_model.name, hook_name=HOOK), tiny_cache,
+                tokenizer=tiny_model.tokenizer)
+    wrong_model = make_sae("relu", width=48, model_name=tiny_model.name, hook_name=HOOK)
     wrong_model.cfg.model_name = "gemma-3-270m"
     with pytest.raises(ValueError, match="gemma-3-270m"):
-        explore(wrong_model, cache, tiny_model)
-    wrong_hook = make_sae(tiny_model)
-    wrong_hook.cfg.hook_name = "blocks.0.hook_resid_post"
-    with pytest.raises(HookError, match="blocks.0.hook_resid_post"):
-        explore(wrong_hook, cache, tiny_model)
+        explore(wrong_model, tiny_cache, tiny_model)
+    wrong_hook = make_sae("relu", width=48, model_name=tiny_model.name, hook_name=HOOK)
+    wrong_hook.cfg.hook_name = "blocks.0.hook_mlp_out"  # a hook of the model that the cache does not hold
+    with pytest.raises(HookError, match="blocks.0.hook_mlp_out"):
+        explore(wrong_hook, tiny_cache, tiny_model)
     with pytest.raises(ValueError, match="needs the model"):
-        explore(reference[0], cache)
+        explore(reference[0], tiny_cache)
 
     class SmallTokenizer:
         def __len__(self):
             return 10
 
     with pytest.raises(ValueError, match="another model's tokenizer"):
-        explore(reference[0], cache, tokenizer=SmallTokenizer())
+        explore(reference[0], tiny_cache, tokenizer=SmallTokenizer())
     with pytest.raises(ValueError, match="no latents"):
         features.dashboard("unused", [])
 
 
-def test_cli_dashboard(cache, tiny_model, tiny_model_dir, reference, tmp_path, capsys):
+def test_cli_dashboard(tiny_cache, tiny_model, tiny_model_dir, reference, tmp_path, capsys):
     from saelab.cli import main
 
     sae_dir = tmp_path / "sae"
     reference[0].save(sae_dir)
-    code = main(["dashboard", str(sae_dir), "--acts", str(cache), "--model", str(tiny_model_dir), "--out",
+    code = main(["dashboard", str(sae_dir), "--acts", str(tiny_cache), "--model", str(tiny_model_dir), "--out",
                  str(tmp_path / "dash"), "--most-active", "4", "--top", "5"])
     assert code == 0
     assert "index.html" in capsys.readouterr().out
     assert len(list((tmp_path / "dash" / "latents").glob("*.html"))) == 4
-    assert main(["dashboard", str(sae_dir), "--acts", str(cache), "--model", str(tiny_model_dir), "--out",
+    assert main(["dashboard", str(sae_dir), "--acts", str(tiny_cache), "--model", str(tiny_model_dir), "--out",
                  str(tmp_path / "dash"), "--latents", "99"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sae(tiny_model):
+    return make_sae("topk", width=24, k=4, seed=1, bias_std=0, model_name=tiny_model.name, hook_name=HOOK)
+
+
+@pytest.fixture(scope="module")
+def topk_features(sae, tiny_cache, tiny_model):
+    return explore(sae, tiny_cache, tiny_model, top=3, sample=6)
+
+
+def files_under(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_dashboard_replaces_only_what_a_dashboard_wrote(topk_features, sae, tiny_cache, tiny_model_dir, tmp_path, capsys):
+    from saelab.cli import main
+
+    users = tmp_path / "site"
+    (users / "latents").mkdir(parents=True)
+    (users / "index.html").write_text("<h1>my own index</h1>")
+    (users / "latents" / "7.html").write_text("<p>my notes on latent 7</p>")
+    before = files_under(users)
+    with pytest.raises(SaelabError, match=r"site holds index.html \(and 1 more\), which is not in the record of a saelab "
+                                          "dashboard there"):
+        topk_features.dashboard(users, [1, 2])
+    sae_dir = tmp_path / "sae"
+    sae.save(sae_dir)
+    assert main(["dashboard", str(sae_dir), "--acts", str(tiny_cache), "--model", str(tiny_model_dir), "--out",
+                 str(users)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "index.html" in err and "--out" in err and "remove it" in err
+    assert files_under(users) == before  # nothing overwritten, nothing deleted
+
+    ours = tmp_path / "dash"
+    topk_features.dashboard(ours, [1, 2, 3])
+    topk_features.dashboard(ours, [2])  # a dashboard's own pages are replaced, the stale ones removed
+    assert sorted(p.name for p in (ours / "latents").iterdir()) == ["2.html"]
+    for intruder, named in (("latents/notes.txt", "latents/notes.txt"), ("extra/page.html", "extra")):
+        (ours / intruder).parent.mkdir(exist_ok=True)  # a user's file in a dashboard's folder is kept
+        (ours / intruder).write_text("mine")
+        before = files_under(ours)
+        with pytest.raises(SaelabError, match=f"holds {named},"):
+            topk_features.dashboard(ours, [1])
+        assert files_under(ours) == before
+        (ours / intruder).unlink()
+    (ours / "extra").rmdir()
+    (ours / "latents" / "2.html").unlink()
+    (ours / "latents" / "2.html").symlink_to(users / "index.html")  # a page swapped for a link is not written through
+    with pytest.raises(SaelabError, match="holds latents/2.html"):
+        topk_features.dashboard(ours, [2])
+    assert (users / "index.html").read_text() == "<h1>my own index</h1>"
+
+
+def test_an_interrupted_dashboard_is_finished_by_the_next_one(topk_features, tmp_path, monkeypatch):
+    """The record lists every page before it is written, so pages left by a crash are the next dashboard's to
+    replace."""
+    out = tmp_path / "dash"
+    real, calls = FeatureSet.__getitem__, []
+
+    def crash_on_the_third_page(self, latent):
+        calls.append(latent)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, latent)
+
+    monkeypatch.setattr(FeatureSet, "__getitem__", crash_on_the_third_page)
+    with pytest.raises(KeyboardInterrupt):
+        topk_features.dashboard(out, [0, 1, 2, 3, 4])
+    monkeypatch.setattr(FeatureSet, "__getitem__", real)
+    assert len(list((out / "latents").iterdir())) == 2
+    topk_features.dashboard(out, [5, 6])
+    assert sorted(p.name for p in (out / "latents").iterdir()) == ["5.html", "6.html"]
+    assert json.loads((out / ".saelab-dashboard.json").read_text())["files"] == ["index.html", "latents/5.html",
+                                                                                   "latents/6.html"]
+
+
+def test_a_second_dashboard_writer_is_refused_naming_the_first(topk_features, tmp_path):
+    out = tmp_path / "dash"
+    with FolderLock(out, "dashboard"):  # flock: a second lock in this same process conflicts too
+        with pytest.raises(FolderBusyError, match=r"another saelab process \(pid \d+\) is writing the dashboard"):
+            topk_features.dashboard(out, [1, 2])
+        assert not (out / "latents").exists()
+    topk_features.dashboard(out, [1, 2])
+    assert len(list((out / "latents").iterdir())) == 2
+
+
+NON_LATIN = "Die Größe von 東京 und München, ünd Zürich. "
+
+
+@pytest.fixture(scope="module")
+def non_latin(tiny_model, tmp_path_factory):
+    """Features over text whose characters the tiny model's byte-level tokenizer splits into several tokens."""
+    folder = tmp_path_factory.mktemp("non-latin")
+    (folder / "text.txt").write_text(NON_LATIN * 60, encoding="utf-8")
+    cache_activations(tiny_model, HOOK, folder / "acts", text=TextConfig(source=str(folder / "text.txt"),
+                      context_len=32), tokens=640, batch_size=4, shard_tokens=256, progress=False)
+    sae = make_sae("topk", width=24, k=6, seed=2, bias_std=0, model_name=tiny_model.name, hook_name=HOOK)
+    return explore(sae, folder / "acts", tiny_model, top=8, sample=8, before=6, after=3)
+
+
+def test_window_texts_decode_characters_split_across_tokens_whole(topk_features, tiny_model):
+    tokenizer = tiny_model.tokenizer
+    ids = tokenizer("Größe 東京 ünd", add_special_tokens=False).input_ids
+    alone = topk_features.token_texts(ids)
+    assert "\ufffd" in "".join(alone)  # the tokenizer does split these characters into bytes
+    pieces = topk_features.window_texts(ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == "Größe 東京 ünd"
+    assert all(piece == text for piece, text in zip(pieces, alone) if "\ufffd" not in text)  # whole tokens keep theirs
+    cut = ids[1:-1]  # a window may start or end inside a character: only there does "\ufffd" stay
+    assert "".join(topk_features.window_texts(cut)) == tokenizer.decode(cut)
+
+
+def test_non_latin_text_reads_whole_in_cards_and_the_dashboard(non_latin, tiny_model, tmp_path):
+    tokenizer = tiny_model.tokenizer
+    stats, seen = non_latin.stats, ""
+    for latent in range(non_latin.width):
+        card = non_latin[latent]
+        for example, slot in zip(card.top, range(stats.top.n)):
+            ids = [t for t in stats.top.tokens[latent, slot].tolist() if t >= 0]
+            text = "".join(example.tokens)
+            assert text == tokenizer.decode(ids) and "\ufffd" not in text.strip("\ufffd")
+            assert len(example.tokens) == len(example.acts) == len(ids)
+            span = example.span_of(example.at)  # the firing token's character: "\ufffd" only where the context
+            if "\ufffd" in example.firing_text:  # itself starts or ends inside it
+                assert span.start == 0 or span.stop == len(ids)
+            seen += text
+        html = card.html()
+        assert html.count(' hit"') == len(card.top) + sum(len(g.examples) for g in card.quantiles)
+    assert "東京" in seen and "Größe" in seen and "ünd" in seen
+    non_latin.dashboard(tmp_path / "dash")
+    pages = "".join(p.read_text(encoding="utf-8") for p in (tmp_path / "dash" / "latents").iterdir())
+    assert "東京" in re.sub(r"<[^>]+>", "", pages) and "Größe" in re.sub(r"<[^>]+>", "", pages)
+    index = (tmp_path / "dash" / "index.html").read_text(encoding="utf-8")
+    chips = json.loads(index.split('id="data">')[1].split("</script>")[0])
+    assert any(char in token for row in chips for token in row[4] for char in "東京ößü")  # "fires on": whole
+
+
+def test_search_finds_a_phrase_of_split_characters(non_latin, tiny_model):
+    """Reference from token ids alone: a top example fires on 東京 when its firing token is one of the tokens of
+    " 東京" (bar the space) and the whole run of those tokens is in its window."""
+    phrase = tiny_model.tokenizer(" 東京", add_special_tokens=False).input_ids
+    phrase = phrase[1:] if tiny_model.tokenizer.decode(phrase[:1]) == " " else phrase
+    top = non_latin.stats.top
+    expected = {}
+    for latent in range(non_latin.width):
+        for slot in range(top.n):
+            ids = top.tokens[latent, slot].tolist()
+            starts = [i for i in range(len(ids) - len(phrase) + 1) if ids[i : i + len(phrase)] == phrase]
+            if top.row[latent, slot] >= 0 and any(s <= top.before < s + len(phrase) for s in starts):
+                expected[latent] = expected.get(latent, 0) + 1
+    assert expected  # the random SAE's top examples do fire inside 東京
+    result = non_latin.search("東京", n=non_latin.width)
+    found = {row[0]: int(row[2].split("/")[0]) for row in result.rows}
+    assert {latent: hits for latent, hits in found.items() if hits} == expected
+
+
+def test_most_active_on_names_the_characters_of_its_peak_tokens(sae, tiny_model):
+    table = most_active_on(tiny_model, sae, "Größe 東京 ünd", n=sae.cfg.width)
+    assert table.rows and all(row[2] and row[2] in "Größe 東京 ünd" for row in table.rows)

@@ -105,3 +105,13 @@ def captured_train(monkeypatch):
 
     monkeypatch.setattr(saelab.training, "train", record)
     return calls
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """A test that slips past its fakes hits a closed local port, never huggingface.co."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -23,7 +23,7 @@ DEFAULT_K = 8
 def make_sae(arch: str = "topk", *, d_in: int = 64, width: int = 96, k: int | None = DEFAULT_K, seed: int = 0,
              dtype: str = "float32", input_scale: float = 1.0, model_name: str = "tiny", hook_name: str = HOOK,
              bias_std: float = 0.3, b_dec_std: float = 0.0,
-             threshold_range: tuple[float, float] | None = (0.05, 1.0), **options):
+             threshold_range: tuple[float, float] | None = (0.05, 1.0), training_tokens: int = 0, **options):
     """A small SAE of any registered architecture, random but shaped like a trained one.
 
     A freshly initialised SAE has zero encoder biases and equal thresholds, so every latent behaves alike and bugs
@@ -38,7 +38,8 @@ def make_sae(arch: str = "topk", *, d_in: int = 64, width: int = 96, k: int | No
     torch.manual_seed(seed)
     k = k if sae_class(arch).takes_k else None
     sae = create_sae(sae_config(arch, d_in=d_in, width=width, k=k, dtype=dtype, input_scale=input_scale,
-                                model_name=model_name, hook_name=hook_name, options=options))
+                                model_name=model_name, hook_name=hook_name, training_tokens=training_tokens,
+                                options=options))
     with torch.no_grad():
         if bias_std:
             sae.b_enc.normal_(0, bias_std)
@@ -88,3 +89,58 @@ def run_file(tmp_path, tiny_model_dir, **overrides):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+SMALL_HOOK = "blocks.1.hook_resid_post"
+"""The hook of small_sae's SAEs."""
+
+
+def small_sae(arch: str = "topk", hook: str = SMALL_HOOK, seed: int = 0):
+    """A freshly initialised 8-wide SAE with 16 latents (k=3 where the architecture takes k) of SmolLM2: for tests of
+    saving, loading and pushing, where what matters is the folder, not the weights."""
+    return make_sae(arch, d_in=8, width=16, k=3, seed=seed, model_name="smollm2-135m", hook_name=hook, bias_std=0,
+                    threshold_range=None)
+
+
+def saved_small_sae(folder: Path, arch: str = "topk", seed: int = 0, **save_options) -> Path:
+    """small_sae(arch, seed=seed) saved into `folder` by save_sae (with its `save_options`); returns the folder."""
+    from saelab.hub import save_sae
+
+    save_sae(small_sae(arch, seed=seed), folder, **save_options)
+    return folder
+
+
+def write_small_saelens(folder: Path, **cfg) -> Path:
+    """A SAELens folder of a small random TopK SAE (d_in 8, d_sae 16, k 3) whose cfg.json keys are replaced by `cfg`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True)
+    base = {"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 3, "dtype": "float32", "apply_b_dec_to_input": True,
+            "normalize_activations": "none", "hook_name": SMALL_HOOK, "model_name": "gpt2"}
+    (folder / "cfg.json").write_text(json.dumps({**base, **cfg}))
+    save_file({"W_enc": torch.randn(8, 16), "b_enc": torch.zeros(16), "W_dec": torch.randn(16, 8),
+               "b_dec": torch.zeros(8)}, str(folder / "sae_weights.safetensors"))
+    return folder
+
+
+def disk_full_in(monkeypatch, what: str) -> None:
+    """Make the disk fill up at the first write of `what`: safetensors (as it reports it) or a copied file."""
+    if what == "safetensors":
+        import safetensors.torch
+        from safetensors import SafetensorError
+
+        def full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    else:
+        import errno
+        import shutil
+
+        def full(src, dst, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(shutil, "copyfileobj", full)

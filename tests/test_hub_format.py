@@ -1,4 +1,5 @@
 """saelab folder format: save -> load round trips for every architecture, SAELens keys, densities, bad input, pickle."""
+
 import json
 import pickle
 import warnings
@@ -7,26 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import SMALL_HOOK, disk_full_in, make_sae, saved_small_sae, small_sae
 from saelab.errors import SaelabError
-from saelab.hub import HubError, detect_format, load_sae, read_log_densities, read_metrics, save_sae
-from saelab.sae import (SAE, JumpReLUSAE, SAEConfig, TopKSAE, available_architectures, create_sae, create_training,
-                        sae_class)
+from saelab.hub import HubError, detect_format, load_sae, push_to_hub, read_log_densities, read_metrics, save_sae
+from saelab.sae import SAE, JumpReLUSAE, TopKSAE, available_architectures, create_training
 
 ARCHS = available_architectures()
-K_ARCHS = {a for a in ARCHS if sae_class(a).takes_k}
 
 
-def make(arch, d_in=8, width=32, input_scale=1.0, dtype="float32", **kw):
-    torch.manual_seed(0)
-    sae = create_sae(SAEConfig(arch=arch, d_in=d_in, width=width, k=4 if arch in K_ARCHS else None, dtype=dtype,
-                               input_scale=input_scale, model_name="smollm2-135m",
-                               hook_name="blocks.3.hook_resid_post", training_tokens=12345, **kw))
-    with torch.no_grad():  # non-trivial biases and thresholds, so that folding and b_dec handling matter
-        sae.b_enc.normal_(0, 0.3)
-        sae.b_dec.normal_(0, 1.0)
-        if hasattr(sae, "log_threshold"):
-            sae.log_threshold.copy_(torch.empty(width).uniform_(-3, 0))
-    return sae
+SMALL = dict(d_in=8, width=32, k=4, b_dec_std=1.0, model_name="smollm2-135m", hook_name="blocks.3.hook_resid_post",
+             training_tokens=12345)
+"""make_sae's settings for the SAEs of these tests: non-trivial biases and thresholds, so that folding and b_dec
+handling matter."""
 
 
 def quiet_save(sae, folder, **kw):
@@ -38,7 +31,7 @@ def quiet_save(sae, folder, **kw):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("scale", [1.0, 0.37])
 def test_round_trip_identical_outputs(tmp_path, arch, scale):
-    sae = make(arch, input_scale=scale)
+    sae = make_sae(arch, **SMALL, input_scale=scale)
     quiet_save(sae, tmp_path / "sae")
     loaded = load_sae(tmp_path / "sae")
     assert type(loaded) is type(sae)
@@ -56,7 +49,7 @@ def test_round_trip_identical_outputs(tmp_path, arch, scale):
 
 
 def test_batchtopk_exported_round_trip_and_as_is_warns(tmp_path):
-    sae = make("batchtopk")
+    sae = make_sae("batchtopk", **SMALL)
     training = create_training(sae)
     training.loss(torch.randn(32, 8))
     exported = training.export()
@@ -72,7 +65,7 @@ def test_batchtopk_exported_round_trip_and_as_is_warns(tmp_path):
 
 
 def test_cfg_json_has_saelens_and_saelab_keys(tmp_path):
-    sae = make("topk", input_scale=0.5)
+    sae = make_sae("topk", **SMALL, input_scale=0.5)
     save_sae(sae, tmp_path, metadata={"dataset_path": "wikitext", "context_size": 256})
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     for key, value in {"architecture": "topk", "d_in": 8, "d_sae": 32, "k": 4, "dtype": "float32",
@@ -94,7 +87,7 @@ def test_cfg_json_has_saelens_and_saelab_keys(tmp_path):
 
 
 def test_jumprelu_stores_threshold_not_log(tmp_path):
-    sae = make("jumprelu")
+    sae = make_sae("jumprelu", **SMALL)
     save_sae(sae, tmp_path)
     weights = load_file(str(tmp_path / "sae_weights.safetensors"))
     assert "log_threshold" not in weights
@@ -103,7 +96,7 @@ def test_jumprelu_stores_threshold_not_log(tmp_path):
 
 
 def test_bfloat16_round_trip(tmp_path):
-    sae = make("jumprelu", dtype="bfloat16")
+    sae = make_sae("jumprelu", **SMALL, dtype="bfloat16")
     save_sae(sae, tmp_path)
     loaded = load_sae(tmp_path)
     assert loaded.dtype == torch.bfloat16
@@ -113,7 +106,7 @@ def test_bfloat16_round_trip(tmp_path):
 
 
 def test_densities_and_metrics(tmp_path):
-    sae = make("relu")
+    sae = make_sae("relu", **SMALL)
     freqs = torch.rand(32) * 0.1
     freqs[0] = 0
     save_sae(sae, tmp_path, densities=freqs, metrics={"fvu": 0.1, "l0": 12.5, "nested": {"kl": float("nan")}})
@@ -128,7 +121,7 @@ def test_densities_and_metrics(tmp_path):
 
 
 def test_sae_methods_delegate(tmp_path):
-    sae = make("topk")
+    sae = make_sae("topk", **SMALL)
     sae.save(tmp_path / "a")
     loaded = SAE.load(tmp_path / "a")
     assert isinstance(loaded, TopKSAE)
@@ -148,7 +141,7 @@ def test_missing_folder_and_not_an_sae(tmp_path):
 
 
 def test_mismatched_shapes_missing_keys_and_unknown_arch(tmp_path):
-    sae = make("relu")
+    sae = make_sae("relu", **SMALL)
     save_sae(sae, tmp_path)
     weights = load_file(str(tmp_path / "sae_weights.safetensors"))
     save_file({**weights, "W_enc": torch.zeros(8, 31)}, str(tmp_path / "sae_weights.safetensors"))
@@ -175,7 +168,7 @@ class _Evil:
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickle_refused_unless_opted_in_and_then_weights_only(tmp_path, monkeypatch):
-    sae = make("relu")
+    sae = make_sae("relu", **SMALL)
     save_sae(sae, tmp_path)
     weights = load_file(str(tmp_path / "sae_weights.safetensors"))
     (tmp_path / "sae_weights.safetensors").unlink()
@@ -204,3 +197,161 @@ def test_bin_file_in_gemmascope_style_folder_is_refused(tmp_path):
     torch.save({"W_enc": torch.zeros(2, 2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(HubError, match="pickle"):
         load_sae(tmp_path)
+
+
+REPO = "me/trust-saes"
+
+
+# ---------------------------------------------------------------------------------------------------- cfg.json
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("key,value,shown", [
+    ("d_sae", 99, "d_sae=99 but the saelab config gives 16"),
+    ("d_sae", "16", "d_sae='16' but the saelab config gives 16"),
+    ("d_in", 7, "d_in=7 but the saelab config gives 8"),
+    ("architecture", "jumprelu", "architecture='jumprelu' but the saelab config gives 'topk'"),
+    ("k", 5, "k=5 but the saelab config gives 3"),
+    ("dtype", "bfloat16", "dtype='bfloat16' but the saelab config gives 'float32'"),
+    ("hook_name", "blocks.2.hook_resid_post", f"hook_name='blocks.2.hook_resid_post' but the saelab config gives "
+                                              f"'{SMALL_HOOK}'"),
+    ("model_name", "gpt2", "model_name='gpt2' but the saelab config gives 'smollm2-135m'"),
+    ("apply_b_dec_to_input", False, "apply_b_dec_to_input=False but the saelab config gives True"),
+    ("normalize_activations", "layer_norm", "normalize_activations='layer_norm' but the saelab config gives 'none'"),
+    ("metadata.hook_name", "blocks.9.hook_mlp_out", "metadata.hook_name='blocks.9.hook_mlp_out' but"),
+    ("saelab.arch", "relu", "saelab.arch='relu' vs saelab.config.arch='topk'"),
+])
+def test_saelab_cfg_whose_saelens_keys_disagree_is_refused(tmp_path, key, value, shown):
+    folder = saved_small_sae(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    *parents, last = key.split(".")
+    target = cfg
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(HubError) as info:
+        load_sae(folder)
+    message = str(info.value)
+    assert str(folder / "cfg.json") in message and shown in message and "edit cfg.json so that both agree" in message
+    with pytest.raises(HubError, match="disagree"):  # and it is never pushed
+        push_to_hub(folder, REPO, dry_run=tmp_path / "up")
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("field,value,match", [
+    ("config.width", "16", r"SAEConfig.width must be a positive integer, got '16'"),
+    ("config.width", -16, r"SAEConfig.width must be a positive integer"),
+    ("config.k", 40, r"SAEConfig.k must be an integer with 1 <= k <= width=16"),
+    ("folded_input_scale", "abc", r"folded_input_scale must be a finite number > 0, got 'abc'"),
+    ("folded_input_scale", -1.0, r"folded_input_scale must be a finite number > 0"),
+])
+def test_saelab_block_with_ill_typed_values_is_refused(tmp_path, field, value, match):
+    folder = saved_small_sae(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    *parents, last = field.split(".")
+    target = cfg["saelab"]
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(HubError, match=match):
+        load_sae(folder)
+    with pytest.raises(HubError, match=match):  # the card would otherwise show a made-up scale
+        push_to_hub(folder, REPO, dry_run=tmp_path / "up")
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_weights_that_disagree_with_cfg_say_what_to_do(tmp_path):
+    folder = saved_small_sae(tmp_path / "sae")
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    save_file({**weights, "b_enc": torch.zeros(17)}, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(HubError, match=r"b_enc has shape \[17\] but d_in=8, width=16 gives \[16\]; the weights and "
+                                       r"cfg.json describe different SAEs"):
+        load_sae(folder)
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool])
+def test_weights_that_are_not_floating_point_are_refused_naming_the_tensor(tmp_path, dtype):
+    import numpy as np
+
+    folder = saved_small_sae(tmp_path / "sae")
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    save_file({**weights, "W_dec": (weights["W_dec"] * 3).to(dtype)}, str(folder / "sae_weights.safetensors"))
+    shown = str(dtype).removeprefix("torch.")
+    with pytest.raises(HubError, match=f"tensor 'W_dec' has dtype {shown}, not a floating-point type"):
+        load_sae(folder)
+    gemma = tmp_path / "gemmascope"  # a format that casts to float64 on its own reads through the same check
+    gemma.mkdir()
+    arrays = {"W_enc": np.ones((8, 16), np.float32), "W_dec": np.ones((16, 8), np.int32), "b_enc": np.zeros(16, np.float32),
+              "b_dec": np.zeros(8, np.float32), "threshold": np.zeros(16, np.float32)}
+    np.savez(gemma / "params.npz", **arrays)
+    with pytest.raises(HubError, match="tensor 'W_dec' has dtype int32"):
+        load_sae(gemma)
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_save_refuses_metadata_that_contradicts_the_config(tmp_path):
+    with pytest.raises(HubError, match=r"metadata\['hook_name'\]='blocks.2.hook_z' disagrees with sae.cfg.hook_name"):
+        save_sae(small_sae(), tmp_path / "sae", metadata={"hook_name": "blocks.2.hook_z"})
+    assert not (tmp_path / "sae").exists()
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_a_full_disk_in_save_sae_names_the_folder_and_leaves_no_loadable_half(monkeypatch, tmp_path):
+    folder = saved_small_sae(tmp_path / "sae")  # an older SAE there: its cfg.json must not survive next to new weights
+    disk_full_in(monkeypatch, "safetensors")
+    with pytest.raises(HubError, match=rf"could not write the SAE to {folder}: .*No space left on device"):
+        save_sae(small_sae(seed=1), folder)
+    assert not (folder / "cfg.json").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(HubError, match="not an SAE folder|no weights|does not exist"):
+            load_sae(folder)
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_saving_over_an_older_sae_leaves_nothing_of_it_behind(tmp_path):
+    """Metrics, densities and plots describe the weights they were saved with: a new save must not inherit them."""
+    from saelab.hub import read_metrics, save_sae
+    from saelab.hub.common import SPARSITY_FILE
+    from saelab.sae import SAEConfig, create_sae
+
+    sae = create_sae(SAEConfig(arch="topk", d_in=6, width=16, k=2))
+    folder = save_sae(sae, tmp_path / "sae", densities=torch.full((16,), 0.1), metrics={"fvu": 0.1})
+    (folder / "feature_density.png").write_bytes(b"\x89PNG old plot")
+    save_sae(create_sae(SAEConfig(arch="topk", d_in=6, width=16, k=2)), folder)
+    assert read_metrics(folder) is None
+    assert not (folder / SPARSITY_FILE).exists() and not (folder / "feature_density.png").exists()
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_save_sae_replaces_only_a_saelab_sae_or_its_own_save_cut_short(monkeypatch, tmp_path):
+    """A save removes and replaces the files of its format: only where they are a saelab SAE's, or the leftovers of
+    a saelab save that a full disk (or a kill) cut short. Anyone else's files there are refused, untouched."""
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "metrics.json").write_text('{"my": "numbers"}')
+    (users / "feature_density.png").write_bytes(b"\x89PNG my plot")
+    saelens = tmp_path / "saelens"
+    saelens.mkdir()
+    (saelens / "cfg.json").write_text('{"d_in": 8, "d_sae": 16}')
+    for folder, named in ((users, "feature_density.png, metrics.json"), (saelens, "cfg.json")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(HubError, match=rf"{folder} holds files but no SAE saelab wrote \({named}\); .* nothing was "
+                                           "changed. Choose another folder, or remove them"):
+            save_sae(small_sae(), folder)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+    ours = saved_small_sae(tmp_path / "ours")
+    (ours / "notes.txt").write_text("about this SAE")
+    (ours / "firing_counts.safetensors").write_bytes(b"counts of the old weights")
+    saved_small_sae(ours, seed=1)  # a saelab SAE's files are replaced; a user's notes beside them are kept
+    assert (ours / "notes.txt").read_text() == "about this SAE" and not (ours / "firing_counts.safetensors").exists()
+    with monkeypatch.context() as patch:
+        disk_full_in(patch, "safetensors")
+        with pytest.raises(HubError, match="No space left on device"):
+            saved_small_sae(ours, seed=2)
+    assert not (ours / "cfg.json").exists()  # no SAE there now, but the save's leftovers are its own to replace
+    saved_small_sae(ours, seed=2)
+    torch.testing.assert_close(load_sae(ours).W_dec, small_sae(seed=2).W_dec)
+    assert sorted(p.name for p in ours.iterdir()) == ["cfg.json", "notes.txt", "sae_weights.safetensors"]

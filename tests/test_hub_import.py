@@ -1,12 +1,16 @@
 """Foreign formats, written here to each format's published layout with random weights, and compared with a direct
-re-implementation of that format's own forward pass."""
+re-implementation of that format's own forward pass; a cfg.json of the wrong types, or at odds with its weights, is
+refused naming the key."""
+
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import write_small_saelens
 from saelab.hub import HubError, detect_format, load_sae
 from saelab.sae import JumpReLUSAE, ReLUSAE, TopKSAE
 
@@ -265,3 +269,51 @@ def test_imported_then_saved_is_saelens_compatible_saelab_folder(tmp_path):
     w = {k: v.float() for k, v in w.items()}
     x = x_batch()
     torch.testing.assert_close(saelens_forward(cfg, w, x)[1], gemmascope_forward(p, x)[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("cfg,match", [
+    ({"apply_b_dec_to_input": "false"}, r"'apply_b_dec_to_input' must be true or false, got 'false'"),
+    ({"rescale_acts_by_decoder_norm": "false"}, r"'rescale_acts_by_decoder_norm' must be true or false"),
+    ({"normalize_activations": "bogus"}, r"unknown normalize_activations 'bogus'"),
+    ({"architecture": ["topk"]}, r"'architecture' must be a string, got \['topk'\]"),
+    ({"hook_name": 5}, r"'hook_name' must be a string, got 5"),
+    ({"k": True}, r"a topk SAE needs an integer k in \[1, d_sae=16\], got True"),
+    ({"k": 17}, r"a topk SAE needs an integer k in \[1, d_sae=16\], got 17"),
+    ({"k": 3, "activation_fn_kwargs": {"k": 4}}, r"k=3 but activation_fn_kwargs.k=4"),
+    ({"d_sae": "16"}, r"'d_sae' must be an integer >= 1, got '16' \(str\)"),
+    ({"d_sae": -16}, r"'d_sae' must be an integer >= 1, got -16"),
+    ({"d_sae": 32}, r"W_enc has shape \[8, 16\] but cfg.json d_in=8, d_sae=32 gives \[8, 32\]; the weights and"),
+])
+def test_saelens_cfg_ill_typed_or_inconsistent_is_refused(tmp_path, cfg, match):
+    folder = write_small_saelens(tmp_path / "sl", **cfg)
+    with pytest.raises(HubError, match=match) as info:
+        load_sae(folder)
+    assert "cfg.json" in str(info.value)
+
+
+def write_small_sparsify(root: Path, **cfg) -> Path:
+    folder = root / "layers.1"
+    folder.mkdir(parents=True)
+    base = {"activation": "topk", "expansion_factor": 2, "num_latents": 0, "k": 3, "d_in": 8, "transcode": False,
+            "skip_connection": False, "normalize_decoder": True, "multi_topk": False}
+    (folder / "cfg.json").write_text(json.dumps({**base, **cfg}))
+    save_file({"encoder.weight": torch.randn(16, 8), "encoder.bias": torch.zeros(16), "W_dec": torch.randn(16, 8),
+               "b_dec": torch.zeros(8)}, str(folder / "sae.safetensors"))
+    return folder
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("cfg,match", [
+    ({"num_latents": "16"}, r"'num_latents' must be an integer >= 0, got '16' \(str\)"),
+    ({"num_latents": -4}, r"'num_latents' must be an integer >= 0, got -4"),
+    ({"transcode": "false"}, r"'transcode' must be true or false, got 'false'"),
+    ({"expansion_factor": 2.5}, r"'expansion_factor' must be an integer >= 1, got 2.5"),
+    ({"num_latents": 32}, r"encoder.weight has shape \[16, 8\] but cfg.json d_in=8, num_latents=32 gives"),
+    ({"k": 17}, r"expected an integer 'k' in \[1, num_latents=16\], got 17"),
+])
+def test_sparsify_cfg_ill_typed_or_inconsistent_is_refused(tmp_path, cfg, match):
+    folder = write_small_sparsify(tmp_path, **cfg)
+    with pytest.raises(HubError, match=match) as info:
+        load_sae(folder)
+    assert "cfg.json" in str(info.value)

@@ -1,6 +1,7 @@
-"""from_pretrained against a Hugging Face cache built by hand (models--org--name/{blobs,refs,snapshots}), offline."""
+"""from_pretrained against a Hugging Face cache built by hand (models--org--name/{blobs,refs,snapshots}), offline; a
+subfolder that leads outside the repo is refused before any download."""
+
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import SMALL_HOOK, saved_small_sae
 from saelab.hub import HubError, from_pretrained, save_sae
 from saelab.sae import SAE, SAEConfig, create_sae
 
@@ -156,3 +158,20 @@ def test_real_env_vars_in_a_fresh_process(tmp_path):
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["topk 16", "HubError True"]
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_a_subfolder_outside_the_repo_is_refused_before_any_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from saelab.hub import from_pretrained
+
+    saved_small_sae(tmp_path / "hub")  # an SAE where '../../..' leads from the snapshot: it loaded
+    snapshot = tmp_path / "hub" / "models--me--saes" / "snapshots" / ("a" * 40)
+    (snapshot / SMALL_HOOK).mkdir(parents=True)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: calls.append(kw) or str(snapshot))
+    for subfolder in ("../../..", f"{SMALL_HOOK}/../../../..", "a/./b", "a\\..\\b"):
+        with pytest.raises(HubError, match=rf"subfolder '.*' has a part .* that .*; give a path inside the repo"):
+            from_pretrained("me/saes", subfolder=subfolder)
+    assert calls == []

@@ -1,13 +1,25 @@
-"""push_to_hub: the dry-run tree file by file, the model card, naming, tokens, and the real upload path (faked HfApi)."""
+"""push_to_hub: the dry-run tree file by file, the model card, naming, tokens, the real upload path (faked HfApi); what
+is staged holds no link, no unknown file, no token and no local path; every network failure and a full disk end in
+one clear error."""
+
+import errno
+import hashlib
 import json
+import os
 import re
+import socket
 import warnings
 from pathlib import Path
 
+import httpx
+import httpx2
 import pytest
+import requests
 import torch
 import yaml
+from safetensors.torch import save_file
 
+from helpers import SMALL_HOOK, disk_full_in, saved_small_sae, small_sae, write_small_saelens
 from saelab.hub import HubError, load_sae, push_to_hub, save_sae
 from saelab.hub.card import CardEntry, build_model_card, flat_metrics
 from saelab.sae import SAEConfig, create_sae
@@ -216,3 +228,360 @@ def test_card_tolerates_missing_and_odd_metrics():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "| <code>a</code> |" in card and "| <code>b</code> |" in card
+
+
+REPO = "me/trust-saes"
+
+
+def no_token_anywhere(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert b"hf_" not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------------------------------------------- links
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("name", ["metrics.json", "cfg.json", "sae_weights.safetensors", "sparsity.safetensors",
+                                  "eval/feature_density.png"])
+def test_a_linked_file_in_an_sae_folder_is_refused(tmp_path, name):
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN)
+    sae_dir = saved_small_sae(tmp_path / "sae", densities=torch.full((16,), 0.01))
+    (sae_dir / "eval").mkdir()
+    target = sae_dir / name
+    if target.exists():  # the link points at a real copy, so that only the link itself is wrong
+        os.replace(target, tmp_path / "real")
+        secret = tmp_path / "real"
+    target.symlink_to(secret)
+    with pytest.raises(HubError, match=rf"{name.split('/')[-1]} is a symbolic link.*Replace the link with the real"):
+        push_to_hub(sae_dir, REPO, dry_run=tmp_path / "up")
+    assert not (tmp_path / "up").exists() or tree(tmp_path / "up") == []
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_a_linked_eval_folder_and_a_linked_sae_folder_in_a_run_are_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "metrics.json").write_text(json.dumps({"token": TOKEN}))
+    sae_dir = saved_small_sae(tmp_path / "sae")
+    (sae_dir / "eval").symlink_to(outside)
+    with pytest.raises(HubError, match=r"eval is a symbolic link"):
+        push_to_hub(sae_dir, REPO, dry_run=tmp_path / "up1")
+
+    run = tmp_path / "run"
+    saved_small_sae(run / SMALL_HOOK / "relu-16", arch="relu")
+    saved_small_sae(tmp_path / "elsewhere", seed=1)
+    (run / SMALL_HOOK / "topk-16-k3").symlink_to(tmp_path / "elsewhere")  # sae_folders() must not follow it
+    with pytest.raises(HubError, match=r"topk-16-k3 is a symbolic link"):
+        push_to_hub(run, REPO, dry_run=tmp_path / "up2")
+    (run / SMALL_HOOK / "topk-16-k3").unlink()
+    (run / "linked-hook").symlink_to(run / SMALL_HOOK)  # nor a linked folder higher up
+    with pytest.raises(HubError, match=r"linked-hook is a symbolic link"):
+        push_to_hub(run, REPO, dry_run=tmp_path / "up3")
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_the_named_folder_may_be_a_link_and_what_is_staged_holds_no_link(tmp_path):
+    """runs/latest -> runs/<date>: the path the user typed is followed (cp -H); nothing below it is."""
+    saved_small_sae(tmp_path / "real-sae")
+    (tmp_path / "latest").symlink_to(tmp_path / "real-sae")
+    out = push_to_hub(tmp_path / "latest", REPO, dry_run=tmp_path / "up")
+    assert tree(out) == ["README.md", f"{SMALL_HOOK}/cfg.json", f"{SMALL_HOOK}/sae_weights.safetensors"]
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_copy_regular_refuses_a_link_swapped_in_after_the_check(tmp_path):
+    from saelab.hub.common import copy_regular
+
+    (tmp_path / "secret").write_text(TOKEN)
+    (tmp_path / "metrics.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(HubError, match="symbolic link"):
+        copy_regular(tmp_path / "metrics.json", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_unknown_files_are_left_out_and_named(tmp_path):
+    sae_dir = saved_small_sae(tmp_path / "sae")
+    (sae_dir / "notes.txt").write_text("private")
+    (sae_dir / ".env").write_text(f"HF_TOKEN={TOKEN}")
+    (sae_dir / "eval").mkdir()
+    (sae_dir / "eval" / "samples.jsonl").write_text("{}")
+    (sae_dir / "eval" / "sae_weights.safetensors").write_bytes(b"not the SAE's weights")
+    (sae_dir / "eval" / "metrics.json").write_text(json.dumps({"l0": 3.0}))
+    with pytest.warns(UserWarning, match=r"not uploading \['.env', 'notes.txt', 'eval/sae_weights.safetensors', "
+                                         r"'eval/samples.jsonl'\]"):
+        out = push_to_hub(sae_dir, REPO, dry_run=tmp_path / "up")
+    assert tree(out) == ["README.md", f"{SMALL_HOOK}/cfg.json", f"{SMALL_HOOK}/metrics.json", f"{SMALL_HOOK}/sae_weights.safetensors"]
+    no_token_anywhere(out)
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_a_sparsity_file_of_the_wrong_length_is_not_pushed(tmp_path):
+    folder = saved_small_sae(tmp_path / "sae")
+    save_file({"sparsity": torch.zeros(15)}, str(folder / "sparsity.safetensors"))
+    with pytest.raises(HubError, match=r"sparsity.safetensors: 'sparsity' must hold 16 finite log10 densities"):
+        push_to_hub(folder, REPO, dry_run=tmp_path / "up")
+
+
+# ---------------------------------------------------------------------------------------------------- network
+class FailingApi:
+    raise_in = "create_repo"
+    error: BaseException = RuntimeError()
+
+    def __init__(self, token=None, **kwargs):
+        self.token = token
+
+    def create_repo(self, repo_id, **kwargs):
+        if self.raise_in == "create_repo":
+            raise self.error
+
+    def upload_folder(self, **kwargs):
+        raise self.error
+
+
+def dns_failure():
+    try:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    except socket.gaierror as cause:
+        try:
+            raise httpx2.ConnectError(str(cause)) from cause
+        except httpx2.ConnectError as e:
+            return e
+
+
+NETWORK_ERRORS = {
+    "httpx2-connect": httpx2.ConnectError(f"[Errno 111] Connection refused (Bearer {TOKEN})"),
+    "httpx2-connect-timeout": httpx2.ConnectTimeout("timed out"),
+    "httpx2-read-timeout": httpx2.ReadTimeout(""),
+    "httpx2-dns": dns_failure(),
+    "httpx-connect": httpx.ConnectError("[Errno 101] Network is unreachable"),
+    "httpx-timeout": httpx.ReadTimeout("The read operation timed out"),
+    "requests-connection": requests.exceptions.ConnectionError(f"Max retries exceeded; token={TOKEN}"),
+    "requests-timeout": requests.exceptions.ReadTimeout("read timed out"),
+    "socket-dns": socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+    "builtin-timeout": TimeoutError("timed out"),
+}
+
+
+def assert_unreachable(message: str, reason: str = "") -> None:
+    assert message.startswith(f"could not reach the Hugging Face Hub to upload to {REPO}: "), message
+    assert "check the connection (or unset HF_HUB_OFFLINE), then rerun the same command" in message
+    assert "--dry-run FOLDER" in message and reason in message
+    assert TOKEN not in message and "FAKEtoken" not in message
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("where", ["create_repo", "upload_folder"])
+@pytest.mark.parametrize("kind", list(NETWORK_ERRORS))
+def test_every_network_failure_is_one_clear_error(monkeypatch, tmp_path, kind, where):
+    import saelab.hub.push as push
+
+    monkeypatch.setattr(FailingApi, "error", NETWORK_ERRORS[kind])
+    monkeypatch.setattr(FailingApi, "raise_in", where)
+    monkeypatch.setattr(push, "HfApi", FailingApi)
+    with pytest.raises(HubError) as info:
+        push_to_hub(saved_small_sae(tmp_path / "sae"), REPO, token=TOKEN)
+    assert_unreachable(str(info.value), type(NETWORK_ERRORS[kind]).__name__)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # no chained traceback to print
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_a_closed_port_through_the_real_client_is_one_clear_error(tmp_path):
+    """The real HfApi and HTTP stack, pointed (by the autouse fixture) at a local port where nothing listens."""
+    with pytest.raises(HubError) as info:
+        push_to_hub(saved_small_sae(tmp_path / "sae"), REPO, token=TOKEN)
+    assert_unreachable(str(info.value), "ConnectError")
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_hf_hub_offline_is_one_clear_error_before_staging(monkeypatch, tmp_path):
+    from huggingface_hub import HfApi, constants
+
+    import saelab.hub.push as push
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import: set it as the import would have
+    with pytest.raises(HubError) as info:
+        push_to_hub(saved_small_sae(tmp_path / "sae"), REPO, token=TOKEN)
+    assert_unreachable(str(info.value), "HF_HUB_OFFLINE is set")
+    # and when the Hub client raises it itself (offline mode switched on between the check and the upload)
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(HfApi, "create_repo", lambda *a, **k: (_ for _ in ()).throw(
+        OfflineModeIsEnabled("Cannot reach https://huggingface.co/api/repos/create: offline mode is enabled")))
+    monkeypatch.setattr(push, "HfApi", HfApi)
+    with pytest.raises(HubError) as info:
+        push_to_hub(saved_small_sae(tmp_path / "sae2"), REPO, token=TOKEN)
+    assert_unreachable(str(info.value), "HF_HUB_OFFLINE is set")
+    # a dry run needs no network
+    assert (push_to_hub(tmp_path / "sae", REPO, dry_run=tmp_path / "up") / "README.md").is_file()
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_token_and_http_refusals_say_what_to_do(monkeypatch, tmp_path):
+    from huggingface_hub.utils import HfHubHTTPError, LocalTokenNotFoundError
+
+    import saelab.hub.push as push
+
+    monkeypatch.setattr(push, "HfApi", FailingApi)
+    folder = saved_small_sae(tmp_path / "sae")
+    monkeypatch.setattr(FailingApi, "error", LocalTokenNotFoundError("Token is required"))
+    with pytest.raises(HubError, match=r"no Hugging Face token to upload to me/trust-saes: log in with `hf auth "
+                                       r"login`, set HF_TOKEN"):
+        push_to_hub(folder, REPO)
+    for status, says in ((401, "the token is missing or invalid"), (403, "the token may not write to me/trust-saes")):
+        response = httpx2.Response(status, request=httpx2.Request("POST", "http://127.0.0.1:9/api/repos/create"))
+        monkeypatch.setattr(FailingApi, "error", HfHubHTTPError(f"{status} for token {TOKEN}", response=response))
+        with pytest.raises(HubError, match=rf"refused the upload to me/trust-saes \(HTTP {status}\): {says}") as info:
+            push_to_hub(folder, REPO, token=TOKEN)
+        assert TOKEN not in str(info.value)
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_cli_push_without_network_prints_one_line_not_a_traceback(monkeypatch, tmp_path, capsys):
+    import saelab.hub.push as push
+    from saelab.cli import main
+
+    monkeypatch.setattr(FailingApi, "error", NETWORK_ERRORS["httpx2-dns"])
+    monkeypatch.setattr(push, "HfApi", FailingApi)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert main(["push", str(saved_small_sae(tmp_path / "sae")), REPO]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("saelab: error: could not reach the Hugging Face Hub to upload to me/trust-saes: ")
+    assert "Traceback" not in err and TOKEN not in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------- disk
+@pytest.mark.usefixtures("no_hub")
+def test_dry_run_into_an_occupied_or_unwritable_path_names_it(monkeypatch, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(HubError, match=rf"cannot write the dry run into {tmp_path / 'a-file' / 'up'}: .*choose a "
+                                       rf"folder you can write"):
+        push_to_hub(small_sae(), REPO, dry_run=tmp_path / "a-file" / "up")
+    with pytest.raises(HubError, match=rf"dry_run folder {tmp_path / 'a-file'} must be new or empty"):
+        push_to_hub(small_sae(), REPO, dry_run=tmp_path / "a-file")
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # root ignores chmod, so the refusal is simulated as the kernel gives it
+        if self.name == "ro-up":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(HubError, match=r"cannot write the dry run into .*ro-up: Permission denied"):
+        push_to_hub(small_sae(), REPO, dry_run=tmp_path / "ro-up")
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_dry_run_into_a_read_only_folder_names_it(tmp_path):
+    (tmp_path / "ro").mkdir(mode=0o500)
+    with pytest.raises(HubError, match=r"cannot write the dry run into .*ro/up: Permission denied"):
+        push_to_hub(small_sae(), REPO, dry_run=tmp_path / "ro" / "up")
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("what", ["safetensors", "copy"])
+def test_a_full_disk_during_a_dry_run_names_the_folder_and_leaves_nothing(monkeypatch, tmp_path, what):
+    folder = saved_small_sae(tmp_path / "sae")  # a saelab folder is copied; an SAE object is saved with safetensors
+    item = small_sae() if what == "safetensors" else folder
+    disk_full_in(monkeypatch, what)
+    with pytest.raises(HubError, match=rf"{tmp_path / 'up'}.*No space left on device.*free some space"):
+        push_to_hub(item, REPO, dry_run=tmp_path / "up")
+    assert not (tmp_path / "up").exists()
+    (tmp_path / "empty").mkdir()  # an empty folder given by the user stays, empty
+    with pytest.raises(HubError, match="No space left on device"):
+        push_to_hub(item, REPO, dry_run=tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_a_full_disk_while_staging_a_real_push_names_tmpdir(monkeypatch, tmp_path):
+    import saelab.hub.push as push
+
+    monkeypatch.setattr(push, "HfApi", FailingApi)
+    disk_full_in(monkeypatch, "copy")
+    with pytest.raises(HubError, match=r"could not stage the upload in .*No space left on device.*set TMPDIR"):
+        push_to_hub(saved_small_sae(tmp_path / "sae"), REPO, token=TOKEN)
+
+
+# ---------------------------------------------------------------------------------------------------- hostile names
+def with_hook(folder: Path, hook: str) -> Path:
+    """A saelab folder whose cfg.json names `hook` everywhere it is written (so the keys agree)."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for place in (cfg, cfg["saelab"]["config"], cfg.get("metadata", {})):
+        if "hook_name" in place:
+            place["hook_name"] = hook
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.usefixtures("no_hub")
+@pytest.mark.parametrize("hook", ["../../escaped", "..", "a\\b", "x\ny"])
+def test_a_cfg_hook_name_that_is_a_path_is_refused_and_nothing_is_staged(tmp_path, hook):
+    """push named the subfolder after the hook: '../../escaped' staged the SAE outside the dry-run folder."""
+    folder = with_hook(saved_small_sae(tmp_path / "in" / "sae"), hook)
+    saelens = write_small_saelens(tmp_path / "in" / "saelens", hook_name=hook)
+    for sae_folder in (folder, saelens):
+        with pytest.raises(HubError, match=r"cfg.json: invalid SAE config \(SAEConfig.hook_name must be a hook point"):
+            load_sae(sae_folder)
+        with pytest.raises(HubError, match="hook_name must be a hook point name"):
+            push_to_hub(sae_folder, REPO, dry_run=tmp_path / "in" / "up")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"] and not (tmp_path / "in" / "up").exists()
+
+
+@pytest.mark.usefixtures("no_hub")
+def test_the_model_card_shows_hostile_names_as_text():
+    """A hook name '<script>...' (as an older saelab let through) was put into the card as HTML."""
+    from saelab.hub.card import CardEntry, build_model_card
+
+    cfg = SAEConfig(arch="topk", d_in=8, width=16, k=3, model_name="evil/<img src=x onerror=alert(1)>")
+    cfg.hook_name = "<script>alert(1)</script>\n# heading | cell `code` [link](javascript:alert(1)) &amp;"
+    entry = CardEntry("<b>sub</b>`\n```", cfg, metrics={"fvu": 0.5}, density_plot="<b>sub</b>/feature_density.png")
+    card = build_model_card([entry], "me/<i>repo</i>")
+    body = card.split("\n---\n", 1)[1]  # after the YAML front matter (safe_dump quotes what it must)
+    assert set(re.findall(r"<\s*/?\s*([a-zA-Z]+)", body)) == {"code"}  # no tag but the card's own
+    assert "&lt;script&gt;alert(1)&lt;" in body and "&amp;amp;" in body
+    assert "\n# heading" not in body and "[link](" not in body
+    lines = body.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| Subfolder"))
+    assert lines[header + 2].replace("\\|", "").count("|") == lines[header].count("|")  # one row, its own cells
+    assert sum(line.startswith("```") for line in lines) == 4  # the two snippets' fences, none from a name
+
+
+# ---------------------------------------------------------------------------------------------------- privacy
+@pytest.mark.usefixtures("no_hub")
+def test_push_publishes_no_local_path(tiny_model_dir, tmp_path):
+    """`train --eval-tokens` then `push --dry-run` staged metrics.json with the text's absolute path (and cfg.json
+    with the model folder's): nothing uploaded may say where the user keeps files, nor their user name."""
+    from saelab.cli import main
+
+    text = tmp_path / "ana" / "private" / "diary.txt"
+    text.parent.mkdir(parents=True)
+    text.write_text(" ".join(f"day {i} the weather was {['fine', 'grey', 'wet'][i % 3]}." for i in range(3000)))
+    acts, run, dry = tmp_path / "acts", tmp_path / "run", tmp_path / "dry"
+    assert main(["cache", "--model", str(tiny_model_dir), "--hooks", "blocks.0.hook_resid_post", "--out", str(acts),
+                 "--tokens", "2k", "--context-len", "32", "--batch-size", "4", "--text", str(text)]) == 0
+    assert main(["train", "--acts", str(acts), "--arch", "topk", "--width", "64", "--k", "4", "--tokens", "1024",
+                 "--batch-size", "128", "--out", str(run), "--eval-tokens", "256"]) == 0
+    (local,) = run.rglob("metrics.json")
+    assert json.loads(local.read_text())["settings"]["text"]["source"] == str(text)  # kept as given, locally
+    from saelab.eval import EvalResult, _title  # the density plot's title is pixels: check the text drawn
+
+    assert _title(EvalResult.load(local.parent).sae).endswith(f"· {tiny_model_dir.name} blocks.0.hook_resid_post")
+    assert main(["push", str(run), REPO, "--dry-run", str(dry)]) == 0
+
+    private = [str(tmp_path), str(tiny_model_dir), str(Path.home())]
+    staged = [path for path in dry.rglob("*") if path.is_file()]
+    assert {p.name for p in staged} >= {"README.md", "cfg.json", "metrics.json"}
+    for path in staged:
+        data = path.read_bytes()
+        assert not [p for p in private if p.encode() in data], path
+    (metrics,) = dry.rglob("metrics.json")
+    published = json.loads(metrics.read_text())["settings"]["text"]
+    assert published["source"] == "diary.txt" and published["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert load_sae(metrics.parent).cfg.model_name == tiny_model_dir.name  # cfg.json still agrees with itself

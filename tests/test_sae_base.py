@@ -1,20 +1,18 @@
 """Shared SAE machinery: init, decoder norm/grad surgery, b_dec init, sparse decode, input-scale folding, AuxK."""
 import math
+from functools import partial
 
 import pytest
 import torch
 
-from saelab.sae import (SAEConfig, auxk_loss, available_architectures, create_sae, create_training,
-                        estimate_input_scale, geometric_median, sae_class)
+from helpers import make_sae
+from saelab.sae import (auxk_loss, available_architectures, create_training, estimate_input_scale, geometric_median,
+                        sae_class)
 
 ARCHS = available_architectures()
 K_ARCHS = {a for a in ARCHS if sae_class(a).takes_k}
-
-
-def make(arch, d_in=6, width=16, k=3, **kw):
-    torch.manual_seed(0)
-    return create_sae(SAEConfig(arch=arch, d_in=d_in, width=width, k=k if arch in K_ARCHS else None,
-                                dtype="float64", **kw))
+make = partial(make_sae, d_in=6, width=16, k=3, dtype="float64", bias_std=0, threshold_range=None)
+"""The SAEs of these tests, freshly initialised: some pin the initialisation itself."""
 
 
 def test_init_unit_decoder_rows_encoder_is_transpose_biases_zero():

@@ -5,15 +5,16 @@ import math
 import pytest
 import torch
 
-from saelab.sae import SAEConfig, create_sae, create_training
+from helpers import make_sae
+from saelab.sae import create_training
 from saelab.sae.sparse_codes import SPARSE_MAX_DENSITY
 
 D, W, N = 6, 64, 40
 
 
 def make(arch, **kw):
-    torch.manual_seed(0)
-    sae = create_sae(SAEConfig(arch=arch, d_in=D, width=W, dtype="float64", options=dict(sparsity_warmup_steps=0, **kw)))
+    sae = make_sae(arch, d_in=D, width=W, dtype="float64", bias_std=0, threshold_range=None, sparsity_warmup_steps=0,
+                   **kw)
     x = torch.randn(N, D, dtype=torch.float64) * 2
     with torch.no_grad():
         sae.b_dec.normal_()

@@ -23,14 +23,6 @@ CACHE = dict(tokens=4000, shard_tokens=512, context_len=32)
 TRAIN = ["--arch", "topk", "--width", "64", "--k", "4", "--batch-size", "64", "--eval-tokens", "0", "--log-every", "5"]
 
 
-@pytest.fixture(scope="module")
-def cache(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist-cache")
-    cache_activations(tiny_model, HOOK, out, text=TextConfig(context_len=CACHE["context_len"]),
-                      tokens=CACHE["tokens"], shard_tokens=CACHE["shard_tokens"], progress=False)
-    return out
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,9 +74,9 @@ def log_lines(run) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_store_ranks_take_equal_slices_of_the_same_batches(cache):
-    whole = list(ActivationStore(cache, batch_size=64))
-    shares = [list(ActivationStore(cache, batch_size=64, rank=r, world_size=2)) for r in range(2)]
+def test_store_ranks_take_equal_slices_of_the_same_batches(tiny_cache):
+    whole = list(ActivationStore(tiny_cache, batch_size=64))
+    shares = [list(ActivationStore(tiny_cache, batch_size=64, rank=r, world_size=2)) for r in range(2)]
     assert len(shares[0]) == len(shares[1]) == len(whole)  # equal step counts: no rank waits for ever
     for batch, a, b in zip(whole, *shares):
         assert len(a) == len(b) == 32
@@ -92,10 +84,10 @@ def test_store_ranks_take_equal_slices_of_the_same_batches(cache):
         assert torch.equal(torch.cat([a.acts[HOOK], b.acts[HOOK]]), batch.acts[HOOK])
 
 
-def test_two_ranks_train_the_weights_one_process_trains(cache, tmp_path):
+def test_two_ranks_train_the_weights_one_process_trains(tiny_cache, tmp_path):
     """Gradients, AuxK's batch variance, dead clocks, the first-batch scale and b_dec, and the steered L0 of a
     ReLU / JumpReLU are all whole-batch quantities: 2 ranks on half batches must end where 1 process ends."""
-    args = ["train", "--acts", str(cache), *TRAIN, "--arch", "topk,relu,jumprelu", "--tokens", str(24 * 64),
+    args = ["train", "--acts", str(tiny_cache), *TRAIN, "--arch", "topk,relu,jumprelu", "--tokens", str(24 * 64),
             "--dead-tokens", "64", "--checkpoint-every", "12"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     results = finish(launch([*args, "--out", str(tmp_path / "two")], tmp_path), tmp_path)
@@ -133,8 +125,8 @@ def test_a_two_rank_cache_is_the_one_process_cache_token_for_token(tiny_model, t
     assert torch.equal(batch.acts[HOOK], next(iter(ActivationStore(reference, batch_size=256, shuffle=False))).acts[HOOK])
 
 
-def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_one_process(cache, tmp_path):
-    args = ["train", "--acts", str(cache), *TRAIN, "--tokens", str(60 * 64), "--checkpoint-every", "10"]
+def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_one_process(tiny_cache, tmp_path):
+    args = ["train", "--acts", str(tiny_cache), *TRAIN, "--tokens", str(60 * 64), "--checkpoint-every", "10"]
     out = tmp_path / "two"
     procs = launch([*args, "--out", str(out)], tmp_path)
     deadline = time.monotonic() + 120
@@ -154,8 +146,8 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_one_process(cache,
     assert [r["step"] for r in log_lines(out)] == list(range(5, 61, 5))
 
 
-def test_ranks_started_with_different_settings_are_refused(cache, tiny_model_dir, tmp_path):
-    args = ["train", "--acts", str(cache), *TRAIN, "--tokens", str(4 * 64), "--out", str(tmp_path / "run")]
+def test_ranks_started_with_different_settings_are_refused(tiny_cache, tiny_model_dir, tmp_path):
+    args = ["train", "--acts", str(tiny_cache), *TRAIN, "--tokens", str(4 * 64), "--out", str(tmp_path / "run")]
     results = finish(launch(args, tmp_path, per_rank=lambda r: ["--lr", f"{1e-3 * (r + 1)}"]), tmp_path)
     for rank, (rc, output) in enumerate(results):
         assert rc == 2 and "ranks were started with different training settings" in output, output[-2000:]
@@ -167,8 +159,8 @@ def test_ranks_started_with_different_settings_are_refused(cache, tiny_model_dir
     assert not (tmp_path / "acts").exists()
 
 
-def test_saes_spread_over_ranks_train_as_in_one_process_and_batchtopk_refuses_data_parallel(cache, tmp_path):
-    args = ["train", "--acts", str(cache), *TRAIN, "--arch", "topk,batchtopk", "--tokens", str(20 * 64),
+def test_saes_spread_over_ranks_train_as_in_one_process_and_batchtopk_refuses_data_parallel(tiny_cache, tmp_path):
+    args = ["train", "--acts", str(tiny_cache), *TRAIN, "--arch", "topk,batchtopk", "--tokens", str(20 * 64),
             "--dead-tokens", "64", "--checkpoint-every", "10"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     results = finish(launch([*args, "--out", str(tmp_path / "two"), "--parallel", "saes"], tmp_path), tmp_path)

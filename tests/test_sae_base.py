@@ -10,7 +10,6 @@ from saelab.sae import (auxk_loss, available_architectures, create_training, est
                         sae_class)
 
 ARCHS = available_architectures()
-K_ARCHS = {a for a in ARCHS if sae_class(a).takes_k}
 make = partial(make_sae, d_in=6, width=16, k=3, dtype="float64", bias_std=0, threshold_range=None)
 """The SAEs of these tests, freshly initialised: some pin the initialisation itself."""
 

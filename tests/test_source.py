@@ -6,8 +6,7 @@ import itertools
 import pytest
 import torch
 
-from saelab.activations import (ActivationSource, ActivationStore, IterableSource, ModelStream, cache_activations,
-                                open_source)
+from saelab.activations import ActivationSource, ActivationStore, IterableSource, ModelStream, open_source
 from saelab.cli import main
 from saelab.commands.train import train_text
 from saelab.data import TextConfig
@@ -18,14 +17,6 @@ HOOK = "blocks.0.hook_resid_post"
 TEXT = TextConfig(context_len=32)
 
 
-@pytest.fixture(scope="module")
-def cache(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("source-cache")
-    cache_activations(tiny_model, [HOOK, "blocks.1.hook_resid_post"], out, text=TEXT, tokens=3000, batch_size=8,
-                      shard_tokens=512, progress=False)
-    return out
-
-
 def same_weights(folder, trained) -> None:
     saved = load_sae(folder).state_dict()
     ours = trained.sae.state_dict()
@@ -34,8 +25,8 @@ def same_weights(folder, trained) -> None:
         assert torch.equal(saved[key], ours[key]), key
 
 
-def test_store_and_stream_are_activation_sources(cache, tiny_model):
-    store = open_source(cache, batch_size=100, seed=3)
+def test_store_and_stream_are_activation_sources(tiny_cache, tiny_model):
+    store = open_source(tiny_cache, batch_size=100, seed=3)
     stream = ModelStream(tiny_model, HOOK, TEXT, batch_size=64, buffer_tokens=256)
     for source in (store, stream):
         assert isinstance(source, ActivationSource)
@@ -43,8 +34,8 @@ def test_store_and_stream_are_activation_sources(cache, tiny_model):
     assert store.fingerprint()["seed"] == 3 and stream.fingerprint()["buffer_tokens"] == 256
 
 
-def test_batches_run_across_epochs_from_any_batch(cache):
-    store = open_source(cache, batch_size=100, seed=3)
+def test_batches_run_across_epochs_from_any_batch(tiny_cache):
+    store = open_source(tiny_cache, batch_size=100, seed=3)
     per_epoch = store.batches_per_epoch(0)
     epochs = [b.rows for epoch in range(3) for b in store.iter_batches(epoch=epoch)]
     read = [b.rows for b in itertools.islice(store.batches(), 3 * per_epoch)]
@@ -53,28 +44,28 @@ def test_batches_run_across_epochs_from_any_batch(cache):
     assert all(torch.equal(a, b) for a, b in zip(epochs[per_epoch + 2 : per_epoch + 5], later, strict=True))
 
 
-def test_in_order_reads_every_row_once_whatever_the_shuffle(cache):
-    store = open_source(cache, batch_size=100, seed=3)
+def test_in_order_reads_every_row_once_whatever_the_shuffle(tiny_cache):
+    store = open_source(tiny_cache, batch_size=100, seed=3)
     batches = list(store.in_order(hooks=[HOOK]))
     assert torch.equal(torch.cat([b.rows for b in batches]), torch.arange(store.n_tokens))
     assert list(batches[0].acts) == [HOOK]
-    plain = ActivationStore(cache, HOOK, batch_size=100, shuffle=False, drop_last=False)
+    plain = ActivationStore(tiny_cache, HOOK, batch_size=100, shuffle=False, drop_last=False)
     for ours, theirs in zip(batches, plain, strict=True):
         assert torch.equal(ours.acts[HOOK], theirs.acts[HOOK])
 
 
-def test_held_out_text_follows_the_source(cache, tiny_model):
-    store = open_source(cache)
+def test_held_out_text_follows_the_source(tiny_cache, tiny_model):
+    store = open_source(tiny_cache)
     assert store.held_out_text(10**6).start == store.manifest.n_contexts
     stream = ModelStream(tiny_model, HOOK, TEXT, batch_size=64, buffer_tokens=256)
     assert stream.held_out_text(1000).start == -(-(1000 + 256) // 31) + 1
 
 
-def test_batches_held_in_memory_are_wrapped(cache):
+def test_batches_held_in_memory_are_wrapped(tiny_cache):
     class Held(list):
         hooks, d, batch_size = [HOOK], {HOOK: 64}, 100
 
-    held = Held(ActivationStore(cache, HOOK, batch_size=100))
+    held = Held(ActivationStore(tiny_cache, HOOK, batch_size=100))
     source = open_source(held)
     assert isinstance(source, IterableSource) and isinstance(source, ActivationSource)
     assert source.fingerprint() == {"source": "Held", "hooks": [HOOK]}
@@ -83,11 +74,11 @@ def test_batches_held_in_memory_are_wrapped(cache):
         open_source(3)
 
 
-def test_cli_and_api_train_the_same_weights_from_a_cache(cache, tmp_path):
-    assert main(["train", "--acts", str(cache), "--seed", "3", "--arch", "topk", "--width", "64", "--k", "4",
+def test_cli_and_api_train_the_same_weights_from_a_cache(tiny_cache, tmp_path):
+    assert main(["train", "--acts", str(tiny_cache), "--seed", "3", "--arch", "topk", "--width", "64", "--k", "4",
                  "--tokens", "2560", "--batch-size", "256", "--out", str(tmp_path), "--eval-tokens", "0"]) == 0
-    (trained,) = train(cache, [SAESpec(arch="topk", width=64, k=4)], TrainConfig(seed=3, tokens=2560, batch_size=256),
-                       progress=False)
+    (trained,) = train(tiny_cache, [SAESpec(arch="topk", width=64, k=4)],
+                       TrainConfig(seed=3, tokens=2560, batch_size=256), progress=False)
     same_weights(tmp_path / HOOK / "topk-64-k4", trained)
 
 

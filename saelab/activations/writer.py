@@ -14,8 +14,10 @@ import hashlib
 import json
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -25,6 +27,7 @@ from saelab.activations.manifest import MANIFEST, Manifest, ShardRecord, check_s
 from saelab.data import TextConfig, token_batches
 from saelab.errors import CacheError, DataError
 from saelab.files import LOCK_FILE, FolderLock, remove_owned, safetensors_bytes, write_atomic
+from saelab.options import PositiveInt
 from saelab.version import __version__
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,16 +36,31 @@ LIST_EVERY_ROUNDS = 2
 rank, so a run killed midway keeps them (each listing waits for the rank's last write)."""
 
 
+@dataclass(kw_only=True)
+class CacheSettings:
+    """How much a cache holds and how it is cut and stored: the defaults of cache_activations and the fields
+    `saelab cache` turns into flags, written once."""
+
+    tokens: PositiveInt = 100_000
+    """tokens to cache, e.g. 300k"""
+    batch_size: PositiveInt = 8
+    """contexts per model forward"""
+    shard_tokens: PositiveInt = 1 << 16
+    """approximate tokens per shard"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype the activations are stored in"""
+
+
 def cache_activations(
     model,
     hooks: str | list[str],
     out: str | Path,
     *,
     text: TextConfig | str | None = None,
-    tokens: int = 100_000,
-    batch_size: int = 8,
-    shard_tokens: int = 1 << 16,
-    dtype: str = "float32",
+    tokens: int = CacheSettings.tokens,
+    batch_size: int = CacheSettings.batch_size,
+    shard_tokens: int = CacheSettings.shard_tokens,
+    dtype: str = CacheSettings.dtype,
     drop_bos: bool = True,
     overwrite: bool = False,
     progress: bool = True,

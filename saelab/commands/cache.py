@@ -5,28 +5,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
+from saelab.activations.writer import CacheSettings
 from saelab.commands.common import CacheTextFlags, ModelFlags, Positional, Switch
-from saelab.options import PositiveInt
 
 
 @dataclass(kw_only=True)
-class CacheCommand(ModelFlags, CacheTextFlags):
+class CacheCommand(ModelFlags, CacheTextFlags, CacheSettings):
     """Cache activations to sharded safetensors (resumable)."""
 
     hooks: list[str]
     """hook names or patterns, separated by commas or ';' (outside braces), e.g. 'blocks.{9,15}.hook_resid_post'"""
     out: str
     """output folder (re-run the same command to resume)"""
-    tokens: PositiveInt = 100_000
-    """tokens to cache, e.g. 300k"""
-    batch_size: PositiveInt = 8
-    """contexts per model forward"""
-    shard_tokens: PositiveInt = 1 << 16
-    """approximate tokens per shard"""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype the activations are stored in"""
     keep_bos: Switch = False
     """also store the BOS position (an attention sink)"""
     overwrite: Switch = False

@@ -66,6 +66,8 @@ FIRING_COUNTS_FILE = "firing_counts.safetensors"
 DENSE_THRESHOLD = 0.01
 DENSITY_BIN_EDGES = [round(-8 + 0.1 * i, 1) for i in range(81)]
 """Fixed log10-frequency bins (1e-8 .. 1), so histograms of different runs line up; lower values go in the first bin."""
+EVAL_TOKENS = 20_000
+"""Held-out tokens an evaluation reads unless told otherwise."""
 CHUNK_TOKENS = 1024
 """Token positions encoded at once: bounds the dense [chunk, width] codes whatever the batch size."""
 
@@ -497,7 +499,7 @@ class _Loss:
 
 @torch.no_grad()
 def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Path | Tensor, *,
-                    hook: str | None = None, tokens: int | None = 20_000, batch_size: int = 8,
+                    hook: str | None = None, tokens: int | None = EVAL_TOKENS, batch_size: int = 8,
                     splice_bos: bool = False, mean_ablation: bool = False, mean_activation: Tensor | None = None,
                     stats: ReconstructionStats | None = None) -> SplicedMetrics:
     """CE clean / with sae(x) spliced in / zero-ablated (and mean-ablated), CE loss recovered, KL, on `text`.

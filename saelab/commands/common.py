@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Annotated
 
-from saelab.data import ContextLen
+from saelab.data import ContextLen, TextConfig
 from saelab.interventions import MAX_BATCH_TOKENS
 from saelab.options import Flag, NonNegativeInt, PositiveInt
 
@@ -94,9 +94,9 @@ class SAEModelFlags(LoadsModel):
 class TextFlags:
     """The text to read."""
 
-    text: TextSource = "default"
+    text: TextSource = TextConfig.source
     """text file, folder, JSONL file, Hub dataset name, or 'default' (built-in prose)"""
-    context_len: ContextLen = 128
+    context_len: ContextLen = TextConfig.context_len
     """tokens per context"""
 
     def text_config(self, **settings):
@@ -109,7 +109,7 @@ class TextFlags:
 class CacheTextFlags(TextFlags):
     """The text to cache, in order."""
 
-    field: str = "text"
+    field: str = TextConfig.field
     """JSONL / dataset field holding the text"""
     no_bos: Switch = False
     """do not start each context with BOS"""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from saelab.commands.common import Positional, SAEModelFlags
+from saelab.explore.features import SAMPLED_FIRINGS, TOP_EXAMPLES
 from saelab.options import NonNegativeInt, PositiveInt
 
 
@@ -28,9 +29,9 @@ class DashboardCommand(SAEModelFlags):
     """export only the N latents that fire most often"""
     tokens: PositiveInt | None = None
     """read at most this many tokens of the cache (default: all)"""
-    top: PositiveInt = 20
+    top: PositiveInt = TOP_EXAMPLES
     """top activating examples per latent"""
-    sample: PositiveInt = 50
+    sample: PositiveInt = SAMPLED_FIRINGS
     """firings sampled per latent for the quantile groups"""
 
 

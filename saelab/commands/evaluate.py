@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from saelab.commands.common import Positional, RunsModel, SAEModelFlags, Switch, TextFlags, print_metrics
+from saelab.eval import EVAL_TOKENS
 from saelab.options import Flag, PositiveInt
 
 
@@ -15,7 +16,7 @@ class EvalCommand(SAEModelFlags, RunsModel, TextFlags):
 
     sae: Annotated[str, Positional]
     """SAE folder (saelab, SAELens, sparsify or Gemma Scope format)"""
-    tokens: PositiveInt = 20_000
+    tokens: PositiveInt = EVAL_TOKENS
     """held-out tokens to evaluate on"""
     acts: str | None = None
     """also measure reconstruction on this activation cache"""

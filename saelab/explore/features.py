@@ -25,6 +25,11 @@ from saelab.explore.search import LatentTable, search_examples
 from saelab.explore.stats import LatentStats, collect
 from saelab.explore.texts import TokenTexts
 
+TOP_EXAMPLES = 20
+"""Top activating examples kept per latent."""
+SAMPLED_FIRINGS = 50
+"""Firings sampled per latent for its quantile groups."""
+
 
 class LatentError(IndexError, ValueError):
     """A latent number that is not an int in [0, width): an IndexError for `features[i]`, a ValueError for callers
@@ -155,8 +160,8 @@ class FeatureSet:
                 f"{self.stats.n_tokens:,} tokens)")
 
 
-def explore(sae, source: Source, model=None, *, tokenizer=None, hook: str | None = None, top: int = 20,
-            sample: int = 50, before: int = 12, after: int = 4, max_tokens: int | None = None,
+def explore(sae, source: Source, model=None, *, tokenizer=None, hook: str | None = None, top: int = TOP_EXAMPLES,
+            sample: int = SAMPLED_FIRINGS, before: int = 12, after: int = 4, max_tokens: int | None = None,
             batch_size: int = 8192, check_model: bool = True, progress=None) -> FeatureSet:
     """One pass of `sae` over `source` (a cache folder, an ActivationStore or a ModelStream) -> a FeatureSet.
 

@@ -2,7 +2,9 @@
 activations, so that each test file stops growing its own slightly different copy.
 
 The tests import these as `from helpers import make_sae, make_cache` (pytest puts tests/ on sys.path, as it does
-for conftest). The session fixture `tiny_cache` in conftest.py is `make_cache` on the tiny model, made once.
+for conftest). The session fixture `tiny_cache` in conftest.py is `make_cache` on the tiny model, made once. Below
+them: what several test files of one unit share (a run file for `saelab train`; small saved SAEs, a SAELens folder
+and a full disk for the hub tests).
 """
 
 from __future__ import annotations

@@ -77,9 +77,11 @@ def test_batches_held_in_memory_are_wrapped(tiny_cache):
 def test_cli_and_api_train_the_same_weights_from_a_cache(tiny_cache, tmp_path):
     assert main(["train", "--acts", str(tiny_cache), "--seed", "3", "--arch", "topk", "--width", "64", "--k", "4",
                  "--tokens", "2560", "--batch-size", "256", "--out", str(tmp_path), "--eval-tokens", "0"]) == 0
-    (trained,) = train(tiny_cache, [SAESpec(arch="topk", width=64, k=4)],
-                       TrainConfig(seed=3, tokens=2560, batch_size=256), progress=False)
-    same_weights(tmp_path / HOOK / "topk-64-k4", trained)
+    trained = train(tiny_cache, [SAESpec(arch="topk", width=64, k=4)], TrainConfig(seed=3, tokens=2560, batch_size=256),
+                    progress=False)
+    assert [t.hook for t in trained] == ActivationStore(tiny_cache).hooks  # no --hook: one SAE per cached hook
+    for result in trained:
+        same_weights(tmp_path / result.hook / "topk-64-k4", result)
 
 
 def test_cli_and_api_train_the_same_weights_from_a_stream(tiny_model, tiny_model_dir, tmp_path):

@@ -18,7 +18,7 @@ from saelab.training import SAESpec, TrainConfig, Trainer, train
 from saelab.training.checkpoint import CheckpointError, load_checkpoint
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-SPECS = [dict(arch="topk", width=128, k=8), dict(arch="batchtopk", width=96, k=4, hook=HOOKS[1])]
+SPECS = [dict(arch="topk", width=128, k=8, hook=HOOKS[0]), dict(arch="batchtopk", width=96, k=4, hook=HOOKS[1])]
 CONFIG = dict(tokens=40 * 256, batch_size=256, lr_warmup_steps=5, checkpoint_every=10, log_every=5)
 
 
@@ -269,7 +269,7 @@ def test_tokens_count_the_rows_actually_trained_on_through_checkpoints(tmp_path)
 
 def test_empty_oversized_and_inconsistent_batches_are_refused():
     x = synthetic(1, 32)[0]
-    trainer = Trainer(Tensors([{HOOK: x, OTHER: x}]), [dict(width=32, k=4), dict(width=32, k=4, hook=OTHER)],
+    trainer = Trainer(Tensors([{HOOK: x, OTHER: x}]), [dict(width=32, k=4, hook=HOOK), dict(width=32, k=4, hook=OTHER)],
                       TrainConfig(tokens=64, batch_size=32), progress=False)
     for acts, message in [
         ({HOOK: x[:0], OTHER: x[:0]}, f"a batch at hook {HOOK} has 0 rows; expected 1 to TrainConfig.batch_size=32"),
@@ -625,3 +625,35 @@ def test_a_one_token_batch_trains_and_logs_no_fvu(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3] and trained.sae.cfg.training_tokens == 65
     assert log[-1][trained.name]["fvu"] is None and all(r[trained.name]["fvu"] is not None for r in log[:2])
     assert "diverged" not in log[-1]
+
+
+def test_an_sae_without_a_hook_trains_on_every_hook_of_the_source(tiny_cache):
+    config = TrainConfig(**{**CONFIG, "tokens": 4 * 256})
+    trained = train(tiny_cache, [dict(arch="topk", width=64, k=4)], config, progress=False)
+    assert [(t.name, t.sae.cfg.hook_name) for t in trained] == [(f"{h}/topk-64-k4", h) for h in HOOKS]
+    (narrowed,) = train(tiny_cache, [dict(arch="topk", width=64, k=4, hook=HOOKS[1])], config, progress=False)
+    assert torch.equal(narrowed.sae.W_dec, trained[1].sae.W_dec)  # the same SAE, whether or not its sibling trains
+
+
+def test_a_checkpoint_of_fewer_saes_than_the_run_trains_is_refused(tiny_cache, tmp_path):
+    """A run saved when an SAE without a hook read only the first hook holds fewer SAEs than the same settings train
+    now: resuming it must not restore some SAEs and silently restart the others."""
+    from saelab.training.checkpoint import save_checkpoint
+
+    specs, config = [dict(arch="topk", width=64, k=4)], TrainConfig(**{**CONFIG, "tokens": 20 * 256})
+    train(tiny_cache, specs, config, out=tmp_path, progress=False)
+    state, tensors = load_checkpoint(tmp_path)
+    state["members"] = state["members"][:1]
+    save_checkpoint(tmp_path, state, {k: v for k, v in tensors.items() if k.startswith("0.")})
+    with pytest.raises(CheckpointError, match="checkpoint of 1 SAEs, but this run trains 2"):
+        train(tiny_cache, specs, config, out=tmp_path, progress=False)
+
+
+def test_the_progress_bar_names_each_sae_by_its_hook_when_there_are_several():
+    from saelab.training.log import postfix
+
+    values = {"fvu": 0.25, "l0": 4.0, "dead": 0.0}
+    record = {"step": 5, f"{HOOKS[0]}/topk-64-k4": values, f"{HOOKS[1]}/topk-64-k4": values}
+    assert postfix(record) == ("L0.resid_post/topk-64-k4 fvu=0.250 L0=4.0 dead=0% | "
+                               "L1.resid_post/topk-64-k4 fvu=0.250 L0=4.0 dead=0%")
+    assert postfix({"step": 5, f"{HOOKS[0]}/topk-64-k4": values}) == "topk-64-k4 fvu=0.250 L0=4.0 dead=0%"

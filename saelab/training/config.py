@@ -25,7 +25,7 @@ class SAESpec:
     k: PositiveInt | None = None
     """Active latents per token, for the architectures that take one (topk, batchtopk, matryoshka); None: 32."""
     hook: str | None = None
-    """Hook point to read; None: the stream's first hook."""
+    """Hook point to read; None: every hook of the activations, one SAE each."""
     lr: PositiveFloat | None = None
     """Adam learning rate; None: 8e-4 / sqrt(width / 2^14) for the architectures that take k (four times Gao et
     al.'s fit: with the warm-up, the decay and beta2 = 0.99 it trains runs of a few hundred steps markedly better at

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -87,12 +88,21 @@ def plain(value) -> float | list | None:
 
 
 def postfix(record: dict) -> str:
+    """The progress bar's summary of a log record: each SAE's FVU, L0 and dead share, named by its hook too when
+    the run reads several hooks."""
     def shown(value, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    saes = {name: values for name, values in record.items() if isinstance(values, dict) and "fvu" in values}
+    several_hooks = len({name.rsplit("/", 1)[0] for name in saes}) > 1
     parts = []
-    for name, values in record.items():
-        if isinstance(values, dict) and "fvu" in values:
-            parts.append(f"{name.split('/')[-1]} fvu={shown(values['fvu'], '.3f')} L0={shown(values['l0'], '.1f')} "
-                         f"dead={shown(values['dead'], '.0%')}")
+    for name, values in saes.items():
+        label = short_hook_name(name) if several_hooks else name.split("/")[-1]
+        parts.append(f"{label} fvu={shown(values['fvu'], '.3f')} L0={shown(values['l0'], '.1f')} "
+                     f"dead={shown(values['dead'], '.0%')}")
     return " | ".join(parts)
+
+
+def short_hook_name(name: str) -> str:
+    """'blocks.9.hook_resid_post/topk-4608-k32' -> 'L9.resid_post/topk-4608-k32': short enough for a progress bar."""
+    return re.sub(r"^blocks\.(\d+)\.(hook_)?", r"L\1.", name)

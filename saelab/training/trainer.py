@@ -85,7 +85,7 @@ class Trainer:
             raise ValueError("give at least one SAE to train")
         self.out = Path(out) if out is not None else None
         self.resume, self.progress = resume, progress
-        self.members = [self._member(spec) for spec in self.specs]
+        self.members = [self._member(spec, hook) for spec in self.specs for hook in self._hooks_of(spec)]
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ValueError(f"two SAEs would share a name: {names}; give them different widths, k's or hooks")
@@ -102,11 +102,14 @@ class Trainer:
         self._started = False
         self._lock: FolderLock | None = None
 
-    def _member(self, spec: SAESpec) -> Member:
+    def _hooks_of(self, spec: SAESpec) -> list[str]:
+        """The hooks `spec` trains an SAE on: its own, else every hook of the source (one SAE each)."""
         hooks = list(self.source.hooks)
-        hook = spec.hook or hooks[0]
-        if hook not in hooks:
-            raise HookError(f"SAE {spec.name()} reads hook {hook!r}, but the activations hold {', '.join(hooks)}")
+        if spec.hook is not None and spec.hook not in hooks:
+            raise HookError(f"SAE {spec.name()} reads hook {spec.hook!r}, but the activations hold {', '.join(hooks)}")
+        return [spec.hook] if spec.hook is not None else hooks
+
+    def _member(self, spec: SAESpec, hook: str) -> Member:
         options = dict(spec.options)
         d_in = options.pop("d_in", self.source.d[hook])
         if d_in != self.source.d[hook]:
@@ -401,6 +404,10 @@ class Trainer:
             changed = [k for k in ours if theirs.get(k) != ours[k]]
             raise CheckpointError(f"{self.out} holds a checkpoint of another run (differs in: {', '.join(changed)}); "
                                   "use another output folder, or resume=False (--no-resume) to start over there")
+        if len(state["members"]) != len(self.members):  # a run of saelab before specs without a hook took them all
+            raise CheckpointError(f"{self.out} holds a checkpoint of {len(state['members'])} SAEs, but this run trains "
+                                  f"{len(self.members)} ({', '.join(m.name for m in self.members)}); give each SAE "
+                                  "its hook to resume it, or resume=False (--no-resume) to start over there")
         for i, (member, saved) in enumerate(zip(self.members, state["members"])):
             load_member_state(i, member, saved, tensors)
         self.step, self.batches_read, self.skipped = state["step"], state["batches_read"], state["skipped"]

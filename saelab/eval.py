@@ -11,6 +11,12 @@ Definitions (N = evaluated token positions, x_hat = sae(x), active = code != 0):
     fvu                 sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2      (a ratio of sums, not a mean of
                         per-token ratios; the denominator is sum ||x||^2 - N ||mean||^2 from running float64 sums)
     explained_variance  1 - fvu
+    fvu_typical         the same ratio over the typical tokens only, with their own mean: tokens whose activation
+                        norm is at most MASSIVE (10) x the median norm of the evaluated tokens. The few "massive
+                        activation" tokens above it (attention sinks, norms of thousands where the median is ~170)
+                        can hold most of the variance, so fvu alone mostly measures how well the SAE rebuilds them.
+                        massive_tokens counts the tokens left out, massive_norm is the cutoff (raw units). None
+                        when more than MAX_MASSIVE_ROWS tokens are massive (the rows needed are no longer kept).
     l0                  mean over tokens of the number of active latents
     frac_dead           fraction of latents active on no evaluated token
     frac_dense          fraction of latents active on more than `dense_threshold` (1 %) of evaluated tokens
@@ -70,6 +76,11 @@ EVAL_TOKENS = 20_000
 """Held-out tokens an evaluation reads unless told otherwise."""
 CHUNK_TOKENS = 1024
 """Token positions encoded at once: bounds the dense [chunk, width] codes whatever the batch size."""
+MASSIVE = 10.0
+"""A token is "massive" when its activation norm exceeds this many times the median norm of the evaluated tokens
+(the rule docs/quality.md and scripts/reference_train.py use); fvu_typical leaves such tokens out."""
+MAX_MASSIVE_ROWS = 4096
+"""Largest-norm rows ReconstructionStats keeps (x, error) to take the massive tokens back out of its sums."""
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -110,6 +121,12 @@ class ReconstructionMetrics:
     n_dense: int
     mean_sq_norm: float
     """sum_t ||x_t||^2 / N, for putting mse in context."""
+    fvu_typical: float | None = None
+    """FVU over the tokens whose norm is at most MASSIVE x the median norm (None: not measured)."""
+    massive_tokens: int | None = None
+    """Tokens left out of fvu_typical (norm above massive_norm)."""
+    massive_norm: float | None = None
+    """The cutoff: MASSIVE x the median activation norm of the evaluated tokens (in the units of x)."""
 
 
 @dataclass
@@ -250,10 +267,16 @@ class ReconstructionStats:
     """Exact reconstruction/sparsity metrics from running sums: feed it chunks, never holds the tokens.
 
     `update(x, x_hat, codes)` takes [N, d_in], [N, d_in], [N, width] (any units, as long as x and x_hat agree).
+    For fvu_typical it keeps every token's norm (8 bytes a token, for the median) and the x and squared error of
+    the `max_massive_rows` largest-norm tokens, which are subtracted from the sums once the median is known.
     """
 
-    def __init__(self, d_in: int, width: int, dense_threshold: float = DENSE_THRESHOLD):
+    def __init__(self, d_in: int, width: int, dense_threshold: float = DENSE_THRESHOLD,
+                 max_massive_rows: int = MAX_MASSIVE_ROWS):
         self.d_in, self.width, self.dense_threshold = d_in, width, dense_threshold
+        self.max_massive_rows = max_massive_rows
+        self.norms: list[Tensor] = []
+        self.largest = _LargestRows(max_massive_rows, d_in)
         self.n_tokens = 0
         self.sum_sq_err = 0.0
         self.sum_sq_x = 0.0
@@ -271,8 +294,11 @@ class ReconstructionStats:
         if len(x) == 0:
             return
         x_norm, x_hat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
+        sq_err = (x - x_hat).pow(2).sum(-1)
         self.n_tokens += len(x)
-        self.sum_sq_err += float((x - x_hat).pow(2).sum())
+        self.sum_sq_err += float(sq_err.sum())
+        self.norms.append(x_norm)
+        self.largest.offer(x, x_norm, sq_err)
         self.sum_sq_x += float(x_norm.pow(2).sum())
         self.sum_x += x.sum(0)
         self.sum_active += int(active.sum())
@@ -297,10 +323,46 @@ class ReconstructionStats:
             n_tokens=n, mse=self.sum_sq_err / n, fvu=fvu, explained_variance=1 - fvu, l0=self.sum_active / n,
             frac_dead=n_dead / self.width, frac_dense=n_dense / self.width, cos_sim=self.sum_cos / n,
             l2_ratio=self.sum_l2_ratio / n, n_dead=n_dead, n_dense=n_dense, mean_sq_norm=self.sum_sq_x / n,
+            **self._typical(),
         )
+
+    def _typical(self) -> dict[str, Any]:
+        """fvu_typical, massive_tokens and massive_norm: the sums with the massive tokens' share taken back out."""
+        cutoff = MASSIVE * float(torch.cat(self.norms).median())
+        massive = self.largest.norm > cutoff
+        count = int(massive.sum())
+        found_all = count < len(self.largest.norm) or count == self.n_tokens or len(self.largest.norm) < self.largest.n
+        if not found_all:  # more massive tokens than rows kept: the ones not kept cannot be taken out
+            return {"fvu_typical": None, "massive_tokens": None, "massive_norm": cutoff}
+        n = self.n_tokens - count
+        sum_x = self.sum_x - self.largest.x[massive].sum(0)
+        sum_sq_x = self.sum_sq_x - float(self.largest.norm[massive].pow(2).sum())
+        sum_sq_err = self.sum_sq_err - float(self.largest.sq_err[massive].sum())
+        variance = sum_sq_x - float(sum_x.pow(2).sum()) / n if n else 0.0
+        fvu = sum_sq_err / variance if variance > 0 else float("nan")
+        return {"fvu_typical": fvu, "massive_tokens": count, "massive_norm": cutoff}
 
     def density(self, bin_edges: list[float] | None = None) -> FeatureDensity:
         return feature_density(self.firing_counts, self.n_tokens, bin_edges, dense_threshold=self.dense_threshold)
+
+
+class _LargestRows:
+    """The n rows of largest norm seen so far (x, norm, squared error), merged a chunk at a time."""
+
+    def __init__(self, n: int, d_in: int):
+        self.n = n
+        self.x = torch.zeros(0, d_in, dtype=torch.float64)
+        self.norm = torch.zeros(0, dtype=torch.float64)
+        self.sq_err = torch.zeros(0, dtype=torch.float64)
+
+    def offer(self, x: Tensor, norm: Tensor, sq_err: Tensor) -> None:
+        if self.n <= 0:
+            return
+        best = norm.topk(min(self.n, len(norm))).indices  # only these can enter
+        x, norm, sq_err = (torch.cat([mine, theirs[best]]) for mine, theirs in
+                           ((self.x, x), (self.norm, norm), (self.sq_err, sq_err)))
+        keep = norm.topk(min(self.n, len(norm))).indices
+        self.x, self.norm, self.sq_err = x[keep], norm[keep], sq_err[keep]
 
 
 def feature_density(firing_counts: Tensor, n_tokens: int, bin_edges: list[float] | None = None, *,

@@ -125,7 +125,8 @@ def print_metrics(folder, metrics) -> None:
     if metrics is None:
         return
     flat = metrics.metrics()
-    names = [("fvu", "fraction of variance unexplained"), ("explained_variance", "explained variance"),
+    names = [("fvu", "FVU, all tokens"), ("fvu_typical", "FVU, typical tokens"),
+             ("explained_variance", "explained variance (all tokens)"),
              ("mse", "MSE (raw units)"), ("l0", "L0 (active latents per token)"), ("frac_dead", "dead latents"),
              ("frac_dense", "dense latents (>1% of tokens)"), ("ce_clean", "CE loss, clean model"),
              ("ce_sae", "CE loss, SAE spliced in"), ("ce_zero", "CE loss, hook zero-ablated"),
@@ -133,4 +134,16 @@ def print_metrics(folder, metrics) -> None:
     print(f"held-out   {metrics.n_tokens:,} tokens")
     for key, label in names:
         if flat.get(key) is not None:
-            print(f"  {label:<34}{flat[key]:>10.4f}")
+            print(f"  {label:<34}{flat[key]:>10.4f}" + _typical_note(key, metrics.reconstruction))
+    if flat.get("fvu") is not None:
+        print("  (held-out tokens; the training bar's fvu is one training batch's, massive tokens in when it holds one)")
+
+
+def _typical_note(key: str, reconstruction) -> str:
+    """What 'typical' leaves out, after the typical-token FVU's value."""
+    if key != "fvu_typical" or reconstruction is None or reconstruction.massive_tokens is None:
+        return ""
+    from saelab.eval import MASSIVE
+
+    count = reconstruction.massive_tokens
+    return f"   ({count:,} massive token{'s' if count != 1 else ''} left out: norm > {MASSIVE:g}x the median)"

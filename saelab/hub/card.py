@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from saelab.eval import MASSIVE
 from saelab.sae import SAEConfig, available_architectures, sae_class
 
 # saelab's offline model names -> their Hub ids (the card's base_model)
@@ -20,7 +21,8 @@ TAGS = ["sparse-autoencoder", "saelab", "mechanistic-interpretability", "interpr
 
 # (column title, metric keys accepted, format)
 METRIC_COLUMNS = [
-    ("FVU", ("fvu",), ".4f"),
+    ("FVU (all)", ("fvu",), ".4f"),
+    ("FVU (typical)", ("fvu_typical",), ".4f"),
     ("Explained var.", ("explained_variance", "frac_variance_explained"), ".4f"),
     ("MSE", ("mse",), ".4g"),
     ("L0", ("l0",), ".1f"),
@@ -167,7 +169,10 @@ def _table(entries: list[CardEntry]) -> list[str]:
     lines.append("")
     if not any(flat_metrics(e.metrics) for e in entries):
         return lines + ["No evaluation metrics were provided with these SAEs.", ""]
-    return lines + ["FVU: fraction of variance unexplained; L0: mean active latents per token; Dead: latents that "
+    return lines + ["FVU (all): fraction of variance unexplained over every evaluated token; FVU (typical): the same "
+                    f"over the tokens whose activation norm is at most {MASSIVE:g}x the median, leaving out the few "
+                    "massive-activation tokens that can hold most of the variance; L0: mean active latents per token; "
+                    "Dead: latents that "
                     "never fired in evaluation; CE loss recovered: 1 = the spliced-in SAE is as good as the clean "
                     "model, 0 = as bad as zero-ablation; KL: KL(clean || spliced) in nats. – : not measured.", ""]
 

@@ -41,6 +41,7 @@ ce_loss_recovered is not clipped: it exceeds 1 when the SAE beats the clean mode
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -457,18 +458,23 @@ def _tensors(activations, hook: str | None) -> Iterator[Tensor]:
 
 @torch.no_grad()
 def reconstruction_stats(sae: SAE, activations: Tensor | Iterable, *, hook: str | None = None,
-                         max_tokens: int | None = None,
-                         dense_threshold: float = DENSE_THRESHOLD) -> ReconstructionStats:
+                         max_tokens: int | None = None, dense_threshold: float = DENSE_THRESHOLD,
+                         progress: bool = True) -> ReconstructionStats:
     """Stream `activations` (raw, unscaled) through the SAE and accumulate the reconstruction/sparsity sums.
 
     activations: a tensor [..., d], an iterable of tensors [N, d] or of ActivationBatches (for which `hook`, default
     sae.cfg.hook_name, picks the tensor), e.g. an ActivationStore or a ModelStream. max_tokens: stop after that many.
+    progress: a bar over the tokens (on stderr).
     """
+    from tqdm.auto import tqdm
+
     hook = hook or sae.cfg.hook_name or None
     sae.check_hook(hook)
     label = _hook_label(sae, hook)
     raw = _raw_sae(sae)
     stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, dense_threshold)
+    bar = tqdm(total=_known_tokens(activations, max_tokens), desc=f"reconstructing {label}", unit="tok",
+               unit_scale=True, disable=not progress, leave=False)
     for x in _tensors(activations, hook):
         _check_width(sae, x.shape[-1], label)
         if max_tokens is not None:
@@ -478,11 +484,22 @@ def reconstruction_stats(sae: SAE, activations: Tensor | Iterable, *, hook: str 
             chunk = chunk.to(raw.device)
             codes = raw.encode(chunk)
             stats.update(chunk, raw.decode(codes), codes)
+            bar.update(len(chunk))
         if max_tokens is not None and stats.n_tokens >= max_tokens:
             break
+    bar.close()
     if stats.n_tokens == 0:
         raise DataError(f"no activations to evaluate at hook {label}: the input yielded 0 tokens")
     return stats
+
+
+def _known_tokens(activations, max_tokens: int | None) -> int | None:
+    """How many tokens a reconstruction pass will read, where the input says (a tensor, a cache), for the bar."""
+    held = (activations.reshape(-1, activations.shape[-1]).shape[0] if isinstance(activations, Tensor)
+            else getattr(activations, "n_tokens", None))
+    if held is None or max_tokens is None:
+        return max_tokens if held is None else held
+    return min(held, max_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------- spliced model
@@ -559,11 +576,108 @@ class _Loss:
         self.kl += float(kl[valid].double().sum())
 
 
+@dataclass
+class Baselines:
+    """The unmodified and ablated model's losses on one held-out text at one hook: the same for every SAE read there,
+    so a run that evaluates several SAEs computes them once (`Baselines.compute`) and passes them to each
+    `evaluate(..., baselines=)` / `spliced_metrics(..., baselines=)`, which then run only the SAE's own forwards.
+
+    clean_logp: the clean model's log-probabilities per batch (CPU, float32), kept when they fit in
+    CLEAN_LOGP_BYTES, so the SAE's KL needs no clean forward; None: each evaluation reruns the clean forward."""
+
+    key: dict[str, Any]
+    """What they were computed on (hook, text, tokens, batch_size, splice_bos, mean_ablation): an evaluation on
+    anything else is refused."""
+    n_contexts: int
+    n_predictions: int
+    clean: _Loss
+    zero: _Loss
+    mean: _Loss | None = None
+    clean_logp: list[Tensor] | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, model: LanguageModel, text: TextConfig | str | Path | Tensor, hook: str, *,
+                tokens: int | None = EVAL_TOKENS, batch_size: int = 8, splice_bos: bool = False,
+                mean_ablation: bool = False, mean_activation: Tensor | None = None,
+                progress: bool = True) -> "Baselines":
+        """One clean and one zero-ablated (and mean-ablated) pass over `text`, with spliced_metrics' arguments."""
+        found = model.resolve_hooks(hook)
+        if len(found) != 1:
+            raise HookError(f"hook {hook!r} matches {len(found)} hook points ({', '.join(found[:5])}); name exactly one")
+        hook = found[0]
+        batches = _context_batches(model, text, tokens, batch_size)
+        if mean_ablation and mean_activation is None:
+            mean_activation = _mean_activation(model, batches, hook, model.hook_dim(hook), splice_bos)
+        key = _baseline_key(hook, text, tokens, batch_size, splice_bos, mean_ablation)
+        clean, zero, mean = _Loss(), _Loss(), _Loss()
+        kept: list[Tensor] | None = []
+        n_predictions = n_contexts = 0
+        for ids, mask in _progress(progress, batches, f"baselines at {hook}"):
+            view = _BatchView(model, ids, mask, splice_bos)
+            clean_logp = view.logp()
+            clean.add(clean_logp, clean_logp, view.targets, view.valid)
+            ablations = [(zero, torch.zeros_like)] + ([(mean, mean_activation.reshape(-1))] if mean_ablation else [])
+            for loss, value in ablations:
+                loss.add(view.logp(Replace(hook, value, positions=view.where)), clean_logp, view.targets, view.valid)
+            if kept is not None:  # dropped whole once they outgrow the budget
+                fits = (sum(t.numel() for t in kept) + clean_logp.numel()) * 4 <= CLEAN_LOGP_BYTES
+                kept = [*kept, clean_logp.to("cpu")] if fits else None
+            n_predictions += int(view.valid.sum())
+            n_contexts += len(ids)
+        return cls(key=key, n_contexts=n_contexts, n_predictions=n_predictions, clean=clean, zero=zero,
+                   mean=mean if mean_ablation else None, clean_logp=kept)
+
+    def check(self, key: dict[str, Any]) -> None:
+        if key != self.key:
+            differ = ", ".join(name for name in key if key[name] != self.key.get(name))
+            raise ValueError(f"these baselines were computed on other settings (differ in: {differ}); compute "
+                             "them with the evaluation's hook, text, tokens, batch_size, splice_bos and mean_ablation")
+
+
+CLEAN_LOGP_BYTES = 1 << 30
+"""Baselines keep the clean log-probabilities (float32) up to this size; beyond it each SAE reruns the clean forward."""
+
+
+def _baseline_key(hook: str, text, tokens: int | None, batch_size: int, splice_bos: bool,
+                  mean_ablation: bool) -> dict[str, Any]:
+    described = _describe_text(text)
+    if isinstance(text, Tensor):
+        described["text"] = "tensor " + hashlib.sha256(text.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return {"hook": hook, **described, "tokens": tokens, "batch_size": batch_size, "splice_bos": splice_bos,
+            "mean_ablation": mean_ablation}
+
+
+class _BatchView:
+    """One batch of contexts as the spliced pass reads it: which positions are replaced, which are predicted."""
+
+    def __init__(self, model, ids: Tensor, mask: Tensor, splice_bos: bool):
+        self.model = model
+        self.tokens = Tokens(ids, mask, model.bos_token_id)
+        self.where = _replaced_positions(self.tokens, splice_bos)
+        self.targets, self.valid = ids[:, 1:].to(model.device), mask[:, 1:].to(model.device)
+
+    def logp(self, *patches: Replace) -> Tensor:
+        return self.model.logits(self.tokens, patches=list(patches))[:, :-1].float().log_softmax(-1)
+
+
+def _progress(enabled: bool, batches: list[tuple[Tensor, Tensor]], desc: str):
+    """A bar over the batches that counts contexts (the unit that moves), on stderr."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(len(ids) for ids, _ in batches), desc=desc, unit="ctx", disable=not enabled, leave=False)
+    for batch in batches:
+        yield batch
+        bar.update(len(batch[0]))
+    bar.close()
+
+
 @torch.no_grad()
 def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Path | Tensor, *,
                     hook: str | None = None, tokens: int | None = EVAL_TOKENS, batch_size: int = 8,
                     splice_bos: bool = False, mean_ablation: bool = False, mean_activation: Tensor | None = None,
-                    stats: ReconstructionStats | None = None) -> SplicedMetrics:
+                    stats: ReconstructionStats | None = None, baselines: Baselines | None = None,
+                    progress: bool = True) -> SplicedMetrics:
     """CE clean / with sae(x) spliced in / zero-ablated (and mean-ablated), CE loss recovered, KL, on `text`.
 
     text: a TextConfig, a text source (path; contexts of 128 tokens), or token ids [contexts, pos].
@@ -572,14 +686,15 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
     positions of these same contexts (one extra forward pass that stops at the hook's layer).
     stats: when given, the (x, sae(x), codes) of every replaced position is added to it, so one pass also yields
     the reconstruction metrics on the held-out text.
+    baselines: the clean and ablated losses computed once for these same settings (Baselines.compute); then only
+    the SAE's forward runs here (and the clean one, when the baselines could not keep its log-probabilities).
     """
     hook = _resolve_hook(model, sae, hook)
     raw = _raw_sae(sae)
     batches = _context_batches(model, text, tokens, batch_size)
-    bos_id = model.bos_token_id
-    device = model.device
-
-    if mean_ablation and mean_activation is None:
+    if baselines is not None:
+        baselines.check(_baseline_key(hook, text, tokens, batch_size, splice_bos, mean_ablation))
+    elif mean_ablation and mean_activation is None:
         mean_activation = _mean_activation(model, batches, hook, sae.cfg.d_in, splice_bos)
 
     def sae_replace(x: Tensor, where: Tensor) -> Tensor:
@@ -593,22 +708,27 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
 
     clean, spliced, zero, mean = _Loss(), _Loss(), _Loss(), _Loss()
     n_predictions = n_contexts = 0
-    for ids, mask in batches:
-        tokens = Tokens(ids, mask, bos_id)
-        where = _replaced_positions(tokens, splice_bos)
-        targets, valid = ids[:, 1:].to(device), mask[:, 1:].to(device)
-        clean_logp = model.logits(tokens)[:, :-1].float().log_softmax(-1)
-        clean.add(clean_logp, clean_logp, targets, valid)
-        variants = [(spliced, lambda x, w=where: sae_replace(x, w)), (zero, torch.zeros_like)]
-        if mean_ablation:
-            variants.append((mean, mean_activation.reshape(-1)))
+    label = f"evaluating {sae.cfg.arch}-{sae.cfg.width}" + (f"-k{sae.cfg.k}" if sae.cfg.k is not None else "")
+    for number, (ids, mask) in enumerate(_progress(progress, batches, f"{label} at {hook}")):
+        view = _BatchView(model, ids, mask, splice_bos)
+        if baselines is not None and baselines.clean_logp is not None:
+            clean_logp = baselines.clean_logp[number].to(model.device)
+        else:
+            clean_logp = view.logp()
+        variants = [(spliced, lambda x, w=view.where: sae_replace(x, w))]
+        if baselines is None:
+            clean.add(clean_logp, clean_logp, view.targets, view.valid)
+            variants.append((zero, torch.zeros_like))
+            if mean_ablation:
+                variants.append((mean, mean_activation.reshape(-1)))
         for loss, value in variants:
-            logits = model.logits(tokens, patches=[Replace(hook, value, positions=where)])
-            loss.add(logits[:, :-1].float().log_softmax(-1), clean_logp, targets, valid)
-        n_predictions += int(valid.sum())
+            loss.add(view.logp(Replace(hook, value, positions=view.where)), clean_logp, view.targets, view.valid)
+        n_predictions += int(view.valid.sum())
         n_contexts += len(ids)
     if n_predictions == 0:
         raise DataError("no next-token predictions to evaluate: every context is shorter than 2 tokens")
+    if baselines is not None:
+        clean, zero, mean = baselines.clean, baselines.zero, baselines.mean or mean
 
     return _spliced_result(clean, spliced, zero, mean if mean_ablation else None, n_contexts, n_predictions,
                            splice_bos)
@@ -648,8 +768,8 @@ def evaluate(sae: SAE, *, activations: Tensor | Iterable | str | Path | None = N
              model: LanguageModel | None = None, text: TextConfig | str | Path | Tensor | None = None,
              tokens: int | None = 20_000, activation_tokens: int | None = None, batch_size: int = 8,
              hook: str | None = None, splice_bos: bool = False, mean_ablation: bool = False,
-             dense_threshold: float = DENSE_THRESHOLD,
-             out: str | Path | None = None) -> EvalResult:
+             dense_threshold: float = DENSE_THRESHOLD, baselines: Baselines | None = None,
+             out: str | Path | None = None, progress: bool = True) -> EvalResult:
     """Evaluate `sae` with whatever inputs are given; write metrics.json + feature_density.png to `out` if given.
 
     activations: raw activations for the reconstruction metrics: a tensor, an iterable of tensors or
@@ -660,6 +780,9 @@ def evaluate(sae: SAE, *, activations: Tensor | Iterable | str | Path | None = N
         Without `activations`, the reconstruction metrics come from the same pass: every position whose activation
         the SAE replaced (all but padding and, with splice_bos=False, the leading BOS), so no second model run.
     hook: defaults to sae.cfg.hook_name.
+    baselines: the clean and ablated losses on this text, computed once for several SAEs (Baselines.compute with
+        the same hook, text, tokens, batch_size, splice_bos and mean_ablation); the metrics are the same as without.
+    progress: bars (on stderr) for the passes over activations and contexts.
     """
     if activations is None and model is None:
         raise ValueError("evaluate needs activations= (for reconstruction) and/or model= with text= (for both)")
@@ -669,14 +792,17 @@ def evaluate(sae: SAE, *, activations: Tensor | Iterable | str | Path | None = N
     hook = hook or sae.cfg.hook_name or None
     if model is not None:
         hook = _resolve_hook(model, sae, hook)  # fail fast on a bad hook or width, before any long pass
+    if baselines is not None and mean_ablation and activations is not None:
+        raise ValueError("baselines hold the mean ablation over the text; with activations= the mean would come "
+                         "from them instead: evaluate without baselines=, or without activations=")
     settings: dict[str, Any] = {"dense_threshold": dense_threshold}
     stats = None
     if activations is not None:
-        stats = _activation_stats(sae, activations, hook, activation_tokens, dense_threshold, settings)
+        stats = _activation_stats(sae, activations, hook, activation_tokens, dense_threshold, settings, progress)
     spliced = None
     if model is not None:
-        spliced, stats = _spliced_pass(sae, model, text, hook, stats, settings, tokens=tokens, batch_size=batch_size,
-                                       splice_bos=splice_bos, mean_ablation=mean_ablation)
+        spliced, stats = _spliced_pass(sae, model, text, hook, stats, settings, baselines, progress, tokens=tokens,
+                                       batch_size=batch_size, splice_bos=splice_bos, mean_ablation=mean_ablation)
     result = _result(sae, hook, stats, spliced, settings)
     if out is not None:
         result.save(out)
@@ -684,7 +810,7 @@ def evaluate(sae: SAE, *, activations: Tensor | Iterable | str | Path | None = N
 
 
 def _activation_stats(sae: SAE, activations, hook: str | None, max_tokens: int | None, dense_threshold: float,
-                      settings: dict[str, Any]) -> ReconstructionStats:
+                      settings: dict[str, Any], progress: bool = True) -> ReconstructionStats:
     """Reconstruction sums over the activations given (a cache folder is read whole, in order)."""
     if isinstance(activations, (str, Path)):
         if hook is None:
@@ -692,18 +818,21 @@ def _activation_stats(sae: SAE, activations, hook: str | None, max_tokens: int |
         settings["activations"] = str(activations)
         activations = open_source(activations, hooks=[hook], batch_size=4096).in_order()
     settings["reconstruction_source"] = "activations"
-    return reconstruction_stats(sae, activations, hook=hook, max_tokens=max_tokens, dense_threshold=dense_threshold)
+    return reconstruction_stats(sae, activations, hook=hook, max_tokens=max_tokens, dense_threshold=dense_threshold,
+                                progress=progress)
 
 
 def _spliced_pass(sae: SAE, model: LanguageModel, text, hook: str, stats: ReconstructionStats | None,
-                  settings: dict[str, Any], **options) -> tuple[SplicedMetrics, ReconstructionStats]:
+                  settings: dict[str, Any], baselines: Baselines | None, progress: bool,
+                  **options) -> tuple[SplicedMetrics, ReconstructionStats]:
     """The spliced metrics on `text`; without reconstruction sums from activations, the same pass gathers them."""
     own_stats = None
     if stats is None:
         own_stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, settings["dense_threshold"])
         settings["reconstruction_source"] = "spliced pass"
     mean = stats.mean if (options["mean_ablation"] and stats is not None) else None
-    spliced = spliced_metrics(sae, model, text, hook=hook, mean_activation=mean, stats=own_stats, **options)
+    spliced = spliced_metrics(sae, model, text, hook=hook, mean_activation=mean, stats=own_stats,
+                              baselines=baselines, progress=progress, **options)
     settings.update(model=model.name, **options, **_describe_text(text))
     if options["mean_ablation"]:
         settings["mean_source"] = "activations" if mean is not None else "text"
@@ -722,7 +851,7 @@ def _result(sae: SAE, hook: str | None, stats: ReconstructionStats | None, splic
 
 
 __all__ = [
-    "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult", "FIRING_COUNTS_FILE", "FeatureDensity",
-    "METRICS_FILE", "ReconstructionMetrics", "ReconstructionStats", "SAESummary", "SCHEMA_VERSION", "SplicedMetrics",
-    "evaluate", "feature_density", "plot_feature_density", "reconstruction_stats", "spliced_metrics",
+    "Baselines", "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult", "FIRING_COUNTS_FILE",
+    "FeatureDensity", "METRICS_FILE", "ReconstructionMetrics", "ReconstructionStats", "SAESummary", "SCHEMA_VERSION",
+    "SplicedMetrics", "evaluate", "feature_density", "plot_feature_density", "reconstruction_stats", "spliced_metrics",
 ]

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from saelab.activations.store import ActivationBatch
 from saelab.data import TextConfig
 from saelab.errors import DataError
-from saelab.eval import (DENSITY_PLOT_FILE, FIRING_COUNTS_FILE, METRICS_FILE, EvalResult, ReconstructionStats,
-                         evaluate, feature_density, reconstruction_stats, spliced_metrics)
+from saelab.eval import (DENSITY_PLOT_FILE, FIRING_COUNTS_FILE, METRICS_FILE, Baselines, EvalResult,
+                         ReconstructionStats, evaluate, feature_density, reconstruction_stats, spliced_metrics)
 from saelab.sae import SAEConfig, create_sae
 
 HOOK = "blocks.0.hook_resid_post"
@@ -191,6 +191,60 @@ def test_bos_position_is_left_clean_by_default(tiny_model):
     assert kept.ce_zero == pytest.approx(kept.ce_clean, abs=1e-6) and kept.ce_loss_recovered is None
     spliced = spliced_metrics(sae, tiny_model, ids, splice_bos=True)
     assert spliced.ce_zero != pytest.approx(spliced.ce_clean, abs=1e-4)
+
+
+def count_forwards(model, monkeypatch) -> list[int]:
+    """Counts the model's forwards to the logits (one entry per call, its batch size)."""
+    calls, logits = [], model.logits
+
+    def counted(tokens, *args, **kwargs):
+        calls.append(len(tokens.ids) if hasattr(tokens, "ids") else 1)
+        return logits(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(model, "logits", counted)
+    return calls
+
+
+@pytest.mark.parametrize("mean_ablation", [False, True])
+def test_shared_baselines_give_the_same_metrics_with_fewer_forwards(tiny_model, monkeypatch, mean_ablation):
+    torch.manual_seed(0)
+    d = tiny_model.d_model
+    saes = [identity_sae(d, scale=0.5, hook_name=HOOK),
+            relu_sae(torch.randn(d, 3 * d) / d**0.5, torch.randn(3 * d, d) / d**0.5, hook_name=HOOK)]
+    ids = context_tokens(tiny_model, n=6)
+    options = dict(model=tiny_model, text=ids, tokens=None, batch_size=2, mean_ablation=mean_ablation, progress=False)
+    calls = count_forwards(tiny_model, monkeypatch)
+    alone = [evaluate(sae, **options) for sae in saes]
+    forwards_alone = len(calls)
+    calls.clear()
+    baselines = Baselines.compute(tiny_model, ids, HOOK, tokens=None, batch_size=2, mean_ablation=mean_ablation,
+                                  progress=False)
+    shared = [evaluate(sae, baselines=baselines, **options) for sae in saes]
+    batches, ablations = 3, 2 if mean_ablation else 1
+    assert forwards_alone == len(saes) * batches * (2 + ablations)  # clean, SAE, ablations for each SAE
+    assert len(calls) == batches * (1 + ablations) + len(saes) * batches  # the baselines once, then the SAE alone
+    for one, other in zip(alone, shared):
+        assert one.metrics() == other.metrics()  # identical, not just close
+        assert one.firing_counts == other.firing_counts and one.settings == other.settings
+    with pytest.raises(ValueError, match="other settings .*differ in: batch_size"):
+        evaluate(saes[0], baselines=baselines, **{**options, "batch_size": 3})
+    with pytest.raises(ValueError, match="differ in: text"):
+        evaluate(saes[0], baselines=baselines, **{**options, "text": context_tokens(tiny_model, n=6, seed=1)})
+
+
+def test_baselines_too_large_to_keep_rerun_only_the_clean_forward(tiny_model, monkeypatch):
+    import saelab.eval
+
+    monkeypatch.setattr(saelab.eval, "CLEAN_LOGP_BYTES", 1)
+    sae = identity_sae(tiny_model.d_model, scale=0.5, hook_name=HOOK)
+    ids = context_tokens(tiny_model, n=4)
+    alone = evaluate(sae, model=tiny_model, text=ids, tokens=None, batch_size=2, progress=False)
+    baselines = Baselines.compute(tiny_model, ids, HOOK, tokens=None, batch_size=2, progress=False)
+    assert baselines.clean_logp is None
+    calls = count_forwards(tiny_model, monkeypatch)
+    shared = evaluate(sae, model=tiny_model, text=ids, tokens=None, batch_size=2, baselines=baselines, progress=False)
+    assert len(calls) == 2 * 2  # clean and SAE per batch; the zero ablation is not rerun
+    assert shared.metrics() == alone.metrics()
 
 
 def test_reconstruction_from_the_spliced_pass_matches_a_model_stream(tiny_model, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,8 +28,10 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
     model + eval_text: then evaluate each SAE on that held-out text (reconstruction, sparsity, spliced CE/KL) and add
         the metrics to its folder (metrics.json). Every SAE is saved before any is evaluated: one whose evaluation
         cannot run (the text ran out, say) stays saved, with a NotEvaluated warning and `not_evaluated` saying why.
+        The clean and ablated losses, the same for every SAE at a hook, are computed once per hook.
     """
     from saelab.hub.folder import check_sae_folder, save_sae
+    from saelab.hub.saelens import source_metadata
 
     trainer = Trainer(source, saes, config, out=out, resume=resume, progress=progress)
     folders = {m.name: inside(out, m.name, "SAE folder") for m in trainer.members} if out is not None else {}
@@ -42,15 +45,35 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
         trained = trainer.fit()
         if not trainer.world.main:  # rank 0 alone saves and evaluates
             return trained
+        metadata = source_metadata(trainer.source.fingerprint())  # the text, context length and BOS of the run
         for result in trained:  # all saved first: an evaluation that fails must cost no trained SAE
             if out is not None:
-                result.folder = save_sae(result.sae, folders[result.name])
-        for result in trained if model is not None and eval_text is not None else []:
-            _evaluate(result, model, eval_text, eval_tokens)
+                result.folder = save_sae(result.sae, folders[result.name], metadata=metadata)
+        to_evaluate = trained if model is not None and eval_text is not None else []
+        if to_evaluate and progress:
+            print(f"saelab: evaluating {len(to_evaluate)} SAE{'s' if len(to_evaluate) > 1 else ''} on "
+                  f"{eval_tokens:,} held-out tokens (the clean and zero-ablated losses once per hook)", file=sys.stderr)
+        baselines = _baselines({r.hook for r in to_evaluate}, model, eval_text, eval_tokens, progress)
+        for result in to_evaluate:
+            _evaluate(result, model, eval_text, eval_tokens, baselines[result.hook], progress)
     return trained
 
 
-def _evaluate(result: TrainedSAE, model, text, tokens: int) -> None:
+def _baselines(hooks: set[str], model, text, tokens: int, progress: bool) -> dict:
+    """{hook: Baselines, or the error that stopped them (each SAE at that hook then reports it)}."""
+    from saelab.errors import SaelabError
+    from saelab.eval import Baselines
+
+    found = {}
+    for hook in sorted(hooks):
+        try:
+            found[hook] = Baselines.compute(model, text, hook, tokens=tokens, progress=progress)
+        except (SaelabError, ValueError, OSError) as error:
+            found[hook] = error
+    return found
+
+
+def _evaluate(result: TrainedSAE, model, text, tokens: int, baselines, progress: bool = True) -> None:
     """Evaluate a trained SAE and add the metrics to its folder; if the evaluation cannot run (the held-out text ran
     out, a file is gone), say why in `result.not_evaluated` and a warning, and leave the saved SAE as it is."""
     from saelab.errors import SaelabError
@@ -58,7 +81,10 @@ def _evaluate(result: TrainedSAE, model, text, tokens: int) -> None:
     from saelab.hub.folder import save_metrics
 
     try:
-        result.metrics = evaluate(result.sae, model=model, text=text, tokens=tokens)
+        if isinstance(baselines, Exception):
+            raise baselines
+        result.metrics = evaluate(result.sae, model=model, text=text, tokens=tokens, baselines=baselines,
+                                  progress=progress)
     except (SaelabError, ValueError, OSError) as error:
         why = str(error) + (f" (read from context {text.start:,} on, past the text the SAE was trained on)"
                             if getattr(text, "start", 0) else "")

@@ -38,6 +38,8 @@ class Codes(CSRCodes):
     rows: Tensor
     contexts: Tensor
     positions: Tensor
+    norms: Tensor | None = None
+    """float [n]: each row's activation norm (raw units), when the codes were encoded from activations."""
 
     @property
     def crow(self) -> Tensor:
@@ -117,7 +119,7 @@ def iter_codes(sae, source: Source, *, hook: str | None = None, batch_size: int 
         with torch.no_grad():  # not around the yield: the caller's code between chunks keeps its own grad mode
             crow, latents, values = encode_sparse(sae, x.to(device))
         yield Codes(crow.cpu(), latents.cpu(), values.float().cpu(), sae.cfg.width, batch.token_ids,
-                    batch.rows, batch.contexts, batch.positions)
+                    batch.rows, batch.contexts, batch.positions, x.float().norm(dim=-1).cpu())
         done += len(batch)
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -339,3 +340,59 @@ def test_evaluate_reads_an_activation_cache(tiny_model, tmp_path):
     assert result.n_tokens == store.n_tokens
     assert result.reconstruction.fvu == pytest.approx(reconstruction_stats(sae, store).metrics().fvu, rel=1e-6)
     assert result.spliced is None and result.settings["reconstruction_source"] == "activations"
+
+
+# ------------------------------------------------------------------------------------------- typical-token FVU
+def massive_case():
+    """Four typical tokens (norm 1, mean 0) rebuilt at half length, and one massive token (norm 1000) off by 10."""
+    x = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1], [1000, 0]])
+    x_hat = torch.cat([x[:4] * 0.5, torch.tensor([[990.0, 0]])])
+    return x, x_hat
+
+
+def test_typical_fvu_leaves_out_the_massive_tokens_by_hand():
+    x, x_hat = massive_case()
+    # typical: error 4 x 0.25 = 1 over variance 4 (mean 0); all: error 1 + 100 over sum ||x - (200, 0)||^2
+    all_variance = 199**2 + 201**2 + 2 * (200**2 + 1) + 800**2
+    for chunks in (1, 2, 5):
+        stats = ReconstructionStats(2, 3)
+        for part, part_hat in zip(x.tensor_split(chunks), x_hat.tensor_split(chunks)):
+            stats.update(part, part_hat, torch.ones(len(part), 3))
+        m = stats.metrics()
+        assert m.fvu == pytest.approx(101 / all_variance, rel=1e-12)
+        assert m.fvu_typical == pytest.approx(0.25, rel=1e-12)
+        assert m.massive_tokens == 1 and m.massive_norm == pytest.approx(10.0)  # 10 x the median norm (1)
+    no_massive = ReconstructionStats(2, 3)
+    no_massive.update(x[:4], x_hat[:4], torch.ones(4, 3))
+    assert no_massive.metrics().fvu_typical == pytest.approx(no_massive.metrics().fvu) == pytest.approx(0.25)
+    assert no_massive.metrics().massive_tokens == 0
+
+
+def test_typical_fvu_is_none_when_the_massive_tokens_outnumber_the_rows_kept():
+    x, x_hat = massive_case()
+    x, x_hat = torch.cat([x, x[4:] * 2]), torch.cat([x_hat, x_hat[4:] * 2])  # two massive tokens now
+    for kept, expected in ((2, None), (3, 2)):
+        stats = ReconstructionStats(2, 3, max_massive_rows=kept)
+        stats.update(x, x_hat, torch.ones(len(x), 3))
+        assert stats.metrics().massive_tokens == expected
+        assert (stats.metrics().fvu_typical is None) == (expected is None)
+    assert stats.metrics().fvu_typical == pytest.approx(0.25)
+
+
+def test_typical_fvu_goes_to_metrics_json_and_the_summary_names_both(tmp_path, capsys):
+    from saelab.commands.common import print_metrics
+
+    x, _ = massive_case()
+    x = torch.cat([x[:4].repeat(5, 1), x[4:]])  # 21 tokens, one massive
+    result = evaluate(identity_sae(2, scale=0.5, hook_name=HOOK), activations=x, out=tmp_path)
+    record = json.loads((tmp_path / METRICS_FILE).read_text())["reconstruction"]
+    assert record["fvu_typical"] == pytest.approx(0.25) and record["massive_tokens"] == 1
+    assert record["fvu"] == pytest.approx(result.reconstruction.fvu) and record["fvu"] != pytest.approx(0.25)
+    assert EvalResult.load(tmp_path).reconstruction == result.reconstruction
+    old = {k: v for k, v in record.items() if k not in ("fvu_typical", "massive_tokens", "massive_norm")}
+    assert EvalResult.from_dict({**result.to_dict(), "reconstruction": old}).reconstruction.fvu_typical is None
+    print_metrics(tmp_path, result)
+    out = capsys.readouterr().out
+    assert re.search(rf"FVU, all tokens +{result.reconstruction.fvu:.4f}\n", out)
+    assert re.search(r"FVU, typical tokens +0\.2500 +\(1 massive token left out: norm > 10x the median\)", out)
+    assert "training bar's fvu is one training batch's" in out

@@ -459,3 +459,56 @@ def test_search_finds_a_phrase_of_split_characters(non_latin, tiny_model):
 def test_most_active_on_names_the_characters_of_its_peak_tokens(sae, tiny_model):
     table = most_active_on(tiny_model, sae, "Größe 東京 ünd", n=sae.cfg.width)
     assert table.rows and all(row[2] and row[2] in "Größe 東京 ünd" for row in table.rows)
+
+
+class MassiveSource:
+    """64 tokens in 4 contexts of 16; the token at position 1 of three contexts is massive (1000 along dimension 0,
+    nothing else), the rest are standard normal (norm about 2.8)."""
+
+    hooks, d, batch_size = [HOOK], {HOOK: 8}, 16
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 8, generator=g)
+        self.massive = torch.tensor([1, 17, 33])
+        self.x[self.massive] = 0.0
+        self.x[self.massive, 0] = 1000.0
+        self.token_ids = torch.randint(4, 100, (64,), generator=g)
+
+    def __iter__(self):
+        from saelab.activations.store import ActivationBatch
+
+        for rows in torch.arange(64).split(self.batch_size):
+            yield ActivationBatch({HOOK: self.x[rows]}, self.token_ids[rows], rows, rows // 16, rows % 16)
+
+
+def test_latents_that_fire_only_on_massive_tokens_are_flagged(tiny_model, tmp_path):
+    from saelab.sae import SAEConfig, create_sae
+
+    source = MassiveSource()
+    sae = create_sae(SAEConfig(arch="relu", d_in=8, width=3, hook_name=HOOK))
+    with torch.no_grad():  # 0: dimension 0 above 100 (the massive tokens only); 1: dimension 1 (typical tokens
+        sae.W_enc.zero_()  # only); 2: dimension 0 (the massive tokens first, then typical ones)
+        sae.W_enc[0, 0] = sae.W_enc[1, 1] = sae.W_enc[0, 2] = 1.0
+        sae.b_enc.copy_(torch.tensor([-100.0, 0, 0]))
+        sae.W_dec.copy_(torch.eye(3, 8))
+    features = explore(sae, source, tokenizer=tiny_model.tokenizer, top=5, sample=4, before=2, after=1)
+    stats = features.stats
+    assert stats.massive_only.tolist() == [True, False, False]
+    assert stats.massive_norm == pytest.approx(10 * float(source.x.norm(dim=-1).median()))
+    assert sorted(e.position for e in features[0].top) == [1, 1, 1]
+    assert [e.position for e in features[2].top[:3]] == [1, 1, 1] and len(features[2].top) == 5
+    assert [features[i].massive_only for i in range(3)] == [True, False, False]
+    assert "massive tokens only" in features[0]._repr_html_()
+    assert "massive" not in features[1]._repr_html_() + features[2]._repr_html_()
+    assert features.browse([0, 1])._repr_html_().count("massive tokens only") == 2  # the line and the card
+
+    flagged = features.dashboard(tmp_path / "flagged").read_text()
+    assert "<th>note</th>" in flagged and 'id="legend"' in flagged and ',"massive tokens only"]' in flagged
+    assert "every top example is at a token whose activation norm is above 10&times; the median" in flagged
+    stats.massive_only = None  # as a pass whose codes carry no norms: nothing flagged
+    plain = features.dashboard(tmp_path / "plain").read_text()
+    assert "<th>note</th>" not in plain and "legend\"" not in plain and "massive tokens only" not in plain
+    page = lambda folder, i: (tmp_path / folder / "latents" / f"{i}.html").read_bytes()
+    assert page("flagged", 1) == page("plain", 1) and page("flagged", 2) == page("plain", 2)
+    assert page("flagged", 0) != page("plain", 0)

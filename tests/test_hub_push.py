@@ -230,6 +230,21 @@ def test_card_tolerates_missing_and_odd_metrics():
         assert "| <code>a</code> |" in card and "| <code>b</code> |" in card
 
 
+def test_the_card_shows_all_token_and_typical_token_fvu_side_by_side():
+    cfg = SAEConfig(arch="topk", d_in=8, width=16, k=2, model_name="smollm2-135m", hook_name="blocks.1.hook_resid_post")
+    metrics = {"reconstruction": {"fvu": 0.0649, "fvu_typical": 0.18, "massive_tokens": 5, "l0": 32}}
+    card = build_model_card([CardEntry("a", cfg, metrics=metrics), CardEntry("b", cfg, metrics={"fvu": 0.3})], "me/r")
+    lines = card.splitlines()
+    header = next(line for line in lines if line.startswith("| Subfolder")).split(" | ")
+    column = header.index("FVU (typical)")
+    assert header[column - 1] == "FVU (all)"
+    assert next(line for line in lines if line.startswith("| <code>a</code>")).split(" | ")[column - 1:column + 1] == \
+        ["0.0649", "0.1800"]
+    assert next(line for line in lines if line.startswith("| <code>b</code>")).split(" | ")[column - 1:column + 1] == \
+        ["0.3000", "–"]  # an older metrics.json without the typical-token FVU
+    assert "FVU (typical): the same over the tokens whose activation norm is at most 10x the median" in card
+
+
 REPO = "me/trust-saes"
 
 

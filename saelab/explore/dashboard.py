@@ -1,7 +1,8 @@
 """A static dashboard: a folder that opens from disk in any browser, offline, with no server.
 
-    out/index.html          every exported latent in a table (density, mean, max, top tokens, promoted tokens),
-                            searchable and sortable; its data and script are inline
+    out/index.html          every exported latent in a table (density, mean, max, top tokens, promoted tokens,
+                            and a flag on latents that fire only on massive-norm tokens), searchable and sortable;
+                            its data and script are inline
     out/latents/<i>.html    one self-contained page per latent: its card, links to its neighbours, arrow keys step
     out/.saelab-dashboard.json   the files this dashboard consists of
 
@@ -20,7 +21,8 @@ from typing import Iterable
 
 from saelab.errors import SaelabError
 from saelab.explore.examples import EMPTY
-from saelab.explore.html import STYLE, esc, shown, top_tokens
+from saelab.eval import MASSIVE
+from saelab.explore.html import MASSIVE_NOTE, STYLE, esc, shown, top_tokens
 from saelab.files import LOCK_FILE, FolderLock, remove_owned, write_atomic
 
 INDEX = "index.html"
@@ -41,6 +43,7 @@ INDEX_SCRIPT = """
   var rows = JSON.parse(document.getElementById('data').textContent);
   var body = document.getElementById('rows'), count = document.getElementById('count');
   var query = document.getElementById('q'), key = 1, descending = true, LIMIT = 500;
+  var legend = (document.getElementById('legend') || {}).textContent || '';
   function cell(text, cls) { var td = document.createElement('td'); if (cls) td.className = cls; td.textContent = text; return td; }
   function tokens(list) {
     var td = document.createElement('td');
@@ -63,6 +66,7 @@ INDEX_SCRIPT = """
       tr.appendChild(cell((100 * r[1]).toPrecision(3) + '%', 'n'));
       tr.appendChild(cell(fmt(r[2]), 'n')); tr.appendChild(cell(fmt(r[3]), 'n'));
       tr.appendChild(tokens(r[4])); tr.appendChild(tokens(r[5]));
+      if (r.length > 6) { var flag = cell('\u26a0 ' + r[6], 'flag'); flag.title = legend; tr.appendChild(flag); }
       body.appendChild(tr);
     });
     count.textContent = shown.length + ' of ' + rows.length + ' latents' + (shown.length > LIMIT ? ' (first ' + LIMIT + ' shown)' : '');
@@ -172,10 +176,16 @@ def _write_pages(features, out: Path, latents: list[int], title: str) -> Path:
             f'</title><style>{PAGE_STYLE}{STYLE}</style></head><body><nav>{"".join(nav)}</nav>{card}'
             f"<script>{PAGE_SCRIPT}</script></body></html>", encoding="utf-8")
         rows.append([latent, round(feature.density, 8), round(feature.mean, 4), round(feature.max, 4),
-                     [shown(t) for t in top_tokens(feature)], [shown(t) for t, _ in feature.promoted[:4]]])
+                     [shown(t) for t in top_tokens(feature)], [shown(t) for t, _ in feature.promoted[:4]]]
+                    + ([MASSIVE_NOTE] if feature.massive_only else []))
     stats = features.stats
     meta = (f"{stats.width} latents, {len(latents)} exported &middot; {stats.n_tokens:,} tokens"
             + (f" of {esc(stats.meta['source'])}" if stats.meta.get("source") else ""))
+    flagged = sum(len(row) > 6 for row in rows)
+    if flagged:  # a column and its legend only where some latent carries the flag
+        meta += (f'<div id="legend" class="meta">&#9888; {MASSIVE_NOTE} ({flagged} of the exported latents): every '
+                 f"top example is at a token whose activation norm is above {MASSIVE:g}&times; the median of the pass "
+                 f"({stats.massive_norm:,.0f}), a massive activation such as an attention sink</div>")
     index = out / INDEX
     index.write_text(
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
@@ -183,7 +193,7 @@ def _write_pages(features, out: Path, latents: list[int], title: str) -> Path:
         '<input id="q" type="search" placeholder="search a token (e.g. Monday) or a latent number" autofocus>'
         '<div id="count" class="meta"></div><table class="index"><thead><tr><th data-key="0">latent</th>'
         '<th data-key="1">density</th><th data-key="2">mean</th><th data-key="3">max</th><th>fires on</th>'
-        '<th>promotes</th></tr></thead><tbody id="rows"></tbody></table>'
+        f'<th>promotes</th>{"<th>note</th>" if flagged else ""}</tr></thead><tbody id="rows"></tbody></table>'
         "<noscript><p>The table needs JavaScript; every latent's page is in the latents/ folder.</p></noscript>"
         f'<script type="application/json" id="data">{inline_json(rows)}</script><script>{INDEX_SCRIPT}</script>'
         "</body></html>", encoding="utf-8")

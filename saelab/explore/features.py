@@ -87,7 +87,8 @@ class FeatureSet:
         return Feature(latent, self.width, stats.n_tokens, count, float(stats.total[latent]) / max(count, 1),
                        float(stats.max[latent]), top, self._quantiles(latent),
                        stats.edges[first : last + 1].tolist() if last else [], counts[first:last].tolist(),
-                       promoted, suppressed, list(zip(near.tolist(), cos.tolist())), self.name)
+                       promoted, suppressed, list(zip(near.tolist(), cos.tolist())), self.name,
+                       massive_only=stats.massive_only is not None and bool(stats.massive_only[latent]))
 
     def _quantiles(self, latent: int) -> list[QuantileGroup]:
         """Split the latent's sampled firings, sorted by activation, into `groups` equal-count groups."""

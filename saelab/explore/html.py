@@ -29,6 +29,14 @@ STYLE = """
 """
 
 
+MASSIVE_NOTE = "massive tokens only"
+MASSIVE_FLAG = (f'<div class="meta massive" style="color:#a00"><b>&#9888; {MASSIVE_NOTE}</b>: every top example is at a '
+                "token whose activation norm is far above the median token's (a massive activation, such as an "
+                "attention sink); the latent rebuilds those few tokens rather than a feature of the text</div>")
+"""Shown under the head of a latent whose top examples all sit at massive-norm tokens (an inline colour, so the
+shared STYLE, and every other card, stay as they were)."""
+
+
 def esc(text: str) -> str:
     return html.escape(text, quote=True)
 
@@ -79,6 +87,8 @@ def card(feature, link: Callable[[int], str | None] | None = None) -> str:
              f"mean {number(f.mean)} &middot; max {number(f.max)}" if f.count
              else f'<span class="dead">never fired in {f.n_tokens:,} tokens</span>')
     head = f'<h2>Latent {f.latent}</h2><div class="meta">{esc(f.name) + " &middot; " if f.name else ""}{stats}</div>'
+    if getattr(f, "massive_only", False):
+        head += MASSIVE_FLAG
     side = []
     if f.hist_counts:
         side.append("<h3>Activation histogram (log scale, firing tokens)</h3>" + histogram_svg(f.hist_edges, f.hist_counts))
@@ -127,6 +137,7 @@ class Browser:
         rows = []
         for f in self.features:
             tokens = " ".join(f'<span class="tok s3">{esc(shown(t))}</span>' for t in top_tokens(f))
+            flag = f' &middot; <b style="color:#a00">&#9888; {MASSIVE_NOTE}</b>' if getattr(f, "massive_only", False) else ""
             rows.append(f"<details><summary>latent <b>{f.latent}</b> &middot; {100 * f.density:.3g}% &middot; max "
-                        f"{number(f.max)} &middot; {tokens}</summary>{card(f)}</details>")
+                        f"{number(f.max)} &middot; {tokens}{flag}</summary>{card(f)}</details>")
         return f'<style>{STYLE}</style><div class="saelab-card">{"".join(rows)}</div>'

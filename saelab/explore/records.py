@@ -73,6 +73,8 @@ class Feature:
     suppressed: list[tuple[str, float]] = field(default_factory=list)
     nearest: list[tuple[int, float]] = field(default_factory=list)
     name: str = ""
+    massive_only: bool = False
+    """Every top example is at a massive-norm token (see saelab.explore.stats): likely an attention-sink latent."""
 
     @property
     def density(self) -> float:

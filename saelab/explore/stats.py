@@ -6,6 +6,10 @@ Per latent: firing count, sum and max of activations, a histogram over fixed log
 chunk's median, so no second pass is needed), the top-n activating examples and a uniform sample of its firings
 (for true quantiles), each example with the tokens around it and the latent's activation on each of them.
 Codes come from `saelab.codes.iter_codes`, in text order; nothing [tokens x width] is ever held.
+
+It also keeps every token's activation norm (4 bytes a token) to flag the latents whose top examples all sit at
+"massive" tokens (norm above saelab.eval.MASSIVE x the median norm of the pass): attention sinks and the like,
+which such a latent reconstructs rather than a feature of the text.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import Tensor
 
 from saelab.codes import Codes, Source, iter_codes
+from saelab.eval import MASSIVE
 from saelab.explore.examples import ExampleTable, Window
 
 BINS_PER_DECADE = 20
@@ -48,6 +53,10 @@ class LatentStats:
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
     """Where the codes came from: source, hook, SAE name."""
+    massive_only: Tensor | None = None
+    """bool [width]: every top example of the latent is at a massive token (None: the codes carried no norms)."""
+    massive_norm: float | None = None
+    """The norm above which a token counts as massive: MASSIVE x the median activation norm of the pass."""
 
     @property
     def density(self) -> Tensor:
@@ -93,6 +102,7 @@ def collect(sae, source: Source, *, hook: str | None = None, top: int = 20, samp
     hist: Tensor | None = None
     previous: Window | None = None
     current: Window | None = None
+    norms: list[Tensor] | None = []
     done = 0
     for codes in iter_codes(sae, source, hook=hook, batch_size=batch_size, max_tokens=max_tokens,
                             check_model=check_model):
@@ -115,6 +125,8 @@ def collect(sae, source: Source, *, hook: str | None = None, top: int = 20, samp
         if current is not None:  # the previous chunk's new examples now have their right-hand context too
             _fill((tops, samples), [w for w in (previous, current, chunk) if w is not None], current)
         previous, current = current, chunk
+        if norms is not None:
+            norms = None if codes.norms is None else norms + [codes.norms]
         done += len(codes)
         if progress:
             progress(done)
@@ -125,8 +137,18 @@ def collect(sae, source: Source, *, hook: str | None = None, top: int = 20, samp
     samples.sort()
     if not sample:
         samples = ExampleTable(width, 0, before, after)
+    massive_only, massive_norm = _massive_only(tops, torch.cat(norms)) if norms else (None, None)
     return LatentStats(width, done, count, total, largest, edges, hist, tops, samples,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, massive_only=massive_only, massive_norm=massive_norm)
+
+
+def _massive_only(tops: ExampleTable, norms: Tensor) -> tuple[Tensor, float]:
+    """(bool [width]: the latent has top examples and all of them are at massive tokens, the massive cutoff)."""
+    cutoff = MASSIVE * float(norms.median())
+    filled = tops.row >= 0
+    massive = torch.zeros_like(filled)
+    massive[filled] = norms[tops.row[filled]] > cutoff
+    return filled.any(1) & (massive | ~filled).all(1), cutoff
 
 
 def _window(codes: Codes, start: int) -> Window:

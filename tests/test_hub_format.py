@@ -71,7 +71,7 @@ def test_cfg_json_has_saelens_and_saelab_keys(tmp_path):
     for key, value in {"architecture": "topk", "d_in": 8, "d_sae": 32, "k": 4, "dtype": "float32",
                        "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
                        "hook_name": "blocks.3.hook_resid_post", "hook_layer": 3, "hook_head_index": None,
-                       "model_name": "smollm2-135m", "context_size": 256, "dataset_path": "wikitext",
+                       "model_name": "HuggingFaceTB/SmolLM2-135M-Instruct", "context_size": 256, "dataset_path": "wikitext",
                        "prepend_bos": True, "activation_fn_kwargs": {"k": 4},
                        "rescale_acts_by_decoder_norm": False}.items():
         assert cfg[key] == value, key
@@ -213,7 +213,7 @@ REPO = "me/trust-saes"
     ("dtype", "bfloat16", "dtype='bfloat16' but the saelab config gives 'float32'"),
     ("hook_name", "blocks.2.hook_resid_post", f"hook_name='blocks.2.hook_resid_post' but the saelab config gives "
                                               f"'{SMALL_HOOK}'"),
-    ("model_name", "gpt2", "model_name='gpt2' but the saelab config gives 'smollm2-135m'"),
+    ("model_name", "gpt2", "model_name='gpt2' but the saelab config gives 'HuggingFaceTB/SmolLM2-135M-Instruct'"),
     ("apply_b_dec_to_input", False, "apply_b_dec_to_input=False but the saelab config gives True"),
     ("normalize_activations", "layer_norm", "normalize_activations='layer_norm' but the saelab config gives 'none'"),
     ("metadata.hook_name", "blocks.9.hook_mlp_out", "metadata.hook_name='blocks.9.hook_mlp_out' but"),
@@ -355,3 +355,58 @@ def test_save_sae_replaces_only_a_saelab_sae_or_its_own_save_cut_short(monkeypat
     saved_small_sae(ours, seed=2)
     torch.testing.assert_close(load_sae(ours).W_dec, small_sae(seed=2).W_dec)
     assert sorted(p.name for p in ours.iterdir()) == ["cfg.json", "notes.txt", "sae_weights.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------------- model and data
+def test_cfg_json_names_the_loadable_model_and_its_quantisation(tmp_path):
+    folder = saved_small_sae(tmp_path / "sae")  # model_name="smollm2-135m", one of saelab's offline models
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for place in (cfg, cfg["metadata"]):
+        assert place["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert place["model_class_name"] == "TransformerBridge"
+        assert place["saelab_model_name"] == "smollm2-135m"
+        assert place["model_weights"] == "Q4_1 GGUF (SmolLM2-135M-Instruct.Q4_1.gguf) de-quantised to float32"
+    assert cfg["saelab"]["config"]["model_name"] == "smollm2-135m"  # what saelab loads the model by
+    assert load_sae(folder).cfg.model_name == "smollm2-135m"
+
+
+def test_a_folder_saved_with_saelabs_model_name_still_loads(tmp_path):
+    folder = saved_small_sae(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["model_name"] = cfg["metadata"]["model_name"] = "smollm2-135m"  # as saelab wrote it before
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert load_sae(folder).cfg.model_name == "smollm2-135m"
+
+
+def test_source_metadata_from_a_cache_and_a_stream_fingerprint():
+    from saelab.hub.saelens import source_metadata
+
+    text = {"source": "/data/tinyshakespeare.txt", "context_len": 128, "prepend_bos": True, "pack": True,
+            "field": "text", "split": "train", "config": None, "seed": None, "shuffle_window": 1024, "start": 0,
+            "sha256": "ab" * 32}
+    cache = {"cache": {"model": "smollm2-135m", "hooks": ["blocks.9.hook_resid_post"], "drop_bos": True,
+                       "text": text}, "tokens": 20_000, "hooks": ["blocks.9.hook_resid_post"], "seed": 0}
+    assert source_metadata(cache) == {
+        "dataset_path": "/data/tinyshakespeare.txt", "context_size": 128, "prepend_bos": True,
+        "seqpos_slice": [1, None], "dataset_sha256": "ab" * 32, "dataset_split": "train",
+        "activation_cache_tokens": 20_000}
+    stream = {"model": "smollm2-135m", "hooks": ["blocks.9.hook_resid_post"], "seed": 0, "buffer_tokens": 65_536,
+              "text": {**text, "source": "default", "prepend_bos": False, "sha256": None, "context_len": 64}}
+    said = source_metadata(stream)
+    assert said["dataset_path"] == "default" and "Python reference" in said["dataset_description"]
+    assert said["context_size"] == 64 and said["prepend_bos"] is False and "seqpos_slice" not in said
+    assert source_metadata({"source": "Tensors", "hooks": ["h"]}) == {}  # batches that say nothing of their text
+
+
+def test_a_trained_sae_records_its_training_text(tiny_cache, tmp_path):
+    from saelab.training import TrainConfig, train
+
+    result = train(tiny_cache, [dict(arch="topk", width=32, k=4)], TrainConfig(tokens=512, batch_size=128),
+                   out=tmp_path / "run", progress=False)[0]
+    cfg = json.loads((result.folder / "cfg.json").read_text())
+    manifest = json.loads((tiny_cache / "manifest.json").read_text())
+    text = manifest["run"]["text"]
+    for place in (cfg, cfg["metadata"]):
+        assert place["context_size"] == text["context_len"] and place["prepend_bos"] is text["prepend_bos"]
+        assert place["dataset_path"] == text["source"] and place["activation_cache_tokens"] == manifest["tokens"]
+    assert cfg["saelab"]["training_tokens"] == 512

@@ -132,8 +132,11 @@ def print_metrics(folder, metrics) -> None:
              ("ce_sae", "CE loss, SAE spliced in"), ("ce_zero", "CE loss, hook zero-ablated"),
              ("ce_loss_recovered", "CE loss recovered"), ("kl_sae", "KL(clean || spliced), nats")]
     print(f"held-out   {metrics.n_tokens:,} tokens")
+    notes = metrics.notes()  # metrics too few tokens cannot measure: said instead of a number
     for key, label in names:
-        if flat.get(key) is not None:
+        if key in notes:
+            print(f"  {label:<34}{notes[key]}")
+        elif flat.get(key) is not None:
             print(f"  {label:<34}{flat[key]:>10.4f}" + _typical_note(key, metrics.reconstruction))
     if flat.get("fvu") is not None:
         print("  (held-out tokens; the training bar's fvu is one training batch's, massive tokens in when it holds one)")

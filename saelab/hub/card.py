@@ -9,14 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from saelab.eval import MASSIVE
+from saelab.eval import DEAD_TOKENS_PER_LATENT, MASSIVE, dead_share_note
+from saelab.models import OFFLINE_MODELS
 from saelab.sae import SAEConfig, available_architectures, sae_class
 
 # saelab's offline model names -> their Hub ids (the card's base_model)
-BASE_MODELS = {
-    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "gemma-3-270m": "google/gemma-3-270m",
-}
+BASE_MODELS = {name: model.hub_id for name, model in OFFLINE_MODELS.items() if model.hub_id}
 TAGS = ["sparse-autoencoder", "saelab", "mechanistic-interpretability", "interpretability", "sae"]
 
 # (column title, metric keys accepted, format)
@@ -42,6 +40,9 @@ class CardEntry:
     density_plot: str | None = None
     """Path of a density plot, relative to the repo root."""
     folded_input_scale: float = 1.0
+    run: dict[str, Any] = field(default_factory=dict)
+    """The SAELens run keys of its cfg.json (model, dataset_path, context_size, ...): what the card says it was
+    trained on."""
 
 
 def base_model_of(model_name: str) -> str | None:
@@ -122,6 +123,7 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip("\n"), "---", ""]
     lines += _introduction(entries, meta)
     lines += _table(entries)
+    lines += _provenance(entries)
     plots = [e for e in entries if e.density_plot]
     if plots:
         lines += ["## Feature density", ""]
@@ -160,8 +162,11 @@ def _introduction(entries: list[CardEntry], meta: dict[str, Any]) -> list[str]:
 def _table(entries: list[CardEntry]) -> list[str]:
     header = ["Subfolder", "Hook", "Arch", "Width", "k"] + [title for title, _, _ in METRIC_COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    unmeasured = [e.subfolder for e in entries if _dead_unmeasured(e)]
     for e in entries:
         m = flat_metrics(e.metrics)
+        if e.subfolder in unmeasured:  # "never fired" over too few tokens is no dead share
+            m = {key: value for key, value in m.items() if key not in ("frac_dead", "dead_frac")}
         row = [_code(e.subfolder), _code(e.cfg.hook_name) if e.cfg.hook_name else "–",
                _text(e.cfg.arch), str(e.cfg.width), str(e.cfg.k) if e.cfg.k is not None else "–"]
         row += [_metric(m, keys, fmt) for _, keys, fmt in METRIC_COLUMNS]
@@ -174,7 +179,81 @@ def _table(entries: list[CardEntry]) -> list[str]:
                     "massive-activation tokens that can hold most of the variance; L0: mean active latents per token; "
                     "Dead: latents that "
                     "never fired in evaluation; CE loss recovered: 1 = the spliced-in SAE is as good as the clean "
-                    "model, 0 = as bad as zero-ablation; KL: KL(clean || spliced) in nats. – : not measured.", ""]
+                    "model, 0 = as bad as zero-ablation; KL: KL(clean || spliced) in nats. – : not measured.", ""
+                    ] + ([f"Dead is not measured (–) on an evaluation of fewer than {DEAD_TOKENS_PER_LATENT} x width "
+                          "tokens: too few to tell a rare latent from a dead one.", ""] if unmeasured else [])
+
+
+def _dead_unmeasured(entry: CardEntry) -> bool:
+    """Whether the entry's dead share comes from too few tokens to mean anything (saelab.eval.dead_share_note)."""
+    m = flat_metrics(entry.metrics)
+    n = m.get("n_tokens")
+    has_dead = "frac_dead" in m or "dead_frac" in m
+    return has_dead and n is not None and dead_share_note(int(n), entry.cfg.width) is not None
+
+
+def _provenance(entries: list[CardEntry]) -> list[str]:
+    """## Model and data: the model (and its quantisation), the training text, its token count and context length,
+    and the evaluation's text and size; SAEs that share all of them share one list."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for e in entries:
+        groups.setdefault(tuple(_provenance_lines(e)), []).append(e.subfolder)
+    lines = ["## Model and data", ""]
+    for facts, subfolders in groups.items():
+        if len(groups) > 1:
+            lines += [", ".join(_code(s) for s in subfolders) + ":", ""]
+        lines += [f"- {fact}" for fact in facts] + [""]
+    return lines
+
+
+def _provenance_lines(e: CardEntry) -> list[str]:
+    run = e.run
+    model = _code(e.cfg.model_name) if e.cfg.model_name else "not recorded"
+    base = base_model_of(e.cfg.model_name) if e.cfg.model_name else None
+    if base and base != e.cfg.model_name:
+        model += f": [{_text(base)}](https://huggingface.co/{quote(base)})"
+    if run.get("model_weights"):
+        model += f", weights {_text(run['model_weights'])}"
+    if run.get("model_class_name"):
+        model += f", run as a TransformerLens {_text(run['model_class_name'])}"
+    training = (f"{e.cfg.training_tokens:,} tokens" if e.cfg.training_tokens else "tokens not recorded")
+    if run.get("dataset_path"):
+        training += f" of {_text_source(run.get('dataset_path'), run.get('dataset_description'))}"
+        if run.get("context_size"):
+            bos = ", BOS prepended" if run.get("prepend_bos", True) else ", no BOS"
+            if list(run.get("seqpos_slice") or []) == [1, None]:
+                bos += " (its position left out)"
+            training += f", contexts of {run['context_size']:,} tokens{bos}"
+        if run.get("activation_cache_tokens"):
+            training += f", read from an activation cache of {run['activation_cache_tokens']:,} tokens"
+    else:
+        training += " (the text is not recorded)"
+    evaluation = _evaluation_text(e.metrics, run.get("dataset_path"))
+    return [f"**Model**: {model}", f"**Training**: {training}", f"**Evaluation**: {evaluation}"]
+
+
+def _text_source(source: Any, description: Any = None) -> str:
+    return _code(source) + (f" ({_text(description)})" if description else "")
+
+
+def _evaluation_text(metrics: dict[str, Any], training_text: Any) -> str:
+    """The evaluation's size and text, from metrics.json (its n_tokens and settings)."""
+    if not metrics:
+        return "none provided"
+    settings = metrics.get("settings") if isinstance(metrics.get("settings"), dict) else {}
+    n = metrics.get("n_tokens")
+    said = f"{n:,} tokens" if isinstance(n, int) and n else "spliced metrics only"
+    text = settings.get("text")
+    if isinstance(text, dict) and text.get("source"):
+        said += f" of {_text_source(text['source'])}"
+        if text.get("start"):
+            held_out = " (held out: after the contexts training read)" if text["source"] == training_text else ""
+            said += f" from context {text['start']:,} on{held_out}"
+        if text.get("context_len"):
+            said += f", contexts of {text['context_len']:,} tokens"
+    elif settings.get("activations"):
+        said += f" of the activation cache {_code(settings['activations'])}"
+    return said
 
 
 def _loading(entries: list[CardEntry], repo_id: str) -> list[str]:

@@ -48,7 +48,9 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
         densities already (recognised by a negative entry).
     metrics: a dict written to metrics.json, or an object with `save(folder)` (saelab.eval's EvalResult, which
         writes metrics.json and the density plot).
-    metadata: SAELens run keys to record (dataset_path, context_size, prepend_bos, hook_head_index, ...).
+    metadata: SAELens run keys to record (dataset_path, context_size, prepend_bos, hook_head_index, ...; training
+        gives saelab.hub.saelens.source_metadata of its activations). model_name is written as the Hugging Face
+        model a SAELens user loads (saelens_model_name); the saelab block keeps saelab's own name.
     """
     if not isinstance(sae, SAE):
         raise HubError(f"save_sae expects a saelab SAE, got {type(sae).__name__}")
@@ -359,7 +361,8 @@ def read_saelab_cfg(folder: PathLike) -> tuple[SAEConfig, dict[str, Any]]:
             places.append(("metadata.", meta[key]))
         for where, got in places:
             absent_ok = key in PRE6_KEYS or (key in ABSENT_DEFAULTS and ABSENT_DEFAULTS[key] == want)
-            if not _same(got, want) and not (got is _MISSING and absent_ok):
+            legacy_ok = key == "model_name" and _same(got, cfg.model_name)  # saved before the Hub id was written
+            if not _same(got, want) and not (got is _MISSING and absent_ok) and not legacy_ok:
                 shown = "missing" if got is _MISSING else repr(got)
                 wrong.append(f"{where}{key}={shown} but the saelab config gives {want!r}")
     if wrong:
@@ -378,10 +381,17 @@ def read_metrics(folder: PathLike) -> dict[str, Any] | None:
     return None
 
 
+def read_run_keys(folder: PathLike) -> dict[str, Any]:
+    """The SAELens run keys of a saelab folder's cfg.json (model_name, dataset_path, context_size, ...): its
+    `metadata` block, as SAELens 6 reads them."""
+    meta = read_json(Path(folder) / CFG_FILE, "SAE config").get("metadata")
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
 def folded_input_scale(folder: PathLike) -> float:
     """The input scale that was folded into a saelab folder's weights (1.0 when none was)."""
     return float(read_saelab_cfg(folder)[1].get("folded_input_scale", 1.0))
 
 
-__all__ = ["save_sae", "load_sae", "detect_format", "read_metrics", "load_saelab", "read_saelab_cfg",
-           "log10_densities", "folded_input_scale", "FORMATS"]
+__all__ = ["save_sae", "load_sae", "detect_format", "read_metrics", "read_run_keys", "load_saelab",
+           "read_saelab_cfg", "log10_densities", "folded_input_scale", "FORMATS"]

@@ -38,7 +38,8 @@ from .card import CardEntry, build_model_card
 from .common import (CFG_FILE, DENSITY_PLOTS, FIRING_COUNTS_FILE, GEMMASCOPE_FILES, METRICS_FILE,
                      SPARSIFY_WEIGHTS_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, PathLike, copy_regular, link_error,
                      read_json, refuse_links, write_json)
-from .folder import detect_format, load_sae, log10_densities, read_metrics, read_saelab_cfg, save_sae, write_reason
+from .folder import (detect_format, load_sae, log10_densities, read_metrics, read_run_keys, read_saelab_cfg, save_sae,
+                     write_reason)
 from .saelens import read_log_densities
 
 README = "README.md"
@@ -271,7 +272,8 @@ def stage(saes_or_folders: Any, out: Path, repo_id: str, *, license: str | None 
         _check_sparsity(dst, cfg.width)
         plot = next((f"{name}/{p}" for p in DENSITY_PLOTS if (dst / p).is_file()), None)
         entries.append(CardEntry(subfolder=name, cfg=cfg, metrics=read_metrics(dst) or {}, density_plot=plot,
-                                 folded_input_scale=float(block.get("folded_input_scale", 1.0))))
+                                 folded_input_scale=float(block.get("folded_input_scale", 1.0)),
+                                 run=read_run_keys(dst)))
     (out / README).write_text(build_model_card(entries, repo_id, license=license))
     return entries
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab.data import DEFAULT_TEXT
 from saelab.sae import SAE, SAEConfig, available_architectures, sae_class
 
 from .common import (CFG_FILE, SPARSITY_FILE, WEIGHTS_FILE, HubError, build_sae, cfg_bool, cfg_int, cfg_str,
@@ -46,13 +47,38 @@ def hook_layer(hook_name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+DEFAULT_TEXT_DESCRIPTION = "saelab's built-in text: the Python reference's prose (pydoc_data, shipped with CPython)"
+MODEL_CLASS_NAME = "TransformerBridge"
+"""saelab wraps every model in TransformerLens's TransformerBridge (saelab.models), whose hook names the SAEs read."""
+
+
+def saelens_model_name(model_name: str) -> str:
+    """The model name a SAELens / TransformerLens user can load: the Hugging Face model behind one of saelab's
+    offline names (smollm2-135m -> HuggingFaceTB/SmolLM2-135M-Instruct), any other name as it is."""
+    from saelab.models import OFFLINE_MODELS
+
+    offline = OFFLINE_MODELS.get(model_name)
+    return offline.hub_id if offline is not None and offline.hub_id else model_name
+
+
+def model_metadata(model_name: str) -> dict[str, Any]:
+    """What cfg.json adds about an offline model: saelab's own name for it and how its weights were quantised (the
+    activations of a de-quantised model are close to, not equal to, the Hugging Face model's)."""
+    from saelab.models import OFFLINE_MODELS
+
+    offline = OFFLINE_MODELS.get(model_name)
+    if offline is None or not offline.hub_id:
+        return {}
+    return {"saelab_model_name": model_name, "model_weights": offline.weights}
+
+
 def run_metadata(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The SAELens run keys for this SAE: saelab's model/hook, SAELens's defaults, then the caller's overrides."""
     run: dict[str, Any] = {
-        "model_name": cfg.model_name,
+        "model_name": saelens_model_name(cfg.model_name),
         "hook_name": cfg.hook_name,
         "hook_head_index": None,
-        "model_class_name": "HookedTransformer",
+        "model_class_name": MODEL_CLASS_NAME,
         "model_from_pretrained_kwargs": {},
         "prepend_bos": True,
         "exclude_special_tokens": False,
@@ -61,10 +87,34 @@ def run_metadata(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dic
         "seqpos_slice": [None],
         "dataset_path": "",
         "sae_lens_training_version": None,
+        **model_metadata(cfg.model_name),
     }
     for key, value in (overrides or {}).items():
-        run[str(key)] = value
+        run[str(key)] = saelens_model_name(value) if key == "model_name" else value
     return run
+
+
+def source_metadata(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The SAELens run keys an activation source's fingerprint() gives (a cache's or a live stream's): the text
+    (dataset_path), its context length, whether contexts start with BOS and whether BOS positions were left out
+    (seqpos_slice), the cache's token count; {} for activations that say nothing of their text."""
+    run = fingerprint.get("cache") if isinstance(fingerprint.get("cache"), dict) else fingerprint
+    text = run.get("text")
+    if not isinstance(text, dict):
+        return {}
+    out: dict[str, Any] = {"dataset_path": str(text.get("source", "")), "context_size": text.get("context_len"),
+                           "prepend_bos": bool(text.get("prepend_bos", True))}
+    if out["dataset_path"] == DEFAULT_TEXT:
+        out["dataset_description"] = DEFAULT_TEXT_DESCRIPTION
+    if out["prepend_bos"] and run.get("drop_bos", True):
+        out["seqpos_slice"] = [1, None]  # saelab drops each context's BOS position from the activations
+    for key, name in (("sha256", "dataset_sha256"), ("split", "dataset_split"), ("config", "dataset_config"),
+                      ("start", "dataset_start_context")):
+        if text.get(key) not in (None, "", 0):
+            out[name] = text[key]
+    if "cache" in fingerprint and fingerprint.get("tokens"):
+        out["activation_cache_tokens"] = int(fingerprint["tokens"])
+    return out
 
 
 def saelens_cfg(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -119,11 +119,21 @@ class LanguageModel(Interventions):
                 else:
                     matches = [h for h in self.hook_names if fnmatch.fnmatchcase(h, expanded)]
                 if not matches:
-                    close = difflib.get_close_matches(expanded, self.hook_names, n=3, cutoff=0.6)
-                    hint = f"; did you mean {', '.join(close)}?" if close else ""
-                    raise HookError(f"{self.name} has no hook point {expanded!r}{hint}")
+                    raise HookError(self._no_hook_point(expanded))
                 resolved += [m for m in sorted(matches, key=_natural_key) if m not in resolved]
         return resolved
+
+    def _no_hook_point(self, name: str) -> str:
+        """The error for a name that matches no hook: the closest real names, and how several hooks are given
+        (a list that reached here as one string names the hooks it would have been)."""
+        parts = [part.strip() for part in re.split(r"[,;]", name) if part.strip()]
+        close = [match for part in parts for match in difflib.get_close_matches(part, self.hook_names, n=3, cutoff=0.6)]
+        hint = f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else ""
+        how = ("several hooks go in a list (['a', 'b']), or in one flag separated by commas or ';' outside braces "
+               "('blocks.{9,15}.hook_resid_post;blocks.3.hook_mlp_out')")
+        if len(parts) > 1:
+            how = f"{name!r} is read as one name here: " + how
+        return f"{self.name} has no hook point {name!r}{hint} ({how})"
 
     def stop_layer(self, hooks: list[str]) -> int | None:
         """The `stop_at_layer` that still runs every hook in `hooks` (None: the whole model must run)."""

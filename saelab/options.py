@@ -287,9 +287,10 @@ def _parser_for(hint: Any):
         items = [_parser_for(a) for a in args]
 
         def parse_tuple(text: str):
-            parts = text.split(",")
+            parts = split_list(text)
             if len(parts) != len(items):
-                raise argparse.ArgumentTypeError(f"expected {len(items)} comma-separated numbers, got {text!r}")
+                raise argparse.ArgumentTypeError(f"expected {len(items)} numbers separated by commas or ';', got "
+                                                 f"{text!r}")
             return tuple(p(part) for p, part in zip(items, parts))
 
         return parse_tuple

@@ -250,3 +250,119 @@ def test_every_flag_of_every_verb_has_a_type():
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.nargs == 0:
                 continue
             assert action.type is not None or action.choices, f"saelab {' '.join(words)} {action.option_strings}"
+
+
+def test_every_list_flag_help_says_its_separator():
+    """Each flag that takes several items says how they are separated: commas or ';' (hooks, products), or '|'
+    for prompts, which hold commas themselves."""
+    import argparse
+
+    from saelab.options import split_list
+
+    for words, sub in _verbs(build_parser()):
+        for action in sub._actions:
+            if action.type is not None and action.metavar == "A,B,...":
+                for text in ("1,1", "0,0", "days,days"):
+                    try:
+                        comma = action.type(text)
+                    except argparse.ArgumentTypeError:
+                        continue
+                    assert comma == action.type(text.replace(",", ";")), (words, action.option_strings)
+                    break
+                else:
+                    pytest.fail(f"no sample list parses for {words} {action.option_strings}")
+    prompts = next(a for w, sub in _verbs(build_parser()) if w == ("steer",) for a in sub._actions
+                   if "--prompts" in a.option_strings)
+    assert "'|'" in prompts.help
+    assert isinstance(prompts, argparse.Action) and split_list("a|b") == ["a|b"]
+
+
+def _no_model(monkeypatch):
+    """load_model replaced by a tripwire: a command that must fail before any model loads proves it did."""
+    import saelab.models
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(saelab.models, "load_model", tripwire)
+
+
+def test_train_refuses_k_above_width_before_any_model_loads(tmp_path, tiny_model_dir, tiny_cache, monkeypatch,
+                                                            capsys):
+    _no_model(monkeypatch)
+    for source in (["--model", str(tiny_model_dir), "--hooks", "blocks.0.hook_resid_post"], ["--acts", str(tiny_cache)]):
+        assert main(["train", *source, "--width", "16", "--k", "32", "--out", str(tmp_path / "run")]) == 2
+        assert "k <= width=16, got 32" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_misspelt_train_hook_fails_before_the_model_loads_or_anything_is_written(tmp_path, tiny_cache,
+                                                                                  monkeypatch, capsys):
+    _no_model(monkeypatch)
+    assert main(["train", "--acts", str(tiny_cache), "--hook", "blocks.1.hook_resid_pots", "--width", "32",
+                 "--k", "4", "--out", str(tmp_path / "run")]) == 2
+    assert "did you mean blocks.1.hook_resid_post" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("verb", ["cache", "train"])
+def test_a_misspelt_hook_fails_right_after_the_model_loads(tmp_path, tiny_model, monkeypatch, capsys, verb):
+    """The model loads (it knows its hooks), then nothing runs: no forward, no folder, no training."""
+    import saelab.models
+    import saelab.training
+
+    monkeypatch.setattr(saelab.models, "load_model", lambda *args, **kwargs: tiny_model)
+    monkeypatch.setattr(type(tiny_model), "_capture", lambda *a, **k: pytest.fail("a forward ran"))
+    monkeypatch.setattr(saelab.training, "train", lambda *a, **k: pytest.fail("training started"))
+    out = tmp_path / "out"
+    hooks = ["--hooks", "blocks.0.hook_resid_post;blocks.1.hook_resid_pots"]
+    argv = ["cache", "--model", "tiny", *hooks, "--out", str(out)] if verb == "cache" else \
+        ["train", "--model", "tiny", *hooks, "--width", "32", "--k", "4", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no hook point 'blocks.1.hook_resid_pots'; did you mean blocks.1.hook_resid_post" in err
+    assert "separated by commas or ';'" in err
+    assert not out.exists()
+
+
+def test_circles_calendar_names_the_files_it_wrote(tmp_path, tiny_model, monkeypatch, capsys):
+    import saelab.analysis.circles as circles
+    from saelab.analysis.circles import CalendarStudy
+
+    class Written:  # a study that saves a JSON, a report and one figure, as the real one does
+        def __init__(self, name):
+            self.task = name
+
+        def name(self):
+            return self.task
+
+        def save(self, folder):
+            for file in (f"{self.task}.json", f"{self.task}.md", f"{self.task}_layers.png"):
+                (tmp_path / file).write_text("")
+            return tmp_path
+
+        def table(self):
+            return ""
+
+    assert CalendarStudy.name is not None
+    monkeypatch.setattr(circles, "run_calendar", lambda *a, **k: [Written("days"), Written("months")])
+    assert main(["circles", "calendar", "--model", "tiny", "--out", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"wrote {tmp_path}/: days.json, days.md, days_layers.png, months.json, months.md, months_layers.png"
+    assert "<task>" not in last
+
+
+def test_probe_says_how_many_of_the_texts_it_used_as_probes_json_counts_them(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    rows = [{"text": f"a {word} story", "label": "a", "doc": f"a{i}"} for i, word in enumerate("red blue green".split())]
+    rows += [{"text": f"the {word} cat sat", "label": "b", "doc": f"b{i}"} for i, word in enumerate("one two three four "
+                                                                                                  "five six seven "
+                                                                                                  "eight nine".split())]
+    data = tmp_path / "concepts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["probe", "--model", str(tiny_model_dir), "--hooks", "blocks.0.hook_resid_post", "--data", str(data),
+                 "--k", "1", "--out", str(tmp_path / "probe")]) == 0
+    said = re.search(r"(\d+) of its (\d+) texts", capsys.readouterr().out)
+    recorded = json.loads((tmp_path / "probe" / "probes.json").read_text())["data"]["n_examples"]
+    assert said and int(said.group(2)) == recorded == len(rows) and int(said.group(1)) < len(rows)

@@ -81,3 +81,13 @@ def test_head_hooks_flatten_and_bad_shapes_are_refused(tiny_model):
         tiny_model.activations(torch.ones(5, dtype=torch.long), ["blocks.0.hook_resid_post"])
     with pytest.raises(ValueError, match="longer than .* allows \\(256\\)"):
         tiny_model.activations(torch.ones(1, 300, dtype=torch.long), ["blocks.0.hook_resid_post"])
+
+
+def test_a_hook_error_says_how_several_hooks_are_separated(tiny_model):
+    with pytest.raises(HookError) as error:  # a list that reached the model as one string
+        tiny_model.resolve_hooks("blocks.0.hook_resid_post,blocks.1.hook_resid_post")
+    message = str(error.value)
+    assert "is read as one name here" in message and "separated by commas or ';' outside braces" in message
+    assert "did you mean blocks.0.hook_resid_post, blocks.1.hook_resid_post" in message
+    with pytest.raises(HookError, match="several hooks go in a list"):  # every "no hook point" says it
+        tiny_model.resolve_hooks("blocks.1.hook_resid_pots")

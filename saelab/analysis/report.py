@@ -124,7 +124,8 @@ def run_probes(model, data: LabelledTexts, features: Sequence[Features], *, ks: 
     used = sorted({i for t in jobs for s in SPLITS for i in t.rows[s]})
     where = {row: j for j, row in enumerate(used)}
     if log:
-        log(f"{data.name}: {len(used)} texts, {len(jobs)} task(s), features: {', '.join(f.name for f in features)}")
+        log(f"{data.name}: {len(used)} of its {len(data)} texts (classes balanced in every split), {len(jobs)} "
+            f"task(s), features: {', '.join(f.name for f in features)}")
     X = extract(model, [data.texts[i] for i in used], features, positions, batch_size=batch_size,
                 names=lambda j: data.origin(used[j]))
     results = ProbeResults(model=model.name, data={

@@ -50,10 +50,16 @@ class CalendarCommand(RunsModel):
 
 def cmd_circles_calendar(config: CalendarCommand) -> None:
     """Days / months arithmetic: accuracy, a circle probe per layer, calendar order, interventions vs baselines."""
+    import time
+
     from saelab.analysis.circles import run_calendar
 
+    written = []
     for study in run_calendar(config.study, trust_remote_code=config.trust_remote_code,
                               max_batch_tokens=config.max_batch_tokens):
-        study.save(config.out)
+        saving = time.time()
+        folder, name = study.save(config.out), study.name()
         print(study.table())
-    print(f"wrote {config.out}/<task>.json, <task>.md and figures")
+        figures = sorted(p.name for p in folder.glob(f"{name}_*.png") if p.stat().st_mtime >= saving - 1)  # not older runs'
+        written += [f"{name}.json", f"{name}.md", *figures]
+    print(f"wrote {config.out}/: {', '.join(written)}")

@@ -145,6 +145,21 @@ def train_text(args, config: dict, where: str):
                         f"{where}: text")
 
 
+def check_hooks(specs: list[SAESpec], hooks: list[str]) -> None:
+    """Refuse an SAE whose --hook the activations do not hold, before the model loads for the evaluation (or the
+    stream's first forward), naming the closest hooks they do hold."""
+    import difflib
+
+    from saelab.errors import HookError
+
+    for spec in specs:
+        if spec.hook is not None and spec.hook not in hooks:
+            close = difflib.get_close_matches(spec.hook, list(hooks), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise HookError(f"SAE {spec.name()} reads hook {spec.hook!r}{hint}, but the activations hold "
+                            f"{', '.join(hooks)}")
+
+
 def cmd_train(args: TrainCommand) -> None:
     import warnings
 
@@ -175,9 +190,13 @@ def cmd_train(args: TrainCommand) -> None:
         model = load_model(name, device=device, trust_remote_code=args.trust_remote_code,
                            max_batch_tokens=args.max_batch_tokens)
         stream = dict(model=model, hooks=split_list(hooks) if isinstance(hooks, str) else hooks,
-                      text=train_text(args, config, where))
+                      text=train_text(args, config, where), buffer_tokens=settings.stream_buffer_tokens)
     source = open_source(acts or None, batch_size=settings.batch_size, seed=settings.seed,
                          share=run_share(settings), **stream)
+    check_hooks(specs, source.hooks)  # a cache's hooks are known before any model loads
+    if stream and world.main:
+        print(f"saelab: streaming from {model.name}; the mixing buffer holds {settings.stream_buffer_tokens:,} tokens "
+              "(--stream-buffer-tokens) and fills before the first step", file=sys.stderr)
     if acts and eval_tokens and world.main:  # rank 0 alone evaluates
         model = load_model(source.model_name, device=device, trust_remote_code=args.trust_remote_code,
                            max_batch_tokens=args.max_batch_tokens)

@@ -94,6 +94,39 @@ def test_cli_and_api_train_the_same_weights_from_a_stream(tiny_model, tiny_model
     same_weights(tmp_path / HOOK / "topk-64-k4", trained)
 
 
+def test_the_stream_buffer_is_a_training_setting_said_when_streaming(tiny_model, tiny_model_dir, tmp_path, capsys):
+    from saelab.commands.train import train_config
+    from saelab.training.trainer import Trainer
+
+    assert main(["train", "--model", str(tiny_model_dir), "--hooks", HOOK, "--context-len", "32", "--seed", "3",
+                 "--arch", "topk", "--width", "64", "--k", "4", "--tokens", "512", "--batch-size", "128",
+                 "--stream-buffer-tokens", "512", "--out", str(tmp_path), "--eval-tokens", "0"]) == 0
+    assert "the mixing buffer holds 512 tokens (--stream-buffer-tokens)" in capsys.readouterr().err
+    source = open_source(model=tiny_model, hooks=[HOOK], text=TEXT, batch_size=128, seed=3, buffer_tokens=512)
+    assert source.buffer_tokens == 512
+    (trained,) = train(source, [SAESpec(arch="topk", width=64, k=4)], TrainConfig(seed=3, tokens=512, batch_size=128),
+                       progress=False)
+    same_weights(tmp_path / HOOK / "topk-64-k4", trained)
+    given = argparse.Namespace(given=argparse.Namespace())
+    assert train_config(given, {"train": {"stream_buffer_tokens": 1024}}, "run.yaml").stream_buffer_tokens == 1024
+    assert TrainConfig().stream_buffer_tokens == 65_536 == ModelStream(tiny_model, HOOK, TEXT).buffer_tokens
+    with pytest.raises(ValueError, match="stream_buffer_tokens"):
+        TrainConfig(stream_buffer_tokens=2)
+    # a run that does not set it keeps its checkpoint's fingerprint: the stream's own holds the buffer, as before
+    stream = open_source(model=tiny_model, hooks=[HOOK], text=TEXT, batch_size=128)
+    fingerprint = Trainer(stream, [SAESpec(arch="topk", width=64, k=4)], TrainConfig(batch_size=128)).fingerprint()
+    assert "stream_buffer_tokens" not in fingerprint["config"] and fingerprint["data"]["buffer_tokens"] == 65_536
+
+
+def test_a_stream_says_how_full_its_mixing_buffer_is(tiny_model, capsys):
+    stream = ModelStream(tiny_model, HOOK, TEXT, batch_size=64, buffer_tokens=256)
+    next(iter(stream))
+    assert "filling the mixing buffer: 0 of 256 tokens" in capsys.readouterr().err
+    quiet = ModelStream(tiny_model, HOOK, TEXT, batch_size=64, buffer_tokens=256, progress=False)
+    next(iter(quiet))
+    assert "filling" not in capsys.readouterr().err
+
+
 def test_text_flags_merge_over_the_run_files_text():
     file = {"text": {"source": "a.txt", "field": "body", "seed": 5, "context_len": 64}}
     flags = argparse.Namespace(text=None, context_len=32)

@@ -86,11 +86,12 @@ class IterableSource:
 
 def open_source(source: str | Path | ActivationSource | Iterable[ActivationBatch] | None = None, *, model=None,
                 hooks: list[str] | str | None = None, text=None, batch_size: int = 4096, seed: int = 0,
-                share: distributed.World | None = None) -> ActivationSource:
+                share: distributed.World | None = None, buffer_tokens: int = 1 << 16) -> ActivationSource:
     """The activation source for `source` (a cache folder), or for `model` + `hooks` + `text` (a live stream).
 
-    A cache is read in the order `seed` gives; a stream mixes its buffer with `seed`. share: how the ranks of a
-    training run share the batches (run_share(config)); None reads every batch whole in this process. An
+    A cache is read in the order `seed` gives; a stream mixes its buffer of `buffer_tokens` positions with `seed`.
+    share: how the ranks of a training run share the batches (run_share(config)); None reads every batch whole in
+    this process. An
     ActivationStore, a ModelStream or another ActivationSource passes through as it is (its own batch size, seed
     and share); any other iterable of ActivationBatches with .hooks, .d and .batch_size is wrapped (IterableSource).
     """
@@ -100,7 +101,8 @@ def open_source(source: str | Path | ActivationSource | Iterable[ActivationBatch
         if not hooks:
             raise ValueError("streaming from a model needs hooks")
         placing = source_share(share, stream=True) if share is not None else {}
-        return ModelStream(model, hooks, text, batch_size=batch_size, seed=seed, **placing)
+        return ModelStream(model, hooks, text, batch_size=batch_size, seed=seed, buffer_tokens=buffer_tokens,
+                           **placing)
     if isinstance(source, (str, Path)):
         if text is not None:
             raise ValueError("a cache holds the text it was made from; text= is for streaming from a model")

@@ -27,12 +27,16 @@ class ModelStream:
     instead share the model forwards (rank r runs chunks r, r + world_size, ... of model_batch_size contexts) and
     gather the activations, so every rank holds the buffer one process would; it then yields its equal slice of
     every batch (split_batches, data-parallel training) or the whole batch (several SAEs spread over the ranks).
+
+    progress: a bar (on stderr, rank 0) while the buffer first fills, which takes buffer_tokens positions of model
+    forwards before the first batch comes out.
     """
 
     def __init__(self, model, hooks: list[str] | str, text: TextConfig | str | None = None, *,
                  batch_size: int = 4096, buffer_tokens: int = 1 << 16, model_batch_size: int = 8, seed: int = 0,
                  drop_bos: bool = True, dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
-                 rank: int = 0, world_size: int = 1, gather: bool = False, split_batches: bool = True):
+                 rank: int = 0, world_size: int = 1, gather: bool = False, split_batches: bool = True,
+                 progress: bool = True):
         self.model = model
         self.hooks = model.resolve_hooks(hooks)
         self.text = text if isinstance(text, TextConfig) else TextConfig(source=text or "default")
@@ -49,6 +53,7 @@ class ModelStream:
                              "multiple of world_size")
         self.rank, self.world_size, self.gather = rank, world_size, gather
         self.split_batches = split_batches and gather
+        self.progress = progress
 
     @property
     def d(self) -> dict[str, int]:
@@ -140,6 +145,14 @@ class ModelStream:
         out["rows"] = (torch.tensor(numbers).unsqueeze(1) * length + torch.arange(length)).flatten()[keep]
         return out
 
+    def _filling_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.buffer_tokens, desc="filling the mixing buffer", leave=False,
+                    disable=not (self.progress and self.rank == 0),
+                    bar_format="{desc}: {n:,} of {total:,} tokens |{bar}| [{elapsed}<{remaining}, {rate_fmt}]",
+                    unit="tok")
+
     def __iter__(self) -> Iterator[ActivationBatch]:
         generator = torch.Generator().manual_seed(self.seed)
         buffer: dict[str, torch.Tensor] | None = None
@@ -149,6 +162,7 @@ class ModelStream:
         while True:
             chunks = [] if buffer is None else [buffer]
             held = 0 if buffer is None else len(buffer["rows"])
+            filling = self._filling_bar() if buffer is None else None
             while not exhausted and held < self.buffer_tokens:
                 chunk = next(source, None)
                 if chunk is None:
@@ -156,6 +170,10 @@ class ModelStream:
                     break
                 chunks.append(chunk)
                 held += len(chunk["rows"])
+                if filling is not None:
+                    filling.update(min(held, self.buffer_tokens) - filling.n)
+            if filling is not None:
+                filling.close()
             if held < self.batch_size:
                 return
             buffer = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}

@@ -80,6 +80,9 @@ class TrainConfig:
     batch_size: Annotated[int, Range(at_least=2)] = 4096
     """Tokens per optimiser step (at least 2: the training FVU, which the log shows and the divergence check reads,
     is measured against the batch's own variance)."""
+    stream_buffer_tokens: Annotated[int, Range(at_least=4)] = 1 << 16
+    """Positions a live model stream shuffles together (its mixing buffer, at least two batches): more mixes
+    contexts better, and the run waits for it to fill before the first step. A cache run does not read it."""
     lr_warmup_steps: NonNegativeInt | None = None
     """Linear learning-rate warm-up from 0; None: min(100, steps // 20), so short runs are not a third warm-up."""
     lr_decay_fraction: Fraction = 0.2

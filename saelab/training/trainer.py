@@ -144,6 +144,7 @@ class Trainer:
         config = self.config.to_dict()
         config.pop("allow_diverged")  # accepting a diverged run must not make its own checkpoint "another run"
         config.pop("parallel")  # the state is global either way: resume with any split over any number of ranks
+        config.pop("stream_buffer_tokens")  # a stream's own fingerprint holds its buffer; a cache has none
         return {"config": config, "specs": [dataclasses.asdict(s) for s in self.specs],
                 "data": self.source.fingerprint()}
 

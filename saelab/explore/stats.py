@@ -102,7 +102,7 @@ def collect(sae, source: Source, *, hook: str | None = None, top: int = 20, samp
     hist: Tensor | None = None
     previous: Window | None = None
     current: Window | None = None
-    norms: list[Tensor] | None = []
+    norms: list[Tensor | None] = []
     done = 0
     for codes in iter_codes(sae, source, hook=hook, batch_size=batch_size, max_tokens=max_tokens,
                             check_model=check_model):
@@ -125,8 +125,7 @@ def collect(sae, source: Source, *, hook: str | None = None, top: int = 20, samp
         if current is not None:  # the previous chunk's new examples now have their right-hand context too
             _fill((tops, samples), [w for w in (previous, current, chunk) if w is not None], current)
         previous, current = current, chunk
-        if norms is not None:
-            norms = None if codes.norms is None else norms + [codes.norms]
+        norms.append(codes.norms)
         done += len(codes)
         if progress:
             progress(done)
@@ -137,18 +136,21 @@ def collect(sae, source: Source, *, hook: str | None = None, top: int = 20, samp
     samples.sort()
     if not sample:
         samples = ExampleTable(width, 0, before, after)
-    massive_only, massive_norm = _massive_only(tops, torch.cat(norms)) if norms else (None, None)
     return LatentStats(width, done, count, total, largest, edges, hist, tops, samples,
-                       seconds=time.perf_counter() - started, massive_only=massive_only, massive_norm=massive_norm)
+                       seconds=time.perf_counter() - started, **_massive_only(tops, norms))
 
 
-def _massive_only(tops: ExampleTable, norms: Tensor) -> tuple[Tensor, float]:
-    """(bool [width]: the latent has top examples and all of them are at massive tokens, the massive cutoff)."""
+def _massive_only(tops: ExampleTable, chunk_norms: list[Tensor | None]) -> dict:
+    """LatentStats' massive_only (the latent has top examples and all of them are at massive tokens) and
+    massive_norm (the cutoff); left unset when some chunk's codes carried no norms."""
+    if any(norms is None for norms in chunk_norms):
+        return {}
+    norms = torch.cat(chunk_norms)
     cutoff = MASSIVE * float(norms.median())
     filled = tops.row >= 0
     massive = torch.zeros_like(filled)
     massive[filled] = norms[tops.row[filled]] > cutoff
-    return filled.any(1) & (massive | ~filled).all(1), cutoff
+    return {"massive_only": filled.any(1) & (massive | ~filled).all(1), "massive_norm": cutoff}
 
 
 def _window(codes: Codes, start: int) -> Window:

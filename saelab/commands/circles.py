@@ -60,6 +60,6 @@ def cmd_circles_calendar(config: CalendarCommand) -> None:
         saving = time.time()
         folder, name = study.save(config.out), study.name()
         print(study.table())
-        figures = sorted(p.name for p in folder.glob(f"{name}_*.png") if p.stat().st_mtime >= saving - 1)  # not older runs'
-        written += [f"{name}.json", f"{name}.md", *figures]
+        written += sorted(path.name for pattern in (f"{name}.*", f"{name}_*.png") for path in folder.glob(pattern)
+                          if path.stat().st_mtime >= saving - 1)  # not an older run's figures
     print(f"wrote {config.out}/: {', '.join(written)}")

@@ -29,6 +29,7 @@ def plot_feature(feature, path: str | Path | None = None):
     right.set_title("top activations (firing token)", fontsize=10)
     if path is None:
         fig.tight_layout()
+        plt.close(fig)  # shown once, by the returned figure, not again by Jupyter's inline backend
         return fig
     from saelab.figures import save_figure
 
@@ -49,6 +50,7 @@ def plot_densities(features, path: str | Path | None = None):
     ax.set_title(f"{features.name}: {int((density == 0).sum())} of {len(density)} latents never fired", fontsize=10)
     if path is None:
         fig.tight_layout()
+        plt.close(fig)  # shown once, by the returned figure, not again by Jupyter's inline backend
         return fig
     from saelab.figures import save_figure
 

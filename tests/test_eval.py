@@ -395,4 +395,5 @@ def test_typical_fvu_goes_to_metrics_json_and_the_summary_names_both(tmp_path, c
     out = capsys.readouterr().out
     assert re.search(rf"FVU, all tokens +{result.reconstruction.fvu:.4f}\n", out)
     assert re.search(r"FVU, typical tokens +0\.2500 +\(1 massive token left out: norm > 10x the median\)", out)
-    assert "training bar's fvu is one training batch's" in out
+    assert "(these are held-out; the training bar's fvu is the last training batch's, massive tokens in only if it " \
+        "held one)" in out

@@ -139,7 +139,8 @@ def print_metrics(folder, metrics) -> None:
         elif flat.get(key) is not None:
             print(f"  {label:<34}{flat[key]:>10.4f}" + _typical_note(key, metrics.reconstruction))
     if flat.get("fvu") is not None:
-        print("  (held-out tokens; the training bar's fvu is one training batch's, massive tokens in when it holds one)")
+        print("  (these are held-out; the training bar's fvu is the last training batch's, massive tokens in only if it "
+              "held one)")
 
 
 def _typical_note(key: str, reconstruction) -> str:

@@ -499,3 +499,21 @@ def test_a_shard_file_outside_the_cache_is_refused(tiny_model, tmp_path):
     (cache / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(CacheError, match=r"lists shard 0 as the file '\.\./elsewhere\.safetensors'"):
         Manifest.read(cache)
+
+
+def test_caching_shows_tokens_within_shards(tiny_model, tmp_path, capsys, monkeypatch):
+    """The bar counts tokens, so a run of one slow shard still moves, and says how many shards are written."""
+    seen = []
+
+    def watched(batches, bar):
+        for batch in batches:
+            seen.append(bar.n)
+            yield batch
+
+    compute = writer._compute_shard
+    monkeypatch.setattr(writer, "_compute_shard", lambda model, hooks, batches, dtype, index, bar: compute(
+        model, hooks, watched(batches, bar), dtype, index, bar))
+    cache_activations(tiny_model, HOOKS[0], tmp_path / "acts", text=TEXT, tokens=512, batch_size=4, shard_tokens=256)
+    assert seen == [0, 128, 256, 384]  # 16 contexts of 32 tokens, 8 a shard, 4 a forward: it moves every forward
+    err = capsys.readouterr().err
+    assert "caching 1 hook(s)" in err and "tok/s" in err and "2/2 shards written" in err

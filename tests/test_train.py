@@ -39,6 +39,28 @@ def test_several_saes_train_from_one_stream_and_learn(tiny_cache):
     assert (trained[0].sae.encode(x) != 0).sum(-1).le(8).all()
 
 
+def test_a_run_computes_the_clean_and_ablated_losses_once_per_hook(tiny_cache, tiny_model, monkeypatch, capsys):
+    """Three SAEs on two hooks: the baselines run once per hook, and every SAE's metrics are those of evaluating it
+    alone."""
+    from saelab.eval import evaluate
+
+    specs = [*SPECS, dict(arch="topk", width=64, k=4, hook=HOOKS[0])]
+    text = ActivationStore(tiny_cache).held_out_text()
+    forwards, logits = [], tiny_model.logits
+    monkeypatch.setattr(tiny_model, "logits", lambda *args, **kwargs: forwards.append(1) or logits(*args, **kwargs))
+    trained = train(tiny_cache, specs, TrainConfig(**{**CONFIG, "tokens": 4 * 256}), model=tiny_model,
+                    eval_text=text, eval_tokens=256)
+    shared = len(forwards)
+    assert "evaluating 3 SAEs on 256 held-out tokens" in capsys.readouterr().err
+    forwards.clear()
+    for result in trained:
+        alone = evaluate(result.sae, model=tiny_model, text=text, tokens=256, progress=False)
+        assert result.metrics.metrics() == alone.metrics()
+    batches = 1  # 256 tokens = 8 contexts of 32 = one forward of 8
+    assert len(forwards) == len(specs) * 3 * batches  # alone: clean, SAE and zero-ablated, for every SAE
+    assert shared == 2 * 2 * batches + len(specs) * batches  # shared: clean and zero once per hook, then each SAE
+
+
 def test_one_stream_for_many_saes_equals_training_each_alone(tiny_cache):
     config = TrainConfig(**{**CONFIG, "tokens": 10 * 256})
     together = weights(train(tiny_cache, SPECS, config, progress=False))

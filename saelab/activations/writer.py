@@ -130,10 +130,16 @@ def _contexts(text: TextConfig, tokenizer):
 
 def _write_shards(model, hooks, out: Path, manifest: Manifest, contexts, text: TextConfig, dtype: str,
                   drop_bos: bool, progress: bool, todo: set[int], world: distributed.World) -> None:
-    """Compute and write every shard in `todo` that is this rank's, reading the whole context stream in order."""
+    """Compute and write every shard in `todo` that is this rank's, reading the whole context stream in order.
+    The bar counts tokens (a shard can take minutes) and says how many shards are written."""
     todo = {index for index in todo if index % world.size == world.rank}
-    bar = tqdm(total=len(todo), desc=f"caching {len(hooks)} hook(s)", unit="shard",
-               disable=not (progress and world.main))
+    bar = tqdm(total=sum(manifest.expected_contexts(index) for index in todo) * text.context_len,
+               desc=f"caching {len(hooks)} hook(s)", unit="tok", unit_scale=True, disable=not (progress and world.main))
+    written = []
+
+    def shard_written(_) -> None:
+        written.append(1)
+        bar.set_postfix_str(f"{len(written)}/{len(todo)} shards written")
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     with ThreadPoolExecutor(max_workers=1) as io:  # serialise + hash + write the last shard while computing the next
         pending: Future | None = None
@@ -149,11 +155,11 @@ def _write_shards(model, hooks, out: Path, manifest: Manifest, contexts, text: T
                 continue
             batches = token_batches(chunk, manifest.run["batch_size"], text.context_len, pad_id=pad_id,
                                     drop_bos=drop_bos and text.prepend_bos)
-            tensors = _compute_shard(model, hooks, batches, dtype, index)
+            tensors = _compute_shard(model, hooks, batches, dtype, index, bar)
             if pending is not None:
                 pending.result()
             pending = io.submit(_write_shard, out, manifest, index, len(chunk), tensors, not world.distributed)
-            pending.add_done_callback(lambda _: bar.update())
+            pending.add_done_callback(shard_written)
         if pending is not None:
             pending.result()
     bar.close()
@@ -258,7 +264,7 @@ def _shards_to_compute(out: Path, manifest: Manifest) -> set[int]:
 
 
 @torch.inference_mode()
-def _compute_shard(model, hooks, batches, dtype: str, index) -> dict[str, torch.Tensor]:
+def _compute_shard(model, hooks, batches, dtype: str, index, bar=None) -> dict[str, torch.Tensor]:
     acts = {h: [] for h in hooks}
     all_tokens, positions = [], []
     offset = 0
@@ -274,6 +280,8 @@ def _compute_shard(model, hooks, batches, dtype: str, index) -> dict[str, torch.
         positions.append(keep.nonzero().squeeze(1) + offset)
         all_tokens.append(batch.tokens)
         offset += batch.tokens.numel()
+        if bar is not None:
+            bar.update(batch.tokens.numel())
     tensors = {f"acts.{h}": torch.cat(acts[h]) for h in hooks}
     tensors["tokens"] = torch.cat(all_tokens).to(torch.int32)
     tensors["positions"] = torch.cat(positions).to(torch.int32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
@@ -202,10 +202,12 @@ class SteeringResult(StudyResult):
         return save_figure(fig, path)
 
 
-def side_effects(model, side_text: Sequence[str], patch, batch_size: int | None = None) -> tuple[float, float]:
+def side_effects(model, side_text: Sequence[str], patch, batch_size: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[float, float]:
     """(mean KL(clean || patched), mean patched CE) on the side text. Each batch's clean forward runs next to its
     patched one instead of being kept for every alpha: the side text's log-probs at every position over the whole
-    vocabulary would grow without bound, one batch's stay within the model's max_batch_tokens."""
+    vocabulary would grow without bound, one batch's stay within the model's max_batch_tokens.
+    progress: called with each batch's number of texts."""
     kl_sum, ce_sum, count = 0.0, 0.0, 0
     for batch in model.batches(list(side_text), max_texts=batch_size):
         mask = batch.mask[:, 1:]
@@ -216,6 +218,8 @@ def side_effects(model, side_text: Sequence[str], patch, batch_size: int | None 
         kl_sum += float(kl[mask].sum())
         ce_sum += float(ce[mask].sum())
         count += int(mask.sum())
+        if progress:
+            progress(len(batch.ids))
     if count == 0:
         raise DataError("the side text has no predicted tokens (each text needs at least one token after BOS)")
     return kl_sum / count, ce_sum / count
@@ -240,22 +244,32 @@ def side_passages(source: str = "default", n: int = 16, words: int = 48) -> list
 
 
 def sweep(model, steer: Steer, alphas: Sequence[float], target, side_text: Sequence[str], *,
-          batch_size: int | None = None, log=None) -> SteeringResult:
-    """Measure `target` and the side effects at every alpha (0 is added if missing: the clean baseline)."""
+          batch_size: int | None = None, log=None, progress: bool = True) -> SteeringResult:
+    """Measure `target` and the side effects at every alpha (0 is added if missing: the clean baseline).
+    progress: a bar (on stderr) over the texts run, prompts and side texts, at every alpha."""
+    from tqdm.auto import tqdm
+
     if not side_text:
         raise DataError("sweep needs some unrelated side text to measure KL and CE on")
     started = time.perf_counter()
     alphas = sorted(set(float(a) for a in alphas) | {0.0})
-    _, ce_clean = side_effects(model, side_text, None, batch_size=batch_size)
+    prompts = len(getattr(target, "prompts", []))
+    bar = tqdm(total=len(side_text) + len(alphas) * (prompts + len(side_text)), desc="steering", unit="text",
+               disable=not progress)
+    _, ce_clean = side_effects(model, side_text, None, batch_size=batch_size, progress=bar.update)
     points = []
     for alpha in alphas:
+        bar.set_postfix_str(f"alpha {alpha:g}")
         patch = steer.patch(alpha) if alpha != 0 else None
         value = target.measure(model, patch)
-        kl, ce = side_effects(model, side_text, patch, batch_size)
+        bar.update(prompts)
+        kl, ce = side_effects(model, side_text, patch, batch_size, progress=bar.update)
         samples = list(getattr(target, "samples", []) or []) or None
         points.append(SteeringPoint(alpha, value, kl, ce, samples))
         if log:
-            log(f"  alpha {alpha:g}: {target.name} {value:.3f}, KL {kl:.3f}, CE {ce:.3f} (clean {ce_clean:.3f})")
+            with tqdm.external_write_mode():  # the line above the bar, not through it
+                log(f"  alpha {alpha:g}: {target.name} {value:.3f}, KL {kl:.3f}, CE {ce:.3f} (clean {ce_clean:.3f})")
+    bar.close()
     return SteeringResult(model.name, steer.describe(), target.name, ce_clean, points,
                           int(model.tokenize(list(side_text)).mask[:, 1:].sum()), seconds=time.perf_counter() - started)
 
@@ -345,7 +359,7 @@ def target_of(config: SteerConfig):
 
 
 def run_steering(config: SteerConfig, *, model=None, log=None, trust_remote_code: bool = False,
-                 max_batch_tokens: int | None = None) -> SteeringResult:
+                 max_batch_tokens: int | None = None, progress: bool = True) -> SteeringResult:
     """The steering sweep a config describes (what `saelab steer` runs); `model` skips loading it."""
     from saelab.models import load_model
 
@@ -354,7 +368,7 @@ def run_steering(config: SteerConfig, *, model=None, log=None, trust_remote_code
         options = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
         model = load_model(config.model, trust_remote_code=trust_remote_code, **options)
     side = side_passages(config.side_text, config.side_texts, config.side_words)
-    return sweep(model, steer_of(model, config, side), config.alphas, target, side, log=log)
+    return sweep(model, steer_of(model, config, side), config.alphas, target, side, log=log, progress=progress)
 
 
 __all__ = ["LogitDiff", "ProbeOutput", "Steer", "SteerConfig", "SteeringPoint", "SteeringResult", "WordFrequency",

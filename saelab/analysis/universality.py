@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -390,13 +390,17 @@ def decoder_rows(side: Side) -> np.ndarray | None:
 
 def match_models(sides_a: Sequence[Side], sides_b: Sequence[Side], documents: Sequence[str], *, mode: str = "word",
                  max_tokens: int | None = None, batch_size: int = 8, config: MatchConfig | None = None,
-                 pairs: Sequence[tuple[Side, Side]] | None = None, text: str = "", log=None) -> MatchResults:
+                 pairs: Sequence[tuple[Side, Side]] | None = None, text: str = "", log=None,
+                 progress: bool = True) -> MatchResults:
     """Stream both models over `documents`, then compare every same-kind pair of sides (or `pairs`; see
-    `accumulate`). Two sides of one model in one space also get a decoder-only matching (`Comparison.decoder`)."""
+    `accumulate`). Two sides of one model in one space also get a decoder-only matching (`Comparison.decoder`).
+    progress: a bar (on stderr) over the aligned tokens, moving a batch of documents at a time; without it, `log`
+    hears the count after each batch."""
     started = time.perf_counter()
+    quiet_log = (lambda n: log(f"  {n} aligned tokens")) if log and not progress else None
     chunks = aligned_chunks(sides_a, sides_b, documents, mode=mode, batch_size=batch_size, max_tokens=max_tokens,
-                            progress=(lambda n: log(f"  {n} aligned tokens")) if log else None)
-    acc = accumulate(chunks, sides_a, sides_b, pairs=pairs)
+                            progress=quiet_log)
+    acc = accumulate(_counted(chunks, progress, max_tokens, "aligning A and B"), sides_a, sides_b, pairs=pairs)
     if log:
         log(f"{acc.n_tokens} aligned tokens from {acc.n_documents} documents in {time.perf_counter() - started:.0f} s")
     results = compare_all(acc, [*sides_a, *sides_b], config,
@@ -404,6 +408,16 @@ def match_models(sides_a: Sequence[Side], sides_b: Sequence[Side], documents: Se
                                      "model_b": sides_b[0].model.name}, log=log)
     results.seconds = time.perf_counter() - started
     return results
+
+
+def _counted(chunks: Iterable[AlignedChunk], progress: bool, total: int | None, desc: str) -> Iterator[AlignedChunk]:
+    """The chunks, with a bar over their aligned tokens (the unit a budget is given in)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
+        for chunk in chunks:
+            bar.update(len(chunk))
+            yield chunk
 
 
 def compare_all(acc: Accumulated, sides: Sequence[Side], config: MatchConfig | None = None, *,
@@ -484,7 +498,7 @@ def match_side(spec: str, models: dict, **load_options) -> Side:
     return Side(models[parts[0]], parts[1], load_sae(parts[2]) if len(parts) == 3 and parts[2] else None)
 
 
-def match_caches(config: MatchStudyConfig, log=None) -> MatchResults:
+def match_caches(config: MatchStudyConfig, log=None, progress: bool = True) -> MatchResults:
     """Two SAEs of one model over two caches of the same text and tokenizer (rows align one to one)."""
     from saelab.activations.manifest import Manifest
     from saelab.analysis.alignment import aligned_cache_chunks
@@ -504,18 +518,19 @@ def match_caches(config: MatchStudyConfig, log=None) -> MatchResults:
         return chunk
 
     chunks = aligned_cache_chunks(sae_a, config.cache_a, sae_b, config.cache_b, max_tokens=config.tokens)
-    acc = accumulate((relabel(c) for c in chunks), [side_a], [side_b])
+    acc = accumulate((relabel(c) for c in _counted(chunks, progress, config.tokens, "reading both caches")),
+                     [side_a], [side_b])
     return compare_all(acc, [side_a, side_b], config, log=log, alignment={
         "mode": "cache rows", "cache_a": str(config.cache_a), "cache_b": str(config.cache_b)})
 
 
 def run_match(config: MatchStudyConfig, *, log=None, trust_remote_code: bool = False,
-              max_batch_tokens: int | None = None) -> MatchResults:
+              max_batch_tokens: int | None = None, progress: bool = True) -> MatchResults:
     """The matching study a config describes (what `saelab match` runs): two caches, or models over a text."""
     from saelab.analysis.probes import neuron_hook
 
     if config.cache_a or config.cache_b:
-        return match_caches(config, log)
+        return match_caches(config, log, progress)
     if not config.a or not config.b:
         raise ValueError("matching needs at least one side each in a and b (MODEL:HOOK[:SAE_FOLDER])")
     text = match_text(config.text)  # before any model loads
@@ -529,7 +544,7 @@ def run_match(config: MatchStudyConfig, *, log=None, trust_remote_code: bool = F
             group.append(Side(group[0].model, neuron_hook(group[0].model, layer)))
     documents = read_documents(text, start_char=config.start_char)
     return match_models(sides[0], sides[1], documents, mode=config.mode, max_tokens=config.tokens,
-                        batch_size=config.batch_size, config=config, text=str(text), log=log)
+                        batch_size=config.batch_size, config=config, text=str(text), log=log, progress=progress)
 
 
 __all__ = ["Accumulated", "Comparison", "GroupRecord", "MatchConfig", "MatchResults", "MatchStudyConfig",

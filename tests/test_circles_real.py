@@ -32,4 +32,5 @@ def test_days_on_smollm2_positions_accuracy_and_the_whole_layer_patch(smollm2):
 def test_circles_notebook_runs(tmp_path):
     outputs = run_notebook("04_circles.ipynb", tmp_path)
     assert "shuffled-order control" in outputs and "| 1 | layer |" in outputs and "graph clustering" in outputs
-    assert (tmp_path / "days_planes.png").exists() and (tmp_path / "top_cluster.png").exists()
+    runs = tmp_path / "runs" / "notebook04"  # outside a checkout, runs_folder() is runs/ in the working folder
+    assert (runs / "days_planes.png").exists() and (runs / "top_cluster.png").exists()

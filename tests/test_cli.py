@@ -25,8 +25,8 @@ def test_cache_train_eval_push(tiny_model_dir, tmp_path, capsys):
     assert main(["info", str(acts)]) == 0
     assert "blocks.1.hook_resid_post  d=64" in capsys.readouterr().out
 
-    assert main(["train", "--acts", str(acts), "--arch", "topk", "--width", "64", "--k", "4,8", "--tokens", "2560",
-                 "--batch-size", "256", "--out", str(run), "--eval-tokens", "256"]) == 0
+    assert main(["train", "--acts", str(acts), "--hook", "blocks.0.hook_resid_post", "--arch", "topk", "--width", "64",
+                 "--k", "4,8", "--tokens", "2560", "--batch-size", "256", "--out", str(run), "--eval-tokens", "256"]) == 0
     out = capsys.readouterr().out
     assert out.count("CE loss recovered") == 2
     folders = sorted(p.parent for p in run.rglob("cfg.json"))

@@ -35,9 +35,9 @@ SKIPPED = {
 
 WIDTHS = {"4608": "128", "9216": "256"}
 """README widths -> walk widths, in flags and in the SAE folder names later commands read."""
-TOKENS = {"cache": "6k", "train": "4k", "eval": "1k", "dashboard": "4k", "clusters": "4k"}
+TOKENS = {"cache": "6k", "train": "4k", "eval": "512", "dashboard": "2k", "clusters": "2k"}
 EXTRA = {
-    "train": ["--batch-size", "256", "--eval-tokens", "512"],
+    "train": ["--batch-size", "256", "--eval-tokens", "256"],
     "calendar": ["--tasks", "days", "--layers", "4,8"],
     "clusters": ["--plots", "2"],
     "dashboard": ["--most-active", "8"],

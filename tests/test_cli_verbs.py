@@ -366,3 +366,37 @@ def test_probe_says_how_many_of_the_texts_it_used_as_probes_json_counts_them(tmp
     said = re.search(r"(\d+) of its (\d+) texts", capsys.readouterr().out)
     recorded = json.loads((tmp_path / "probe" / "probes.json").read_text())["data"]["n_examples"]
     assert said and int(said.group(2)) == recorded == len(rows) and int(said.group(1)) < len(rows)
+
+
+def test_eval_writes_its_own_named_file_says_where_and_keeps_the_training_metrics(tmp_path, tiny_cache, capsys):
+    import json
+
+    from helpers import HOOK
+
+    run = tmp_path / "run"
+    assert main(["train", "--acts", str(tiny_cache), "--tokens", "512", "--batch-size", "64", "--eval-tokens", "256",
+                 "--arch", "topk", "--width", "32", "--k", "4", "--out", str(run)]) == 0
+    folder = run / HOOK / "topk-32-k4"
+    training = (folder / "metrics.json").read_bytes()
+    text = tmp_path / "other.txt"
+    text.write_text("Other held-out text for the evaluation, long enough for a few contexts. " * 20)
+    capsys.readouterr()
+    command = ["eval", str(folder), "--text", str(text), "--context-len", "32", "--tokens", "200"]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    (written,) = (folder / "eval").glob("*/metrics.json")
+    metrics = json.loads(written.read_text())
+    assert written.parent.name == f"other-{metrics['n_tokens']}" and metrics["n_tokens"] > 0
+    assert (folder / "metrics.json").read_bytes() == training  # the training run's evaluation stays
+    assert f"wrote {written} (the SAE's own metrics.json, which push publishes, is unchanged)" in out
+    # 32 latents need 320 tokens for a dead share: the summary and the file say so instead of a number
+    note = f"not measured on fewer than 320 tokens (10 x width 32); {metrics['n_tokens']:,} evaluated"
+    assert metrics["notes"] == {"frac_dead": note}
+    assert re.search(r"dead latents\s+" + re.escape(note), out)
+
+    assert main([*command, "--replace-metrics"]) == 0
+    assert f"wrote {folder / 'metrics.json'}, replacing the SAE's evaluation" in capsys.readouterr().out
+    replaced = json.loads((folder / "metrics.json").read_text())
+    assert replaced["settings"]["text"]["source"] == str(text.resolve()) and replaced["n_tokens"] == metrics["n_tokens"]
+    assert main([*command, "--replace-metrics", "--out", str(tmp_path / "x")]) == 2
+    assert "--out and --replace-metrics name two places" in capsys.readouterr().err

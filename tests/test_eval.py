@@ -397,3 +397,19 @@ def test_typical_fvu_goes_to_metrics_json_and_the_summary_names_both(tmp_path, c
     assert re.search(r"FVU, typical tokens +0\.2500 +\(1 massive token left out: norm > 10x the median\)", out)
     assert "(these are held-out; the training bar's fvu is the last training batch's, massive tokens in only if it " \
         "held one)" in out
+
+
+def test_a_dead_share_needs_ten_tokens_per_latent():
+    from saelab.eval import DEAD_TOKENS_PER_LATENT, dead_share_note
+
+    assert DEAD_TOKENS_PER_LATENT == 10
+    assert dead_share_note(4_064, 4_608) == ("not measured on fewer than 46,080 tokens (10 x width 4,608); "
+                                            "4,064 evaluated")
+    assert dead_share_note(46_080, 4_608) is None and dead_share_note(46_079, 4_608) is not None
+    sae = create_sae(SAEConfig(arch="topk", d_in=4, width=8, k=2))
+    few = evaluate(sae, activations=torch.randn(79, 4))
+    assert few.notes() == {"frac_dead": "not measured on fewer than 80 tokens (10 x width 8); 79 evaluated"}
+    assert few.to_dict()["notes"] == few.notes()
+    assert EvalResult.from_json(few.to_json()).notes() == few.notes()  # derived, not stored twice
+    enough = evaluate(sae, activations=torch.randn(80, 4))
+    assert enough.notes() == {} and "notes" not in enough.to_dict()

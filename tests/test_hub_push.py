@@ -600,3 +600,30 @@ def test_push_publishes_no_local_path(tiny_model_dir, tmp_path):
     published = json.loads(metrics.read_text())["settings"]["text"]
     assert published["source"] == "diary.txt" and published["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     assert load_sae(metrics.parent).cfg.model_name == tiny_model_dir.name  # cfg.json still agrees with itself
+
+
+def test_the_card_names_the_model_its_quantisation_the_training_text_and_the_evaluation(tmp_path):
+    from saelab.hub.saelens import source_metadata
+
+    text = {"source": "/home/ana/texts/diary.txt", "context_len": 128, "prepend_bos": True, "start": 0,
+            "sha256": "ab" * 32}
+    run = source_metadata({"cache": {"model": "smollm2-135m", "drop_bos": True, "text": text}, "tokens": 20_320})
+    sae = create_sae(SAEConfig(arch="topk", d_in=8, width=512, k=3, model_name="smollm2-135m",
+                               hook_name="blocks.15.hook_resid_post", training_tokens=16_384))
+    metrics = {"n_tokens": 4_064, "reconstruction": {"fvu": 0.06, "frac_dead": 0.5, "l0": 3.0},
+               "settings": {"text": {**text, "start": 160}}}
+    save_sae(sae, tmp_path / "sae", metadata=run, metrics=metrics)
+    push_to_hub(tmp_path / "sae", "me/r", dry_run=tmp_path / "dry")
+    card = (tmp_path / "dry" / "README.md").read_text()
+    assert ("- **Model**: <code>smollm2-135m</code>: [HuggingFaceTB/SmolLM2-135M-Instruct]"
+            "(https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct), weights Q4_1 GGUF "
+            "(SmolLM2-135M-Instruct.Q4_1.gguf) de-quantised to float32, run as a TransformerLens TransformerBridge"
+            ) in card
+    assert ("- **Training**: 16,384 tokens of <code>diary.txt</code>, contexts of 128 tokens, BOS prepended (its "
+            "position left out), read from an activation cache of 20,320 tokens") in card
+    assert ("- **Evaluation**: 4,064 tokens of <code>diary.txt</code> from context 160 on (held out: after the "
+            "contexts training read), contexts of 128 tokens") in card
+    assert "/home/ana" not in card
+    row = next(line for line in card.splitlines() if line.startswith("| <code>"))
+    assert "50.00%" not in row  # 4,064 tokens cannot tell a dead latent of 512 from a rare one (5,120 needed)
+    assert "Dead is not measured (–) on an evaluation of fewer than 10 x width tokens" in card

@@ -33,4 +33,5 @@ def test_steering_smollm2_along_the_calendar_direction(smollm2):
 def test_probes_notebook_runs(tmp_path):
     outputs = run_notebook("05_probes_and_steering.ipynb", tmp_path, timeout=300)
     assert "| resid @ blocks.9.hook_resid_post |" in outputs and "KL to clean" in outputs
-    assert (tmp_path / "probes_calendar.png").exists() and (tmp_path / "steering_calendar.png").exists()
+    runs = tmp_path / "runs" / "notebook05"  # outside a checkout, runs_folder() is runs/ in the working folder
+    assert (runs / "probes_calendar.png").exists() and (runs / "steering_calendar.png").exists()

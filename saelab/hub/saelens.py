@@ -47,7 +47,7 @@ def hook_layer(hook_name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-DEFAULT_TEXT_DESCRIPTION = "saelab's built-in text: the Python reference's prose (pydoc_data, shipped with CPython)"
+DEFAULT_TEXT_DESCRIPTION = "saelab's built-in text: the Python reference's prose from pydoc_data, shipped with CPython"
 MODEL_CLASS_NAME = "TransformerBridge"
 """saelab wraps every model in TransformerLens's TransformerBridge (saelab.models), whose hook names the SAEs read."""
 

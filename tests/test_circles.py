@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import make_sae
 from saelab.analysis.circles import (DAYS_TASK, MONTHS_TASK, CalendarConfig, CalendarStudy, CalendarTask, answer_logits,
                                      calendar_order, calendar_study, fit_circle_probe, intervene, item_positions,
                                      run_calendar, split_by_duration)
@@ -140,21 +141,9 @@ def test_spectral_clusters_check_their_input():
 
 
 # ------------------------------------------------------------------------------------------- cluster reconstruction
-@pytest.fixture(scope="module")
-def tiny_cache(tiny_model, tmp_path_factory):
-    from saelab.activations import cache_activations
-
-    folder = tmp_path_factory.mktemp("circle-cache")
-    cache_activations(tiny_model, "blocks.0.hook_resid_post", folder, tokens=1500, progress=False)
-    return folder
-
-
 def tiny_sae(model, hook="blocks.0.hook_resid_post", width=96, seed=0, **cfg):
-    from saelab.sae import SAEConfig, create_sae
-
-    torch.manual_seed(seed)
-    sae = create_sae(SAEConfig(arch="topk", d_in=model.d_model, width=width, k=8, hook_name=hook,
-                               model_name=model.name, **cfg))
+    sae = make_sae("topk", d_in=model.d_model, width=width, k=8, seed=seed, model_name=model.name, hook_name=hook,
+                   bias_std=0, **cfg)
     with torch.no_grad():  # 6 pairs of near-identical decoder rows: 2-latent clusters the graph method finds
         sae.W_dec[1:12:2] = sae.W_dec[0:12:2] + 0.05 * torch.randn(6, model.d_model)
         sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True)
@@ -220,8 +209,8 @@ def test_mismatched_sae_and_cache_and_one_latent_clusters_are_refused(tiny_model
     other.cfg.model_name = "other-model"
     with pytest.raises(DataError, match="trained on other-model"):
         cluster_points(other, tiny_cache, groups, progress=False)
-    with pytest.raises(DataError, match="no hook 'blocks.1.hook_resid_post'"):
-        cluster_points(tiny_sae(tiny_model, hook="blocks.1.hook_resid_post"), tiny_cache, groups, progress=False)
+    with pytest.raises(DataError, match="no hook 'blocks.0.hook_mlp_out'"):  # a hook the cache does not hold
+        cluster_points(tiny_sae(tiny_model, hook="blocks.0.hook_mlp_out"), tiny_cache, groups, progress=False)
     with pytest.raises(ValueError, match="cluster 0 has one latent"):
         cluster_points(tiny_sae(tiny_model), tiny_cache, {0: torch.tensor([4])}, progress=False)
     with pytest.raises(ValueError, match="no cluster has between"):

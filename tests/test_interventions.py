@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from saelab.errors import DataError, HookError
 from saelab.eval import spliced_metrics
 from saelab.interventions import Add, Read, Replace, Splice, Tokens
+from helpers import make_sae
 from saelab.models import load_model
-from saelab.sae import SAEConfig, create_sae
 
 HOOK = "blocks.0.hook_resid_post"
 TEXTS = ["The quick brown fox", "Return the value of x", "A list is a sequence of items in order"]
@@ -25,11 +25,8 @@ def hf_hidden(model, text: str, layer: int) -> torch.Tensor:
 
 
 def topk_sae(model, seed=0, **cfg):
-    torch.manual_seed(seed)
-    sae = create_sae(SAEConfig(arch="topk", d_in=model.d_model, width=128, k=8, hook_name=HOOK, **cfg))
-    with torch.no_grad():
-        sae.b_enc.normal_(std=0.1)
-    return sae
+    return make_sae("topk", d_in=model.d_model, width=128, k=8, seed=seed, model_name="", hook_name=HOOK,
+                    bias_std=0.1, **cfg)
 
 
 # ------------------------------------------------------------------------------------------- tokens
@@ -263,8 +260,7 @@ def test_bad_input_gets_clear_errors(tiny_model):
     with pytest.raises(ValueError, match=f"Replace: expects d=64 at {HOOK}, got 65"):
         tiny_model.patched(Replace(HOOK, torch.zeros(65))).__enter__()
     with pytest.raises(ValueError, match=f"Splice: expects d=64 at {HOOK}, got an SAE with d_in=32"):
-        tiny_model.loss(TEXTS, patches=[Splice(create_sae(SAEConfig(arch="topk", d_in=32, width=8, k=2,
-                                                                    hook_name=HOOK)))])
+        tiny_model.loss(TEXTS, patches=[Splice(make_sae("topk", d_in=32, width=8, k=2, model_name="", hook_name=HOOK))])
     with pytest.raises(ValueError, match="clamped latent 128 is out of range"):
         tiny_model.loss(TEXTS, patches=[Splice(topk_sae(tiny_model), clamp={128: 1.0})])
     n0 = int(tiny_model.tokenize(TEXTS[0]).lengths[0])

@@ -23,8 +23,8 @@ from saelab.analysis.universality import Accumulated, MatchConfig, MatchResults,
 from saelab.codes import Codes, sparse_rows
 from saelab.data import TextConfig
 from saelab.errors import DataError
-from saelab.sae import SAEConfig, create_sae
 from conftest import build_tiny_model
+from helpers import make_sae
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -319,12 +319,7 @@ def test_alignment_lands_on_shared_word_ends(tiny_model, other_model):
 
 
 def tiny_sae(model, d_in, width=48, seed=0, hook=HOOK, name=None):
-    torch.manual_seed(seed)
-    sae = create_sae(SAEConfig(arch="topk", d_in=d_in, width=width, k=4, model_name=name or model.name,
-                               hook_name=hook))
-    with torch.no_grad():
-        sae.b_enc.normal_(std=0.3)
-    return sae
+    return make_sae("topk", d_in=d_in, width=width, k=4, seed=seed, model_name=name or model.name, hook_name=hook)
 
 
 def test_aligned_chunks_end_to_end(tiny_model, other_model):

@@ -66,7 +66,10 @@ INDEX_SCRIPT = """
       tr.appendChild(cell((100 * r[1]).toPrecision(3) + '%', 'n'));
       tr.appendChild(cell(fmt(r[2]), 'n')); tr.appendChild(cell(fmt(r[3]), 'n'));
       tr.appendChild(tokens(r[4])); tr.appendChild(tokens(r[5]));
-      if (r.length > 6) { var flag = cell('\u26a0 ' + r[6], 'flag'); flag.title = legend; tr.appendChild(flag); }
+      if (legend) {  // the note column: a flag, or an empty cell
+        var flag = cell(r.length > 6 ? '\u26a0 ' + r[6] : ''); flag.title = legend; flag.style.color = '#a00';
+        tr.appendChild(flag);
+      }
       body.appendChild(tr);
     });
     count.textContent = shown.length + ' of ' + rows.length + ' latents' + (shown.length > LIMIT ? ' (first ' + LIMIT + ' shown)' : '');

@@ -1,5 +1,7 @@
 """Slow tier for saelab.analysis: steering SmolLM2-135M along a real concept, and the probes notebook."""
 
+import re
+
 import pytest
 import torch
 
@@ -35,3 +37,5 @@ def test_probes_notebook_runs(tmp_path):
     assert "| resid @ blocks.9.hook_resid_post |" in outputs and "KL to clean" in outputs
     runs = tmp_path / "runs" / "notebook05"  # outside a checkout, runs_folder() is runs/ in the working folder
     assert (runs / "probes_calendar.png").exists() and (runs / "steering_calendar.png").exists()
+    shares = {alpha: float(share) for alpha, share in re.findall(r"alpha ([\d.]+): day/month share ([\d.]+)", outputs)}
+    assert shares["0.25"] > shares["0"], outputs  # the small push brings out more day and month names

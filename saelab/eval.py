@@ -210,7 +210,7 @@ class EvalResult:
             d.pop("l0_target")
         head = {"schema_version": d.pop("schema_version"), "saelab_version": d.pop("saelab_version")}
         notes = {"notes": self.notes()} if self.notes() else {}  # derived: from_dict leaves it out
-        return _json_safe({**head, **d})
+        return _json_safe({**head, **d, **notes})
 
     def to_json(self, indent: int | None = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)

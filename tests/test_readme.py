@@ -33,7 +33,7 @@ SKIPPED = {
 }
 """Commands (by how they start) the walk does not run, and why."""
 
-WIDTHS = {"4608": "128", "9216": "256"}
+WIDTHS = {"4608": "512", "9216": "1024"}
 """README widths -> walk widths, in flags and in the SAE folder names later commands read."""
 TOKENS = {"cache": "6k", "train": "4k", "eval": "512", "dashboard": "2k", "clusters": "2k"}
 EXTRA = {
@@ -86,7 +86,7 @@ def reduced(command: str) -> list[str]:
     if verb in TOKENS:
         flags["--tokens"] = TOKENS[verb]
     if verb == "train" and "--model" in words:
-        flags.update({"--tokens": "1k", "--width": "128", "--eval-tokens": "256", "--stream-buffer-tokens": "1k"})
+        flags.update({"--tokens": "1k", "--width": "512", "--eval-tokens": "256", "--stream-buffer-tokens": "1k"})
     if verb == "clusters":
         flags["--n-clusters"] = "8"
     for name, value in flags.items():
@@ -110,7 +110,7 @@ def write_user_files(folder: Path) -> None:
     (folder / "concepts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (folder / "run.yaml").write_text("acts: runs/acts\nout: runs/yaml\neval_tokens: 256\n"
                                      "train: {tokens: 2048, batch_size: 256}\n"
-                                     "saes: [{arch: topk, width: 128, k: 16, hook: blocks.15.hook_resid_post}]\n")
+                                     "saes: [{arch: topk, width: 512, k: 16, hook: blocks.15.hook_resid_post}]\n")
 
 
 def test_the_readme_commands_parse_and_every_skip_is_listed():

@@ -41,6 +41,7 @@ EXTRA = {
     "calendar": ["--tasks", "days", "--layers", "4,8"],
     "clusters": ["--plots", "2"],
     "dashboard": ["--most-active", "8"],
+    "match": ["--nulls", "20"],
 }
 """Flags added to a verb to shrink it; a flag the README command gives itself is replaced, never doubled."""
 

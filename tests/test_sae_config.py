@@ -130,3 +130,28 @@ def test_bf16_inference_matches_fp32(arch):
     assert y_half.dtype == torch.bfloat16
     assert (y_half.float() - x).norm() / x.norm() < 1e-2
     assert (half.encode(x).float() - codes).abs().max() < 0.1
+
+
+
+def test_a_new_architecture_is_its_own_file(tmp_path):
+    """Adding an architecture is its own file (and its tests): dropped into saelab/sae/ of a copy of the package, a
+    file registers itself, with no import line anywhere else, and the registry, configs and CLI flags know it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "kernels", tmp_path / "kernels")
+    shutil.copytree(root / "saelab", tmp_path / "saelab", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "saelab" / "sae" / "toy.py").write_text(
+        "from .registry import register\nfrom .topk import TopKSAE\n\n\n"
+        "@register(\"toy\")\nclass ToySAE(TopKSAE):\n    \"\"\"A TopK SAE under another name.\"\"\"\n")
+    code = ("import saelab, saelab.sae as s; assert saelab.__file__.startswith(%r), saelab.__file__; "
+            "sae = s.create_sae(s.SAEConfig(arch='toy', d_in=4, width=8, k=2)); "
+            "print(type(sae).__name__, s.available_architectures())" % str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ToySAE") and "'toy'" in out.stdout

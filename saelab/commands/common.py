@@ -120,6 +120,13 @@ class CacheTextFlags(TextFlags):
         return super().text_config(field=self.field, prepend_bos=not self.no_bos, seed=self.seed)
 
 
+def report_study(result, out: str, written: str) -> None:
+    """Save a study's result to `out`, then print its table and what was written there, with the study's time."""
+    folder = result.save(out)
+    print(result.table())
+    print(f"wrote {folder}/{written} ({result.seconds:.0f} s)")
+
+
 def print_metrics(folder, metrics) -> None:
     print(f"\nSAE        {folder}")
     if metrics is None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from saelab.analysis.universality import MatchStudyConfig
-from saelab.commands.common import RunsModel, text_flag
+from saelab.commands.common import RunsModel, report_study, text_flag
 from saelab.options import Flag, Group
 
 SIDE = Flag(repeat=True, required=True, metavar="MODEL:HOOK[:SAE_FOLDER]")
@@ -30,6 +30,4 @@ def cmd_match(config: MatchCommand) -> None:
 
     results = run_match(config.study, log=print, trust_remote_code=config.trust_remote_code,
                         max_batch_tokens=config.max_batch_tokens)
-    out = results.save(config.out)
-    print(results.table())
-    print(f"wrote {out}/matching.json, matching.md and figures ({results.seconds:.0f} s)")
+    report_study(results, config.out, "matching.json, matching.md and figures")

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from saelab.analysis.report import ProbeConfig
 from saelab.analysis.steering import SteerConfig
-from saelab.commands.common import RunsModel, text_flag, token_position
+from saelab.commands.common import RunsModel, report_study, text_flag, token_position
 from saelab.options import Flag, Group
 
 SWITCH, POSITIONS = Flag(switch=True), Flag(parse=token_position, metavar="POSITIONS")
@@ -30,9 +30,7 @@ def cmd_probe(config: ProbeCommand) -> None:
 
     results = run_probe_study(config.study, log=print, trust_remote_code=config.trust_remote_code,
                               max_batch_tokens=config.max_batch_tokens)
-    out = results.save(config.out)
-    print(results.table())
-    print(f"wrote {out}/probes.json, probes.md, accuracy_vs_k.png ({results.seconds:.0f} s)")
+    report_study(results, config.out, "probes.json, probes.md, accuracy_vs_k.png")
 
 
 @dataclass(kw_only=True)
@@ -51,6 +49,4 @@ def cmd_steer(config: SteerCommand) -> None:
 
     result = run_steering(config.study, log=print, trust_remote_code=config.trust_remote_code,
                           max_batch_tokens=config.max_batch_tokens)
-    result.save(config.out)
-    print(result.table())
-    print(f"wrote {config.out}/steering.json and steering.png")
+    report_study(result, config.out, "steering.json, steering.md and steering.png")

@@ -119,9 +119,9 @@ def run_saelab(store, args, heldout, ref) -> dict:
 
 def add_ce_recovered(results: list[dict], args, hook: str) -> None:
     """CE loss recovered of every saved SAE (saelab's, SAELens's, sparsify's), loaded by saelab.hub.load_sae and
-    scored by saelab.eval.spliced_metrics on the same held-out contexts of --ce-text."""
+    scored by saelab.evals.core.spliced_metrics on the same held-out contexts of --ce-text."""
     from saelab.data import TextConfig
-    from saelab.eval import spliced_metrics
+    from saelab.evals.core import spliced_metrics
     from saelab.hub import load_sae
     from saelab.models import load_model
 
@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--saelab-betas", type=float, nargs=2, default=TrainConfig.adam_betas, metavar=("B1", "B2"))
     parser.add_argument("--saelab-option", type=ref.key_value, action="append", default=[], metavar="KEY=VALUE",
                         help="an SAESpec option, e.g. auxk_coefficient=0 (repeatable)")
-    # CE loss recovered of the saved SAEs, all scored by saelab.eval on held-out text
+    # CE loss recovered of the saved SAEs, all scored by saelab.evals.core on held-out text
     parser.add_argument("--ce-tokens", type=int, default=0, help="held-out positions for CE recovered (0: skip)")
     parser.add_argument("--ce-model", default="smollm2-135m")
     parser.add_argument("--ce-text", default="/work/shared/data/wikitext-2-raw/wiki.test.raw",

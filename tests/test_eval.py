@@ -1,4 +1,4 @@
-"""saelab.eval: metrics against hand-computed values, streaming, the splice hook, input_scale, the saved record."""
+"""saelab.evals.core: metrics against hand-computed values, streaming, the splice hook, input_scale, the saved record."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from saelab.activations.store import ActivationBatch
 from saelab.data import TextConfig
 from saelab.errors import DataError
-from saelab.eval import (DENSITY_PLOT_FILE, FIRING_COUNTS_FILE, METRICS_FILE, Baselines, EvalResult,
+from saelab.evals.core import (DENSITY_PLOT_FILE, FIRING_COUNTS_FILE, METRICS_FILE, Baselines, EvalResult,
                          ReconstructionStats, evaluate, feature_density, reconstruction_stats, spliced_metrics)
 from saelab.sae import SAEConfig, create_sae
 
@@ -234,9 +234,9 @@ def test_shared_baselines_give_the_same_metrics_with_fewer_forwards(tiny_model, 
 
 
 def test_baselines_too_large_to_keep_rerun_only_the_clean_forward(tiny_model, monkeypatch):
-    import saelab.eval
+    import saelab.evals.core
 
-    monkeypatch.setattr(saelab.eval, "CLEAN_LOGP_BYTES", 1)
+    monkeypatch.setattr(saelab.evals.core, "CLEAN_LOGP_BYTES", 1)
     sae = identity_sae(tiny_model.d_model, scale=0.5, hook_name=HOOK)
     ids = context_tokens(tiny_model, n=4)
     alone = evaluate(sae, model=tiny_model, text=ids, tokens=None, batch_size=2, progress=False)
@@ -400,7 +400,7 @@ def test_typical_fvu_goes_to_metrics_json_and_the_summary_names_both(tmp_path, c
 
 
 def test_a_dead_share_needs_ten_tokens_per_latent():
-    from saelab.eval import DEAD_TOKENS_PER_LATENT, dead_share_note
+    from saelab.evals.core import DEAD_TOKENS_PER_LATENT, dead_share_note
 
     assert DEAD_TOKENS_PER_LATENT == 10
     assert dead_share_note(4_064, 4_608) == ("not measured on fewer than 46,080 tokens (10 x width 4,608); "

@@ -52,7 +52,7 @@ def test_dry_run_tree_file_by_file(tmp_path):
     topk = make("topk", h15, k=3, scale=0.25, seed=1)
     jump = make("jumprelu", h15, seed=2)
     other = make("relu", "blocks.9.hook_resid_post", seed=3)
-    # a saved folder with eval outputs next to it (saelab.eval writes metrics.json + feature_density.png)
+    # a saved folder with eval outputs next to it (saelab.evals.core writes metrics.json + feature_density.png)
     save_sae(other, tmp_path / "run-relu")
     eval_dir = tmp_path / "run-relu" / "eval"
     eval_dir.mkdir()
@@ -585,7 +585,7 @@ def test_push_publishes_no_local_path(tiny_model_dir, tmp_path):
                  "--batch-size", "128", "--out", str(run), "--eval-tokens", "256"]) == 0
     (local,) = run.rglob("metrics.json")
     assert json.loads(local.read_text())["settings"]["text"]["source"] == str(text)  # kept as given, locally
-    from saelab.eval import EvalResult, _title  # the density plot's title is pixels: check the text drawn
+    from saelab.evals.core import EvalResult, _title  # the density plot's title is pixels: check the text drawn
 
     assert _title(EvalResult.load(local.parent).sae).endswith(f"· {tiny_model_dir.name} blocks.0.hook_resid_post")
     assert main(["push", str(run), REPO, "--dry-run", str(dry)]) == 0

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from saelab.errors import DataError, HookError
-from saelab.eval import spliced_metrics
+from saelab.evals.core import spliced_metrics
 from saelab.interventions import Add, Read, Replace, Splice, Tokens
 from helpers import make_sae
 from saelab.models import load_model

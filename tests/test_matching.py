@@ -412,7 +412,7 @@ def test_an_sae_is_read_only_at_its_own_hook_by_every_analysis(tiny_model, tmp_p
     from saelab.analysis.clusters import check_pairing
     from saelab.cli import main
     from saelab.codes import iter_codes
-    from saelab.eval import evaluate
+    from saelab.evals.core import evaluate
     from saelab.explore import explore
     from saelab.interventions import Splice
 

@@ -13,7 +13,7 @@ from saelab.analysis.circles import patched_answer_logits
 from saelab.analysis.concepts import LabelledTexts
 from saelab.analysis.steering import side_effects
 from saelab.errors import DataError
-from saelab.eval import spliced_metrics
+from saelab.evals.core import spliced_metrics
 from saelab.interventions import Add, plan_batches
 from saelab.sae import SAEConfig, create_sae
 

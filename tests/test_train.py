@@ -42,7 +42,7 @@ def test_several_saes_train_from_one_stream_and_learn(tiny_cache):
 def test_a_run_computes_the_clean_and_ablated_losses_once_per_hook(tiny_cache, tiny_model, monkeypatch, capsys):
     """Three SAEs on two hooks: the baselines run once per hook, and every SAE's metrics are those of evaluating it
     alone."""
-    from saelab.eval import evaluate
+    from saelab.evals.core import evaluate
 
     specs = [*SPECS, dict(arch="topk", width=64, k=4, hook=HOOKS[0])]
     text = ActivationStore(tiny_cache).held_out_text()

@@ -154,7 +154,7 @@ def _typical_note(key: str, reconstruction) -> str:
     """What 'typical' leaves out, after the typical-token FVU's value."""
     if key != "fvu_typical" or reconstruction is None or reconstruction.massive_tokens is None:
         return ""
-    from saelab.eval import MASSIVE
+    from saelab.evals.core import MASSIVE
 
     count = reconstruction.massive_tokens
     return f"   ({count:,} massive token{'s' if count != 1 else ''} left out: norm > {MASSIVE:g}x the median)"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 from saelab.commands.common import Positional, RunsModel, SAEModelFlags, Switch, TextFlags, print_metrics
-from saelab.eval import EVAL_TOKENS, METRICS_FILE
+from saelab.evals.core import EVAL_TOKENS, METRICS_FILE
 from saelab.options import Flag, PositiveInt
 
 EVAL_FOLDER = "eval"
@@ -34,7 +34,7 @@ class EvalCommand(SAEModelFlags, RunsModel, TextFlags):
 
 
 def cmd_eval(config: EvalCommand) -> None:
-    from saelab.eval import evaluate
+    from saelab.evals.core import evaluate
     from saelab.hub import load_sae
     from saelab.hub.folder import save_metrics
 

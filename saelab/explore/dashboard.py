@@ -21,7 +21,7 @@ from typing import Iterable
 
 from saelab.errors import SaelabError
 from saelab.explore.examples import EMPTY
-from saelab.eval import MASSIVE
+from saelab.evals.core import MASSIVE
 from saelab.explore.html import MASSIVE_NOTE, STYLE, esc, shown, top_tokens
 from saelab.files import LOCK_FILE, FolderLock, remove_owned, write_atomic
 

@@ -8,7 +8,7 @@ chunk's median, so no second pass is needed), the top-n activating examples and 
 Codes come from `saelab.codes.iter_codes`, in text order; nothing [tokens x width] is ever held.
 
 It also keeps every token's activation norm (4 bytes a token) to flag the latents whose top examples all sit at
-"massive" tokens (norm above saelab.eval.MASSIVE x the median norm of the pass): attention sinks and the like,
+"massive" tokens (norm above saelab.evals.core.MASSIVE x the median norm of the pass): attention sinks and the like,
 which such a latent reconstructs rather than a feature of the text.
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from saelab.codes import Codes, Source, iter_codes
-from saelab.eval import MASSIVE
+from saelab.evals.core import MASSIVE
 from saelab.explore.examples import ExampleTable, Window
 
 BINS_PER_DECADE = 20

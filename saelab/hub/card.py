@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from saelab.eval import DEAD_TOKENS_PER_LATENT, MASSIVE, dead_share_note
+from saelab.evals.core import DEAD_TOKENS_PER_LATENT, MASSIVE, dead_share_note
 from saelab.models import OFFLINE_MODELS
 from saelab.sae import SAEConfig, available_architectures, sae_class
 
@@ -55,7 +55,7 @@ def base_model_of(model_name: str) -> str | None:
 
 
 def flat_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
-    """Scalar metrics from a metrics.json: top-level numbers, then numbers one level down (saelab.eval nests them
+    """Scalar metrics from a metrics.json: top-level numbers, then numbers one level down (saelab.evals.core nests them
     under 'reconstruction' and 'spliced'); anything else is ignored."""
     out: dict[str, float] = {}
     if not isinstance(metrics, dict):
@@ -185,7 +185,7 @@ def _table(entries: list[CardEntry]) -> list[str]:
 
 
 def _dead_unmeasured(entry: CardEntry) -> bool:
-    """Whether the entry's dead share comes from too few tokens to mean anything (saelab.eval.dead_share_note)."""
+    """Whether the entry's dead share comes from too few tokens to mean anything (saelab.evals.core.dead_share_note)."""
     m = flat_metrics(entry.metrics)
     n = m.get("n_tokens")
     has_dead = "frac_dead" in m or "dead_frac" in m

@@ -46,7 +46,7 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
 
     densities: per-latent firing frequencies in [0, 1] (stored as log10(d + 1e-10), like SAELens), or log10
         densities already (recognised by a negative entry).
-    metrics: a dict written to metrics.json, or an object with `save(folder)` (saelab.eval's EvalResult, which
+    metrics: a dict written to metrics.json, or an object with `save(folder)` (saelab.evals.core's EvalResult, which
         writes metrics.json and the density plot).
     metadata: SAELens run keys to record (dataset_path, context_size, prepend_bos, hook_head_index, ...; training
         gives saelab.hub.saelens.source_metadata of its activations). model_name is written as the Hugging Face
@@ -126,7 +126,7 @@ def _write_folder(folder: Path, tensors: dict[str, Tensor], sparsity: Tensor | N
 
 
 def save_metrics(folder: PathLike, metrics: Any, width: int) -> None:
-    """Add evaluation metrics to the SAE saved in `folder`: metrics.json (with the density plot saelab.eval's
+    """Add evaluation metrics to the SAE saved in `folder`: metrics.json (with the density plot saelab.evals.core's
     EvalResult writes) and the sparsity.safetensors its firing counts give."""
     folder = Path(folder)
     densities = _densities_from(metrics)
@@ -189,7 +189,7 @@ def write_metrics(folder: Path, metrics: Any) -> None:
     if hasattr(metrics, "to_dict"):
         metrics = metrics.to_dict()
     if not isinstance(metrics, dict):
-        raise HubError(f"metrics must be a dict (or saelab.eval's EvalResult), got {type(metrics).__name__}")
+        raise HubError(f"metrics must be a dict (or saelab.evals.core's EvalResult), got {type(metrics).__name__}")
     try:
         write_json(folder / METRICS_FILE, _json_safe(metrics))
     except (TypeError, ValueError) as e:

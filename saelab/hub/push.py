@@ -46,7 +46,7 @@ README = "README.md"
 EVAL = "eval"
 UPLOADED = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, METRICS_FILE, *DENSITY_PLOTS)  # copied as is (saelab folders)
 READ = (FIRING_COUNTS_FILE, SPARSIFY_WEIGHTS_FILE, *GEMMASCOPE_FILES)  # read to convert, never uploaded as is
-EVAL_FILES = (METRICS_FILE, *DENSITY_PLOTS, FIRING_COUNTS_FILE)  # what saelab.eval writes into <sae>/eval/
+EVAL_FILES = (METRICS_FILE, *DENSITY_PLOTS, FIRING_COUNTS_FILE)  # what saelab.evals.core writes into <sae>/eval/
 QUIET = (LOCK_FILE,)  # written by saelab, neither read nor uploaded nor worth a warning
 
 
@@ -193,7 +193,7 @@ def _stage_folder(src: Path, files: dict[str, Path], dst: Path, fmt: str, sae: S
 
 
 def _sparsity_from_counts(files: dict[str, Path], dst: Path) -> None:
-    """sparsity.safetensors from saelab.eval's firing_counts.safetensors and metrics.json n_tokens, if both exist."""
+    """sparsity.safetensors from saelab.evals.core's firing_counts.safetensors and metrics.json n_tokens, if both exist."""
     metrics = read_metrics(dst) or {}
     n = metrics.get("n_tokens")
     if FIRING_COUNTS_FILE not in files or not isinstance(n, int) or n <= 0:

@@ -62,7 +62,7 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
 def _baselines(hooks: set[str], model, text, tokens: int, progress: bool) -> dict:
     """{hook: Baselines, or the error that stopped them (each SAE at that hook then reports it)}."""
     from saelab.errors import SaelabError
-    from saelab.eval import Baselines
+    from saelab.evals.core import Baselines
 
     found = {}
     for hook in sorted(hooks):
@@ -77,7 +77,7 @@ def _evaluate(result: TrainedSAE, model, text, tokens: int, baselines, progress:
     """Evaluate a trained SAE and add the metrics to its folder; if the evaluation cannot run (the held-out text ran
     out, a file is gone), say why in `result.not_evaluated` and a warning, and leave the saved SAE as it is."""
     from saelab.errors import SaelabError
-    from saelab.eval import evaluate
+    from saelab.evals.core import evaluate
     from saelab.hub.folder import save_metrics
 
     try:

@@ -55,7 +55,7 @@ class TrainedSAE:
     hook: str
     sae: SAE
     steps: int
-    metrics: object | None = None  # saelab.eval.EvalResult, when evaluated
+    metrics: object | None = None  # saelab.evals.core.EvalResult, when evaluated
     folder: Path | None = None  # where it was saved
     not_evaluated: str | None = None
     """Why an evaluation that was asked for could not run (the held-out text ran out, say); the SAE is saved."""

@@ -16,6 +16,7 @@ from saelab.commands.cache import CacheCommand, InfoCommand, cmd_cache, cmd_info
 from saelab.commands.circles import CalendarCommand, ClustersCommand, cmd_circles_calendar, cmd_circles_clusters
 from saelab.commands.dashboard import DashboardCommand, cmd_dashboard
 from saelab.commands.evaluate import EvalCommand, PushCommand, cmd_eval, cmd_push
+from saelab.commands.evals import EvalsCommand, cmd_evals
 from saelab.commands.match import MatchCommand, cmd_match
 from saelab.commands.probe import ProbeCommand, SteerCommand, cmd_probe, cmd_steer
 from saelab.commands.quickstart import QuickstartCommand, cmd_quickstart
@@ -48,6 +49,7 @@ VERBS = (
     Verb("cache", CacheCommand, cmd_cache),
     Verb("train", TrainCommand, cmd_train, settings=add_setting_flags),
     Verb("eval", EvalCommand, cmd_eval),
+    Verb("evals", EvalsCommand, cmd_evals),
     Verb("push", PushCommand, cmd_push),
     Verb("probe", ProbeCommand, cmd_probe),
     Verb("steer", SteerCommand, cmd_steer),

@@ -75,10 +75,6 @@ class Feature:
     name: str = ""
     massive_only: bool = False
     """Every top example is at a massive-norm token (see saelab.explore.stats): likely an attention-sink latent."""
-    logit_edges: list[float] = field(default_factory=list)
-    logit_counts: list[int] = field(default_factory=list)
-    """Histogram of the decoder direction's logit weights W_dec[i] @ W_U over the whole vocabulary (equal-width
-    bins over [min, max]): where the promoted and suppressed tokens sit against all the others."""
 
     @property
     def density(self) -> float:

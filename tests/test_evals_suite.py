@@ -1,0 +1,115 @@
+"""The eval suite: records written beside each SAE, read back into one table, seeds of one recipe pooled and
+recipes compared against their seed spread; `saelab evals` on the command line."""
+
+import json
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+
+from saelab.cli import main
+from saelab.evals import suite
+from saelab.evals.intervals import Interval
+from saelab.evals.saebench import saebench_output
+from tests.helpers import saved_small_sae
+
+SCORES = {"topk": [0.50, 0.51, 0.52], "relu": [0.70, 0.71, 0.69]}
+
+
+@dataclass
+class FakeEvalConfig:
+    resamples: int = 10
+
+
+class FakeResult:
+    def __init__(self, score: float, config):
+        self.score, self.config = score, config
+
+    def saebench(self, sae):
+        interval = Interval(self.score, self.score - 0.01, self.score + 0.01, 50, "bootstrap")
+        return saebench_output("fake_eval", self.config, {"quality": {"score": self.score}}, sae,
+                               intervals={"quality.score": interval})
+
+
+@pytest.fixture
+def fake_eval(monkeypatch):
+    """A stand-in eval whose score is looked up by the SAE's architecture and seed (its decoder's first value)."""
+    module = types.ModuleType("fake_eval")
+    module.EVAL_TYPE_ID, module.FakeEvalConfig, module.calls = "fake_eval", FakeEvalConfig, []
+
+    def run(sae, model, config=None, *, progress=True):
+        module.calls.append((sae.cfg.arch, model, config))
+        seed = sae.seen_seed
+        return FakeResult(SCORES[sae.cfg.arch][seed], config or FakeEvalConfig())
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, "fake_eval", module)
+    monkeypatch.setitem(suite.EVALS, "fake_eval", "fake_eval")
+    return module
+
+
+@pytest.fixture
+def seeded_folders(tmp_path, monkeypatch):
+    """Three seeds of a TopK and of a ReLU SAE saved as folders; loading one tells the fake eval its seed."""
+    from saelab import hub
+
+    folders = {(arch, seed): saved_small_sae(tmp_path / f"{arch}-s{seed}", arch, seed=seed)
+               for arch in SCORES for seed in range(3)}
+    real_load = hub.load_sae
+
+    def load(folder, **kwargs):
+        sae = real_load(folder, **kwargs)
+        sae.seen_seed = int(str(folder).rsplit("-s", 1)[1])
+        return sae
+
+    monkeypatch.setattr(hub, "load_sae", load)
+    return folders
+
+
+def test_run_suite_writes_each_record_beside_its_sae_and_loads_each_model_once(fake_eval, seeded_folders):
+    folders = [seeded_folders["topk", 0], seeded_folders["relu", 1]]
+    loaded = []
+    results = suite.run_suite(folders, ["fake_eval"], load_model=lambda sae, f: loaded.append(f) or "model")
+    assert len(loaded) == 1 and [call[1] for call in fake_eval.calls] == ["model", "model"]
+    record = json.loads((folders[1] / "evals" / "fake_eval.json").read_text())
+    assert record["eval_result_metrics"] == {"quality": {"score": 0.71}}
+    again = suite.read_suite(folders)
+    assert [r.headline()["fake_eval: quality.score"].estimate for r in again] == [0.50, 0.71]
+    table = suite.suite_table(results)
+    assert "| fake_eval: quality.score |" in table and "0.500 [0.490, 0.510]" in table
+
+
+def test_seeds_of_one_recipe_are_pooled_and_recipes_compared_against_their_spread(fake_eval, seeded_folders):
+    results = suite.run_suite(list(seeded_folders.values()), ["fake_eval"], load_model=lambda sae, f: None)
+    groups = suite.recipes(results)
+    assert sorted(len(g) for g in groups.values()) == [3, 3]
+    pooled = {name.split("-")[0]: suite.pooled(group)["fake_eval: quality.score"] for name, group in groups.items()}
+    assert pooled["topk"].estimate == pytest.approx(0.51) and pooled["topk"].n == 3
+    assert pooled["relu"].std == pytest.approx(0.01)
+    table = suite.seeds_table(results)
+    assert "beyond the seed spread" in table and "(sd 0.01, n=3)" in table
+
+
+def test_an_unknown_eval_is_refused_before_any_sae_loads(tmp_path):
+    with pytest.raises(ValueError, match="no eval named 'nope'"):
+        suite.run_suite([tmp_path / "missing"], ["nope"])
+
+
+def test_saelab_evals_runs_the_suite_and_pools_seeds(fake_eval, seeded_folders, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("saelab.models.load_model", lambda name, **kw: f"loaded {name}")
+    folders = [str(seeded_folders["topk", s]) for s in range(3)]
+    assert main(["evals", *folders, "--suite", "fake_eval", "--as-seeds", "--resamples", "7",
+                 "--out", str(tmp_path / "records")]) == 0
+    printed = capsys.readouterr().out
+    assert "0.510 [" in printed and "(3 seeds)" in printed
+    assert fake_eval.calls[0][1] == "loaded smollm2-135m" and fake_eval.calls[0][2] == FakeEvalConfig(resamples=7)
+    assert len(list((tmp_path / "records").glob("*/evals/fake_eval.json"))) == 3
+    assert not (seeded_folders["topk", 0] / "evals").exists()  # --out: nothing written beside the SAEs
+
+
+def test_saelab_evals_help_names_every_eval(capsys):
+    with pytest.raises(SystemExit):
+        main(["evals", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(name in help_text for name in suite.EVALS)

@@ -627,3 +627,28 @@ def test_the_card_names_the_model_its_quantisation_the_training_text_and_the_eva
     row = next(line for line in card.splitlines() if line.startswith("| <code>"))
     assert "50.00%" not in row  # 4,064 tokens cannot tell a dead latent of 512 from a rare one (5,120 needed)
     assert "Dead is not measured (–) on an evaluation of fewer than 10 x width tokens" in card
+
+
+def test_eval_records_are_published_beside_the_sae_and_shown_in_the_card(tmp_path):
+    from saelab.evals.intervals import Interval
+    from saelab.evals.saebench import saebench_output, write_output
+
+    sae_dir = saved_small_sae(tmp_path / "sae")
+    interval = Interval(0.26, 0.21, 0.31, 26, "bootstrap")
+    write_output(saebench_output("absorption_first_letter", {}, {"mean": {"mean_absorption_fraction_score": 0.26}},
+                                 load_sae(sae_dir), intervals={"mean.mean_absorption_fraction_score": interval}),
+                 sae_dir)
+    (sae_dir / "evals" / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match=r"evals/notes.txt"):
+        push_to_hub(sae_dir, REPO, dry_run=tmp_path / "up")
+    staged = next(p for p in (tmp_path / "up").iterdir() if p.is_dir())
+    record = json.loads((staged / "evals" / "absorption_first_letter.json").read_text())
+    assert record["eval_result_metrics"]["mean"]["mean_absorption_fraction_score"] == 0.26
+    assert not (staged / "evals" / "notes.txt").exists()
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert "## Evals" in card and "absorption_first_letter: mean.mean_absorption_fraction_score | 0.260 [0.210, 0.310]" in card
+
+    (sae_dir / "evals" / "notes.txt").unlink()
+    (sae_dir / "evals" / "core.json").symlink_to(sae_dir / "cfg.json")
+    with pytest.raises(HubError, match=r"core.json is a symbolic link"):
+        push_to_hub(sae_dir, REPO, dry_run=tmp_path / "up2")

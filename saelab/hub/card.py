@@ -40,6 +40,8 @@ class CardEntry:
     density_plot: str | None = None
     """Path of a density plot, relative to the repo root."""
     folded_input_scale: float = 1.0
+    evals: dict[str, dict] = field(default_factory=dict)
+    """`saelab evals` records in SAEBench's layout ({eval_type_id: record}), uploaded in <subfolder>/evals/."""
     run: dict[str, Any] = field(default_factory=dict)
     """The SAELens run keys of its cfg.json (model, dataset_path, context_size, ...): what the card says it was
     trained on."""
@@ -124,6 +126,7 @@ def build_model_card(entries: list[CardEntry], repo_id: str, *, license: str | N
     lines += _introduction(entries, meta)
     lines += _table(entries)
     lines += _provenance(entries)
+    lines += _evals(entries)
     plots = [e for e in entries if e.density_plot]
     if plots:
         lines += ["## Feature density", ""]
@@ -182,6 +185,21 @@ def _table(entries: list[CardEntry]) -> list[str]:
                     "model, 0 = as bad as zero-ablation; KL: KL(clean || spliced) in nats. – : not measured.", ""
                     ] + ([f"Dead is not measured (–) on an evaluation of fewer than {DEAD_TOKENS_PER_LATENT} x width "
                           "tokens: too few to tell a rare latent from a dead one.", ""] if unmeasured else [])
+
+
+def _evals(entries: list[CardEntry]) -> list[str]:
+    """## Evals: every metric `saelab evals` gave an interval, per SAE, as `estimate [low, high]`."""
+    from saelab.evals.saebench import read_intervals
+
+    rows = [(e.subfolder, f"{eval_id}: {name}", str(interval)) for e in entries
+            for eval_id, record in sorted(e.evals.items()) for name, interval in read_intervals(record).items()]
+    if not rows:
+        return []
+    lines = ["## Evals", "", "| Subfolder | Metric | Estimate [95% interval] |", "|---|---|---|"]
+    lines += [f"| {_code(subfolder)} | {_text(metric)} | {value} |" for subfolder, metric, value in rows]
+    return lines + ["", "Computed by `saelab evals`; each record is in `<subfolder>/evals/<eval>.json` in SAEBench's "
+                    "output layout, its intervals under `eval_result_unstructured.saelab.intervals` (bootstrap over "
+                    "independent units: contexts, words or test examples).", ""]
 
 
 def _dead_unmeasured(entry: CardEntry) -> bool:

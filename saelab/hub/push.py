@@ -31,6 +31,7 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
+from saelab.evals.saebench import read_outputs
 from saelab.files import LOCK_FILE, inside, relative_path_problem, without_local_paths
 from saelab.sae import SAE
 
@@ -44,6 +45,7 @@ from .saelens import read_log_densities
 
 README = "README.md"
 EVAL = "eval"
+EVALS = "evals"  # `saelab evals` records (SAEBench layout), uploaded beside the SAE and shown in the card
 UPLOADED = (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE, METRICS_FILE, *DENSITY_PLOTS)  # copied as is (saelab folders)
 READ = (FIRING_COUNTS_FILE, SPARSIFY_WEIGHTS_FILE, *GEMMASCOPE_FILES)  # read to convert, never uploaded as is
 EVAL_FILES = (METRICS_FILE, *DENSITY_PLOTS, FIRING_COUNTS_FILE)  # what saelab.evals.core writes into <sae>/eval/
@@ -142,28 +144,32 @@ def subfolder_names(cfgs: list, explicit: list[str | None]) -> list[str]:
 
 
 def _source_files(root: Path, src: Path) -> dict[str, Path]:
-    """The files of SAE folder `src` that saelab reads or uploads (name -> path; metrics and plots also from eval/),
+    """The files of SAE folder `src` that saelab reads or uploads (name -> path; metrics and plots also from eval/,
+    `saelab evals` records from evals/ as "evals/<name>"),
     with no link anywhere from `root` down to them; warns about the files that are left out."""
     refuse_links(root, src)
     files: dict[str, Path] = {}
     left_out = []
-    if (src / EVAL).is_symlink():
-        raise link_error(src / EVAL)
-    for base, prefix, known in ((src, "", UPLOADED + READ), (src / EVAL, f"{EVAL}/", EVAL_FILES)):
+    for sub in (EVAL, EVALS):
+        if (src / sub).is_symlink():
+            raise link_error(src / sub)
+    records = sorted(p.name for p in (src / EVALS).glob("*.json")) if (src / EVALS).is_dir() else []
+    for base, prefix, known in ((src, "", UPLOADED + READ), (src / EVAL, f"{EVAL}/", EVAL_FILES),
+                                (src / EVALS, f"{EVALS}/", records)):
         if not base.is_dir():
             continue
         for path in sorted(base.iterdir()):
-            name = path.name
-            if base == src and name == EVAL:
+            name = prefix + path.name if prefix == f"{EVALS}/" else path.name  # eval/'s files stand in for the SAE's
+            if base == src and name in (EVAL, EVALS):
                 continue
-            if name in known:
+            if path.name in known:
                 if path.is_symlink():
                     raise link_error(path)
                 if path.is_file():
                     files.setdefault(name, path)  # the folder's own file wins over eval/'s
                     continue
             if name not in QUIET:
-                left_out.append(prefix + name)
+                left_out.append(prefix + path.name)
     if left_out:
         warnings.warn(f"{src}: not uploading {left_out[:20]}{' ...' if len(left_out) > 20 else ''}: only the files "
                       f"of the saelab format are uploaded ({', '.join(UPLOADED)})", stacklevel=2)
@@ -190,6 +196,9 @@ def _stage_folder(src: Path, files: dict[str, Path], dst: Path, fmt: str, sae: S
         copy_regular(files[plot], dst / plot)
     if not (dst / SPARSITY_FILE).is_file():
         _sparsity_from_counts(files, dst)
+    for name in sorted(n for n in files if n.startswith(EVALS + "/")):
+        (dst / EVALS).mkdir(exist_ok=True)
+        copy_regular(files[name], dst / name)
 
 
 def _sparsity_from_counts(files: dict[str, Path], dst: Path) -> None:
@@ -273,7 +282,7 @@ def stage(saes_or_folders: Any, out: Path, repo_id: str, *, license: str | None 
         plot = next((f"{name}/{p}" for p in DENSITY_PLOTS if (dst / p).is_file()), None)
         entries.append(CardEntry(subfolder=name, cfg=cfg, metrics=read_metrics(dst) or {}, density_plot=plot,
                                  folded_input_scale=float(block.get("folded_input_scale", 1.0)),
-                                 run=read_run_keys(dst)))
+                                 run=read_run_keys(dst), evals=read_outputs(dst)))
     (out / README).write_text(build_model_card(entries, repo_id, license=license))
     return entries
 

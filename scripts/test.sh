@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 python -m pytest -q
-python -m pytest -q -m slow
+python -m pytest -q -m slow --durations=25  # the slowest real-model steps, timed in every CI log

@@ -75,6 +75,10 @@ class Feature:
     name: str = ""
     massive_only: bool = False
     """Every top example is at a massive-norm token (see saelab.explore.stats): likely an attention-sink latent."""
+    logit_edges: list[float] = field(default_factory=list)
+    logit_counts: list[int] = field(default_factory=list)
+    """Histogram of the decoder direction's logit weights W_dec[i] @ W_U over the whole vocabulary (equal-width
+    bins over [min, max]): where the promoted and suppressed tokens sit against all the others."""
 
     @property
     def density(self) -> float:
@@ -84,8 +88,8 @@ class Feature:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def html(self, link=None) -> str:
-        return card(self, link)
+    def html(self, link=None, note: str = "") -> str:
+        return card(self, link, note)
 
     def _repr_html_(self) -> str:
         return f"<style>{STYLE}</style>{self.html()}"

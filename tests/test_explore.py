@@ -225,7 +225,8 @@ def test_dashboard_is_offline_and_shows_the_latents_contexts(features, tmp_path)
     latents = features.most_active(5)
     index = features.dashboard(tmp_path / "dash", latents + [0])
     pages = sorted((tmp_path / "dash" / "latents").glob("*.html"))
-    assert {int(p.stem) for p in pages} == set(latents) | {0}
+    neighbours = {int(j) for i in latents + [0] for j in features.nearest[1][i]}
+    assert {int(p.stem) for p in pages} == set(latents) | {0} | neighbours  # every neighbour link leads somewhere
     external = re.compile(r"""(?:src|href|action)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?(?:https?:)?//|@import""",
                           re.I)
     for page in [index, *pages]:
@@ -241,7 +242,7 @@ def test_dashboard_is_offline_and_shows_the_latents_contexts(features, tmp_path)
     assert esc(shown("".join(card.top[0].tokens[card.top[0].at :]))) in re.sub(r"<[^>]+>", "", html)
     assert f"[{latents[0]}," in index.read_text()
     # a second export of fewer latents leaves no stale pages behind
-    features.dashboard(tmp_path / "dash", [latents[0]])
+    features.dashboard(tmp_path / "dash", [latents[0]], neighbours=False)
     assert [p.stem for p in (tmp_path / "dash" / "latents").glob("*.html")] == [str(latents[0])]
     assert not external.search(features[latents[0]]._repr_html_())
     assert features.browse(latents[:3])._repr_html_().count("<details>") == 3
@@ -285,6 +286,12 @@ def test_bad_input_gives_clear_errors(features, tiny_cache, tiny_model, referenc
         features.dashboard("unused", [])
 
 
+def features_of(dashboard) -> list[list]:
+    """The rows a dashboard's index embeds."""
+    index = (dashboard / "index.html").read_text(encoding="utf-8")
+    return json.loads(index.split('id="data">')[1].split("</script>")[0])
+
+
 def test_cli_dashboard(tiny_cache, tiny_model, tiny_model_dir, reference, tmp_path, capsys):
     from saelab.cli import main
 
@@ -294,7 +301,9 @@ def test_cli_dashboard(tiny_cache, tiny_model, tiny_model_dir, reference, tmp_pa
                  str(tmp_path / "dash"), "--most-active", "4", "--top", "5"])
     assert code == 0
     assert "index.html" in capsys.readouterr().out
-    assert len(list((tmp_path / "dash" / "latents").glob("*.html"))) == 4
+    pages = {int(p.stem) for p in (tmp_path / "dash" / "latents").glob("*.html")}
+    shown = features_of(tmp_path / "dash")
+    assert len(pages) == len(shown) and sum(not row[7] for row in shown) == 4  # and their neighbours, marked
     assert main(["dashboard", str(sae_dir), "--acts", str(tiny_cache), "--model", str(tiny_model_dir), "--out",
                  str(tmp_path / "dash"), "--latents", "99"]) == 2
     assert "out of range" in capsys.readouterr().err
@@ -335,7 +344,7 @@ def test_a_dashboard_replaces_only_what_a_dashboard_wrote(topk_features, sae, ti
 
     ours = tmp_path / "dash"
     topk_features.dashboard(ours, [1, 2, 3])
-    topk_features.dashboard(ours, [2])  # a dashboard's own pages are replaced, the stale ones removed
+    topk_features.dashboard(ours, [2], neighbours=False)  # a dashboard's own pages are replaced, the stale ones removed
     assert sorted(p.name for p in (ours / "latents").iterdir()) == ["2.html"]
     for intruder, named in (("latents/notes.txt", "latents/notes.txt"), ("extra/page.html", "extra")):
         (ours / intruder).parent.mkdir(exist_ok=True)  # a user's file in a dashboard's folder is kept
@@ -367,10 +376,10 @@ def test_an_interrupted_dashboard_is_finished_by_the_next_one(topk_features, tmp
 
     monkeypatch.setattr(FeatureSet, "__getitem__", crash_on_the_third_page)
     with pytest.raises(KeyboardInterrupt):
-        topk_features.dashboard(out, [0, 1, 2, 3, 4])
+        topk_features.dashboard(out, [0, 1, 2, 3, 4], neighbours=False)
     monkeypatch.setattr(FeatureSet, "__getitem__", real)
     assert len(list((out / "latents").iterdir())) == 2
-    topk_features.dashboard(out, [5, 6])
+    topk_features.dashboard(out, [5, 6], neighbours=False)
     assert sorted(p.name for p in (out / "latents").iterdir()) == ["5.html", "6.html"]
     assert json.loads((out / ".saelab-dashboard.json").read_text())["files"] == ["index.html", "latents/5.html",
                                                                                    "latents/6.html"]
@@ -382,7 +391,7 @@ def test_a_second_dashboard_writer_is_refused_naming_the_first(topk_features, tm
         with pytest.raises(FolderBusyError, match=r"another saelab process \(pid \d+\) is writing the dashboard"):
             topk_features.dashboard(out, [1, 2])
         assert not (out / "latents").exists()
-    topk_features.dashboard(out, [1, 2])
+    topk_features.dashboard(out, [1, 2], neighbours=False)
     assert len(list((out / "latents").iterdir())) == 2
 
 

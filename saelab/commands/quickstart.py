@@ -34,7 +34,7 @@ class QuickstartCommand:
     eval_tokens: PositiveInt = 4096
     """held-out tokens for the spliced-model eval"""
     dashboard_latents: PositiveInt = 50
-    """latents in the closing dashboard (the most active)"""
+    """latents in the closing dashboard (sampled across firing-density bands; their nearest latents get pages too)"""
     no_resume: Switch = False
     """start the training over even if --out holds a checkpoint of another run"""
     overwrite: Switch = False
@@ -49,6 +49,7 @@ def cmd_quickstart(config: QuickstartCommand) -> None:
     from saelab.data import TextConfig
     from saelab.explore import explore
     from saelab.explore.dashboard import check_folder
+    from saelab.explore.selection import describe
     from saelab.models import load_model
     from saelab.training import TrainConfig, train
 
@@ -70,6 +71,8 @@ def cmd_quickstart(config: QuickstartCommand) -> None:
     print_metrics(result.folder, result.metrics)
     started = time.perf_counter()
     features = explore(result.sae, out / "acts", model)
-    index = features.dashboard(out / "dashboard", features.most_active(config.dashboard_latents))
-    print(f"\ndashboard  {index}  ({config.dashboard_latents} most active latents, "
+    latents = features.sample_latents(config.dashboard_latents)
+    about = describe(features.stats, latents)
+    index = features.dashboard(out / "dashboard", latents, about=about)
+    print(f"\ndashboard  {index}  ({about}, and their nearest latents; "
           f"{time.perf_counter() - started:.0f} s; opens from disk in any browser)")

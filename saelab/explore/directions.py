@@ -42,6 +42,18 @@ def logit_effects(W_dec: Tensor, W_U: Tensor, k: int = 10, chunk: int = 512) -> 
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
+def logit_histogram(direction: Tensor, W_U: Tensor, bins: int = 40) -> tuple[list[float], list[int]]:
+    """(edges, counts): the histogram of one decoder row's logit weights `direction @ W_U` over every token, in
+    `bins` equal-width bins over [min, max]. One row at a time, as a card is read, so no [width, vocab] is held."""
+    with torch.no_grad():
+        logits = direction.float().cpu() @ W_U
+    low, high = float(logits.min()), float(logits.max())
+    if high <= low:
+        high = low + 1e-6
+    counts = torch.histc(logits, bins=bins, min=low, max=high)
+    return torch.linspace(low, high, bins + 1).tolist(), counts.long().tolist()
+
+
 def nearest_latents(W_dec: Tensor, k: int = 8, chunk: int = 1024) -> tuple[Tensor, Tensor]:
     """(cosines, latents), each [width, k]: every latent's k most similar other decoder rows."""
     W = W_dec.detach().float().cpu()

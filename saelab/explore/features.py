@@ -17,11 +17,12 @@ from torch import Tensor
 
 from saelab.codes import Source
 from saelab.explore.dashboard import write_dashboard
-from saelab.explore.directions import logit_effects, nearest_latents, unembedding
+from saelab.explore.directions import logit_effects, logit_histogram, nearest_latents, unembedding
 from saelab.explore.examples import EMPTY, ExampleTable
 from saelab.explore.html import Browser
 from saelab.explore.records import Example, Feature, QuantileGroup
 from saelab.explore.search import LatentTable, search_examples
+from saelab.explore.selection import sample_latents
 from saelab.explore.stats import LatentStats, collect
 from saelab.explore.texts import TokenTexts
 
@@ -46,6 +47,7 @@ class FeatureSet:
         self.stats, self.tokenizer, self.name = stats, tokenizer, name
         self.groups, self.per_group = groups, per_group
         self.logits = logit_effects(W_dec, W_U, n_logits) if W_U is not None else None
+        self._W_dec, self._W_U = W_dec, W_U  # for each card's histogram of logit weights
         self.nearest = nearest_latents(W_dec, n_nearest)
         self._texts = TokenTexts(tokenizer)
         vocab = len(tokenizer)
@@ -78,17 +80,20 @@ class FeatureSet:
         nonzero = counts.nonzero().squeeze(1)
         first, last = (int(nonzero[0]), int(nonzero[-1]) + 1) if len(nonzero) else (0, 0)
         promoted = suppressed = []
+        logit_edges, logit_counts = [], []
         if self.logits is not None:
             up_v, up_i, down_v, down_i = (t[latent] for t in self.logits)
             promoted = list(zip(self.token_texts(up_i.tolist()), up_v.tolist()))
             suppressed = list(zip(self.token_texts(down_i.tolist()), down_v.tolist()))
+            logit_edges, logit_counts = logit_histogram(self._W_dec[latent], self._W_U)
         cos, near = self.nearest[0][latent], self.nearest[1][latent]
         count = int(stats.count[latent])
         return Feature(latent, self.width, stats.n_tokens, count, float(stats.total[latent]) / max(count, 1),
                        float(stats.max[latent]), top, self._quantiles(latent),
                        stats.edges[first : last + 1].tolist() if last else [], counts[first:last].tolist(),
                        promoted, suppressed, list(zip(near.tolist(), cos.tolist())), self.name,
-                       massive_only=stats.massive_only is not None and bool(stats.massive_only[latent]))
+                       massive_only=stats.massive_only is not None and bool(stats.massive_only[latent]),
+                       logit_edges=logit_edges, logit_counts=logit_counts)
 
     def _quantiles(self, latent: int) -> list[QuantileGroup]:
         """Split the latent's sampled firings, sorted by activation, into `groups` equal-count groups."""
@@ -141,6 +146,11 @@ class FeatureSet:
         score = self.stats.count.double() if by == "count" else self.stats.max.double()
         return score.topk(min(n, self.width)).indices.tolist()
 
+    def sample_latents(self, n: int = 50, seed: int = 0, bands: int | None = None) -> list[int]:
+        """n latents that show the whole SAE: equal shares of log-spaced firing-density bands (the densest latents
+        one band among them), dead and massive-token-only latents left out (see saelab.explore.selection)."""
+        return sample_latents(self.stats, n, seed, bands)
+
     def search(self, phrase: str, n: int = 10) -> LatentTable:
         """Latents that fire on `phrase` in the pass: the share of their top examples and of their sampled firings
         whose firing token lies inside an occurrence of the phrase (case-insensitive)."""
@@ -150,10 +160,13 @@ class FeatureSet:
         """A small browser over latents for Jupyter: one line each, unfolding into its card."""
         return Browser([self[latent] for latent in (self.most_active(20) if latents is None else latents)])
 
-    def dashboard(self, out: str | Path, latents: Sequence[int] | None = None, *, title: str = "") -> Path:
+    def dashboard(self, out: str | Path, latents: Sequence[int] | None = None, *, title: str = "",
+                  neighbours: bool = True, labels: dict[int, str] | str | Path | None = None, about: str = "") -> Path:
         """Write a static dashboard (index.html + latents/<i>.html, inline CSS/JS, no network) for `latents`
-        (default: all); returns the index page's path."""
-        return write_dashboard(self, out, range(self.width) if latents is None else latents, title=title)
+        (default: all) and, with `neighbours`, their nearest latents; `labels` ({latent: text} or a JSON file) are
+        shown and searched. Returns the index page's path."""
+        return write_dashboard(self, out, range(self.width) if latents is None else latents, title=title,
+                               neighbours=neighbours, labels=labels, about=about)
 
     def __repr__(self) -> str:
         alive = int((self.stats.count > 0).sum())

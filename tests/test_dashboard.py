@@ -202,3 +202,31 @@ def test_cli_dashboard_exports_a_spread_sample_with_the_saes_labels(features, ti
     assert "sampled across" in (tmp_path / "dash" / "index.html").read_text()
     assert main([*args, "--out", str(tmp_path / "all"), "--latents", "0", "--labels", str(folder / "labels.json")]) == 0
     assert "the first latent" in (tmp_path / "all" / "latents" / "0.html").read_text()
+
+
+# ------------------------------------------------------------------------------------------------- probe reports
+def test_the_probe_report_links_the_latents_it_chose_to_their_pages(features, tmp_path):
+    from saelab.analysis.report import ProbeRecord, ProbeResults
+
+    dashboard = tmp_path / "dash"
+    features.dashboard(dashboard, [3, 10], neighbours=False)
+    sae, resid = "sae topk @ " + HOOK, "resid @ " + HOOK
+    record = lambda features_, kind, method, k, selected: ProbeRecord(
+        "days", features_, kind, HOOK, method, k, None, 0.9, 0.875, 0.9, 10, 4, 4, selected)
+    results = ProbeResults(model="m", data={"name": "d"}, records=[
+        record(sae, "sae", "sparse_mean_diff", 1, [10]), record(sae, "sae", "sparse_mean_diff", 2, [10, 3]),
+        record(sae, "sae", "sparse_l1", 2, [3, 7]), record(resid, "resid", "sparse_mean_diff", 2, [5, 6]),
+        record(sae, "sae", "logistic", None, None)], dashboards={sae: str(dashboard)})
+    folder = results.save(tmp_path / "probe")
+    text = (folder / "probes.md").read_text()
+    links = re.findall(r"\[(\d+)\]\(([^)]+)\)", text)
+    assert links == [("10", "../dash/latents/10.html"), ("3", "../dash/latents/3.html"),
+                     ("3", "../dash/latents/3.html")]  # the largest k of each method, in rank order
+    assert all((folder / href).resolve().is_file() for _, href in links)
+    assert "| days | sae topk @ blocks.1.hook_resid_post | l1 k=2 | 0.875 | [3](../dash/latents/3.html), 7 |" in text
+    assert "Latents 7 of sae topk" in text and "--latents 7" in text  # the one with no page, and how to make one
+    assert "5, 6" not in text  # residual dimensions are not latents
+    assert ProbeResults.load(folder) == results
+    plain = ProbeResults(model="m", data={"name": "d"}, records=results.records[:2]).save(tmp_path / "plain")
+    assert "| days | sae topk @ blocks.1.hook_resid_post | mean_diff k=2 | 0.875 | 10, 3 |" in (
+        plain / "probes.md").read_text()

@@ -3,6 +3,7 @@ table and an accuracy-vs-k figure, like eval's metrics.json."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ class ProbeResults(StudyResult):
     data: dict[str, Any]
     """Dataset name, sizes, classes, positions, seed and split fractions."""
     records: list[ProbeRecord] = field(default_factory=list)
+    dashboards: dict[str, str] = field(default_factory=dict)
+    """{SAE feature set: the folder of a dashboard of that SAE}: the report links the latents the probes chose to
+    their pages there."""
 
     def mean_accuracy(self) -> dict[tuple[str, str, int | None], float]:
         """{(features, method, k): test accuracy averaged over tasks (one-vs-rest classes)}."""
@@ -110,6 +114,49 @@ class ProbeResults(StudyResult):
 
     def save_figures(self, folder: Path, name: str) -> None:
         self.plot(folder / "accuracy_vs_k.png")
+
+    def write(self, folder: str | Path, name: str | None = None) -> Path:
+        self._report_folder = Path(folder)  # the report's links to dashboard pages are relative to it
+        return super().write(folder, name)
+
+    def report(self) -> str:
+        """The table, then the SAE latents each sparse probe read, linked to their dashboard pages where known."""
+        return self.table() + chosen_latents(self, getattr(self, "_report_folder", Path(".")))
+
+
+def chosen_latents(results: ProbeResults, folder: Path) -> str:
+    """Markdown: per task, SAE and sparse method, the latents its largest probe read (in rank order), each a link
+    to its page in the SAE's dashboard (relative to `folder`, where the report is written) when that page exists,
+    with the command that exports the others."""
+    rows, missing = [], {}
+    for r in results.records:
+        if r.kind != "sae" or not r.selected or r.method not in ("sparse_mean_diff", "sparse_l1"):
+            continue
+        if any(o.task == r.task and o.features == r.features and o.method == r.method and (o.k or 0) > (r.k or 0)
+               for o in results.records):
+            continue  # only the largest probe of each method: it reads the smaller ones' latents and more
+        dashboard = results.dashboards.get(r.features)
+        cells = []
+        for latent in r.selected:
+            page = Path(dashboard) / "latents" / f"{latent}.html" if dashboard else None
+            if page is not None and page.is_file():
+                cells.append(f"[{latent}]({Path(os.path.relpath(page.resolve(), folder.resolve())).as_posix()})")
+            else:
+                cells.append(str(latent))
+                if dashboard:
+                    missing.setdefault(r.features, set()).add(latent)
+        rows.append(f"| {r.task} | {r.features} | {r.method.replace('sparse_', '')} k={r.k} | {r.test_accuracy:.3f} | "
+                    + ", ".join(cells) + " |")
+    if not rows:
+        return ""
+    text = ("\nSAE latents the sparse probes read (largest k, in rank order"
+            + ("; linked to their dashboard pages" if results.dashboards else "") + ")\n\n"
+            "| task | features | probe | test accuracy | latents |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    for features, latents in missing.items():
+        listed = ",".join(map(str, sorted(latents)))
+        text += (f"\nLatents {listed} of {features} have no page in {results.dashboards[features]}; "
+                 f"`saelab dashboard SAE --acts CACHE --latents {listed} --out FOLDER` makes a dashboard of them.\n")
+    return text
 
 
 def run_probes(model, data: LabelledTexts, features: Sequence[Features], *, ks: Sequence[int] = (1, 2, 4, 8, 16),
@@ -179,6 +226,9 @@ class ProbeConfig:
     """Folder holding wikitext-2-raw and tinyshakespeare (for genre); None: ../shared/data."""
     positive: str | None = None
     """For two labels: the class a probe detects (default: the data's own, else the second in sorted order)."""
+    dashboard: list[str] = field(default_factory=list)
+    """Dashboard folders of the SAEs (one per --sae, in order; saelab dashboard writes them): the report links the
+    latents the probes chose to their pages."""
 
     def __post_init__(self):
         self.positions = str(self.positions)
@@ -226,8 +276,15 @@ def run_probe_study(config: ProbeConfig, *, model=None, data: LabelledTexts | No
     if model is None:
         options = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
         model = load_model(config.model, trust_remote_code=trust_remote_code, **options)
-    return run_probes(model, data, probe_features(model, config), ks=config.k, positions=position_of(config.positions),
-                      seed=config.seed, positive=config.positive, batch_size=config.batch_size, log=log)
+    if len(config.dashboard) > len(config.sae):
+        raise ValueError(f"{len(config.dashboard)} dashboards for {len(config.sae)} SAEs: give one dashboard per SAE, "
+                         "in the order of the SAEs")
+    features = probe_features(model, config)
+    results = run_probes(model, data, features, ks=config.k, positions=position_of(config.positions),
+                         seed=config.seed, positive=config.positive, batch_size=config.batch_size, log=log)
+    saes = [f.name for f in features if f.kind == "sae"]
+    results.dashboards = {name: str(Path(folder).resolve()) for name, folder in zip(saes, config.dashboard)}
+    return results
 
 
 __all__ = ["ProbeConfig", "ProbeRecord", "ProbeResults", "RESULTS_FILE", "SCHEMA_VERSION", "position_of",

@@ -18,8 +18,8 @@ SWITCH, POSITIONS = Flag(switch=True), Flag(parse=token_position, metavar="POSIT
 class ProbeCommand(RunsModel):
     """Linear probes on residual dims, MLP neurons and SAE latents."""
 
-    study: Annotated[ProbeConfig, Group(spell={"sae": Flag(repeat=True), "neurons": SWITCH,
-                                               "positions": POSITIONS})]
+    study: Annotated[ProbeConfig, Group(spell={"sae": Flag(repeat=True), "dashboard": Flag(repeat=True),
+                                               "neurons": SWITCH, "positions": POSITIONS})]
     out: str = "runs/probe"
     """folder for probes.json, probes.md, accuracy_vs_k.png"""
 

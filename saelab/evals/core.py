@@ -58,6 +58,7 @@ from saelab.activations.source import open_source
 from saelab.activations.store import ActivationBatch
 from saelab.data import TextConfig, token_batches
 from saelab.errors import DataError, HookError
+from saelab.evals.intervals import LEVEL, RESAMPLES, Interval, bootstrap_interval
 from saelab.files import check_schema_version, without_local_paths
 from saelab.interventions import Replace, Tokens, plan_batches
 from saelab.version import __version__
@@ -86,6 +87,36 @@ MASSIVE = 10.0
 (the rule docs/quality.md and scripts/reference_train.py use); fvu_typical leaves such tokens out."""
 MAX_MASSIVE_ROWS = 4096
 """Largest-norm rows ReconstructionStats keeps (x, error) to take the massive tokens back out of its sums."""
+EVAL_TYPE_ID = "core"
+"""SAEBench's id for this eval."""
+SAEBENCH_METRICS = {
+    "kl_div_score": "model_behavior_preservation.kl_div_score",
+    "kl_zero": "model_behavior_preservation.kl_div_with_ablation",
+    "kl_sae": "model_behavior_preservation.kl_div_with_sae",
+    "ce_loss_recovered": "model_performance_preservation.ce_loss_score",
+    "ce_zero": "model_performance_preservation.ce_loss_with_ablation",
+    "ce_sae": "model_performance_preservation.ce_loss_with_sae",
+    "ce_clean": "model_performance_preservation.ce_loss_without_sae",
+    "explained_variance": "reconstruction_quality.explained_variance",
+    "mse": "reconstruction_quality.mse",
+    "cos_sim": "reconstruction_quality.cossim",
+    "l2_ratio": "shrinkage.l2_ratio",
+    "l0": "sparsity.l0",
+    "n_predictions": "token_stats.total_tokens_eval_reconstruction",
+    "n_tokens": "token_stats.total_tokens_eval_sparsity_variance",
+    "frac_alive": "misc_metrics.frac_alive",
+    "frac_dense": "misc_metrics.freq_over_1_percent",
+}
+"""saelab's metric -> SAEBench's "category.metric" in its core record. SAEBench's l1, l2_norm_in, l2_norm_out,
+relative_reconstruction_bias, freq_over_10_percent, normalized_freq_over_*_percent and
+average_max_{encoder,decoder}_cosine_sim are not measured and are left out of the record."""
+BLOCK_ROWS = 128
+"""Tokens per bootstrap block when the activations come without their contexts (a tensor, a cache): about one
+context's worth, consecutive, so a block keeps most of one context's tokens together."""
+BLOCK_COLUMNS = ("tokens", "sq_err", "sq_x", "active", "cos", "l2_ratio")
+"""The sums ReconstructionStats keeps per block (token count, sum ||x - x_hat||^2, sum ||x||^2, active latents,
+cosine, norm ratio); sum x, d_in columns, follows them."""
+BLOCK_X = len(BLOCK_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -184,6 +215,9 @@ class EvalResult:
     firing_counts: list[int] | None = None
     """Per-latent count of tokens it was active on. Kept out of metrics.json (it has `width` entries);
     save() writes it to firing_counts.safetensors and load() reads it back."""
+    intervals: dict[str, Interval] = field(default_factory=dict)
+    """Bootstrap intervals by metric name (fvu, l0, ce_loss_recovered, kl_sae, ..., and kl_div_score, SAEBench's
+    normalised KL), set by run(); left out of metrics.json when empty."""
     schema_version: int = SCHEMA_VERSION
     saelab_version: str = __version__
 
@@ -208,6 +242,8 @@ class EvalResult:
         d.pop("firing_counts")
         if d["l0_target"] is None:
             d.pop("l0_target")
+        if not d["intervals"]:
+            d.pop("intervals")
         head = {"schema_version": d.pop("schema_version"), "saelab_version": d.pop("saelab_version")}
         notes = {"notes": self.notes()} if self.notes() else {}  # derived: from_dict leaves it out
         return _json_safe({**head, **d, **notes})
@@ -226,6 +262,8 @@ class EvalResult:
         for key, record in sub.items():
             if kwargs.get(key) is not None:
                 kwargs[key] = record(**kwargs[key])
+        if kwargs.get("intervals"):
+            kwargs["intervals"] = {name: _interval(fields) for name, fields in kwargs["intervals"].items()}
         return cls(**kwargs)
 
     @classmethod
@@ -256,6 +294,42 @@ class EvalResult:
             result.firing_counts = load_file(str(folder / FIRING_COUNTS_FILE))["firing_counts"].tolist()
         return result
 
+    def saebench(self, sae: SAE) -> dict:
+        """This evaluation as SAEBench's core record (saelab.evals.saebench.write_output writes it): the metrics
+        saelab measures under SAEBench's names (SAEBENCH_METRICS), their intervals as "category.metric", and fvu,
+        fvu_typical and their intervals, which SAEBench has no field for, in eval_result_unstructured."""
+        from saelab.evals.saebench import saebench_output
+
+        values = self._saebench_values()
+        metrics: dict[str, dict[str, Any]] = {}
+        for name, where in SAEBENCH_METRICS.items():
+            if values.get(name) is not None:
+                category, _, metric = where.partition(".")
+                metrics.setdefault(category, {})[metric] = values[name]
+        intervals = {SAEBENCH_METRICS[name]: interval for name, interval in self.intervals.items()
+                     if name in SAEBENCH_METRICS and values.get(name) is not None}
+        recon = self.reconstruction
+        extra = {name: getattr(recon, name) if recon else None
+                 for name in ("fvu", "fvu_typical", "massive_tokens", "massive_norm")}
+        extra["fvu_intervals"] = {name: self.intervals[name] for name in ("fvu", "fvu_typical") if name in self.intervals}
+        extra["bootstrap_unit"] = self.settings.get("bootstrap_unit")
+        return saebench_output(EVAL_TYPE_ID, _saebench_config(self.settings), metrics, sae, intervals=intervals,
+                               extra=extra)
+
+    def _saebench_values(self) -> dict[str, Any]:
+        """saelab's metrics plus the three SAEBench derives from them (frac_alive, kl_div_score, freq_over_1_percent
+        when the dense threshold is SAEBench's 1 %), token counts as ints."""
+        values: dict[str, Any] = self.metrics()
+        if self.reconstruction is not None:
+            values["frac_alive"] = 1 - self.reconstruction.frac_dead
+            values["n_tokens"] = self.reconstruction.n_tokens
+            if self.settings.get("dense_threshold", DENSE_THRESHOLD) != 0.01:
+                values.pop("frac_dense")
+        if self.spliced is not None:
+            values["kl_div_score"] = kl_div_score(self.spliced.kl_sae, self.spliced.kl_zero)
+            values["n_predictions"] = self.spliced.n_predictions
+        return values
+
 
 def dead_share_note(n_tokens: int, width: int) -> str | None:
     """Why a dead share over `n_tokens` tokens is no dead share (fewer than DEAD_TOKENS_PER_LATENT x width), or None."""
@@ -264,6 +338,11 @@ def dead_share_note(n_tokens: int, width: int) -> str | None:
         return None
     return (f"not measured on fewer than {needed:,} tokens ({DEAD_TOKENS_PER_LATENT} x width {width:,}); "
             f"{n_tokens:,} evaluated")
+
+
+def _interval(fields: dict[str, Any]) -> Interval:
+    """An Interval back from JSON, where a NaN estimate or bound was written as null."""
+    return Interval(**{k: math.nan if v is None and k in ("estimate", "low", "high") else v for k, v in fields.items()})
 
 
 def _json_safe(value):
@@ -291,12 +370,19 @@ class ReconstructionStats:
     `update(x, x_hat, codes)` takes [N, d_in], [N, d_in], [N, width] (any units, as long as x and x_hat agree).
     For fvu_typical it keeps every token's norm (8 bytes a token, for the median) and the x and squared error of
     the `max_massive_rows` largest-norm tokens, which are subtracted from the sums once the median is known.
+    With keep_blocks it also keeps the sums per block of tokens (`blocks`), from which `intervals()` bootstraps
+    the metrics over blocks: tokens of one context are not independent, so a resample draws whole contexts.
     """
 
     def __init__(self, d_in: int, width: int, dense_threshold: float = DENSE_THRESHOLD,
-                 max_massive_rows: int = MAX_MASSIVE_ROWS):
+                 max_massive_rows: int = MAX_MASSIVE_ROWS, keep_blocks: bool = False):
         self.d_in, self.width, self.dense_threshold = d_in, width, dense_threshold
         self.max_massive_rows = max_massive_rows
+        self.blocks = torch.zeros(0, BLOCK_X + d_in, dtype=torch.float64) if keep_blocks else None
+        """Per-block sums for a bootstrap ([n_blocks, BLOCK_X + d_in], columns BLOCK_COLUMNS then sum x); None
+        unless keep_blocks. A block is one context when update() is told each row's context, else BLOCK_ROWS rows."""
+        self.n_blocks = 0
+        self.block_unit: str | None = None
         self.norms: list[Tensor] = []
         self.largest = _LargestRows(max_massive_rows, d_in)
         self.n_tokens = 0
@@ -309,7 +395,9 @@ class ReconstructionStats:
         self.sum_l2_ratio = 0.0
 
     @torch.no_grad()
-    def update(self, x: Tensor, x_hat: Tensor, codes: Tensor) -> None:
+    def update(self, x: Tensor, x_hat: Tensor, codes: Tensor, contexts: Tensor | None = None) -> None:
+        """Add N rows. contexts: [N] each row's context number (0, 1, ... over the whole pass), making the blocks
+        contexts; without it a block is BLOCK_ROWS consecutive rows."""
         x = x.reshape(-1, self.d_in).to("cpu", torch.float64)
         x_hat = x_hat.reshape(-1, self.d_in).to("cpu", torch.float64)
         active = codes.reshape(-1, self.width) != 0
@@ -317,16 +405,42 @@ class ReconstructionStats:
             return
         x_norm, x_hat_norm = x.norm(dim=-1), x_hat.norm(dim=-1)
         sq_err = (x - x_hat).pow(2).sum(-1)
+        cos = F.cosine_similarity(x, x_hat, dim=-1, eps=1e-12)
+        l2_ratio = x_hat_norm / x_norm.clamp_min(1e-12)
+        block = self._block_ids(len(x), contexts)
         self.n_tokens += len(x)
         self.sum_sq_err += float(sq_err.sum())
         self.norms.append(x_norm)
-        self.largest.offer(x, x_norm, sq_err)
+        self.largest.offer(x, x_norm, sq_err, block)
         self.sum_sq_x += float(x_norm.pow(2).sum())
         self.sum_x += x.sum(0)
-        self.sum_active += int(active.sum())
+        active_per_row = active.sum(-1).cpu()
+        self.sum_active += int(active_per_row.sum())
         self.firing_counts += active.sum(0).cpu()
-        self.sum_cos += float(F.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).sum())
-        self.sum_l2_ratio += float((x_hat_norm / x_norm.clamp_min(1e-12)).sum())
+        self.sum_cos += float(cos.sum())
+        self.sum_l2_ratio += float(l2_ratio.sum())
+        if self.blocks is not None:
+            columns = (torch.ones_like(x_norm), sq_err, x_norm.pow(2), active_per_row.double(), cos, l2_ratio)
+            self._add_to_blocks(block, torch.cat([torch.stack(columns, 1), x], 1))
+
+    def _block_ids(self, n: int, contexts: Tensor | None) -> Tensor:
+        """[n] the block of each new row: its context, or its place in the stream // BLOCK_ROWS."""
+        unit = "context" if contexts is not None else f"{BLOCK_ROWS} consecutive tokens"
+        if self.block_unit not in (None, unit):
+            raise ValueError(f"blocks are {self.block_unit}s: pass contexts= to every update or to none")
+        self.block_unit = unit
+        if contexts is None:
+            return torch.arange(self.n_tokens, self.n_tokens + n) // BLOCK_ROWS
+        return contexts.reshape(-1).to("cpu", torch.int64)
+
+    def _add_to_blocks(self, block: Tensor, rows: Tensor) -> None:
+        needed = int(block.max()) + 1
+        if needed > len(self.blocks):  # grown by doubling, so a long pass copies each block a few times at most
+            grown = torch.zeros(max(needed, 2 * len(self.blocks)), self.blocks.shape[1], dtype=torch.float64)
+            grown[: len(self.blocks)] = self.blocks
+            self.blocks = grown
+        self.blocks.index_add_(0, block, rows)
+        self.n_blocks = max(self.n_blocks, needed)
 
     @property
     def mean(self) -> Tensor:
@@ -348,14 +462,20 @@ class ReconstructionStats:
             **self._typical(),
         )
 
-    def _typical(self) -> dict[str, Any]:
-        """fvu_typical, massive_tokens and massive_norm: the sums with the massive tokens' share taken back out."""
+    def _massive(self) -> tuple[Tensor | None, float]:
+        """Which of the largest rows kept are massive (None: more are than were kept), and the cutoff norm."""
         cutoff = MASSIVE * float(torch.cat(self.norms).median())
         massive = self.largest.norm > cutoff
         count = int(massive.sum())
         found_all = count < len(self.largest.norm) or count == self.n_tokens or len(self.largest.norm) < self.largest.n
-        if not found_all:  # more massive tokens than rows kept: the ones not kept cannot be taken out
+        return (massive if found_all else None), cutoff
+
+    def _typical(self) -> dict[str, Any]:
+        """fvu_typical, massive_tokens and massive_norm: the sums with the massive tokens' share taken back out."""
+        massive, cutoff = self._massive()
+        if massive is None:  # more massive tokens than rows kept: the ones not kept cannot be taken out
             return {"fvu_typical": None, "massive_tokens": None, "massive_norm": cutoff}
+        count = int(massive.sum())
         n = self.n_tokens - count
         sum_x = self.sum_x - self.largest.x[massive].sum(0)
         sum_sq_x = self.sum_sq_x - float(self.largest.norm[massive].pow(2).sum())
@@ -367,24 +487,79 @@ class ReconstructionStats:
     def density(self, bin_edges: list[float] | None = None) -> FeatureDensity:
         return feature_density(self.firing_counts, self.n_tokens, bin_edges, dense_threshold=self.dense_threshold)
 
+    def block_sums(self, typical: bool = False) -> Tensor:
+        """[n_blocks, BLOCK_X + d_in] float64: the sums of each block (columns BLOCK_COLUMNS, then sum x).
+        typical: of the typical tokens only (the massive rows taken out of the tokens, sq_err, sq_x and x columns;
+        the other columns are left as they are); None when fvu_typical is None."""
+        if self.blocks is None:
+            raise ValueError("these stats kept no blocks: make them with keep_blocks=True")
+        blocks = self.blocks[: self.n_blocks]
+        if not typical:
+            return blocks
+        massive, _ = self._massive()
+        if massive is None:
+            return None
+        rows = torch.zeros(int(massive.sum()), blocks.shape[1], dtype=torch.float64)
+        rows[:, BLOCK_COLUMNS.index("tokens")] = 1
+        rows[:, BLOCK_COLUMNS.index("sq_err")] = self.largest.sq_err[massive]
+        rows[:, BLOCK_COLUMNS.index("sq_x")] = self.largest.norm[massive].pow(2)
+        rows[:, BLOCK_X:] = self.largest.x[massive]
+        return blocks.index_add(0, self.largest.block[massive], rows, alpha=-1)
+
+    def intervals(self, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, Interval]:
+        """Bootstrap intervals over the blocks for fvu, explained_variance, mse, l0, cos_sim, l2_ratio and
+        fvu_typical (when measured): each resample recomputes the metric from its blocks' summed sums (a ratio of
+        sums, as the metric itself is), and each interval's estimate is the metric as metrics() reports it."""
+        blocks = self.block_sums()
+        if self.n_blocks < 2:
+            raise DataError(f"a bootstrap needs at least 2 blocks ({self.block_unit}); these sums hold "
+                            f"{self.n_blocks}: evaluate on more tokens")
+        reported = dataclasses.asdict(self.metrics())
+        units = {"fvu": (blocks, block_fvu), "explained_variance": (blocks, lambda b: 1 - block_fvu(b))}
+        for name, column in PER_TOKEN_COLUMNS.items():
+            units[name] = (blocks[:, [0, BLOCK_COLUMNS.index(column)]], _ratio_of_sums)
+        if reported["fvu_typical"] is not None:
+            units["fvu_typical"] = (self.block_sums(typical=True), block_fvu)
+        return {name: dataclasses.replace(bootstrap_interval(unit, statistic, resamples=resamples, level=level,
+                                                             seed=seed), estimate=float(reported[name]))
+                for name, (unit, statistic) in units.items()}
+
+
+def block_fvu(blocks: Tensor) -> float:
+    """FVU from the summed sums of some blocks: sum sq_err / (sum ||x||^2 - ||sum x||^2 / n), as metrics() has it."""
+    total = blocks.sum(0)
+    variance = float(total[BLOCK_COLUMNS.index("sq_x")] - total[BLOCK_X:].pow(2).sum() / total[0])
+    return float(total[BLOCK_COLUMNS.index("sq_err")]) / variance if variance > 0 else math.nan
+
+
+def _ratio_of_sums(units: Tensor) -> float:
+    """sum of column 1 / sum of column 0: a per-token mean over the tokens of the blocks drawn."""
+    total = units.sum(0)
+    return float(total[1] / total[0])
+
+
+PER_TOKEN_COLUMNS = {"mse": "sq_err", "l0": "active", "cos_sim": "cos", "l2_ratio": "l2_ratio"}
+"""The metrics that are per-token means, and the block column each is the mean of."""
+
 
 class _LargestRows:
-    """The n rows of largest norm seen so far (x, norm, squared error), merged a chunk at a time."""
+    """The n rows of largest norm seen so far (x, norm, squared error, block), merged a chunk at a time."""
 
     def __init__(self, n: int, d_in: int):
         self.n = n
         self.x = torch.zeros(0, d_in, dtype=torch.float64)
         self.norm = torch.zeros(0, dtype=torch.float64)
         self.sq_err = torch.zeros(0, dtype=torch.float64)
+        self.block = torch.zeros(0, dtype=torch.int64)
 
-    def offer(self, x: Tensor, norm: Tensor, sq_err: Tensor) -> None:
+    def offer(self, x: Tensor, norm: Tensor, sq_err: Tensor, block: Tensor) -> None:
         if self.n <= 0:
             return
         best = norm.topk(min(self.n, len(norm))).indices  # only these can enter
-        x, norm, sq_err = (torch.cat([mine, theirs[best]]) for mine, theirs in
-                           ((self.x, x), (self.norm, norm), (self.sq_err, sq_err)))
+        x, norm, sq_err, block = (torch.cat([mine, theirs[best]]) for mine, theirs in
+                                  ((self.x, x), (self.norm, norm), (self.sq_err, sq_err), (self.block, block)))
         keep = norm.topk(min(self.n, len(norm))).indices
-        self.x, self.norm, self.sq_err = x[keep], norm[keep], sq_err[keep]
+        self.x, self.norm, self.sq_err, self.block = x[keep], norm[keep], sq_err[keep], block[keep]
 
 
 def feature_density(firing_counts: Tensor, n_tokens: int, bin_edges: list[float] | None = None, *,
@@ -480,12 +655,13 @@ def _tensors(activations, hook: str | None) -> Iterator[Tensor]:
 @torch.no_grad()
 def reconstruction_stats(sae: SAE, activations: Tensor | Iterable, *, hook: str | None = None,
                          max_tokens: int | None = None, dense_threshold: float = DENSE_THRESHOLD,
-                         progress: bool = True) -> ReconstructionStats:
+                         progress: bool = True, keep_blocks: bool = False) -> ReconstructionStats:
     """Stream `activations` (raw, unscaled) through the SAE and accumulate the reconstruction/sparsity sums.
 
     activations: a tensor [..., d], an iterable of tensors [N, d] or of ActivationBatches (for which `hook`, default
     sae.cfg.hook_name, picks the tensor), e.g. an ActivationStore or a ModelStream. max_tokens: stop after that many.
-    progress: a bar over the tokens (on stderr).
+    progress: a bar over the tokens (on stderr). keep_blocks: keep the sums of every BLOCK_ROWS consecutive tokens
+    too, for `stats.intervals()`.
     """
     from tqdm.auto import tqdm
 
@@ -493,7 +669,7 @@ def reconstruction_stats(sae: SAE, activations: Tensor | Iterable, *, hook: str 
     sae.check_hook(hook)
     label = _hook_label(sae, hook)
     raw = _raw_sae(sae)
-    stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, dense_threshold)
+    stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, dense_threshold, keep_blocks=keep_blocks)
     bar = tqdm(total=_known_tokens(activations, max_tokens), desc=f"reconstructing {label}", unit="tok",
                unit_scale=True, disable=not progress, leave=False)
     for x in _tensors(activations, hook):
@@ -584,17 +760,26 @@ def _replaced_positions(tokens: Tokens, splice_bos: bool) -> Tensor:
 
 
 class _Loss:
-    """Running sums of CE and KL(clean || this) over the predicted positions."""
+    """Running sums of CE and KL(clean || this) over the predicted positions, in all and per context (for a
+    bootstrap over contexts)."""
 
     def __init__(self):
         self.ce = 0.0
         self.kl = 0.0
+        self.contexts: list[Tensor] = []
+        """Per batch, [b, 3] float64: each context's predictions, sum of CE and sum of KL."""
 
     def add(self, logp: Tensor, clean_logp: Tensor, targets: Tensor, valid: Tensor):
         nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         kl = F.kl_div(logp, clean_logp, log_target=True, reduction="none").sum(-1)
         self.ce += float(nll[valid].double().sum())
         self.kl += float(kl[valid].double().sum())
+        per_context = [valid.sum(-1).double()] + [value.double().where(valid, 0).sum(-1) for value in (nll, kl)]
+        self.contexts.append(torch.stack(per_context, 1).cpu())
+
+    def per_context(self) -> Tensor:
+        """[n_contexts, 3] float64: predictions, sum of CE, sum of KL of each context, in text order."""
+        return torch.cat(self.contexts) if self.contexts else torch.zeros(0, 3, dtype=torch.float64)
 
 
 @dataclass
@@ -710,6 +895,80 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
     baselines: the clean and ablated losses computed once for these same settings (Baselines.compute); then only
     the SAE's forward runs here (and the clean one, when the baselines could not keep its log-probabilities).
     """
+    return _spliced_losses(sae, model, text, hook=hook, tokens=tokens, batch_size=batch_size, splice_bos=splice_bos,
+                           mean_ablation=mean_ablation, mean_activation=mean_activation, stats=stats,
+                           baselines=baselines, progress=progress).metrics()
+
+
+@dataclass
+class _SplicedLosses:
+    """The loss sums of one spliced pass: the metrics, and the per-context sums a bootstrap resamples."""
+
+    clean: _Loss
+    spliced: _Loss
+    zero: _Loss
+    mean: _Loss | None
+    n_contexts: int
+    n_predictions: int
+    splice_bos: bool
+
+    def metrics(self) -> SplicedMetrics:
+        return _spliced_result(self.clean, self.spliced, self.zero, self.mean, self.n_contexts, self.n_predictions,
+                               self.splice_bos)
+
+    def per_context(self) -> Tensor:
+        """[n_contexts, len(CONTEXT_COLUMNS)] float64: each context's predictions and loss sums."""
+        clean, spliced, zero = (loss.per_context() for loss in (self.clean, self.spliced, self.zero))
+        return torch.stack([spliced[:, 0], clean[:, 1], spliced[:, 1], zero[:, 1], spliced[:, 2], zero[:, 2]], 1)
+
+    def intervals(self, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, Interval]:
+        """Bootstrap intervals over the contexts for ce_loss_recovered, kl_sae and kl_div_score (SAEBench's
+        (kl_zero - kl_sae) / kl_zero), each recomputed from the resampled contexts' summed losses; the estimates
+        are the metrics as reported."""
+        contexts = self.per_context()
+        if len(contexts) < 2:
+            raise DataError(f"a bootstrap needs at least 2 contexts; this pass read {len(contexts)}: evaluate on "
+                            "more tokens")
+        reported = self.metrics()
+        estimates = {"ce_loss_recovered": reported.ce_loss_recovered, "kl_sae": reported.kl_sae,
+                     "kl_div_score": kl_div_score(reported.kl_sae, reported.kl_zero)}
+        return {name: dataclasses.replace(bootstrap_interval(contexts, CONTEXT_STATISTICS[name], resamples=resamples,
+                                                             level=level, seed=seed),
+                                          estimate=math.nan if estimate is None else float(estimate))
+                for name, estimate in estimates.items()}
+
+
+CONTEXT_COLUMNS = ("predictions", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+"""The per-context sums of a spliced pass that a bootstrap resamples."""
+
+
+def kl_div_score(kl_sae: float, kl_zero: float) -> float | None:
+    """SAEBench's normalised KL: (kl_zero - kl_sae) / kl_zero (1 = the SAE changes nothing, 0 = as bad as zero
+    ablation); None when kl_zero == 0."""
+    return (kl_zero - kl_sae) / kl_zero if kl_zero != 0 else None
+
+
+def _context_statistic(formula):
+    """A statistic over per-context rows: `formula` applied to the summed columns, by name."""
+    def statistic(contexts: Tensor) -> float:
+        total = dict(zip(CONTEXT_COLUMNS, contexts.sum(0).tolist()))
+        value = formula(total)
+        return math.nan if value is None else float(value)
+
+    return statistic
+
+
+CONTEXT_STATISTICS = {
+    "ce_loss_recovered": _context_statistic(lambda t: _recovered(t["ce_clean"], t["ce_sae"], t["ce_zero"])),
+    "kl_sae": _context_statistic(lambda t: t["kl_sae"] / t["predictions"]),
+    "kl_div_score": _context_statistic(lambda t: kl_div_score(t["kl_sae"], t["kl_zero"])),
+}
+
+
+def _spliced_losses(sae: SAE, model: LanguageModel, text, *, hook: str | None, tokens: int | None, batch_size: int,
+                    splice_bos: bool, mean_ablation: bool, mean_activation: Tensor | None,
+                    stats: ReconstructionStats | None, baselines: Baselines | None, progress: bool) -> _SplicedLosses:
+    """spliced_metrics' pass, returning the loss sums (in all and per context) rather than the metrics."""
     hook = _resolve_hook(model, sae, hook)
     raw = _raw_sae(sae)
     batches = _context_batches(model, text, tokens, batch_size)
@@ -718,13 +977,13 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
     elif mean_ablation and mean_activation is None:
         mean_activation = _mean_activation(model, batches, hook, sae.cfg.d_in, splice_bos)
 
-    def sae_replace(x: Tensor, where: Tensor) -> Tensor:
+    def sae_replace(x: Tensor, where: Tensor, contexts: Tensor) -> Tensor:
         _check_finite(x[where.to(x.device)], hook)
         codes = raw.encode(x.to(raw.device))
         x_hat = raw.decode(codes)
         if stats is not None:
             keep = where.to(raw.device)
-            stats.update(x.to(raw.device)[keep], x_hat[keep], codes[keep])
+            stats.update(x.to(raw.device)[keep], x_hat[keep], codes[keep], contexts=contexts[where])
         return x_hat.to(x.device)
 
     clean, spliced, zero, mean = _Loss(), _Loss(), _Loss(), _Loss()
@@ -736,7 +995,8 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
             clean_logp = baselines.clean_logp[number].to(model.device)
         else:
             clean_logp = view.logp()
-        variants = [(spliced, lambda x, w=view.where: sae_replace(x, w))]
+        contexts = (n_contexts + torch.arange(len(ids))).unsqueeze(1).expand(ids.shape)
+        variants = [(spliced, lambda x, w=view.where, c=contexts: sae_replace(x, w, c))]
         if baselines is None:
             clean.add(clean_logp, clean_logp, view.targets, view.valid)
             variants.append((zero, torch.zeros_like))
@@ -750,9 +1010,8 @@ def spliced_metrics(sae: SAE, model: LanguageModel, text: TextConfig | str | Pat
         raise DataError("no next-token predictions to evaluate: every context is shorter than 2 tokens")
     if baselines is not None:
         clean, zero, mean = baselines.clean, baselines.zero, baselines.mean or mean
-
-    return _spliced_result(clean, spliced, zero, mean if mean_ablation else None, n_contexts, n_predictions,
-                           splice_bos)
+    return _SplicedLosses(clean, spliced, zero, mean if mean_ablation else None, n_contexts, n_predictions,
+                          splice_bos)
 
 
 def _mean_activation(model, batches: list[tuple[Tensor, Tensor]], hook: str, d_in: int, splice_bos: bool) -> Tensor:
@@ -822,8 +1081,9 @@ def evaluate(sae: SAE, *, activations: Tensor | Iterable | str | Path | None = N
         stats = _activation_stats(sae, activations, hook, activation_tokens, dense_threshold, settings, progress)
     spliced = None
     if model is not None:
-        spliced, stats = _spliced_pass(sae, model, text, hook, stats, settings, baselines, progress, tokens=tokens,
-                                       batch_size=batch_size, splice_bos=splice_bos, mean_ablation=mean_ablation)
+        losses, stats = _spliced_pass(sae, model, text, hook, stats, settings, baselines, progress, tokens=tokens,
+                                      batch_size=batch_size, splice_bos=splice_bos, mean_ablation=mean_ablation)
+        spliced = losses.metrics()
     result = _result(sae, hook, stats, spliced, settings)
     if out is not None:
         result.save(out)
@@ -844,20 +1104,22 @@ def _activation_stats(sae: SAE, activations, hook: str | None, max_tokens: int |
 
 
 def _spliced_pass(sae: SAE, model: LanguageModel, text, hook: str, stats: ReconstructionStats | None,
-                  settings: dict[str, Any], baselines: Baselines | None, progress: bool,
-                  **options) -> tuple[SplicedMetrics, ReconstructionStats]:
-    """The spliced metrics on `text`; without reconstruction sums from activations, the same pass gathers them."""
+                  settings: dict[str, Any], baselines: Baselines | None, progress: bool, keep_blocks: bool = False,
+                  **options) -> tuple[_SplicedLosses, ReconstructionStats]:
+    """The spliced losses on `text`; without reconstruction sums from activations, the same pass gathers them
+    (with per-context sums when keep_blocks)."""
     own_stats = None
     if stats is None:
-        own_stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, settings["dense_threshold"])
+        own_stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, settings["dense_threshold"],
+                                        keep_blocks=keep_blocks)
         settings["reconstruction_source"] = "spliced pass"
     mean = stats.mean if (options["mean_ablation"] and stats is not None) else None
-    spliced = spliced_metrics(sae, model, text, hook=hook, mean_activation=mean, stats=own_stats,
-                              baselines=baselines, progress=progress, **options)
+    losses = _spliced_losses(sae, model, text, hook=hook, mean_activation=mean, stats=own_stats,
+                             baselines=baselines, progress=progress, **options)
     settings.update(model=model.name, **options, **_describe_text(text))
     if options["mean_ablation"]:
         settings["mean_source"] = "activations" if mean is not None else "text"
-    return spliced, stats if stats is not None else own_stats
+    return losses, stats if stats is not None else own_stats
 
 
 def _result(sae: SAE, hook: str | None, stats: ReconstructionStats | None, spliced: SplicedMetrics | None,
@@ -871,8 +1133,62 @@ def _result(sae: SAE, hook: str | None, stats: ReconstructionStats | None, splic
     )
 
 
+
+# ---------------------------------------------------------------------------------------------------- the eval suite
+@dataclass
+class CoreConfig:
+    """What run() evaluates on. Pass held-out text (`TextConfig(start=...)`, a cache's `held_out_text`): on the
+    SAE's own training contexts every metric looks better than it is."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    """the text and its contexts (source, context_len, start); SAEBench's dataset and context_size"""
+    tokens: int = EVAL_TOKENS
+    """token positions to read, in whole contexts"""
+    batch_size_prompts: int = 8
+    """contexts per forward pass"""
+    resamples: int = RESAMPLES
+    """bootstrap resamples per interval"""
+    seed: int = 0
+    """seed of the bootstrap's draws"""
+
+
+def run(sae: SAE, model: LanguageModel, config: CoreConfig | None = None, *, progress: bool = True) -> EvalResult:
+    """The core metrics of `sae` at its hook with bootstrap intervals over contexts: the spliced pass of
+    `evaluate(sae, model=model, text=config.text, ...)` (so the same numbers), keeping each context's sums, then
+    `config.resamples` resamples of the contexts (result.intervals; settings say the unit and the resamples)."""
+    config = config or CoreConfig()
+    if not isinstance(config, CoreConfig):
+        raise TypeError(f"config must be a CoreConfig, got {type(config).__name__}")
+    hook = _resolve_hook(model, sae, None)
+    settings: dict[str, Any] = {"dense_threshold": DENSE_THRESHOLD}
+    losses, stats = _spliced_pass(sae, model, config.text, hook, None, settings, None, progress, keep_blocks=True,
+                                  tokens=config.tokens, batch_size=config.batch_size_prompts, splice_bos=False,
+                                  mean_ablation=False)
+    result = _result(sae, hook, stats, losses.metrics(), settings)
+    result.intervals = {**stats.intervals(config.resamples, config.seed),
+                        **losses.intervals(config.resamples, config.seed)}
+    settings.update(bootstrap_unit=stats.block_unit, resamples=config.resamples, seed=config.seed, level=LEVEL)
+    return result
+
+
+SAEBENCH_CONFIG_NAMES = {"model": "model_name", "batch_size": "batch_size_prompts", "context_len": "context_size",
+                         "text": "dataset"}
+"""evaluate's settings that SAEBench's core eval_config has under another name."""
+
+
+def _saebench_config(settings: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's settings as SAEBench's eval_config, renamed where SAEBench has the same field (the text's
+    source as its dataset, the full text description kept as `text`)."""
+    config = {SAEBENCH_CONFIG_NAMES.get(key, key): value for key, value in settings.items()}
+    if isinstance(settings.get("text"), dict):
+        config["dataset"] = settings["text"].get("source")
+        config["text"] = settings["text"]
+    return config
+
+
 __all__ = [
-    "Baselines", "DEAD_TOKENS_PER_LATENT", "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult",
+    "BLOCK_COLUMNS", "BLOCK_ROWS", "CoreConfig", "EVAL_TYPE_ID", "SAEBENCH_METRICS", "block_fvu", "kl_div_score",
+    "run", "Baselines", "DEAD_TOKENS_PER_LATENT", "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult",
     "FIRING_COUNTS_FILE", "FeatureDensity", "METRICS_FILE", "ReconstructionMetrics", "ReconstructionStats",
     "SAESummary", "SCHEMA_VERSION", "SplicedMetrics", "dead_share_note", "evaluate", "feature_density",
     "plot_feature_density", "reconstruction_stats", "spliced_metrics",

@@ -6,11 +6,12 @@
     features.browse(features.most_active(20))          # a small browser over latents
     features.search("Monday")                          # latents firing on a token or phrase in the pass
     fires_on(model, sae, "Monday"); most_active_on(model, sae, "See you on Monday.")
-    features.dashboard("runs/dash")                    # index.html + latents/<i>.html, opens from disk
+    features.dashboard("runs/dash", features.sample_latents(50))  # index.html + latents/<i>.html, from disk
 
 Modules, one job each, each importing only those before it: examples (per-latent example tables), stats (the pass),
 directions (logit effects, neighbours), texts (what tokens read as), html and plots (rendering), records (a card's
-data), search, dashboard (the static folder), features (FeatureSet and explore, on top).
+data), search, selection (which latents a dashboard shows), ranking (the index's search), dashboard (the static
+folder), features (FeatureSet and explore, on top).
 """
 
 from saelab.explore.dashboard import write_dashboard

@@ -1,9 +1,10 @@
 """A static dashboard: a folder that opens from disk in any browser, offline, with no server.
 
-    out/index.html          every exported latent in a table (density, mean, max, top tokens, promoted tokens,
-                            and a flag on latents that fire only on massive-norm tokens), searchable and sortable;
-                            its data and script are inline
-    out/latents/<i>.html    one self-contained page per latent: its card, links to its neighbours, arrow keys step
+    out/index.html          every exported latent in a table (density, mean, max, label, top tokens, promoted
+                            tokens, and a flag on latents that fire only on massive-norm tokens), sortable, its
+                            search ranked (ranking.py); its data and script are inline
+    out/latents/<i>.html    one self-contained page per latent: its label slot, its card, links to its nearest
+                            latents (each of which gets a page too, marked "neighbour" in the index), arrow keys step
     out/.saelab-dashboard.json   the files this dashboard consists of
 
 Every file carries its own CSS (and the index its own small script); nothing is fetched, so the pages render the
@@ -96,6 +97,10 @@ INDEX_SCRIPT = SCORE_SCRIPT + """
   var given = new URLSearchParams(window.location.search).get('q');  // index.html?q=Monday opens a search
   if (given) query.value = given;
   query.addEventListener('input', function () { key = null; render(); });
+  query.addEventListener('keydown', function (e) {  // Enter opens the best match (a latent number: that latent)
+    var first = body.querySelector('a');
+    if (e.key === 'Enter' && first && query.value.trim()) window.location.href = first.getAttribute('href');
+  });
   more.addEventListener('change', render);
   render();
 })();

@@ -225,3 +225,11 @@ def test_the_intervals_round_trip_through_the_saebench_file(core_run, tmp_path):
     again = read_intervals(json.loads(path.read_text()))
     assert again["sparsity.l0"] == result.intervals["l0"]
     assert again["model_performance_preservation.ce_loss_score"] == result.intervals["ce_loss_recovered"]
+
+
+def test_the_table_shows_each_interval(core_run):
+    _, _, result = core_run
+    table = result.table()
+    fvu = result.intervals["fvu"]
+    assert f"| fvu | {fvu.estimate:.4g} | [{fvu.low:.4g}, {fvu.high:.4g}] |" in table
+    assert "| kl_div_score |" in table and "| n_tokens |" in table

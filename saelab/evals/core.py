@@ -36,6 +36,19 @@ The same positions are left clean by the ablations, so ce_loss_recovered compare
 made at the BOS position (of token 1) is still counted; with BOS left clean it equals the clean one for every
 variant, which shrinks all the CE gaps by the same factor (L - 2) / (L - 1) and leaves ce_loss_recovered unchanged.
 ce_loss_recovered is not clipped: it exceeds 1 when the SAE beats the clean model, and is None when ce_zero == ce_clean.
+
+Error bars (`run(sae, model, CoreConfig(...))`, result.intervals). Tokens of one context are not independent, so the
+bootstrap resamples whole contexts: the pass keeps each context's sums (ReconstructionStats(keep_blocks=True): tokens,
+squared error, ||x||^2, active latents, cosine, norm ratio and sum x; the losses: predictions, CE and KL sums), and
+every resample recomputes each metric from its contexts' summed sums, a ratio of sums as the metric itself is
+(saelab.evals.intervals.bootstrap_interval, percentile intervals; the estimate is the metric as reported).
+Activations without their contexts (a tensor, a cache) are cut into blocks of BLOCK_ROWS consecutive tokens instead.
+fvu_typical keeps the massive cutoff of all the tokens in every resample. frac_dead and frac_dense get no interval.
+
+SAEBench's core record (`result.saebench(sae)`, names in SAEBENCH_METRICS) differs from SAEBench's own numbers in
+three ways: explained_variance is 1 - fvu, one ratio of sums over all tokens (SAEBench averages per-token or
+per-batch ratios); mse is the mean over tokens of ||x - x_hat||^2 summed over d (SAEBench's core code scales it
+otherwise); and the BOS position is left clean unless splice_bos, where SAEBench replaces it too.
 """
 
 from __future__ import annotations
@@ -229,6 +242,18 @@ class EvalResult:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     flat[name] = float(value)
         return flat
+
+    def table(self) -> str:
+        """Markdown: every metric, with its bootstrap interval where run() measured one."""
+        lines = ["| metric | value | interval |", "|---|---|---|"]
+        for name, value in self.metrics().items():
+            interval = self.intervals.get(name)
+            where = f"[{interval.low:.4g}, {interval.high:.4g}]" if interval is not None else ""
+            lines.append(f"| {name} | {value:.4g} | {where} |")
+        if "kl_div_score" in self.intervals:
+            score = self.intervals["kl_div_score"]
+            lines.append(f"| kl_div_score | {score.estimate:.4g} | [{score.low:.4g}, {score.high:.4g}] |")
+        return "\n".join(lines)
 
     def notes(self) -> dict[str, str]:
         """Metrics that the evaluation's token count is too small for, each with why ({} when none)."""

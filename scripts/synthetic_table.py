@@ -28,7 +28,7 @@ CONFIG = SyntheticConfig(n_features=512, d=64, p_max=0.15, p_min=0.01, exponent=
                          children_per_parent=2, child_rate=0.3, correlation_groups=32, group_correlation=0.3,
                          magnitude_mean=1.0, magnitude_log_std=0.3, firing_log_std=0.2, noise=0.05, seed=0)
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
-METRICS = ("mcc", "f1", "uniqueness", "absorption", "fvu", "l0")
+METRICS = ("mcc", "f1", "uniqueness", "absorption", "absorption_parents", "fvu", "l0")
 
 
 def spec(arch: str, width: int, l0: int) -> SAESpec:
@@ -66,8 +66,8 @@ def run_cell(data: SyntheticData, args, seed: int, l0: int) -> list[dict]:
 def cell(values: list[float]) -> str:
     """mean (min-max) over seeds."""
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
 def table(rows: list[dict]) -> str:

@@ -139,6 +139,7 @@ def test_a_random_dictionary_scores_low():
     data = SyntheticData(CLEAN)
     scores = score_synthetic(make_sae("topk", d_in=64, width=80, k=4, hook_name=HOOK), data, tokens=8192)
     assert scores.mcc < 0.5 and scores.f1 < 0.2 and scores.uniqueness < 0.8
+    assert scores.absorption_parents == 0  # it found no parent, so it absorbs none
 
 
 def test_a_topk_trained_through_train_beats_random():
@@ -160,4 +161,4 @@ def test_the_table_script_gives_mean_and_range_over_seeds():
     spec.loader.exec_module(script)
     assert script.spec("relu", 64, 8).options["target_l0"] == 8 and script.spec("matryoshka", 64, 8).k == 8
     rows = [{"arch": "topk", "l0_asked": 8, "seed": s, **{m: 0.5 + s / 10 for m in script.METRICS}} for s in range(3)]
-    assert "| topk | 8 | 0.600 (0.500-0.700) |" in script.table(rows)
+    assert "| topk | 8 | 0.6 (0.5-0.7) |" in script.table(rows)

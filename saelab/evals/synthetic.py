@@ -266,7 +266,10 @@ class SyntheticScores(StudyResult):
         token where the parent feature is present (the ground truth stands in for their probe), and another latent
         (here the child's matched latent) fires and carries the parent's direction: its code times the cosine of
         its decoder row with f_parent is at least `absorption_share` of the parent's true magnitude (their
-        "projection" condition). 0: no absorption.
+        "projection" condition). 0: no absorption. Only pairs whose parent and child both have a matched latent
+        within `absorption_min_cosine` of their direction count (absorption is about features the SAE found; an
+        unfound parent's latent is silent for another reason), so read it beside mcc, and beside
+        absorption_parents.
     fvu: unexplained share of the activations' variance on the scored tokens; l0 and true_l0: mean latents and
         true features firing per token; dead_latents: latents that never fired on them.
     """
@@ -285,14 +288,15 @@ class SyntheticScores(StudyResult):
     uniqueness: float
     absorption: float
     absorption_parents: int
-    """Parents the absorption averages over (those that fired with a child on the scored tokens)."""
+    """Parents the absorption averages over (found, with a found child, and firing with it on the scored
+    tokens)."""
     fvu: float
     l0: float
     true_l0: float
     dead_latents: int
 
-    METRICS: ClassVar[tuple[str, ...]] = ("recovery", "mcc", "f1", "uniqueness", "absorption", "fvu", "l0",
-                                          "true_l0", "dead_latents")
+    METRICS: ClassVar[tuple[str, ...]] = ("recovery", "mcc", "f1", "uniqueness", "absorption", "absorption_parents",
+                                          "fvu", "l0", "true_l0", "dead_latents")
 
     def table(self) -> str:
         lines = ["| metric | value |", "|---|---|"]
@@ -348,9 +352,31 @@ class Counts:
     tokens: int = 0
 
 
+@dataclass
+class Absorption:
+    """How absorption is read: the parent/child pairs scored, their matched latents, and the share of the parent's
+    magnitude the child's latent must carry."""
+
+    parents: Tensor
+    children: Tensor
+    parent_latents: Tensor
+    child_latents: Tensor
+    share: float
+
+    @classmethod
+    def pairs(cls, data: SyntheticData, m: Matching, share: float, min_cosine: float) -> "Absorption":
+        """The pairs whose parent and child both have a matched latent at least min_cosine from their direction."""
+        parents, children = data.pairs
+        lp, lc = m.latent_of[parents], m.latent_of[children]
+        ok = (lp >= 0) & (lc >= 0)
+        ok[ok.clone()] = ((m.cosines[parents[ok], lp[ok]] >= min_cosine)
+                          & (m.cosines[children[ok], lc[ok]] >= min_cosine))
+        return cls(parents[ok], children[ok], lp[ok], lc[ok], share)
+
+
 @torch.no_grad()
 def count_batch(counts: Counts, sae, data: SyntheticData, m: Matching, x: Tensor, true: Tensor,
-                share: float) -> None:
+                how: Absorption) -> None:
     """Add one batch of tokens to `counts`."""
     codes = sae.encode(x.to(sae.device)).float().cpu()
     x_hat = sae.decode(codes.to(sae.device)).float().cpu()
@@ -359,13 +385,10 @@ def count_batch(counts: Counts, sae, data: SyntheticData, m: Matching, x: Tensor
     counts.tp += (on & truly).sum(0)
     counts.fp += (on & ~truly).sum(0)
     counts.fn += (~on & truly).sum(0)
-    parents, children = data.pairs
-    lp, lc = m.latent_of[parents], m.latent_of[children]
-    ok = (lp >= 0) & (lc >= 0)
-    parents, children, lp, lc = parents[ok], children[ok], lp[ok], lc[ok]
+    parents, children, lp, lc = how.parents, how.children, how.parent_latents, how.child_latents
     together = real[:, parents] & real[:, children]
     carried = codes[:, lc] * (sae.W_dec.detach().float().cpu()[lc] * data.features[parents]).sum(1)
-    absorbed = together & ~fired[:, lp] & fired[:, lc] & (carried >= share * true[:, parents])
+    absorbed = together & ~fired[:, lp] & fired[:, lc] & (carried >= how.share * true[:, parents])
     counts.together.index_add_(0, parents, together.sum(0).float())
     counts.absorbed.index_add_(0, parents, absorbed.sum(0).float())
     counts.squared_error += float((x - x_hat).pow(2).sum())
@@ -378,7 +401,8 @@ def count_batch(counts: Counts, sae, data: SyntheticData, m: Matching, x: Tensor
 
 
 def score_synthetic(sae, data: SyntheticData, *, tokens: int = 65_536, batch_size: int = 4096, seed: int = 1 << 20,
-                    absorption_share: float = 0.5, name: str | None = None) -> SyntheticScores:
+                    absorption_share: float = 0.5, absorption_min_cosine: float = 0.5,
+                    name: str | None = None) -> SyntheticScores:
     """Score `sae` against the features of `data` on `tokens` fresh tokens (stream `seed`, which no training
     stream of the default seeds reads); see SyntheticScores for each number. The SAE reads raw activations (a
     TrainedSAE's .sae has its input scale folded in)."""
@@ -390,9 +414,10 @@ def score_synthetic(sae, data: SyntheticData, *, tokens: int = 65_536, batch_siz
     m = match(sae, data.features)
     n_parents = data.config.n_parents
     counts = Counts(*(torch.zeros(len(m.true)) for _ in range(3)), torch.zeros(n_parents), torch.zeros(n_parents))
+    how = Absorption.pairs(data, m, absorption_share, absorption_min_cosine)
     source = SyntheticSource(data, batch_size=min(batch_size, tokens), tokens=tokens, seed=seed)
     for batch, true in source.with_codes():
-        count_batch(counts, sae, data, m, batch.acts[HOOK], true, absorption_share)
+        count_batch(counts, sae, data, m, batch.acts[HOOK], true, how)
     return SyntheticScores(sae=name or describe(sae), data=dataclasses.asdict(data.config), tokens=counts.tokens,
                            seconds=time.perf_counter() - started, **summarise(counts, m))
 

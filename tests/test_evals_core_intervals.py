@@ -135,13 +135,17 @@ def test_the_bootstrap_statistic_on_all_contexts_equals_the_metric(tiny_model, c
     sae, text, result = core_run
     settings = {"dense_threshold": core.DENSE_THRESHOLD}
     losses, stats = core._spliced_pass(sae, tiny_model, text, HOOK, None, settings, None, False, keep_blocks=True,
-                                       tokens=None, batch_size=4, splice_bos=False, mean_ablation=False)
+                                       tokens=None, batch_size=4, splice_bos=False, mean_ablation=True)
     assert block_fvu(stats.block_sums()) == pytest.approx(result.reconstruction.fvu, rel=1e-9)
     assert block_fvu(stats.block_sums(typical=True)) == pytest.approx(result.reconstruction.fvu_typical, rel=1e-9)
     contexts = losses.per_context()
+    assert contexts.shape == (result.spliced.n_contexts, len(core.CONTEXT_COLUMNS))
     for name in ("ce_loss_recovered", "kl_sae", "kl_div_score"):
         assert core.CONTEXT_STATISTICS[name](contexts) == pytest.approx(result.intervals[name].estimate, rel=1e-9)
     assert int(contexts[:, 0].sum()) == result.spliced.n_predictions
+    with_mean = losses.intervals(resamples=50)["ce_loss_recovered_mean"]  # the mean ablation's sums are kept too
+    assert with_mean.estimate == losses.metrics().ce_loss_recovered_mean
+    assert core.CONTEXT_STATISTICS["ce_loss_recovered_mean"](contexts) == pytest.approx(with_mean.estimate, rel=1e-9)
 
 
 def test_the_interval_narrows_with_more_contexts(tiny_model, tmp_path):

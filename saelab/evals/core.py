@@ -452,7 +452,7 @@ class ReconstructionStats:
         """[n] the block of each new row: its context, or its place in the stream // BLOCK_ROWS."""
         unit = "context" if contexts is not None else f"{BLOCK_ROWS} consecutive tokens"
         if self.block_unit not in (None, unit):
-            raise ValueError(f"blocks are {self.block_unit}s: pass contexts= to every update or to none")
+            raise ValueError(f"a block here is one {self.block_unit}: pass contexts= to every update or to none")
         self.block_unit = unit
         if contexts is None:
             return torch.arange(self.n_tokens, self.n_tokens + n) // BLOCK_ROWS
@@ -512,7 +512,7 @@ class ReconstructionStats:
     def density(self, bin_edges: list[float] | None = None) -> FeatureDensity:
         return feature_density(self.firing_counts, self.n_tokens, bin_edges, dense_threshold=self.dense_threshold)
 
-    def block_sums(self, typical: bool = False) -> Tensor:
+    def block_sums(self, typical: bool = False) -> Tensor | None:
         """[n_blocks, BLOCK_X + d_in] float64: the sums of each block (columns BLOCK_COLUMNS, then sum x).
         typical: of the typical tokens only (the massive rows taken out of the tokens, sq_err, sq_x and x columns;
         the other columns are left as they are); None when fvu_typical is None."""
@@ -942,13 +942,18 @@ class _SplicedLosses:
                                self.splice_bos)
 
     def per_context(self) -> Tensor:
-        """[n_contexts, len(CONTEXT_COLUMNS)] float64: each context's predictions and loss sums."""
+        """[n_contexts, 6 or 8] float64: each context's predictions and loss sums (CONTEXT_COLUMNS; the last two,
+        of the mean ablation, only when it ran)."""
         clean, spliced, zero = (loss.per_context() for loss in (self.clean, self.spliced, self.zero))
-        return torch.stack([spliced[:, 0], clean[:, 1], spliced[:, 1], zero[:, 1], spliced[:, 2], zero[:, 2]], 1)
+        columns = [spliced[:, 0], clean[:, 1], spliced[:, 1], zero[:, 1], spliced[:, 2], zero[:, 2]]
+        if self.mean is not None:
+            mean = self.mean.per_context()
+            columns += [mean[:, 1], mean[:, 2]]
+        return torch.stack(columns, 1)
 
     def intervals(self, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, Interval]:
-        """Bootstrap intervals over the contexts for ce_loss_recovered, kl_sae and kl_div_score (SAEBench's
-        (kl_zero - kl_sae) / kl_zero), each recomputed from the resampled contexts' summed losses; the estimates
+        """Bootstrap intervals over the contexts for ce_loss_recovered, kl_sae, kl_div_score (SAEBench's
+        (kl_zero - kl_sae) / kl_zero) and ce_loss_recovered_mean (with mean ablation), each recomputed from the resampled contexts' summed losses; the estimates
         are the metrics as reported."""
         contexts = self.per_context()
         if len(contexts) < 2:
@@ -957,13 +962,15 @@ class _SplicedLosses:
         reported = self.metrics()
         estimates = {"ce_loss_recovered": reported.ce_loss_recovered, "kl_sae": reported.kl_sae,
                      "kl_div_score": kl_div_score(reported.kl_sae, reported.kl_zero)}
+        if self.mean is not None:
+            estimates["ce_loss_recovered_mean"] = reported.ce_loss_recovered_mean
         return {name: dataclasses.replace(bootstrap_interval(contexts, CONTEXT_STATISTICS[name], resamples=resamples,
                                                              level=level, seed=seed),
                                           estimate=math.nan if estimate is None else float(estimate))
                 for name, estimate in estimates.items()}
 
 
-CONTEXT_COLUMNS = ("predictions", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+CONTEXT_COLUMNS = ("predictions", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "ce_mean", "kl_mean")
 """The per-context sums of a spliced pass that a bootstrap resamples."""
 
 
@@ -987,6 +994,7 @@ CONTEXT_STATISTICS = {
     "ce_loss_recovered": _context_statistic(lambda t: _recovered(t["ce_clean"], t["ce_sae"], t["ce_zero"])),
     "kl_sae": _context_statistic(lambda t: t["kl_sae"] / t["predictions"]),
     "kl_div_score": _context_statistic(lambda t: kl_div_score(t["kl_sae"], t["kl_zero"])),
+    "ce_loss_recovered_mean": _context_statistic(lambda t: _recovered(t["ce_clean"], t["ce_sae"], t["ce_mean"])),
 }
 
 
@@ -1158,7 +1166,6 @@ def _result(sae: SAE, hook: str | None, stats: ReconstructionStats | None, splic
     )
 
 
-
 # ---------------------------------------------------------------------------------------------------- the eval suite
 @dataclass
 class CoreConfig:
@@ -1167,8 +1174,8 @@ class CoreConfig:
 
     text: TextConfig = field(default_factory=TextConfig)
     """the text and its contexts (source, context_len, start); SAEBench's dataset and context_size"""
-    tokens: int = EVAL_TOKENS
-    """token positions to read, in whole contexts"""
+    tokens: int | None = EVAL_TOKENS
+    """token positions to read, in whole contexts (None: all of the text)"""
     batch_size_prompts: int = 8
     """contexts per forward pass"""
     resamples: int = RESAMPLES
@@ -1212,8 +1219,8 @@ def _saebench_config(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "BLOCK_COLUMNS", "BLOCK_ROWS", "CoreConfig", "EVAL_TYPE_ID", "SAEBENCH_METRICS", "block_fvu", "kl_div_score",
-    "run", "Baselines", "DEAD_TOKENS_PER_LATENT", "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult",
+    "BLOCK_COLUMNS", "BLOCK_ROWS", "CONTEXT_COLUMNS", "CoreConfig", "EVAL_TYPE_ID", "SAEBENCH_METRICS", "block_fvu",
+    "kl_div_score", "run", "Baselines", "DEAD_TOKENS_PER_LATENT", "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult",
     "FIRING_COUNTS_FILE", "FeatureDensity", "METRICS_FILE", "ReconstructionMetrics", "ReconstructionStats",
     "SAESummary", "SCHEMA_VERSION", "SplicedMetrics", "dead_share_note", "evaluate", "feature_density",
     "plot_feature_density", "reconstruction_stats", "spliced_metrics",

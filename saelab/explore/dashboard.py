@@ -17,6 +17,7 @@ files): a folder holding anything else is refused before anything is written, an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -44,7 +45,7 @@ padding:0 4px;margin-left:6px}.chip{background:#ffd9b3;border-radius:2px;white-s
 font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 .latent-label{margin:2px 0 8px;padding:4px 10px;border-left:3px solid #5b7fb5;background:#f4f7fb;font-size:14px}
 .latent-label.empty{border-left-color:#ddd;background:none;color:#888;font-size:12px}
-.chip{display:inline-block;max-width:12em;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom}"""
+.chip{display:inline-block;max-width:10em;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom}"""
 
 INDEX_SCRIPT = SCORE_SCRIPT + """
 (function () {
@@ -79,9 +80,10 @@ INDEX_SCRIPT = SCORE_SCRIPT + """
       scores[r[0]] = score(q, r[9], r[10], r[8], r[5]);
       return scores[r[0]] > 0;
     });
+    // a search lists the best match first; else latent order, which mixes the density bands (or a clicked column)
     if (key === null && q && !number) shown.sort(function (a, b) { return scores[b[0]] - scores[a[0]] || a[0] - b[0]; });
-    else { var k = key === null ? 1 : key;
-      shown.sort(function (a, b) { var d = a[k] < b[k] ? -1 : a[k] > b[k] ? 1 : 0; return key === null || descending ? -d : d; }); }
+    else { var k = key === null ? 0 : key;
+      shown.sort(function (a, b) { var d = a[k] < b[k] ? -1 : a[k] > b[k] ? 1 : 0; return key !== null && descending ? -d : d; }); }
     body.textContent = '';
     shown.slice(0, LIMIT).forEach(function (r) { body.appendChild(row(r)); });
     var listed = rows.filter(function (r) { return !r[7] || more.checked; }).length;
@@ -214,6 +216,12 @@ def write_dashboard(features, out: str | Path, latents: Iterable[int], *, title:
         return _write_index(features, out, rows, title, about)
 
 
+def chip(token: str) -> str:
+    """A token as an index chip shows it: shown(), with a run of spaces as its count, so that indentation reads
+    short ("\u21b5\u2423\u00d716": a newline and 16 spaces)."""
+    return re.sub(r" {3,}", lambda run: f"\u2423\u00d7{len(run.group())}", shown(token))
+
+
 def label_html(latent: int, label: str) -> str:
     """A page's label slot: the label, or how to add one."""
     if label:
@@ -248,7 +256,7 @@ def _write_pages(features, out: Path, latents: list[int], extra: set[int], label
             f"{card}<script>{PAGE_SCRIPT}</script></body></html>", encoding="utf-8")
         terms, total = firing_terms(features, latent)
         rows.append([latent, round(feature.density, 8), round(feature.mean, 4), round(feature.max, 4),
-                     [shown(t) for t in top_tokens(feature)], [shown(t) for t, _ in feature.promoted[:4]],
+                     [chip(t) for t in top_tokens(feature)], [chip(t) for t, _ in feature.promoted[:4]],
                      [percent(feature.density), number(feature.mean), number(feature.max)], int(latent in extra),
                      label, terms, total, MASSIVE_NOTE if feature.massive_only else ""])
     return rows

@@ -111,7 +111,7 @@ def logit_histogram_svg(edges: Sequence[float], counts: Sequence[int], width: in
         x = width * (0 - edges[0]) / (edges[-1] - edges[0])
         zero = (f'<line x1="{x:.1f}" x2="{x:.1f}" y1="0" y2="{height - 14}" stroke="#999" stroke-dasharray="2,2"/>'
                 f'<text x="{x:.1f}" y="{height - 2}" text-anchor="middle">0</text>')
-    labels = (f'<text x="0" y="{height - 2}">{number(edges[0])}</text>'
+    labels = (f'<text x="0" y="{height - 2}">{number(edges[0])}</text><text x="0" y="9">log count</text>'
               f'<text x="{width}" y="{height - 2}" text-anchor="end">{number(edges[-1])}</text>')
     return (f'<svg class="logits" width="{width}" height="{height}" role="img" aria-label="logit weight histogram">'
             f"{bars}{zero}{labels}</svg>")
@@ -148,7 +148,7 @@ def _side(f, link: Callable[[int], str | None] | None) -> str:
         side.append("<h3>Activation histogram (log scale, firing tokens)</h3>" + histogram_svg(f.hist_edges, f.hist_counts))
     logit_counts = getattr(f, "logit_counts", None)
     if logit_counts:
-        side.append(f"<h3>Logit weights (W_dec &middot; W_U, {sum(logit_counts):,} tokens, log count)</h3>"
+        side.append(f"<h3>Logit weights, all {sum(logit_counts):,} tokens</h3>"
                     + logit_histogram_svg(f.logit_edges, logit_counts))
     for title, rows in (("Promoted tokens (W_dec &middot; W_U)", f.promoted), ("Suppressed tokens", f.suppressed)):
         if rows:

@@ -222,7 +222,7 @@ def test_sparse_probing_on_smollm2_with_a_small_sae(smollm2):
     """A random 512-latent SAE at block 3 on the calendar words: the dense residual probe separates day and month
     names from other nouns (unseen words in the test split), and the record has SAEBench's names."""
     sae = make_sae(d_in=576, width=512, k=16, model_name="smollm2-135m", hook_name="blocks.3.hook_resid_post")
-    config = SparseProbingConfig(dataset_names=("calendar",), max_examples_per_class=80, bootstrap_resamples=200)
+    config = SparseProbingConfig(dataset_names=("calendar",), bootstrap_resamples=200)
     start = time.perf_counter()
     result = run(sae, smollm2, config, progress=False)
     assert time.perf_counter() - start < 120

@@ -95,7 +95,7 @@ def test_index_search_ranks_as_the_python_mirror_does(dashboard, tmp_path):
     _, _, index = dashboard
     rows = json.loads(index.read_text(encoding="utf-8").split('id="data">')[1].split("</script>")[0])
     plain = [{"latent": r[0], "terms": r[9], "total": r[10], "label": r[8], "promoted": r[5]} for r in rows if not r[7]]
-    query = max((t for r in plain for t, _ in r["terms"] if t.strip().isalpha()), key=len)  # a word some latent fires on
+    query = max((t for r in plain for t, _ in r["terms"] if t.strip().isalpha()), key=len)  # a word fired on
     run = chromium(tmp_path, f"{index.as_uri()}?q={query}", "--dump-dom")
     assert not js_errors(run)
     listed = [int(i) for i in re.findall(r'<a href="latents/(\d+)\.html">', run.stdout)]

@@ -269,7 +269,8 @@ def _write_index(features, out: Path, rows: list[list], title: str, about: str) 
     extra = sum(row[7] for row in rows)
     meta = (f"{stats.width:,} latents, {len(rows) - extra:,} exported"
             + (f" and the {extra:,} nearest latents of those (marked neighbour)" if extra else "")
-            + f" &middot; {stats.n_tokens:,} tokens" + (f" of {esc(stats.meta['source'])}" if stats.meta.get("source") else ""))
+            + f" &middot; {stats.n_tokens:,} tokens"
+            + (f" of {esc(stats.meta['source'])}" if stats.meta.get("source") else ""))
     if about:
         meta += f'<div class="meta">{esc(about)}</div>'
     flagged = sum(bool(row[11]) for row in rows)
@@ -277,15 +278,16 @@ def _write_index(features, out: Path, rows: list[list], title: str, about: str) 
         meta += (f'<div id="legend" class="meta">&#9888; {MASSIVE_NOTE} ({flagged} of the exported latents): every '
                  f"top example is at a token whose activation norm is above {MASSIVE:g}&times; the median of the pass "
                  f"({stats.massive_norm:,.0f}), a massive activation such as an attention sink</div>")
+    neighbours = (f'<label class="filter"><input id="neighbours" type="checkbox"> list the {extra:,} neighbour pages '
+                  "too</label>" if extra else '<input id="neighbours" type="hidden">')
     index = out / INDEX
     index.write_text(
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         f"<style>{PAGE_STYLE}</style></head><body><h1>{esc(title)}</h1><div class=\"meta\">{meta}</div>"
-        '<input id="q" type="search" placeholder="search a token (e.g. Monday), a label, or a latent number" autofocus>'
-        + (f'<label class="filter"><input id="neighbours" type="checkbox"> list the {extra:,} neighbour pages too</label>'
-           if extra else '<input id="neighbours" type="hidden">') +
-        '<div id="count" class="meta"></div><table class="index"><thead><tr><th data-key="0">latent</th>'
-        '<th data-key="1">density</th><th data-key="2">mean</th><th data-key="3">max</th><th>label</th><th>fires on</th>'
+        '<input id="q" type="search" placeholder="search a token (e.g. Monday), a label, or a latent number" '
+        f'autofocus>{neighbours}<div id="count" class="meta"></div><table class="index"><thead><tr>'
+        '<th data-key="0">latent</th><th data-key="1">density</th><th data-key="2">mean</th><th data-key="3">max</th>'
+        "<th>label</th><th>fires on</th>"
         f'<th>promotes</th>{"<th>note</th>" if flagged else ""}</tr></thead><tbody id="rows"></tbody></table>'
         "<noscript><p>The table needs JavaScript; every latent's page is in the latents/ folder.</p></noscript>"
         f'<script type="application/json" id="data">{inline_json(rows)}</script><script>{INDEX_SCRIPT}</script>'

@@ -12,11 +12,13 @@ the residual dimensions (llm_top_k_test_accuracy) and of the latents (sae_top_k_
 whole residual stream (llm_test_accuracy) and on all latents (sae_test_accuracy) are the references. A dataset's
 score is the mean over its classes, and the headline metric the mean over datasets.
 
-How it differs from SAEBench's: splits are by document (a text's source), with a validation split on which each
-probe's C is chosen from a grid on standardised features (SAEBench fits C = 1 on raw features, and its dense probe
-early-stops on *test* accuracy, which leaks the test split into the score); the test split is scored once. The
+How it differs from SAEBench's: splits are by document (a text's source), and each probe's C is chosen on a
+validation split from a grid on standardised features (SAEBench fits C = 1 on raw features, and its dense probe
+early-stops on *test* accuracy, which leaks the test split into the score); the test split is scored once. The test
+AUC, which SAEBench's sae-probes variant reports beside accuracy, is kept in the record's unstructured part. The
 data are saelab's offline concepts and the user's files, a few hundred texts each, not SAEBench's 4000 / 1000.
-Intervals: a bootstrap over test documents per dataset, and over datasets for the means.
+Intervals: a bootstrap over test documents per dataset (a document's texts share their words, so single texts are
+not independent), and over datasets for the means.
 """
 
 from __future__ import annotations
@@ -130,9 +132,10 @@ class SparseProbingResult(StudyResult):
         rows = ["| dataset | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         for d in self.datasets:
             rows.append(f"| {d.dataset_name} | " + " | ".join(str(d.intervals[m]) for m in names) + " |")
-        rows.append("| **mean** | " + " | ".join(str(self.intervals[f"{m[:3]}.{m}"]) for m in names) + " |")
+        means = [str(self.intervals[f"{c}.{m}"]) for c in CATEGORIES for m in self.metrics[c]]
+        rows.append("| **mean** | " + " | ".join(means) + " |")
         note = ("llm: residual stream (dense probe, then top-k dimensions); sae: latents. Intervals: 95 % bootstrap "
-                "over test documents per dataset, over datasets for the mean.")
+                "over test documents per dataset, over datasets for the mean (one dataset: its own).")
         return "\n".join([head, "", *rows, "", note]) + "\n"
 
     def saebench(self, sae) -> dict:

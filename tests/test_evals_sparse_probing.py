@@ -92,6 +92,29 @@ def test_one_vs_rest_negatives_are_balanced_and_drawn_evenly_from_the_other_clas
             assert max(counts) - min(counts) <= 1, (task.name, s, counts)
 
 
+def test_no_probe_sees_the_test_split(monkeypatch):
+    import saelab.evals.sparse_probing as sparse_probing
+
+    data = labelled()
+    X_llm, X_sae = planted_features(data)
+    seen = []
+    real = sparse_probing.fit_probes
+
+    def spy(Xtr, ytr, Xva, yva, **kwargs):
+        seen.append(torch.cat([Xtr, Xva]))
+        return real(Xtr, ytr, Xva, yva, **kwargs)
+
+    monkeypatch.setattr(sparse_probing, "fit_probes", spy)
+    config = quick()
+    score_dataset(data, X_llm, X_sae, config)
+    test_rows = split_documents(data, config.split_fractions, seed=config.random_seed)["test"]
+    assert len(seen) == 2 * len(CLASSES)  # residual and latents, per class
+    for fitted in seen:
+        X = X_llm if fitted.shape[1] == X_llm.shape[1] else X_sae
+        for row in test_rows:
+            assert not (fitted == X[row]).all(1).any()  # no test text among the training and validation rows
+
+
 def test_the_means_over_datasets_have_a_bootstrap_over_datasets():
     from saelab.evals.sparse_probing import summarise
 
@@ -206,6 +229,18 @@ def test_run_on_the_tiny_model_writes_saebench_s_record_and_round_trips(tiny_mod
     again = SparseProbingResult.load(tmp_path / "result")
     assert again.to_dict() == result.to_dict() and again.config == config
     assert "| **mean** |" in (tmp_path / "result" / "sparse_probing.md").read_text()
+
+
+def test_pooling_is_the_mean_over_the_tokens_after_bos(tiny_model):
+    from saelab.evals.sparse_probing import pooled_features
+
+    sae = make_sae(d_in=64, width=96, hook_name=HOOK)
+    data = LabelledTexts(["the river runs past green hills", "def function return"], ["a", "b"], ["1", "2"])
+    X_llm, X_sae = pooled_features(tiny_model, sae, data, SparseProbingConfig())
+    for i, text in enumerate(data.texts):
+        acts = tiny_model.activations_at([text], HOOK, None)[HOOK][0]  # [L, d], BOS first, no padding
+        assert torch.allclose(X_llm[i], acts[1:].mean(0), atol=1e-5)
+        assert torch.allclose(X_sae[i], sae.encode(acts[1:]).mean(0), atol=1e-5)
 
 
 def test_texts_are_cut_to_the_context_length_at_a_token_boundary(tiny_model):

@@ -58,6 +58,7 @@ import hashlib
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -540,14 +541,19 @@ class ReconstructionStats:
             raise DataError(f"a bootstrap needs at least 2 blocks ({self.block_unit}); these sums hold "
                             f"{self.n_blocks}: evaluate on more tokens")
         reported = dataclasses.asdict(self.metrics())
-        units = {"fvu": (blocks, block_fvu), "explained_variance": (blocks, lambda b: 1 - block_fvu(b))}
+        units = {"fvu": (blocks, block_fvu)}
         for name, column in PER_TOKEN_COLUMNS.items():
             units[name] = (blocks[:, [0, BLOCK_COLUMNS.index(column)]], _ratio_of_sums)
         if reported["fvu_typical"] is not None:
             units["fvu_typical"] = (self.block_sums(typical=True), block_fvu)
-        return {name: dataclasses.replace(bootstrap_interval(unit, statistic, resamples=resamples, level=level,
-                                                             seed=seed), estimate=float(reported[name]))
-                for name, (unit, statistic) in units.items()}
+        with _one_thread():
+            found = {name: dataclasses.replace(bootstrap_interval(unit, statistic, resamples=resamples, level=level,
+                                                                  seed=seed), estimate=float(reported[name]))
+                     for name, (unit, statistic) in units.items()}
+        fvu = found["fvu"]  # explained_variance = 1 - fvu on every resample: the same interval, mirrored
+        found["explained_variance"] = dataclasses.replace(fvu, estimate=reported["explained_variance"],
+                                                          low=1 - fvu.high, high=1 - fvu.low)
+        return found
 
 
 def block_fvu(blocks: Tensor) -> float:
@@ -565,6 +571,18 @@ def _ratio_of_sums(units: Tensor) -> float:
 
 PER_TOKEN_COLUMNS = {"mse": "sq_err", "l0": "active", "cos_sim": "cos", "l2_ratio": "l2_ratio"}
 """The metrics that are per-token means, and the block column each is the mean of."""
+
+
+@contextmanager
+def _one_thread():
+    """Torch on one thread for a bootstrap's thousands of small sums: a thread pool's start-up per operation costs
+    more than the sum (tens of times more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _LargestRows:
@@ -964,10 +982,11 @@ class _SplicedLosses:
                      "kl_div_score": kl_div_score(reported.kl_sae, reported.kl_zero)}
         if self.mean is not None:
             estimates["ce_loss_recovered_mean"] = reported.ce_loss_recovered_mean
-        return {name: dataclasses.replace(bootstrap_interval(contexts, CONTEXT_STATISTICS[name], resamples=resamples,
-                                                             level=level, seed=seed),
-                                          estimate=math.nan if estimate is None else float(estimate))
-                for name, estimate in estimates.items()}
+        with _one_thread():
+            return {name: dataclasses.replace(bootstrap_interval(contexts, CONTEXT_STATISTICS[name], level=level,
+                                                                 resamples=resamples, seed=seed),
+                                              estimate=math.nan if estimate is None else float(estimate))
+                    for name, estimate in estimates.items()}
 
 
 CONTEXT_COLUMNS = ("predictions", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "ce_mean", "kl_mean")

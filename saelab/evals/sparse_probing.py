@@ -53,7 +53,7 @@ class SparseProbingConfig:
 
     dataset_names: tuple[str, ...] = ("languages", "calendar")
     """saelab's built-in concepts (genre, calendar, languages). The default leaves out genre: dense probes score
-    about 1.0 on it, and its long passages would double the eval's time."""
+    about 1.0 on it, and its long passages would more than double the eval's time."""
     dataset_paths: tuple[str, ...] = ()
     """The user's labelled files (.jsonl or .csv), one dataset each, with `text_column` and `label_column`."""
     text_column: str = "text"
@@ -62,7 +62,7 @@ class SparseProbingConfig:
     context_length: int = 128
     """Texts are cut to their first context_length tokens (BOS included), as SAEBench does."""
     max_examples_per_class: int = 200
-    """Each class is subsampled to at most this many texts (seeded), which bounds the eval's time."""
+    """Each class is subsampled to at most this many texts (whole documents, seeded): it bounds the eval's time."""
     min_examples_per_class: int = 10
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
     """Train, validation (chooses C) and test, by document."""

@@ -225,7 +225,7 @@ def test_every_verb_takes_its_defaults_from_its_config():
     from saelab.options import config_from_flags
 
     required = {"cache": ["--model", "m", "--hooks", "h", "--out", "o"], "push": ["f", "me/r"], "info": ["c"],
-                "eval": ["s"], "dashboard": ["s", "--acts", "a"],
+                "eval": ["s"], "evals": ["s"], "dashboard": ["s", "--acts", "a"],
                 "probe": ["--model", "m", "--hooks", "h", "--data", "d"],
                 "steer": ["--model", "m", "--prompts", "p"], "match": ["--a", "m:h", "--b", "m:h"],
                 "clusters": ["s", "--acts", "a"], "calendar": ["--model", "m"]}

@@ -308,20 +308,19 @@ def test_an_sae_without_a_hook_is_refused(tiny_model):
 # ---------------------------------------------------------------------------------------------------- slow: SmolLM2
 @pytest.mark.slow
 def test_absorption_of_a_quickly_trained_smollm2_sae(smollm2, smollm2_acts, tmp_path):
-    """A TopK SAE trained for a minute on 20k tokens of block 3: the residual stream knows most first letters
+    """A TopK SAE trained for half a minute on 20k tokens of block 3: the residual stream knows most first letters
     (probe F1), main latents are found, and the scores are fractions."""
     from saelab.activations import ActivationStore
     from saelab.training import TrainConfig, Trainer
 
     store = ActivationStore(smollm2_acts, batch_size=256)
     trainer = Trainer(store, [dict(arch="topk", width=1152, k=16, lr=2e-3)],
-                      TrainConfig(tokens=200 * 256, batch_size=256, log_every=100), out=tmp_path, progress=False)
+                      TrainConfig(tokens=120 * 256, batch_size=256, log_every=60), out=tmp_path, progress=False)
     (trained,) = trainer.fit()
-    config = AbsorptionConfig(max_words_per_letter=40, max_k_value=5, min_feats_for_eval=10, bootstrap_resamples=200)
+    config = AbsorptionConfig(max_words_per_letter=30, max_k_value=5, min_feats_for_eval=10, bootstrap_resamples=200)
     result = A.run(trained.sae, smollm2, config, progress=False)
     mean = result.metrics["mean"]
     assert len(result.letters) >= 10, result.table()
     assert all(s.probe_f1 >= 0.6 and 1 <= s.num_split_features <= 5 for s in result.letters)
     assert 0 <= mean["mean_absorption_fraction_score"] <= 0.8, result.table()
-    assert 0 <= mean["mean_full_absorption_score"] <= 0.8
-    assert result.seconds < 120
+    assert 0 <= mean["mean_full_absorption_score"] <= 0.8, result.table()

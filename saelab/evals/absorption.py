@@ -166,7 +166,7 @@ class AbsorptionResult(StudyResult):
             rows.append(f"| {s.first_letter} | {s.probe_f1:.2f} | {s.num_probe_true_positives} | "
                         f"{', '.join(map(str, s.split_features))} | {s.mean_absorption_fraction:.3f} | "
                         f"{s.full_absorption_rate:.3f} | {top} |")
-        skipped = [f"", f"Left out: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())] if self.skipped else []
+        skipped = ["", "Left out: " + "; ".join(f"{k}: {v}" for k, v in self.skipped.items())] if self.skipped else []
         note = ["", "Intervals: 95 % bootstrap over letters."]
         return "\n".join(head + rows + skipped + note) + "\n"
 
@@ -182,6 +182,8 @@ class AbsorptionResult(StudyResult):
 # ---------------------------------------------------------------------------------------------------- words
 @dataclass
 class Word:
+    """A single-token word of the vocabulary: its token id, its text (" tartan") and its first letter."""
+
     token: int
     text: str
     letter: int

@@ -113,3 +113,14 @@ def test_saelab_evals_help_names_every_eval(capsys):
         main(["evals", "--help"])
     help_text = capsys.readouterr().out
     assert all(name in help_text for name in suite.EVALS)
+
+
+def test_saelab_evals_reads_the_text_after_the_training_cache(fake_eval, seeded_folders, monkeypatch, tiny_cache):
+    from saelab.activations import ActivationStore
+    from saelab.commands import evals as command
+
+    seen = []
+    monkeypatch.setattr("saelab.models.load_model", lambda name, **kw: None)
+    monkeypatch.setattr(command, "eval_config", lambda module, name, settings: seen.append(settings["text"]))
+    assert main(["evals", str(seeded_folders["topk", 0]), "--suite", "fake_eval", "--acts", str(tiny_cache)]) == 0
+    assert seen == [ActivationStore(tiny_cache).held_out_text()] and seen[0].start > 0

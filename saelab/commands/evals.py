@@ -31,6 +31,9 @@ class EvalsCommand(SAEModelFlags, RunsModel, TextFlags):
     """held-out tokens for the core eval"""
     resamples: PositiveInt = RESAMPLES
     """bootstrap resamples per interval"""
+    acts: str | None = None
+    """the activation cache the SAEs were trained on: the core eval then reads the text that follows it (held out)
+    instead of --text"""
     out: str | None = None
     """write the records under this folder (one subfolder per SAE) instead of <sae>/evals/"""
 
@@ -47,10 +50,18 @@ def eval_config(module, name: str, settings: dict):
     return cls(**{key: value for key, value in settings.items() if key in known})
 
 
+def held_out_text(cache: str):
+    """The text after an activation cache's contexts: what nothing trained on that cache has seen."""
+    from saelab.activations import ActivationStore
+
+    return ActivationStore(cache).held_out_text()
+
+
 def cmd_evals(config: EvalsCommand) -> None:
     from saelab.evals.suite import eval_module, run_suite, seeds_table, suite_table
 
-    settings = {"text": config.text_config(), "tokens": config.tokens, "resamples": config.resamples}
+    settings = {"text": held_out_text(config.acts) if config.acts else config.text_config(), "tokens": config.tokens,
+                "resamples": config.resamples}
     configs = {name: eval_config(eval_module(name), name, settings) for name in config.suite}
     results = run_suite(config.saes, config.suite, configs=configs, out=config.out,
                         load_model=lambda sae, folder: config.load_for(sae, folder,

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 from saelab import SAESpec, TrainConfig, train
-from saelab.evals.synthetic import HOOK, SyntheticConfig, SyntheticData, score_synthetic
+from saelab.evals.synthetic import HOOK, SyntheticData, score_synthetic
+from saelab.evals.synthetic_recipe import BENCH_DATA
 
-CONFIG = SyntheticConfig(n_features=512, d=64, p_max=0.15, p_min=0.01, exponent=0.6, n_parents=32,
-                         children_per_parent=2, child_rate=0.3, correlation_groups=32, group_correlation=0.3,
-                         magnitude_mean=1.0, magnitude_log_std=0.3, firing_log_std=0.2, noise=0.05, seed=0)
+CONFIG = BENCH_DATA
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
 METRICS = ("mcc", "f1", "uniqueness", "absorption", "absorption_parents", "fvu", "l0")
 

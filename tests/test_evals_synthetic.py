@@ -4,6 +4,7 @@ through train() beats random."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -162,3 +163,21 @@ def test_the_table_script_gives_mean_and_range_over_seeds():
     assert script.spec("relu", 64, 8).options["target_l0"] == 8 and script.spec("matryoshka", 64, 8).k == 8
     rows = [{"arch": "topk", "l0_asked": 8, "seed": s, **{m: 0.5 + s / 10 for m in script.METRICS}} for s in range(3)]
     assert "| topk | 8 | 0.6 (0.5-0.7) |" in script.table(rows)
+
+
+def test_the_suite_retrains_an_saes_architecture_on_planted_features_once_per_seed(tmp_path):
+    from saelab.evals.saebench import read_intervals, write_output
+    from saelab.evals.synthetic_recipe import SyntheticEvalConfig, run
+
+    config = SyntheticEvalConfig(data=CLEAN, l0=3, width=80, tokens=40_960, batch_size=1024, seeds=2,
+                                 score_tokens=8192)
+    saved = make_sae("topk", d_in=576, width=4608, k=32)  # any SAE: only its architecture is used
+    result = run(saved, None, config, progress=False)
+    assert [s["seed"] for s in result.per_seed] == [0, 1] and result.arch == "topk"
+    mcc = result.intervals["mcc"]
+    assert mcc.n == 2 and mcc.min <= mcc.estimate <= mcc.max and mcc.estimate > 0.5  # random scores far lower
+    record = result.saebench(saved)
+    assert record["eval_type_id"] == "saelab_synthetic" and set(record["eval_result_metrics"]["synthetic"]) >= {
+        "mcc", "f1", "uniqueness", "absorption", "fvu"}
+    path = write_output(record, tmp_path)
+    assert read_intervals(json.loads(path.read_text()))["synthetic.mcc"].n == 2

@@ -44,8 +44,8 @@ class EvalsCommand(SAEModelFlags, RunsModel, TextFlags):
 
 
 def eval_config(module, name: str, settings: dict):
-    """The eval's config class (<Name>Config by convention) with the settings it has fields for."""
-    cls = getattr(module, "".join(part.title() for part in name.split("_")) + "Config")
+    """The eval's config class (its CONFIG, else <Name>Config by convention) with the settings it has fields for."""
+    cls = getattr(module, "CONFIG", None) or getattr(module, "".join(part.title() for part in name.split("_")) + "Config")
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{key: value for key, value in settings.items() if key in known})
 

@@ -21,7 +21,7 @@ from saelab.evals.intervals import Interval, compare, over_seeds
 from saelab.evals.saebench import read_intervals, read_outputs, write_output
 
 EVALS = {"core": "saelab.evals.core", "absorption": "saelab.evals.absorption",
-         "sparse_probing": "saelab.evals.sparse_probing", "synthetic": "saelab.evals.synthetic"}
+         "sparse_probing": "saelab.evals.sparse_probing", "synthetic": "saelab.evals.synthetic_recipe"}
 """Suite name -> the module that runs it."""
 DEFAULT_SUITE = ("core", "absorption", "sparse_probing")
 RECIPE_KEYS = ("arch", "d_in", "width", "k", "hook_name", "model_name")

@@ -25,6 +25,7 @@ SKIPPED = {
     "saelab match --a smollm2-135m:blocks.7.hook_resid_post:runs/sae-smol": "needs SAEs of two models "
                                                                              "(runs/sae-smol, runs/sae-gemma) that no "
                                                                              "README command trains",
+    "saelab evals runs/sweep/seed*": "needs several seeds of one recipe, which no README command trains",
     "saelab push runs/sae me/smollm2-135m-saes --private": "uploads to the Hugging Face Hub (network, a token)",
     "torchrun --nproc_per_node 8 -m saelab cache": "8 processes",
     "torchrun --nproc_per_node 8 -m saelab train": "8 processes on CUDA",
@@ -35,13 +36,14 @@ SKIPPED = {
 
 WIDTHS = {"4608": "512", "9216": "1024"}
 """README widths -> walk widths, in flags and in the SAE folder names later commands read."""
-TOKENS = {"cache": "6k", "train": "4k", "eval": "512", "dashboard": "2k", "clusters": "2k"}
+TOKENS = {"cache": "6k", "train": "4k", "eval": "512", "evals": "512", "dashboard": "2k", "clusters": "2k"}
 EXTRA = {
     "train": ["--batch-size", "256", "--eval-tokens", "256"],
     "calendar": ["--tasks", "days", "--layers", "4,8"],
     "clusters": ["--plots", "2"],
     "dashboard": ["--most-active", "8"],
     "match": ["--nulls", "20"],
+    "evals": ["--suite", "core", "--resamples", "200"],
 }
 """Flags added to a verb to shrink it; a flag the README command gives itself is replaced, never doubled."""
 

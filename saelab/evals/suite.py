@@ -45,9 +45,14 @@ class SAEEvals:
     records: dict[str, dict] = field(default_factory=dict)
 
     def headline(self) -> dict[str, Interval]:
-        """{"<eval>: <category>.<metric>": Interval} for every metric its eval gave an interval."""
-        return {f"{eval_id}: {name}": interval for eval_id, record in sorted(self.records.items())
-                for name, interval in read_intervals(record).items()}
+        """{"<eval>: <category>.<metric>": Interval} for every metric its eval gave an interval, and the core eval's
+        fvu and fvu_typical ("core: saelab.fvu"), which SAEBench's layout has no field for."""
+        found = {}
+        for eval_id, record in sorted(self.records.items()):
+            found.update({f"{eval_id}: {name}": i for name, i in read_intervals(record).items()})
+            extra = record.get("eval_result_unstructured", {}).get("saelab", {}).get("fvu_intervals", {})
+            found.update({f"{eval_id}: saelab.{name}": Interval(**fields) for name, fields in extra.items()})
+        return found
 
 
 def recipe_of(sae) -> dict[str, Any]:

@@ -55,7 +55,8 @@ def test_block_sums_recompute_the_pooled_fvu_and_l0_from_the_activations():
         reference = direct_fvu(x, sae.decode(codes))
     assert block_fvu(blocks) == pytest.approx(reference, rel=1e-9)
     assert stats.metrics().fvu == pytest.approx(reference, rel=1e-9)
-    assert float(blocks[:, BLOCK_COLUMNS.index("active")].sum() / 1000) == pytest.approx(float((codes != 0).sum(-1).double().mean()))
+    l0 = float((codes != 0).sum(-1).double().mean())
+    assert float(blocks[:, BLOCK_COLUMNS.index("active")].sum() / 1000) == pytest.approx(l0)
     first = x[:128]  # one block on its own is that block's FVU
     with torch.no_grad():
         assert block_fvu(blocks[:1]) == pytest.approx(direct_fvu(first, sae.decode(sae.encode(first))), rel=1e-9)

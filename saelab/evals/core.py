@@ -337,7 +337,8 @@ class EvalResult:
         recon = self.reconstruction
         extra = {name: getattr(recon, name) if recon else None
                  for name in ("fvu", "fvu_typical", "massive_tokens", "massive_norm")}
-        extra["fvu_intervals"] = {name: self.intervals[name] for name in ("fvu", "fvu_typical") if name in self.intervals}
+        extra["fvu_intervals"] = {name: interval for name, interval in self.intervals.items()
+                                  if name in ("fvu", "fvu_typical")}
         extra["bootstrap_unit"] = self.settings.get("bootstrap_unit")
         return saebench_output(EVAL_TYPE_ID, _saebench_config(self.settings), metrics, sae, intervals=intervals,
                                extra=extra)
@@ -971,8 +972,8 @@ class _SplicedLosses:
 
     def intervals(self, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, Interval]:
         """Bootstrap intervals over the contexts for ce_loss_recovered, kl_sae, kl_div_score (SAEBench's
-        (kl_zero - kl_sae) / kl_zero) and ce_loss_recovered_mean (with mean ablation), each recomputed from the resampled contexts' summed losses; the estimates
-        are the metrics as reported."""
+        (kl_zero - kl_sae) / kl_zero) and ce_loss_recovered_mean (with mean ablation), each recomputed from the
+        resampled contexts' summed losses; the estimates are the metrics as reported."""
         contexts = self.per_context()
         if len(contexts) < 2:
             raise DataError(f"a bootstrap needs at least 2 contexts; this pass read {len(contexts)}: evaluate on "
@@ -1238,9 +1239,9 @@ def _saebench_config(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "BLOCK_COLUMNS", "BLOCK_ROWS", "CONTEXT_COLUMNS", "CoreConfig", "EVAL_TYPE_ID", "SAEBENCH_METRICS", "block_fvu",
-    "kl_div_score", "run", "Baselines", "DEAD_TOKENS_PER_LATENT", "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EvalResult",
-    "FIRING_COUNTS_FILE", "FeatureDensity", "METRICS_FILE", "ReconstructionMetrics", "ReconstructionStats",
-    "SAESummary", "SCHEMA_VERSION", "SplicedMetrics", "dead_share_note", "evaluate", "feature_density",
-    "plot_feature_density", "reconstruction_stats", "spliced_metrics",
+    "BLOCK_COLUMNS", "BLOCK_ROWS", "Baselines", "CONTEXT_COLUMNS", "CoreConfig", "DEAD_TOKENS_PER_LATENT",
+    "DENSE_THRESHOLD", "DENSITY_BIN_EDGES", "DENSITY_PLOT_FILE", "EVAL_TYPE_ID", "EvalResult", "FIRING_COUNTS_FILE",
+    "FeatureDensity", "METRICS_FILE", "ReconstructionMetrics", "ReconstructionStats", "SAEBENCH_METRICS", "SAESummary",
+    "SCHEMA_VERSION", "SplicedMetrics", "block_fvu", "dead_share_note", "evaluate", "feature_density", "kl_div_score",
+    "plot_feature_density", "reconstruction_stats", "run", "spliced_metrics",
 ]

@@ -115,7 +115,7 @@ def test_no_probe_sees_the_test_split(monkeypatch):
             assert not (fitted == X[row]).all(1).any()  # no test text among the training and validation rows
 
 
-def test_the_means_over_datasets_have_a_bootstrap_over_datasets():
+def test_the_means_over_datasets_combine_each_datasets_interval():
     from saelab.evals.sparse_probing import summarise
 
     config = quick()
@@ -126,7 +126,10 @@ def test_the_means_over_datasets_have_a_bootstrap_over_datasets():
     for category, values in metrics.items():
         for name, value in values.items():
             assert value == pytest.approx(sum(d.accuracy[name] for d in scores) / 2)
-            assert intervals[f"{category}.{name}"].n == 2  # the units are the datasets
+            interval, parts = intervals[f"{category}.{name}"], [d.intervals[name] for d in scores]
+            half = math.hypot(*((p.high - p.low) / 2 for p in parts)) / 2  # independent halves add in quadrature
+            assert interval.high - interval.estimate == pytest.approx(half)
+            assert interval.n == sum(p.n for p in parts)  # the units are the test documents of both
     alone, _ = summarise(scores[:1], config)
     assert alone["sae"]["sae_top_1_test_accuracy"] == 1.0
 
@@ -222,7 +225,9 @@ def test_run_on_the_tiny_model_writes_saebench_s_record_and_round_trips(tiny_mod
     intervals = read_intervals(record)
     assert sorted(intervals) == sorted(f"{c}.{m}" for c, ms in (("llm", SAEBENCH_LLM), ("sae", SAEBENCH_SAE))
                                        for m in ms)
-    assert all(isinstance(i, Interval) and i.n == 2 for i in intervals.values())
+    test_docs = {name: result.datasets[0].intervals[name.split(".")[1]].n + result.datasets[1].intervals[
+        name.split(".")[1]].n for name in intervals}
+    assert all(isinstance(i, Interval) and i.n == test_docs[name] for name, i in intervals.items())
     path = write_output(record, tmp_path / "sae")
     assert path == tmp_path / "sae" / "evals" / "sparse_probing.json" and json.loads(path.read_text()) == record
     result.save(tmp_path / "result")

@@ -18,7 +18,8 @@ early-stops on *test* accuracy, which leaks the test split into the score); the 
 AUC, which SAEBench's sae-probes variant reports beside accuracy, is kept in the record's unstructured part. The
 data are saelab's offline concepts and the user's files, a few hundred texts each, not SAEBench's 4000 / 1000.
 Intervals: a bootstrap over test documents per dataset (a document's texts share their words, so single texts are
-not independent), and over datasets for the means.
+not independent); the means over datasets combine those (half-widths in quadrature): two or three fixed datasets
+are not a sample to resample.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from saelab.analysis.concepts import BUILTINS, LabelledTexts, builtin, load_labe
 from saelab.analysis.probes import C_GRID, Features, extract, fit_probes
 from saelab.analysis.study import StudyResult
 from saelab.errors import DataError
-from saelab.evals.intervals import Interval, bootstrap_interval, mean_interval
+from saelab.evals.intervals import Interval, bootstrap_interval
 from saelab.evals.saebench import saebench_output
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ class SparseProbingResult(StudyResult):
         means = [str(self.intervals[f"{c}.{m}"]) for c in CATEGORIES for m in self.metrics[c]]
         rows.append("| **mean** | " + " | ".join(means) + " |")
         note = ("llm: residual stream (dense probe, then top-k dimensions); sae: latents. Intervals: 95 % bootstrap "
-                "over test documents per dataset, over datasets for the mean (one dataset: its own).")
+                "over test documents per dataset; the mean's combines them.")
         return "\n".join([head, "", *rows, "", note]) + "\n"
 
     def saebench(self, sae) -> dict:
@@ -307,16 +308,26 @@ def _class_mean_accuracy(tallies: Tensor) -> float:
     return float((sums[seen, 0] / sums[seen, 1]).mean()) if bool(seen.any()) else math.nan
 
 
+def mean_of_intervals(parts: Sequence[Interval]) -> Interval:
+    """The mean of independent estimates with their intervals (one part: itself)."""
+    if len(parts) == 1:
+        return parts[0]
+    mean = sum(p.estimate for p in parts) / len(parts)
+    half = math.sqrt(sum(((p.high - p.low) / 2) ** 2 for p in parts)) / len(parts)
+    return Interval(mean, mean - half, mean + half, sum(p.n for p in parts), "bootstrap per dataset, combined",
+                    parts[0].level)
+
+
 def summarise(datasets: Sequence[DatasetScores], config: SparseProbingConfig
               ) -> tuple[dict[str, dict[str, float]], dict[str, Interval]]:
-    """Means over datasets per SAEBench metric, with a bootstrap over datasets (one dataset: its own interval)."""
+    """Means over datasets per SAEBench metric. Their interval combines each dataset's own (over its test
+    documents): the datasets are the fixed set asked about, not a sample of datasets, so resampling two or three of
+    them would say nothing; half-widths add in quadrature, divided by the number of datasets."""
     metrics, intervals = {}, {}
     for category, names in metric_names(config.k_values, config.sae_dense_probe).items():
         metrics[category] = {}
         for name in names:
-            values = [d.accuracy[name] for d in datasets]
-            interval = (mean_interval(values, resamples=config.bootstrap_resamples, seed=config.random_seed)
-                        if len(values) > 1 else datasets[0].intervals[name])
+            interval = mean_of_intervals([d.intervals[name] for d in datasets])
             metrics[category][name] = interval.estimate
             intervals[f"{category}.{name}"] = interval
     return metrics, intervals

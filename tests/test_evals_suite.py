@@ -124,3 +124,22 @@ def test_saelab_evals_reads_the_text_after_the_training_cache(fake_eval, seeded_
     monkeypatch.setattr(command, "eval_config", lambda module, name, settings: seen.append(settings["text"]))
     assert main(["evals", str(seeded_folders["topk", 0]), "--suite", "fake_eval", "--acts", str(tiny_cache)]) == 0
     assert seen == [ActivationStore(tiny_cache).held_out_text()] and seen[0].start > 0
+
+
+@pytest.mark.filterwarnings("ignore::saelab.training.landing.OffTarget")  # 4 steps: L0 has no time to settle
+def test_recipes_are_told_apart_by_how_they_were_trained_not_by_the_format_they_were_saved_in(tmp_path, tiny_cache):
+    """A BatchTopK SAE is saved as a JumpReLU: its seeds must pool with BatchTopK's, not with a JumpReLU recipe."""
+    from saelab import SAESpec, TrainConfig, train
+    from saelab.hub.folder import read_run_keys
+
+    specs = [SAESpec(arch="batchtopk", width=32, k=4, hook="blocks.0.hook_resid_post"),
+             SAESpec(arch="jumprelu", width=32, hook="blocks.0.hook_resid_post", options={"target_l0": 4})]
+    folders = []
+    for seed in (0, 1):
+        trained = train(tiny_cache, specs, TrainConfig(tokens=1024, batch_size=256, seed=seed),
+                        out=tmp_path / f"seed{seed}", progress=False)
+        folders += [t.folder for t in trained]
+    assert read_run_keys(folders[0])["saelab_recipe"] == "batchtopk-32-k4"
+    results = suite.read_suite(folders)
+    assert {r.recipe["arch"] for r in results} == {"jumprelu"}  # both saved as JumpReLU
+    assert sorted(suite.recipes(results)) == ["batchtopk-32-k4 (2 seeds)", "jumprelu-32-target4 (2 seeds)"]

@@ -55,10 +55,22 @@ class SAEEvals:
         return found
 
 
-def recipe_of(sae) -> dict[str, Any]:
+def recipe_of(sae, folder: Path | None = None) -> dict[str, Any]:
+    """What identifies the SAE's recipe: its config but the weights, and the name saelab's training gave it
+    (`saelab_recipe` in cfg.json's metadata: a BatchTopK SAE is saved as a JumpReLU, yet is not a JumpReLU recipe)."""
     cfg = sae.cfg
     options = cfg.options if isinstance(cfg.options, dict) else getattr(cfg.options, "__dict__", {})
-    return {**{key: getattr(cfg, key) for key in RECIPE_KEYS}, **{f"options.{k}": v for k, v in options.items()}}
+    return {"recipe": _trained_as(folder), **{key: getattr(cfg, key) for key in RECIPE_KEYS},
+            **{f"options.{k}": v for k, v in options.items()}}
+
+
+def _trained_as(folder: Path | None) -> str | None:
+    from saelab.hub.folder import read_run_keys
+
+    try:
+        return read_run_keys(folder).get("saelab_recipe") if folder is not None else None
+    except (OSError, ValueError):  # not a saelab folder (a Gemma Scope params file, say): its config is all there is
+        return None
 
 
 def label_of(folder: Path) -> str:
@@ -83,7 +95,7 @@ def run_suite(folders: Sequence[str | Path], suite: Sequence[str] = DEFAULT_SUIT
         if key not in models:
             models[key] = (load_model or _default_model)(sae, folder)
         where = Path(out) / label_of(folder).replace("/", "__") if out is not None else folder
-        entry = SAEEvals(folder, label_of(folder), recipe_of(sae))
+        entry = SAEEvals(folder, label_of(folder), recipe_of(sae, folder))
         for name, module in modules.items():
             result = module.run(sae, models[key], (configs or {}).get(name), progress=progress)
             record = result.saebench(sae)
@@ -105,7 +117,7 @@ def read_suite(folders: Sequence[str | Path]) -> list[SAEEvals]:
     """The records already written beside each SAE folder (no model, no eval run)."""
     from saelab.hub import load_sae
 
-    return [SAEEvals(Path(f), label_of(Path(f)), recipe_of(load_sae(f)), read_outputs(f)) for f in folders]
+    return [SAEEvals(Path(f), label_of(Path(f)), recipe_of(load_sae(f), Path(f)), read_outputs(f)) for f in folders]
 
 
 def suite_table(results: Sequence[SAEEvals]) -> str:
@@ -123,8 +135,12 @@ def recipes(results: Sequence[SAEEvals]) -> dict[str, list[SAEEvals]]:
     groups: dict[tuple, list[SAEEvals]] = {}
     for result in results:
         groups.setdefault(tuple(sorted((k, str(v)) for k, v in result.recipe.items())), []).append(result)
-    return {f"{group[0].recipe['arch']}-{group[0].recipe['width']} ({len(group)} seeds)": group
-            for group in groups.values()}
+    def name(group: list[SAEEvals]) -> str:
+        first = group[0].recipe
+        recipe = first["recipe"] or f"{first['arch']}-{first['width']}"
+        return f"{recipe} ({len(group)} seed{'s' if len(group) > 1 else ''})"
+
+    return {name(group): group for group in groups.values()}
 
 
 def pooled(group: Sequence[SAEEvals]) -> dict[str, Interval]:
@@ -142,7 +158,10 @@ def seeds_table(results: Sequence[SAEEvals]) -> str:
     for metric in metrics:
         cells = [_seed_cell(groups[g].get(metric)) for g in groups]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-    for (a, ga), (b, gb) in itertools.combinations(groups.items(), 2):
+    seeded = {name: g for name, g in groups.items() if all(i.n >= 2 for i in g.values())}
+    if len(seeded) < len(groups):
+        lines += ["", "Recipes with one seed are not compared: one SAE has no seed spread to compare a difference with."]
+    for (a, ga), (b, gb) in itertools.combinations(seeded.items(), 2):
         lines += ["", f"{b} against {a}:"]
         lines += [f"- {metric}: {compare(ga[metric], gb[metric])}" for metric in metrics if metric in ga and metric in gb]
     return "\n".join(lines)

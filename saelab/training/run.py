@@ -48,7 +48,8 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
         metadata = source_metadata(trainer.source.fingerprint())  # the text, context length and BOS of the run
         for result in trained:  # all saved first: an evaluation that fails must cost no trained SAE
             if out is not None:
-                result.folder = save_sae(result.sae, folders[result.name], metadata=metadata)
+                recipe = {"saelab_recipe": Path(result.name).name}  # batchtopk-4608-k32: saved as JumpReLU, trained as this
+                result.folder = save_sae(result.sae, folders[result.name], metadata={**metadata, **recipe})
         to_evaluate = trained if model is not None and eval_text is not None else []
         if to_evaluate and progress:
             print(f"saelab: evaluating {len(to_evaluate)} SAE{'s' if len(to_evaluate) > 1 else ''} on "

@@ -15,7 +15,6 @@ regression on the top-k features by |mean difference| on the training split or b
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from saelab.errors import DataError, HookError
 from saelab.interventions import in_call_order, select
+from saelab.threads import one_thread
 
 if TYPE_CHECKING:
     from saelab.sae import SAE
@@ -286,22 +286,10 @@ def rank_l1_path(Xtr: Tensor, ytr: Tensor, wanted: int, steps: int = 60, ratio: 
     return entered + [j for j in rank_mean_diff(Xtr, ytr) if j not in set(entered)]
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Probe fits are many small products: torch's thread pool spinning next to scipy's BLAS made them ~100x
-    slower on a 2-core machine, so they run on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def fit_probes(Xtr: Tensor, ytr, Xva: Tensor, yva, *, ks: Sequence[int] = (1, 2, 4, 8, 16),
                methods: Sequence[str] = METHODS, Cs: Sequence[float] = C_GRID) -> list[Probe]:
     """Every probe of `methods` from the training and validation splits only (the test split is never passed)."""
-    with _one_thread():
+    with one_thread():
         return _fit_probes(Xtr, ytr, Xva, yva, ks, methods, Cs)
 
 

@@ -46,11 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.analysis.probes import _one_thread, fit_logistic, rank_mean_diff
+from saelab.analysis.probes import fit_logistic, rank_mean_diff
 from saelab.analysis.study import StudyResult
 from saelab.errors import DataError
 from saelab.evals.intervals import Interval, mean_interval
 from saelab.evals.saebench import saebench_output
+from saelab.threads import one_thread
 
 if TYPE_CHECKING:
     from saelab.sae import SAE
@@ -298,7 +299,7 @@ def balanced(X: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def fit_balanced(X: Tensor, y: Tensor, C: float) -> tuple[Tensor, float]:
     """A class-balanced L2 logistic probe (fit_logistic) on X as given; weight [d] and bias."""
     Xb, yb = balanced(X.double(), y)
-    with _one_thread():  # many small fits: a thread pool made them ~40x slower on a busy 2-core machine
+    with one_thread():  # many small fits: a thread pool made them ~40x slower on a busy 2-core machine
         return fit_logistic(Xb, yb, C)
 
 

@@ -58,7 +58,6 @@ import hashlib
 import json
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -75,6 +74,7 @@ from saelab.errors import DataError, HookError
 from saelab.evals.intervals import LEVEL, RESAMPLES, Interval, bootstrap_interval
 from saelab.files import check_schema_version, without_local_paths
 from saelab.interventions import Replace, Tokens, plan_batches
+from saelab.threads import one_thread
 from saelab.version import __version__
 
 if TYPE_CHECKING:
@@ -547,7 +547,7 @@ class ReconstructionStats:
             units[name] = (blocks[:, [0, BLOCK_COLUMNS.index(column)]], _ratio_of_sums)
         if reported["fvu_typical"] is not None:
             units["fvu_typical"] = (self.block_sums(typical=True), block_fvu)
-        with _one_thread():
+        with one_thread():
             found = {name: dataclasses.replace(bootstrap_interval(unit, statistic, resamples=resamples, level=level,
                                                                   seed=seed), estimate=float(reported[name]))
                      for name, (unit, statistic) in units.items()}
@@ -572,18 +572,6 @@ def _ratio_of_sums(units: Tensor) -> float:
 
 PER_TOKEN_COLUMNS = {"mse": "sq_err", "l0": "active", "cos_sim": "cos", "l2_ratio": "l2_ratio"}
 """The metrics that are per-token means, and the block column each is the mean of."""
-
-
-@contextmanager
-def _one_thread():
-    """Torch on one thread for a bootstrap's thousands of small sums: a thread pool's start-up per operation costs
-    more than the sum (tens of times more on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _LargestRows:
@@ -983,7 +971,7 @@ class _SplicedLosses:
                      "kl_div_score": kl_div_score(reported.kl_sae, reported.kl_zero)}
         if self.mean is not None:
             estimates["ce_loss_recovered_mean"] = reported.ce_loss_recovered_mean
-        with _one_thread():
+        with one_thread():
             return {name: dataclasses.replace(bootstrap_interval(contexts, CONTEXT_STATISTICS[name], level=level,
                                                                  resamples=resamples, seed=seed),
                                               estimate=math.nan if estimate is None else float(estimate))

@@ -37,6 +37,18 @@ def train_seed(acts: str, out: Path, seed: int, width: int, k: int, tokens: int)
     return sae_folders(out, seed)
 
 
+MODELS: dict = {}
+
+
+def shared_model(sae, folder):
+    """One model for every SAE of the table (run_suite is called per SAE so that each resumes on its own)."""
+    from saelab.models import load_model
+
+    if sae.cfg.model_name not in MODELS:
+        MODELS[sae.cfg.model_name] = load_model(sae.cfg.model_name)
+    return MODELS[sae.cfg.model_name]
+
+
 def evaluate(folders: list[Path], suite: list[str], held_out, tokens: int) -> None:
     """Run the evals of `suite` each SAE has no record of yet."""
     from saelab.evals.suite import eval_module
@@ -46,7 +58,8 @@ def evaluate(folders: list[Path], suite: list[str], held_out, tokens: int) -> No
         missing = [name for name in suite if not (folder / "evals" / f"{ids[name]}.json").exists()]
         if missing:
             start = time.perf_counter()
-            run_suite([folder], missing, configs={"core": CoreConfig(text=held_out, tokens=tokens)}, progress=False)
+            run_suite([folder], missing, configs={"core": CoreConfig(text=held_out, tokens=tokens)}, progress=False,
+                      load_model=shared_model)
             print(f"{folder}: {', '.join(missing)} in {time.perf_counter() - start:.0f} s", flush=True)
 
 

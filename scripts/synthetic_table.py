@@ -23,7 +23,7 @@ import torch
 
 from saelab import SAESpec, TrainConfig, train
 from saelab.evals.synthetic import HOOK, SyntheticData, score_synthetic
-from saelab.evals.synthetic_recipe import BENCH_DATA
+from saelab.evals.synthetic_recipe import BENCH_DATA, SyntheticEvalConfig, recipe
 
 CONFIG = BENCH_DATA
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
@@ -31,10 +31,8 @@ METRICS = ("mcc", "f1", "uniqueness", "absorption", "absorption_parents", "fvu",
 
 
 def spec(arch: str, width: int, l0: int) -> SAESpec:
-    """k for the architectures that take one, a steered target L0 for the others."""
-    if arch in ("relu", "jumprelu"):
-        return SAESpec(arch=arch, width=width, options={"target_l0": l0})
-    return SAESpec(arch=arch, width=width, k=l0)
+    """k for the architectures that take one, a steered target L0 for the others (the suite's recipe)."""
+    return recipe(arch, SyntheticEvalConfig(width=width, l0=l0))
 
 
 def run_cell(data: SyntheticData, args, seed: int, l0: int) -> list[dict]:

@@ -36,7 +36,7 @@ class FakeResult:
 def fake_eval(monkeypatch):
     """A stand-in eval whose score is looked up by the SAE's architecture and seed (its decoder's first value)."""
     module = types.ModuleType("fake_eval")
-    module.EVAL_TYPE_ID, module.FakeEvalConfig, module.calls = "fake_eval", FakeEvalConfig, []
+    module.EVAL_TYPE_ID, module.CONFIG, module.calls = "fake_eval", FakeEvalConfig, []
 
     def run(sae, model, config=None, *, progress=True):
         module.calls.append((sae.cfg.arch, model, config))
@@ -121,7 +121,7 @@ def test_saelab_evals_reads_the_text_after_the_training_cache(fake_eval, seeded_
 
     seen = []
     monkeypatch.setattr("saelab.models.load_model", lambda name, **kw: None)
-    monkeypatch.setattr(command, "eval_config", lambda module, name, settings: seen.append(settings["text"]))
+    monkeypatch.setattr(command, "eval_config", lambda module, settings: seen.append(settings["text"]))
     assert main(["evals", str(seeded_folders["topk", 0]), "--suite", "fake_eval", "--acts", str(tiny_cache)]) == 0
     assert seen == [ActivationStore(tiny_cache).held_out_text()] and seen[0].start > 0
 

@@ -43,9 +43,9 @@ class EvalsCommand(SAEModelFlags, RunsModel, TextFlags):
             raise ValueError(f"--suite: no eval named {unknown[0]!r}; choose from {', '.join(EVALS)}")
 
 
-def eval_config(module, name: str, settings: dict):
-    """The eval's config class (its CONFIG, else <Name>Config by convention) with the settings it has fields for."""
-    cls = getattr(module, "CONFIG", None) or getattr(module, "".join(part.title() for part in name.split("_")) + "Config")
+def eval_config(module, settings: dict):
+    """The eval's config (its module's CONFIG class) with the settings it has fields for."""
+    cls = module.CONFIG
     known = {f.name for f in dataclasses.fields(cls)}
     return cls(**{key: value for key, value in settings.items() if key in known})
 
@@ -62,7 +62,7 @@ def cmd_evals(config: EvalsCommand) -> None:
 
     settings = {"text": held_out_text(config.acts) if config.acts else config.text_config(), "tokens": config.tokens,
                 "resamples": config.resamples}
-    configs = {name: eval_config(eval_module(name), name, settings) for name in config.suite}
+    configs = {name: eval_config(eval_module(name), settings) for name in config.suite}
     results = run_suite(config.saes, config.suite, configs=configs, out=config.out,
                         load_model=lambda sae, folder: config.load_for(sae, folder,
                                                                        max_batch_tokens=config.max_batch_tokens))

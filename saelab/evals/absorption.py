@@ -112,6 +112,10 @@ class AbsorptionConfig:
                              f"deviation over letters), got {self.min_feats_for_eval}")
 
 
+CONFIG = AbsorptionConfig
+"""The config class the suite builds for this eval."""
+
+
 # ---------------------------------------------------------------------------------------------------- results
 @dataclass
 class LetterAbsorption:

@@ -1192,6 +1192,10 @@ class CoreConfig:
     """seed of the bootstrap's draws"""
 
 
+CONFIG = CoreConfig
+"""The config class the suite builds for this eval."""
+
+
 def run(sae: SAE, model: LanguageModel, config: CoreConfig | None = None, *, progress: bool = True) -> EvalResult:
     """The core metrics of `sae` at its hook with bootstrap intervals over contexts: the spliced pass of
     `evaluate(sae, model=model, text=config.text, ...)` (so the same numbers), keeping each context's sums, then

@@ -91,6 +91,10 @@ class SparseProbingConfig:
                              f"{self.min_examples_per_class} and {self.max_examples_per_class}")
 
 
+CONFIG = SparseProbingConfig
+"""The config class the suite builds for this eval."""
+
+
 # ---------------------------------------------------------------------------------------------------- results
 @dataclass
 class DatasetScores:

@@ -1,6 +1,7 @@
 """Multi-dimensional features: the two indices, decoder clustering, cluster reconstruction over a cache, the
 calendar tasks, the circle probe, the calendar order and interventions; each against an independent reference."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -8,9 +9,11 @@ import pytest
 import torch
 
 from helpers import make_sae
-from saelab.analysis.circles import (DAYS_TASK, MONTHS_TASK, CalendarConfig, CalendarStudy, CalendarTask, answer_logits,
-                                     calendar_order, calendar_study, fit_circle_probe, intervene, item_positions,
-                                     run_calendar, split_by_duration)
+from saelab.analysis.circles import (DAYS_TASK, MONTHS_TASK, ORDER_TEMPLATES, CalendarConfig, CalendarStudy,
+                                     CalendarTask, answer_logits, calendar_order, calendar_study, cyclic_sequence,
+                                     fit_circle_probe, intervene, item_plane_order, item_positions,
+                                     leave_one_item_out, order_agreement, run_calendar, shuffled_orders,
+                                     split_by_duration)
 from saelab.analysis.clusters import (ClusterSearch, ClusterSearchConfig, Clusters, cluster_points, graph_clusters,
                                       run_cluster_search, search_clusters, spectral_clusters)
 from saelab.analysis.irreducibility import (BINS, RANGE, irreducibility_score, mixture_index, mutual_information,
@@ -314,6 +317,33 @@ def test_calendar_order_against_a_direct_count():
     assert calendar_order(pca(x, 2).project(x), items, 12).fraction == max(forward, backward)
 
 
+def test_leaving_one_item_out_places_a_planted_circles_items_and_its_control_falls_to_chance():
+    """Seven tight clusters on a circle: the held-out-duration probe would fit any order, but a probe fitted on six
+    items places the seventh between its neighbours only when the order it was fitted to is the planted one."""
+    x, items, _, _ = planted_circle_acts(period=7, per_item=7)
+    left_out = leave_one_item_out(x, items, 7)
+    assert left_out.nearest > 0.9 and left_out.between > 0.95 and left_out.error_degrees < 15, left_out
+    controls = [leave_one_item_out(x, items, 7, order=o) for o in shuffled_orders(7, 20, seed=0)]
+    assert sum(c.between for c in controls) / 20 < 0.45  # chance 2/7
+    assert sum(c.nearest for c in controls) / 20 < 0.3  # chance 1/7
+    # an order that is the calendar's turned round the circle is the calendar order to a probe: never a control
+    dihedral = {tuple((s * a + r) % 7 for a in range(7)) for r in range(7) for s in (1, -1)}
+    assert not {tuple(o.tolist()) for o in shuffled_orders(7, 50)} & dihedral
+    assert leave_one_item_out(x, items, 7, order=torch.tensor([3, 4, 5, 6, 0, 1, 2])).between > 0.95
+    with pytest.raises(ValueError, match="rotation or mirror"):
+        shuffled_orders(3, 1)
+
+
+def test_order_over_templates_shows_a_template_that_flips_it():
+    x, items, _, _ = planted_circle_acts(period=7, per_item=7)
+    swapped, _, _, _ = planted_circle_acts(period=7, per_item=7, seed=1, order=torch.tensor([0, 2, 1, 3, 4, 5, 6]))
+    turned, _, _, _ = planted_circle_acts(period=7, per_item=7, seed=2, order=torch.tensor([6, 5, 4, 3, 2, 1, 0]))
+    orders = [item_plane_order(a, items, 7) for a in (x, turned, swapped)]
+    assert [o.fraction for o in orders][:2] == [1.0, 1.0] and orders[2].fraction < 1
+    assert cyclic_sequence(orders[0]) == cyclic_sequence(orders[1]) == (0, 1, 2, 3, 4, 5, 6)
+    assert order_agreement(orders) == pytest.approx(2 / 3) and order_agreement(orders[:2]) == 1.0
+
+
 def test_probe_refuses_fewer_prompts_than_components():
     x, items, _, _ = planted_circle_acts()
     with pytest.raises(ValueError, match="needs more prompts than that; got 5"):
@@ -378,8 +408,13 @@ def test_calendar_study_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     import json
 
     study = calendar_study(tiny_model, word_task(tiny_model), layers=[0, 1], intervention_layers=[1], targets=1,
+                           order_templates=["Then {duration} after {item}", "Go {item} and {duration}"],
                            progress=False)
     assert [r.layer for r in study.layers] == [0, 1]
+    assert study.record_version == 2 and all(len(r.template_orders) == 3 for r in study.layers)
+    assert all(r.left_out is not None and r.left_out_control is not None for r in study.layers)
+    table = study.table()
+    assert table.index("| layer | left-out nearest") < table.index("| layer | probe acc (held out)")
     assert {r.method for r in study.interventions} == {"circle", "layer", "pca_subspace", "mean_ablate",
                                                         "zero_circle"}
     assert study.accuracy.chance == pytest.approx(1 / 6)
@@ -396,6 +431,12 @@ def test_calendar_study_runs_end_to_end_on_the_tiny_model(tiny_model, tmp_path):
     torch.testing.assert_close(loaded.probes[1].reading(x), study.probes[1].reading(x))
     with pytest.raises(ValueError, match="name="):
         CalendarStudy.load(tmp_path)
+    for record in saved["layers"]:  # a record written before the leave-one-out probe still loads
+        for key in ("left_out", "left_out_control", "template_orders", "template_agreement"):
+            del record[key]
+    del saved["record_version"]
+    old = CalendarStudy.from_dict(saved)
+    assert old.record_version == 1 and old.layers[0].left_out is None and "left-out" not in old.table()
     with pytest.raises(ValueError, match="layer 7 is out of range"):
         calendar_study(tiny_model, word_task(tiny_model), layers=[7], progress=False)
 
@@ -405,6 +446,14 @@ def test_circle_configs_hold_the_command_settings_and_check_them():
     assert (calendar.tasks, calendar.layers, calendar.intervene, calendar.targets, calendar.k, calendar.test_fraction,
             calendar.seed, calendar.batch_size) == ("days,months", None, [], 3, 5, 0.3, 0, 16)
     assert [t.name for t in calendar.task_list()] == ["days", "months"]
+    assert calendar.order_templates == 3 and all(len(ORDER_TEMPLATES[t]) == 3 for t in ("days", "months"))
+    for task in (DAYS_TASK, MONTHS_TASK):  # the other wordings build their prompts as the task's own does
+        for template in ORDER_TEMPLATES[task.name]:
+            prompts = dataclasses.replace(task, template=template).prompts()
+            assert [(p.item, p.shift, p.answer) for p in prompts] == [(p.item, p.shift, p.answer)
+                                                                       for p in task.prompts()]
+    with pytest.raises(ValueError, match="order_templates"):
+        CalendarConfig(model="m", order_templates=4)
     with pytest.raises(ValueError, match="unknown task 'weeks'"):
         CalendarConfig(model="m", tasks="days,weeks")
     with pytest.raises(ValueError, match="test_fraction"):

@@ -9,8 +9,15 @@ Tasks (Engels et al. 2024): "Let's do some days of the week math. Two days from 
 and "Let's do some calendar math. Four months from March is" (12 x 12 = 144); the answer is (a + b) mod p and the
 model's choice is the argmax over the p answer words' first tokens. Done differently from the public code: the
 day or month token is found by its characters in each prompt (any tokenizer; a word split into several tokens or
-absent is an error, not a silently wrong position), and the probe is fitted on the prompts of some durations and
-scored on the prompts of the others (every day or month appears on both sides).
+absent is an error, not a silently wrong position), and the probe is scored two ways:
+    leave one item out   fitted on the prompts of all items but one, it places the held-out item's prompts on the
+                         circle, each item in turn. Only a circle that generalises to an unseen item puts it between
+                         its calendar neighbours, so the shuffled-order control (the same with the items in a
+                         random order round the circle) falls to chance.
+    held-out durations   fitted on the prompts of some durations and scored on the others. Every item is on both
+                         sides, so with few items p tight clusters fit almost any order: read it against its control.
+The calendar order of the item means is read from the task's own template and from ORDER_TEMPLATES (other
+wordings of the same arithmetic), since one template's order can flip where the circle loosens.
 
 Probe: PCA (k = 5) of the train prompts' activations at the day/month token, then least squares from the PCA
 coordinates (+ 1) to (cos, sin)(2 pi a / p). Its reading of held-out prompts gives the angle error, the nearest-
@@ -27,6 +34,7 @@ b kept; the effect is the change of logit(answer) - logit((a' + b) mod p) (posit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -100,6 +108,17 @@ DAYS_TASK = CalendarTask("days", "Let's do some days of the week math. {duration
 MONTHS_TASK = CalendarTask("months", "Let's do some calendar math. {duration} from {item} is", tuple(MONTHS),
                            tuple(f"{n} month{'s' if i else ''}" for i, n in enumerate(NUMBERS)))
 TASKS = {"days": DAYS_TASK, "months": MONTHS_TASK}
+ORDER_TEMPLATES = {
+    "days": ("Today is {item}. {duration} from now it will be", "Calendar question. {duration} after {item} comes",
+             "We met on {item}. {duration} later we met again, on"),
+    "months": ("It is {item} now. {duration} from now it will be", "Calendar question. {duration} after {item} comes",
+               "We moved in {item}. {duration} later we moved again, in"),
+}
+"""Other wordings of each task's arithmetic (the item after a space, as in the task's own template, so SmolLM2's and
+Gemma 3's tokenizers keep every day and month one token); the calendar order is read from each."""
+RECORD_VERSION = 2
+"""CalendarStudy.record_version this code writes: 1 had the held-out-duration probe and one template's order; 2 adds
+the leave-one-item-out probe and the order over several templates."""
 
 
 def item_positions(model, prompts: Sequence[CalendarPrompt]) -> tuple[Tokens, Tensor]:
@@ -208,13 +227,18 @@ class CircleProbe:
         step = 2 * math.pi / self.period
         return torch.round(self.angles(x) / step).long() % self.period
 
+    def angle_errors(self, x: Tensor, items: Tensor) -> Tensor:
+        """Signed angle (radians, in [-pi, pi)) from each item's place on the circle to the probe's reading of x."""
+        items = torch.as_tensor(items)
+        return torch.remainder(self.angles(x) - 2 * math.pi * items.double() / self.period + math.pi,
+                               2 * math.pi) - math.pi
+
     def score(self, x: Tensor, items: Tensor) -> dict[str, float]:
         """Held-out accuracy (nearest item), mean absolute angle error (degrees) and R^2 of (cos, sin)."""
         items = torch.as_tensor(items)
         target = circle_targets(items, self.period)
         reading = self.reading(x)
-        error = torch.remainder(self.angles(x) - 2 * math.pi * items.double() / self.period + math.pi,
-                                2 * math.pi) - math.pi
+        error = self.angle_errors(x, items)
         residual = (reading - target).square().sum()
         total = (target - target.mean(0)).square().sum()
         return dict(accuracy=float((self.predict(x) == items).float().mean()),
@@ -291,6 +315,76 @@ def calendar_order(coords: Tensor, items: Tensor, period: int) -> CalendarOrder:
                          (angles * 180 / math.pi).tolist())
 
 
+@dataclass
+class LeftOut:
+    """The circle probe placing items it was not fitted on (leave_one_item_out)."""
+
+    nearest: float
+    """Share of the left-out item's prompts whose nearest item on the circle is their own (chance 1 / p)."""
+    between: float
+    """Share placed strictly between the item's two neighbours, less than one step from its place (chance 2 / p)."""
+    error_degrees: float
+    """Mean absolute angle from the item's place (chance 90)."""
+
+
+def leave_one_item_out(x: Tensor, items: Tensor, period: int, k: int = 5, order: Tensor | None = None) -> LeftOut:
+    """For each item in turn, fit the circle probe on the other items' prompts and place this item's prompts on
+    the circle. order [p]: each item's place round the circle (a permutation; None: the calendar's)."""
+    x, items = torch.as_tensor(x).float(), torch.as_tensor(items).long()
+    place = items if order is None else torch.as_tensor(order).long()[items]
+    errors = []
+    for a in range(period):
+        left_out = items == a
+        if not bool(left_out.any()):
+            raise ValueError(f"item {a} has no prompts to leave out")
+        probe = fit_circle_probe(x[~left_out], place[~left_out], period, k)
+        errors.append(probe.angle_errors(x[left_out], place[left_out]).abs())
+    error = torch.cat(errors)
+    step = 2 * math.pi / period
+    return LeftOut(float((error < step / 2).double().mean()), float((error < step).double().mean()),
+                   float(error.mean() * 180 / math.pi))
+
+
+def shuffled_orders(period: int, count: int, seed: int = 0) -> list[Tensor]:
+    """Seeded random orders of the items round the circle, none a rotation or mirror of the calendar's (those are
+    the calendar order itself to a circle probe)."""
+    if period < 4:
+        raise ValueError(f"every order of {period} items round a circle is a rotation or mirror of any other")
+    generator = torch.Generator().manual_seed(seed * 7919 + 1)
+    calendar = {tuple((s * a + r) % period for a in range(period)) for r in range(period) for s in (1, -1)}
+    out = []
+    while len(out) < count:
+        order = torch.randperm(period, generator=generator)
+        if tuple(order.tolist()) not in calendar:
+            out.append(order)
+    return out
+
+
+def item_plane_order(x: Tensor, items: Tensor, period: int) -> CalendarOrder:
+    """calendar_order of the item means (each averaged over its prompts, so what the durations add cancels) in the
+    top-2 PCA plane of those means."""
+    items = torch.as_tensor(items).long()
+    missing = set(range(period)) - set(items.tolist())
+    if missing:
+        raise ValueError(f"item_plane_order needs every item; items {sorted(missing)} have no points")
+    means = torch.stack([x[items == a].float().mean(0) for a in range(period)])
+    return calendar_order(pca(means, 2).project(means), torch.arange(period), period)
+
+
+def cyclic_sequence(order: CalendarOrder) -> tuple[int, ...]:
+    """The items in the order they go round, from item 0, in the direction whose next item is the smaller: equal
+    for two planes that put the items in the same cyclic order (whatever their rotation or mirror)."""
+    walk = torch.argsort(torch.tensor(order.angles)).tolist()
+    walk = walk[walk.index(0):] + walk[:walk.index(0)]
+    return tuple(walk if walk[1] <= walk[-1] else [walk[0], *walk[:0:-1]])
+
+
+def order_agreement(orders: Sequence[CalendarOrder]) -> float:
+    """Share of templates whose item means go round in the commonest cyclic order."""
+    sequences = [cyclic_sequence(o) for o in orders]
+    return max(sequences.count(s) for s in sequences) / len(sequences)
+
+
 # ---------------------------------------------------------------------------------------------------- study
 @dataclass
 class LayerRecord:
@@ -310,6 +404,15 @@ class LayerRecord:
     """Held-out: share of the variance (across prompts) inside the probe's circle plane."""
     top2_variance: float
     """Train: share of the variance along the top 2 PCA components."""
+    left_out: LeftOut | None = None
+    """The probe placing each item it was not fitted on (None in records before version 2)."""
+    left_out_control: LeftOut | None = None
+    """The same with the items in CONTROLS shuffled orders round the circle (means): chance if the probe must
+    generalise."""
+    template_orders: list[float] | None = None
+    """item_plane_order of every prompt's activation, per template (the task's own first, then ORDER_TEMPLATES)."""
+    template_agreement: float | None = None
+    """Share of the templates whose item means go round in the commonest cyclic order (1: no template flips it)."""
 
 
 @dataclass
@@ -344,6 +447,8 @@ class CalendarStudy(StudyResult):
     layers: list[LayerRecord] = field(default_factory=list)
     interventions: list[InterventionRecord] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    record_version: int = 1
+    """What the record holds (RECORD_VERSION); older records load with the newer fields None."""
     activations: dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)
     probes: dict[int, CircleProbe] = field(default_factory=dict, repr=False, compare=False)
 
@@ -374,8 +479,12 @@ class CalendarStudy(StudyResult):
     def table(self) -> str:
         lines = [f"{self.task} on {self.model}: accuracy {self.accuracy.accuracy:.2f} (chance "
                  f"{self.accuracy.chance:.2f}; mean rank of the answer {self.accuracy.mean_rank:.1f}; most common "
-                 f"answer {self.accuracy.always})\n",
-                 "| layer | probe acc (held out) | shuffled-order control | angle error | R^2 | calendar order | "
+                 f"answer {self.accuracy.always})\n"]
+        if any(r.left_out is not None for r in self.layers):
+            lines += self.left_out_table()
+        lines += ["Held-out durations: every item is among the training prompts, so with few items the probe fits "
+                  "almost any order (read it against its shuffled-order control).\n",
+                  "| layer | probe acc (held out) | shuffled-order control | angle error | R^2 | calendar order | "
                  "circle-plane var | top-2 PC var |", "|---|---|---|---|---|---|---|---|"]
         for r in self.layers:
             lines.append(f"| {r.layer} | {r.probe_accuracy:.2f} | {r.control_accuracy:.2f} | "
@@ -388,12 +497,32 @@ class CalendarStudy(StudyResult):
                       f"{r.kept_answer:.2f} | {r.recovered:+.2f} |" for r in self.interventions]
         return "\n".join(lines) + "\n"
 
+    def left_out_table(self) -> list[str]:
+        p, item = self.settings["period"], self.task[:-1] if self.task.endswith("s") else "item"
+        templates = 1 + len(self.settings.get("order_templates", []))
+        return [f"Leave one {item} out: the probe, fitted on the other {item}s' prompts, places each left-out "
+                f"{item}'s prompts on the circle (chance: nearest {1 / p:.2f}, between its neighbours {2 / p:.2f}); "
+                f"the shuffled-order control does the same with the {item}s in {CONTROLS} random orders round the "
+                f"circle. Calendar order of the {item} means over {templates} templates.\n",
+                "| layer | left-out nearest | left-out between neighbours | angle error | shuffled-order control: "
+                "nearest | between neighbours | order per template | same cyclic order |", "|---" * 8 + "|",
+                *[f"| {r.layer} | {r.left_out.nearest:.2f} | {r.left_out.between:.2f} | "
+                  f"{r.left_out.error_degrees:.0f}° | {r.left_out_control.nearest:.2f} | "
+                  f"{r.left_out_control.between:.2f} | {' '.join(f'{o:.2f}' for o in r.template_orders)} | "
+                  f"{r.template_agreement:.2f} |" for r in self.layers if r.left_out is not None], ""]
+
     def plot_layers(self, path: str | Path) -> Path:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(7, 4))
         x = [r.layer for r in self.layers]
         period = self.settings["period"]
-        ax.plot(x, [r.probe_accuracy for r in self.layers], "o-", ms=3, label="probe accuracy (held out)")
+        left_out = [r for r in self.layers if r.left_out is not None]
+        if left_out:
+            ax.plot([r.layer for r in left_out], [r.left_out.nearest for r in left_out], "D-", ms=3, color="black",
+                    label="left-out item placed nearest (leave one out)")
+            ax.plot([r.layer for r in left_out], [r.left_out_control.nearest for r in left_out], "D:", ms=3,
+                    color="black", label="same, shuffled-order control")
+        ax.plot(x, [r.probe_accuracy for r in self.layers], "o-", ms=3, label="probe accuracy (held-out durations)")
         ax.plot(x, [r.control_accuracy for r in self.layers], "o:", ms=3, label="same, shuffled-order control")
         ax.plot(x, [r.order for r in self.layers], "s-", ms=3, label="calendar order of item means")
         ax.plot(x, [r.circle_variance for r in self.layers], "^-", ms=3, label="variance share in circle plane")
@@ -464,9 +593,12 @@ class CalendarStudy(StudyResult):
 
 def calendar_study(model, task: CalendarTask, layers: Sequence[int] | None = None, *, k: int = 5, seed: int = 0,
                    test_fraction: float = 0.3, intervention_layers: Sequence[int] = (), targets: int | None = 3,
-                   batch_size: int = 16, progress: bool = True) -> CalendarStudy:
-    """Accuracy, a circle probe per layer (fitted on train durations, scored on held-out ones) and interventions
-    at `intervention_layers` on held-out prompts towards `targets` other items each (None: all p - 1)."""
+                   order_templates: Sequence[str] | None = None, batch_size: int = 16,
+                   progress: bool = True) -> CalendarStudy:
+    """Accuracy, a circle probe per layer (left one item out, and fitted on train durations and scored on held-out
+    ones), the calendar order over the task's template and `order_templates` (None: ORDER_TEMPLATES of the task,
+    if any), and interventions at `intervention_layers` on held-out prompts towards `targets` other items each
+    (None: all p - 1)."""
     started = time.perf_counter()
     layers = list(range(model.n_layers)) if layers is None else sorted(set(layers))
     bad = [layer for layer in [*layers, *intervention_layers] if not 0 <= layer < model.n_layers]
@@ -478,12 +610,17 @@ def calendar_study(model, task: CalendarTask, layers: Sequence[int] | None = Non
     clean = answer_logits(model, tokens, answers, batch_size=batch_size, progress=progress, desc=f"{task.name}: task")
     split = split_by_duration(task, seed, test_fraction)
     items = torch.tensor([p.item for p in prompts])
+    order_templates = list(ORDER_TEMPLATES.get(task.name, ()) if order_templates is None else order_templates)
     study = CalendarStudy(model.name, task.name, task_accuracy(clean, prompts, task), settings=dict(
         template=task.template, period=task.period, n_prompts=len(prompts), k=k, seed=seed,
         test_fraction=test_fraction, test_durations=sorted({prompts[i].shift for i in split["test"]}),
-        positions=positions.tolist(), items=items.tolist(), targets=targets))
+        positions=positions.tolist(), items=items.tolist(), targets=targets, order_templates=order_templates),
+        record_version=RECORD_VERSION)
     hooks = [f"blocks.{layer}.hook_resid_post" for layer in sorted({*layers, *intervention_layers})]
     acts = model.activations_at(tokens, hooks, positions=positions.tolist(), batch_size=batch_size)
+    probed = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+    reworded = [template_activations(model, dataclasses.replace(task, template=t), probed, batch_size)
+                for t in order_templates] if probed else []
     train, test = torch.tensor(split["train"]), torch.tensor(split["test"])
     for layer in sorted({*layers, *intervention_layers}):
         x = acts[f"blocks.{layer}.hook_resid_post"]
@@ -498,16 +635,37 @@ def calendar_study(model, task: CalendarTask, layers: Sequence[int] | None = Non
             shuffled = fit_circle_probe(x[train], shuffle[items[train]], task.period, k)
             control.append(shuffled.score(x[test], shuffle[items[test]])["accuracy"])
         order = calendar_order(probe.pca.project(x[test])[:, :2], items[test], task.period)
+        left_out, controls = None, []
+        if task.period >= 4:  # with one item left out, at least 3 remain to fit a circle to
+            left_out = leave_one_item_out(x, items, task.period, k)
+            controls = [leave_one_item_out(x, items, task.period, k, order=o)
+                        for o in shuffled_orders(task.period, CONTROLS, seed)]
+        orders = [item_plane_order(x, items, task.period)]
+        orders += [item_plane_order(other[f"blocks.{layer}.hook_resid_post"], items, task.period) for other in reworded]
         study.layers.append(LayerRecord(layer, f"blocks.{layer}.hook_resid_post", score["accuracy"],
                                         score["error_degrees"], score["r2"], sum(control) / len(control),
                                         order.fraction, order.direction,
-                                        probe.variance_share(x[test]), float(probe.pca.explained[:2].sum())))
+                                        probe.variance_share(x[test]), float(probe.pca.explained[:2].sum()),
+                                        left_out, mean_left_out(controls) if controls else None,
+                                        [o.fraction for o in orders],
+                                        order_agreement(orders)))
     for layer in intervention_layers:
         study.interventions += intervene(model, task, layer, study.probes[layer], study.activations[layer], tokens,
                                          positions, prompts, split["test"], answers, clean, targets=targets,
                                          seed=seed, batch_size=batch_size, progress=progress)
     study.seconds = time.perf_counter() - started
     return study
+
+
+def template_activations(model, task: CalendarTask, hooks: Sequence[str], batch_size: int = 16) -> dict[str, Tensor]:
+    """Every prompt's activation at its day/month token at `hooks`, in task.prompts() order (the items are the same
+    for every template of a task)."""
+    tokens, positions = item_positions(model, task.prompts())
+    return model.activations_at(tokens, list(hooks), positions=positions.tolist(), batch_size=batch_size)
+
+
+def mean_left_out(results: Sequence[LeftOut]) -> LeftOut:
+    return LeftOut(*(sum(getattr(r, f.name) for r in results) / len(results) for f in dataclasses.fields(LeftOut)))
 
 
 def intervene(model, task: CalendarTask, layer: int, probe: CircleProbe, x: Tensor, tokens: Tokens,
@@ -604,6 +762,8 @@ class CalendarConfig:
     """Layers to intervene at, e.g. 4,10."""
     targets: NonNegativeInt = 3
     """Other items per held-out prompt (0: all)."""
+    order_templates: Annotated[int, Range(at_least=0, at_most=3)] = 3
+    """Other wordings of the arithmetic the calendar order is also read from (0: the task's own only)."""
     k: PositiveInt = 5
     """PCA components the circle probe reads."""
     test_fraction: Annotated[float, Range(above=0, below=1)] = 0.3
@@ -634,12 +794,16 @@ def run_calendar(config: CalendarConfig, *, model=None, progress: bool = True, t
         model = load_model(config.model, trust_remote_code=trust_remote_code, **options)
     return [calendar_study(model, task, config.layers, k=config.k, seed=config.seed,
                            test_fraction=config.test_fraction, intervention_layers=config.intervene,
-                           targets=config.targets or None, batch_size=config.batch_size, progress=progress)
+                           targets=config.targets or None,
+                           order_templates=ORDER_TEMPLATES.get(task.name, ())[:config.order_templates],
+                           batch_size=config.batch_size, progress=progress)
             for task in config.task_list()]
 
 
 __all__ = ["CalendarConfig", "CalendarOrder", "CalendarPrompt", "CalendarStudy", "CalendarTask", "CircleProbe",
            "DAYS_TASK", "run_calendar",
-           "InterventionRecord", "LayerRecord", "METHODS", "MONTHS_TASK", "TASKS", "TaskAccuracy", "answer_ids",
+           "InterventionRecord", "LayerRecord", "LeftOut", "METHODS", "MONTHS_TASK", "ORDER_TEMPLATES", "RECORD_VERSION",
+           "TASKS", "TaskAccuracy", "answer_ids",
            "answer_logits", "calendar_order", "calendar_study", "circle_targets", "fit_circle_probe", "intervene",
-           "item_positions", "patched_answer_logits", "split_by_duration", "task_accuracy"]
+           "cyclic_sequence", "item_plane_order", "item_positions", "leave_one_item_out", "order_agreement", "patched_answer_logits",
+           "shuffled_orders", "split_by_duration", "task_accuracy", "template_activations"]

@@ -18,7 +18,7 @@ from saelab.analysis.matching import (GROUPS, filter_pairs, group_members, many_
                                       one_to_one)
 from saelab.analysis.similarity import (Paired, all_measures, canonical_correlations, linear_cka, mean_squared_cca,
                                         mutual_knn, random_subset_null, rsa, shuffled_pairing_null, svcca)
-from saelab.analysis.universality import Accumulated, MatchConfig, MatchResults, MatchStudyConfig, accumulate, \
+from saelab.analysis.universality import MATCHING_SCHEMA_VERSION, Accumulated, MatchConfig, MatchResults, MatchStudyConfig, accumulate, \
     compare, compare_all, match_models, run_match
 from saelab.codes import Codes, sparse_rows
 from saelab.data import TextConfig
@@ -253,7 +253,7 @@ def test_compare_record_round_trips_without_nan(tmp_path):
     results = MatchResults(alignment={"mode": "word"}, comparisons=[record])
     results.save(tmp_path)
     text = (tmp_path / "matching.json").read_text()
-    assert "NaN" not in text and json.loads(text)["schema_version"] == 1
+    assert "NaN" not in text and json.loads(text)["schema_version"] == MATCHING_SCHEMA_VERSION == 2
     again = MatchResults.load(tmp_path)
     assert again.comparisons[0].groups[0].name == "calendar" and again == results
     assert again.to_dict() == results.to_dict() and again.report() == (tmp_path / "matching.md").read_text()

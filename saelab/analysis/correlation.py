@@ -32,20 +32,27 @@ RELATIVE_VARIANCE_FLOOR = 1e-10
 """A feature whose variance is below this fraction of its mean square counts as constant."""
 
 
-def as_scipy(features: Features) -> sp.csr_matrix | np.ndarray:
-    """Codes -> scipy CSR (float32); a dense tensor -> float32 numpy."""
+def as_scipy(features: Features | sp.csr_matrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
+    """Codes -> scipy CSR (float32); a dense tensor -> float32 numpy (either of those: as it is)."""
+    if sp.issparse(features) or isinstance(features, np.ndarray):
+        return features
     if isinstance(features, Codes):
         return sp.csr_matrix((features.values.float().numpy(), features.latents.numpy(), features.crow.numpy()),
                              shape=(len(features), features.width))
     return features.detach().float().cpu().numpy()
 
 
-def width_of(features: Features) -> int:
+def width_of(features: Features | sp.csr_matrix | np.ndarray) -> int:
     return features.width if isinstance(features, Codes) else features.shape[1]
 
 
-def rows_of(features: Features) -> int:
-    return len(features)
+def rows_of(features: Features | sp.csr_matrix | np.ndarray) -> int:
+    return features.shape[0] if sp.issparse(features) else len(features)
+
+
+def take_rows(features: Features | sp.csr_matrix | np.ndarray, rows: np.ndarray) -> sp.csr_matrix | np.ndarray:
+    """The given rows of one chunk's features, as scipy CSR (codes) or numpy (dense): what `update` reads."""
+    return as_scipy(features)[np.asarray(rows)]
 
 
 def column_sums(m: sp.csr_matrix | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +124,8 @@ class RunningCorrelation:
         self.nnz_a, self.nnz_b = np.zeros(width_a), np.zeros(width_b)
         self.cross = np.zeros((width_a, width_b), dtype=dtype)
 
-    def update(self, a: Features, b: Features) -> None:
-        """Add one chunk: row i of `a` and row i of `b` come from the same text position."""
+    def update(self, a: Features | sp.csr_matrix | np.ndarray, b: Features | sp.csr_matrix | np.ndarray) -> None:
+        """Add one chunk: row i of `a` is paired with row i of `b` (the same text position, or for a null, not)."""
         if rows_of(a) != rows_of(b):
             raise ValueError(f"aligned chunks must have as many rows on both sides, got {rows_of(a)} and {rows_of(b)}")
         if width_of(a) != self.width_a or width_of(b) != self.width_b:
@@ -209,4 +216,4 @@ class TopActivations:
         return [int(t) for t in ids[ids >= 0]]
 
 
-__all__ = ["Correlation", "RunningCorrelation", "TopActivations", "dense_correlation"]
+__all__ = ["Correlation", "RunningCorrelation", "TopActivations", "dense_correlation", "take_rows"]

@@ -15,6 +15,10 @@ the refactored Lan et al. code) shows up as 0: correlation threshold; non-concep
 punctuation, digits-free symbols or special tokens); optionally a shared top word.
 
 Semantic groups: keyword lists matched on whole words of each latent's top words.
+
+Twins: two SAEs of one space (two seeds) compared by decoder direction alone; the share of latents whose best match
+by decoder cosine exceeds 0.9 is how reproducible a latent is within one model, the ceiling a cross-model share is
+read against.
 """
 
 from __future__ import annotations
@@ -118,6 +122,34 @@ def _one_to_one_candidates(corr: np.ndarray, candidates: int) -> Pairs:
     return _positive(matched_rows[real], matched_cols[real], corr[matched_rows[real], matched_cols[real]])
 
 
+TWIN_COSINE = 0.9
+"""Decoder cosine above which a latent has a twin in the other SAE."""
+
+
+def unit_rows(directions: np.ndarray) -> np.ndarray:
+    directions = np.asarray(directions, dtype=np.float64)
+    return directions / np.linalg.norm(directions, axis=1, keepdims=True).clip(1e-12)
+
+
+def best_cosines(directions_a: np.ndarray, directions_b: np.ndarray, block_rows: int = 4096) -> np.ndarray:
+    """float [width_a]: each A row's largest cosine with any B row (blocked: no full [wa, wb] float64 matrix)."""
+    if np.shape(directions_a)[1] != np.shape(directions_b)[1]:
+        raise ValueError(f"decoder rows of one space are needed, got widths {np.shape(directions_a)[1]} and "
+                         f"{np.shape(directions_b)[1]}")
+    unit_a, unit_b = unit_rows(directions_a), unit_rows(directions_b).astype(np.float32)
+    if not len(unit_b):
+        return np.zeros(len(unit_a))
+    return np.concatenate([(unit_a[i:i + block_rows].astype(np.float32) @ unit_b.T).max(1)
+                           for i in range(0, len(unit_a), block_rows)] or [np.zeros(0)]).astype(np.float64)
+
+
+def twin_share(directions_a: np.ndarray, directions_b: np.ndarray, threshold: float = TWIN_COSINE) -> float:
+    """Share of A's latents (all of them, dead ones included) whose best match by decoder cosine in B exceeds
+    `threshold`: for two seeds of one SAE, how many latents training reproduces."""
+    best = best_cosines(directions_a, directions_b)
+    return float((best > threshold).mean()) if len(best) else 0.0
+
+
 # ------------------------------------------------------------------------------------------------- filters
 @dataclass
 class FilterStep:
@@ -204,5 +236,6 @@ def group_members(top_words: Sequence[Sequence[str]], keywords: frozenset[str], 
                     dtype=bool)
 
 
-__all__ = ["DENSE_LIMIT", "FilterStep", "GROUPS", "Pairs", "candidate_edges", "filter_pairs", "group_members",
-           "is_concept_word", "many_to_one", "mutual_best", "non_concept", "one_to_one"]
+__all__ = ["DENSE_LIMIT", "FilterStep", "GROUPS", "Pairs", "TWIN_COSINE", "best_cosines", "candidate_edges",
+           "filter_pairs", "group_members", "is_concept_word", "many_to_one", "mutual_best", "non_concept", "one_to_one",
+           "twin_share", "unit_rows"]

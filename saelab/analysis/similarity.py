@@ -1,8 +1,7 @@
 """How alike two paired sets of directions are (row i of X pairs with row i of Y; e.g. decoder rows of matched
 latents of two SAEs), and whether that is more than chance.
 
-Measures: SVCCA (Raghu et al.; done right: keep the top singular directions that explain 99 % of the variance, on
-each side, then CCA; the number kept is reported: Lan et al.'s code keeps one direction with unit-norm rows),
+Measures: SVCCA (Raghu et al.: keep each side's top singular directions, then CCA; the number kept is reported),
 mean squared CCA, linear CKA (Kornblith et al.), RSA (Spearman between the upper triangles of the two cosine
 similarity matrices) and mutual k-NN (the share of each row's k nearest neighbours, by cosine, that are the same
 on both sides).
@@ -13,6 +12,14 @@ Nulls, seeded, >= 1000 draws by default, p = (1 + #{null >= observed}) / (1 + dr
   would any latents of these two SAEs look this alike?).
 Each measure has a fast path for re-pairing (precomputed Gram, rank or basis matrices), so 1000 shuffles of a few
 thousand pairs take seconds.
+
+Chance level: near-orthogonal rows make some measures high on pure noise. On 200 independent random unit vectors
+in 576 dimensions per side, SVCCA keeping 99 % of the variance keeps 190 of 190 directions and scores about 0.96,
+and linear CKA is about n / (n + n(n-1)/d) = 0.74, because each Gram matrix is dominated by its diagonal. Hence
+SVCCA with a fixed small number of directions (`SVCCA_DIRECTIONS`) on many more pairs than directions (Lan et al.'s
+code keeps one direction with unit-norm rows; 99 % of the variance keeps almost all of them), and
+`random_direction_baseline`: each measure on independent random unit vectors of the same shape, the number every
+score is read against.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from scipy.stats import rankdata
 
 MEASURES = ("svcca", "cka", "rsa", "mutual_knn")
 VARIANCE_KEPT = 0.99
+SVCCA_DIRECTIONS = 20
+"""Directions per side that matching's SVCCA keeps: few enough that a few hundred random pairs score near 0."""
 
 
 def _centered(x: np.ndarray) -> np.ndarray:
@@ -73,9 +82,14 @@ def _left_singular(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u[:, keep], s[keep]
 
 
-def svcca_basis(x: np.ndarray, keep: float = VARIANCE_KEPT) -> np.ndarray:
-    """Orthonormal [n, r]: centred x's top singular directions that together explain `keep` of the variance."""
+def svcca_basis(x: np.ndarray, keep: float = VARIANCE_KEPT, dims: int | None = None) -> np.ndarray:
+    """Orthonormal [n, r]: centred x's top singular directions that together explain `keep` of the variance, or,
+    given `dims`, its top `dims` directions (fewer where the rank is lower)."""
     u, s = _left_singular(x)
+    if dims is not None:
+        if dims < 1:
+            raise ValueError(f"SVCCA needs at least 1 direction per side, got dims={dims}")
+        return u[:, :dims]
     explained = np.cumsum(s**2) / max(float(np.sum(s**2)), 1e-300)
     kept = min(int(np.searchsorted(explained, keep - 1e-12) + 1), len(s))
     return u[:, :kept]
@@ -90,10 +104,11 @@ class SVCCA:
     correlations: np.ndarray = field(repr=False)
 
 
-def svcca(x: np.ndarray, y: np.ndarray, keep: float = VARIANCE_KEPT) -> SVCCA:
-    """SVCCA: per side, keep the singular directions explaining `keep` of the variance, then CCA; mean rho.
-    With few rows, many kept directions make rho trivially high: compare with the nulls (same row count)."""
-    qx, qy = svcca_basis(x, keep), svcca_basis(y, keep)
+def svcca(x: np.ndarray, y: np.ndarray, keep: float = VARIANCE_KEPT, dims: int | None = None) -> SVCCA:
+    """SVCCA: per side, keep the singular directions explaining `keep` of the variance (or the top `dims`), then
+    CCA; mean rho. Kept directions close to the row count make rho trivially high: compare with
+    `random_direction_baseline` (same shape)."""
+    qx, qy = svcca_basis(x, keep, dims), svcca_basis(y, keep, dims)
     rho = np.clip(np.linalg.svd(qx.T @ qy, compute_uv=False), 0.0, 1.0)
     return SVCCA(float(np.mean(rho)) if len(rho) else 0.0, qx.shape[1], qy.shape[1], rho)
 
@@ -163,7 +178,8 @@ def _knn_overlap(nx: np.ndarray, ny: np.ndarray, k: int) -> float:
 class Paired:
     """Precomputed views of X and Y so a re-pairing (Y's rows permuted) is scored in O(n^2) or less."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, k: int = 10, keep: float = VARIANCE_KEPT):
+    def __init__(self, x: np.ndarray, y: np.ndarray, k: int = 10, keep: float = VARIANCE_KEPT,
+                 dims: int | None = None):
         if len(x) != len(y):
             raise ValueError(f"paired sets need as many rows, got {len(x)} and {len(y)}")
         if len(x) < 3:
@@ -180,8 +196,8 @@ class Paired:
         self.rank_y = self.rank_y + self.rank_y.T  # symmetric, so a permuted upper triangle reads correctly
         self.knn_k = _knn_k(self.n, k)
         self.nx, self.ny = knn_sets(x, self.knn_k), knn_sets(y, self.knn_k)
-        self.qx, self.qy = svcca_basis(x, keep), svcca_basis(y, keep)
-        self.svcca = svcca(x, y, keep)
+        self.qx, self.qy = svcca_basis(x, keep, dims), svcca_basis(y, keep, dims)
+        self.svcca = svcca(x, y, keep, dims)
 
     def scores(self, perm: np.ndarray | None = None) -> dict[str, float]:
         """All measures with Y's row perm[i] paired to X's row i (None: the given pairing)."""
@@ -197,9 +213,10 @@ class Paired:
                 "mutual_knn": _knn_overlap(self.nx, ny, self.knn_k)}
 
 
-def all_measures(x: np.ndarray, y: np.ndarray, k: int = 10) -> dict[str, float]:
+def all_measures(x: np.ndarray, y: np.ndarray, k: int = 10, dims: int | None = None) -> dict[str, float]:
     """Every measure of the given pairing (direct formulas; Paired.scores must agree)."""
-    return {"svcca": svcca(x, y).value, "cka": linear_cka(x, y), "rsa": rsa(x, y), "mutual_knn": mutual_knn(x, y, k)}
+    return {"svcca": svcca(x, y, dims=dims).value, "cka": linear_cka(x, y), "rsa": rsa(x, y),
+            "mutual_knn": mutual_knn(x, y, k)}
 
 
 @dataclass
@@ -225,9 +242,10 @@ def summarise(observed: float, null: np.ndarray) -> NullTest:
 
 
 def shuffled_pairing_null(x: np.ndarray, y: np.ndarray, draws: int = 1000, seed: int = 0, k: int = 10,
-                          paired: Paired | None = None) -> dict[str, NullTest]:
-    """Each measure of the matched pairing against `draws` random re-pairings of the same rows."""
-    paired = paired or Paired(x, y, k)
+                          paired: Paired | None = None, dims: int | None = None) -> dict[str, NullTest]:
+    """Each measure of the matched pairing against `draws` random re-pairings of the same rows (dims: SVCCA's
+    directions per side; None keeps 99 % of the variance)."""
+    paired = paired or Paired(x, y, k, dims=dims)
     observed = paired.scores()
     rng = np.random.default_rng(seed)
     null = {m: np.empty(draws) for m in MEASURES}
@@ -239,7 +257,7 @@ def shuffled_pairing_null(x: np.ndarray, y: np.ndarray, draws: int = 1000, seed:
 
 def random_subset_null(observed: dict[str, float], pool_x: np.ndarray, pool_y: np.ndarray, n: int,
                        draws: int = 1000, seed: int = 0, k: int = 10,
-                       measures: tuple[str, ...] = MEASURES) -> dict[str, NullTest]:
+                       measures: tuple[str, ...] = MEASURES, dims: int | None = None) -> dict[str, NullTest]:
     """Each measure against `draws` sets of n rows drawn at random (without replacement) from each side's pool
     (all of its latents), paired in draw order."""
     if n > min(len(pool_x), len(pool_y)):
@@ -250,15 +268,34 @@ def random_subset_null(observed: dict[str, float], pool_x: np.ndarray, pool_y: n
         sx = rng.choice(len(pool_x), n, replace=False)
         sy = rng.choice(len(pool_y), n, replace=False)
         for m in measures:
-            null[m][i] = _measure(m)(pool_x[sx], pool_y[sy], k)
+            null[m][i] = _measure(m, dims)(pool_x[sx], pool_y[sy], k)
     return {m: summarise(observed[m], null[m]) for m in measures}
 
 
-def _measure(name: str) -> Callable[[np.ndarray, np.ndarray, int], float]:
-    return {"svcca": lambda x, y, k: svcca(x, y).value, "cka": lambda x, y, k: linear_cka(x, y),
+def random_unit_rows(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, d] independent directions, uniform on the sphere."""
+    rows = rng.normal(size=(n, d))
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True).clip(1e-300)
+
+
+def random_direction_baseline(n: int, d_x: int, d_y: int, *, draws: int = 5, seed: int = 0, k: int = 10,
+                              dims: int | None = None) -> dict[str, float]:
+    """Each measure on n pairs of independent random unit vectors ([n, d_x] and [n, d_y]), mean over `draws`: the
+    score that shape alone gives (e.g. linear CKA about n / (n + n(n-1)/d) for d >> 1), which a score on matched
+    directions has to exceed before it says anything about shared structure."""
+    if draws < 1:
+        raise ValueError(f"the random-direction baseline needs at least 1 draw, got {draws}")
+    rng = np.random.default_rng(seed)
+    scores = [Paired(random_unit_rows(n, d_x, rng), random_unit_rows(n, d_y, rng), k, dims=dims).scores()
+              for _ in range(draws)]
+    return {m: float(np.mean([s[m] for s in scores])) for m in MEASURES}
+
+
+def _measure(name: str, dims: int | None = None) -> Callable[[np.ndarray, np.ndarray, int], float]:
+    return {"svcca": lambda x, y, k: svcca(x, y, dims=dims).value, "cka": lambda x, y, k: linear_cka(x, y),
             "rsa": lambda x, y, k: rsa(x, y), "mutual_knn": mutual_knn}[name]
 
 
-__all__ = ["MEASURES", "NullTest", "Paired", "SVCCA", "all_measures", "canonical_correlations", "cosine_matrix",
-           "linear_cka", "mean_squared_cca", "mutual_knn", "p_value", "random_subset_null", "rsa",
-           "shuffled_pairing_null", "svcca"]
+__all__ = ["MEASURES", "NullTest", "Paired", "SVCCA", "SVCCA_DIRECTIONS", "all_measures", "canonical_correlations",
+           "cosine_matrix", "linear_cka", "mean_squared_cca", "mutual_knn", "p_value", "random_direction_baseline",
+           "random_subset_null", "random_unit_rows", "rsa", "shuffled_pairing_null", "svcca"]

@@ -36,6 +36,9 @@ class StudyResult:
     NAME: ClassVar[str | None] = None
     """File stem of the record; None: every instance names its own (`name()`), and `load` needs the name."""
     WHAT: ClassVar[str] = "study results"
+    SCHEMA: ClassVar[int] = SCHEMA_VERSION
+    """The newest schema_version this saelab writes and reads for this record (a study whose record grew sets its
+    own, and gives its schema_version field the same default)."""
 
     seconds: float = 0.0
     """Wall-clock time of the study."""
@@ -63,7 +66,7 @@ class StudyResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StudyResult":
-        check_schema_version(d, SCHEMA_VERSION, cls.WHAT)
+        check_schema_version(d, cls.SCHEMA, cls.WHAT)
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in cls.tensor_fields()]
         unknown = sorted(set(d) - set(names))

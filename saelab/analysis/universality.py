@@ -9,6 +9,12 @@ a typed, versioned record (matching.json), a Markdown table and figures, like ev
 
 Only same-kind comparisons are made (SAE with SAE, units with units), so MLP neurons give the neuron-level
 baseline over exactly the same aligned tokens.
+
+Every observed number has its chance level beside it: the token-shuffle null (B's rows at other tokens) and, for
+SAEs, A's SAE against an untrained twin of B's (match_baselines: picking partners by activation aligns directions
+even without shared features); every geometry score (SVCCA on a fixed number of directions, CKA, RSA, mutual
+k-NN) its random-direction baseline (similarity); two SAEs of one space the share of latents with a twin above
+0.9 decoder cosine, the ceiling a cross-model number is read against.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ import numpy as np
 
 from saelab.analysis.alignment import AlignedChunk, Side, aligned_chunks, read_documents
 from saelab.analysis.correlation import Correlation, RunningCorrelation, TopActivations
-from saelab.analysis.matching import GROUPS, filter_pairs, group_members, many_to_one, mutual_best, non_concept, \
-    one_to_one
-from saelab.analysis.similarity import MEASURES, Paired, random_subset_null, shuffled_pairing_null
+from saelab.analysis.match_baselines import TokenShuffle, UntrainedSide, with_untrained_twins
+from saelab.analysis.matching import GROUPS, FilterStep, Pairs, filter_pairs, group_members, many_to_one, \
+    mutual_best, non_concept, one_to_one, twin_share
+from saelab.analysis.similarity import MEASURES, SVCCA_DIRECTIONS, Paired, random_direction_baseline, \
+    random_subset_null, shuffled_pairing_null
 from saelab.analysis.study import SCHEMA_VERSION, Similarity, StudyResult
 from saelab.errors import DataError
 from saelab.figures import GRID_ALPHA, pyplot, save_figure
@@ -34,6 +42,9 @@ from saelab.options import NonNegativeInt, PositiveInt, check_fields
 
 RESULTS_FILE = "matching.json"
 THRESHOLDS = (0.3, 0.5, 0.7)
+MATCHING_SCHEMA_VERSION = 2
+"""2: each comparison's token-shuffle and untrained-twin baselines, random-direction baselines beside every
+geometry score, SVCCA on a fixed number of directions, the decoder twin share. Version 1 records still load."""
 
 
 @dataclass
@@ -56,8 +67,18 @@ class MatchConfig:
     """Similarity is scored on at most this many pairs (the most correlated); the nulls use the same count."""
     knn: PositiveInt = 10
     """Neighbours per point of the mutual k-nearest-neighbour measure."""
+    svcca_dims: PositiveInt = SVCCA_DIRECTIONS
+    """Singular directions SVCCA keeps per side (a fixed few, scored on many more pairs: keeping 99 % of the
+    variance of near-orthogonal rows keeps nearly all of them and scores near 1 on random directions)."""
+    random_draws: PositiveInt = 5
+    """Draws of independent random unit vectors behind each geometry score's random-direction baseline."""
+    token_shuffle: bool = True
+    """Also correlate A with B's rows at other tokens (the token-shuffle null) and match that."""
+    untrained: bool = True
+    """Also match each SAE of A against an untrained twin of B's SAE (same architecture, width and k, at B's
+    hook, initialised as saelab initialises)."""
     seed: NonNegativeInt = 0
-    """Seeds both nulls."""
+    """Seeds the nulls and the untrained twins."""
     min_tokens: PositiveInt = 1000
     """Fewer aligned tokens than this is an error: correlations would be noise."""
     group_min_pairs: PositiveInt = 3
@@ -78,6 +99,22 @@ class GroupRecord:
     mean_corr: float | None = None
     similarity: dict[str, dict[str, Any]] | None = None
     """measure -> {observed, shuffled: NullTest, subsets: NullTest}; None with fewer than group_min_pairs pairs."""
+
+
+@dataclass
+class Baseline:
+    """The observed comparison's statistics on a pairing that shares no features: the token-shuffle null or an
+    untrained twin of B's SAE."""
+
+    mean_best_corr_a: float
+    frac_best_above: dict[str, float]
+    n_pairs: int
+    """1:1 pairs kept by the same filters."""
+    mean_pair_corr: float | None = None
+    similarity: dict[str, float] | None = None
+    """Each geometry measure on its own most correlated kept pairs' decoder rows (SAEs only)."""
+    label: str = ""
+    """The side A was matched against (the untrained twin's label; for the token shuffle, B's)."""
 
 
 @dataclass
@@ -105,8 +142,10 @@ class Comparison:
     n_pairs: int
     mean_pair_corr: float | None
     similarity: dict[str, dict[str, Any]] | None = None
+    """measure -> {observed, shuffled: NullTest, subsets: NullTest, random_directions: the measure on random unit
+    vectors of the same shape}."""
     svcca_kept: list[int] | None = None
-    """Singular directions SVCCA kept on each side (99 % of variance)."""
+    """Singular directions SVCCA kept on each side (svcca_dims, fewer where the rank is lower)."""
     scored_pairs: int = 0
     groups: list[GroupRecord] = field(default_factory=list)
     examples: list[dict[str, Any]] = field(default_factory=list)
@@ -114,7 +153,17 @@ class Comparison:
     best_corr_histogram: list[int] = field(default_factory=list)
     """Counts of A features' best correlation in 20 bins over [0, 1] (non-constant features)."""
     decoder: dict[str, Any] | None = None
-    """Two SAEs of one space only: matching by decoder cosine alone, and its agreement with the activations."""
+    """Two SAEs of one space only: matching by decoder cosine alone, its agreement with the activations, and the
+    share of A's latents with a twin in B above 0.9 decoder cosine."""
+    token_shuffle: Baseline | None = None
+    """The same statistics with B's rows at other tokens."""
+    untrained: Baseline | None = None
+    """The same statistics for A's SAE against an untrained twin of B's SAE."""
+
+    @property
+    def excess_over_untrained(self) -> float | None:
+        """Mean best correlation above what an untrained twin of B's SAE gives."""
+        return None if self.untrained is None else self.mean_best_corr_a - self.untrained.mean_best_corr_a
 
     @property
     def layers(self) -> tuple[int | None, int | None]:
@@ -132,43 +181,77 @@ class MatchResults(StudyResult):
 
     NAME: ClassVar[str] = "matching"
     WHAT: ClassVar[str] = "matching results"
+    SCHEMA: ClassVar[int] = MATCHING_SCHEMA_VERSION
 
     alignment: dict[str, Any]
     """Text, mode, documents and aligned tokens."""
     comparisons: list[Comparison] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = field(default=MATCHING_SCHEMA_VERSION, kw_only=True)
 
     def table(self) -> str:
-        """Markdown: one row per comparison; similarity as observed (shuffled-null mean, p; subset-null mean, p)."""
-        head = ["A", "B", "tokens", "mean best corr", "best > 0.5", "1:1 pairs kept", "mean corr"] + \
-            [m for m in MEASURES] + ["SVCCA dims"]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        """Markdown: one row per comparison, each activation number beside what an untrained twin of B's SAE and
+        the token shuffle give (excess: observed minus untrained)."""
+        head = ["A", "B", "tokens", "mean best corr", "vs untrained", "excess", "token shuffle", "best > 0.5",
+                "vs untrained", "token shuffle", "1:1 pairs kept", "mean corr"]
+        lines = _rows_head(head)
         for c in self.comparisons:
+            untrained, shuffled = c.untrained, c.token_shuffle
+            excess = c.excess_over_untrained
             cells = [_short(c.a), _short(c.b), str(c.n_tokens), f"{c.mean_best_corr_a:.3f}",
-                     f"{c.frac_best_above.get('0.5', 0):.3f}", f"{c.n_pairs}/{c.n_one_to_one}",
-                     "" if c.mean_pair_corr is None else f"{c.mean_pair_corr:.3f}"]
-            for m in MEASURES:
-                s = (c.similarity or {}).get(m)
-                cells.append("" if s is None else
-                             f"{s['observed']:.3f} ({s['shuffled']['null_mean']:.3f}, p={s['shuffled']['p_value']:.3g}; "
-                             f"{s['subsets']['null_mean']:.3f}, p={s['subsets']['p_value']:.3g})")
-            cells.append("" if c.svcca_kept is None else f"{c.svcca_kept[0]}/{c.svcca_kept[1]}")
-            lines.append("| " + " | ".join(cells) + " |")
+                     _number(untrained and untrained.mean_best_corr_a), _number(excess, "+.3f"),
+                     _number(shuffled and shuffled.mean_best_corr_a), f"{c.frac_best_above.get('0.5', 0):.3f}",
+                     _number(untrained and untrained.frac_best_above.get("0.5")),
+                     _number(shuffled and shuffled.frac_best_above.get("0.5")), f"{c.n_pairs}/{c.n_one_to_one}",
+                     _number(c.mean_pair_corr)]
+            lines.append(_row(cells))
+        return "\n".join(lines) + "\n"
+
+    def geometry_table(self) -> str:
+        """Markdown: each geometry measure of the matched decoder rows beside its random-direction baseline, its
+        two nulls (mean, p) and the same measure on the untrained twin's and the token shuffle's own pairs."""
+        head = ["A", "B", "pairs", "SVCCA directions", "measure", "observed", "random directions",
+                "shuffled pairing (mean, p)", "random subsets (mean, p)", "vs untrained", "token shuffle"]
+        lines = _rows_head(head)
+        for c in self.comparisons:
+            for m in MEASURES if c.similarity else ():
+                s = c.similarity[m]
+                directions = "" if c.svcca_kept is None else f"{c.svcca_kept[0]}/{c.svcca_kept[1]}"
+                cells = [_short(c.a), _short(c.b), str(c.scored_pairs), directions, m, f"{s['observed']:.3f}",
+                         _number(s.get("random_directions")), _null(s["shuffled"]), _null(s["subsets"]),
+                         _number(((c.untrained and c.untrained.similarity) or {}).get(m)),
+                         _number(((c.token_shuffle and c.token_shuffle.similarity) or {}).get(m))]
+                lines.append(_row(cells))
+        return "\n".join(lines) + "\n"
+
+    def twin_table(self) -> str:
+        """Markdown: two SAEs of one space matched by decoder direction alone."""
+        head = ["A", "B", "twin share (best cosine > 0.9)", "1:1 pairs", "1:1 mean cosine", "1:1 cosine > 0.9",
+                "agreement with activation pairs"]
+        lines = _rows_head(head)
+        for c in self.comparisons:
+            if c.decoder:
+                d = c.decoder
+                lines.append(_row([_short(c.a), _short(c.b), _number(d.get("twin_share_0.9")), str(d["pairs"]),
+                                   f"{d['mean_cosine']:.3f}", f"{d['frac_cosine_above_0.9']:.3f}",
+                                   f"{d['agreement_with_activation_pairs']:.3f}"]))
         return "\n".join(lines) + "\n"
 
     def group_table(self) -> str:
-        lines = ["| A | B | group | members A/B | pairs | mean corr | CKA (shuffled p; subset p) | RSA (shuffled p; subset p) |",
-                 "|---|---|---|---|---|---|---|---|"]
+        head = ["A", "B", "group", "members A/B", "pairs", "mean corr", "CKA (random directions; shuffled p; subset p)",
+                "RSA (random directions; shuffled p; subset p)"]
+        lines = _rows_head(head)
         for c in self.comparisons:
             for g in c.groups:
                 sim = g.similarity or {}
                 cells = [_short(c.a), _short(c.b), g.name, f"{g.members_a}/{g.members_b}", str(g.pairs),
-                         "" if g.mean_corr is None else f"{g.mean_corr:.3f}"]
+                         _number(g.mean_corr)]
                 for m in ("cka", "rsa"):
                     s = sim.get(m)
-                    cells.append("" if s is None else f"{s['observed']:.3f} (p={s['shuffled']['p_value']:.3g}; "
+                    cells.append("" if s is None else f"{s['observed']:.3f} ({_number(s.get('random_directions'))}; "
+                                                      f"p={s['shuffled']['p_value']:.3g}; "
                                                       f"p={s['subsets']['p_value']:.3g})")
-                lines.append("| " + " | ".join(cells) + " |")
+                lines.append(_row(cells))
         return "\n".join(lines) + "\n"
 
     def plot_similarity(self, path: str | Path) -> Path:
@@ -230,7 +313,12 @@ class MatchResults(StudyResult):
         return save_figure(fig, path)
 
     def report(self) -> str:
-        return self.table() + "\n" + self.group_table()
+        parts = [self.table()]
+        if any(c.similarity for c in self.comparisons):
+            parts.append(self.geometry_table())
+        if any(c.decoder for c in self.comparisons):
+            parts.append(self.twin_table())
+        return "\n".join(parts + [self.group_table()])
 
     def save_figures(self, folder: Path, name: str) -> None:
         if any(c.similarity for c in self.comparisons):
@@ -244,54 +332,127 @@ def _short(label: str) -> str:
     return label.replace(".hook_resid_post", "").replace(".mlp.hook_post", " mlp")
 
 
+def _rows_head(head: list[str]) -> list[str]:
+    return [_row(head), "|" + "---|" * len(head)]
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _number(value: float | None, spec: str = ".3f") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _null(test: dict[str, Any]) -> str:
+    return f"{test['null_mean']:.3f}, p={test['p_value']:.3g}"
+
+
 # ------------------------------------------------------------------------------------------------- one pair
 def _similarity(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, pool_y: np.ndarray, config: MatchConfig,
                 seed: int) -> tuple[dict[str, dict[str, Any]], Paired]:
-    paired = Paired(x, y, config.knn)
+    paired = Paired(x, y, config.knn, dims=config.svcca_dims)
     shuffled = shuffled_pairing_null(x, y, config.null_draws, seed, config.knn, paired=paired)
     observed = {m: t.observed for m, t in shuffled.items()}
     subsets = random_subset_null(observed, pool_x, pool_y, len(x), config.subset_draws or config.null_draws,
-                                 seed + 1, config.knn)
+                                 seed + 1, config.knn, dims=config.svcca_dims)
+    chance = random_direction_baseline(len(x), x.shape[1], y.shape[1], draws=config.random_draws, seed=seed + 2,
+                                       k=config.knn, dims=config.svcca_dims)
     return {m: {"observed": observed[m], "shuffled": dataclasses.asdict(shuffled[m]),
-                "subsets": dataclasses.asdict(subsets[m])} for m in MEASURES}, paired
+                "subsets": dataclasses.asdict(subsets[m]), "random_directions": chance[m]} for m in MEASURES}, paired
 
 
-def compare(corr: Correlation, *, a: str, b: str, top_words_a: Sequence[Sequence[str]],
-            top_words_b: Sequence[Sequence[str]], directions_a: np.ndarray | None = None,
-            directions_b: np.ndarray | None = None, config: MatchConfig | None = None) -> Comparison:
-    """Match, filter and score one correlation matrix (directions: decoder rows [width, d], or None for units)."""
-    config = config or MatchConfig()
-    if corr.n_tokens < config.min_tokens:
-        raise DataError(f"only {corr.n_tokens} aligned tokens overlap between {a} and {b}; at least "
-                        f"{config.min_tokens} are needed for meaningful correlations (more text, or min_tokens=)")
+@dataclass
+class Matched:
+    """One correlation matrix matched and filtered: what a comparison and each of its baselines report."""
+
+    best: np.ndarray
+    """Each non-constant A feature's best correlation."""
+    pairs: Pairs
+    """The 1:1 assignment."""
+    kept: Pairs
+    """The 1:1 pairs the filters kept, most correlated first."""
+    steps: list[FilterStep]
+
+    @property
+    def mean_best(self) -> float:
+        return float(self.best.mean()) if len(self.best) else 0.0
+
+    def frac_above(self) -> dict[str, float]:
+        return {f"{t:g}": float((self.best > t).mean()) if len(self.best) else 0.0 for t in THRESHOLDS}
+
+    @property
+    def mean_pair_corr(self) -> float | None:
+        return float(self.kept.corr.mean()) if len(self.kept) else None
+
+
+def match_and_filter(corr: Correlation, top_words_a: Sequence[Sequence[str]], top_words_b: Sequence[Sequence[str]],
+                     config: MatchConfig) -> Matched:
     matrix = corr.matrix
     live_a = ~corr.constant_a
     best = matrix.max(1)[live_a] if matrix.shape[1] else np.zeros(int(live_a.sum()))
-    pairs_m2o, pairs_mutual = many_to_one(matrix), mutual_best(matrix)
     pairs = one_to_one(matrix, candidates=config.candidates)
     special = set()
     kept, steps = filter_pairs(pairs, min_corr=config.min_corr, junk_a=non_concept(top_words_a, config.top_k, special),
                                junk_b=non_concept(top_words_b, config.top_k, special), top_words_a=top_words_a,
                                top_words_b=top_words_b, shared_top_word=config.shared_top_word, k=config.top_k)
+    return Matched(best, pairs, kept.take(np.argsort(-kept.corr, kind="stable")), steps)
+
+
+def baseline(corr: Correlation, *, top_words_a: Sequence[Sequence[str]], top_words_b: Sequence[Sequence[str]],
+             directions_a: np.ndarray | None = None, directions_b: np.ndarray | None = None,
+             config: MatchConfig | None = None, label: str = "") -> Baseline:
+    """A comparison's statistics (and, for SAEs, its geometry measures, without nulls) on a baseline pairing."""
+    config = config or MatchConfig()
+    matched = match_and_filter(corr, top_words_a, top_words_b, config)
+    result = Baseline(matched.mean_best, matched.frac_above(), len(matched.kept), matched.mean_pair_corr, label=label)
+    if directions_a is not None and directions_b is not None and len(matched.kept) >= 3:
+        top = matched.kept.take(np.arange(min(len(matched.kept), config.max_pairs)))
+        result.similarity = Paired(directions_a[top.a], directions_b[top.b], config.knn,
+                                   dims=config.svcca_dims).scores()
+    return result
+
+
+def compare(corr: Correlation, *, a: str, b: str, top_words_a: Sequence[Sequence[str]],
+            top_words_b: Sequence[Sequence[str]], directions_a: np.ndarray | None = None,
+            directions_b: np.ndarray | None = None, config: MatchConfig | None = None,
+            shuffled: Correlation | None = None, untrained: Correlation | None = None,
+            untrained_directions: np.ndarray | None = None, untrained_top_words: Sequence[Sequence[str]] | None = None,
+            untrained_label: str = "") -> Comparison:
+    """Match, filter and score one correlation matrix (directions: decoder rows [width, d], or None for units).
+    shuffled: the token-shuffle correlation of the same features; untrained: A against an untrained twin of B's
+    SAE (its decoder rows and top words beside it). Each becomes a Baseline of the comparison."""
+    config = config or MatchConfig()
+    if corr.n_tokens < config.min_tokens:
+        raise DataError(f"only {corr.n_tokens} aligned tokens overlap between {a} and {b}; at least "
+                        f"{config.min_tokens} are needed for meaningful correlations (more text, or min_tokens=)")
+    matrix = corr.matrix
+    matched = match_and_filter(corr, top_words_a, top_words_b, config)
+    kept = matched.kept
     result = Comparison(
         a=a, b=b, kind="sae" if directions_a is not None else "units", width_a=matrix.shape[0],
         width_b=matrix.shape[1], n_tokens=corr.n_tokens, constant_a=int(corr.constant_a.sum()),
-        constant_b=int(corr.constant_b.sum()), mean_best_corr_a=float(best.mean()) if len(best) else 0.0,
-        frac_best_above={f"{t:g}": float((best > t).mean()) if len(best) else 0.0 for t in THRESHOLDS},
-        n_many_to_one=len(pairs_m2o), n_mutual=len(pairs_mutual), n_one_to_one=len(pairs),
-        filters=[dataclasses.asdict(s) for s in steps], n_pairs=len(kept),
-        mean_pair_corr=float(kept.corr.mean()) if len(kept) else None,
-        best_corr_histogram=np.histogram(np.clip(best, 0, 1), bins=20, range=(0, 1))[0].tolist())
-    order = np.argsort(-kept.corr, kind="stable")
+        constant_b=int(corr.constant_b.sum()), mean_best_corr_a=matched.mean_best,
+        frac_best_above=matched.frac_above(), n_many_to_one=len(many_to_one(matrix)),
+        n_mutual=len(mutual_best(matrix)), n_one_to_one=len(matched.pairs),
+        filters=[dataclasses.asdict(s) for s in matched.steps], n_pairs=len(kept), mean_pair_corr=matched.mean_pair_corr,
+        best_corr_histogram=np.histogram(np.clip(matched.best, 0, 1), bins=20, range=(0, 1))[0].tolist())
     result.examples = [{"a": int(kept.a[i]), "b": int(kept.b[i]), "corr": float(kept.corr[i]),
                         "words_a": list(top_words_a[kept.a[i]][:config.top_k]),
-                        "words_b": list(top_words_b[kept.b[i]][:config.top_k])} for i in order[:12]]
+                        "words_b": list(top_words_b[kept.b[i]][:config.top_k])} for i in range(min(len(kept), 12))]
+    if shuffled is not None:
+        result.token_shuffle = baseline(shuffled, top_words_a=top_words_a, top_words_b=top_words_b,
+                                        directions_a=directions_a, directions_b=directions_b, config=config, label=b)
+    if untrained is not None:
+        result.untrained = baseline(untrained, top_words_a=top_words_a, top_words_b=untrained_top_words or
+                                    [[]] * untrained.shape[1], directions_a=directions_a,
+                                    directions_b=untrained_directions, config=config, label=untrained_label)
     if directions_a is None or directions_b is None or len(kept) < 3:
         return result
-    top = order[:config.max_pairs]
-    x, y = directions_a[kept.a[top]], directions_b[kept.b[top]]
-    result.similarity, paired = _similarity(x, y, directions_a[live_a], directions_b[~corr.constant_b], config,
-                                            config.seed)
+    top = kept.take(np.arange(min(len(kept), config.max_pairs)))
+    x, y = directions_a[top.a], directions_b[top.b]
+    result.similarity, paired = _similarity(x, y, directions_a[~corr.constant_a], directions_b[~corr.constant_b],
+                                            config, config.seed)
     result.svcca_kept = [paired.svcca.kept_x, paired.svcca.kept_y]
     result.scored_pairs = len(top)
     for g, (name, keywords) in enumerate(GROUPS.items()):
@@ -323,8 +484,9 @@ def _group(name: str, keywords, corr: Correlation, top_words_a, top_words_b, dir
 
 def compare_decoders(directions_a: np.ndarray, directions_b: np.ndarray, corr: Correlation,
                      config: MatchConfig) -> dict[str, Any]:
-    """Two SAEs of one space matched by decoder cosine alone (Hungarian), and how often that agrees with the
-    activation matching (kept pairs of the 1:1 assignment on correlation)."""
+    """Two SAEs of one space matched by decoder cosine alone (Hungarian), how often that agrees with the
+    activation matching (kept pairs of the 1:1 assignment on correlation), and the twin share (each A latent's
+    best cosine in B above 0.9)."""
     unit_a = directions_a / np.linalg.norm(directions_a, axis=1, keepdims=True).clip(1e-12)
     unit_b = directions_b / np.linalg.norm(directions_b, axis=1, keepdims=True).clip(1e-12)
     cosine = (unit_a @ unit_b.T).astype(np.float32)
@@ -337,7 +499,8 @@ def compare_decoders(directions_a: np.ndarray, directions_b: np.ndarray, corr: C
             "frac_cosine_above_0.9": float((by_decoder.corr > 0.9).sum() / max(len(unit_a), 1)),
             "agreement_with_activation_pairs": float(np.mean(agree)) if agree else 0.0,
             "cosine_of_activation_pairs": float(np.mean(cosine[by_activation.a, by_activation.b]))
-            if len(by_activation) else 0.0}
+            if len(by_activation) else 0.0,
+            "twin_share_0.9": twin_share(directions_a, directions_b)}
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -349,6 +512,8 @@ class Accumulated:
     top_words: dict[str, list[list[str]]]
     n_tokens: int
     n_documents: int
+    shuffled: dict[tuple[str, str], Correlation] = field(default_factory=dict)
+    """The token-shuffle correlation of the pairs that have one."""
 
 
 def kinds_match(a: Side, b: Side) -> bool:
@@ -356,15 +521,19 @@ def kinds_match(a: Side, b: Side) -> bool:
 
 
 def accumulate(chunks: Iterable[AlignedChunk], sides_a: Sequence[Side], sides_b: Sequence[Side], *,
-               pairs: Sequence[tuple[Side, Side]] | None = None, top_n: int = 8) -> Accumulated:
+               pairs: Sequence[tuple[Side, Side]] | None = None, top_n: int = 8,
+               shuffled: Sequence[tuple[Side, Side]] = (), seed: int = 0) -> Accumulated:
     """One pass: running correlation for every same-kind (A, B) side pair (or the given `pairs`, whose sides may
-    both come from A, e.g. two SAEs of one model), top activations for every side."""
+    both come from A, e.g. two SAEs of one model), top activations for every side, and the token-shuffle
+    correlation of the `shuffled` pairs (seeded)."""
     if pairs is None:
         pairs = [(sa, sb) for sa in sides_a for sb in sides_b if kinds_match(sa, sb)]
     labels = [s.label for s in [*sides_a, *sides_b]]
     if len(set(labels)) != len(labels):
         raise ValueError(f"side labels must be unique, got {labels}")
     running = {(sa.label, sb.label): RunningCorrelation(sa.width, sb.width) for sa, sb in pairs}
+    token_shuffle = TokenShuffle([(sa.label, sb.label) for sa, sb in shuffled],
+                                 {s.label: s.width for s in [*sides_a, *sides_b]}, seed)
     tops = {s.label: TopActivations(s.width, top_n) for s in [*sides_a, *sides_b]}
     words: list[str] = []
     documents: set[int] = set()
@@ -372,6 +541,7 @@ def accumulate(chunks: Iterable[AlignedChunk], sides_a: Sequence[Side], sides_b:
         features = {**chunk.a, **chunk.b}
         for (la, lb), acc in running.items():
             acc.update(features[la], features[lb])
+        token_shuffle.update(features)
         for side in sides_a:
             tops[side.label].update(chunk.a[side.label], chunk.token_a, len(words))
         for side in sides_b:
@@ -381,7 +551,7 @@ def accumulate(chunks: Iterable[AlignedChunk], sides_a: Sequence[Side], sides_b:
     top_words = {label: [[words[r] for r in row if r >= 0] for row in top.rows.tolist()]
                  for label, top in tops.items()}
     return Accumulated({key: acc.correlation(in_place=True) for key, acc in running.items()}, top_words,
-                       len(words), len(documents))
+                       len(words), len(documents), token_shuffle.correlations())
 
 
 def decoder_rows(side: Side) -> np.ndarray | None:
@@ -397,10 +567,13 @@ def match_models(sides_a: Sequence[Side], sides_b: Sequence[Side], documents: Se
     progress: a bar (on stderr) over the aligned tokens, moving a batch of documents at a time; without it, `log`
     hears the count after each batch."""
     started = time.perf_counter()
+    config = config or MatchConfig()
+    sides_a, sides_b, pairs, shuffled = with_baselines(sides_a, sides_b, pairs, config)
     quiet_log = (lambda n: log(f"  {n} aligned tokens")) if log and not progress else None
     chunks = aligned_chunks(sides_a, sides_b, documents, mode=mode, batch_size=batch_size, max_tokens=max_tokens,
                             progress=quiet_log)
-    acc = accumulate(_counted(chunks, progress, max_tokens, "aligning A and B"), sides_a, sides_b, pairs=pairs)
+    acc = accumulate(_counted(chunks, progress, max_tokens, "aligning A and B"), sides_a, sides_b, pairs=pairs,
+                     shuffled=shuffled, seed=config.seed)
     if log:
         log(f"{acc.n_tokens} aligned tokens from {acc.n_documents} documents in {time.perf_counter() - started:.0f} s")
     results = compare_all(acc, [*sides_a, *sides_b], config,
@@ -408,6 +581,18 @@ def match_models(sides_a: Sequence[Side], sides_b: Sequence[Side], documents: Se
                                      "model_b": sides_b[0].model.name}, log=log)
     results.seconds = time.perf_counter() - started
     return results
+
+
+def with_baselines(sides_a: Sequence[Side], sides_b: Sequence[Side], pairs: Sequence[tuple[Side, Side]] | None,
+                   config: MatchConfig) -> tuple[list[Side], list[Side], list[tuple[Side, Side]], list[tuple[Side, Side]]]:
+    """(sides A, sides B, pairs, token-shuffled pairs) with the baselines `config` asks for: each pair of SAEs also
+    gets A against an untrained twin of B's SAE, and every observed pair a token-shuffle null."""
+    if pairs is None:
+        pairs = [(sa, sb) for sa in sides_a for sb in sides_b if kinds_match(sa, sb)]
+    shuffled = list(pairs) if config.token_shuffle else []
+    if config.untrained:
+        return (*with_untrained_twins(sides_a, sides_b, pairs, config.seed), shuffled)
+    return list(sides_a), list(sides_b), list(pairs), shuffled
 
 
 def _counted(chunks: Iterable[AlignedChunk], progress: bool, total: int | None, desc: str) -> Iterator[AlignedChunk]:
@@ -428,19 +613,28 @@ def compare_all(acc: Accumulated, sides: Sequence[Side], config: MatchConfig | N
     results = MatchResults(alignment={**(alignment or {}), "documents": acc.n_documents, "tokens": acc.n_tokens},
                            config={f.name: getattr(config, f.name) for f in dataclasses.fields(MatchConfig)})
     by_label = {s.label: s for s in sides}
+    twins = {s.twin_of: s.label for s in sides if isinstance(s, UntrainedSide)}
     for (la, lb), corr in acc.correlations.items():
+        if isinstance(by_label[lb], UntrainedSide):
+            continue  # a baseline, reported with the pair it stands beside
         t0 = time.perf_counter()
         dirs_a, dirs_b = decoder_rows(by_label[la]), decoder_rows(by_label[lb])
-        results.comparisons.append(compare(corr, a=la, b=lb, top_words_a=acc.top_words[la],
-                                           top_words_b=acc.top_words[lb], directions_a=dirs_a,
-                                           directions_b=dirs_b, config=config))
+        twin = twins.get(lb)
+        untrained = acc.correlations.get((la, twin)) if twin else None
+        results.comparisons.append(compare(
+            corr, a=la, b=lb, top_words_a=acc.top_words[la], top_words_b=acc.top_words[lb], directions_a=dirs_a,
+            directions_b=dirs_b, config=config, shuffled=acc.shuffled.get((la, lb)), untrained=untrained,
+            untrained_directions=decoder_rows(by_label[twin]) if untrained is not None else None,
+            untrained_top_words=acc.top_words.get(twin), untrained_label=twin or ""))
         same_space = by_label[la].model is by_label[lb].model and by_label[la].hook == by_label[lb].hook
         if same_space and dirs_a is not None and dirs_b is not None:
             results.comparisons[-1].decoder = compare_decoders(dirs_a, dirs_b, corr, config)
         if log:
             c = results.comparisons[-1]
-            log(f"{_short(la)} vs {_short(lb)}: mean best corr {c.mean_best_corr_a:.3f}, {c.n_pairs} pairs kept "
-                f"({time.perf_counter() - t0:.0f} s)")
+            versus = "".join(f", {name} {b.mean_best_corr_a:.3f}" for name, b in
+                             (("untrained twin", c.untrained), ("token shuffle", c.token_shuffle)) if b is not None)
+            log(f"{_short(la)} vs {_short(lb)}: mean best corr {c.mean_best_corr_a:.3f}{versus}, {c.n_pairs} pairs "
+                f"kept ({time.perf_counter() - t0:.0f} s)")
     results.seconds = time.perf_counter() - started
     return results
 
@@ -485,21 +679,52 @@ def match_text(text: str | None) -> Path:
     return source
 
 
-def match_side(spec: str, models: dict, **load_options) -> Side:
-    """A side from MODEL:HOOK[:SAE_FOLDER]; models loaded once each into `models`."""
+def match_side(spec: str, models: dict, label: str = "", **load_options) -> Side:
+    """A side from MODEL:HOOK[:SAE_FOLDER]; models loaded once each into `models`; label: its name in the results
+    (default: model, hook and SAE width)."""
     from saelab.hub import load_sae
     from saelab.models import load_model
 
+    parts = _spec_parts(spec)
+    if parts[0] not in models:
+        models[parts[0]] = load_model(parts[0], **load_options)
+    return Side(models[parts[0]], parts[1], load_sae(parts[2]) if len(parts) == 3 and parts[2] else None,
+                label=label)
+
+
+def _spec_parts(spec: str) -> list[str]:
     parts = spec.split(":", 2)
     if len(parts) < 2:
         raise ValueError(f"a side is MODEL:HOOK[:SAE_FOLDER], got {spec!r}")
-    if parts[0] not in models:
-        models[parts[0]] = load_model(parts[0], **load_options)
-    return Side(models[parts[0]], parts[1], load_sae(parts[2]) if len(parts) == 3 and parts[2] else None)
+    return parts
+
+
+def side_labels(specs: Sequence[str]) -> list[str]:
+    """A label per side spec, "" (the default label) where the default is unique; SAE sides that would share one
+    (two SAEs of one width at one hook, e.g. two seeds) are named MODEL:HOOK:FOLDER by as much of the SAE folder's
+    path as tells them apart, and the same spec given twice by its position."""
+    folders = [_spec_parts(spec)[2] if len(_spec_parts(spec)) == 3 else "" for spec in specs]
+    keys = [(*_spec_parts(spec)[:2], bool(folder)) for spec, folder in zip(specs, folders)]
+    labels = [""] * len(specs)
+    for key in set(keys):
+        same = [i for i, k in enumerate(keys) if k == key]
+        if len(same) < 2 or not key[2]:
+            continue
+        paths = [Path(folders[i]).resolve().parts[1:] for i in same]
+        distinct = set(paths)
+        depth = 1
+        while depth < max(len(p) for p in paths) and len({p[-depth:] for p in distinct}) < len(distinct):
+            depth += 1
+        names = ["/".join(p[-depth:]) for p in paths]
+        for n, i in enumerate(same):
+            name = names[n] if names.count(names[n]) == 1 else f"{names[n]}#{names[:n + 1].count(names[n])}"
+            labels[i] = f"{key[0]}:{key[1]}:{name}"
+    return labels
 
 
 def match_caches(config: MatchStudyConfig, log=None, progress: bool = True) -> MatchResults:
-    """Two SAEs of one model over two caches of the same text and tokenizer (rows align one to one)."""
+    """Two SAEs of one model over two caches of the same text and tokenizer (rows align one to one). The
+    token-shuffle null is made here too; the untrained twin is not (the codes come from the caches' SAEs alone)."""
     from saelab.activations.manifest import Manifest
     from saelab.analysis.alignment import aligned_cache_chunks
     from saelab.hub import load_sae
@@ -519,7 +744,7 @@ def match_caches(config: MatchStudyConfig, log=None, progress: bool = True) -> M
 
     chunks = aligned_cache_chunks(sae_a, config.cache_a, sae_b, config.cache_b, max_tokens=config.tokens)
     acc = accumulate((relabel(c) for c in _counted(chunks, progress, config.tokens, "reading both caches")),
-                     [side_a], [side_b])
+                     [side_a], [side_b], shuffled=[(side_a, side_b)] if config.token_shuffle else (), seed=config.seed)
     return compare_all(acc, [side_a, side_b], config, log=log, alignment={
         "mode": "cache rows", "cache_a": str(config.cache_a), "cache_b": str(config.cache_b)})
 
@@ -538,7 +763,8 @@ def run_match(config: MatchStudyConfig, *, log=None, trust_remote_code: bool = F
     if max_batch_tokens is not None:
         options["max_batch_tokens"] = max_batch_tokens
     models: dict[str, object] = {}
-    sides = [[match_side(spec, models, **options) for spec in specs] for specs in (config.a, config.b)]
+    labels = iter(side_labels([*config.a, *config.b]))
+    sides = [[match_side(spec, models, next(labels), **options) for spec in specs] for specs in (config.a, config.b)]
     for group in sides if config.neurons else []:
         for layer in sorted({int(s.hook.split(".")[1]) for s in group if s.hook.startswith("blocks.")}):
             group.append(Side(group[0].model, neuron_hook(group[0].model, layer)))
@@ -547,7 +773,7 @@ def run_match(config: MatchStudyConfig, *, log=None, trust_remote_code: bool = F
                         batch_size=config.batch_size, config=config, text=str(text), log=log, progress=progress)
 
 
-__all__ = ["Accumulated", "Comparison", "GroupRecord", "MatchConfig", "MatchResults", "MatchStudyConfig",
-           "RESULTS_FILE", "match_caches", "match_side", "match_text", "run_match",
-           "SCHEMA_VERSION", "accumulate", "compare", "compare_all", "compare_decoders", "decoder_rows",
-           "match_models"]
+__all__ = ["Accumulated", "Baseline", "Comparison", "GroupRecord", "MATCHING_SCHEMA_VERSION", "MatchConfig",
+           "MatchResults", "MatchStudyConfig", "Matched", "RESULTS_FILE", "match_caches", "match_side", "match_text",
+           "run_match", "SCHEMA_VERSION", "accumulate", "baseline", "compare", "compare_all", "compare_decoders",
+           "decoder_rows", "match_and_filter", "match_models", "side_labels", "with_baselines"]

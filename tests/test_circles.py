@@ -14,8 +14,9 @@ from saelab.analysis.circles import (DAYS_TASK, MONTHS_TASK, ORDER_TEMPLATES, Ca
                                      fit_circle_probe, intervene, item_plane_order, item_positions,
                                      leave_one_item_out, order_agreement, run_calendar, shuffled_orders,
                                      split_by_duration)
-from saelab.analysis.clusters import (ClusterSearch, ClusterSearchConfig, Clusters, cluster_points, graph_clusters,
-                                      run_cluster_search, search_clusters, spectral_clusters)
+from saelab.analysis.clusters import (ClusterSearch, ClusterSearchConfig, Clusters, cluster_points, coactivation,
+                                      coactivation_clusters, graph_clusters, random_groups, run_cluster_search,
+                                      search_clusters, spectral_clusters, window_cooccurrence)
 from saelab.analysis.irreducibility import (BINS, RANGE, irreducibility_score, mixture_index, mutual_information,
                                             normalise, pair_indices, pca, separability_index)
 from saelab.errors import DataError
@@ -134,6 +135,90 @@ def test_clustering_recovers_planted_groups_and_is_seeded(method):
     assert torch.equal(run(0).labels, found.labels)
 
 
+def planted_day_codes(contexts=1000, length=32, width=300, background=4, d=256, seed=0):
+    """An SAE-like setup where decoder directions do not show the days: 7 day latents (then 12 month latents)
+    with mutually orthogonal decoder rows that fire (one at a time, on their own tokens) three (five) times in the
+    30 % of contexts that name days (months); 8 groups of 5 distractor latents with near-parallel decoder rows that
+    fire independently; every token fires `background` other latents at random. Returns the decoder [width, d]
+    and the codes in text order."""
+    from saelab.codes import Codes
+    from saelab.kernels.layout import row_offsets
+
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(width, d, generator=g)
+    days = 19  # the days and the months
+    W[:days] = 3 * torch.linalg.qr(torch.randn(d, days, generator=g)).Q.T
+    for group in range(8):
+        first = days + 5 * group
+        W[first:first + 5] = W[first] + 0.3 * torch.randn(5, d, generator=g)
+    n = contexts * length
+    fired = torch.rand(n, width - days, generator=g).topk(background, dim=1).indices + days
+    kind = torch.rand(contexts, generator=g)
+    for named, first, count, mentions in ((kind < 0.3, 0, 7, 3), (kind > 0.7, 7, 12, 5)):
+        where = named.nonzero().squeeze(1)
+        at = where[:, None] * length + torch.rand(len(where), length, generator=g).topk(mentions, dim=1).indices
+        fired[at.flatten(), 0] = first + torch.randint(count, (at.numel(),), generator=g)
+    fired = fired.sort(dim=1).values
+    values = torch.rand(n, background, generator=g) + 0.5
+    ids = torch.arange(n)
+    batches = []
+    for start in range(0, n, 1000):  # batch edges cut windows, as a cache's do
+        rows = ids[start:start + 1000]
+        batches.append(Codes(row_offsets(rows.repeat_interleave(background) - start, len(rows)),
+                             fired[rows].flatten(), values[rows].flatten(), width, torch.zeros(len(rows)).long(),
+                             rows, rows // length, rows % length))
+    return W, batches
+
+
+def test_coactivation_groups_day_latents_that_decoder_clustering_cannot():
+    W, codes = planted_day_codes()
+    days = torch.arange(7)
+    assert (W[:7] @ W[:7].T / 9 - torch.eye(7)).abs().max() < 1e-5  # mutually orthogonal decoder rows
+
+    def days_grouped(clusters):
+        """The most days one cluster holds, among clusters of at most twice the days' number of latents."""
+        return max([int(torch.isin(group, days).sum()) for group in clusters.groups().values() if len(group) <= 14],
+                   default=0)
+
+    for decoder in (graph_clusters(W), graph_clusters(W, min_cosine=0.3), graph_clusters(W, min_cosine=0.1),
+                    spectral_clusters(W, 60, seed=0)):
+        assert days_grouped(decoder) <= 3, decoder
+    assert sorted(map(len, graph_clusters(W).groups().values())) == [5] * 8  # what the decoder does show
+    months = torch.arange(7, 19)
+    for found in (coactivation_clusters(codes, window=32), coactivation_clusters(codes, window=32, n_clusters=2)):
+        assert sorted(map(tuple, found.groups().values())) == [tuple(days.tolist()), tuple(months.tolist())]
+        assert found.method in ("coactivation-graph", "coactivation-spectral") and found.settings["windows"] == 1000
+    # counted per window of one context, whatever the batch edges: the same as one batch of everything
+    from saelab.codes import Codes
+
+    whole = Codes(torch.cat([codes[0].offsets[:1]] + [c.offsets[1:] + sum(b.nnz for b in codes[:i])
+                                                       for i, c in enumerate(codes)]),
+                  *(torch.cat([getattr(c, f) for c in codes]) for f in ("indices", "values")), 300,
+                  *(torch.cat([getattr(c, f) for c in codes]) for f in ("token_ids", "rows", "contexts", "positions")))
+    counts, windows = window_cooccurrence(codes, 32)
+    again, _ = window_cooccurrence([whole], 32)
+    assert torch.equal(counts, again) and windows == 1000
+    dense = torch.zeros(1000, 300)
+    rows = whole.row_ids()
+    dense[whole.contexts[rows], whole.indices] = 1
+    torch.testing.assert_close(counts, dense.T @ dense)
+    torch.testing.assert_close(coactivation(counts, windows)[:20, :20].double(),
+                               torch.from_numpy(np.nan_to_num(np.corrcoef(dense[:, :20].T.numpy()))), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_random_groups_have_the_found_sizes_and_are_disjoint_within_a_pass():
+    pool = torch.arange(10, 40)
+    rounds = random_groups({0: 7, 3: 12, 5: 2}, pool, draws=4, seed=1)
+    keys = [key for r in rounds for key in r]
+    assert sorted(keys) == sorted(draw * 6 + c for draw in range(4) for c in (0, 3, 5))
+    for r in rounds:
+        latents = torch.cat(list(r.values()))
+        assert len(set(latents.tolist())) == len(latents) and bool(torch.isin(latents, pool).all())
+    assert all(len(r[key]) == {0: 7, 3: 12, 5: 2}[key % 6] for r in rounds for key in r)
+    assert random_groups({0: 31}, pool, draws=2) == []
+
+
 def test_spectral_clusters_check_their_input():
     W, _ = planted_decoder()
     with pytest.raises(ValueError, match="n_clusters must be between 2"):
@@ -185,6 +270,10 @@ def test_search_ranks_scored_clusters_and_saves(tiny_model, tiny_cache, tmp_path
     search = search_clusters(sae, tiny_cache, found, tokenizer=tiny_model.tokenizer, min_tokens=20, progress=False)
     scores = [c.score for c in search.clusters]
     assert scores == sorted(scores, reverse=True) and len(scores) >= 1
+    for c in search.clusters:  # beside each score, random clusters of as many latents scored the same way
+        assert 1 <= c.random_scored <= 3 and len(c.random_mixture) == len(c.mixture), c
+        assert 0 <= c.random_score and all(0 <= m <= 1 for m in c.random_mixture)
+    assert "random same size" in search.table() and search.clustering["random_draws"] == 3
     from saelab.activations import Manifest
 
     assert search.n_tokens == Manifest.read(tiny_cache).tokens
@@ -461,6 +550,9 @@ def test_circle_configs_hold_the_command_settings_and_check_them():
     search = ClusterSearchConfig(sae="s", acts="a")
     assert (search.method, search.n_clusters, search.neighbors, search.top, search.min_cosine, search.min_size,
             search.min_tokens, search.plots) == ("spectral", 500, 32, 2, 0.5, 2, 100, 5)
+    assert (search.window, search.min_correlation, search.significance, search.random_draws) == (32, 0.1, 5.0, 3)
+    with pytest.raises(ValueError, match="method"):
+        ClusterSearchConfig(sae="s", acts="a", method="cooccurrence")
     with pytest.raises(ValueError, match="min_size"):
         ClusterSearchConfig(sae="s", acts="a", min_size=1)
 
@@ -471,6 +563,10 @@ def test_the_circle_studies_run_from_their_configs(tiny_model, tiny_cache, tmp_p
                                  no_model=True)
     search = run_cluster_search(config, progress=False)
     assert search.clustering["method"] == "graph" and search.clustering["n_clusters_found"] == 6
+    config = dataclasses.replace(config, method="coactivation-graph", window=8, significance=3, random_draws=0)
+    search = run_cluster_search(config, progress=False)
+    assert search.clustering["method"] == "coactivation-graph" and search.clustering["window"] == 8
+    assert search.clustering["windows"] == 4096 // 8 and all(c.random_score is None for c in search.clusters)
     with pytest.raises(DataError, match="splits 'Monday' into"):
         run_calendar(CalendarConfig(model="unused", tasks="days"), model=tiny_model, progress=False)
 
@@ -489,6 +585,11 @@ def test_cli_cluster_search_and_calendar_errors(tiny_model, tiny_model_dir, tiny
     saved = json.loads((out / "clusters.json").read_text())
     assert saved["clustering"]["method"] == "graph" and saved["clustering"]["n_clusters_found"] == 6
     assert (out / "cluster_rank1.png").exists()
+    assert main(["circles", "clusters", str(tmp_path / "sae"), "--acts", str(tiny_cache), "--method",
+                 "coactivation-spectral", "--n-clusters", "8", "--window", "4", "--significance", "2",
+                 "--random-draws", "1", "--min-tokens", "20", "--no-model", "--plots", "0", "--out", str(out)]) == 0
+    saved = json.loads((out / "clusters.json").read_text())
+    assert saved["clustering"]["method"] == "coactivation-spectral" and saved["clustering"]["window"] == 4
     assert main(["circles", "calendar", "--model", str(tiny_model_dir), "--tasks", "days", "--out",
                  str(tmp_path / "cal")]) == 2
     assert "splits 'Monday' into" in capsys.readouterr().err

@@ -1,9 +1,15 @@
-"""Find multi-dimensional features in an SAE: cluster its decoder directions, rebuild each cluster's part of the
-activations over a cache, and rank the clusters by how irreducible (circle-like) their top PCA planes are.
+"""Find multi-dimensional features in an SAE: cluster its latents, rebuild each cluster's part of the activations
+over a cache, and rank the clusters by how irreducible (circle-like) their top PCA planes are, beside random
+clusters of the same size.
 
     clusters = spectral_clusters(sae.W_dec, n_clusters=500, seed=0)       # or graph_clusters(sae.W_dec)
+    clusters = coactivation_clusters(iter_codes(sae, "runs/acts"), n_clusters=500)   # by where latents fire
     search = search_clusters(sae, "runs/acts", clusters, tokenizer=model.tokenizer)
     search.save("runs/circles")                       # clusters.json, clusters.md, cluster_<id>.png for the top ones
+
+Two ways to group latents: by their decoder directions (spectral, graph), and by where they fire (coactivation:
+latents that fire in the same stretches of text). An SAE can give each day of the week its own latent with
+near-orthogonal decoder rows; the decoder search cannot group those, co-activation can.
 
 Engels et al. 2024, with what their code gets wrong done differently: the spectral clustering is seeded (ARPACK's
 start vector and k-means++ both come from `seed`), works on a sparse k-nearest-neighbour graph so 16k+ latents need
@@ -14,11 +20,12 @@ token at its own position.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +38,7 @@ from saelab.figures import pyplot, save_figure
 from saelab.options import NonNegativeInt, PositiveInt, Range, check_fields
 
 if TYPE_CHECKING:
+    from saelab.codes import Codes
     from saelab.sae import SAE
 
 RESULTS_FILE = "clusters.json"
@@ -98,9 +106,6 @@ def spectral_clusters(W_dec: Tensor, n_clusters: int, *, neighbors: int | None =
     components: eigenvectors to embed in (default min(n_clusters, 64): on 16k latents ARPACK takes about a minute
     for 64 on two CPU cores and four times that for 128; more can be asked for).
     """
-    import scipy.sparse as sp
-    from scipy.sparse.linalg import eigsh
-
     W = unit_rows(W_dec)
     n = len(W)
     if not 2 <= n_clusters <= n:
@@ -108,17 +113,37 @@ def spectral_clusters(W_dec: Tensor, n_clusters: int, *, neighbors: int | None =
     dim = min(components or min(n_clusters, 64), n - 1)
     if neighbors is None or neighbors >= n - 1:
         A = angular_similarity(W @ W.T).double().numpy()
+    else:
+        idx, cos = nearest_neighbours(W, neighbors)
+        A = neighbour_graph(idx, angular_similarity(cos), n)
+    labels = spectral_labels(A, n_clusters, dim, seed=seed, kmeans_restarts=kmeans_restarts)
+    return Clusters(labels, "spectral", dict(n_clusters=n_clusters, neighbors=neighbors, components=dim, seed=seed))
+
+
+def neighbour_graph(idx: Tensor, weights: Tensor, n: int):
+    """The symmetrised sparse graph (scipy CSR [n, n]) linking each row i to idx[i] with weights[i]."""
+    import scipy.sparse as sp
+
+    rows = torch.arange(len(idx)).repeat_interleave(idx.shape[1])
+    A = sp.coo_matrix((weights.flatten().double().numpy(), (rows.numpy(), idx.flatten().numpy())),
+                      shape=(n, n)).tocsr()
+    return A.maximum(A.T)
+
+
+def spectral_labels(A, n_clusters: int, dim: int, *, seed: int = 0, kmeans_restarts: int = 2) -> Tensor:
+    """Ng-Jordan-Weiss on an affinity (a dense numpy [n, n], its diagonal ignored, or a scipy sparse graph):
+    k-means of the row-normalised top `dim` eigenvectors of D^-1/2 A D^-1/2, seeded."""
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import eigsh
+
+    n = A.shape[0]
+    if not sp.issparse(A):
+        A = np.array(A, dtype=np.float64)
         np.fill_diagonal(A, 0.0)
-        degree = A.sum(1)
-        scale = 1 / np.sqrt(np.maximum(degree, 1e-12))
+        scale = 1 / np.sqrt(np.maximum(A.sum(1), 1e-12))
         values, vectors = np.linalg.eigh(A * scale[:, None] * scale[None, :])
         embedding = vectors[:, -dim:]
     else:
-        idx, cos = nearest_neighbours(W, neighbors)
-        rows = torch.arange(n).repeat_interleave(idx.shape[1])
-        A = sp.coo_matrix((angular_similarity(cos).flatten().double().numpy(), (rows.numpy(), idx.flatten().numpy())),
-                          shape=(n, n)).tocsr()
-        A = A.maximum(A.T)
         degree = np.asarray(A.sum(1)).ravel()
         scale = sp.diags(1 / np.sqrt(np.maximum(degree, 1e-12)))
         start = np.random.default_rng(seed).standard_normal(n)
@@ -126,8 +151,7 @@ def spectral_clusters(W_dec: Tensor, n_clusters: int, *, neighbors: int | None =
         embedding = vectors[:, np.argsort(values)]
     embedding = torch.from_numpy(np.ascontiguousarray(embedding)).float()
     embedding = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    labels = kmeans(embedding, n_clusters, seed=seed, restarts=kmeans_restarts)
-    return Clusters(labels, "spectral", dict(n_clusters=n_clusters, neighbors=neighbors, components=dim, seed=seed))
+    return kmeans(embedding, n_clusters, seed=seed, restarts=kmeans_restarts)
 
 
 def kmeans(x: Tensor, k: int, *, seed: int = 0, restarts: int = 4, iterations: int = 100) -> Tensor:
@@ -189,6 +213,112 @@ def graph_clusters(W_dec: Tensor, *, top: int = 2, min_cosine: float = 0.5) -> C
     sizes = torch.bincount(labels)
     labels = torch.where(sizes[labels] > 1, labels, -1)
     return Clusters(canonical_labels(labels), "graph", dict(top=top, min_cosine=min_cosine))
+
+
+# ---------------------------------------------------------------------------------------------------- co-activation
+def window_cooccurrence(codes: Iterable["Codes"], window: int = 32) -> tuple[Tensor, int]:
+    """How often each pair of latents fires in the same window: counts [width, width] (the diagonal: windows
+    each latent fires in) and the number of windows. A window is `window` consecutive tokens of one context
+    (window=1: the same token); codes come in text order, so a window cut by a batch edge is joined up again.
+
+    Each batch is summed as a sparse product, never a tokens x width matrix; the counts are dense, width^2 floats
+    (85 MB for 4,608 latents, 1 GB for 16k).
+    """
+    if window < 1:
+        raise ValueError(f"window must be 1 or more tokens, got {window}")
+    counts, windows, width = None, 0, None
+    held = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))  # the last, maybe unfinished, window
+
+    def add(keys: Tensor, latents: Tensor) -> None:
+        nonlocal counts, windows
+        ids, which = torch.unique(keys, return_inverse=True)
+        pairs = torch.unique(which * width + latents)
+        B = torch.sparse_coo_tensor(torch.stack([pairs // width, pairs % width]), torch.ones(len(pairs)),
+                                    (len(ids), width), is_coalesced=True, check_invariants=False)
+        counts += torch.sparse.mm(B.t().coalesce(), B.to_dense())
+        windows += len(ids)
+
+    for batch in codes:
+        if counts is None:
+            width = batch.width
+            counts = torch.zeros(width, width)
+        rows = batch.row_ids()
+        keys = batch.contexts.long()[rows] * (1 << 32) + batch.positions.long()[rows] // window
+        keys, latents = torch.cat([held[0], keys]), torch.cat([held[1], batch.latents.long()])
+        if len(keys) == 0:
+            continue
+        last = keys == keys.max()
+        if bool((~last).any()):
+            add(keys[~last], latents[~last])
+        held = (keys[last], latents[last])
+    if counts is None:
+        raise DataError("no codes to count co-activations over (an empty cache?)")
+    if len(held[0]):
+        add(*held)
+    return counts, windows
+
+
+def coactivation(counts: Tensor, windows: int) -> Tensor:
+    """The phi coefficient (Pearson correlation of fires / does not fire, per window) of every pair of latents,
+    from window_cooccurrence; 0 for a latent that fires in no window or in every one."""
+    n = counts.diagonal().double()
+    N = float(windows)
+    spread = (n * (N - n)).clamp_min(0).sqrt()
+    phi = (N * counts.double() - n[:, None] * n[None, :]) / (spread[:, None] * spread[None, :]).clamp_min(1e-30)
+    return torch.where((spread[:, None] > 0) & (spread[None, :] > 0), phi, 0.0).float()
+
+
+def coactivation_clusters(codes: Iterable["Codes"], *, window: int = 32, n_clusters: int | None = None,
+                          top: int = 2, min_correlation: float = 0.1, neighbors: int | None = 32,
+                          significance: float = 5.0, min_windows: int = 5, seed: int = 0,
+                          kmeans_restarts: int = 2) -> Clusters:
+    """Cluster latents by where they fire: two latents are alike when their firing over windows of `window`
+    tokens is correlated (coactivation), whatever their decoder directions.
+
+    Only correlations above significance / sqrt(windows) count (independent latents give about N(0, 1 / windows)):
+    the rest are chance, and would tie every latent to every other. n_clusters None: link each latent to its `top`
+    most correlated latents above min_correlation and take the connected components (method "coactivation-graph");
+    else spectral clustering into n_clusters on each latent's `neighbors` most correlated latents (None: all
+    pairs; method "coactivation-spectral"). Latents firing in fewer than min_windows windows, or linked to none,
+    are in no cluster (-1).
+    """
+    from scipy.sparse.csgraph import connected_components
+
+    counts, windows = window_cooccurrence(codes, window)
+    width = len(counts)
+    floor = significance / math.sqrt(windows)
+    active = (counts.diagonal() >= min_windows).nonzero().squeeze(1)
+    phi = coactivation(counts[active][:, active], windows)
+    phi = torch.where(phi > (floor if n_clusters else max(floor, min_correlation)), phi, 0.0)
+    phi.fill_diagonal_(0)
+    linked = (phi > 0).any(1)
+    active, phi = active[linked], phi[linked][:, linked]
+    n = len(active)
+    labels = torch.full((width,), -1, dtype=torch.long)
+    settings = dict(window=window, significance=significance, min_windows=min_windows, windows=windows, linked=n)
+    if n < 2:
+        raise DataError(f"no two latents fire together in the {windows} windows more than chance allows; nothing to "
+                        "cluster by co-activation (read more tokens, a wider window or a lower min_correlation)")
+    if n_clusters is None:
+        best = phi.topk(min(top, n - 1), dim=1)
+        graph = neighbour_graph(best.indices, best.values, n)
+        graph.eliminate_zeros()
+        _, found = connected_components(graph, directed=False)
+        found = torch.from_numpy(found).long()
+        labels[active] = torch.where(torch.bincount(found)[found] > 1, found, -1)
+        return Clusters(canonical_labels(labels), "coactivation-graph",
+                        dict(settings, top=top, min_correlation=min_correlation))
+    k = min(n_clusters, n)
+    dim = min(k, 64, n - 1)
+    if neighbors is None or neighbors >= n - 1:
+        A = phi.double().numpy()
+    else:
+        best = phi.topk(neighbors, dim=1)
+        A = neighbour_graph(best.indices, best.values, n)
+        A.eliminate_zeros()
+    labels[active] = spectral_labels(A, k, dim, seed=seed, kmeans_restarts=kmeans_restarts)
+    return Clusters(canonical_labels(labels), "coactivation-spectral",
+                    dict(settings, n_clusters=n_clusters, neighbors=neighbors, components=dim, seed=seed))
 
 
 # ---------------------------------------------------------------------------------------------------- points
@@ -324,6 +454,13 @@ class ClusterScore:
     """Mean over PCA pairs of (1 - mixture) * separability: high for irreducible features."""
     top_tokens: list[list]
     """[[token text, count], ...] of the tokens the cluster fires on most."""
+    random_score: float | None = None
+    """The same score of random clusters of as many latents (mean over random_scored of them): what the indices
+    give latents grouped by nothing. None: no baseline was drawn."""
+    random_mixture: list[float] | None = None
+    random_separability: list[float] | None = None
+    random_scored: int = 0
+    """Random clusters of this size that fired on min_tokens tokens and were scored."""
 
 
 def score_cluster(cluster: int, points: ClusterPoints, *, components: int = 5, seed: int = 0,
@@ -341,6 +478,64 @@ def score_cluster(cluster: int, points: ClusterPoints, *, components: int = 5, s
     return ClusterScore(cluster, points.latents.tolist(), len(points.rows), mean_cosine, fitted.explained.tolist(),
                         [p.mixture for p in pairs], [p.separability for p in pairs], irreducibility_score(pairs),
                         tokens), coords
+
+
+def live_latents(sae: "SAE", source, *, hook: str | None = None, batch_size: int = 4096,
+                 max_tokens: int | None = None) -> Tensor:
+    """The latents that fire at least once over the source (ascending)."""
+    from saelab.codes import iter_codes
+
+    fired = torch.zeros(sae.cfg.width, dtype=torch.long)
+    for codes in iter_codes(sae, source, hook=hook, batch_size=batch_size, max_tokens=max_tokens):
+        fired += torch.bincount(codes.latents, minlength=sae.cfg.width)
+    return (fired > 0).nonzero().squeeze(1)
+
+
+def random_groups(sizes: dict[int, int], pool: Tensor, draws: int, seed: int = 0) -> list[dict[int, Tensor]]:
+    """`draws` random clusters of each size in `sizes` ({cluster: number of latents}), drawn from `pool`, packed
+    into rounds of disjoint groups (cluster_points reads one round per pass) keyed draw * (max cluster + 1) +
+    cluster. A size larger than the pool gets none."""
+    generator = torch.Generator().manual_seed(seed)
+    stride = max(sizes, default=0) + 1
+    rounds, current, free = [], {}, pool[torch.randperm(len(pool), generator=generator)]
+    for draw in range(draws):
+        for cluster, size in sizes.items():
+            if size > len(pool):
+                continue
+            if size > len(free):
+                rounds.append(current)
+                current, free = {}, pool[torch.randperm(len(pool), generator=generator)]
+            current[draw * stride + cluster], free = free[:size].sort().values, free[size:]
+    return [r for r in rounds + [current] if r]
+
+
+def random_baseline(sae: "SAE", source, sizes: dict[int, int], *, draws: int = 3, hook: str | None = None,
+                    components: int = 5, min_tokens: int = 100, max_tokens: int | None = None,
+                    batch_size: int = 4096, seed: int = 0, progress: bool = True) -> dict[int, list[ClusterScore]]:
+    """Scores of `draws` random clusters of the size of each cluster in `sizes`, drawn from the latents that fire
+    over the source and scored by the rule the found clusters are (those firing on min_tokens tokens)."""
+    pool = live_latents(sae, source, hook=hook, batch_size=batch_size, max_tokens=max_tokens)
+    stride = max(sizes, default=0) + 1
+    out: dict[int, list[ClusterScore]] = {cluster: [] for cluster in sizes}
+    for groups in random_groups(sizes, pool, draws, seed):
+        points, _ = cluster_points(sae, source, groups, hook=hook, batch_size=batch_size, max_tokens=max_tokens,
+                                   progress=False)
+        scored = [(key, p) for key, p in points.items() if len(p.rows) >= min_tokens]
+        for key, p in _progress(progress, iterable=scored, desc="scoring random clusters", unit="cluster"):
+            out[key % stride].append(score_cluster(key, p, components=components, seed=seed)[0])
+    return out
+
+
+def with_baseline(score: ClusterScore, randoms: Sequence[ClusterScore]) -> ClusterScore:
+    """score with the means of its random same-size clusters' indices beside it (per PCA pair)."""
+    if not randoms:
+        return dataclasses.replace(score, random_scored=0)
+    pairs = min(len(r.mixture) for r in randoms)
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    return dataclasses.replace(score, random_score=mean([r.score for r in randoms]),
+                               random_mixture=[mean([r.mixture[i] for r in randoms]) for i in range(pairs)],
+                               random_separability=[mean([r.separability[i] for r in randoms]) for i in range(pairs)],
+                               random_scored=len(randoms))
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -384,12 +579,13 @@ class ClusterSearch(StudyResult):
 
     def table(self, top: int = 10) -> str:
         lines = ["| rank | cluster | latents | tokens | mean cos | PC1-2 var | M (pairs) | S bits (pairs) | score | "
-                 "top tokens |", "|" + "---|" * 10]
+                 "random same size: score, M, S | top tokens |", "|" + "---|" * 11]
         for rank, c in enumerate(self.clusters[:top], 1):
             words = ", ".join(f"`{str(t).strip() or repr(t)}` {n}" for t, n in c.top_tokens[:5])
             lines.append(f"| {rank} | {c.cluster} | {len(c.latents)} | {c.n_tokens} | {c.mean_cosine:.2f} | "
                          f"{sum(c.explained[:2]):.2f} | {' '.join(f'{m:.2f}' for m in c.mixture)} | "
-                         f"{' '.join(f'{s:.2f}' for s in c.separability)} | {c.score:.3f} | {words} |")
+                         f"{' '.join(f'{s:.2f}' for s in c.separability)} | {c.score:.3f} | {random_cell(c)} | "
+                         f"{words} |")
         return "\n".join(lines) + "\n"
 
     def plot(self, rank: int, path: str | Path, tokenizer=None, labels: int = 40, seed: int = 0) -> Path:
@@ -433,12 +629,20 @@ class ClusterSearch(StudyResult):
             self.plot(rank, folder / f"cluster_rank{rank}.png", tokenizer)
 
 
+def random_cell(c: ClusterScore) -> str:
+    if c.random_score is None:
+        return "–"
+    return (f"{c.random_score:.3f}, {sum(c.random_mixture) / len(c.random_mixture):.2f}, "
+            f"{sum(c.random_separability) / len(c.random_separability):.2f} (n={c.random_scored})")
+
+
 def search_clusters(sae: "SAE", source, clusters: Clusters, *, tokenizer=None, hook: str | None = None,
                     components: int = 5, min_size: int = 2, max_size: int | None = None, min_tokens: int = 100,
-                    max_tokens: int | None = None, batch_size: int = 4096, seed: int = 0,
+                    max_tokens: int | None = None, random_draws: int = 3, batch_size: int = 4096, seed: int = 0,
                     progress: bool = True) -> ClusterSearch:
     """Rebuild every cluster (min_size <= latents <= max_size) over the cache, score the ones that fire on at
-    least min_tokens tokens (the indices of fewer points are mostly estimator bias), and rank them."""
+    least min_tokens tokens (the indices of fewer points are mostly estimator bias), score `random_draws` random
+    clusters of each scored cluster's size beside it, and rank them."""
     started = time.perf_counter()
     groups = {c: g for c, g in clusters.groups(min_size).items() if max_size is None or len(g) <= max_size}
     if not groups:
@@ -451,12 +655,17 @@ def search_clusters(sae: "SAE", source, clusters: Clusters, *, tokenizer=None, h
                            cache=str(getattr(source, "path", source)),
                            clustering=dict(method=clusters.method, **clusters.settings, min_size=min_size,
                                            max_size=max_size, min_tokens=min_tokens, pca_components=components,
-                                           n_clusters_scored=0))
+                                           random_draws=random_draws, n_clusters_scored=0))
     scored = [c for c in points.items() if len(c[1].rows) >= min_tokens]
     for cluster, p in _progress(progress, iterable=scored, desc="scoring clusters", unit="cluster"):
         score, coords = score_cluster(cluster, p, components=components, seed=seed, tokenizer=tokenizer)
         search.clusters.append(score)
         search.coords[cluster], search.token_ids[cluster] = coords, p.token_ids
+    if random_draws and search.clusters:
+        randoms = random_baseline(sae, source, {c.cluster: len(c.latents) for c in search.clusters},
+                                  draws=random_draws, hook=hook, components=components, min_tokens=min_tokens,
+                                  max_tokens=max_tokens, batch_size=batch_size, seed=seed, progress=progress)
+        search.clusters = [with_baseline(c, randoms[c.cluster]) for c in search.clusters]
     search.clusters.sort(key=lambda c: (-c.score, c.cluster))
     search.clustering["n_clusters_scored"] = len(search.clusters)
     search.clustering["n_clusters_found"] = len(groups)
@@ -476,8 +685,11 @@ class ClusterSearchConfig:
     """Activation cache holding the SAE's hook (of the SAE's model)."""
     hook: str | None = None
     """The cache hook to read (default: the SAE's own)."""
-    method: Literal["spectral", "graph"] = "spectral"
-    """Spectral clustering on angular similarity, or the top-k-neighbour graph with a cosine cut."""
+    method: Literal["spectral", "graph", "coactivation-graph", "coactivation-spectral"] = "spectral"
+    """By decoder direction: spectral clustering on angular similarity, or the top-k-neighbour graph with a cosine
+    cut. By where latents fire (finds latents with near-orthogonal decoder rows that fire in the same stretches
+    of text, such as one latent per day of the week): the same two on the correlation of their firing over
+    windows of the cache."""
     n_clusters: PositiveInt = 500
     """Spectral: number of clusters."""
     neighbors: NonNegativeInt = 32
@@ -486,6 +698,14 @@ class ClusterSearchConfig:
     """Graph: link each latent to its top nearest latents."""
     min_cosine: Similarity = 0.5
     """Graph: only links above this cosine."""
+    window: PositiveInt = 32
+    """Co-activation: tokens per window of one context (1: the same token)."""
+    min_correlation: Similarity = 0.1
+    """Co-activation graph: only links above this correlation of firing."""
+    significance: Annotated[float, Range(at_least=0)] = 5.0
+    """Co-activation: only correlations this many standard errors above chance (1 / sqrt(windows)) link."""
+    random_draws: NonNegativeInt = 3
+    """Random clusters of each scored cluster's size, scored beside it (0: none)."""
     min_size: ClusterSize = 2
     """Smallest cluster scored (2 or more latents)."""
     max_size: ClusterSize | None = None
@@ -508,10 +728,19 @@ class ClusterSearchConfig:
 
 
 def cluster_decoder(sae: "SAE", config: ClusterSearchConfig) -> Clusters:
-    """The SAE's decoder directions clustered as the config says."""
+    """The SAE's latents clustered as the config says (by decoder direction, or by co-activation over config.acts)."""
     if config.method == "spectral":
         return spectral_clusters(sae.W_dec, config.n_clusters, neighbors=config.neighbors or None, seed=config.seed)
-    return graph_clusters(sae.W_dec, top=config.top, min_cosine=config.min_cosine)
+    if config.method == "graph":
+        return graph_clusters(sae.W_dec, top=config.top, min_cosine=config.min_cosine)
+    from saelab.codes import iter_codes
+
+    codes = iter_codes(sae, config.acts, hook=config.hook, max_tokens=config.tokens)
+    spectral = config.method == "coactivation-spectral"
+    return coactivation_clusters(codes, window=config.window, n_clusters=config.n_clusters if spectral else None,
+                                 top=config.top, min_correlation=config.min_correlation,
+                                 neighbors=config.neighbors or None, significance=config.significance,
+                                 seed=config.seed)
 
 
 def run_cluster_search(config: ClusterSearchConfig, *, sae: "SAE | None" = None, tokenizer=None,
@@ -531,10 +760,12 @@ def run_cluster_search(config: ClusterSearchConfig, *, sae: "SAE | None" = None,
         tokenizer = load_model(name, trust_remote_code=trust_remote_code).tokenizer
     return search_clusters(sae, config.acts, clusters, tokenizer=tokenizer, hook=config.hook,
                            min_size=config.min_size, max_size=config.max_size, min_tokens=config.min_tokens,
-                           max_tokens=config.tokens, seed=config.seed, progress=progress)
+                           max_tokens=config.tokens, random_draws=config.random_draws, seed=config.seed,
+                           progress=progress)
 
 
 __all__ = ["ClusterPoints", "ClusterScore", "ClusterSearch", "ClusterSearchConfig", "Clusters", "cluster_decoder",
-           "run_cluster_search", "angular_similarity", "check_pairing",
-           "cluster_points", "graph_clusters", "kmeans", "nearest_neighbours", "score_cluster", "search_clusters",
-           "spectral_clusters", "unit_rows"]
+           "run_cluster_search", "angular_similarity", "check_pairing", "coactivation", "coactivation_clusters",
+           "cluster_points", "graph_clusters", "kmeans", "live_latents", "nearest_neighbours", "neighbour_graph",
+           "random_baseline", "random_groups", "score_cluster", "search_clusters", "spectral_clusters",
+           "spectral_labels", "unit_rows", "window_cooccurrence", "with_baseline"]

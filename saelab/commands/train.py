@@ -1,5 +1,6 @@
 """`saelab train`: train SAEs on an activation cache or a live model stream, described by flags, a run file, or
-both (flags win)."""
+both (flags win). Transcoders too: `saelab train --acts CACHE --hook blocks.5.ln2.hook_normalized
+--target-hook blocks.5.hook_mlp_out [--skip]`, or target_hook (and options: {skip: true}) in a run file's saes."""
 
 from __future__ import annotations
 
@@ -54,9 +55,11 @@ def add_setting_flags(parser: argparse.ArgumentParser) -> list[str]:
 
     readers = option_fields()
     options = parser.add_argument_group("architecture options (each applies to the SAEs whose architecture reads it)")
-    return [*add_flags(parser.add_argument_group("SAEs (SAESpec; comma lists form a product: --arch topk,relu --width "
-                                                 "4608,9216 trains 4 SAEs; flags replace the run file's saes)"),
-                       SAESpec, [*PRODUCT_FIELDS, "lr"], lists=PRODUCT_FIELDS),
+    saes = parser.add_argument_group("SAEs (SAESpec; comma lists form a product: --arch topk,relu --width 4608,9216 "
+                                     "trains 4 SAEs; flags replace the run file's saes)")
+    return [*add_flags(saes, SAESpec, [*PRODUCT_FIELDS, "lr"], lists=PRODUCT_FIELDS),
+            *add_flags(saes, SAESpec, ["target_hook"], notes={"target_hook": "A comma list pairs with --hook's, in "
+                                                              "order."}),
             *[added for name, owner in option_owners().items()  # each option from the class that declares it
               for added in add_flags(options, owner, [name], notes={name: f"Read by: {', '.join(readers[name])}."})],
             *add_flags(parser.add_argument_group("training (TrainConfig; flags override the run file's train)"),
@@ -93,8 +96,10 @@ def sae_specs(args, config: dict, where: str) -> list[SAESpec]:
     from saelab.sae import available_architectures, sae_class
 
     given = flag_values(args.given, list(PRODUCT_FIELDS))
-    if given or not config.get("saes"):
+    targets = split_list(args.given.target_hook) if getattr(args.given, "target_hook", None) is not None else None
+    if given or targets or not config.get("saes"):
         lists = {name: given.get(name, [getattr(SAESpec, name)]) for name in PRODUCT_FIELDS}  # parsed and checked
+        target_of = paired_targets(lists["hook"], targets)
         if "k" in given and not any(sae_class(arch).takes_k for arch in lists["arch"]):
             takers = ", ".join(arch for arch in available_architectures() if sae_class(arch).takes_k)
             raise SettingError(f"--k is read only by {takers}, and no SAE here has that architecture; ask "
@@ -102,7 +107,8 @@ def sae_specs(args, config: dict, where: str) -> list[SAESpec]:
         specs, seen = [], set()
         for arch, width, k, hook in itertools.product(*lists.values()):
             takes_k = sae_class(arch).takes_k
-            spec = dict(arch=arch, width=width, k=(k or DEFAULT_K) if takes_k else None, hook=hook or None)
+            spec = dict(arch=arch, width=width, k=(k or DEFAULT_K) if takes_k else None, hook=hook or None,
+                        target_hook=target_of.get(hook))
             if tuple(spec.values()) not in seen:
                 seen.add(tuple(spec.values()))
                 specs.append(spec)
@@ -124,6 +130,19 @@ def sae_specs(args, config: dict, where: str) -> list[SAESpec]:
         for spec in readers:
             spec.setdefault("options", {})[name] = value
     return [from_mapping(SAESpec, spec, f"{where}: saes[{i}]") for i, spec in enumerate(specs)]
+
+
+def paired_targets(hooks: list[str | None], targets: list[str] | None) -> dict[str, str]:
+    """{input hook: target hook} of --hook and --target-hook: one target for every input, or one each, in order."""
+    if not targets:
+        return {}
+    if hooks == [None]:
+        raise SettingError("--target-hook needs --hook: the input hook each target is reconstructed from (e.g. "
+                           "--hook blocks.5.ln2.hook_normalized --target-hook blocks.5.hook_mlp_out)")
+    if len(targets) not in (1, len(hooks)):
+        raise SettingError(f"--target-hook gives {len(targets)} hooks for --hook's {len(hooks)}: give one target, or "
+                           "one per --hook, in the same order")
+    return dict(zip(hooks, targets * len(hooks) if len(targets) == 1 else targets))
 
 
 def train_config(args, config: dict, where: str) -> TrainConfig:
@@ -153,11 +172,12 @@ def check_hooks(specs: list[SAESpec], hooks: list[str]) -> None:
     from saelab.errors import HookError
 
     for spec in specs:
-        if spec.hook is not None and spec.hook not in hooks:
-            close = difflib.get_close_matches(spec.hook, list(hooks), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise HookError(f"SAE {spec.name()} reads hook {spec.hook!r}{hint}, but the activations hold "
-                            f"{', '.join(hooks)}")
+        for hook, role in ((spec.hook, "reads hook"), (spec.target_hook, "reconstructs target hook")):
+            if hook is not None and hook not in hooks:
+                close = difflib.get_close_matches(hook, list(hooks), n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise HookError(f"SAE {spec.name()} {role} {hook!r}{hint}, but the activations hold "
+                                f"{', '.join(hooks)}")
 
 
 def cmd_train(args: TrainCommand) -> None:

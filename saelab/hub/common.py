@@ -258,8 +258,10 @@ def build_sae(cfg: SAEConfig, weights: Mapping[str, Tensor], *, source: str, dev
     Shapes are checked against cfg; tensors are cast to cfg.dtype. The SAE is built on the meta device and the
     tensors assigned, so no random initialisation of a large dictionary is paid for.
     """
-    d, w = cfg.d_in, cfg.width
-    shapes = {"W_enc": (d, w), "b_enc": (w,), "W_dec": (w, d), "b_dec": (d,)}
+    d, w, d_out = cfg.d_in, cfg.width, cfg.output_dim
+    shapes = {"W_enc": (d, w), "b_enc": (w,), "W_dec": (w, d_out), "b_dec": (d_out,)}
+    if cfg.skip:  # a skip transcoder's linear path
+        shapes["W_skip"] = (d, d_out)
     try:
         with torch.device("meta"):
             sae = sae_class(cfg.arch)(cfg)
@@ -271,6 +273,8 @@ def build_sae(cfg: SAEConfig, weights: Mapping[str, Tensor], *, source: str, dev
     require(weights, shapes, source, f"d_in={d}, width={w}")
     dtype = cfg.torch_dtype
     state = {k: weights[k].detach().to(dtype=dtype).contiguous() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if cfg.skip:
+        state["W_skip"] = weights["W_skip"].detach().to(dtype=dtype).contiguous()
     for name, t in state.items():
         if not torch.isfinite(t.float()).all():
             raise HubError(f"{source}: {name} holds NaN or infinite values")

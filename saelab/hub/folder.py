@@ -3,6 +3,7 @@
     <folder>/cfg.json                  SAELens keys (architecture, d_in, d_sae, dtype, hook_name, k, ...)
                                        + "saelab": {format_version, saelab_version, arch, config, folded_input_scale}
     <folder>/sae_weights.safetensors   W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec (+ threshold)
+                                       a transcoder's: W_dec [d_sae, d_out], b_dec [d_out] (+ W_skip [d_in, d_out])
     <folder>/sparsity.safetensors      {"sparsity": log10 feature densities [d_sae]}   (when given)
     <folder>/metrics.json              evaluation metrics                               (when given)
 
@@ -56,20 +57,20 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
         raise HubError(f"save_sae expects a saelab SAE, got {type(sae).__name__}")
     folder = Path(folder)
     check_sae_folder(folder)
-    scale = float(sae.cfg.input_scale)
-    raw = sae.fold_input_scale() if scale != 1.0 else sae
+    scale, target_scale = float(sae.cfg.input_scale), float(sae.cfg.output_scale)
+    raw = sae.fold_input_scale() if scale != 1.0 or target_scale != 1.0 else sae
     cfg = raw.cfg
     if not type(raw).per_token:
         warnings.warn(f"saving a {cfg.arch} SAE as is: its codes depend on the whole batch, and SAELens has no such "
                       f"inference SAE. For a per-token SAE that SAELens loads, save training.export() (JumpReLU).",
                       stacklevel=2)
 
-    cfg_text = _cfg_text(cfg, scale, metadata)  # everything is checked before anything is written
+    cfg_text = _cfg_text(cfg, scale, metadata, target_scale)  # everything is checked before anything is written
     if densities is None and metrics is not None:
         densities = _densities_from(metrics)
     sparsity = log10_densities(densities, cfg.width) if densities is not None else None
     tensors = {name: getattr(raw, name).detach().to("cpu").contiguous()
-               for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+               for name in ("W_enc", "b_enc", "W_dec", "b_dec", *(("W_skip",) if cfg.skip else ()))}
     if hasattr(raw, "log_threshold"):
         # float64, so that log(threshold) on load gives back log_threshold exactly in the SAE's dtype
         tensors["threshold"] = raw.log_threshold.detach().to("cpu", torch.float64).exp().contiguous()
@@ -77,7 +78,7 @@ def save_sae(sae: SAE, folder: PathLike, *, densities: Tensor | None = None, met
     return folder
 
 
-def _cfg_text(cfg: SAEConfig, scale: float, metadata: dict[str, Any] | None) -> str:
+def _cfg_text(cfg: SAEConfig, scale: float, metadata: dict[str, Any] | None, target_scale: float = 1.0) -> str:
     """cfg.json of a saved SAE: SAELens's keys and the saelab block (the flat SAEConfig), as JSON text."""
     for key in ("model_name", "hook_name"):  # cfg.json must say one thing, or SAELens and saelab read different SAEs
         if metadata and key in metadata and metadata[key] != getattr(cfg, key):
@@ -90,6 +91,7 @@ def _cfg_text(cfg: SAEConfig, scale: float, metadata: dict[str, Any] | None) -> 
         "arch": cfg.arch,
         "config": cfg.to_dict(),
         "folded_input_scale": scale,
+        **({"folded_target_scale": target_scale} if cfg.is_transcoder else {}),
         "weights_read": "raw activations: the input scale is folded into the weights, no normalisation at load",
         "training_tokens": cfg.training_tokens,
     }
@@ -302,7 +304,8 @@ def load_saelab(folder: Path, *, allow_pickle: bool = False, device=None) -> SAE
 
 
 # SAELens keys of a saelab cfg.json that decide what SAELens computes, checked against the 'saelab' block
-CHECKED_KEYS = ("architecture", "d_in", "d_sae", "dtype", "k", "matryoshka_widths", "apply_b_dec_to_input",
+CHECKED_KEYS = ("architecture", "d_in", "d_sae", "d_out", "hook_name_out", "dtype", "k", "matryoshka_widths",
+                "apply_b_dec_to_input",
                 "normalize_activations", "rescale_acts_by_decoder_norm", "activation_fn", "activation_fn_str",
                 "activation_fn_kwargs", "model_name", "hook_name")
 # an absent key means: SAELens's default (below), or nothing for SAELens 6 (the pre-6.0 activation_fn* keys)
@@ -344,10 +347,11 @@ def read_saelab_cfg(folder: PathLike) -> tuple[SAEConfig, dict[str, Any]]:
     scale = block.get("folded_input_scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise HubError(f"{path}: saelab.folded_input_scale must be a finite number > 0, got {scale!r}; fix cfg.json")
-    if cfg.input_scale != 1.0:  # written by hand or by another tool: the weights are assumed folded, as saved
-        warnings.warn(f"{path}: config input_scale={cfg.input_scale} but saelab folders hold folded "
-                      f"weights; setting it to 1", stacklevel=3)
-        cfg = dataclasses.replace(cfg, input_scale=1.0)
+    if cfg.input_scale != 1.0 or cfg.target_scale is not None:  # written by hand or by another tool: the weights
+        # are assumed folded, as saved
+        warnings.warn(f"{path}: config input_scale={cfg.input_scale} (target_scale={cfg.target_scale}) but saelab "
+                      f"folders hold folded weights; setting it to 1", stacklevel=3)
+        cfg = dataclasses.replace(cfg, input_scale=1.0, target_scale=None)
 
     wrong = []
     if block.get("arch", cfg.arch) != cfg.arch:

@@ -7,6 +7,12 @@ Conventions (all architectures):
     mse    = mean over tokens of ||x - x_hat||^2 (summed over d_in, so it is comparable to FVU when the
              activations are normalised to unit mean squared norm)
 
+A transcoder (cfg.target_hook / cfg.d_out, see SAEConfig) reads x and reconstructs another activation y:
+    pre    = x @ W_enc + b_enc                  no centring: b_dec lives in y's space, not x's; a centre of x would
+                                                only shift b_enc (by -centre @ W_enc), so nothing replaces it
+    y_hat  = codes @ W_dec + b_dec [+ x @ W_skip]   W_dec [width, d_out], b_dec [d_out], W_skip [d_in, d_out]
+    mse    = mean over tokens of ||y - y_hat||^2
+
 The inference module (`SAE`) holds only weights. Everything that exists only while training (coefficient
 warm-up, the BatchTopK running threshold, dead-latent masks) lives in a `Training` object that wraps it.
 """
@@ -120,17 +126,23 @@ class SAE(nn.Module):
         # is built latent by latent, so it lands in the parameter's own layout with no transposing copy.
         self.W_enc = nn.Parameter(torch.empty(cfg.width, cfg.d_in, **kw).T)
         self.b_enc = nn.Parameter(torch.zeros(cfg.width, **kw))
-        self.W_dec = nn.Parameter(torch.empty(cfg.width, cfg.d_in, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self.W_dec = nn.Parameter(torch.empty(cfg.width, cfg.output_dim, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.output_dim, **kw))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_in, cfg.output_dim, **kw))
         self._init_weights()
 
     def _init_weights(self):
-        """Random unit-norm decoder rows; encoder = decoder transpose, so every latent starts as a matched filter."""
+        """Random unit-norm decoder rows; encoder = decoder transpose, so every latent starts as a matched filter.
+        A transcoder's encoder and decoder live in different spaces: each gets its own random unit-norm rows."""
         with torch.no_grad():
             w = torch.randn(self.cfg.width, self.cfg.d_in, device=self.W_dec.device, dtype=torch.float32)
             w /= w.norm(dim=1, keepdim=True)
-            self.W_dec.copy_(w)
             self.W_enc.copy_(w.T)
+            if self.cfg.is_transcoder:
+                w = torch.randn(self.cfg.width, self.cfg.output_dim, device=self.W_dec.device, dtype=torch.float32)
+                w /= w.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(w)
 
     # -- inference
     def _check_input(self, x: Tensor) -> Tensor:
@@ -138,6 +150,22 @@ class SAE(nn.Module):
             where = f" (hook {self.cfg.hook_name})" if self.cfg.hook_name else ""
             raise ValueError(f"SAE expects d_in={self.cfg.d_in}{where} but got input with last dim {x.shape[-1]}")
         return x.to(self.W_enc.dtype)
+
+    def _check_target(self, y: Tensor) -> Tensor:
+        if y.shape[-1] != self.cfg.output_dim:
+            where = f" (hook {self.cfg.output_hook})" if self.cfg.output_hook else ""
+            raise ValueError(f"the dictionary reconstructs d_out={self.cfg.output_dim}{where} but got a target with "
+                             f"last dim {y.shape[-1]}")
+        return y.to(self.W_dec.dtype)
+
+    @property
+    def encoder_center(self) -> Tensor | None:
+        """What the encoder subtracts from its input: an SAE's b_dec, nothing for a transcoder (see the module)."""
+        return None if self.cfg.is_transcoder else self.b_dec
+
+    def add_skip(self, y_hat: Tensor, x: Tensor) -> Tensor:
+        """y_hat plus the skip path x @ W_skip, when the dictionary has one."""
+        return y_hat + x.to(self.W_skip.dtype) @ self.W_skip if self.cfg.skip else y_hat
 
     def check_hook(self, hook: str | None) -> None:
         """Refuse to be read at a hook other than the one this SAE was trained on (cfg.hook_name; an SAE that names
@@ -150,7 +178,8 @@ class SAE(nn.Module):
 
     def pre_acts(self, x: Tensor) -> Tensor:
         x = self._check_input(x)
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        center = self.encoder_center
+        return (x if center is None else x - center) @ self.W_enc + self.b_enc
 
     def activation(self, pre: Tensor) -> Tensor:
         """Pre-activations -> dense codes; what makes each architecture itself (defined by every subclass)."""
@@ -161,6 +190,7 @@ class SAE(nn.Module):
         return self.activation(self.pre_acts(x))
 
     def decode(self, codes: Tensor) -> Tensor:
+        """codes @ W_dec + b_dec; a skip transcoder's skip path needs the input too: see forward."""
         if codes.shape[-1] != self.cfg.width:
             raise ValueError(f"SAE has width={self.cfg.width} but got codes with last dim {codes.shape[-1]}")
         return codes.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
@@ -172,7 +202,8 @@ class SAE(nn.Module):
                              check_indices=indices.device.type != "cpu") + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
+        """The reconstruction of x (an SAE) or of the target read with x (a transcoder)."""
+        return self.add_skip(self.decode(self.encode(x)), x)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -184,7 +215,8 @@ class SAE(nn.Module):
 
     def extra_repr(self) -> str:
         k = f", k={self.cfg.k}" if self.cfg.k is not None else ""
-        return f"arch={self.cfg.arch}, d_in={self.cfg.d_in}, width={self.cfg.width}{k}, dtype={self.cfg.dtype}"
+        out = f", d_out={self.cfg.output_dim}{', skip' if self.cfg.skip else ''}" if self.cfg.is_transcoder else ""
+        return f"arch={self.cfg.arch}, d_in={self.cfg.d_in}{out}, width={self.cfg.width}{k}, dtype={self.cfg.dtype}"
 
     # -- weight surgery
     def fold_input_scale(self) -> "SAE":
@@ -192,13 +224,19 @@ class SAE(nn.Module):
 
         Every activation here is positively homogeneous once biases (and thresholds) are divided by s,
         so W_enc and W_dec stay as trained (decoder rows keep unit norm) and codes come out in raw units.
+        A transcoder trained to map s*x to t*y returns codes(s*x)/t and y_hat(s*x)/t: W_enc and W_skip are
+        multiplied by s/t and the biases (and thresholds) divided by t, so its codes are in the target's raw units.
         """
-        s = self.cfg.input_scale
+        s, t = self.cfg.input_scale, self.cfg.output_scale
         folded = copy.deepcopy(self)
-        folded.cfg = dataclasses.replace(self.cfg, input_scale=1.0)
+        folded.cfg = dataclasses.replace(self.cfg, input_scale=1.0, target_scale=None)
         with torch.no_grad():
-            folded.b_enc.div_(s)
-            folded.b_dec.div_(s)
+            if s != t:
+                folded.W_enc.mul_(s / t)
+                if self.cfg.skip:
+                    folded.W_skip.mul_(s / t)
+            folded.b_enc.div_(t)
+            folded.b_dec.div_(t)
         return folded
 
     @torch.no_grad()
@@ -222,8 +260,10 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_b_dec_(self, sample: Tensor, method: str = "geometric_median"):
-        """Start b_dec at the centre of a sample of (scaled) activations [N, d_in]: geometric median or mean."""
-        sample = wide(self._check_input(sample).reshape(-1, self.cfg.d_in))
+        """Start b_dec at the centre of a sample of (scaled) activations [N, d_in]: geometric median or mean. A
+        transcoder's b_dec starts at the centre of its (scaled) targets [N, d_out]."""
+        check = self._check_target if self.cfg.is_transcoder else self._check_input
+        sample = wide(check(sample).reshape(-1, self.cfg.output_dim))
         if method == "geometric_median":
             centre = geometric_median(sample)
         elif method == "mean":
@@ -369,7 +409,7 @@ def auxk_ratio(e_hat: Tensor, residual: Tensor, n_dead: int, k_aux: int, coeffic
 class Training:
     """The training objective of one SAE and its training-only state. The trainer, each step:
 
-        out = training.loss(x, step=step, dead=dead_mask)   # x already multiplied by cfg.input_scale
+        out = training.loss(x, step=step, dead=dead_mask, target=y)   # x * cfg.input_scale, y * cfg.output_scale
         out.loss.backward()
         sae.remove_parallel_grad_(); optimizer.step(); sae.normalize_decoder_()
         firing_counts += out.fired
@@ -390,12 +430,26 @@ class Training:
         an export that read a stale copy would save weights in training units under input_scale=1."""
         return self.sae.cfg
 
-    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
-        """The architecture's training objective on a batch (defined by every subclass)."""
+    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
+        """The architecture's training objective on a batch (defined by every subclass): reconstruct `target`
+        (a transcoder's, from the same tokens as x, already multiplied by cfg.output_scale) or x itself."""
         raise NotImplementedError(f"{type(self).__name__} does not define its training loss")
 
     def _flat(self, x: Tensor) -> Tensor:
         return self.sae._check_input(x).reshape(-1, self.cfg.d_in)
+
+    def _flat_pair(self, x: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(x [N, d_in], target [N, d_out]); the target is x itself unless given (a transcoder must give it)."""
+        x = self._flat(x)
+        if target is None:
+            if self.cfg.is_transcoder:
+                raise ValueError(f"a transcoder's loss needs its target (the activations at "
+                                 f"{self.cfg.output_hook or 'its target hook'}, of the same tokens as x)")
+            return x, x
+        target = self.sae._check_target(target).reshape(-1, self.cfg.output_dim)
+        if len(target) != len(x):
+            raise ValueError(f"the target must hold the same tokens as the input: {len(target)} rows against {len(x)}")
+        return x, target
 
     def start(self, x: Tensor) -> None:
         """Initialise from the first batch x (already in training units), after b_dec; most need nothing."""

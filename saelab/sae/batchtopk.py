@@ -88,24 +88,24 @@ class BatchTopKTraining(TopKTraining):
         sae, workspace = self.sae, self._workspace(x)
         mask = None if workspace is None else reused(self._buffers, "mask", workspace.shape, torch.bool, x.device)
         aux = dict(aux_columns=dead_ids, k_aux=min(self.k_aux, len(dead_ids))) if len(dead_ids) else {}
-        return Selection(*batch_topk_encode(x, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, center=sae.b_dec,
+        return Selection(*batch_topk_encode(x, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, center=sae.encoder_center,
                                             workspace=workspace, mask_workspace=mask, **aux))
 
     def decode(self, selection: Selection) -> Tensor:
         """What the selected latents add to x_hat (no b_dec)."""
         return sparse_decode_csr(selection.codes, self.sae.W_dec, self.kernel, check_indices=False)
 
-    def reconstruction(self, x: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(loss term, x_hat, per-prefix mse or None); Matryoshka overrides this."""
-        x_hat = self.decode(selection) + self.sae.b_dec
-        return mse_of(x, x_hat), x_hat, None
+    def reconstruction(self, x: Tensor, target: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(loss term, reconstruction of the target, per-prefix mse or None); Matryoshka overrides this."""
+        x_hat = self.sae.add_skip(self.decode(selection) + self.sae.b_dec, x)
+        return mse_of(target, x_hat), x_hat, None
 
-    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
-        x = self._flat(x)
+    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
+        x, target = self._flat_pair(x, target)
         dead_ids = self._dead_ids(dead, x)
         selection = self.select(x, dead_ids)
-        recon, x_hat, prefix_mse = self.reconstruction(x, selection)
-        aux = (self._auxk(x - x_hat, selection.aux_indices, selection.aux_values, len(dead_ids)) if len(dead_ids)
+        recon, x_hat, prefix_mse = self.reconstruction(x, target, selection)
+        aux = (self._auxk(target - x_hat, selection.aux_indices, selection.aux_values, len(dead_ids)) if len(dead_ids)
                else wide(recon.new_zeros(())))
         if torch.is_grad_enabled():
             self._update_threshold(selection)
@@ -139,8 +139,8 @@ class BatchTopKTraining(TopKTraining):
         cfg = dataclasses.replace(self.cfg, arch="jumprelu", k=None, options={})
         out = JumpReLUSAE(cfg, device=self.sae.device)
         with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(out, name).copy_(getattr(self.sae, name))
+            for name, param in self.sae.named_parameters():  # W_enc, b_enc, W_dec, b_dec (+ a transcoder's W_skip)
+                getattr(out, name).copy_(param)
             out.log_threshold.fill_(float(self.threshold.log()))
         return out
 

@@ -3,6 +3,12 @@
     SAEConfig(arch="relu", d_in=576, width=4608, options={"l1_coefficient": 0.1})   # or options=ReLUOptions(...)
     create_sae(cfg)
 
+A transcoder is the same config with a target other than its input: it reads hook_name and reconstructs
+target_hook (d_out wide), optionally through a linear skip path too:
+
+    SAEConfig(arch="topk", d_in=576, width=4608, k=32, hook_name="blocks.5.ln2.hook_normalized",
+              target_hook="blocks.5.hook_mlp_out", d_out=576, skip=True)
+
 On disk (cfg.json, checkpoints) the config is one flat dict, as SAELens's is: `to_dict` merges the options into it
 and `from_dict` splits them out again by the architecture's options class.
 """
@@ -19,6 +25,10 @@ from saelab.files import name_problem
 from saelab.options import NonNegativeInt, PositiveFloat, PositiveInt, checked, from_mapping
 
 from .registry import available_architectures, options_class, sae_class
+
+TRANSCODER_KEYS = ("target_hook", "d_out", "skip", "target_scale")
+"""SAEConfig fields only a transcoder sets; written to cfg.json only when set (not None, not False)."""
+UNSET = (None, False)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,6 +77,19 @@ class SAEConfig:
     training_tokens: NonNegativeInt = 0
     """Tokens seen during training."""
 
+    # -- transcoders: a target other than the input (all None / False for an SAE, and then absent from cfg.json)
+    target_hook: str | None = None
+    """Hook point the dictionary reconstructs, e.g. blocks.5.hook_mlp_out read from blocks.5.ln2.hook_normalized;
+    None: its own input (an SAE)."""
+    d_out: PositiveInt | None = None
+    """Width of the target; None: d_in."""
+    skip: bool = False
+    """Add a linear skip path x @ W_skip [d_in, d_out] to the reconstruction (zero at the start, trained with the
+    rest): the latents then explain what a linear map of the input does not. Transcoders only."""
+    target_scale: PositiveFloat | None = None
+    """The transcoder was trained to reconstruct y * target_scale (unit mean squared norm, like the input);
+    None: input_scale (an SAE's target is its input). `fold_input_scale()` removes it too."""
+
     options: Options | dict[str, Any] = field(default_factory=dict)
     """The architecture's own settings: its options object (`sae_class(arch).options_cls`), or a dict of them; a
     setting the architecture does not read is refused, not ignored."""
@@ -106,14 +129,63 @@ class SAEConfig:
             fail("input_scale", "must be a finite number > 0")
         if not is_int(self.training_tokens) or self.training_tokens < 0:
             fail("training_tokens", "must be an integer >= 0")
+        self._check_target(fail, is_int)
+
+    def _check_target(self, fail, is_int) -> None:
+        """The transcoder fields; a target equal to the input is stored as None, so an SAE stays an SAE."""
+        if self.target_hook is not None:
+            if not isinstance(self.target_hook, str):
+                fail("target_hook", "must be a hook point name or None")
+            if self.target_hook and (problem := name_problem(self.target_hook)):
+                fail("target_hook", f"must be a hook point name; it {problem}")
+            if self.target_hook in ("", self.hook_name):
+                self.target_hook = None
+        if self.d_out is not None:
+            if not is_int(self.d_out) or self.d_out <= 0:
+                fail("d_out", "must be a positive integer or None")
+            if self.d_out == self.d_in:
+                self.d_out = None
+        if not isinstance(self.skip, bool):
+            fail("skip", "must be true or false")
+        if self.skip and not self.is_transcoder:
+            fail("skip", "needs a target other than the input (target_hook or d_out): an SAE's skip path would "
+                         "learn the identity and leave the latents nothing to explain")
+        v = self.target_scale
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                fail("target_scale", "must be a finite number > 0 or None")
+            if not self.is_transcoder:
+                fail("target_scale", "is for transcoders only (an SAE's target is its input, scaled by input_scale)")
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Whether the dictionary reconstructs something other than its input."""
+        return self.target_hook is not None or self.d_out is not None
+
+    @property
+    def output_dim(self) -> int:
+        """Width of what the dictionary writes: d_out for a transcoder, d_in for an SAE."""
+        return self.d_out if self.d_out is not None else self.d_in
+
+    @property
+    def output_hook(self) -> str:
+        """Hook point the dictionary reconstructs: target_hook for a transcoder, hook_name for an SAE."""
+        return self.target_hook if self.target_hook is not None else self.hook_name
+
+    @property
+    def output_scale(self) -> float:
+        """The factor the target was multiplied by in training: target_scale, or input_scale for an SAE."""
+        return self.target_scale if self.target_scale is not None else self.input_scale
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
-        """The flat JSON-safe dict of cfg.json: the common fields, then the architecture's options."""
-        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        """The flat JSON-safe dict of cfg.json: the common fields, then the architecture's options. The transcoder
+        fields appear only when set, so an SAE's cfg.json is the same as before transcoders existed."""
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name != "options" and not (f.name in TRANSCODER_KEYS and getattr(self, f.name) in UNSET)}
         return {**common, **dataclasses.asdict(self.options)}
 
     @classmethod

@@ -124,7 +124,7 @@ class JumpReLUSAE(SAE):
     def fold_input_scale(self) -> "JumpReLUSAE":
         folded = super().fold_input_scale()
         with torch.no_grad():
-            folded.log_threshold.sub_(math.log(self.cfg.input_scale))
+            folded.log_threshold.sub_(math.log(self.cfg.output_scale))  # thresholds are in the codes' units
         return folded
 
 
@@ -150,9 +150,9 @@ class JumpReLUTraining(ThresholdCodes, Training):
         if cut > 0:
             self.sae.log_threshold.fill_(float(cut.log()))
 
-    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
+    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
         sae, cfg = self.sae, self.cfg
-        x = self._flat(x)
+        x, target = self._flat_pair(x, target)
         theta, eps = sae.threshold, cfg.options.jumprelu_bandwidth
         # Sparse: only entries with z > theta - eps/2 carry a value or a gradient (the rectangle kernel is zero
         # below); with a threshold under eps/2, every z = 0 would, so that step is dense.
@@ -166,15 +166,16 @@ class JumpReLUTraining(ThresholdCodes, Training):
             codes = jumprelu(z, theta, eps)
             x_hat = sparse_decode_csr(dataclasses.replace(csr, values=codes), sae.W_dec, self.kernel,
                                       check_indices=False) + sae.b_dec
+            x_hat = sae.add_skip(x_hat, x)
             l0_smooth = wide(heaviside(z, theta, eps)).sum() / len(x)
             l0, fired = sparse_summary(csr.indices, codes, len(x), cfg.width)
         else:
             z = sae.pre_acts(x).relu()
             codes = jumprelu(z, sae.threshold, eps)
-            x_hat = sae.decode(codes)
+            x_hat = sae.add_skip(sae.decode(codes), x)
             l0_smooth = wide(heaviside(z, sae.threshold, eps)).sum(-1).mean()
             l0, fired = summarise(codes)
-        mse = mse_of(x, x_hat)
+        mse = mse_of(target, x_hat)
         coefficient = self.coefficient.at(step)
         sparsity = coefficient * l0_smooth
         self._seen(l0)

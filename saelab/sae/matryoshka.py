@@ -110,15 +110,17 @@ class MatryoshkaTraining(BatchTopKTraining):
     one decode gives every group's part of each row (the selection's CSR rows split at the group boundaries, which
     is free: a row's latents are in ascending order), and PrefixResiduals turns them into every prefix's error."""
 
-    def reconstruction(self, x: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
+    def reconstruction(self, x: Tensor, target: Tensor, selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
         ends, codes = self.sae.prefix_ends, selection.codes
         groups, N = len(ends), len(x)
         group = torch.bucketize(codes.indices, codes.indices.new_tensor(ends[:-1]), right=True)
         by_group = CSRCodes(row_offsets(codes.row_ids() * groups + group, N * groups), codes.indices, codes.values,
                             codes.width)  # row n's group g is row n * G + g
         parts = sparse_decode_csr(by_group, self.sae.W_dec, self.kernel, check_indices=False)
-        residuals, mses = PrefixResiduals.apply(parts, x, self.sae.b_dec)
-        x_hat = residuals.detach().view(N, groups, -1)[:, -1] + x
+        # every prefix reconstructs the target less the skip path (a skip transcoder's; the target itself otherwise)
+        goal = target - x @ self.sae.W_skip if self.cfg.skip else target
+        residuals, mses = PrefixResiduals.apply(parts, goal, self.sae.b_dec)
+        x_hat = residuals.detach().view(N, groups, -1)[:, -1] + target
         return mses.sum(), x_hat, mses.detach()
 
 

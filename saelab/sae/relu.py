@@ -72,23 +72,23 @@ class ReLUTraining(ThresholdCodes, Training):
         if self.cfg.options.target_l0 is not None:
             self._measure_code_scale(self.sae.encode(x))
 
-    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
+    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
         sae = self.sae
-        x = self._flat(x)
+        x, target = self._flat_pair(x, target)
         norms = wide(sae.W_dec).norm(dim=1)
         sparse = self._sparse_step()
         if sparse:  # codes as CSR: the positive pre-activations
             csr = self._above(x, 0.0)
             values = csr.values
-            x_hat = sparse_decode_csr(csr, sae.W_dec, self.kernel, check_indices=False) + sae.b_dec
+            x_hat = sae.add_skip(sparse_decode_csr(csr, sae.W_dec, self.kernel, check_indices=False) + sae.b_dec, x)
             l1 = (wide(values) * norms[csr.indices]).sum() / max(1, len(x))
             l0, fired = sparse_summary(csr.indices, values, len(x), self.cfg.width)
         else:
             codes = sae.encode(x)
-            x_hat = sae.decode(codes)
+            x_hat = sae.add_skip(sae.decode(codes), x)
             l1 = (wide(codes).abs() * norms).sum(-1).mean()
             l0, fired = summarise(codes)
-        mse = mse_of(x, x_hat)
+        mse = mse_of(target, x_hat)
         coefficient = self.coefficient.at(step)
         sparsity = coefficient * l1
         self._seen(l0)

@@ -50,6 +50,6 @@ class ThresholdCodes:
     def _above(self, x: Tensor, threshold: Tensor | float) -> CSRCodes:
         """CSR codes of the pre-activations of x above `threshold`."""
         sae, holder, shape = self.sae, self._buffers, (x.shape[0], self.cfg.width)
-        return threshold_encode(x, sae.W_enc, sae.b_enc, threshold, self.kernel, center=sae.b_dec,
+        return threshold_encode(x, sae.W_enc, sae.b_enc, threshold, self.kernel, center=sae.encoder_center,
                                 workspace=reused(holder, "pre", shape, x.dtype, x.device),
                                 mask_workspace=reused(holder, "mask", shape, torch.bool, x.device))

@@ -61,24 +61,24 @@ class TopKTraining(Training):
     @property
     def k_aux(self) -> int:
         k_aux = self.cfg.options.k_aux
-        return k_aux if k_aux is not None else max(1, self.cfg.d_in // 2)
+        return k_aux if k_aux is not None else max(1, self.cfg.output_dim // 2)
 
-    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None) -> TrainOutput:
+    def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
         sae = self.sae
-        x = self._flat(x)
-        # One encoder product gives both the TopK codes and AuxK's pick among the dead latents; b_dec enters as
-        # the encoder's centre, so no gradient wrt x (an [N, d] product) is ever needed.
+        x, target = self._flat_pair(x, target)
+        # One encoder product gives both the TopK codes and AuxK's pick among the dead latents; an SAE's b_dec
+        # enters as the encoder's centre, so no gradient wrt x (an [N, d] product) is ever needed.
         dead_ids = self._dead_ids(dead, x)
-        options = dict(sorted=False, center=sae.b_dec, workspace=self._workspace(x))
+        options = dict(sorted=False, center=sae.encoder_center, workspace=self._workspace(x))
         if len(dead_ids):
             k_aux = min(self.k_aux, len(dead_ids))
             indices, values, aux_indices, aux_values = topk_encode_with_aux(
                 x, sae.W_enc, sae.b_enc, self.cfg.k, dead_ids, k_aux, self.kernel, **options)
         else:
             indices, values = topk_encode(x, sae.W_enc, sae.b_enc, self.cfg.k, self.kernel, **options)
-        x_hat = sparse_decode(indices, values, sae.W_dec, self.kernel) + sae.b_dec
-        mse = mse_of(x, x_hat)
-        aux = self._auxk(x - x_hat, aux_indices, aux_values, len(dead_ids)) if len(dead_ids) else wide(mse.new_zeros(()))
+        x_hat = sae.add_skip(sparse_decode(indices, values, sae.W_dec, self.kernel) + sae.b_dec, x)
+        mse = mse_of(target, x_hat)
+        aux = self._auxk(target - x_hat, aux_indices, aux_values, len(dead_ids)) if len(dead_ids) else wide(mse.new_zeros(()))
         l0, fired = sparse_summary(indices, values, len(x), self.cfg.width)
         return TrainOutput(loss=mse + aux, mse=mse.detach(), aux_loss=aux.detach(),
                            sparsity_loss=mse.new_zeros(()), l0=l0, fired=fired, x_hat=x_hat.detach())

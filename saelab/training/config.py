@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 from saelab.options import Decay, Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields
 
 DEFAULT_K = 32
-COMMON_OPTIONS = ("dtype", "d_in")
-"""SAEConfig fields a spec may set for every architecture, beside its architecture's options."""
+COMMON_OPTIONS = ("dtype", "d_in", "skip")
+"""SAEConfig fields a spec may set for every architecture, beside its architecture's options (skip: transcoders)."""
 
 
 @dataclass
@@ -26,6 +26,10 @@ class SAESpec:
     """Active latents per token, for the architectures that take one (topk, batchtopk, matryoshka); None: 32."""
     hook: str | None = None
     """Hook point to read; None: every hook of the activations, one SAE each."""
+    target_hook: str | None = None
+    """Hook point to reconstruct, read from the same tokens as `hook`: a transcoder (e.g. blocks.5.hook_mlp_out
+    from hook blocks.5.ln2.hook_normalized, the MLP's input); None: `hook` itself (an SAE). With options
+    {"skip": true}, a skip transcoder."""
     lr: PositiveFloat | None = None
     """Adam learning rate; None: 8e-4 / sqrt(width / 2^14) for the architectures that take k (four times Gao et
     al.'s fit: with the warm-up, the decay and beta2 = 0.99 it trains runs of a few hundred steps markedly better at
@@ -54,6 +58,13 @@ class SAESpec:
         common = {key: value for key, value in self.options.items() if key in COMMON_OPTIONS}
         own = {key: value for key, value in self.options.items() if key not in COMMON_OPTIONS}
         self.options = {**checked(SAEConfig, common, where), **checked(architecture.options_cls, own, where)}
+        if self.target_hook is not None and self.hook is None:
+            raise ValueError(f"SAESpec.target_hook={self.target_hook!r} needs hook, the input it is reconstructed from")
+        if self.target_hook == self.hook:
+            self.target_hook = None  # an SAE
+        if self.options.get("skip") and self.target_hook is None:
+            raise ValueError("SAESpec: skip is for transcoders (a target_hook other than hook): an SAE's skip path "
+                             "would learn the identity")
         steers = "target_l0" in names
         if steers and not {"target_l0", architecture.sparsity_coefficient} & self.options.keys():
             self.options["target_l0"] = float(DEFAULT_K)  # a fixed coefficient's L0 depends on the data
@@ -65,10 +76,20 @@ class SAESpec:
         return (8e-4 if self.k is not None else 4e-4) / math.sqrt(self.width / 2**14)
 
     def name(self) -> str:
-        """Folder name of this SAE inside the run: arch-width[-k]."""
+        """Folder name of this SAE inside the run: arch-width[-k][-target<L0>][-skip][-to-<target hook>]."""
         target = self.options.get("target_l0")
         return (f"{self.arch}-{self.width}" + (f"-k{self.k}" if self.k is not None else "")
-                + (f"-target{target:g}" if target is not None else ""))
+                + (f"-target{target:g}" if target is not None else "")
+                + ("-skip" if self.options.get("skip") else "")
+                + (f"-to-{self.target_hook}" if self.target_hook is not None else ""))
+
+    def identity(self) -> dict:
+        """The fields that identify this SAE in a run's fingerprint (an SAE's, without the unset target_hook, is
+        the same as before transcoders existed, so its checkpoints still resume)."""
+        fields = dataclasses.asdict(self)
+        if fields["target_hook"] is None:
+            del fields["target_hook"]
+        return fields
 
 
 @dataclass

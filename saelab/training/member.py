@@ -31,6 +31,11 @@ class Member:
     recent_l0: collections.deque = field(default_factory=collections.deque)
     """Training L0 of the last `log_every` steps: judges at the end whether the SAE landed at the L0 asked for."""
 
+    @property
+    def target_hook(self) -> str:
+        """The hook this member reconstructs: a transcoder's target, else its own input hook."""
+        return self.spec.target_hook if self.spec.target_hook is not None else self.hook
+
     def landed(self) -> dict | None:
         """Where this SAE's L0 ended against the L0 asked for (saelab.training.landing); None without a target."""
         target = asked_l0(self.sae.cfg)

@@ -1,5 +1,6 @@
 """Train several SAEs from one activation stream: each batch (one model forward, or one read of the cache) feeds
-every SAE, whatever its hook, width, k or architecture.
+every SAE, whatever its hook, width, k or architecture. A transcoder (SAESpec.target_hook) reads its input hook and
+its target hook from the same batch, so they come from the same tokens.
 
 A step, for each SAE: scale the inputs, compute the architecture's loss (AuxK sees the latents dead for
 `dead_window` tokens), step Adam with the decoder's parallel gradient removed, renormalise the decoder rows.
@@ -107,6 +108,9 @@ class Trainer:
         hooks = list(self.source.hooks)
         if spec.hook is not None and spec.hook not in hooks:
             raise HookError(f"SAE {spec.name()} reads hook {spec.hook!r}, but the activations hold {', '.join(hooks)}")
+        if spec.target_hook is not None and spec.target_hook not in hooks:
+            raise HookError(f"transcoder {spec.name()} reconstructs target hook {spec.target_hook!r}, but the "
+                            f"activations hold {', '.join(hooks)}; cache or stream that hook too")
         return [spec.hook] if spec.hook is not None else hooks
 
     def _member(self, spec: SAESpec, hook: str) -> Member:
@@ -114,9 +118,11 @@ class Trainer:
         d_in = options.pop("d_in", self.source.d[hook])
         if d_in != self.source.d[hook]:
             raise ValueError(f"SAE {spec.name()} expects d_in={d_in} but hook {hook} gives {self.source.d[hook]}")
-        common = {key: options.pop(key) for key in SAEConfig.common_keys() if key in options}  # dtype
+        common = {key: options.pop(key) for key in SAEConfig.common_keys() if key in options}  # dtype, skip
+        target = {} if spec.target_hook is None else dict(target_hook=spec.target_hook,
+                                                            d_out=self.source.d[spec.target_hook])
         cfg = SAEConfig(arch=spec.arch, d_in=d_in, width=spec.width, k=spec.k, hook_name=hook,
-                        model_name=self.source.model_name, **common, options=options)
+                        model_name=self.source.model_name, **target, **common, options=options)
         name = f"{hook}/{spec.name()}"  # also the SAE's folder in the run: one folder per hook, as on the Hub
         with torch.random.fork_rng(devices=[]):  # each SAE's init depends on the seed and its name, not on order
             torch.manual_seed(self.config.seed + zlib.crc32(name.encode()))
@@ -145,7 +151,7 @@ class Trainer:
         config.pop("allow_diverged")  # accepting a diverged run must not make its own checkpoint "another run"
         config.pop("parallel")  # the state is global either way: resume with any split over any number of ranks
         config.pop("stream_buffer_tokens")  # a stream's own fingerprint holds its buffer; a cache has none
-        return {"config": config, "specs": [dataclasses.asdict(s) for s in self.specs],
+        return {"config": config, "specs": [s.identity() for s in self.specs],
                 "data": self.source.fingerprint()}
 
     @contextlib.contextmanager
@@ -219,7 +225,7 @@ class Trainer:
         rows = self._rows(batch) * (self.world.size if self.data_parallel else 1)
         if not self._started:
             self._initialise(batch)
-        outputs = [self._train_step(member, batch.acts[member.hook]) if any(member is m for m in self.mine) else None
+        outputs = [self._train_step(member, batch) if any(member is m for m in self.mine) else None
                    for member in self.members]
         self.step += 1
         self.tokens += rows
@@ -229,7 +235,7 @@ class Trainer:
         """The batch's token count, after checking it holds [rows, d] at every hook read, rows alike and in
         1..batch_size (the LR schedule counts steps of at most batch_size tokens)."""
         rows = {}
-        for hook in dict.fromkeys(m.hook for m in self.members):
+        for hook in self._hooks_read():
             acts = batch.acts.get(hook)
             if acts is None:
                 raise HookError(f"a batch has no activations for hook {hook!r} (it holds {', '.join(batch.acts)})")
@@ -244,13 +250,17 @@ class Trainer:
             raise ValueError(f"the hooks of one batch must hold the same tokens, but their row counts differ: {rows}")
         return next(iter(rows.values()))
 
+    def _hooks_read(self) -> list[str]:
+        """Every hook a member reads: its input and, for a transcoder, its target."""
+        return list(dict.fromkeys(hook for m in self.members for hook in (m.hook, m.target_hook)))
+
     def _batches(self) -> Iterator[ActivationBatch]:
         """The run's batch sequence from batch number `batches_read` on (across epochs for a cache)."""
         return self.source.batches(self.batches_read)
 
     def _finite(self, batch: ActivationBatch) -> bool:
         where = None
-        for hook in sorted({m.hook for m in self.members}):
+        for hook in sorted(self._hooks_read()):
             bad = (~torch.isfinite(batch.acts[hook])).any(dim=1)
             if bad.any():
                 where = f"{int(bad.sum())} of {len(bad)} tokens at {hook} in batch {self.batches_read - 1} (step {self.step})"
@@ -268,23 +278,37 @@ class Trainer:
     @torch.no_grad()
     def _initialise(self, batch: ActivationBatch) -> None:
         """From the first batch: the input scale (unit mean squared norm) and the decoder bias of each SAE (from the
-        whole batch, gathered from the ranks' shares, so every rank starts where one process would)."""
+        whole batch, gathered from the ranks' shares, so every rank starts where one process would). A transcoder's
+        target gets its own scale, and its decoder bias starts at the target's centre."""
+        def whole(hook: str) -> torch.Tensor:
+            x = batch.acts[hook].to(self.device, torch.float32)
+            return self.world.gather(x.to(self.world.device)).to(self.device) if self.data_parallel else x
+
+        def unit_scale(x: torch.Tensor) -> float:
+            return estimate_input_scale(x) if self.config.normalize_activations else 1.0
+
         for member in self.members:
-            x = batch.acts[member.hook].to(self.device, torch.float32)
-            if self.data_parallel:
-                x = self.world.gather(x.to(self.world.device)).to(self.device)
-            scale = estimate_input_scale(x) if self.config.normalize_activations else 1.0
+            x = whole(member.hook)
+            scale = unit_scale(x)
             member.sae.cfg = dataclasses.replace(member.sae.cfg, input_scale=scale)
+            y, target_scale = x, scale
+            if member.sae.cfg.is_transcoder:
+                y = whole(member.target_hook)
+                target_scale = unit_scale(y)
+                member.sae.cfg = dataclasses.replace(member.sae.cfg, target_scale=target_scale)
             if self.config.b_dec_init != "zeros":
-                member.sae.init_b_dec_(x * scale, method=self.config.b_dec_init)
+                member.sae.init_b_dec_(y * target_scale, method=self.config.b_dec_init)
             member.training.start(x * scale)
         self._started = True
 
-    def _train_step(self, member: Member, acts: torch.Tensor):
-        x = acts.to(self.device, torch.float32) * member.sae.cfg.input_scale
+    def _train_step(self, member: Member, batch: ActivationBatch):
+        cfg = member.sae.cfg
+        x = batch.acts[member.hook].to(self.device, torch.float32) * cfg.input_scale
+        y = batch.acts[member.target_hook].to(self.device, torch.float32) * cfg.output_scale if cfg.is_transcoder else x
         for group in member.optimizer.param_groups:
             group["lr"] = member.spec.learning_rate * self.config.lr_factor(self.step)
-        out = member.training.loss(x, step=self.step, dead=member.dead(self.config.dead_window))
+        out = member.training.loss(x, step=self.step, dead=member.dead(self.config.dead_window),
+                                   target=y if cfg.is_transcoder else None)
         if not torch.isfinite(out.loss):
             raise TrainingError(f"SAE {member.name}: the loss became {out.loss.item()} at step {self.step}: "
                                 + why_not_finite(member, x))
@@ -297,7 +321,7 @@ class Trainer:
         member.sae.normalize_decoder_()
         member.since_fired += len(x) * world.size
         member.since_fired[world.any(out.fired)] = 0
-        variance = world.mean((x - world.mean(x.mean(0))).square_().sum(-1).mean())
+        variance = world.mean((y - world.mean(y.mean(0))).square_().sum(-1).mean())  # the target's: FVU of what it writes
         fvu = float(world.mean(out.mse) / variance) if variance > 0 else None  # one token: no variance to explain
         if fvu is not None:
             member.recent_fvu.append(fvu)

@@ -7,12 +7,13 @@ import types
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from saelab.cli import main
 from saelab.evals import suite
 from saelab.evals.intervals import Interval
 from saelab.evals.saebench import saebench_output
-from tests.helpers import saved_small_sae
+from tests.helpers import SMALL_HOOK, saved_small_sae, write_small_saelens
 
 SCORES = {"topk": [0.50, 0.51, 0.52], "relu": [0.70, 0.71, 0.69]}
 
@@ -106,6 +107,37 @@ def test_saelab_evals_runs_the_suite_and_pools_seeds(fake_eval, seeded_folders, 
     assert fake_eval.calls[0][1] == "loaded smollm2-135m" and fake_eval.calls[0][2] == FakeEvalConfig(resamples=7)
     assert len(list((tmp_path / "records").glob("*/evals/fake_eval.json"))) == 3
     assert not (seeded_folders["topk", 0] / "evals").exists()  # --out: nothing written beside the SAEs
+
+
+def test_saelab_evals_hook_lets_saes_trained_on_cached_activations_be_evaluated(monkeypatch, capsys, tmp_path):
+    """A SAELens SAE trained outside a model run names no model or hook; a sparsify one names its trainer's hook
+    point ("acts"). --model and --hook say what they read, and every eval then runs on them."""
+    from safetensors.torch import save_file
+
+    saelens = write_small_saelens(tmp_path / "saelens", hook_name=None, model_name=None)
+    sparsify = tmp_path / "sparsify" / "acts"
+    sparsify.mkdir(parents=True)
+    (sparsify / "cfg.json").write_text(json.dumps({"activation": "topk", "num_latents": 16, "k": 3, "d_in": 8}))
+    save_file({"encoder.weight": torch.randn(16, 8), "encoder.bias": torch.zeros(16), "W_dec": torch.randn(16, 8),
+               "b_dec": torch.zeros(8)}, str(sparsify / "sae.safetensors"))
+    module = types.ModuleType("hook_eval")
+    module.EVAL_TYPE_ID, module.CONFIG, module.hooks = "fake_eval", FakeEvalConfig, []
+    module.run = lambda sae, model, config=None, progress=True: module.hooks.append(sae.cfg.hook_name) or \
+        FakeResult(0.5, config or FakeEvalConfig())
+    monkeypatch.setitem(sys.modules, "hook_eval", module)
+    monkeypatch.setitem(suite.EVALS, "hook_eval", "hook_eval")
+    monkeypatch.setattr("saelab.models.load_model", lambda name, **kw: name)
+
+    assert main(["evals", str(saelens), "--suite", "hook_eval"]) != 0
+    assert "names none); pass --model" in capsys.readouterr().err
+    assert main(["evals", str(saelens), str(sparsify), "--suite", "hook_eval", "--model", "smollm2-135m",
+                 "--hook", SMALL_HOOK]) == 0
+    assert module.hooks == [SMALL_HOOK, SMALL_HOOK]
+    record = json.loads((sparsify / "evals" / "fake_eval.json").read_text())
+    assert record["sae_cfg_dict"]["hook_name"] == SMALL_HOOK
+    assert "sparsify/acts" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="hook_name"):  # the name is checked as any SAE's config checks it
+        suite.run_suite([saelens], ["hook_eval"], hook="../runs", load_model=lambda sae, folder: None)
 
 
 def test_saelab_evals_help_names_every_eval(capsys):

@@ -36,6 +36,9 @@ class EvalsCommand(SAEModelFlags, RunsModel, TextFlags):
     instead of --text"""
     out: str | None = None
     """write the records under this folder (one subfolder per SAE) instead of <sae>/evals/"""
+    hook: str | None = None
+    """the hook point every SAE reads (default: the one its cfg.json names); for SAEs trained on cached activations
+    outside a model run, whose folders name none"""
 
     def __post_init__(self):
         unknown = [name for name in self.suite if name not in EVALS]
@@ -63,7 +66,7 @@ def cmd_evals(config: EvalsCommand) -> None:
     settings = {"text": held_out_text(config.acts) if config.acts else config.text_config(), "tokens": config.tokens,
                 "resamples": config.resamples}
     configs = {name: eval_config(eval_module(name), settings) for name in config.suite}
-    results = run_suite(config.saes, config.suite, configs=configs, out=config.out,
+    results = run_suite(config.saes, config.suite, configs=configs, out=config.out, hook=config.hook,
                         load_model=lambda sae, folder: config.load_for(sae, folder,
                                                                        max_batch_tokens=config.max_batch_tokens))
     print(suite_table(results))

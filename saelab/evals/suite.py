@@ -11,6 +11,7 @@ its result's saebench(sae) is the record written to <sae>/evals/<eval_type_id>.j
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 from dataclasses import dataclass, field
@@ -80,17 +81,19 @@ def label_of(folder: Path) -> str:
 
 def run_suite(folders: Sequence[str | Path], suite: Sequence[str] = DEFAULT_SUITE, *,
               configs: dict[str, Any] | None = None, load_model: Callable[[Any, Path], Any] | None = None,
-              out: str | Path | None = None, progress: bool = True) -> list[SAEEvals]:
+              out: str | Path | None = None, hook: str | None = None, progress: bool = True) -> list[SAEEvals]:
     """Run every eval of `suite` on every SAE folder and write each record to <folder>/evals/ (or <out>/<label>/evals
     with `out`). `configs` maps a suite name to its config; `load_model(sae, folder)` gives the model an SAE reads
-    (default: the one its cfg names; one model is loaded once for all SAEs that share it)."""
+    (default: the one its cfg names; one model is loaded once for all SAEs that share it). `hook` is the hook point
+    every SAE reads, in place of the one its cfg names: an SAE trained outside a model run (on cached activations)
+    names none, or its trainer's own name for the tensor."""
     from saelab.hub import load_sae
 
     modules = {name: eval_module(name) for name in suite}  # an unknown name fails before any SAE is loaded
     models: dict[str, Any] = {}
     results = []
     for folder in map(Path, folders):
-        sae = load_sae(folder)
+        sae = with_hook(load_sae(folder), hook)
         key = sae.cfg.model_name
         if key not in models:
             models[key] = (load_model or _default_model)(sae, folder)
@@ -103,6 +106,13 @@ def run_suite(folders: Sequence[str | Path], suite: Sequence[str] = DEFAULT_SUIT
             entry.records[record["eval_type_id"]] = record
         results.append(entry)
     return results
+
+
+def with_hook(sae, hook: str | None):
+    """`sae` reading `hook` (its config checks the name), or as it is when no hook is given."""
+    if hook:
+        sae.cfg = dataclasses.replace(sae.cfg, hook_name=hook)
+    return sae
 
 
 def _default_model(sae, folder: Path):

@@ -6,8 +6,9 @@ and MLP neurons at two layers each (blocks 7 and 15 of SmolLM2's 30, 4 and 9 of 
 The first documents (--train-fraction of the aligned tokens) train a TopK SAE per hook with saelab's trainer (plus a
 second seed at SmolLM2 block 7, for the same-model baseline); the remaining, held-out documents are matched:
 every SAE of SmolLM2 against every SAE of Gemma (two layer pairs at matched relative depth, two not), MLP neurons
-against MLP neurons (the neuron baseline), and the two SmolLM2 seeds (by activation and by decoder alone). Every
-stage is saved under --runs, so a rerun picks up where it stopped.
+against MLP neurons (the neuron baseline), and the two SmolLM2 seeds (by activation and by decoder alone), each
+beside its token-shuffle null and, for SAEs, an untrained twin of B's SAE (the library's baselines, as in
+`saelab match`). Every stage is saved under --runs, so a rerun picks up where it stopped.
 
     nice -n 5 python scripts/match_report.py                           # ~45-60 min on a busy shared 2-core CPU
     python scripts/match_report.py --models /tiny/a:1:1 /tiny/b:1:1 --tokens 3000 --quick --runs /tmp/r --out /tmp/o
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 import saelab
 from saelab.activations.store import ActivationBatch
 from saelab.analysis.alignment import AlignedChunk, Side, aligned_chunks, read_documents
-from saelab.analysis.universality import MatchConfig, accumulate, compare_all
+from saelab.analysis.universality import MatchConfig, MatchResults, accumulate, compare_all, with_baselines
 from saelab.options import add_flags, flag_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,30 +164,27 @@ def report_sides(models, layers, saes) -> tuple[list[Side], list[Side], list[tup
     return sides_a, sides_b, pairs
 
 
-def held_out_chunks(sides_a, sides_b, data: dict, match_rows: torch.Tensor, shuffle_b: bool = False):
-    """Held-out aligned rows; shuffle_b pairs B's rows with other tokens (the token-shuffle control)."""
+def held_out_chunks(sides_a, sides_b, data: dict, match_rows: torch.Tensor):
+    """Held-out aligned rows, 2048 at a time."""
     docs = torch.tensor(data["documents"])
-    shuffled_rows = match_rows[torch.randperm(len(match_rows), generator=torch.Generator().manual_seed(0))]
     for start in range(0, len(match_rows), 2048):
         rows = match_rows[start:start + 2048]
         features = {}
         for which, group in (("a", sides_a), ("b", sides_b)):
-            take = shuffled_rows[start:start + 2048] if which == "b" and shuffle_b else rows
-            features[which] = {s.label: s.features(data["acts"][f"{which}|{s.model.name}:{s.hook}:units"][take]
+            features[which] = {s.label: s.features(data["acts"][f"{which}|{s.model.name}:{s.hook}:units"][rows]
                                                    .float()) for s in group}
         yield AlignedChunk(features["a"], features["b"], torch.zeros(len(rows), dtype=torch.long),
                            torch.zeros(len(rows), dtype=torch.long), docs[rows], torch.zeros(len(rows)),
                            [data["words"][int(r)] for r in rows])
 
 
-def token_shuffle_control(sides_a, sides_b, pairs, data: dict, match_rows: torch.Tensor) -> dict:
-    """Best correlations across models when B reads other tokens: what chance alignment gives."""
-    cross = [(a, b) for a, b in pairs if a.model is not b.model]
-    control = accumulate(held_out_chunks(sides_a, sides_b, data, match_rows, shuffle_b=True), sides_a, sides_b,
-                         pairs=cross)
-    shuffled_best = {f"{a} | {b}": {"mean_best_corr_a": float(c.matrix.max(1)[~c.constant_a].mean()),
-                                    "frac_best_above_0.5": float((c.matrix.max(1)[~c.constant_a] > 0.5).mean())}
-                     for (a, b), c in control.correlations.items()}
+def token_shuffle_control(results: MatchResults, models) -> dict:
+    """The cross-model comparisons' token-shuffle nulls, by pair (kept in matching.json's alignment record, where
+    docs/matching.md points)."""
+    cross = [c for c in results.comparisons if c.token_shuffle is not None and
+             c.a.startswith(f"{models[0].name}:") and c.b.startswith(f"{models[1].name}:")]
+    shuffled_best = {f"{c.a} | {c.b}": {"mean_best_corr_a": c.token_shuffle.mean_best_corr_a,
+                                        "frac_best_above_0.5": c.token_shuffle.frac_best_above["0.5"]} for c in cross}
     log(f"token-shuffle control: {json.dumps(shuffled_best)}")
     return shuffled_best
 
@@ -214,15 +212,15 @@ def main() -> None:
     saes = [train_saes(m, which, ls, seed_layer, data, train_rows, runs / "sae", width, args.train_tokens,
                        args.quick) for m, which, ls, (_, _, seed_layer) in zip(models, "ab", layers, specs)]
     quality = held_out_quality(models, saes, data, match_rows)
-    sides_a, sides_b, pairs = report_sides(models, layers, saes)
+    sides_a, sides_b, pairs, shuffled = with_baselines(*report_sides(models, layers, saes), config)
     started = time.perf_counter()
-    acc = accumulate(held_out_chunks(sides_a, sides_b, data, match_rows), sides_a, sides_b, pairs=pairs)
+    acc = accumulate(held_out_chunks(sides_a, sides_b, data, match_rows), sides_a, sides_b, pairs=pairs,
+                     shuffled=shuffled, seed=config.seed)
     log(f"correlations over {acc.n_tokens} held-out aligned tokens in {time.perf_counter() - started:.0f} s")
-    shuffled_best = token_shuffle_control(sides_a, sides_b, pairs, data, match_rows)
     results = compare_all(acc, [*sides_a, *sides_b], config, log=log, alignment={
         "text": Path(args.text).name, "mode": "word", "model_a": models[0].name, "model_b": models[1].name,
-        "train_rows": len(train_rows), "sae_quality": quality, "token_shuffle_control": shuffled_best, "width": width,
-        "train_tokens": args.train_tokens})
+        "train_rows": len(train_rows), "sae_quality": quality, "width": width, "train_tokens": args.train_tokens})
+    results.alignment["token_shuffle_control"] = token_shuffle_control(results, models)
     results.save(runs / "results")
     for name in ("similarity.png", "correlation.png", "layers.png", "matching.md", "matching.json"):
         if (runs / "results" / name).exists():

@@ -112,7 +112,8 @@ class Baseline:
     """1:1 pairs kept by the same filters."""
     mean_pair_corr: float | None = None
     similarity: dict[str, float] | None = None
-    """Each geometry measure on its own most correlated kept pairs' decoder rows (SAEs only)."""
+    """Each geometry measure on its own most correlated kept pairs' decoder rows (SAEs only; None with at most
+    twice svcca_dims pairs, too few to set beside the observed score)."""
     label: str = ""
     """The side A was matched against (the untrained twin's label; for the token shuffle, B's)."""
 
@@ -324,7 +325,7 @@ class MatchResults(StudyResult):
         if any(c.similarity for c in self.comparisons):
             self.plot_similarity(folder / "similarity.png")
         self.plot_correlations(folder / "correlation.png")
-        if any(c.kind == "sae" for c in self.comparisons):
+        if any(c.kind == "sae" and c.decoder is None for c in self.comparisons):  # across models
             self.plot_layers(folder / "layers.png")
 
 
@@ -406,7 +407,7 @@ def baseline(corr: Correlation, *, top_words_a: Sequence[Sequence[str]], top_wor
     config = config or MatchConfig()
     matched = match_and_filter(corr, top_words_a, top_words_b, config)
     result = Baseline(matched.mean_best, matched.frac_above(), len(matched.kept), matched.mean_pair_corr, label=label)
-    if directions_a is not None and directions_b is not None and len(matched.kept) >= 3:
+    if directions_a is not None and directions_b is not None and len(matched.kept) > max(2 * config.svcca_dims, 3):
         top = matched.kept.take(np.arange(min(len(matched.kept), config.max_pairs)))
         result.similarity = Paired(directions_a[top.a], directions_b[top.b], config.knn,
                                    dims=config.svcca_dims).scores()
@@ -723,8 +724,8 @@ def side_labels(specs: Sequence[str]) -> list[str]:
 
 
 def match_caches(config: MatchStudyConfig, log=None, progress: bool = True) -> MatchResults:
-    """Two SAEs of one model over two caches of the same text and tokenizer (rows align one to one). The
-    token-shuffle null is made here too; the untrained twin is not (the codes come from the caches' SAEs alone)."""
+    """Two SAEs of one model over two caches of the same text and tokenizer (rows align one to one), with the
+    token-shuffle null and an untrained twin of b's SAE over cache b's rows."""
     from saelab.activations.manifest import Manifest
     from saelab.analysis.alignment import aligned_cache_chunks
     from saelab.hub import load_sae
@@ -736,17 +737,47 @@ def match_caches(config: MatchStudyConfig, log=None, progress: bool = True) -> M
     model = load_model(Manifest.read(Path(config.cache_a)).run.get("model", ""))
     side_a = Side(model, sae_a.cfg.hook_name, sae_a, label=f"a:{sae_a.cfg.hook_name}:sae")
     side_b = Side(model, sae_b.cfg.hook_name, sae_b, label=f"b:{sae_b.cfg.hook_name}:sae")
+    twin = _cache_twin(side_b, config) if config.untrained else None
+    twin_codes = _twin_codes(twin, config)
 
     def relabel(chunk):
         chunk.a, chunk.b = {side_a.label: chunk.a["a"]}, {side_b.label: chunk.b["b"]}
+        if twin is not None:
+            chunk.b[twin.label] = next(twin_codes)
         chunk.words = model.tokenizer.batch_decode(chunk.token_a.unsqueeze(1).tolist())
         return chunk
 
-    chunks = aligned_cache_chunks(sae_a, config.cache_a, sae_b, config.cache_b, max_tokens=config.tokens)
+    chunks = aligned_cache_chunks(sae_a, config.cache_a, sae_b, config.cache_b, max_tokens=config.tokens,
+                                  batch_size=CACHE_BATCH)
+    sides_b = [side_b] + ([twin] if twin is not None else [])
     acc = accumulate((relabel(c) for c in _counted(chunks, progress, config.tokens, "reading both caches")),
-                     [side_a], [side_b], shuffled=[(side_a, side_b)] if config.token_shuffle else (), seed=config.seed)
-    return compare_all(acc, [side_a, side_b], config, log=log, alignment={
+                     [side_a], sides_b, pairs=[(side_a, s) for s in sides_b],
+                     shuffled=[(side_a, side_b)] if config.token_shuffle else (), seed=config.seed)
+    return compare_all(acc, [side_a, *sides_b], config, log=log, alignment={
         "mode": "cache rows", "cache_a": str(config.cache_a), "cache_b": str(config.cache_b)})
+
+
+CACHE_BATCH = 4096
+"""Rows per chunk in cache mode (b's SAE and its untrained twin read cache b in the same chunks)."""
+
+
+def _cache_twin(side_b: Side, config: MatchStudyConfig) -> UntrainedSide:
+    """An untrained twin of b's SAE, initialised on cache b's first rows."""
+    from saelab.activations.source import open_source
+    from saelab.analysis.match_baselines import initialise_on, untrained_side
+
+    twin = untrained_side(side_b, config.seed)
+    first = next(iter(open_source(config.cache_b, batch_size=CACHE_BATCH).in_order(hooks=[side_b.hook])))
+    twin.sae, twin.started = initialise_on(twin.sae, first.acts[side_b.hook]), True
+    return twin
+
+
+def _twin_codes(twin: UntrainedSide | None, config: MatchStudyConfig) -> Iterator:
+    from saelab.codes import iter_codes
+
+    if twin is None:
+        return iter(())
+    return iter_codes(twin.sae, config.cache_b, hook=twin.hook, batch_size=CACHE_BATCH, max_tokens=config.tokens)
 
 
 def run_match(config: MatchStudyConfig, *, log=None, trust_remote_code: bool = False,

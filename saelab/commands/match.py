@@ -1,5 +1,6 @@
-"""`saelab match`: match SAE features across models (or SAEs) on the same text. Its settings are the matching
-study's config (saelab.analysis.universality.MatchStudyConfig)."""
+"""`saelab match`: match SAE features across models (or SAEs) on the same text, each number beside its chance
+level (token shuffle, an untrained twin of B's SAE, random directions). Its settings are the matching study's
+config (saelab.analysis.universality.MatchStudyConfig)."""
 
 from __future__ import annotations
 

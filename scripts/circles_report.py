@@ -1,11 +1,12 @@
 """The numbers and figures of docs/circles.md: days and months as circles in SmolLM2-135M and Gemma 3 270M, and a
 cluster search on a saelab SAE trained on WikiText.
 
-Per model and task (49 day prompts, 144 month prompts): the model's accuracy, a circle probe at every layer fitted
-on the prompts of some durations and scored on the others (with a shuffled-order control), the calendar order of
-the item means, the variance in the circle plane, and interventions at a few layers against the baselines.
-Cluster search (--sae, with --acts): spectral and graph clustering of the decoder directions, ranked by the
-irreducibility score over the cache.
+Per model and task (49 day prompts, 144 month prompts): the model's accuracy, a circle probe at every layer that
+places each left-out item (and one fitted on the prompts of some durations and scored on the others), each with a
+shuffled-order control, the calendar order of the item means over several templates, the variance in the circle
+plane, and interventions at a few layers against the baselines. Cluster search (--sae, with --acts): spectral and
+graph clustering of the decoder directions and graph clustering by co-activation, ranked by the irreducibility
+score over the cache beside random clusters of the same size.
 
     nice -n 5 python scripts/circles_report.py --models smollm2-135m:4,10,16 gemma-3-270m:3,7,11 --out docs/circles
     saelab cache --model smollm2-135m --hooks blocks.10.hook_resid_post --text wiki.test.raw --tokens 250k --out A
@@ -31,8 +32,9 @@ from saelab.options import add_flags, flag_values
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["smollm2-135m:4,10,16", "gemma-3-270m:3,7,11"]
-CALENDAR_FLAGS = ["tasks", "k", "test_fraction", "seed", "batch_size"]
-CLUSTER_FLAGS = ["n_clusters"]
+CALENDAR_FLAGS = ["tasks", "k", "test_fraction", "order_templates", "seed", "batch_size"]
+CLUSTER_FLAGS = ["n_clusters", "window", "random_draws"]
+CLUSTER_METHODS = ("spectral", "graph", "coactivation-graph")
 
 
 def log(message: str) -> None:
@@ -59,12 +61,12 @@ def calendar(spec: str, out: Path, targets: dict[str, int], settings: dict, prog
 
 
 def clusters(sae_folder: str, acts: str, out: Path, settings: dict, progress: bool) -> list[str]:
-    """The cluster search with both clusterings of the decoder."""
+    """The cluster search with both clusterings of the decoder and the co-activation graph."""
     sae = saelab.load_sae(sae_folder)
     model = saelab.load_model(sae.cfg.model_name)
     tables = []
     words = DAYS + MONTHS
-    for method in ("spectral", "graph"):
+    for method in CLUSTER_METHODS:
         config = ClusterSearchConfig(sae=sae_folder, acts=acts, method=method, **settings)
         started = time.perf_counter()
         found = cluster_decoder(sae, config)

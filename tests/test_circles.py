@@ -550,7 +550,8 @@ def test_circle_configs_hold_the_command_settings_and_check_them():
     search = ClusterSearchConfig(sae="s", acts="a")
     assert (search.method, search.n_clusters, search.neighbors, search.top, search.min_cosine, search.min_size,
             search.min_tokens, search.plots) == ("spectral", 500, 32, 2, 0.5, 2, 100, 5)
-    assert (search.window, search.min_correlation, search.significance, search.random_draws) == (32, 0.1, 5.0, 3)
+    assert (search.window, search.mutual, search.min_correlation, search.significance, search.random_draws) == (
+        32, 3, 0.1, 5.0, 3)
     with pytest.raises(ValueError, match="method"):
         ClusterSearchConfig(sae="s", acts="a", method="cooccurrence")
     with pytest.raises(ValueError, match="min_size"):

@@ -757,7 +757,8 @@ class CalendarConfig:
     tasks: str = "days,months"
     """Comma list of days, months."""
     layers: list[NonNegativeInt] | None = None
-    """Layers to probe, e.g. 0,4,8 (None: all)."""
+    """Layers to probe, e.g. 0,4,8 (None: all): the leave-one-item-out probe beside its shuffled-order control,
+    the calendar order over templates, and the held-out-duration probe."""
     intervene: list[NonNegativeInt] = field(default_factory=list)
     """Layers to intervene at, e.g. 4,10."""
     targets: NonNegativeInt = 3

@@ -120,14 +120,15 @@ def spectral_clusters(W_dec: Tensor, n_clusters: int, *, neighbors: int | None =
     return Clusters(labels, "spectral", dict(n_clusters=n_clusters, neighbors=neighbors, components=dim, seed=seed))
 
 
-def neighbour_graph(idx: Tensor, weights: Tensor, n: int):
-    """The symmetrised sparse graph (scipy CSR [n, n]) linking each row i to idx[i] with weights[i]."""
+def neighbour_graph(idx: Tensor, weights: Tensor, n: int, mutual: bool = False):
+    """The symmetrised sparse graph (scipy CSR [n, n]) linking each row i to idx[i] with weights[i]; mutual: only
+    the links both ends make."""
     import scipy.sparse as sp
 
     rows = torch.arange(len(idx)).repeat_interleave(idx.shape[1])
     A = sp.coo_matrix((weights.flatten().double().numpy(), (rows.numpy(), idx.flatten().numpy())),
                       shape=(n, n)).tocsr()
-    return A.maximum(A.T)
+    return A.minimum(A.T) if mutual else A.maximum(A.T)
 
 
 def spectral_labels(A, n_clusters: int, dim: int, *, seed: int = 0, kmeans_restarts: int = 2) -> Tensor:
@@ -221,8 +222,8 @@ def window_cooccurrence(codes: Iterable["Codes"], window: int = 32) -> tuple[Ten
     each latent fires in) and the number of windows. A window is `window` consecutive tokens of one context
     (window=1: the same token); codes come in text order, so a window cut by a batch edge is joined up again.
 
-    Each batch is summed as a sparse product, never a tokens x width matrix; the counts are dense, width^2 floats
-    (85 MB for 4,608 latents, 1 GB for 16k).
+    Each batch's windows x latents indicator is a product of its own (a batch's windows, never tokens x width);
+    the counts are dense, width^2 floats (85 MB for 4,608 latents, 1 GB for 16k).
     """
     if window < 1:
         raise ValueError(f"window must be 1 or more tokens, got {window}")
@@ -232,10 +233,9 @@ def window_cooccurrence(codes: Iterable["Codes"], window: int = 32) -> tuple[Ten
     def add(keys: Tensor, latents: Tensor) -> None:
         nonlocal counts, windows
         ids, which = torch.unique(keys, return_inverse=True)
-        pairs = torch.unique(which * width + latents)
-        B = torch.sparse_coo_tensor(torch.stack([pairs // width, pairs % width]), torch.ones(len(pairs)),
-                                    (len(ids), width), is_coalesced=True, check_invariants=False)
-        counts += torch.sparse.mm(B.t().coalesce(), B.to_dense())
+        fired = torch.zeros(len(ids), width)
+        fired[which, latents] = 1.0
+        counts.addmm_(fired.T, fired)  # exact: integer counts below 2^24 windows
         windows += len(ids)
 
     for batch in codes:
@@ -269,16 +269,17 @@ def coactivation(counts: Tensor, windows: int) -> Tensor:
 
 
 def coactivation_clusters(codes: Iterable["Codes"], *, window: int = 32, n_clusters: int | None = None,
-                          top: int = 2, min_correlation: float = 0.1, neighbors: int | None = 32,
+                          mutual: int = 3, min_correlation: float = 0.1, neighbors: int | None = 32,
                           significance: float = 5.0, min_windows: int = 5, seed: int = 0,
                           kmeans_restarts: int = 2) -> Clusters:
     """Cluster latents by where they fire: two latents are alike when their firing over windows of `window`
     tokens is correlated (coactivation), whatever their decoder directions.
 
     Only correlations above significance / sqrt(windows) count (independent latents give about N(0, 1 / windows)):
-    the rest are chance, and would tie every latent to every other. n_clusters None: link each latent to its `top`
-    most correlated latents above min_correlation and take the connected components (method "coactivation-graph");
-    else spectral clustering into n_clusters on each latent's `neighbors` most correlated latents (None: all
+    the rest are chance, and would tie every latent to every other. n_clusters None: link two latents when each is
+    among the other's `mutual` most correlated latents above min_correlation, and take the connected components
+    (method "coactivation-graph"; links one way only would chain most latents into one component, as latents that
+    fire often are many latents' best partners); else spectral clustering into n_clusters on each latent's `neighbors` most correlated latents (None: all
     pairs; method "coactivation-spectral"). Latents firing in fewer than min_windows windows, or linked to none,
     are in no cluster (-1).
     """
@@ -300,14 +301,14 @@ def coactivation_clusters(codes: Iterable["Codes"], *, window: int = 32, n_clust
         raise DataError(f"no two latents fire together in the {windows} windows more than chance allows; nothing to "
                         "cluster by co-activation (read more tokens, a wider window or a lower min_correlation)")
     if n_clusters is None:
-        best = phi.topk(min(top, n - 1), dim=1)
-        graph = neighbour_graph(best.indices, best.values, n)
+        best = phi.topk(min(mutual, n - 1), dim=1)
+        graph = neighbour_graph(best.indices, best.values, n, mutual=True)
         graph.eliminate_zeros()
         _, found = connected_components(graph, directed=False)
         found = torch.from_numpy(found).long()
         labels[active] = torch.where(torch.bincount(found)[found] > 1, found, -1)
         return Clusters(canonical_labels(labels), "coactivation-graph",
-                        dict(settings, top=top, min_correlation=min_correlation))
+                        dict(settings, mutual=mutual, min_correlation=min_correlation))
     k = min(n_clusters, n)
     dim = min(k, 64, n - 1)
     if neighbors is None or neighbors >= n - 1:
@@ -700,6 +701,8 @@ class ClusterSearchConfig:
     """Graph: only links above this cosine."""
     window: PositiveInt = 32
     """Co-activation: tokens per window of one context (1: the same token)."""
+    mutual: PositiveInt = 3
+    """Co-activation graph: link two latents when each is among the other's `mutual` most correlated."""
     min_correlation: Similarity = 0.1
     """Co-activation graph: only links above this correlation of firing."""
     significance: Annotated[float, Range(at_least=0)] = 5.0
@@ -738,7 +741,7 @@ def cluster_decoder(sae: "SAE", config: ClusterSearchConfig) -> Clusters:
     codes = iter_codes(sae, config.acts, hook=config.hook, max_tokens=config.tokens)
     spectral = config.method == "coactivation-spectral"
     return coactivation_clusters(codes, window=config.window, n_clusters=config.n_clusters if spectral else None,
-                                 top=config.top, min_correlation=config.min_correlation,
+                                 mutual=config.mutual, min_correlation=config.min_correlation,
                                  neighbors=config.neighbors or None, significance=config.significance,
                                  seed=config.seed)
 

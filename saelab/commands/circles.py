@@ -14,7 +14,7 @@ from saelab.options import Flag, Group
 
 @dataclass(kw_only=True)
 class ClustersCommand(LoadsModel):
-    """Cluster an SAE's decoder and rank clusters by irreducibility."""
+    """Cluster an SAE's latents (by decoder direction or by co-activation) and rank clusters by irreducibility."""
 
     study: Annotated[ClusterSearchConfig, Group(spell={"sae": Flag(positional=True),
                                                        "no_model": Flag(switch=True)})]
@@ -23,7 +23,8 @@ class ClustersCommand(LoadsModel):
 
 
 def cmd_circles_clusters(config: ClustersCommand) -> None:
-    """Cluster an SAE's decoder directions and rank the clusters by how irreducible (circle-like) they are."""
+    """Cluster an SAE's latents (by decoder direction, or by where they fire: --method coactivation-graph) and rank
+    the clusters by how irreducible (circle-like) they are, beside random clusters of the same size."""
     from saelab.analysis.clusters import run_cluster_search
     from saelab.hub import load_sae
     from saelab.models import load_model
@@ -41,7 +42,7 @@ def cmd_circles_clusters(config: ClustersCommand) -> None:
 
 @dataclass(kw_only=True)
 class CalendarCommand(RunsModel):
-    """Days / months arithmetic: probes, order, interventions."""
+    """Days / months arithmetic: leave-one-out circle probes, order over templates, interventions."""
 
     study: CalendarConfig
     out: str = "runs/circles"
@@ -49,7 +50,9 @@ class CalendarCommand(RunsModel):
 
 
 def cmd_circles_calendar(config: CalendarCommand) -> None:
-    """Days / months arithmetic: accuracy, a circle probe per layer, calendar order, interventions vs baselines."""
+    """Days / months arithmetic: accuracy, a circle probe per layer (left one item out, beside its shuffled-order
+    control; and on held-out durations), calendar order over --order-templates wordings, interventions vs
+    baselines."""
     import time
 
     from saelab.analysis.circles import run_calendar

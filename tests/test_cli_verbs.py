@@ -94,7 +94,9 @@ TAKES = {
     "--latent": {"0"}, "--latents": {"0"}, "--layers": {"0"}, "--intervene": {"0"},  # indices from 0
     "--positions": {"0", "-1"},  # a token index; negative counts from the end
     "--alphas": {"0", "-1"},  # 0: unsteered; negative steers the other way
-    "--min-corr": {"0", "-1"}, "--min-cosine": {"0", "-1"},  # anywhere in [-1, 1]
+    "--min-corr": {"0", "-1"}, "--min-cosine": {"0", "-1"}, "--min-correlation": {"0", "-1"},  # in [-1, 1]
+    "--random-draws": {"0"}, "--order-templates": {"0"},  # 0: no random clusters; the task's own template only
+    "--significance": {"0"},  # 0: every positive correlation links
     "--lr-warmup-steps": {"0"}, "--sparsity-warmup-steps": {"0"}, "--lr-decay-fraction": {"0"},  # none
     "--adam-betas": {"0"}, "--threshold-decay": {"0"},  # no memory
     "--l1-coefficient": {"0"}, "--l0-coefficient": {"0"}, "--auxk-coefficient": {"0"},  # no penalty

@@ -626,35 +626,39 @@ def calendar_study(model, task: CalendarTask, layers: Sequence[int] | None = Non
         x = acts[f"blocks.{layer}.hook_resid_post"]
         probe = fit_circle_probe(x[train], items[train], task.period, k)
         study.activations[layer], study.probes[layer] = x, probe
-        if layer not in layers:
-            continue
-        score = probe.score(x[test], items[test])
-        control = []
-        for c in range(CONTROLS):
-            shuffle = torch.randperm(task.period, generator=torch.Generator().manual_seed(seed * 7919 + c))
-            shuffled = fit_circle_probe(x[train], shuffle[items[train]], task.period, k)
-            control.append(shuffled.score(x[test], shuffle[items[test]])["accuracy"])
-        order = calendar_order(probe.pca.project(x[test])[:, :2], items[test], task.period)
-        left_out, controls = None, []
-        if task.period >= 4:  # with one item left out, at least 3 remain to fit a circle to
-            left_out = leave_one_item_out(x, items, task.period, k)
-            controls = [leave_one_item_out(x, items, task.period, k, order=o)
-                        for o in shuffled_orders(task.period, CONTROLS, seed)]
-        orders = [item_plane_order(x, items, task.period)]
-        orders += [item_plane_order(other[f"blocks.{layer}.hook_resid_post"], items, task.period) for other in reworded]
-        study.layers.append(LayerRecord(layer, f"blocks.{layer}.hook_resid_post", score["accuracy"],
-                                        score["error_degrees"], score["r2"], sum(control) / len(control),
-                                        order.fraction, order.direction,
-                                        probe.variance_share(x[test]), float(probe.pca.explained[:2].sum()),
-                                        left_out, mean_left_out(controls) if controls else None,
-                                        [o.fraction for o in orders],
-                                        order_agreement(orders)))
+        if layer in layers:
+            reread = [other[f"blocks.{layer}.hook_resid_post"] for other in reworded]
+            study.layers.append(layer_record(layer, x, items, probe, train, test, reread, k=k, seed=seed))
     for layer in intervention_layers:
         study.interventions += intervene(model, task, layer, study.probes[layer], study.activations[layer], tokens,
                                          positions, prompts, split["test"], answers, clean, targets=targets,
                                          seed=seed, batch_size=batch_size, progress=progress)
     study.seconds = time.perf_counter() - started
     return study
+
+
+def layer_record(layer: int, x: Tensor, items: Tensor, probe: CircleProbe, train: Tensor, test: Tensor,
+                 reworded: Sequence[Tensor] = (), *, k: int = 5, seed: int = 0) -> LayerRecord:
+    """One layer's probes, controls and orders: x [n_prompts, d] at the item token, `probe` fitted on the train
+    prompts, `reworded` the same prompts' activations under the other templates."""
+    period = probe.period
+    score = probe.score(x[test], items[test])
+    control = []
+    for c in range(CONTROLS):
+        shuffle = torch.randperm(period, generator=torch.Generator().manual_seed(seed * 7919 + c))
+        shuffled = fit_circle_probe(x[train], shuffle[items[train]], period, k)
+        control.append(shuffled.score(x[test], shuffle[items[test]])["accuracy"])
+    order = calendar_order(probe.pca.project(x[test])[:, :2], items[test], period)
+    left_out, controls = None, []
+    if period >= 4:  # with one item left out, at least 3 remain to fit a circle to
+        left_out = leave_one_item_out(x, items, period, k)
+        controls = [leave_one_item_out(x, items, period, k, order=o) for o in shuffled_orders(period, CONTROLS, seed)]
+    orders = [item_plane_order(other, items, period) for other in (x, *reworded)]
+    return LayerRecord(layer, f"blocks.{layer}.hook_resid_post", score["accuracy"], score["error_degrees"],
+                       score["r2"], sum(control) / len(control), order.fraction, order.direction,
+                       probe.variance_share(x[test]), float(probe.pca.explained[:2].sum()), left_out,
+                       mean_left_out(controls) if controls else None, [o.fraction for o in orders],
+                       order_agreement(orders))
 
 
 def template_activations(model, task: CalendarTask, hooks: Sequence[str], batch_size: int = 16) -> dict[str, Tensor]:
@@ -806,5 +810,5 @@ __all__ = ["CalendarConfig", "CalendarOrder", "CalendarPrompt", "CalendarStudy",
            "InterventionRecord", "LayerRecord", "LeftOut", "METHODS", "MONTHS_TASK", "ORDER_TEMPLATES", "RECORD_VERSION",
            "TASKS", "TaskAccuracy", "answer_ids",
            "answer_logits", "calendar_order", "calendar_study", "circle_targets", "fit_circle_probe", "intervene",
-           "cyclic_sequence", "item_plane_order", "item_positions", "leave_one_item_out", "order_agreement", "patched_answer_logits",
+           "cyclic_sequence", "item_plane_order", "item_positions", "layer_record", "leave_one_item_out", "order_agreement", "patched_answer_logits",
            "shuffled_orders", "split_by_duration", "task_accuracy", "template_activations"]

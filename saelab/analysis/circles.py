@@ -806,9 +806,9 @@ def run_calendar(config: CalendarConfig, *, model=None, progress: bool = True, t
 
 
 __all__ = ["CalendarConfig", "CalendarOrder", "CalendarPrompt", "CalendarStudy", "CalendarTask", "CircleProbe",
-           "DAYS_TASK", "run_calendar",
-           "InterventionRecord", "LayerRecord", "LeftOut", "METHODS", "MONTHS_TASK", "ORDER_TEMPLATES", "RECORD_VERSION",
-           "TASKS", "TaskAccuracy", "answer_ids",
-           "answer_logits", "calendar_order", "calendar_study", "circle_targets", "fit_circle_probe", "intervene",
-           "cyclic_sequence", "item_plane_order", "item_positions", "layer_record", "leave_one_item_out", "order_agreement", "patched_answer_logits",
-           "shuffled_orders", "split_by_duration", "task_accuracy", "template_activations"]
+           "DAYS_TASK", "InterventionRecord", "LayerRecord", "LeftOut", "METHODS", "MONTHS_TASK", "ORDER_TEMPLATES",
+           "RECORD_VERSION", "TASKS", "TaskAccuracy", "answer_ids", "answer_logits", "calendar_order",
+           "calendar_study", "circle_targets", "cyclic_sequence", "fit_circle_probe", "intervene",
+           "item_plane_order", "item_positions", "layer_record", "leave_one_item_out", "order_agreement",
+           "patched_answer_logits", "run_calendar", "shuffled_orders", "split_by_duration", "task_accuracy",
+           "template_activations"]

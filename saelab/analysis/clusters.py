@@ -276,12 +276,13 @@ def coactivation_clusters(codes: Iterable["Codes"], *, window: int = 32, n_clust
     tokens is correlated (coactivation), whatever their decoder directions.
 
     Only correlations above significance / sqrt(windows) count (independent latents give about N(0, 1 / windows)):
-    the rest are chance, and would tie every latent to every other. n_clusters None: link two latents when each is
-    among the other's `mutual` most correlated latents above min_correlation, and take the connected components
-    (method "coactivation-graph"; links one way only would chain most latents into one component, as latents that
-    fire often are many latents' best partners); else spectral clustering into n_clusters on each latent's `neighbors` most correlated latents (None: all
-    pairs; method "coactivation-spectral"). Latents firing in fewer than min_windows windows, or linked to none,
-    are in no cluster (-1).
+    the rest are chance, and would tie every latent to every other.
+    n_clusters None ("coactivation-graph"): link two latents when each is among the other's `mutual` most
+        correlated latents above min_correlation, and take the connected components (links made by one end only
+        chain most latents into one component: latents that fire often are many latents' best partners).
+    n_clusters given ("coactivation-spectral"): spectral clustering on each latent's `neighbors` most correlated
+        latents (None: all pairs).
+    Latents firing in fewer than min_windows windows, or linked to none, are in no cluster (-1).
     """
     from scipy.sparse.csgraph import connected_components
 

@@ -84,7 +84,7 @@ def matched(sae_a, x_a, sae_b, x_b, *, seed: int = 0, chunk: int = 1000):
     return compare(observed.correlation(), a="a", b="b", top_words_a=words, top_words_b=words,
                    directions_a=decoder(sae_a), directions_b=decoder(sae_b), shuffled=shuffle.correlations()[("a", "b")],
                    untrained=untrained.correlation(), untrained_directions=decoder(twin), untrained_top_words=words,
-                   untrained_label="b:untrained", config=MatchConfig(null_draws=50, random_draws=2))
+                   untrained_label="b:untrained", config=MatchConfig(null_draws=50, direction_draws=2))
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_match_cli_two_seeds_reports_baselines_and_twin_share(tiny_model, tmp_pa
     args = ["match", "--a", f"{tiny_model.name}:{HOOK}:{tmp_path / 's0' / 'sae'}",
             "--a", f"{tiny_model.name}:{HOOK}:{tmp_path / 's1' / 'sae'}",
             "--b", f"{tiny_model.name}:{HOOK}:{tmp_path / 's2' / 'sae'}", "--text", str(tmp_path / "text.txt"),
-            "--nulls", "10", "--random-draws", "1", "--min-tokens", "100", "--out", str(tmp_path / "out")]
+            "--nulls", "10", "--direction-draws", "1", "--min-tokens", "100", "--out", str(tmp_path / "out")]
     assert main(args) == 0
     results = MatchResults.load(tmp_path / "out")
     assert [c.a.split(":")[-1] for c in results.comparisons] == ["s0/sae", "s1/sae"]
@@ -241,7 +241,7 @@ def test_cache_mode_has_both_baselines(tiny_model, tmp_path):
                  hook_name=HOOK).save(tmp_path / f"sae{seed}")
     results = run_match(MatchStudyConfig(a=[str(tmp_path / "sae0")], b=[str(tmp_path / "sae1")],
                                          cache_a=str(tmp_path / "one"), cache_b=str(tmp_path / "two"), null_draws=10,
-                                         random_draws=1, min_tokens=100), progress=False)
+                                         direction_draws=1, min_tokens=100), progress=False)
     (c,) = results.comparisons
     assert c.untrained.label == c.b + ":untrained" and c.n_tokens >= 2900
     assert c.token_shuffle.mean_best_corr_a < c.mean_best_corr_a and "twin_share_0.9" in c.decoder

@@ -70,7 +70,7 @@ class MatchConfig:
     svcca_dims: PositiveInt = SVCCA_DIRECTIONS
     """Singular directions SVCCA keeps per side (a fixed few, scored on many more pairs: keeping 99 % of the
     variance of near-orthogonal rows keeps nearly all of them and scores near 1 on random directions)."""
-    random_draws: PositiveInt = 5
+    direction_draws: PositiveInt = 5
     """Draws of independent random unit vectors behind each geometry score's random-direction baseline."""
     token_shuffle: bool = True
     """Also correlate A with B's rows at other tokens (the token-shuffle null) and match that."""
@@ -256,7 +256,8 @@ class MatchResults(StudyResult):
         return "\n".join(lines) + "\n"
 
     def plot_similarity(self, path: str | Path) -> Path:
-        """Each measure per comparison (SAE kinds): observed vs the 95th percentile of both nulls."""
+        """Each measure per comparison (SAE kinds): observed vs the 95th percentile of both nulls and the
+        random-direction baseline."""
         plt = pyplot()
         rows = [c for c in self.comparisons if c.similarity]
         fig, axes = plt.subplots(1, len(MEASURES), figsize=(3.2 * len(MEASURES), 3.6), sharey=False)
@@ -268,6 +269,8 @@ class MatchResults(StudyResult):
                 q95 = np.array([c.similarity[m][null]["null_q95"] for c in rows])
                 ax.errorbar(x + 0.15 * (offset * 2 - 1), mean, yerr=[np.zeros_like(mean), q95 - mean], fmt="_",
                             color=colour, capsize=3, label=f"{null} null (mean, 95th pct)")
+            chance = [c.similarity[m].get("random_directions", np.nan) for c in rows]
+            ax.plot(x, chance, "x", color="tab:red", label="random directions (mean)")
             ax.plot(x, observed, "o", color="tab:blue", label="matched")
             ax.set_xticks(x, [f"L{c.layers[0]}-L{c.layers[1]}" for c in rows], rotation=45, fontsize=7)
             ax.set_title(m)
@@ -357,7 +360,7 @@ def _similarity(x: np.ndarray, y: np.ndarray, pool_x: np.ndarray, pool_y: np.nda
     observed = {m: t.observed for m, t in shuffled.items()}
     subsets = random_subset_null(observed, pool_x, pool_y, len(x), config.subset_draws or config.null_draws,
                                  seed + 1, config.knn, dims=config.svcca_dims)
-    chance = random_direction_baseline(len(x), x.shape[1], y.shape[1], draws=config.random_draws, seed=seed + 2,
+    chance = random_direction_baseline(len(x), x.shape[1], y.shape[1], draws=config.direction_draws, seed=seed + 2,
                                        k=config.knn, dims=config.svcca_dims)
     return {m: {"observed": observed[m], "shuffled": dataclasses.asdict(shuffled[m]),
                 "subsets": dataclasses.asdict(subsets[m]), "random_directions": chance[m]} for m in MEASURES}, paired

@@ -228,6 +228,9 @@ def cmd_train(args: TrainCommand) -> None:
                         model=model if eval_tokens else None, eval_text=eval_text, eval_tokens=eval_tokens or 0)
     for result in trained if world.main else []:
         print_metrics(result.folder, result.metrics)
+    if eval_tokens and (transcoders := [r.name for r in trained if r.sae.cfg.is_transcoder]):
+        print(f"saelab: {', '.join(transcoders)} not evaluated: transcoder evaluation (target FVU, CE with the "
+              "target replaced) is not written yet", file=sys.stderr)
     for result in trained if world.main else []:
         if result.l0 is not None and result.l0["off_target"]:
             print(f"saelab: warning: {describe(result.name, result.l0)}", file=sys.stderr)

@@ -51,6 +51,11 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
                 recipe = {"saelab_recipe": Path(result.name).name}  # batchtopk-4608-k32: saved as JumpReLU, trained as this
                 result.folder = save_sae(result.sae, folders[result.name], metadata={**metadata, **recipe})
         to_evaluate = trained if model is not None and eval_text is not None else []
+        if transcoders := [r.name for r in to_evaluate if r.sae.cfg.is_transcoder]:
+            warnings.warn(f"saelab: {', '.join(transcoders)} not evaluated: the evaluation splices an SAE's output "
+                          "back at the hook it reads, which a transcoder does not reconstruct (its target FVU and CE "
+                          "with the target replaced are not written yet)", NotEvaluated, stacklevel=2)
+            to_evaluate = [r for r in to_evaluate if not r.sae.cfg.is_transcoder]
         if to_evaluate and progress:
             print(f"saelab: evaluating {len(to_evaluate)} SAE{'s' if len(to_evaluate) > 1 else ''} on "
                   f"{eval_tokens:,} held-out tokens (the clean and zero-ablated losses once per hook)", file=sys.stderr)

@@ -185,10 +185,9 @@ def cmd_train(args: TrainCommand) -> None:
 
     from saelab import distributed
     from saelab.activations.source import open_source, run_share
-    from saelab.errors import SaelabError
     from saelab.models import load_model
     from saelab.training import NotEvaluated, train
-    from saelab.training.landing import OffTarget, describe
+    from saelab.training.landing import OffTarget
 
     where = args.config or "command line"
     config = load_config_file(args.config)
@@ -226,12 +225,22 @@ def cmd_train(args: TrainCommand) -> None:
         warnings.simplefilter("ignore", OffTarget)  # likewise, once per SAE
         trained = train(source, specs, settings, out=out, resume=not args.no_resume,
                         model=model if eval_tokens else None, eval_text=eval_text, eval_tokens=eval_tokens or 0)
-    for result in trained if world.main else []:
+    if world.main:
+        report(trained, eval_tokens, asked=args.eval_tokens is not None or "eval_tokens" in run)
+
+
+def report(trained: list, eval_tokens: int, asked: bool) -> None:
+    """Each SAE's metrics, then what went unsaid: transcoders not evaluated, L0s off target, evaluations missing
+    (an error when the evaluation was asked for, a warning when it was the default)."""
+    from saelab.errors import SaelabError
+    from saelab.training.landing import describe
+
+    for result in trained:
         print_metrics(result.folder, result.metrics)
     if eval_tokens and (transcoders := [r.name for r in trained if r.sae.cfg.is_transcoder]):
         print(f"saelab: {', '.join(transcoders)} not evaluated: transcoder evaluation (target FVU, CE with the "
               "target replaced) is not written yet", file=sys.stderr)
-    for result in trained if world.main else []:
+    for result in trained:
         if result.l0 is not None and result.l0["off_target"]:
             print(f"saelab: warning: {describe(result.name, result.l0)}", file=sys.stderr)
     missed = [result for result in trained if result.not_evaluated]
@@ -240,6 +249,6 @@ def cmd_train(args: TrainCommand) -> None:
                    f"{missed[0].not_evaluated}. Evaluate on other held-out text with `saelab eval {missed[0].folder} "
                    f"--text FILE`{' (likewise the others)' if len(missed) > 1 else ''}, or train with --eval-tokens 0 "
                    "to skip the evaluation")
-        if args.eval_tokens is not None or "eval_tokens" in run:
+        if asked:
             raise SaelabError(message)
         print(f"saelab: warning: {message}", file=sys.stderr)

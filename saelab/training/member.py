@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from saelab.sae import SAE, SAEConfig
+from saelab.sae import SAE, SAEConfig, estimate_input_scale
 from saelab.training.checkpoint import optimizer_tensors, restore_optimizer
 from saelab.training.config import SAESpec
 from saelab.training.landing import asked_l0, landing
@@ -43,6 +44,22 @@ class Member:
             return None
         return landing(target, sum(self.recent_l0) / len(self.recent_l0) if self.recent_l0 else None)
 
+    @torch.no_grad()
+    def initialise(self, x: torch.Tensor, y: torch.Tensor, normalize: bool, b_dec_init: str) -> None:
+        """From the first batch (x at the input hook, y at the target, the same tokens): the input scale (unit mean
+        squared norm), a transcoder's target scale, the decoder bias at the (scaled) target's centre, and whatever
+        the architecture starts from (Training.start)."""
+        def unit_scale(t: torch.Tensor) -> float:
+            return estimate_input_scale(t) if normalize else 1.0
+
+        scale = unit_scale(x)
+        self.sae.cfg = dataclasses.replace(self.sae.cfg, input_scale=scale)
+        if self.sae.cfg.is_transcoder:
+            self.sae.cfg = dataclasses.replace(self.sae.cfg, target_scale=unit_scale(y))
+        if b_dec_init != "zeros":
+            self.sae.init_b_dec_(y * self.sae.cfg.output_scale, method=b_dec_init)
+        self.training.start(x * scale)
+
     def step(self) -> None:
         for param, alias in self.aliases:
             alias.grad = param.grad.T if param.grad is not None else None
@@ -50,6 +67,19 @@ class Member:
 
     def dead(self, window: int) -> torch.Tensor:
         return self.since_fired >= window
+
+
+def fused_adam(sae: SAE, lr: float, betas: tuple[float, float]):
+    """(Adam over the SAE's parameters, its aliases). Fused: one pass over each parameter instead of one per
+    operation (5x faster on a 2-core CPU). It copies non-contiguous tensors, so a parameter stored transposed (W_enc,
+    latent-major) is stepped through its contiguous transpose: same storage, same update."""
+    stepped, aliases = [], []
+    for param in sae.parameters():
+        if not param.is_contiguous() and param.dim() == 2 and param.T.is_contiguous():
+            aliases.append((param, param.detach().T))
+            param = aliases[-1][1]
+        stepped.append(param)
+    return torch.optim.Adam(stepped, lr=lr, betas=betas, fused=True), aliases
 
 
 def member_state(i: int, member: Member) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -34,13 +34,13 @@ from saelab.activations.source import source_share  # noqa: F401 (importable fro
 from saelab.errors import HookError, TrainingError
 from saelab.files import FolderLock
 from saelab.options import from_mapping
-from saelab.sae import SAE, SAEConfig, create_sae, create_training, estimate_input_scale
+from saelab.sae import SAE, SAEConfig, create_sae, create_training
 from saelab.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from saelab.training.config import SAESpec, TrainConfig
 from saelab.training.diagnosis import why_not_finite
 from saelab.training.landing import OffTarget, describe
 from saelab.training.log import RunLog, plain, postfix
-from saelab.training.member import Member, load_member_state, member_state
+from saelab.training.member import Member, fused_adam, load_member_state, member_state
 
 MAX_FVU = 1.0
 """A training FVU above this (worse than predicting the batch mean) at the end of a run means it diverged."""
@@ -127,16 +127,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):  # each SAE's init depends on the seed and its name, not on order
             torch.manual_seed(self.config.seed + zlib.crc32(name.encode()))
             sae = create_sae(cfg, device=self.device)
-        # fused Adam: one pass over each parameter instead of one per operation (5x faster on a 2-core CPU). It
-        # copies non-contiguous tensors, so a parameter stored transposed (W_enc, latent-major) is stepped through
-        # its contiguous transpose: same storage, same update.
-        stepped, aliases = [], []
-        for param in sae.parameters():
-            if not param.is_contiguous() and param.dim() == 2 and param.T.is_contiguous():
-                aliases.append((param, param.detach().T))
-                param = aliases[-1][1]
-            stepped.append(param)
-        optimizer = torch.optim.Adam(stepped, lr=spec.learning_rate, betas=self.config.adam_betas, fused=True)
+        optimizer, aliases = fused_adam(sae, spec.learning_rate, self.config.adam_betas)
         since = torch.zeros(spec.width, dtype=torch.long, device=self.device)
         training = create_training(sae)
         training.kernel = self.config.kernel
@@ -284,21 +275,9 @@ class Trainer:
             x = batch.acts[hook].to(self.device, torch.float32)
             return self.world.gather(x.to(self.world.device)).to(self.device) if self.data_parallel else x
 
-        def unit_scale(x: torch.Tensor) -> float:
-            return estimate_input_scale(x) if self.config.normalize_activations else 1.0
-
         for member in self.members:
-            x = whole(member.hook)
-            scale = unit_scale(x)
-            member.sae.cfg = dataclasses.replace(member.sae.cfg, input_scale=scale)
-            y, target_scale = x, scale
-            if member.sae.cfg.is_transcoder:
-                y = whole(member.target_hook)
-                target_scale = unit_scale(y)
-                member.sae.cfg = dataclasses.replace(member.sae.cfg, target_scale=target_scale)
-            if self.config.b_dec_init != "zeros":
-                member.sae.init_b_dec_(y * target_scale, method=self.config.b_dec_init)
-            member.training.start(x * scale)
+            member.initialise(whole(member.hook), whole(member.target_hook), self.config.normalize_activations,
+                              self.config.b_dec_init)
         self._started = True
 
     def _train_step(self, member: Member, batch: ActivationBatch):

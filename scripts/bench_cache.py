@@ -1,5 +1,5 @@
-"""Benchmark: tokens/s of caching one mid-depth hook of SmolLM2-135M, against the bare forward to that layer and a
-naive full-forward `run_with_cache`. All three see the same contexts of the same text.
+"""Benchmark: tokens/s of caching one mid-depth hook of SmolLM2-135M-Instruct, against the bare forward to that layer
+and a naive full-forward `run_with_cache`. All three see the same contexts of the same text.
 
 The methods take turns, round after round (in a rotating order), and each reports its median round: a machine that
 gets busier or quieter during the benchmark slows every method alike instead of favouring the one measured then.

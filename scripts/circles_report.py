@@ -1,5 +1,5 @@
-"""The numbers and figures of docs/circles.md: days and months as circles in SmolLM2-135M and Gemma 3 270M, and a
-cluster search on a saelab SAE trained on WikiText.
+"""The numbers and figures of docs/circles.md: days and months as circles in SmolLM2-135M-Instruct and Gemma 3 270M,
+and a cluster search on a saelab SAE trained on WikiText.
 
 Per model and task (49 day prompts, 144 month prompts): the model's accuracy, a circle probe at every layer that
 places each left-out item (and one fitted on the prompts of some durations and scored on the others), each with a

@@ -1,4 +1,4 @@
-"""The numbers and figures of docs/matching.md: do SmolLM2-135M and Gemma 3 270M learn the same SAE features?
+"""The numbers and figures of docs/matching.md: do SmolLM2-135M-Instruct and Gemma 3 270M learn the same SAE features?
 
 One pass over WikiText-2 (raw test split) runs both models on the same documents and keeps the residual stream
 and MLP neurons at two layers each (blocks 7 and 15 of SmolLM2's 30, 4 and 9 of Gemma's 18: relative depths 0.27 / 0.53 and

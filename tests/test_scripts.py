@@ -53,3 +53,35 @@ def test_report_scripts_take_their_study_settings_from_the_configs():
     args = circles_report.build_parser().parse_args(["--n-clusters", "40", "--tasks", "days"])
     assert CalendarConfig("m", **flag_values(args, circles_report.CALENDAR_FLAGS)).tasks == "days"
     assert ClusterSearchConfig("s", "a", **flag_values(args, circles_report.CLUSTER_FLAGS)).n_clusters == 40
+
+
+def test_recipe_study_scores_fvu_from_per_context_sums_and_scales_the_default_rate():
+    import torch
+
+    from saelab.evals.core import MASSIVE
+    from saelab.sae import SAEConfig, create_sae
+
+    recipe_study = _script("recipe_study")
+    torch.manual_seed(0)
+    x = torch.randn(600, 16, dtype=torch.float64) * torch.linspace(0.5, 2, 16, dtype=torch.float64)
+    x[5] *= 40 * MASSIVE  # one massive token: in "all", not in "typical"
+    contexts = torch.arange(600) // 20
+    sae = create_sae(SAEConfig(arch="topk", d_in=16, width=64, k=4))
+    values = recipe_study.score(sae, x, contexts)
+    with torch.no_grad():
+        codes = sae.encode(x.float())
+        x_hat = sae.decode(codes).double()
+    typical = torch.ones(600, dtype=torch.bool)
+    typical[5] = False
+    for name, rows in (("FVU all", slice(None)), ("FVU typical", typical)):
+        xs, err = x[rows], (x[rows] - x_hat[rows]).square().sum()
+        direct = float(err / (xs - xs.mean(0)).square().sum())
+        assert abs(values[name].estimate - direct) < 1e-9 * max(1.0, direct)
+        assert values[name].low <= values[name].estimate <= values[name].high
+    assert values["L0"].estimate == float((codes > 0).sum(-1).double().mean())
+    for arch, k in (("topk", 32), ("jumprelu", 32)):
+        base = recipe_study.spec(arch, k, 4608, 1.0, {})
+        doubled = recipe_study.spec(arch, k, 4608, 2.0, {"jumprelu_bandwidth": 0.01})
+        assert doubled.lr == 2 * base.lr
+        assert doubled.options.get("jumprelu_bandwidth") == (0.01 if arch == "jumprelu" else None)
+    assert recipe_study.run_name(528, 0.5, (0.0, 0.99), {"a": 1}) == "steps528-lr0.5-b1-0-a1"

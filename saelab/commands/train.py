@@ -230,16 +230,13 @@ def cmd_train(args: TrainCommand) -> None:
 
 
 def report(trained: list, eval_tokens: int, asked: bool) -> None:
-    """Each SAE's metrics, then what went unsaid: transcoders not evaluated, L0s off target, evaluations missing
+    """Each SAE's metrics, then what went unsaid: L0s off target, evaluations missing
     (an error when the evaluation was asked for, a warning when it was the default)."""
     from saelab.errors import SaelabError
     from saelab.training.landing import describe
 
     for result in trained:
         print_metrics(result.folder, result.metrics)
-    if eval_tokens and (transcoders := [r.name for r in trained if r.sae.cfg.is_transcoder]):
-        print(f"saelab: {', '.join(transcoders)} not evaluated: transcoder evaluation (target FVU, CE with the "
-              "target replaced) is not written yet", file=sys.stderr)
     for result in trained:
         if result.l0 is not None and result.l0["off_target"]:
             print(f"saelab: warning: {describe(result.name, result.l0)}", file=sys.stderr)

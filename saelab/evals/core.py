@@ -72,6 +72,7 @@ from saelab.activations.store import ActivationBatch
 from saelab.data import TextConfig, token_batches
 from saelab.errors import DataError, HookError
 from saelab.evals.intervals import LEVEL, RESAMPLES, Interval, bootstrap_interval
+from saelab.evals.transcoder import paired_tensors, resolve_target, splice_patches
 from saelab.files import check_schema_version, without_local_paths
 from saelab.interventions import Replace, Tokens, plan_batches
 from saelab.threads import one_thread
@@ -146,12 +147,16 @@ class SAESummary:
     model_name: str
     input_scale: float
     dtype: str
+    target_hook: str | None = None
+    """A transcoder's target (what the reconstruction metrics and the splice are of); None for an SAE, and then
+    absent from metrics.json."""
 
     @classmethod
     def of(cls, sae: SAE, hook: str | None = None) -> "SAESummary":
         cfg = sae.cfg
         return cls(arch=cfg.arch, d_in=cfg.d_in, width=cfg.width, k=cfg.k, hook_name=hook or cfg.hook_name,
-                   model_name=cfg.model_name, input_scale=float(cfg.input_scale), dtype=cfg.dtype)
+                   model_name=cfg.model_name, input_scale=float(cfg.input_scale), dtype=cfg.dtype,
+                   target_hook=cfg.target_hook)
 
 
 @dataclass
@@ -266,6 +271,8 @@ class EvalResult:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("firing_counts")
+        if d["sae"].get("target_hook") is None:
+            d["sae"].pop("target_hook", None)
         if d["l0_target"] is None:
             d.pop("l0_target")
         if not d["intervals"]:
@@ -701,18 +708,25 @@ def reconstruction_stats(sae: SAE, activations: Tensor | Iterable, *, hook: str 
     sae.check_hook(hook)
     label = _hook_label(sae, hook)
     raw = _raw_sae(sae)
-    stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, dense_threshold, keep_blocks=keep_blocks)
+    stats = ReconstructionStats(sae.cfg.output_dim, sae.cfg.width, dense_threshold, keep_blocks=keep_blocks)
     bar = tqdm(total=_known_tokens(activations, max_tokens), desc=f"reconstructing {label}", unit="tok",
                unit_scale=True, disable=not progress, leave=False)
-    for x in _tensors(activations, hook):
+    if sae.cfg.is_transcoder:  # its target is another hook of the same batches
+        if isinstance(activations, Tensor):
+            raise TypeError("a transcoder's reconstruction needs its input and its target: pass ActivationBatches "
+                            f"(or a cache) holding {hook} and {sae.cfg.target_hook}, not one tensor")
+        pairs = paired_tensors(activations, hook, sae.cfg.target_hook)
+    else:
+        pairs = ((x, x) for x in _tensors(activations, hook))
+    for x, y in pairs:
         _check_width(sae, x.shape[-1], label)
         if max_tokens is not None:
-            x = x[: max_tokens - stats.n_tokens]
+            x, y = x[: max_tokens - stats.n_tokens], y[: max_tokens - stats.n_tokens]
         _check_finite(x, label)
-        for chunk in x.split(CHUNK_TOKENS):
+        for chunk, target in zip(x.split(CHUNK_TOKENS), y.split(CHUNK_TOKENS)):
             chunk = chunk.to(raw.device)
             codes = raw.encode(chunk)
-            stats.update(chunk, raw.decode(codes), codes)
+            stats.update(target.to(raw.device), raw.add_skip(raw.decode(codes), chunk), codes)
             bar.update(len(chunk))
         if max_tokens is not None and stats.n_tokens >= max_tokens:
             break
@@ -784,6 +798,11 @@ def _resolve_hook(model, sae, hook: str | None) -> str:
     sae.check_hook(found[0])
     _check_width(sae, model.hook_dim(found[0]), found[0])
     return found[0]
+
+
+def splice_target(model, sae, hook: str) -> str:
+    """The hook point a splice replaces (and the ablations too): `hook` for an SAE, the target for a transcoder."""
+    return resolve_target(model, sae) if sae.cfg.is_transcoder else hook
 
 
 def _replaced_positions(tokens: Tokens, splice_bos: bool) -> Tensor:
@@ -1011,12 +1030,21 @@ def _spliced_losses(sae: SAE, model: LanguageModel, text, *, hook: str | None, t
                     stats: ReconstructionStats | None, baselines: Baselines | None, progress: bool) -> _SplicedLosses:
     """spliced_metrics' pass, returning the loss sums (in all and per context) rather than the metrics."""
     hook = _resolve_hook(model, sae, hook)
+    target = splice_target(model, sae, hook)  # the hook replaced: the SAE's own, a transcoder's target
     raw = _raw_sae(sae)
     batches = _context_batches(model, text, tokens, batch_size)
     if baselines is not None:
-        baselines.check(_baseline_key(hook, text, tokens, batch_size, splice_bos, mean_ablation))
+        baselines.check(_baseline_key(target, text, tokens, batch_size, splice_bos, mean_ablation))
     elif mean_ablation and mean_activation is None:
-        mean_activation = _mean_activation(model, batches, hook, sae.cfg.d_in, splice_bos)
+        mean_activation = _mean_activation(model, batches, target, sae.cfg.output_dim, splice_bos)
+
+    def splice(where: Tensor, contexts: Tensor) -> list[Replace]:
+        if target == hook:
+            return [Replace(hook, lambda x: sae_replace(x, where, contexts), positions=where)]
+        def record(y: Tensor, y_hat: Tensor, codes: Tensor, mask: Tensor) -> None:
+            if stats is not None:
+                stats.update(y, y_hat, codes, contexts=contexts[mask.cpu()])
+        return splice_patches(raw, hook, target, where, record)
 
     def sae_replace(x: Tensor, where: Tensor, contexts: Tensor) -> Tensor:
         _check_finite(x[where.to(x.device)], hook)
@@ -1037,14 +1065,14 @@ def _spliced_losses(sae: SAE, model: LanguageModel, text, *, hook: str | None, t
         else:
             clean_logp = view.logp()
         contexts = (n_contexts + torch.arange(len(ids))).unsqueeze(1).expand(ids.shape)
-        variants = [(spliced, lambda x, w=view.where, c=contexts: sae_replace(x, w, c))]
+        variants = [(spliced, splice(view.where, contexts))]
         if baselines is None:
             clean.add(clean_logp, clean_logp, view.targets, view.valid)
-            variants.append((zero, torch.zeros_like))
+            variants.append((zero, [Replace(target, torch.zeros_like, positions=view.where)]))
             if mean_ablation:
-                variants.append((mean, mean_activation.reshape(-1)))
-        for loss, value in variants:
-            loss.add(view.logp(Replace(hook, value, positions=view.where)), clean_logp, view.targets, view.valid)
+                variants.append((mean, [Replace(target, mean_activation.reshape(-1), positions=view.where)]))
+        for loss, patches in variants:
+            loss.add(view.logp(*patches), clean_logp, view.targets, view.valid)
         n_predictions += int(view.valid.sum())
         n_contexts += len(ids)
     if n_predictions == 0:
@@ -1138,7 +1166,8 @@ def _activation_stats(sae: SAE, activations, hook: str | None, max_tokens: int |
         if hook is None:
             raise ValueError("reading an activation cache needs the hook: pass hook= or set sae.cfg.hook_name")
         settings["activations"] = str(activations)
-        activations = open_source(activations, hooks=[hook], batch_size=4096).in_order()
+        hooks = [hook, sae.cfg.target_hook] if sae.cfg.is_transcoder else [hook]
+        activations = open_source(activations, hooks=hooks, batch_size=4096).in_order()
     settings["reconstruction_source"] = "activations"
     return reconstruction_stats(sae, activations, hook=hook, max_tokens=max_tokens, dense_threshold=dense_threshold,
                                 progress=progress)
@@ -1151,7 +1180,7 @@ def _spliced_pass(sae: SAE, model: LanguageModel, text, hook: str, stats: Recons
     (with per-context sums when keep_blocks)."""
     own_stats = None
     if stats is None:
-        own_stats = ReconstructionStats(sae.cfg.d_in, sae.cfg.width, settings["dense_threshold"],
+        own_stats = ReconstructionStats(sae.cfg.output_dim, sae.cfg.width, settings["dense_threshold"],
                                         keep_blocks=keep_blocks)
         settings["reconstruction_source"] = "spliced pass"
     mean = stats.mean if (options["mean_ablation"] and stats is not None) else None

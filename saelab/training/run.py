@@ -28,7 +28,8 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
     model + eval_text: then evaluate each SAE on that held-out text (reconstruction, sparsity, spliced CE/KL) and add
         the metrics to its folder (metrics.json). Every SAE is saved before any is evaluated: one whose evaluation
         cannot run (the text ran out, say) stays saved, with a NotEvaluated warning and `not_evaluated` saying why.
-        The clean and ablated losses, the same for every SAE at a hook, are computed once per hook.
+        The clean and ablated losses, the same for every SAE at a hook, are computed once per hook. A transcoder is
+        evaluated on its target: target FVU, and CE / KL with the target replaced by its output.
     """
     from saelab.hub.folder import check_sae_folder, save_sae
     from saelab.hub.saelens import source_metadata
@@ -51,18 +52,18 @@ def train(source, saes: list[SAESpec | dict], config: TrainConfig | None = None,
                 recipe = {"saelab_recipe": Path(result.name).name}  # batchtopk-4608-k32: saved as JumpReLU, trained as this
                 result.folder = save_sae(result.sae, folders[result.name], metadata={**metadata, **recipe})
         to_evaluate = trained if model is not None and eval_text is not None else []
-        if transcoders := [r.name for r in to_evaluate if r.sae.cfg.is_transcoder]:
-            warnings.warn(f"saelab: {', '.join(transcoders)} not evaluated: the evaluation splices an SAE's output "
-                          "back at the hook it reads, which a transcoder does not reconstruct (its target FVU and CE "
-                          "with the target replaced are not written yet)", NotEvaluated, stacklevel=2)
-            to_evaluate = [r for r in to_evaluate if not r.sae.cfg.is_transcoder]
         if to_evaluate and progress:
             print(f"saelab: evaluating {len(to_evaluate)} SAE{'s' if len(to_evaluate) > 1 else ''} on "
                   f"{eval_tokens:,} held-out tokens (the clean and zero-ablated losses once per hook)", file=sys.stderr)
-        baselines = _baselines({r.hook for r in to_evaluate}, model, eval_text, eval_tokens, progress)
+        baselines = _baselines({_replaced_hook(r) for r in to_evaluate}, model, eval_text, eval_tokens, progress)
         for result in to_evaluate:
-            _evaluate(result, model, eval_text, eval_tokens, baselines[result.hook], progress)
+            _evaluate(result, model, eval_text, eval_tokens, baselines[_replaced_hook(result)], progress)
     return trained
+
+
+def _replaced_hook(result: TrainedSAE) -> str:
+    """The hook its evaluation replaces, where the ablations are compared: a transcoder's target, an SAE's own."""
+    return result.sae.cfg.target_hook if result.sae.cfg.is_transcoder else result.hook
 
 
 def _baselines(hooks: set[str], model, text, tokens: int, progress: bool) -> dict:

@@ -272,6 +272,10 @@ def load_sae(path: PathLike, *, allow_pickle: bool = False, device=None, format:
     if fmt == "saelab":
         return load_saelab(path, allow_pickle=allow_pickle, device=device)
     if fmt == "saelens":
+        from .saelens_transcoder import is_saelens_transcoder, load_saelens_transcoder
+
+        if is_saelens_transcoder(read_json(path / CFG_FILE, "SAELens config")):
+            return load_saelens_transcoder(path, allow_pickle=allow_pickle, device=device)
         return load_saelens(path, allow_pickle=allow_pickle, device=device)
     if fmt == "sparsify":
         from .sparsify import load_sparsify

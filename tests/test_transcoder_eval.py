@@ -8,6 +8,8 @@ loss recovered is 1 and KL 0; the FVU is the one computed directly from the mode
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -156,3 +158,20 @@ def test_train_evaluates_a_transcoder_on_its_target(tiny_model, tmp_path, recwar
     assert trained.metrics.spliced.ce_loss_recovered is not None
     assert (trained.folder / "metrics.json").exists()
     assert not [w for w in recwarn if "not evaluated" in str(w.message)]
+
+
+def test_the_eval_commands_evaluate_a_transcoder_folder(tiny_model_dir, tmp_path, capsys):
+    from saelab.cli import main
+    from saelab.hub.folder import save_sae
+
+    torch.manual_seed(2)
+    tc = create_sae(SAEConfig(arch="topk", d_in=64, width=64, k=4, hook_name=IN.format(0),
+                              target_hook=OUT.format(0), skip=True, model_name=str(tiny_model_dir)))
+    folder = save_sae(tc, tmp_path / "tc")
+    assert main(["eval", str(folder), "--model", str(tiny_model_dir), "--tokens", "128", "--context-len", "32",
+                 "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["sae"]["target_hook"] == OUT.format(0)
+    assert metrics["spliced"]["ce_loss_recovered"] is not None and metrics["reconstruction"]["l0"] == 4
+    assert main(["evals", str(folder), "--suite", "core", "--model", str(tiny_model_dir), "--tokens", "128",
+                 "--context-len", "32", "--resamples", "20", "--out", str(tmp_path / "suite")]) == 0

@@ -135,7 +135,7 @@ def saelens_cfg(cfg: SAEConfig, overrides: dict[str, Any] | None = None) -> dict
         "normalize_activations": "none",
         "reshape_activations": "hook_z" if cfg.hook_name.endswith("hook_z") else "none",
     }
-    if cfg.is_transcoder:  # SAELens's transcoder keys (the export to its transcoder classes is not written yet)
+    if cfg.is_transcoder:  # SAELens's transcoder keys (its transcoder classes' own format: saelens_transcoder)
         out.update({"d_out": cfg.output_dim, "hook_name_out": cfg.output_hook})
     out.update(architecture.saelens_keys(cfg))
     # pre-6.0 keys, at the top level (SAELens 6 drops what its config classes do not know)

@@ -37,6 +37,10 @@ made at the BOS position (of token 1) is still counted; with BOS left clean it e
 variant, which shrinks all the CE gaps by the same factor (L - 2) / (L - 1) and leaves ce_loss_recovered unchanged.
 ce_loss_recovered is not clipped: it exceeds 1 when the SAE beats the clean model, and is None when ce_zero == ce_clean.
 
+A transcoder (cfg.target_hook) is evaluated on its target: x is read at cfg.hook_name, every reconstruction metric
+compares tc(x) with the target (massive tokens judged by the target's norm), and the splice replaces the target by
+tc(x) computed from the same forward's input (saelab.evals.transcoder); the ablations are of the target too.
+
 Error bars (`run(sae, model, CoreConfig(...))`, result.intervals). Tokens of one context are not independent, so the
 bootstrap resamples whole contexts: the pass keeps each context's sums (ReconstructionStats(keep_blocks=True): tokens,
 squared error, ||x||^2, active latents, cosine, norm ratio and sum x; the losses: predictions, CE and KL sums), and
@@ -1130,7 +1134,8 @@ def evaluate(sae: SAE, *, activations: Tensor | Iterable | str | Path | None = N
         the SAE replaced (all but padding and, with splice_bos=False, the leading BOS), so no second model run.
     hook: defaults to sae.cfg.hook_name.
     baselines: the clean and ablated losses on this text, computed once for several SAEs (Baselines.compute with
-        the same hook, text, tokens, batch_size, splice_bos and mean_ablation); the metrics are the same as without.
+        the same hook, text, tokens, batch_size, splice_bos and mean_ablation; a transcoder's at its target hook);
+        the metrics are the same as without.
     progress: bars (on stderr) for the passes over activations and contexts.
     """
     if activations is None and model is None:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from saelab.errors import DataError
-from saelab.evals.core import (SplicedMetrics, _BatchView, _check_width, _context_batches, _Loss, _progress, _raw_sae,
-                               _resolve_hook, _spliced_result)
+from saelab.evals.core import (SplicedMetrics, _BatchView, _context_batches, _Loss, _progress, _raw_sae, _resolve_hook,
+                               _spliced_result)
 from saelab.evals.transcoder import resolve_target, splice_patches
 from saelab.interventions import Replace
 
@@ -36,9 +36,7 @@ def replacement_metrics(transcoders: Sequence[SAE], model: LanguageModel, text, 
         if not sae.cfg.is_transcoder or sae.cfg.target_hook is None:
             raise ValueError(f"replacement_metrics takes transcoders (a target hook); {sae.cfg.arch}-{sae.cfg.width} "
                              f"at {sae.cfg.hook_name or '?'} has none")
-        input_hook = _resolve_hook(model, sae, None)
-        _check_width(sae, model.hook_dim(input_hook), input_hook)
-        hooks.append((input_hook, resolve_target(model, sae)))
+        hooks.append((_resolve_hook(model, sae, None), resolve_target(model, sae)))
     targets = [target for _, target in hooks]
     if len(set(targets)) != len(targets):
         raise ValueError(f"two transcoders write the same hook ({', '.join(targets)}): each target is replaced once")

@@ -8,7 +8,7 @@ The layout is the one circuit-tracer's load_transcoder_from_hub reads from a Hub
 hf_utils.py, circuit_tracer/transcoder/single_layer_transcoder.py):
     config.yaml            model_kind: transcoder_set, feature_input_hook / feature_output_hook (the hook names
                            inside a block, e.g. ln2.hook_normalized and hook_mlp_out), activation (topk with k, or
-                           relu; a JumpReLU is told by its threshold tensor), model_name
+                           relu; a JumpReLU is told by its threshold tensor), model_name (the Hugging Face model)
     layer_{L}.safetensors  W_enc [d_transcoder, d_model] (applied as F.linear, so saelab's W_enc transposed),
                            W_dec [d_transcoder, d_model], b_enc, b_dec, W_skip [d_model, d_model] applied as
                            x @ W_skip.T, activation_function.threshold (JumpReLU)
@@ -29,6 +29,7 @@ import torch
 from saelab.sae import SAE
 
 from .common import HubError, build_sae, config_from, load_tensors
+from .saelens import saelens_model_name
 
 CONFIG_FILE = "config.yaml"
 ACTIVATIONS = {"topk": "topk", "relu": "relu", "jumprelu": None}
@@ -82,7 +83,8 @@ def export_circuit_tracer(transcoders: Sequence[SAE], folder: str | Path, *, par
         raise HubError(f"circuit-tracer's loader wants a transcoder for every layer from 0 up; layers {missing} "
                        "have none (partial=True writes the files anyway, each loadable alone)")
     (input_hook, output_hook), (arch, k) = hooks.pop(), kinds.pop()
-    config: dict[str, Any] = {"model_kind": "transcoder_set", "model_name": transcoders[0].cfg.model_name,
+    config: dict[str, Any] = {"model_kind": "transcoder_set",
+                              "model_name": saelens_model_name(transcoders[0].cfg.model_name),
                               "feature_input_hook": input_hook, "feature_output_hook": output_hook}
     if ACTIVATIONS[arch] is not None:
         config["activation"] = ACTIVATIONS[arch]

@@ -67,7 +67,7 @@ class TrainedSAE:
 
 class Trainer:
     def __init__(self, source, specs: list[SAESpec | dict], config: TrainConfig | None = None, *,
-                 out: str | Path | None = None, resume: bool = True, progress: bool = True):
+                 out: str | Path | None = None, resume: bool = True, progress: bool = True, on_checkpoint=None):
         self.config = config or TrainConfig()
         self.world = distributed.current()
         self.device = distributed.local_device(self.config.device, self.world)
@@ -86,6 +86,7 @@ class Trainer:
             raise ValueError("give at least one SAE to train")
         self.out = Path(out) if out is not None else None
         self.resume, self.progress = resume, progress
+        self.on_checkpoint = on_checkpoint  # called with the trainer before each checkpoint: score it mid-run
         self.members = [self._member(spec, hook) for spec in self.specs for hook in self._hooks_of(spec)]
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
@@ -194,6 +195,7 @@ class Trainer:
                     logger.write(record)
                     bar.set_postfix_str(postfix(record))
                 if self.out is not None and (self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps):
+                    self.on_checkpoint and self.on_checkpoint(self)
                     self._save()
         finally:
             bar.close()

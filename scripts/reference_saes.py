@@ -196,12 +196,14 @@ def held_out_rows(store, rows: int) -> dict[str, torch.Tensor]:
 
 
 def train_run(store_path: Path, hooks: list[str], plan: ModelPlan, seed: int, tokens: int, folder: Path,
-              rows: dict[str, torch.Tensor], eval_every: int, batch_size: int = 4096, progress: bool = True):
+              rows: dict[str, torch.Tensor], eval_every: int, batch_size: int = 4096, lr_decay_fraction: float = 0.2,
+              progress: bool = True):
     """One training run over the cache: a TopK SAE per hook at `seed`, its held-out curve recorded by checkpoint."""
     from saelab import SAESpec, TrainConfig
     from saelab.training.trainer import Trainer
 
-    config = TrainConfig(tokens=tokens, batch_size=batch_size, seed=seed, checkpoint_every=eval_every)
+    config = TrainConfig(tokens=tokens, batch_size=batch_size, seed=seed, checkpoint_every=eval_every,
+                         lr_decay_fraction=lr_decay_fraction)
     specs = [SAESpec(arch="topk", width=plan.width, k=K, hook=hook) for hook in hooks]
     recorder = CurveRecorder(folder / "curve.json", rows)
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,11 +211,12 @@ def train_run(store_path: Path, hooks: list[str], plan: ModelPlan, seed: int, to
     return trainer.fit(), recorder
 
 
-def finished_row(folder: Path, tokens: int) -> dict | None:
-    """The table row of an SAE already saved and evaluated in `folder` after `tokens` tokens, else None."""
+def finished_row(folder: Path, tokens: int, lr_decay_fraction: float) -> dict | None:
+    """The table row of an SAE already saved and evaluated in `folder` by a run of these settings, else None."""
     path = folder / "row.json"
     row = json.loads(path.read_text()) if path.exists() else None
-    return row if row is not None and row["tokens"] == tokens else None
+    same = row is not None and (row["tokens"], row.get("lr_decay_fraction")) == (tokens, lr_decay_fraction)
+    return row if same else None
 
 
 def sae_folder(out: Path, model: str, trained, seed: int) -> Path:
@@ -292,6 +295,7 @@ class Settings:
     eval_every: int = 100
     tolerance: float = 0.01
     batch_size: int = 4096
+    lr_decay_fraction: float = 0.2
     progress: bool = True
 
 
@@ -357,13 +361,15 @@ def run_model(model, plan: ModelPlan, settings: Settings, corpus: tuple[Path, Pa
     runs = ((0, hooks, planned[2][0]), (1, [HOOK.format(plan.seed_block)], planned[3][0]))
     for seed, run_hooks, what in runs:
         progress.start(what)
-        folder = root / "runs" / f"seed{seed}-tokens{settings.tokens}"
+        decay = "" if settings.lr_decay_fraction == 0.2 else f"-decay{settings.lr_decay_fraction:g}"
+        folder = root / "runs" / f"seed{seed}-tokens{settings.tokens}{decay}"
         trained, recorder = train_run(root / "acts", run_hooks, plan, seed, settings.tokens, folder, rows,
-                                               settings.eval_every, settings.batch_size, settings.progress)
+                                               settings.eval_every, settings.batch_size, settings.lr_decay_fraction,
+                                               settings.progress)
         progress.finish()
         for result in trained:
             target = sae_folder(settings.out, plan.name, result, seed)
-            if (done := finished_row(target, result.sae.cfg.training_tokens)) is not None:
+            if (done := finished_row(target, result.sae.cfg.training_tokens, settings.lr_decay_fraction)):
                 found.append(done)
                 continue
             if result.hook not in baselines:
@@ -373,6 +379,8 @@ def run_model(model, plan: ModelPlan, settings: Settings, corpus: tuple[Path, Pa
             found.append(save_reference(result, target, store, curve, converged(curve, settings.tolerance), model,
                                         eval_text, settings.eval_tokens, baselines[result.hook],
                                         recorder.seconds / len(trained), settings.progress))
+            found[-1]["lr_decay_fraction"] = settings.lr_decay_fraction
+            (target / "row.json").write_text(json.dumps(found[-1], indent=1))
             log(f"{plan.name} {result.name} seed {seed}: held-out FVU {found[-1]['fvu']:.4f}, converged: "
                 f"{found[-1]['converged']}")
     return found
@@ -414,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-tokens", default="20k", help="held-out tokens of the core eval (CE recovered)")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between held-out FVU points")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative FVU change over the last tenth")
+    parser.add_argument("--batch-size", type=int, default=4096, help="tokens per training step")
+    parser.add_argument("--lr-decay-fraction", type=float, default=0.2, help="share of training over which the "
+                        "learning rate decays to 0 (0: constant, so a flat last tenth is a plateau, not the decay)")
     parser.add_argument("--out", type=Path, default=Path("runs/reference"))
     return parser
 
@@ -423,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(out=args.out, tokens=parse_tokens(args.tokens), cache_tokens=parse_tokens(args.cache_tokens),
                         heldout_tokens=parse_tokens(args.heldout_tokens), curve_tokens=parse_tokens(args.curve_tokens),
                         eval_tokens=parse_tokens(args.eval_tokens), eval_every=args.eval_every,
-                        tolerance=args.tolerance)
+                        tolerance=args.tolerance, batch_size=args.batch_size,
+                        lr_decay_fraction=args.lr_decay_fraction)
     plans = model_plans(args.models.split(","), [int(b) for b in args.layers.split(",")] if args.layers else None)
     corpus = write_corpus(settings.out / "corpus", offline_texts())
     planned = [stage for plan in plans for stage in stages(plan, settings, text_tokens(corpus[0]))]

@@ -56,7 +56,8 @@ def test_every_stage_runs_end_to_end_at_toy_size_and_resumes(reference, tiny_mod
         ("blocks.1.hook_resid_post", "topk-128-k32-seed1")]
     for row in rows:
         folder = Path(row["folder"])
-        assert {"cfg.json", "metrics.json", "curve.json", "curve.png", "README.md"} <= {p.name for p in folder.iterdir()}
+        written = {p.name for p in folder.iterdir()}
+        assert {"cfg.json", "metrics.json", "curve.json", "curve.png", "README.md"} <= written
         curve = json.loads((folder / "curve.json").read_text())
         assert [p["step"] for p in curve["curve"]] == [4, 8, 12, 16, 20, 24]  # 6144 tokens in steps of 256
         assert row["tokens"] == 6144 and row["steps"] == 24 and 0 < row["fvu"] < 1 and row["ce_recovered"] is not None

@@ -134,7 +134,7 @@ def converged(curve: list[tuple[int, float]], tolerance: float = 0.01, tail: flo
     before = [p for p in points if p[0] <= (1 - tail) * last_step]
     if not before:
         return {"converged": False, "change": None, "why": "no point before the last tenth: lower --eval-every"}
-    change = (before[-1][1] - last) / max(last, 1e-12)
+    change = (last - before[-1][1]) / max(last, 1e-12)  # negative: still falling
     return {"converged": abs(change) < tolerance, "change": change, "from_step": before[-1][0]}
 
 
@@ -233,8 +233,10 @@ def save_reference(trained, folder: Path, store, curve, verdict: dict, model, ev
 
     if not (folder / "cfg.json").exists():
         save_sae(trained.sae, folder, metadata=source_metadata(store.fingerprint()))
+    started = time.time()
     metrics = evaluate(trained.sae, model=model, text=eval_text, tokens=eval_tokens, baselines=baselines,
                        progress=progress)
+    seconds += time.time() - started
     save_metrics(folder, metrics, trained.sae.cfg.width)
     (folder / "curve.json").write_text(json.dumps({"criterion": CONVERGENCE, **verdict,
                                                    "curve": [{"step": s, "fvu": f} for s, f in curve]}, indent=1))
@@ -269,13 +271,13 @@ def write_table(rows: list[dict], path: Path) -> str:
         return "n/a" if value is None else format(value, fmt)
 
     lines = ["| model | hook | width | k | tokens | steps | FVU (typical) | L0 | dead | CE recovered | converged? "
-             "(FVU change, last tenth) | time |", "|" + "---|" * 12]
+             "(FVU change, last tenth) | time (train + eval) |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['model']} | {r['hook']} ({Path(r['folder']).name}) | {r['width']:,} | {r['k']} | "
                      f"{r['tokens']:,} | {r['steps']:,} | {number(r['fvu'], '.4f')} ({number(r['fvu_typical'], '.4f')})"
                      f" | {number(r['l0'], '.1f')} | {number(r['dead'], '.1%')} | {number(r['ce_recovered'], '.3f')} | "
                      f"{'yes' if r['converged'] else 'NO'} ({number(r['change'], '+.2%')}) | "
-                     f"{r['seconds'] / 60:.0f} min |")
+                     f"{r['seconds'] / 60:.1f} min |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return "\n".join(lines)

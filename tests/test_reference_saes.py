@@ -26,7 +26,7 @@ def test_a_flat_curve_converges_and_a_falling_one_does_not(reference):
     falling = [(s, 0.5 - 0.0003 * s) for s in steps]  # still 0.03 down over the last 100 steps
     assert reference.converged(flat, tolerance=0.01)["converged"]
     verdict = reference.converged(falling, tolerance=0.01)
-    assert not verdict["converged"] and verdict["change"] == pytest.approx(0.03 / 0.2) and verdict["from_step"] == 900
+    assert not verdict["converged"] and verdict["change"] == pytest.approx(-0.03 / 0.2) and verdict["from_step"] == 900
     assert not reference.converged([(1000, 0.1)])["converged"]  # one point says nothing
     assert reference.converged([(0, 0.1), (1000, 0.1)])["converged"]  # a point before the tail is enough
 

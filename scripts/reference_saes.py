@@ -67,8 +67,8 @@ CHUNK_CHARS = 16_000
 HOLD_OUT_EVERY = 20
 CHARS_PER_TOKEN = 4.0
 """For --plan only: the text's token count before any tokenizer is loaded."""
-CONVERGENCE = """held-out FVU at the end of training within TOLERANCE (relative) of the held-out FVU at 90 % of
-training, checked every --eval-every steps"""
+CONVERGENCE = """held-out FVU at the end of training within `tolerance` (relative) of the held-out FVU at the last
+checkpoint at or before 90 % of training"""
 
 
 def log(message: str) -> None:
@@ -135,7 +135,7 @@ def converged(curve: list[tuple[int, float]], tolerance: float = 0.01, tail: flo
     if not before:
         return {"converged": False, "change": None, "why": "no point before the last tenth: lower --eval-every"}
     change = (last - before[-1][1]) / max(last, 1e-12)  # negative: still falling
-    return {"converged": abs(change) < tolerance, "change": change, "from_step": before[-1][0]}
+    return {"converged": abs(change) < tolerance, "change": change, "from_step": before[-1][0], "tolerance": tolerance}
 
 
 @torch.no_grad()
@@ -211,6 +211,17 @@ def train_run(store_path: Path, hooks: list[str], plan: ModelPlan, seed: int, to
     return trainer.fit(), recorder
 
 
+@torch.no_grad()
+def dead_share(sae, store, hook: str) -> tuple[float, int]:
+    """(share of latents that never fire on the held-out cache at `hook`, tokens read): the core eval's own dead
+    share needs 10 x width tokens, more than its CE pass reads."""
+    fired, tokens = torch.zeros(sae.cfg.width, dtype=torch.bool), 0
+    for batch in store.in_order([hook]):
+        fired |= (sae.encode(batch.acts[hook].float()) > 0).any(0)
+        tokens += len(batch.acts[hook])
+    return 1 - float(fired.float().mean()), tokens
+
+
 def finished_row(folder: Path, tokens: int, lr_decay_fraction: float) -> dict | None:
     """The table row of an SAE already saved and evaluated in `folder` by a run of these settings, else None."""
     path = folder / "row.json"
@@ -223,7 +234,7 @@ def sae_folder(out: Path, model: str, trained, seed: int) -> Path:
     return out / model / trained.hook / f"{Path(trained.name).name}-seed{seed}"
 
 
-def save_reference(trained, folder: Path, store, curve, verdict: dict, model, eval_text, eval_tokens: int,
+def save_reference(trained, folder: Path, store, held, curve, verdict: dict, model, eval_text, eval_tokens: int,
                    baselines, seconds: float, progress: bool = True) -> dict:
     """The SAE, its core eval on held-out text, its curve (JSON, PNG), model card and table row, into `folder`."""
     from saelab.evals.core import evaluate
@@ -245,9 +256,10 @@ def save_reference(trained, folder: Path, store, curve, verdict: dict, model, ev
                       run=read_run_keys(folder))
     (folder / "README.md").write_text(build_model_card([entry], f"saelab-reference/{folder.parent.parent.name}"))
     rec, spliced = metrics.reconstruction, metrics.spliced
+    dead, dead_tokens = dead_share(trained.sae, held, trained.hook)
     row = {"model": folder.parent.parent.name, "hook": trained.hook, "width": trained.sae.cfg.width, "k": K,
            "tokens": trained.sae.cfg.training_tokens, "steps": trained.steps, "fvu": rec.fvu,
-           "fvu_typical": rec.fvu_typical, "l0": rec.l0, "dead": rec.frac_dead,
+           "fvu_typical": rec.fvu_typical, "l0": rec.l0, "dead": dead, "dead_tokens": dead_tokens,
            "ce_recovered": spliced.ce_loss_recovered if spliced else None, "converged": verdict["converged"],
            "change": verdict.get("change"), "seconds": seconds, "folder": str(folder)}
     (folder / "row.json").write_text(json.dumps(row, indent=1))
@@ -270,7 +282,7 @@ def write_table(rows: list[dict], path: Path) -> str:
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
-    lines = ["| model | hook | width | k | tokens | steps | FVU (typical) | L0 | dead | CE recovered | converged? "
+    lines = ["| model | hook | width | k | tokens | steps | FVU (typical) | L0 | dead (held-out cache) | CE recovered | converged? "
              "(FVU change, last tenth) | time (train + eval) |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['model']} | {r['hook']} ({Path(r['folder']).name}) | {r['width']:,} | {r['k']} | "
@@ -378,7 +390,7 @@ def run_model(model, plan: ModelPlan, settings: Settings, corpus: tuple[Path, Pa
                 baselines[result.hook] = Baselines.compute(model, eval_text, result.hook, tokens=settings.eval_tokens,
                                                            progress=settings.progress)
             curve = recorder.curve(result.name)
-            found.append(save_reference(result, target, store, curve, converged(curve, settings.tolerance), model,
+            found.append(save_reference(result, target, store, held, curve, converged(curve, settings.tolerance), model,
                                         eval_text, settings.eval_tokens, baselines[result.hook],
                                         recorder.seconds / len(trained), settings.progress))
             found[-1]["lr_decay_fraction"] = settings.lr_decay_fraction

@@ -61,7 +61,7 @@ def test_every_stage_runs_end_to_end_at_toy_size_and_resumes(reference, tiny_mod
         curve = json.loads((folder / "curve.json").read_text())
         assert [p["step"] for p in curve["curve"]] == [4, 8, 12, 16, 20, 24]  # 6144 tokens in steps of 256
         assert row["tokens"] == 6144 and row["steps"] == 24 and 0 < row["fvu"] < 1 and row["ce_recovered"] is not None
-        assert isinstance(row["converged"], bool)
+        assert isinstance(row["converged"], bool) and 0 <= row["dead"] < 1 and row["dead_tokens"] > 0
     table = reference.write_table(rows, tmp_path / "ref" / "table.md")
     assert table.count("\n") == 4 and "topk-128-k32-seed1" in table
     (Path(rows[0]["folder"]) / "metrics.json").unlink()  # a finished SAE is not evaluated again

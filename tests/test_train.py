@@ -194,7 +194,8 @@ def test_learning_rate_schedule():
     assert TrainConfig(tokens=10 * 10, batch_size=10).lr_factor(0) == 1.0  # too short for a warm-up
     assert SAESpec(width=2**14).learning_rate == pytest.approx(8e-4)
     assert SAESpec(width=2**16).learning_rate == pytest.approx(4e-4)
-    assert SAESpec(arch="relu", width=2**14).learning_rate == pytest.approx(4e-4)  # its steering's calibration
+    assert SAESpec(arch="relu", width=2**14).learning_rate == pytest.approx(8e-4)  # one rate for every architecture
+    assert SAESpec(arch="jumprelu", width=2**16).learning_rate == pytest.approx(4e-4)
 
 
 def test_sparse_kernels_train_like_the_dense_reference(tiny_cache):

@@ -31,10 +31,10 @@ class SAESpec:
     from hook blocks.5.ln2.hook_normalized, the MLP's input); None: `hook` itself (an SAE). With options
     {"skip": true}, a skip transcoder."""
     lr: PositiveFloat | None = None
-    """Adam learning rate; None: 8e-4 / sqrt(width / 2^14) for the architectures that take k (four times Gao et
-    al.'s fit: with the warm-up, the decay and beta2 = 0.99 it trains runs of a few hundred steps markedly better at
-    every k from 16 to 128, most at large k; docs/quality.md), 4e-4 / sqrt(width / 2^14) for ReLU and
-    JumpReLU (whose steered coefficients were calibrated at that rate)."""
+    """Adam learning rate; None: 8e-4 / sqrt(width / 2^14) for every architecture (four times Gao et al.'s fit: with
+    the warm-up, the decay and beta2 = 0.99 it trains runs of a few hundred steps markedly better at every k from 16
+    to 128, most at large k, docs/quality.md). ReLU and JumpReLU used to get half of it; at the full rate they
+    reconstruct markedly better and still land at their target L0 (docs/evals.md, "Recipe or architecture")."""
     options: dict[str, Any] = field(default_factory=dict)
     """The architecture's options (its options class, `sae_class(arch).options_cls`) and dtype, e.g.
     {"target_l0": 64} or {"l1_coefficient": 0.2, "sparsity_warmup_steps": 200}. ReLU and JumpReLU get target_l0=32
@@ -73,7 +73,7 @@ class SAESpec:
     def learning_rate(self) -> float:
         if self.lr is not None:
             return self.lr
-        return (8e-4 if self.k is not None else 4e-4) / math.sqrt(self.width / 2**14)
+        return 8e-4 / math.sqrt(self.width / 2**14)
 
     def name(self) -> str:
         """Folder name of this SAE inside the run: arch-width[-k][-target<L0>][-skip][-to-<target hook>]."""

@@ -8,8 +8,8 @@ Per model: the offline texts are cut into 16k-character chunks and every 20th ch
 once, every hook in one forward. One run trains an SAE per hook (seed 0); a second run trains the seed hook again
 with seed 1 (matching's seed-vs-seed ceiling). Every `--eval-every` steps each SAE's FVU on held-out activations is
 recorded; an SAE is converged when its held-out FVU changed by less than `--tolerance` (relative) over the last tenth
-of training (CONVERGENCE). Each SAE is then saved with its core eval on the held-out text (FVU all/typical, L0, dead
-share, CE loss recovered), its curve (JSON + PNG) and a model card, and <out>/table.md lists them all.
+of training at the full learning rate (CONVERGENCE). Each SAE is then saved with its core eval on the held-out text
+(FVU all/typical, L0, dead share, CE loss recovered), its curve (JSON + PNG) and a model card, and <out>/table.md lists them all.
 
 Every stage resumes after a kill: the caches and training runs resume themselves, a finished SAE (its row.json) is
 not redone. A larger --tokens trains again from the same caches (training is minutes; caching is the slow part).
@@ -67,8 +67,8 @@ CHUNK_CHARS = 16_000
 HOLD_OUT_EVERY = 20
 CHARS_PER_TOKEN = 4.0
 """For --plan only: the text's token count before any tokenizer is loaded."""
-CONVERGENCE = """held-out FVU at the end of training within `tolerance` (relative) of the held-out FVU at the last
-checkpoint at or before 90 % of training"""
+CONVERGENCE = """held-out FVU where the learning rate starts to decay within `tolerance` (relative) of the held-out FVU
+a tenth of training earlier: flat over the last tenth at the full rate (the decay itself lowers the FVU)"""
 
 
 def log(message: str) -> None:
@@ -124,18 +124,25 @@ def write_corpus(folder: Path, texts: dict[str, str], every: int = HOLD_OUT_EVER
 
 
 # -- convergence
-def converged(curve: list[tuple[int, float]], tolerance: float = 0.01, tail: float = 0.1) -> dict:
-    """Whether the held-out FVU curve [(step, fvu)] is flat over its last `tail` of training: the relative change
-    from the last point at or before (1 - tail) x the final step to the final point, within `tolerance`."""
+def converged(curve: list[tuple[int, float]], tolerance: float = 0.01, tail: float = 0.1,
+              decay_fraction: float = 0.0) -> dict:
+    """Whether the held-out FVU curve [(step, fvu)] is flat over the last `tail` of training at the full learning
+    rate: the relative change over that stretch within `tolerance`. The final `decay_fraction` of training, where the
+    rate falls to 0, is left out: the decay lowers the FVU whether or not the SAE had stopped learning."""
     if len(curve) < 2:
         return {"converged": False, "change": None, "why": "fewer than two points on the curve"}
     points = sorted(curve)
-    last_step, last = points[-1]
-    before = [p for p in points if p[0] <= (1 - tail) * last_step]
+    total = points[-1][0]
+    full_rate = [p for p in points if p[0] <= (1 - decay_fraction) * total]
+    if not full_rate:
+        return {"converged": False, "change": None, "why": "no point before the decay: lower --eval-every"}
+    end_step, last = full_rate[-1]
+    before = [p for p in points if p[0] <= end_step - tail * total]
     if not before:
-        return {"converged": False, "change": None, "why": "no point before the last tenth: lower --eval-every"}
+        return {"converged": False, "change": None, "why": "no point a tenth before the decay: lower --eval-every"}
     change = (last - before[-1][1]) / max(last, 1e-12)  # negative: still falling
-    return {"converged": abs(change) < tolerance, "change": change, "from_step": before[-1][0], "tolerance": tolerance}
+    return {"converged": abs(change) < tolerance, "change": change, "from_step": before[-1][0], "to_step": end_step,
+            "tolerance": tolerance}
 
 
 @torch.no_grad()
@@ -282,8 +289,8 @@ def write_table(rows: list[dict], path: Path) -> str:
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
-    lines = ["| model | hook | width | k | tokens | steps | FVU (typical) | L0 | dead (held-out cache) | CE recovered | converged? "
-             "(FVU change, last tenth) | time (train + eval) |", "|" + "---|" * 12]
+    lines = ["| model | hook | width | k | tokens | steps | FVU (typical) | L0 | dead (held-out cache) | CE recovered | "
+             "converged? (FVU change, last tenth at full rate) | time (train + eval) |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['model']} | {r['hook']} ({Path(r['folder']).name}) | {r['width']:,} | {r['k']} | "
                      f"{r['tokens']:,} | {r['steps']:,} | {number(r['fvu'], '.4f')} ({number(r['fvu_typical'], '.4f')})"
@@ -390,7 +397,8 @@ def run_model(model, plan: ModelPlan, settings: Settings, corpus: tuple[Path, Pa
                 baselines[result.hook] = Baselines.compute(model, eval_text, result.hook, tokens=settings.eval_tokens,
                                                            progress=settings.progress)
             curve = recorder.curve(result.name)
-            found.append(save_reference(result, target, store, held, curve, converged(curve, settings.tolerance), model,
+            verdict = converged(curve, settings.tolerance, decay_fraction=settings.lr_decay_fraction)
+            found.append(save_reference(result, target, store, held, curve, verdict, model,
                                         eval_text, settings.eval_tokens, baselines[result.hook],
                                         recorder.seconds / len(trained), settings.progress))
             found[-1]["lr_decay_fraction"] = settings.lr_decay_fraction
@@ -435,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--curve-tokens", default="20k")
     parser.add_argument("--eval-tokens", default="20k", help="held-out tokens of the core eval (CE recovered)")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between held-out FVU points")
-    parser.add_argument("--tolerance", type=float, default=0.01, help="relative FVU change over the last tenth")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="relative FVU change over the last tenth at the full rate")
     parser.add_argument("--batch-size", type=int, default=4096, help="tokens per training step")
     parser.add_argument("--lr-decay-fraction", type=float, default=0.2, help="share of training over which the "
                         "learning rate decays to 0 (0: constant, so a flat last tenth is a plateau, not the decay)")

@@ -29,6 +29,10 @@ def test_a_flat_curve_converges_and_a_falling_one_does_not(reference):
     assert not verdict["converged"] and verdict["change"] == pytest.approx(-0.03 / 0.2) and verdict["from_step"] == 900
     assert not reference.converged([(1000, 0.1)])["converged"]  # one point says nothing
     assert reference.converged([(0, 0.1), (1000, 0.1)])["converged"]  # a point before the tail is enough
+    # flat at the full rate, then the decay over the last fifth lowers it: converged (the decay is left out)
+    decayed = [(s, 0.2) for s in range(0, 801, 100)] + [(900, 0.19), (1000, 0.18)]
+    assert reference.converged(decayed, decay_fraction=0.2)["converged"]
+    assert not reference.converged(decayed)["converged"]
 
 
 def test_the_held_out_chunks_come_from_every_text_and_the_plan_matches_gemma_depths(reference, tmp_path):

@@ -70,7 +70,7 @@ METRICS = HEADLINE + ("std_dev_absorption_fraction_score", "std_dev_full_absorpt
 @dataclass
 class AbsorptionConfig:
     """How the eval runs; field names follow SAEBench's AbsorptionEvalConfig and FeatureAbsorptionCalculator where
-    they mean the same. The defaults take a few minutes on a 2-core CPU for SmolLM2-135M."""
+    they mean the same. The defaults take a few minutes on a 2-core CPU for SmolLM2-135M-Instruct."""
 
     random_seed: int = 42
     f1_jump_threshold: float = 0.03

@@ -118,7 +118,7 @@ def test_saelens_old_log_threshold_and_scaling_factor(tmp_path):
 @pytest.mark.parametrize("cfg,match", [
     ({"architecture": "gated"}, "architecture 'gated' is not supported"),
     ({"architecture": "standard", "normalize_activations": "layer_norm"}, "layer_norm"),
-    ({"architecture": "transcoder", "d_out": D}, "not supported"),
+    ({"architecture": "transcoder", "d_out": D}, "cannot tell this transcoder from an SAE; add hook_name_out"),
     ({"architecture": "topk"}, "integer k"),
 ])
 def test_saelens_unsupported(tmp_path, cfg, match):

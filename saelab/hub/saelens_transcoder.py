@@ -36,7 +36,8 @@ DROPPED_KEYS = ("k", "activation_fn_kwargs", "saelab")
 
 def is_saelens_transcoder(cfg: dict[str, Any]) -> bool:
     """Whether a SAELens cfg.json names one of SAELens's transcoder architectures."""
-    return cfg.get("architecture") in SAELAB_ARCH
+    architecture = cfg.get("architecture")
+    return isinstance(architecture, str) and architecture in SAELAB_ARCH  # an ill-typed one is refused by the SAE loader
 
 
 def export_saelens_transcoder(sae: SAE, folder: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:

@@ -108,17 +108,6 @@ def score(sae, x: torch.Tensor, contexts: torch.Tensor) -> dict:
             "FVU all": bootstrap_interval(sums(torch.ones_like(typical)), fvu)}
 
 
-MODELS: dict = {}
-
-
-def shared_model(sae, folder):
-    from saelab.models import load_model
-
-    if sae.cfg.model_name not in MODELS:
-        MODELS[sae.cfg.model_name] = load_model(sae.cfg.model_name)
-    return MODELS[sae.cfg.model_name]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--acts", default="runs/quickstart/acts")
@@ -157,13 +146,14 @@ def main() -> None:
             trained = train(args.acts, specs, config, out=folder, progress=False)
             print(f"{folder.name}: {len(trained)} SAEs trained in {time.perf_counter() - tick:.0f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            unscored = [sae.folder for sae in trained if not (sae.folder / "evals" / "core.json").exists()]
+            if args.core and unscored:  # one call: the suite loads the model once for all of them
+                held_out = ActivationStore(args.acts).held_out_text()
+                run_suite(unscored, ["core"], progress=False,
+                          configs={"core": CoreConfig(text=held_out, tokens=args.core_tokens)})
             for sae in trained:
                 values = score(sae.sae, x, contexts)
                 if args.core:
-                    if not (sae.folder / "evals" / "core.json").exists():
-                        held_out = ActivationStore(args.acts).held_out_text()
-                        run_suite([sae.folder], ["core"], progress=False, load_model=shared_model,
-                                  configs={"core": CoreConfig(text=held_out, tokens=args.core_tokens)})
                     headline = read_suite([sae.folder])[0].headline()
                     values.update({name: headline.get(key) for name, key in CORE_METRICS})
                 (sae.folder / "recipe_study.json").write_text(json.dumps(

@@ -278,8 +278,8 @@ class Trainer:
             return self.world.gather(x.to(self.world.device)).to(self.device) if self.data_parallel else x
 
         for member in self.members:
-            member.initialise(whole(member.hook), whole(member.target_hook), self.config.normalize_activations,
-                              self.config.b_dec_init)
+            member.initialise(x := whole(member.hook), x if member.target_hook == member.hook  # an SAE: once
+                              else whole(member.target_hook), self.config.normalize_activations, self.config.b_dec_init)
         self._started = True
 
     def _train_step(self, member: Member, batch: ActivationBatch):

@@ -239,6 +239,14 @@ class SAE(nn.Module):
             folded.b_dec.div_(t)
         return folded
 
+    def penalty_norms(self) -> Tensor:
+        """Each latent's decoder norm as a sparsity penalty weighs its activation: the row's norm, or a crosscoder's
+        sum of its parts' norms (a latent pays for every activation it writes to; Anthropic's crosscoder loss)."""
+        w = wide(self.W_dec)
+        if not self.cfg.is_crosscoder:
+            return w.norm(dim=1)
+        return sum(w[:, part].norm(dim=1) for part in self.cfg.part_slices)
+
     @torch.no_grad()
     def normalize_decoder_(self, eps: float = 1e-8):
         """Rescale W_dec rows to unit norm (call after each optimiser step)."""

@@ -9,6 +9,12 @@ target_hook (d_out wide), optionally through a linear skip path too:
     SAEConfig(arch="topk", d_in=576, width=4608, k=32, hook_name="blocks.5.ln2.hook_normalized",
               target_hook="blocks.5.hook_mlp_out", d_out=576, skip=True)
 
+A crosscoder is the same config reading several activations at once (`parts`): its input and its reconstruction are
+their concatenation, each part multiplied by its own scale (see saelab.crosscoders):
+
+    SAEConfig(arch="batchtopk", d_in=576 + 640, width=8192, k=64, hook_name="smollm2-135m:blocks.12.hook_resid_post+...",
+              parts=[{"hook": "blocks.12.hook_resid_post", "model": "smollm2-135m", "d": 576, "scale": 0.031}, ...])
+
 On disk (cfg.json, checkpoints) the config is one flat dict, as SAELens's is: `to_dict` merges the options into it
 and `from_dict` splits them out again by the architecture's options class.
 """
@@ -28,6 +34,10 @@ from .registry import available_architectures, options_class, sae_class
 
 TRANSCODER_KEYS = ("target_hook", "d_out", "skip", "target_scale")
 """SAEConfig fields only a transcoder sets; written to cfg.json only when set (not None, not False)."""
+OPTIONAL_KEYS = (*TRANSCODER_KEYS, "parts")
+"""SAEConfig fields written to cfg.json only when set, so an SAE's cfg.json is the same as before they existed."""
+PART_KEYS = ("hook", "model", "d", "scale")
+"""What a crosscoder records of each activation it reads (see SAEConfig.parts)."""
 UNSET = (None, False)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,6 +100,12 @@ class SAEConfig:
     """The transcoder was trained to reconstruct y * target_scale (unit mean squared norm, like the input);
     None: input_scale (an SAE's target is its input). `fold_input_scale()` removes it too."""
 
+    # -- crosscoders: several activations read (and reconstructed) as one (None for an SAE or a transcoder)
+    parts: list[dict[str, Any]] | None = None
+    """The activations a crosscoder reads, in order: [{"hook", "model", "d", "scale"}]. Its input (and target) is
+    the concatenation of each part's activations times its scale (unit mean squared norm per part, so no model or
+    layer outweighs another in the loss); the scales are part of what it reads, not folded into its weights."""
+
     options: Options | dict[str, Any] = field(default_factory=dict)
     """The architecture's own settings: its options object (`sae_class(arch).options_cls`), or a dict of them; a
     setting the architecture does not read is refused, not ignored."""
@@ -130,6 +146,7 @@ class SAEConfig:
         if not is_int(self.training_tokens) or self.training_tokens < 0:
             fail("training_tokens", "must be an integer >= 0")
         self._check_target(fail, is_int)
+        self._check_parts(fail)
 
     def _check_target(self, fail, is_int) -> None:
         """The transcoder fields; a target equal to the input is stored as None, so an SAE stays an SAE."""
@@ -157,6 +174,42 @@ class SAEConfig:
             if not self.is_transcoder:
                 fail("target_scale", "is for transcoders only (an SAE's target is its input, scaled by input_scale)")
 
+    def _check_parts(self, fail) -> None:
+        if self.parts is None:
+            return
+        if not isinstance(self.parts, (list, tuple)) or len(self.parts) < 2:
+            fail("parts", "must list at least two activations (a crosscoder reads several)")
+        parts = []
+        for part in self.parts:
+            if not isinstance(part, dict) or set(part) != set(PART_KEYS):
+                fail("parts", f"must be dicts with exactly the keys {list(PART_KEYS)}")
+            d, scale = part["d"], part["scale"]
+            if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+                fail("parts", "must give each part a positive integer width d")
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+                fail("parts", "must give each part a finite scale > 0")
+            if not isinstance(part["hook"], str) or not part["hook"] or not isinstance(part["model"], str):
+                fail("parts", "must name each part's hook (and its model, '' if unknown)")
+            parts.append({key: part[key] for key in PART_KEYS} | {"scale": float(scale)})
+        if sum(p["d"] for p in parts) != self.d_in:
+            fail("parts", f"must add up to d_in={self.d_in} (the crosscoder reads their concatenation)")
+        if self.is_transcoder:
+            fail("parts", "cannot be combined with a transcoder's target (a crosscoder reconstructs what it reads)")
+        self.parts = parts
+
+    @property
+    def is_crosscoder(self) -> bool:
+        """Whether the dictionary reads several activations concatenated (see parts)."""
+        return self.parts is not None
+
+    @property
+    def part_slices(self) -> list[slice]:
+        """Where each part sits in the crosscoder's input (and decoder rows)."""
+        ends = [0]
+        for part in self.parts or []:
+            ends.append(ends[-1] + part["d"])
+        return [slice(a, b) for a, b in zip(ends, ends[1:])]
+
     @property
     def is_transcoder(self) -> bool:
         """Whether the dictionary reconstructs something other than its input."""
@@ -183,9 +236,9 @@ class SAEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The flat JSON-safe dict of cfg.json: the common fields, then the architecture's options. The transcoder
-        fields appear only when set, so an SAE's cfg.json is the same as before transcoders existed."""
+        and crosscoder fields appear only when set, so an SAE's cfg.json is the same as before they existed."""
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name != "options" and not (f.name in TRANSCODER_KEYS and getattr(self, f.name) in UNSET)}
+                  if f.name != "options" and not (f.name in OPTIONAL_KEYS and getattr(self, f.name) in UNSET)}
         return {**common, **dataclasses.asdict(self.options)}
 
     @classmethod

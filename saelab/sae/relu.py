@@ -75,7 +75,7 @@ class ReLUTraining(ThresholdCodes, Training):
     def loss(self, x: Tensor, step: int = 0, dead: Tensor | None = None, target: Tensor | None = None) -> TrainOutput:
         sae = self.sae
         x, target = self._flat_pair(x, target)
-        norms = wide(sae.W_dec).norm(dim=1)
+        norms = sae.penalty_norms()
         sparse = self._sparse_step()
         if sparse:  # codes as CSR: the positive pre-activations
             csr = self._above(x, 0.0)

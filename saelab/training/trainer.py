@@ -80,8 +80,7 @@ class Trainer:
         if self.source.batch_size != self.config.batch_size:
             raise ValueError(f"the activation source gives batches of {self.source.batch_size} but "
                              f"TrainConfig.batch_size is {self.config.batch_size}")
-        self.specs = [s if isinstance(s, SAESpec) else from_mapping(SAESpec, s, f"saes[{i}]")
-                      for i, s in enumerate(specs)]
+        self.specs = [s if isinstance(s, SAESpec) else from_mapping(SAESpec, s, f"saes[{i}]") for i, s in enumerate(specs)]
         if not self.specs:
             raise ValueError("give at least one SAE to train")
         self.out = Path(out) if out is not None else None
@@ -122,7 +121,8 @@ class Trainer:
         common = {key: options.pop(key) for key in SAEConfig.common_keys() if key in options}  # dtype, skip
         target = {} if spec.target_hook is None else dict(target_hook=spec.target_hook,
                                                             d_out=self.source.d[spec.target_hook])
-        cfg = SAEConfig(arch=spec.arch, d_in=d_in, width=spec.width, k=spec.k, hook_name=hook,
+        parts = getattr(self.source, "parts", {}).get(hook)  # a crosscoder's (saelab.crosscoder.JoinedSource)
+        cfg = SAEConfig(arch=spec.arch, d_in=d_in, width=spec.width, k=spec.k, hook_name=hook, parts=parts,
                         model_name=self.source.model_name, **target, **common, options=options)
         name = f"{hook}/{spec.name()}"  # also the SAE's folder in the run: one folder per hook, as on the Hub
         with torch.random.fork_rng(devices=[]):  # each SAE's init depends on the seed and its name, not on order

@@ -7,7 +7,7 @@ JoinedSource and train on its joined hook (SAEConfig.parts records what it reads
     report = diffing_report(xc.sae, JoinedSource.for_crosscoder("runs/heldout", xc.sae).in_order([xc.sae.cfg.hook_name]))
 """
 
-from .joined import JoinedSource, joined, joined_name, split
+from saelab.activations.joined import JoinedSource, joined, joined_name, split
 from .paired import paired_activations, paired_hook, unpaired
 from .readouts import (DiffingReport, Scaling, classify, decoder_cosine, diffing_report, latent_scaling, part_norms,
                        relative_norm)

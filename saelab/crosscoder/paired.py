@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from saelab.activations.tensors import TensorSource
 from saelab.analysis.alignment import MODES, Side, aligned_chunks, read_documents
 
-from .joined import MODEL_SEPARATOR, SEPARATOR, model_label
+from saelab.activations.joined import MODEL_SEPARATOR, SEPARATOR, model_label
 
 
 def paired_hook(model, hook: str) -> str:

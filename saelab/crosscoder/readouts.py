@@ -22,7 +22,7 @@ from torch import Tensor
 
 from saelab.activations.store import ActivationBatch
 
-from .joined import split
+from saelab.activations.joined import split
 
 EXCLUSIVE = 0.1
 """A latent whose relative norm is below this (A-only) or above 1 - this (B-only) is called exclusive."""

@@ -8,6 +8,7 @@ SAELens when a reference venv is given (they cannot share saelab's environment: 
     python scripts/bench_train.py --ref-python /work/ref-venv/bin/python   # + sparsify and SAELens
     python scripts/bench_train.py --sweep                           # also n in 4k..65k and k in 16..128
     python scripts/bench_train.py --ranks 2                         # 2 data-parallel gloo ranks beside 1 process
+    python scripts/bench_train.py --arch transcoder --n 4608        # TopK transcoder (and skip) beside the TopK SAE
 
 Make the reference venv with: python3 -m venv /work/ref-venv && /work/ref-venv/bin/pip install torch==2.13.0 &&
 /work/ref-venv/bin/pip install eai-sparsify sae-lens
@@ -33,34 +34,41 @@ from saelab.sae import sae_class
 from saelab.training import SAESpec, TrainConfig, Trainer
 
 HOOK = "bench"
+TARGET = "bench_target"
 
 
 class RandomActivations:
-    """An in-memory activation source: one fixed random batch, repeated (the data path is not what is measured)."""
+    """An in-memory activation source: one fixed random batch, repeated (the data path is not what is measured).
+    With d_out, a second hook (TARGET) of that width for transcoders to reconstruct."""
 
-    hooks = [HOOK]
-
-    def __init__(self, d: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.d = {HOOK: d}
+    def __init__(self, d: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 d_out: int | None = None):
+        self.d = {HOOK: d} if d_out is None else {HOOK: d, TARGET: d_out}
+        self.hooks = list(self.d)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         generator = torch.Generator().manual_seed(seed)
         share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)  # a rank's rows
-        self.batch = ActivationBatch({HOOK: torch.randn(batch_size, d, generator=generator)[share]},
-                                     torch.zeros(batch_size, dtype=torch.long)[share], torch.arange(batch_size)[share])
+        acts = {hook: torch.randn(batch_size, width, generator=generator)[share] for hook, width in self.d.items()}
+        self.batch = ActivationBatch(acts, torch.zeros(batch_size, dtype=torch.long)[share],
+                                     torch.arange(batch_size)[share])
 
     def __iter__(self):
         while True:
             yield self.batch
 
 
-def saelab_step(d: int, n: int, k: int, batch: int, kernel: str, arch: str = "topk"):
+def saelab_step(d: int, n: int, k: int, batch: int, kernel: str, arch: str = "topk", d_out: int | None = None,
+                skip: bool = False):
     """One Trainer.train_on call: loss, backward, decoder-gradient projection, Adam, renormalisation, dead clocks.
+    With d_out, a TopK transcoder from HOOK to TARGET (skip: with its linear skip path) instead of an SAE.
 
     dead_tokens is one batch, so latents that miss a step are dead for the next and AuxK runs on them."""
-    source = RandomActivations(d, batch)
+    source = RandomActivations(d, batch, d_out=d_out)
     config = TrainConfig(tokens=batch * 10_000, batch_size=batch, kernel=kernel, dead_tokens=batch)
     takes_k = sae_class(arch).takes_k
     spec = SAESpec(arch=arch, width=n, k=k) if takes_k else SAESpec(arch=arch, width=n, options={"target_l0": k})
+    if d_out is not None:
+        spec = SAESpec(arch=arch, width=n, k=k, hook=HOOK, target_hook=TARGET, options={"skip": skip})
     trainer = Trainer(source, [spec], config, progress=False)
     for _ in range(3):  # the first call also initialises b_dec (geometric median) and the input scale
         trainer.train_on(source.batch)
@@ -159,6 +167,24 @@ def compare_ranks(shape: dict, steps: int, rounds: int, world: int) -> None:
           f"speedup={best[world] / best[1]:.3f} cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f}")
 
 
+def compare_transcoders(shape: dict, d_out: int, steps: int, rounds: int) -> None:
+    """--arch transcoder: a TopK transcoder (d -> d_out) and a skip transcoder beside the TopK SAE of the same width
+    and k and the ceiling, rounds interleaved; the best round of each counts."""
+    timed = tokens_per_s({"transcoder": saelab_step(**shape, kernel="auto", d_out=d_out),
+                          "skip": saelab_step(**shape, kernel="auto", d_out=d_out, skip=True),
+                          "sae": saelab_step(**shape, kernel="auto"), "ceiling": ceiling_step(**shape)},
+                         steps, rounds, shape["batch"])
+    ours, ceiling = timed["transcoder"], timed["ceiling"]
+    rows = [("ceiling: encoder matmul + top-k", ceiling), ("TopK SAE (d -> d)", timed["sae"]),
+            (f"TopK transcoder (d -> {d_out})", ours), ("TopK skip transcoder", timed["skip"])]
+    print(f"{'implementation':<34}{'tokens/s':>12}{'x ceiling':>11}{'x SAE':>8}")
+    for name, value in rows:
+        print(f"{name:<34}{value:>12,.0f}{value / ceiling:>11.2f}{value / timed['sae']:>8.2f}")
+    print(f"RESULT saelab_tok_s={ours:.0f} ceiling_tok_s={ceiling:.0f} ratio={ours / ceiling:.3f} sparsify_tok_s=na "
+          f"saelens_tok_s=na sae_tok_s={timed['sae']:.0f} skip_tok_s={timed['skip']:.0f} "
+          f"vs_sae={ours / timed['sae']:.3f} skip_vs_sae={timed['skip'] / timed['sae']:.3f}")
+
+
 def peak_memory_of(kernel: str, shape: dict, arch: str = "topk") -> float:
     """Peak resident memory (GB) of a fresh process that builds the trainer and runs a few steps on `kernel`."""
     args = [f"--{key}={value}" for key, value in shape.items()] + [f"--arch={arch}"]
@@ -199,9 +225,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timings per implementation; the best one counts")
     parser.add_argument("--ref-python", default=None, help="python of a venv with eai-sparsify and sae-lens")
     parser.add_argument("--sweep", action="store_true", help="also sweep n and k (saelab, ceiling, sparsify)")
-    parser.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "matryoshka", "jumprelu", "relu"],
+    parser.add_argument("--arch", default="topk",
+                        choices=["topk", "batchtopk", "matryoshka", "jumprelu", "relu", "transcoder"],
                         help="the architecture saelab trains (the references run TopK only, so only with topk); "
-                             "jumprelu and relu run at L0 = k (thresholds from the first batch, ReLU biases shifted)")
+                             "jumprelu and relu run at L0 = k (thresholds from the first batch, ReLU biases shifted); "
+                             "transcoder: a TopK transcoder d -> d_out and a skip one beside the TopK SAE, instead")
+    parser.add_argument("--d-out", type=int, default=None, help="--arch transcoder: width of its target (default d)")
     parser.add_argument("--ranks", type=int, default=None,
                         help="time this many data-parallel gloo ranks (TopK) beside one process, instead")
     parser.add_argument("--memory-of", choices=["auto", "dense"], help=argparse.SUPPRESS)  # used by peak_memory_of
@@ -217,6 +246,9 @@ def main() -> None:
           f"{args.steps} steps")
     if args.ranks:
         compare_ranks(shape, args.steps, args.rounds, args.ranks)
+        return
+    if args.arch == "transcoder":
+        compare_transcoders(shape, args.d_out or args.d, args.steps, args.rounds)
         return
     if args.memory_of:
         step = saelab_step(**shape, kernel=args.memory_of, arch=args.arch)

@@ -24,6 +24,18 @@ def test_bench_train_prints_a_result_line(arch):
     assert re.search(r"saelab \(sparse kernels\)\s+[\d,]+\s+[\d.]+\s+[\d.]+", proc.stdout)  # tokens/s, ratio, GB
 
 
+def test_bench_train_times_a_transcoder_beside_the_sae():
+    args = ["--d", "32", "--d-out", "48", "--n", "256", "--k", "4", "--batch", "64", "--steps", "1", "--rounds", "1",
+            "--arch=transcoder"]
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"RESULT saelab_tok_s=\d+ ceiling_tok_s=\d+ ratio=[\d.]+ sparsify_tok_s=na saelens_tok_s=na "
+                        r"sae_tok_s=\d+ skip_tok_s=\d+ vs_sae=[\d.]+ skip_vs_sae=[\d.]+", result), result
+    assert re.search(r"TopK transcoder \(d -> 48\)\s+[\d,]+", proc.stdout)
+
+
 def _script(name: str):
     """A report script as a module (its main() does not run on import)."""
     import importlib.util
@@ -85,3 +97,24 @@ def test_recipe_study_scores_fvu_from_per_context_sums_and_scales_the_default_ra
         assert doubled.lr == 2 * base.lr
         assert doubled.options.get("jumprelu_bandwidth") == (0.01 if arch == "jumprelu" else None)
     assert recipe_study.run_name(528, 0.5, (0.0, 0.99), {"a": 1}) == "steps528-lr0.5-b1-0-a1"
+
+
+def test_transcoder_study_trains_three_dictionaries_per_layer_and_labels_them_back():
+    from types import SimpleNamespace
+
+    from saelab.sae import SAEConfig, create_sae
+
+    study = _script("transcoder_study")
+    specs = study.dictionary_specs([3, 12], width=64, k=4)
+    assert [(s.hook, s.target_hook, s.options.get("skip", False)) for s in specs[:3]] == [
+        ("blocks.3.mlp.hook_in", "blocks.3.hook_mlp_out", False),
+        ("blocks.3.mlp.hook_in", "blocks.3.hook_mlp_out", True), ("blocks.3.hook_mlp_out", None, False)]
+    assert len(specs) == 6 and {(s.width, s.k) for s in specs} == {(64, 4)}
+    transcoder = create_sae(SAEConfig(arch="topk", d_in=8, width=16, k=2, hook_name="blocks.12.mlp.hook_in",
+                                      target_hook="blocks.12.hook_mlp_out", d_out=8, skip=True))
+    sae = create_sae(SAEConfig(arch="topk", d_in=8, width=16, k=2, hook_name="blocks.3.hook_mlp_out"))
+    assert study.kind_of(transcoder) == (12, "skip transcoder") and study.kind_of(sae) == (3, "SAE on MLP out")
+    spliced = SimpleNamespace(ce_clean=3.0, ce_sae=3.1, ce_zero=3.5, ce_loss_recovered=0.8, kl_sae=0.05, kl_zero=0.4)
+    line = study.row("3", "transcoder", spliced, fvu=0.5, l0=32.0)
+    assert line == "| 3 | transcoder | 0.500 | 32.0 | 3.000 | 3.100 | 0.100 | 0.500 | 0.800 | 0.050 | 0.400 |"
+    assert line.count("|") == study.HEADER.splitlines()[0].count("|")

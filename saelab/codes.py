@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from saelab.activations.joined import JoinedSource
 from saelab.activations.source import ActivationSource, open_source
 from saelab.activations.store import ActivationBatch, ActivationStore
 from saelab.activations.stream import ModelStream
@@ -100,7 +101,7 @@ def iter_codes(sae, source: Source, *, hook: str | None = None, batch_size: int 
     cfg.model_name (when both name one); turn off for SAEs whose model is named differently.
     """
     device = torch.device(device) if device is not None else sae.device
-    batches, hook, model = _ordered_batches(source, batch_size, hook or sae.cfg.hook_name)
+    batches, hook, model = _ordered_batches(source, batch_size, hook or sae.cfg.hook_name, sae)
     sae.check_hook(hook)
     if check_model and sae.cfg.model_name and model and sae.cfg.model_name != model:
         raise ValueError(f"the SAE was trained on {sae.cfg.model_name!r} activations but the source holds "
@@ -123,10 +124,13 @@ def iter_codes(sae, source: Source, *, hook: str | None = None, batch_size: int 
         done += len(batch)
 
 
-def _ordered_batches(source: Source, batch_size: int, wanted: str) -> tuple[Iterator[ActivationBatch], str, str]:
+def _ordered_batches(source: Source, batch_size: int, wanted: str, sae) -> tuple[Iterator[ActivationBatch], str, str]:
     """(batches in text order, the hook to read, the source's model name). A source given whole is read in order
-    (every row once, whatever its shuffle), in its own batch size."""
+    (every row once, whatever its shuffle), in its own batch size. A crosscoder reads its parts joined, from any
+    source that holds them (JoinedSource.for_crosscoder)."""
     source = open_source(source, batch_size=batch_size)
+    if sae.cfg.is_crosscoder and wanted not in source.hooks:
+        source = JoinedSource.for_crosscoder(source, sae)
     where = f"the cache {source.path}" if isinstance(source, ActivationStore) else "the model stream"
     hook = _pick_hook(wanted, source.hooks, where)
     return source.in_order(hooks=[hook]), hook, source.model_name

@@ -221,3 +221,58 @@ def test_paired_activations_align_two_tokenizers(tiny_model, tmp_path_factory):
                                                                                   scale=0)
     with pytest.raises(ValueError, match="same model"):
         paired_activations(tiny_model, hook, tiny_model, hook, text, tokens=10, progress=False)
+
+
+# --------------------------------------------------------------------------------- a first-class dictionary
+@pytest.fixture(scope="module")
+def layer_crosscoder(tiny_cache):
+    """A crosscoder across the tiny cache's two layers, trained briefly (what matters here is how it is read)."""
+    from helpers import CACHE_HOOKS
+
+    source = JoinedSource(tiny_cache, list(CACHE_HOOKS), batch_size=256)
+    config = TrainConfig(tokens=256 * 20, batch_size=256, log_every=10_000)
+    [trained] = saelab.train(source, [dict(arch="topk", width=48, k=4, hook=source.name)], config, progress=False)
+    return trained.sae
+
+
+def test_codes_of_a_crosscoder_come_from_its_parts_joined(layer_crosscoder, tiny_cache):
+    from helpers import CACHE_HOOKS
+
+    from saelab.activations import ActivationStore
+    from saelab.codes import iter_codes
+
+    sae = layer_crosscoder
+    codes = list(iter_codes(sae, tiny_cache, batch_size=512))
+    store = ActivationStore(tiny_cache, list(CACHE_HOOKS))
+    first = next(store.in_order())
+    x = torch.cat([first.acts[h] * p["scale"] for h, p in zip(CACHE_HOOKS, sae.cfg.parts)], 1)  # by hand
+    dense = sae.encode(x[:512])
+    got = torch.zeros_like(dense)
+    c = codes[0]
+    for row in range(len(dense)):
+        got[row, c.latents[c.crow[row]:c.crow[row + 1]]] = c.values[c.crow[row]:c.crow[row + 1]]
+    assert torch.allclose(got, dense, atol=1e-5) and sum(len(c.rows) for c in codes) == store.manifest.tokens
+
+
+def test_probes_dashboard_and_push_read_a_crosscoder(layer_crosscoder, tiny_model, tiny_cache, tmp_path):
+    from helpers import CACHE_HOOKS
+
+    from saelab.analysis.probes import Features, extract
+    from saelab.explore import explore
+
+    sae = layer_crosscoder
+    texts = ["one two three four", "Monday Tuesday"]
+    [features] = [Features(sae=sae)]
+    assert features.reads == list(CACHE_HOOKS)
+    pooled = extract(tiny_model, texts, [features], positions="last")[features.name]
+    acts = tiny_model.activations_at(texts, list(CACHE_HOOKS), positions="last")
+    assert torch.allclose(pooled, sae.encode(joined(sae.cfg.parts, acts)), atol=1e-5)
+    cards = explore(sae, tiny_cache, tiny_model)
+    assert cards.logits is not None  # the logit table reads the last layer's decoder block
+    busiest = cards.most_active(1)[0]
+    assert cards[busiest].count > 0 and cards[busiest].top  # a card with its top examples
+    page = cards.dashboard(tmp_path / "dash", latents=[busiest])
+    assert Path(page).exists()
+    out = sae.push_to_hub("me/xc", dry_run=tmp_path / "push")
+    pushed = saelab.SAE.load(out / sae.cfg.hook_name).cfg.parts  # a local model path is reduced to its last name
+    assert pushed == [{**p, "model": Path(p["model"]).name} for p in sae.cfg.parts]

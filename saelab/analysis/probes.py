@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
+from saelab.activations.joined import joined
 from saelab.errors import DataError, HookError
 from saelab.interventions import in_call_order, select
 from saelab.threads import one_thread
@@ -54,6 +55,19 @@ class Features:
             raise ValueError("Features needs a hook or an SAE")
 
     @property
+    def reads(self) -> list[str]:
+        """The model's hooks this feature set needs: a crosscoder's parts, else its hook."""
+        if self.sae is not None and self.sae.cfg.is_crosscoder:
+            return [part["hook"] for part in self.sae.cfg.parts]
+        return [self.hook]
+
+    def read(self, acts: dict[str, Tensor]) -> Tensor:
+        """This feature set's input from the activations at `reads` (a crosscoder's parts joined)."""
+        if self.sae is not None and self.sae.cfg.is_crosscoder:
+            return joined(self.sae.cfg.parts, acts)
+        return acts[self.hook]
+
+    @property
     def kind(self) -> str:
         if self.sae is not None:
             return "sae"
@@ -83,10 +97,17 @@ def neuron_hook(model, layer: int) -> str:
 
 def _check(model, features: Sequence[Features]) -> None:
     for f in features:
-        if model.resolve_hooks(f.hook) != [f.hook]:  # unknown names: HookError with suggestions
-            raise HookError(f"Features: name one hook exactly, got the pattern {f.hook!r}")
-        if f.sae is not None and f.sae.cfg.d_in != model.hook_dim(f.hook):
-            raise ValueError(f"SAE expects d_in={f.sae.cfg.d_in} but hook {f.hook} gives {model.hook_dim(f.hook)}")
+        if f.sae is not None and f.sae.cfg.is_crosscoder:
+            models = {part["model"] for part in f.sae.cfg.parts} - {"", model.name}
+            if models:
+                raise ValueError(f"the crosscoder reads {', '.join(sorted(models))} too; probe it on one model's "
+                                 f"parts only ({model.name} is loaded)")
+        for hook in f.reads:
+            if model.resolve_hooks(hook) != [hook]:  # unknown names: HookError with suggestions
+                raise HookError(f"Features: name one hook exactly, got the pattern {hook!r}")
+        if f.sae is not None and f.sae.cfg.d_in != sum(model.hook_dim(hook) for hook in f.reads):
+            widths = " + ".join(str(model.hook_dim(hook)) for hook in f.reads)
+            raise ValueError(f"SAE expects d_in={f.sae.cfg.d_in} but hook {f.hook} gives {widths}")
 
 
 @torch.no_grad()
@@ -102,7 +123,7 @@ def extract(model, texts: Sequence[str], features: Sequence[Features], positions
     if len(set(labels)) != len(labels):
         raise ValueError(f"two feature sets share a name: {labels}; give them distinct labels")
     _check(model, features)
-    hooks = sorted({f.hook for f in features})
+    hooks = sorted({hook for f in features for hook in f.reads})
     saes = {id(f.sae): (f.sae.fold_input_scale() if f.sae.cfg.input_scale != 1 else f.sae).eval()
             for f in features if f.sae is not None}
     per_text = isinstance(positions, (list, tuple, Tensor))
@@ -112,7 +133,7 @@ def extract(model, texts: Sequence[str], features: Sequence[Features], positions
     for batch in model.batches(list(texts), max_texts=batch_size, names=names):
         acts = model.activations_at(batch, hooks, positions=None)
         for f in features:
-            x = acts[f.hook]
+            x = f.read(acts)
             if f.sae is not None:
                 sae = saes[id(f.sae)]
                 x = sae.encode(x.to(sae.device, sae.dtype)).float().cpu()

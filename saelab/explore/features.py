@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from saelab.activations.joined import split
 from saelab.codes import Source
 from saelab.explore.dashboard import write_dashboard
 from saelab.explore.directions import logit_effects, logit_histogram, nearest_latents, unembedding
@@ -188,14 +189,27 @@ def explore(sae, source: Source, model=None, *, tokenizer=None, hook: str | None
         if check_model and sae.cfg.model_name and model.name and sae.cfg.model_name != model.name:
             raise ValueError(f"the SAE was trained on {sae.cfg.model_name!r} but the model given is {model.name!r}; "
                              "pass check_model=False if they are the same model under two names")
-        if model.d_model != sae.cfg.d_in and (sae.cfg.hook_name or "").endswith(("resid_post", "resid_pre")):
+        if model.d_model != sae.cfg.d_in and (sae.cfg.hook_name or "").endswith(("resid_post", "resid_pre")) \
+                and not sae.cfg.is_crosscoder:
             raise ValueError(f"the SAE reads d_in={sae.cfg.d_in} but {model.name} has d_model={model.d_model}")
     stats = collect(sae, source, hook=hook, top=top, sample=sample, before=before, after=after,
                     batch_size=batch_size, max_tokens=max_tokens, check_model=check_model, progress=progress)
     stats.meta = {"source": str(getattr(source, "path", source)), "hook": hook or sae.cfg.hook_name,
                   "model": sae.cfg.model_name}
-    W_U = unembedding(model) if model is not None and model.d_model == sae.cfg.d_in else None
+    rows = decoder_rows(sae, model)
+    W_U = unembedding(model) if model is not None and model.d_model == rows.shape[1] else None
     name = f"{sae.cfg.arch}-{sae.cfg.width}" + (f"-k{sae.cfg.k}" if sae.cfg.k else "")
     if sae.cfg.hook_name:
         name += f" @ {sae.cfg.hook_name}"
-    return FeatureSet(stats, model.tokenizer if model is not None else tokenizer, sae.W_dec.detach(), W_U, name=name)
+    return FeatureSet(stats, model.tokenizer if model is not None else tokenizer, rows, W_U, name=name)
+
+
+def decoder_rows(sae, model=None) -> Tensor:
+    """The decoder rows the cards read (logit table, nearest latents): the SAE's own, or a crosscoder's last part
+    written in `model`'s space (the write nearest its unembedding), in that hook's raw units."""
+    rows = sae.W_dec.detach()
+    if not sae.cfg.is_crosscoder:
+        return rows
+    pieces = split(sae.cfg.parts, rows, raw=True)
+    mine = [i for i, part in enumerate(sae.cfg.parts) if model is None or part["model"] in ("", model.name)]
+    return pieces[mine[-1] if mine else -1]

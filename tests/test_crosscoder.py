@@ -198,12 +198,17 @@ def test_tensor_source_epochs_are_reproducible_and_file_round_trips(tmp_path):
         TensorSource({"a": torch.ones(3, 2), "b": torch.ones(4, 2)})
 
 
-def test_paired_activations_align_two_tokenizers(tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
     from conftest import build_tiny_model
 
     from saelab.models import load_model
 
-    other = load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny-other-xc"), d_model=48, vocab=300)))
+    return load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny-other-xc"), d_model=48, vocab=300)))
+
+
+def test_paired_activations_align_two_tokenizers(tiny_model, other_model):
+    other = other_model
     text = ["The quick brown fox jumps over the lazy dog, again and again, near Paris on Monday."] * 20
     hook = "blocks.1.hook_resid_post"
     source = paired_activations(tiny_model, hook, other, hook, text, tokens=150, batch_size=32, progress=False)
@@ -276,3 +281,25 @@ def test_probes_dashboard_and_push_read_a_crosscoder(layer_crosscoder, tiny_mode
     out = sae.push_to_hub("me/xc", dry_run=tmp_path / "push")
     pushed = saelab.SAE.load(out / sae.cfg.hook_name).cfg.parts  # a local model path is reduced to its last name
     assert pushed == [{**p, "model": Path(p["model"]).name} for p in sae.cfg.parts]
+
+
+def test_matching_reads_a_crosscoder_on_its_model(layer_crosscoder, tiny_model, other_model):
+    from helpers import CACHE_HOOKS
+
+    from saelab.analysis.alignment import Side, aligned_chunks
+
+    sae = layer_crosscoder
+    side = Side(tiny_model, sae.cfg.hook_name, sae)
+    assert side.reads == list(CACHE_HOOKS) and side.width == 48
+    docs = ["The quick brown fox jumps over the lazy dog on Monday."] * 4
+    [chunk] = list(aligned_chunks([side], [Side(other_model, "blocks.1.hook_resid_post")], docs))
+    codes = chunk.a[side.label]
+    tokens = tiny_model.tokenize(docs[:1])
+    every = tiny_model.activations_at(tokens, list(CACHE_HOOKS), positions=None)
+    position = max(i for i, (start, end) in enumerate(tokens.spans[0].tolist()) if end == 3 and start >= 0)
+    expected = sae.encode(joined(sae.cfg.parts, {h: every[h][0, position:position + 1] for h in CACHE_HOOKS}))[0]
+    got = torch.zeros(48)
+    got[codes.latents[codes.crow[0]:codes.crow[1]]] = codes.values[codes.crow[0]:codes.crow[1]]
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="d_in=128 but"):  # the other model's layers are narrower
+        Side(other_model, sae.cfg.hook_name, sae)

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from saelab.activations.joined import joined
 from saelab.activations.manifest import Manifest
 from saelab.analysis.correlation import Features
 from saelab.codes import Codes, encode_sparse, iter_codes
@@ -45,8 +46,12 @@ class Side:
     label: str = ""
 
     def __post_init__(self):
-        self.hook = self.model.resolve_hooks(self.hook)[0]
-        d = self.model.hook_dim(self.hook)
+        if self.sae is not None and self.sae.cfg.is_crosscoder:  # it reads its parts' hooks, joined
+            self.hook = self.hook or self.sae.cfg.hook_name
+            d = sum(self.model.hook_dim(self.model.resolve_hooks(hook)[0]) for hook in self.reads)
+        else:
+            self.hook = self.model.resolve_hooks(self.hook)[0]
+            d = self.model.hook_dim(self.hook)
         if self.sae is not None:
             self.sae.check_hook(self.hook)
             if self.sae.cfg.d_in != d:
@@ -65,6 +70,17 @@ class Side:
     @property
     def width(self) -> int:
         return self.sae.cfg.width if self.sae is not None else self.model.hook_dim(self.hook)
+
+    @property
+    def reads(self) -> list[str]:
+        """The model's hooks this side needs: a crosscoder's parts (all of this model's), else its hook."""
+        if self.sae is not None and self.sae.cfg.is_crosscoder:
+            return [part["hook"] for part in self.sae.cfg.parts]
+        return [self.hook]
+
+    def read(self, acts: dict[str, Tensor]) -> Tensor:
+        """This side's input from the activations at `reads`."""
+        return joined(self.sae.cfg.parts, acts) if self.sae is not None and self.sae.cfg.is_crosscoder else acts[self.hook]
 
     def features(self, acts: Tensor) -> Features:
         """Activations [n, d] at this side's hook -> sparse codes (SAE) or the activations themselves."""
@@ -180,8 +196,8 @@ def aligned_chunks(sides_a: Sequence[Side], sides_b: Sequence[Side], documents: 
     """Run both models over `documents` (one forward per model per batch, all hooks at once) and yield the
     features of every side at the aligned positions. Every side of A must share one model, and of B."""
     model_a, model_b = _one_model(sides_a, "A"), _one_model(sides_b, "B")
-    hooks_a = list(dict.fromkeys(s.hook for s in sides_a))
-    hooks_b = list(dict.fromkeys(s.hook for s in sides_b))
+    hooks_a = list(dict.fromkeys(hook for s in sides_a for hook in s.reads))
+    hooks_b = list(dict.fromkeys(hook for s in sides_b for hook in s.reads))
     done = 0
     for start in range(0, len(documents), batch_size):
         docs = list(documents[start:start + batch_size])
@@ -204,8 +220,8 @@ def aligned_chunks(sides_a: Sequence[Side], sides_b: Sequence[Side], documents: 
             continue
         acts_a = model_a.activations_at(tokens_a, hooks_a, positions=mask_a, batch_size=batch_size)
         acts_b = model_b.activations_at(tokens_b, hooks_b, positions=mask_b, batch_size=batch_size)
-        chunk = AlignedChunk({s.label: s.features(acts_a[s.hook]) for s in sides_a},
-                             {s.label: s.features(acts_b[s.hook]) for s in sides_b},
+        chunk = AlignedChunk({s.label: s.features(s.read(acts_a)) for s in sides_a},
+                             {s.label: s.features(s.read(acts_b)) for s in sides_b},
                              tokens_a.ids[mask_a], tokens_b.ids[mask_b], torch.cat(doc_ids), torch.cat(ends), words)
         if max_tokens is not None and done + n > max_tokens:
             chunk = _head(chunk, max_tokens - done)

@@ -303,3 +303,19 @@ def test_matching_reads_a_crosscoder_on_its_model(layer_crosscoder, tiny_model, 
     assert torch.allclose(got, expected, atol=1e-5)
     with pytest.raises(ValueError, match="d_in=128 but"):  # the other model's layers are narrower
         Side(other_model, sae.cfg.hook_name, sae)
+
+
+def test_cli_trains_a_crosscoder_on_joined_hooks(tiny_cache, tmp_path, capsys):
+    from helpers import CACHE_HOOKS
+
+    from saelab.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--acts", str(tiny_cache), "--join", ",".join(CACHE_HOOKS), "--arch", "topk", "--width", "32",
+            "--k", "4", "--tokens", "1024", "--batch-size", "256", "--out", str(out)]
+    assert main(args) == 0
+    assert "not evaluated by `train`" in capsys.readouterr().err
+    sae = saelab.SAE.load(out / "+".join(CACHE_HOOKS) / "topk-32-k4")
+    assert [p["hook"] for p in sae.cfg.parts] == list(CACHE_HOOKS) and sae.cfg.training_tokens == 1024
+    assert main(args[:4] + ["blocks.0.hook_resid_post,blocks.9.hook_resid_post"] + args[5:]) == 2
+    assert "two or more different hooks" in capsys.readouterr().err

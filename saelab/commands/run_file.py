@@ -7,7 +7,7 @@ from pathlib import Path
 
 from saelab.options import SettingError, check_keys
 
-RUN_KEYS = ["acts", "model", "hooks", "text", "out", "eval_tokens", "train", "saes"]
+RUN_KEYS = ["acts", "model", "hooks", "text", "out", "eval_tokens", "join", "train", "saes"]
 """Top-level keys of a YAML / JSON run file."""
 
 

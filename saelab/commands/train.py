@@ -1,6 +1,7 @@
 """`saelab train`: train SAEs on an activation cache or a live model stream, described by flags, a run file, or
 both (flags win). Transcoders too: `saelab train --acts CACHE --hook blocks.5.ln2.hook_normalized
---target-hook blocks.5.hook_mlp_out [--skip]`, or target_hook (and options: {skip: true}) in a run file's saes."""
+--target-hook blocks.5.hook_mlp_out [--skip]`, or target_hook (and options: {skip: true}) in a run file's saes.
+Crosscoders: `saelab train --acts CACHE --join blocks.6.hook_resid_post,blocks.9.hook_resid_post`."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class TrainCommand(RunsModel):
     """start over even if --out holds a checkpoint"""
     eval_tokens: NonNegativeInt | None = None
     """held-out tokens to evaluate on (0: skip; default 4096)"""
+    join: list[str] | None = None
+    """train crosscoders: one dictionary reading these hooks side by side, each at unit mean squared norm (its
+    SAEs read the joined hook unless --hook says otherwise; not evaluated here: see saelab.crosscoder)"""
     given: argparse.Namespace = field(default_factory=argparse.Namespace)
     """The SAESpec, architecture-option and TrainConfig flags given (see add_setting_flags): they override the
     run file's `saes` and `train`, so only those given are set."""
@@ -180,6 +184,22 @@ def check_hooks(specs: list[SAESpec], hooks: list[str]) -> None:
                                 f"{', '.join(hooks)}")
 
 
+def crosscoder_source(source, join: list[str] | str | None, specs: list[SAESpec], eval_tokens: int):
+    """(source, specs, eval_tokens) for --join: the source with the joined hook, every SAE that names no hook reading
+    it, and no evaluation (the core evaluation splices one hook; a crosscoder's are read with saelab.crosscoder)."""
+    if not join:
+        return source, specs, eval_tokens
+    import dataclasses
+
+    from saelab.activations.joined import JoinedSource
+
+    joined = JoinedSource(source, split_list(join) if isinstance(join, str) else join)
+    if eval_tokens:
+        print("saelab: crosscoders are not evaluated by `train`; read them with saelab.crosscoder (diffing_report)",
+              file=sys.stderr)
+    return joined, [spec if spec.hook else dataclasses.replace(spec, hook=joined.name) for spec in specs], 0
+
+
 def cmd_train(args: TrainCommand) -> None:
     import warnings
 
@@ -192,7 +212,7 @@ def cmd_train(args: TrainCommand) -> None:
     where = args.config or "command line"
     config = load_config_file(args.config)
     run = {key: check_value(config[key], hint, f"{where}: {key}") for key, hint in
-           (("acts", str), ("model", str), ("hooks", str | list[str]), ("out", str), ("eval_tokens", int))
+           (("acts", str), ("model", str), ("hooks", str | list[str]), ("out", str), ("eval_tokens", int), ("join", str | list[str]))
            if config.get(key) is not None}
     settings = train_config(args, config, where)
     specs = sae_specs(args, config, where)
@@ -212,6 +232,8 @@ def cmd_train(args: TrainCommand) -> None:
                       text=train_text(args, config, where), buffer_tokens=settings.stream_buffer_tokens)
     source = open_source(acts or None, batch_size=settings.batch_size, seed=settings.seed,
                          share=run_share(settings), **stream)
+    eval_text = source.held_out_text(settings.tokens)
+    source, specs, eval_tokens = crosscoder_source(source, args.join or run.get("join"), specs, eval_tokens)
     check_hooks(specs, source.hooks)  # a cache's hooks are known before any model loads
     if stream and world.main:
         print(f"saelab: streaming from {model.name}; the mixing buffer holds {settings.stream_buffer_tokens:,} tokens "
@@ -219,7 +241,6 @@ def cmd_train(args: TrainCommand) -> None:
     if acts and eval_tokens and world.main:  # rank 0 alone evaluates
         model = load_model(source.model_name, device=device, trust_remote_code=args.trust_remote_code,
                            max_batch_tokens=args.max_batch_tokens)
-    eval_text = source.held_out_text(settings.tokens)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotEvaluated)  # said once below, in one line
         warnings.simplefilter("ignore", OffTarget)  # likewise, once per SAE

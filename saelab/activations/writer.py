@@ -151,6 +151,8 @@ def _write_shards(model, hooks, out: Path, manifest: Manifest, contexts, text: T
             chunk = list(islice(contexts, manifest.expected_contexts(index)))
             if len(chunk) < manifest.expected_contexts(index):  # the text ran out: the cache ends here
                 manifest.exhausted_at = index * manifest.shard_contexts + len(chunk)
+                bar.total = bar.n + (len(chunk) * text.context_len if index in todo else 0)  # not the cap asked
+                bar.refresh()
             if index not in todo or not chunk:
                 continue
             batches = token_batches(chunk, manifest.run["batch_size"], text.context_len, pad_id=pad_id,

@@ -371,12 +371,15 @@ def finite(value: Tensor, what: str) -> Tensor:
 
 @dataclass(eq=False)
 class Add:
-    """Add scale * vector at `hook` (steering along a direction); vector is [d] at that hook."""
+    """Add scale * vector at `hook` (steering along a direction); vector is [d] at that hook. bos=False leaves a
+    leading BOS alone when positions is None (steering does: BOS is an attention sink whose norm dwarfs the
+    others', and a push there moves every later token through attention)."""
 
     hook: str
     vector: Tensor
     scale: float = 1.0
     positions: Positions = None
+    bos: bool = True
 
     def _bind(self, model):
         hook = _one_hook(model, self.hook)
@@ -385,7 +388,8 @@ class Add:
                       "the vector")
 
         def apply(x: Tensor, tokens: Tokens) -> Tensor:
-            where = position_mask(self.positions, tokens).to(x.device).unsqueeze(-1)
+            skip_bos = self.positions is None and not self.bos
+            where = (tokens.text_mask if skip_bos else position_mask(self.positions, tokens)).to(x.device).unsqueeze(-1)
             return torch.where(where, x + step.to(x.device, x.dtype), x)
 
         return hook, apply

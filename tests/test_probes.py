@@ -275,8 +275,12 @@ def test_probe_and_steer_configs_hold_every_setting_with_checked_values():
         ProbeConfig("m", "h", "d", positions="first")
     with pytest.raises(ValueError, match="batch_size"):
         ProbeConfig("m", "h", "d", batch_size=0)
+    assert config.splits == 1 and ProbeConfig("m", "h", "d", splits=5).splits == 5
+    with pytest.raises(ValueError, match="splits"):
+        ProbeConfig("m", "h", "d", splits=0)
     steer = SteerConfig(model="m", prompts="a|b")
     assert (steer.alphas, steer.new_tokens, steer.side_texts, steer.side_words) == ([0, 0.25, 0.5, 1, 2], 12, 16, 48)
+    assert steer.unit is None  # separation with data, norm for an SAE's decoder row
     with pytest.raises(ValueError, match="give a target"):
         target_of(steer)
     assert target_of(SteerConfig("m", "a|b", up=" x, y", down=" z")).up == [" x", " y"]
@@ -348,3 +352,70 @@ def test_probe_and_steer_commands(tiny_model_dir, tmp_path):
                  "colour", "--alphas", "0,1", "--prompts", "It is|Look at", "--up", " the", "--side-texts", "2",
                  "--side-words", "10", "--out", str(tmp_path / "steer")]) == 0
     assert len(json.loads((tmp_path / "steer" / "steering.json").read_text())["points"]) == 2
+
+
+# ------------------------------------------------------------------------------------------- intervals over splits
+def test_mean_interval_is_students_t_and_covers_the_mean_about_95_percent_of_the_time():
+    from saelab.analysis.probes import mean_interval
+
+    mean, low, high = mean_interval([0.7, 0.8, 0.9])  # sd 0.1, t(0.975, 2 df) = 4.302653
+    assert (mean, high - mean, mean - low) == (pytest.approx(0.8), pytest.approx(0.248414, abs=1e-5),
+                                               pytest.approx(0.248414, abs=1e-5))
+    assert mean_interval([0.6]) == (0.6, 0.6, 0.6)
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 10):
+        draws = 0.8 + 0.05 * torch.randn(2000, n, generator=g)
+        covered = [low <= 0.8 <= high for low, high in (mean_interval(row.tolist())[1:] for row in draws)]
+        assert 0.93 < sum(covered) / len(covered) < 0.97, n
+    with pytest.raises(ValueError, match="at least one"):
+        mean_interval([])
+
+
+def test_probe_intervals_over_splits_contain_the_true_accuracy_and_shrink_with_more_splits(monkeypatch):
+    """One planted feature shifted by +-1 with unit noise: the best linear probe's accuracy is Phi(1) = 0.841
+    (3000 texts, so this sample's accuracy is within about 0.01 of it)."""
+    data = docs_data(1000, 3)
+    y = torch.tensor([1.0 if label == "b" else 0.0 for label in data.labels])
+    X = torch.randn(len(data), 3, generator=torch.Generator().manual_seed(0))
+    X[:, 0] += 2 * y - 1
+    monkeypatch.setattr(report, "extract", fake_extract(X))
+    truth = 0.5 * (1 + torch.erf(torch.tensor(1 / 2**0.5))).item()
+    widths = []
+    for splits in (3, 12):
+        results = run_probes(SimpleNamespace(name="fake"), data, [Features("h")], ks=(1,), splits=splits,
+                             methods=("diff_of_means", "sparse_mean_diff"))
+        assert {r.split for r in results.records} == set(range(splits)) and results.data["splits"] == splits
+        for key, (mean, low, high) in results.intervals().items():
+            assert low < truth < high, (splits, key)
+        mean, low, high = results.intervals()[("hook @ h", "diff_of_means", None)]
+        widths.append(high - low)
+        assert f"{mean:.3f} +- {(high - low) / 2:.3f}" in results.table() and f"{splits} document splits" in results.table()
+    assert widths[1] < widths[0] / 2
+    single = run_probes(SimpleNamespace(name="fake"), data, [Features("h")], ks=(1,), methods=("diff_of_means",))
+    assert "+-" not in single.table() and "splits" not in single.data and single.intervals()
+
+
+def test_agreement_is_graded_and_no_single_word_tells_its_class():
+    from collections import Counter
+
+    from saelab.analysis.concepts import AGREEMENT_NOUNS, agreement, builtin
+
+    data = builtin("agreement")
+    assert len(data) == 24 * 2 * 3 * 4 and data.positive == "violates" and data.classes == ["agrees", "violates"]
+    words = {label: Counter(w.strip(".") for t, l in zip(data.texts, data.labels) if l == label for w in t.split())
+             for label in data.classes}
+    assert set(words["agrees"]) == set(words["violates"])  # every word occurs in both classes
+    for verb in ("is", "are"):
+        assert abs(words["agrees"][verb] - words["violates"][verb]) < 0.1 * words["agrees"][verb]
+    easy, hard = agreement(0), agreement(2)
+    assert easy.texts[0].split()[1] == "key" and "violates" in easy.labels
+    for text, label in zip(hard.texts, hard.labels):  # two nouns of the other number between subject and verb
+        words = text.rstrip(".").split()
+        plural, verb = words[1].endswith("s"), words[words.index("are" if "are" in words else "is")]
+        attractors = [w for w in words[2:] if w.rstrip("s") in AGREEMENT_NOUNS]
+        assert len(attractors) == 2 and all(w.endswith("s") != plural for w in attractors)
+        assert ((verb == "are") == plural) == (label == "agrees")
+    split = split_documents(data)
+    assert not {data.docs[i] for i in split["train"]} & {data.docs[i] for i in split["test"]}
+    with pytest.raises(DataError, match="attractors must be"):
+        agreement(3)

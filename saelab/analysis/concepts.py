@@ -286,8 +286,50 @@ def languages(locale_dir: str | Path = "/usr/share/locale", langs: Sequence[str]
     return LabelledTexts(texts, labels, docs, name="languages")
 
 
+AGREEMENT_HEADS = ["key", "book", "teacher", "student", "dog", "car", "window", "letter", "painting", "bottle",
+                   "lamp", "chair", "doctor", "singer", "farmer", "river", "tower", "flower", "soldier", "picture",
+                   "ship", "engine", "road", "girl"]
+AGREEMENT_NOUNS = ["cabinet", "table", "house", "village", "island", "castle", "mountain", "forest", "museum",
+                   "station", "office", "kitchen", "wall", "hill", "lake", "garden"]
+PREPOSITIONS = ["near", "behind", "beside", "above", "under", "next to", "by", "with"]
+
+
+ENDINGS = ["on the floor", "very old", "in the photo", "still there", "quite small", "for sale"]
+
+
+def agreement(attractors: int | Sequence[int] = (0, 1, 2), per_head: int = 4, seed: int = 0) -> LabelledTexts:
+    """Whether a sentence's verb agrees in number with its subject ("The keys near the cabinet are on the floor."
+    vs "The keys near the cabinet is on the floor.").
+
+    No word tells the class (every head, attractor and verb form is in both), so a linear probe needs a feature
+    that compares the verb with its subject. Difficulty is graded by `attractors`: 0 puts a noun of the subject's
+    own number between subject and verb, 1 and 2 put one or two nouns of the other number there, which misleads
+    a reader that takes the nearest noun. The document is the head noun, so test heads are nouns no probe saw."""
+    levels = [attractors] if isinstance(attractors, int) else list(attractors)
+    if not levels or any(not isinstance(n, int) or not 0 <= n <= 2 for n in levels):
+        raise DataError(f"agreement: attractors must be 0, 1 or 2 (or a list of them), got {attractors!r}")
+    rng = random.Random(f"agreement-{seed}")
+    texts, labels, docs = [], [], []
+    for head in AGREEMENT_HEADS:
+        for plural in (False, True):
+            for level in levels:
+                for i in range(per_head):
+                    nouns = rng.sample(AGREEMENT_NOUNS, max(level, 1))
+                    other = plural if level == 0 else not plural
+                    phrases = [f"{rng.choice(PREPOSITIONS)} the {noun + 's' if other else noun}" for noun in nouns]
+                    agrees = i % 2 == 0
+                    verb = "are" if plural == agrees else "is"
+                    texts.append(" ".join([f"The {head + 's' if plural else head}"] + phrases +
+                                          [verb, rng.choice(ENDINGS)]) + ".")
+                    labels.append("agrees" if agrees else "violates")
+                    docs.append(head)
+    data = LabelledTexts(texts, labels, docs, name="agreement")
+    data.positive = "violates"
+    return data
+
+
 def builtin(name: str, shared_data: str | Path | None = None, **kwargs) -> LabelledTexts:
-    """A built-in concept by name: genre, calendar or languages."""
+    """A built-in concept by name: genre, calendar, languages or agreement."""
     if name == "genre":
         from saelab.data import shared_data as default_shared_data
 
@@ -296,11 +338,13 @@ def builtin(name: str, shared_data: str | Path | None = None, **kwargs) -> Label
         return calendar()
     if name == "languages":
         return languages(**kwargs)
-    raise DataError(f"unknown built-in concept {name!r}; choose genre, calendar or languages, or give a file")
+    if name == "agreement":
+        return agreement(**kwargs)
+    raise DataError(f"unknown built-in concept {name!r}; choose {', '.join(BUILTINS)}, or give a file")
 
 
 def load_data(spec: str | Path, shared_data: str | Path | None = None, **kwargs) -> LabelledTexts:
-    """What `saelab probe --data` takes: a built-in name (genre, calendar, languages), a JSONL / CSV file of
+    """What `saelab probe --data` takes: a built-in name (genre, calendar, languages, agreement), a JSONL / CSV file of
     text and label, or a folder whose entries (files or sub-folders) are one label each, named after them."""
     if str(spec) in BUILTINS:
         return builtin(str(spec), shared_data)
@@ -316,7 +360,7 @@ def load_data(spec: str | Path, shared_data: str | Path | None = None, **kwargs)
                     "nor a folder of labelled text")
 
 
-BUILTINS = ("genre", "calendar", "languages")
+BUILTINS = ("genre", "calendar", "languages", "agreement")
 
 
 # ---------------------------------------------------------------------------------------------------- splits

@@ -186,6 +186,24 @@ def auc(scores: Tensor, y: Tensor) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): Student's t interval for the mean of scores from independent splits. It measures how
+    much a score moves when other documents land in the test split, which one split's accuracy cannot show."""
+    from scipy.stats import t
+
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_interval needs at least one value")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, mean, mean
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    half = float(t.ppf((1 + level) / 2, len(values) - 1)) * sd / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
 def _labels(y) -> Tensor:
     y = torch.as_tensor(y).double().reshape(-1)
     values = set(y.unique().tolist())
@@ -417,6 +435,15 @@ def concept_direction(X: Tensor, y, method: str = "diff_of_means", *, Xva: Tenso
     return causal.embed(v) if causal is not None else v
 
 
+def concept_separation(X: Tensor, y) -> float:
+    """||mean(X | y = 1) - mean(X | y = 0)||: how far apart the concept's classes sit, a steering unit that means
+    the same push on any model (unlike the activation norm, which a few massive dimensions can dominate)."""
+    X, y = torch.as_tensor(X).double(), _labels(y).bool()
+    if len(X) != len(y):
+        raise ValueError(f"{len(X)} activations for {len(y)} labels; give one label per row")
+    return float((X[y].mean(0) - X[~y].mean(0)).norm())
+
+
 __all__ = ["C_GRID", "METHODS", "CausalInnerProduct", "Features", "Probe", "auc", "concept_direction",
-           "diff_of_means", "extract", "fit_logistic", "fit_probes", "logistic_probe", "neuron_hook",
-           "rank_l1_path", "rank_mean_diff", "word_pair_direction"]
+           "concept_separation", "diff_of_means", "extract", "fit_logistic", "fit_probes", "logistic_probe",
+           "mean_interval", "neuron_hook", "rank_l1_path", "rank_mean_diff", "word_pair_direction"]

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from saelab.analysis.concepts import SPLITS, LabelledTexts, split_documents, tasks
-from saelab.analysis.probes import C_GRID, METHODS, Features, extract, fit_probes
+from saelab.analysis.probes import C_GRID, METHODS, Features, extract, fit_probes, mean_interval
 from saelab.analysis.study import SCHEMA_VERSION, StudyResult
 from saelab.figures import GRID_ALPHA, pyplot, save_figure
 from saelab.options import NonNegativeInt, PositiveInt, check_fields, split_list
@@ -42,6 +42,8 @@ class ProbeRecord:
     n_test: int
     selected: list[int] | None = None
     """The features a sparse probe reads, in rank order."""
+    split: int = 0
+    """The seed of the document split the probe was fitted and scored on."""
 
     @property
     def layer(self) -> int | None:
@@ -71,19 +73,32 @@ class ProbeResults(StudyResult):
             groups.setdefault((r.features, r.method, r.k), []).append(r.test_accuracy)
         return {key: sum(v) / len(v) for key, v in groups.items()}
 
+    def intervals(self, level: float = 0.95) -> dict[tuple[str, str, int | None], tuple[float, float, float]]:
+        """{(features, method, k): (mean, low, high)} of the test accuracy (mean over tasks) over the document
+        splits; one split gives a zero-width interval."""
+        groups: dict[tuple, dict[int, list[float]]] = {}
+        for r in self.records:
+            groups.setdefault((r.features, r.method, r.k), {}).setdefault(r.split, []).append(r.test_accuracy)
+        return {key: mean_interval([sum(v) / len(v) for v in by_split.values()], level)
+                for key, by_split in groups.items()}
+
     def table(self, ks: Sequence[int] | None = None) -> str:
         """Markdown: one row per feature set, test accuracy (mean over tasks) per method and k (all, or `ks`)."""
         means = self.mean_accuracy()
+        splits = sorted({r.split for r in self.records})
+        spread = self.intervals() if len(splits) > 1 else {}
         columns = sorted({(m, k) for _, m, k in means if k is None or ks is None or k in ks},
                          key=lambda c: (METHODS.index(c[0]), c[1] or 0))
         head = ["features"] + [m if k is None else f"{m.replace('sparse_', '')} k={k}" for m, k in columns]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in dict.fromkeys(r.features for r in self.records):
-            cells = [f"{means[(name, m, k)]:.3f}" if (name, m, k) in means else "" for m, k in columns]
+            cells = [_cell(means, spread, (name, m, k)) for m, k in columns]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         n_tasks = len({r.task for r in self.records})
+        over = (f"; mean over {len(splits)} document splits (seeds {splits[0]}-{splits[-1]}) +- half the 95 % "
+                "t interval" if spread else "")
         return (f"{self.data.get('name', 'data')} on {self.model}: test accuracy"
-                f"{f', mean of {n_tasks} one-vs-rest tasks' if n_tasks > 1 else ''}\n\n" + "\n".join(lines) + "\n")
+                f"{f', mean of {n_tasks} one-vs-rest tasks' if n_tasks > 1 else ''}{over}\n\n" + "\n".join(lines) + "\n")
 
     def plot(self, path: str | Path, title: str = "") -> Path:
         """Accuracy vs k (mean over tasks): one colour per feature set, solid |mean-diff| ranking, dotted L1 path,
@@ -124,13 +139,23 @@ class ProbeResults(StudyResult):
         return self.table() + chosen_latents(self, getattr(self, "_report_folder", Path(".")))
 
 
+def _cell(means: dict, spread: dict, key: tuple) -> str:
+    if key not in means:
+        return ""
+    if key not in spread:
+        return f"{means[key]:.3f}"
+    mean, low, high = spread[key]
+    return f"{mean:.3f} +- {(high - low) / 2:.3f}"
+
+
 def chosen_latents(results: ProbeResults, folder: Path) -> str:
     """Markdown: per task, SAE and sparse method, the latents its largest probe read (in rank order), each a link
     to its page in the SAE's dashboard (relative to `folder`, where the report is written) when that page exists,
     with the command that exports the others."""
     rows, missing = [], {}
+    first = min((r.split for r in results.records), default=0)  # one split's latents: the others' would repeat them
     for r in results.records:
-        if r.kind != "sae" or not r.selected or r.method not in ("sparse_mean_diff", "sparse_l1"):
+        if r.kind != "sae" or not r.selected or r.method not in ("sparse_mean_diff", "sparse_l1") or r.split != first:
             continue
         if any(o.task == r.task and o.features == r.features and o.method == r.method and (o.k or 0) > (r.k or 0)
                for o in results.records):
@@ -162,41 +187,53 @@ def chosen_latents(results: ProbeResults, folder: Path) -> str:
 def run_probes(model, data: LabelledTexts, features: Sequence[Features], *, ks: Sequence[int] = (1, 2, 4, 8, 16),
                positions="mean", seed: int = 0, fractions: Sequence[float] = (0.6, 0.2, 0.2),
                methods: Sequence[str] = METHODS, Cs: Sequence[float] = C_GRID, positive: str | None = None,
-               batch_size: int | None = None, log=None) -> ProbeResults:
+               batch_size: int | None = None, splits: int = 1, log=None) -> ProbeResults:
     """Split by document, build balanced binary tasks (one-vs-rest for more than two labels), read every feature
-    set in one pass over the texts, fit each probe on train + validation and score it once on test."""
+    set in one pass over the texts, fit each probe on train + validation and score it once on test. With
+    `splits` > 1 all this is repeated on the document splits of seeds seed, seed + 1, ... (the texts are read
+    once), and the table gives each accuracy's mean and 95 % interval over them."""
     started = time.perf_counter()
-    split = split_documents(data, fractions, seed)
-    jobs = tasks(data, split, seed, positive)
-    used = sorted({i for t in jobs for s in SPLITS for i in t.rows[s]})
+    if splits < 1:
+        raise ValueError(f"splits must be at least 1, got {splits}")
+    jobs = {s: tasks(data, split_documents(data, fractions, s), s, positive) for s in range(seed, seed + splits)}
+    used = sorted({i for found in jobs.values() for t in found for s in SPLITS for i in t.rows[s]})
     where = {row: j for j, row in enumerate(used)}
     if log:
-        log(f"{data.name}: {len(used)} of its {len(data)} texts (classes balanced in every split), {len(jobs)} "
-            f"task(s), features: {', '.join(f.name for f in features)}")
+        log(f"{data.name}: {len(used)} of its {len(data)} texts (classes balanced in every split), "
+            f"{len(jobs[seed])} task(s) x {splits} split(s), features: {', '.join(f.name for f in features)}")
     X = extract(model, [data.texts[i] for i in used], features, positions, batch_size=batch_size,
                 names=lambda j: data.origin(used[j]))
     results = ProbeResults(model=model.name, data={
         "name": data.name, "n_examples": len(data), "n_documents": len(set(data.docs)), "classes": data.classes,
         "positions": positions if isinstance(positions, (str, int)) else "per-text", "seed": seed,
-        "fractions": list(fractions), "ks": sorted(set(ks))})
-    for task in jobs:
-        rows = {s: [where[i] for i in task.rows[s]] for s in SPLITS}
-        y = {s: torch.tensor(task.y[s]) for s in SPLITS}
-        for f in features:
-            x = X[f.name]
-            probes = fit_probes(x[rows["train"]], y["train"], x[rows["val"]], y["val"], ks=ks, methods=methods, Cs=Cs)
-            for probe in probes:  # the test split, scored once
-                score = probe.score(x[rows["test"]], y["test"])
-                results.records.append(ProbeRecord(
-                    task=task.name, features=f.name, kind=f.kind, hook=f.hook, method=probe.method, k=probe.k,
-                    C=probe.C, val_accuracy=probe.val_accuracy, test_accuracy=score["accuracy"],
-                    test_auc=score["auc"], n_train=len(rows["train"]), n_val=len(rows["val"]),
-                    n_test=len(rows["test"]), selected=probe.features))
-        if log:
-            log(f"  {task.name}: " + ", ".join(f"{r.features.split(' @ ')[0]}@L{r.layer} {r.test_accuracy:.2f}"
-                                            for r in results.records if r.task == task.name and r.method == "logistic"))
+        "fractions": list(fractions), "ks": sorted(set(ks)), **({"splits": splits} if splits > 1 else {})})
+    for split, found in jobs.items():
+        for task in found:
+            rows = {s: [where[i] for i in task.rows[s]] for s in SPLITS}
+            results.records += _task_records(task.name, rows, {s: torch.tensor(task.y[s]) for s in SPLITS}, X,
+                                             features, split, dict(ks=ks, methods=methods, Cs=Cs))
+            if log:
+                log(f"  {task.name}{f' (split {split})' if splits > 1 else ''}: " + ", ".join(
+                    f"{r.features.split(' @ ')[0]}@L{r.layer} {r.test_accuracy:.2f}" for r in results.records
+                    if r.task == task.name and r.split == split and r.method == "logistic"))
     results.seconds = time.perf_counter() - started
     return results
+
+
+def _task_records(task: str, rows: dict, y: dict, X: dict, features: Sequence[Features], split: int,
+                  options: dict) -> list[ProbeRecord]:
+    """Every probe of one task and split, fitted on train + validation and scored once on test."""
+    records = []
+    for f in features:
+        x = X[f.name]
+        for probe in fit_probes(x[rows["train"]], y["train"], x[rows["val"]], y["val"], **options):
+            score = probe.score(x[rows["test"]], y["test"])
+            records.append(ProbeRecord(
+                task=task, features=f.name, kind=f.kind, hook=f.hook, method=probe.method, k=probe.k, C=probe.C,
+                val_accuracy=probe.val_accuracy, test_accuracy=score["accuracy"], test_auc=score["auc"],
+                n_train=len(rows["train"]), n_val=len(rows["val"]), n_test=len(rows["test"]),
+                selected=probe.features, split=split))
+    return records
 
 
 @dataclass
@@ -209,7 +246,7 @@ class ProbeConfig:
     """Hooks separated by commas or ';' (outside braces), e.g. 'blocks.{5,10,15}.hook_resid_post'."""
     data: str
     """JSONL / CSV (text, label[, doc]), a folder with one file or sub-folder per label, or a built-in concept:
-    genre, calendar, languages."""
+    genre, calendar, languages, agreement."""
     sae: list[str] = field(default_factory=list)
     """SAE folders whose latents to probe too (each one's hook must be among the hooks)."""
     neurons: bool = False
@@ -220,6 +257,9 @@ class ProbeConfig:
     """'mean' (over tokens, no BOS), 'last', or a token index (negative: from the end of each text)."""
     seed: NonNegativeInt = 0
     """Seeds the document split and the class balancing."""
+    splits: PositiveInt = 1
+    """Document splits to repeat the study on (seeds seed, seed + 1, ...): with more than one, the table gives each
+    accuracy's mean and 95 % interval over them."""
     batch_size: PositiveInt = 16
     """Texts per model forward (at most)."""
     shared_data: str | None = None
@@ -281,7 +321,8 @@ def run_probe_study(config: ProbeConfig, *, model=None, data: LabelledTexts | No
                          "in the order of the SAEs")
     features = probe_features(model, config)
     results = run_probes(model, data, features, ks=config.k, positions=position_of(config.positions),
-                         seed=config.seed, positive=config.positive, batch_size=config.batch_size, log=log)
+                         seed=config.seed, positive=config.positive, batch_size=config.batch_size,
+                         splits=config.splits, log=log)
     saes = [f.name for f in features if f.kind == "sae"]
     results.dashboards = {name: str(Path(folder).resolve()) for name, folder in zip(saes, config.dashboard)}
     return results

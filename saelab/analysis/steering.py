@@ -1,12 +1,16 @@
 """Steering: push along a concept direction (or clamp an SAE latent) and measure what it does, and what it breaks.
 
-    steer = Steer.direction(model, "blocks.9.hook_resid_post", theta, side_text)     # alpha in units of ||x||
+    steer = Steer.direction(model, "blocks.9.hook_resid_post", theta, separation=gap)  # alpha in units of gap
     result = sweep(model, steer, [0, 0.25, 0.5, 1], LogitDiff(prompts, up=[" Monday"], down=[" London"]), side_text)
     result.plot("steering.png")
 
 Every alpha reports the target effect *and* the side effects on unrelated text: KL(clean || steered) of the
 next-token distributions and the steered cross-entropy next to the clean one. The point where KL and CE climb
 while the target has stopped moving is where steering starts to break the model.
+
+What one alpha is matters for comparing models. The concept's own separation, the distance between its class
+means at the hook (`concept_separation`), transfers; the mean activation norm does not, because a few massive
+dimensions and BOS can hold most of it (Gemma 3's residual stream). A direction is never added at BOS.
 """
 
 from __future__ import annotations
@@ -30,30 +34,41 @@ if TYPE_CHECKING:
     from saelab.sae import SAE
 
 
+UNITS = ("separation", "norm", "raw")
+"""What one alpha of a direction counts in: the concept's separation at the hook, the hook's mean activation norm
+(BOS left out), or the model's raw units."""
+
+
 @dataclass(eq=False)
 class Steer:
-    """alpha -> a patch: alpha * unit * norm added at `hook`, or an SAE latent clamped to alpha (error term kept)."""
+    """alpha -> a patch: alpha * unit * norm added at `hook` (never at BOS), or an SAE latent clamped to alpha
+    (error term kept)."""
 
     hook: str
     unit: Tensor | None = None
     norm: float = 1.0
-    """Scale of one alpha for a direction: the mean activation norm at the hook (or 1 for raw units)."""
+    """Size of one alpha for a direction in the model's units at the hook (what `scale` names)."""
     sae: "SAE | None" = None
     latent: int | None = None
+    scale: str = "raw"
+    """What one alpha counts in: separation, norm or raw (UNITS); latent for a clamp (alpha is the latent's value)."""
 
     @classmethod
-    def direction(cls, model, hook: str, vector: Tensor, reference: Sequence[str] | None = None) -> "Steer":
-        """Steer along `vector` (made unit). With `reference` texts, alpha counts in mean activation norms at the
-        hook there (BOS left out), so the same alphas mean the same push on every model and layer."""
+    def direction(cls, model, hook: str, vector: Tensor, reference: Sequence[str] | None = None, *,
+                  separation: float | None = None) -> "Steer":
+        """Steer along `vector` (made unit). alpha counts in `separation` where given (the distance between the
+        concept's class means at the hook, `concept_separation`), else with `reference` texts in mean activation
+        norms at the hook there (BOS left out), else in raw units."""
         vector = torch.as_tensor(vector).float()
         if vector.ndim != 1 or not float(vector.norm()) > 0:
             raise ValueError("a steering direction must be a non-zero vector [d]")
-        norm = 1.0
-        if reference is not None:
-            tokens = model.tokenize(list(reference))
-            acts = model.activations_at(tokens, hook, positions=tokens.text_mask)[hook]  # [real tokens, d]
-            norm = float(acts.norm(dim=-1).mean())
-        return cls(hook, vector / vector.norm(), norm)
+        if separation is not None:
+            if not separation > 0 or separation == float("inf"):
+                raise ValueError(f"the separation must be a positive finite distance, got {separation}")
+            return cls(hook, vector / vector.norm(), float(separation), scale="separation")
+        if reference is None:
+            return cls(hook, vector / vector.norm())
+        return cls(hook, vector / vector.norm(), mean_norm(model, hook, reference), scale="norm")
 
     @classmethod
     def decoder_row(cls, sae: "SAE", latent: int, model=None, reference: Sequence[str] | None = None) -> "Steer":
@@ -67,20 +82,27 @@ class Steer:
 
     @classmethod
     def clamp(cls, sae: "SAE", latent: int) -> "Steer":
-        """Clamp latent `latent` of `sae` to alpha at every token (Splice with the error term kept)."""
+        """Clamp latent `latent` of `sae` to alpha at every token but BOS (Splice with the error term kept)."""
         if not 0 <= latent < sae.cfg.width:
             raise ValueError(f"latent {latent} is out of range for an SAE of width {sae.cfg.width}")
-        return cls(sae.cfg.hook_name, sae=sae, latent=latent)
+        return cls(sae.cfg.hook_name, sae=sae, latent=latent, scale="latent")
 
     def patch(self, alpha: float):
         if self.sae is not None:
             return Splice(self.sae, error_term=True, clamp={self.latent: float(alpha)})
-        return Add(self.hook, self.unit, scale=float(alpha) * self.norm)
+        return Add(self.hook, self.unit, scale=float(alpha) * self.norm, bos=False)
 
     def describe(self) -> str:
         if self.sae is not None:
             return f"clamp latent {self.latent} at {self.hook}"
-        return f"add alpha x {self.norm:.3g} x unit direction at {self.hook}"
+        return f"add alpha x {self.norm:.3g} ({self.scale}) x unit direction at {self.hook}"
+
+
+def mean_norm(model, hook: str, texts: Sequence[str]) -> float:
+    """The mean activation norm at `hook` over the texts' tokens, BOS left out."""
+    tokens = model.tokenize(list(texts))
+    acts = model.activations_at(tokens, hook, positions=tokens.text_mask)[hook]  # [real tokens, d]
+    return float(acts.norm(dim=-1).mean())
 
 
 # ---------------------------------------------------------------------------------------------------- targets
@@ -175,12 +197,18 @@ class SteeringResult(StudyResult):
     ce_clean: float
     points: list[SteeringPoint]
     side_tokens: int
+    unit: str = "raw"
+    """What one alpha counts in: separation, norm, raw, or latent (a clamp: alpha is the latent's value)."""
+    unit_value: float = 1.0
+    """The size of that unit in the model's units at the hook."""
 
     def save_figures(self, folder: Path, name: str) -> None:
         self.plot(folder / f"{name}.png")
 
     def table(self) -> str:
-        lines = [f"| alpha | {self.target} | KL to clean (nats) | CE (clean {self.ce_clean:.3f}) |", "|---|---|---|---|"]
+        lines = [f"alpha counts in {UNIT_WORDS.get(self.unit, self.unit)} ({self.unit_value:.4g}); KL and CE on "
+                 f"{self.side_tokens} tokens of unrelated text\n",
+                 f"| alpha | {self.target} | KL to clean (nats) | CE (clean {self.ce_clean:.3f}) |", "|---|---|---|---|"]
         lines += [f"| {p.alpha:g} | {p.target:.3f} | {p.kl:.3f} | {p.ce:.3f} |" for p in self.points]
         return "\n".join(lines) + "\n"
 
@@ -200,6 +228,11 @@ class SteeringResult(StudyResult):
         for ax in (top, bottom):
             ax.grid(alpha=GRID_ALPHA)
         return save_figure(fig, path)
+
+
+UNIT_WORDS = {"separation": "the concept's separation (distance between its class means at the hook)",
+              "norm": "the mean activation norm at the hook (BOS left out)", "raw": "raw units",
+              "latent": "the clamped latent's value"}
 
 
 def side_effects(model, side_text: Sequence[str], patch, batch_size: int | None = None,
@@ -271,7 +304,8 @@ def sweep(model, steer: Steer, alphas: Sequence[float], target, side_text: Seque
                 log(f"  alpha {alpha:g}: {target.name} {value:.3f}, KL {kl:.3f}, CE {ce:.3f} (clean {ce_clean:.3f})")
     bar.close()
     return SteeringResult(model.name, steer.describe(), target.name, ce_clean, points,
-                          int(model.tokenize(list(side_text)).mask[:, 1:].sum()), seconds=time.perf_counter() - started)
+                          int(model.tokenize(list(side_text)).mask[:, 1:].sum()), steer.scale, steer.norm,
+                          seconds=time.perf_counter() - started)
 
 
 @dataclass
@@ -298,7 +332,11 @@ class SteerConfig:
     clamp: bool = False
     """Clamp the latent to alpha instead of adding its row."""
     alphas: list[FiniteFloat] = field(default_factory=lambda: [0, 0.25, 0.5, 1, 2])
-    """Steering strengths; for a direction in units of the hook's mean activation norm."""
+    """Steering strengths; for a direction in `unit`s."""
+    unit: str | None = None
+    """What one alpha of a direction counts in: separation (the distance between the data's class means at the
+    hook; the default with data), norm (the hook's mean activation norm, BOS left out; the default for an SAE's
+    decoder row) or raw."""
     up: str | None = None
     """Comma list of one-token words whose logits should rise (target: logit difference)."""
     down: str | None = None
@@ -322,30 +360,53 @@ class SteerConfig:
         self.positions = str(self.positions)
         check_fields(self)
         position_of(self.positions)
+        if self.unit is not None and self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
 
 
 def steer_of(model, config: SteerConfig, side: Sequence[str]) -> Steer:
-    """The Steer a config names: an SAE latent (clamped or its decoder row) or a class difference of means."""
-    from saelab.analysis.concepts import load_data
-    from saelab.analysis.probes import concept_direction
-    from saelab.analysis.report import position_of
+    """The Steer a config names: an SAE latent (clamped or its decoder row) or a class difference of means, with
+    alpha in the config's unit."""
     from saelab.hub import load_sae
 
     if config.sae:
         if config.latent is None:
             raise ValueError("an SAE needs a latent (the latent to clamp or to steer along)")
         sae = load_sae(config.sae)
-        return Steer.clamp(sae, config.latent) if config.clamp else Steer.decoder_row(sae, config.latent, model, side)
+        if config.clamp:
+            if config.unit is not None:
+                raise ValueError("a clamp's alpha is the latent's value; unit is for directions (leave it out)")
+            return Steer.clamp(sae, config.latent)
+        if not 0 <= config.latent < sae.cfg.width:
+            raise ValueError(f"latent {config.latent} is out of range for an SAE of width {sae.cfg.width}")
+        unit, hook = config.unit or "norm", sae.cfg.hook_name
+        row = sae.W_dec[config.latent].detach().float().cpu()
+        gap = concept_of(model, config, hook)[1] if unit == "separation" else None
+        return Steer.direction(model, hook, row, side if unit == "norm" else None, separation=gap)
     if not config.data:
         raise ValueError("give data (steer along the difference of class means) or an SAE with a latent")
     if not config.hook:
         raise ValueError("data needs a hook (where to read the classes and to add the direction)")
+    (hook,) = model.resolve_hooks(config.hook)
+    unit = config.unit or "separation"
+    theta, gap = concept_of(model, config, hook)
+    return Steer.direction(model, hook, theta, side if unit == "norm" else None,
+                           separation=gap if unit == "separation" else None)
+
+
+def concept_of(model, config: SteerConfig, hook: str) -> tuple[Tensor, float]:
+    """(unit difference-of-means direction, separation) of the config's labelled data at `hook`."""
+    from saelab.analysis.concepts import load_data
+    from saelab.analysis.probes import concept_direction, concept_separation
+    from saelab.analysis.report import position_of
+
+    if not config.data:
+        raise ValueError("unit separation needs data (labelled texts: the separation is between their class means)")
     data = load_data(config.data, config.shared_data)
     positive = config.positive or data.positive or data.classes[-1]
-    (hook,) = model.resolve_hooks(config.hook)
     X = model.activations_at(data.texts, hook, position_of(config.positions), names=data.origin)[hook]
-    theta = concept_direction(X, torch.tensor([label == positive for label in data.labels]).long())
-    return Steer.direction(model, hook, theta, side)
+    y = torch.tensor([label == positive for label in data.labels]).long()
+    return concept_direction(X, y), concept_separation(X, y)
 
 
 def target_of(config: SteerConfig):
@@ -371,5 +432,6 @@ def run_steering(config: SteerConfig, *, model=None, log=None, trust_remote_code
     return sweep(model, steer_of(model, config, side), config.alphas, target, side, log=log, progress=progress)
 
 
-__all__ = ["LogitDiff", "ProbeOutput", "Steer", "SteerConfig", "SteeringPoint", "SteeringResult", "WordFrequency",
-           "run_steering", "side_effects", "side_passages", "steer_of", "sweep", "target_of"]
+__all__ = ["LogitDiff", "ProbeOutput", "Steer", "SteerConfig", "SteeringPoint", "SteeringResult", "UNITS",
+           "WordFrequency", "concept_of", "mean_norm", "run_steering", "side_effects", "side_passages", "steer_of",
+           "sweep", "target_of"]

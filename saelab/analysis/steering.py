@@ -197,8 +197,9 @@ class SteeringResult(StudyResult):
     ce_clean: float
     points: list[SteeringPoint]
     side_tokens: int
-    unit: str = "raw"
-    """What one alpha counts in: separation, norm, raw, or latent (a clamp: alpha is the latent's value)."""
+    unit: str = ""
+    """What one alpha counts in: separation, norm, raw, or latent (a clamp: alpha is the latent's value); empty in
+    records written before the unit was kept."""
     unit_value: float = 1.0
     """The size of that unit in the model's units at the hook."""
 
@@ -206,9 +207,9 @@ class SteeringResult(StudyResult):
         self.plot(folder / f"{name}.png")
 
     def table(self) -> str:
-        lines = [f"alpha counts in {UNIT_WORDS.get(self.unit, self.unit)} ({self.unit_value:.4g}); KL and CE on "
-                 f"{self.side_tokens} tokens of unrelated text\n",
-                 f"| alpha | {self.target} | KL to clean (nats) | CE (clean {self.ce_clean:.3f}) |", "|---|---|---|---|"]
+        lines = [f"alpha counts in {UNIT_WORDS.get(self.unit, self.unit)}: {self.unit_value:.4g}; KL and CE on "
+                 f"{self.side_tokens} tokens of unrelated text\n"] if self.unit else []
+        lines += [f"| alpha | {self.target} | KL to clean (nats) | CE (clean {self.ce_clean:.3f}) |", "|---|---|---|---|"]
         lines += [f"| {p.alpha:g} | {p.target:.3f} | {p.kl:.3f} | {p.ce:.3f} |" for p in self.points]
         return "\n".join(lines) + "\n"
 
@@ -230,8 +231,8 @@ class SteeringResult(StudyResult):
         return save_figure(fig, path)
 
 
-UNIT_WORDS = {"separation": "the concept's separation (distance between its class means at the hook)",
-              "norm": "the mean activation norm at the hook (BOS left out)", "raw": "raw units",
+UNIT_WORDS = {"separation": "the concept's separation, the distance between its class means at the hook",
+              "norm": "the mean activation norm at the hook, BOS left out", "raw": "raw units",
               "latent": "the clamped latent's value"}
 
 

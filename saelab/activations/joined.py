@@ -6,6 +6,9 @@ order, or given) and recorded in the crosscoder's config (SAEConfig.parts), so t
 read exactly the same input, and a resumed run the same scales. Without them a model or layer with a larger
 residual norm (Gemma's few massive dimensions) would own the loss.
 
+A JoinedSource of a JoinedSource holds both joined hooks (its `parts` names each): a cross-layer transcoder reads
+one (each layer's MLP input) and writes the other (each layer's MLP output).
+
 Hooks of a two-model source (saelab.crosscoder.paired) are named "<model label>:<hook>" (the label is the model
 name's last path part, since a hook name must not hold '/'); a part records the model's full name and the hook.
 """
@@ -70,7 +73,8 @@ class JoinedSource:
     """`source` (a cache folder or any activation source) plus the hook `name` holding `hooks` side by side.
 
     scales: one per hook (None: each estimated from the first batch in text order). The other hooks pass through,
-    so SAEs on the single hooks can train from the same stream beside the crosscoder."""
+    so SAEs on the single hooks can train from the same stream beside the crosscoder; so do the joined hooks of a
+    JoinedSource given as `source` (`parts` then holds both)."""
 
     def __init__(self, source, hooks: Sequence[str], *, name: str | None = None, scales: Sequence[float] | None = None,
                  batch_size: int = 4096, seed: int = 0):
@@ -89,7 +93,7 @@ class JoinedSource:
         if len(scales) != len(hooks):
             raise ValueError(f"give one scale per hook: {len(hooks)} hooks, {len(scales)} scales")
         d = self.source.d
-        self.parts = {self.name: [dict(zip(("model", "hook"), _model_and_hook(h, self.source.model_name)),
+        self.parts = {**getattr(self.source, "parts", {}), self.name: [dict(zip(("model", "hook"), _model_and_hook(h, self.source.model_name)),
                                        d=d[h], scale=float(s)) for h, s in zip(hooks, scales)]}
         self.joined_hooks = hooks
         self.hooks = [*self.source.hooks, self.name]
@@ -97,13 +101,18 @@ class JoinedSource:
 
     @classmethod
     def for_crosscoder(cls, source, sae, **kwargs) -> "JoinedSource":
-        """`source` as the crosscoder `sae` reads it: its parts at their recorded scales, under its hook name."""
+        """`source` as the crosscoder `sae` reads it: its parts at their recorded scales, under its hook name (and
+        a transcoder's joined target, target_parts, under its target_hook)."""
         parts = sae.cfg.parts
         if not parts:
             raise ValueError("this dictionary is not a crosscoder (its config has no parts)")
         opened = open_source(source, batch_size=kwargs.pop("batch_size", 4096), seed=kwargs.pop("seed", 0))
-        return cls(opened, [source_hook(p, opened.hooks) for p in parts], name=sae.cfg.hook_name or None,
-                   scales=[p["scale"] for p in parts], **kwargs)
+        joined_source = cls(opened, [source_hook(p, opened.hooks) for p in parts], name=sae.cfg.hook_name or None,
+                            scales=[p["scale"] for p in parts], **kwargs)
+        if not sae.cfg.target_parts:
+            return joined_source
+        return cls(joined_source, [source_hook(p, opened.hooks) for p in sae.cfg.target_parts],
+                   name=sae.cfg.target_hook, scales=[p["scale"] for p in sae.cfg.target_parts], **kwargs)
 
     @property
     def d(self) -> dict[str, int]:

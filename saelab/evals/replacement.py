@@ -8,7 +8,7 @@ tracing's replacement model; the ablation it is compared with zeroes every targe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -41,15 +41,25 @@ def replacement_metrics(transcoders: Sequence[SAE], model: LanguageModel, text, 
     if len(set(targets)) != len(targets):
         raise ValueError(f"two transcoders write the same hook ({', '.join(targets)}): each target is replaced once")
     raws = [_raw_sae(sae) for sae in transcoders]
+    return replaced_losses(model, text, targets, lambda where: [p for raw, (i, t) in zip(raws, hooks)
+                                                                for p in splice_patches(raw, i, t, where)],
+                           tokens=tokens, batch_size=batch_size, splice_bos=splice_bos, progress=progress,
+                           desc=f"replacement model ({len(transcoders)} transcoders)")
+
+
+@torch.no_grad()
+def replaced_losses(model: LanguageModel, text, targets: Sequence[str], patches: Callable[[torch.Tensor], list], *,
+                    tokens: int | None, batch_size: int, splice_bos: bool, progress: bool, desc: str) -> SplicedMetrics:
+    """CE / KL of one forward with patches(where) applied (where: [b, L] the replaced positions), against the clean
+    model and the model with every hook of `targets` zero-ablated at those positions."""
     batches = _context_batches(model, text, tokens, batch_size)
     clean, replaced, zero = _Loss(), _Loss(), _Loss()
     n_predictions = n_contexts = 0
-    for ids, mask in _progress(progress, batches, f"replacement model ({len(transcoders)} transcoders)"):
+    for ids, mask in _progress(progress, batches, desc):
         view = _BatchView(model, ids, mask, splice_bos)
         clean_logp = view.logp()
         clean.add(clean_logp, clean_logp, view.targets, view.valid)
-        patches = [p for raw, (i, t) in zip(raws, hooks) for p in splice_patches(raw, i, t, view.where)]
-        replaced.add(view.logp(*patches), clean_logp, view.targets, view.valid)
+        replaced.add(view.logp(*patches(view.where)), clean_logp, view.targets, view.valid)
         ablations = [Replace(t, torch.zeros_like, positions=view.where) for t in targets]
         zero.add(view.logp(*ablations), clean_logp, view.targets, view.valid)
         n_predictions += int(view.valid.sum())
@@ -59,5 +69,4 @@ def replacement_metrics(transcoders: Sequence[SAE], model: LanguageModel, text, 
     return _spliced_result(clean, replaced, zero, None, n_contexts, n_predictions, splice_bos)
 
 
-
-__all__ = ["replacement_metrics"]
+__all__ = ["replaced_losses", "replacement_metrics"]

@@ -13,6 +13,13 @@ A transcoder (cfg.target_hook / cfg.d_out, see SAEConfig) reads x and reconstruc
     y_hat  = codes @ W_dec + b_dec [+ x @ W_skip]   W_dec [width, d_out], b_dec [d_out], W_skip [d_in, d_out]
     mse    = mean over tokens of ||y - y_hat||^2
 
+A cross-layer transcoder (cfg.cross_layer) is a transcoder on joined parts whose weights are masked, not separate:
+    W_enc block-diagonal        group g of the latents reads input part g only
+    W_dec block upper-triangular group g writes target parts g, g+1, ... only
+The masked blocks are zeros held at zero (at init, in the gradient before each step, in the weights after it), and
+each decoder row is unit-norm over the blocks it may write. Dense: every latent stores d_in + d_out weights and
+uses d_in / n + (n - g) d_out / n of them, and a training step multiplies by all of them.
+
 The inference module (`SAE`) holds only weights. Everything that exists only while training (coefficient
 warm-up, the BatchTopK running threshold, dead-latent masks) lives in a `Training` object that wraps it.
 """
@@ -143,6 +150,33 @@ class SAE(nn.Module):
                 w = torch.randn(self.cfg.width, self.cfg.output_dim, device=self.W_dec.device, dtype=torch.float32)
                 w /= w.norm(dim=1, keepdim=True)
             self.W_dec.copy_(w)
+            if self.cfg.cross_layer:  # each latent a unit-norm filter of its own layer's input
+                self.mask_cross_layer_()
+                self.W_enc.div_(self.W_enc.norm(dim=0, keepdim=True).clamp_min(1e-8))
+                self.normalize_decoder_()
+
+    def cross_layer_blocks(self) -> list[tuple[str, slice, slice]]:
+        """(parameter, rows, columns) of every block a cross-layer transcoder holds at zero: the encoder's inputs
+        outside a group's own part, the decoder's (and skip path's) targets of earlier layers. Empty otherwise."""
+        if not self.cfg.cross_layer:
+            return []
+        blocks = []
+        inputs, targets = self.cfg.part_slices, self.cfg.target_part_slices
+        for group, (latents, part, target) in enumerate(zip(self.cfg.latent_groups, inputs, targets)):
+            blocks += [("W_enc", slice(0, part.start), latents), ("W_enc", slice(part.stop, None), latents),
+                       ("W_dec", latents, slice(0, target.start))]
+            if self.cfg.skip:
+                blocks.append(("W_skip", part, slice(0, target.start)))
+        return blocks
+
+    @torch.no_grad()
+    def mask_cross_layer_(self, grads: bool = False) -> None:
+        """Zero a cross-layer transcoder's masked blocks in its weights (grads=True: in their gradients, so that
+        Adam's moments of them stay zero too). Nothing for any other dictionary."""
+        for name, rows, columns in self.cross_layer_blocks():
+            tensor = getattr(self, name).grad if grads else getattr(self, name)
+            if tensor is not None:
+                tensor[rows, columns] = 0
 
     # -- inference
     def _check_input(self, x: Tensor) -> Tensor:
@@ -245,17 +279,21 @@ class SAE(nn.Module):
         w = wide(self.W_dec)
         if not self.cfg.is_crosscoder:
             return w.norm(dim=1)
-        return sum(w[:, part].norm(dim=1) for part in self.cfg.part_slices)
+        written = self.cfg.target_part_slices if self.cfg.target_parts else self.cfg.part_slices
+        return sum(w[:, part].norm(dim=1) for part in written)
 
     @torch.no_grad()
     def normalize_decoder_(self, eps: float = 1e-8):
-        """Rescale W_dec rows to unit norm (call after each optimiser step)."""
+        """Rescale W_dec rows to unit norm (call after each optimiser step); a cross-layer transcoder's masked blocks
+        are zeroed first, so a row is unit-norm over the layers it writes."""
+        self.mask_cross_layer_()
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(eps))
 
     @torch.no_grad()
     def remove_parallel_grad_(self, eps: float = 1e-8):
         """Project out of W_dec.grad the component along each row (call before each optimiser step),
         so that the step changes directions, not norms, which normalize_decoder_ would undo anyway."""
+        self.mask_cross_layer_(grads=True)
         if self.W_dec.grad is None:
             return
         w = wide(self.W_dec)

@@ -15,6 +15,13 @@ their concatenation, each part multiplied by its own scale (see saelab.crosscode
     SAEConfig(arch="batchtopk", d_in=576 + 640, width=8192, k=64, hook_name="smollm2-135m:blocks.12.hook_resid_post+...",
               parts=[{"hook": "blocks.12.hook_resid_post", "model": "smollm2-135m", "d": 576, "scale": 0.031}, ...])
 
+A cross-layer transcoder (CLT) is a transcoder whose input and target are both joined: latents in group g (the width
+split into len(parts) equal groups) read input part g only and write target parts g, g+1, ... only, so a latent
+read at one layer writes that layer's MLP output and every later one's (see SAE's cross-layer masks):
+
+    SAEConfig(arch="batchtopk", d_in=3 * 576, width=3 * 2048, k=48, hook_name="blocks.3.mlp.hook_in+...",
+              target_hook="blocks.3.hook_mlp_out+...", parts=[...], target_parts=[...], cross_layer=True)
+
 On disk (cfg.json, checkpoints) the config is one flat dict, as SAELens's is: `to_dict` merges the options into it
 and `from_dict` splits them out again by the architecture's options class.
 """
@@ -34,7 +41,7 @@ from .registry import available_architectures, options_class, sae_class
 
 TRANSCODER_KEYS = ("target_hook", "d_out", "skip", "target_scale")
 """SAEConfig fields only a transcoder sets; written to cfg.json only when set (not None, not False)."""
-OPTIONAL_KEYS = (*TRANSCODER_KEYS, "parts")
+OPTIONAL_KEYS = (*TRANSCODER_KEYS, "parts", "target_parts", "cross_layer")
 """SAEConfig fields written to cfg.json only when set, so an SAE's cfg.json is the same as before they existed."""
 PART_KEYS = ("hook", "model", "d", "scale")
 """What a crosscoder records of each activation it reads (see SAEConfig.parts)."""
@@ -106,6 +113,14 @@ class SAEConfig:
     the concatenation of each part's activations times its scale (unit mean squared norm per part, so no model or
     layer outweighs another in the loss); the scales are part of what it reads, not folded into its weights."""
 
+    target_parts: list[dict[str, Any]] | None = None
+    """The activations a transcoder with a joined input (parts) writes, in order, recorded as parts are: its target
+    is their concatenation, each times its scale. None: the target is one activation (or the input, for an SAE)."""
+    cross_layer: bool = False
+    """A cross-layer transcoder: the width splits into len(parts) equal groups; group g reads input part g alone and
+    writes target parts g and later alone (its weights elsewhere are held at zero). Needs len(target_parts) ==
+    len(parts): part g of each is one layer's MLP input and output."""
+
     options: Options | dict[str, Any] = field(default_factory=dict)
     """The architecture's own settings: its options object (`sae_class(arch).options_cls`), or a dict of them; a
     setting the architecture does not read is refused, not ignored."""
@@ -175,27 +190,27 @@ class SAEConfig:
                 fail("target_scale", "is for transcoders only (an SAE's target is its input, scaled by input_scale)")
 
     def _check_parts(self, fail) -> None:
-        if self.parts is None:
-            return
-        if not isinstance(self.parts, (list, tuple)) or len(self.parts) < 2:
-            fail("parts", "must list at least two activations (a crosscoder reads several)")
-        parts = []
-        for part in self.parts:
-            if not isinstance(part, dict) or set(part) != set(PART_KEYS):
-                fail("parts", f"must be dicts with exactly the keys {list(PART_KEYS)}")
-            d, scale = part["d"], part["scale"]
-            if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
-                fail("parts", "must give each part a positive integer width d")
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-                fail("parts", "must give each part a finite scale > 0")
-            if not isinstance(part["hook"], str) or not part["hook"] or not isinstance(part["model"], str):
-                fail("parts", "must name each part's hook (and its model, '' if unknown)")
-            parts.append({key: part[key] for key in PART_KEYS} | {"scale": float(scale)})
-        if sum(p["d"] for p in parts) != self.d_in:
-            fail("parts", f"must add up to d_in={self.d_in} (the crosscoder reads their concatenation)")
-        if self.is_transcoder:
-            fail("parts", "cannot be combined with a transcoder's target (a crosscoder reconstructs what it reads)")
-        self.parts = parts
+        """A crosscoder's parts, a joined target's parts and the cross-layer layout: each part a dict of PART_KEYS,
+        the parts adding up to the width they are read from (or written to)."""
+        if self.parts is not None:
+            self.parts = _checked_parts(self.parts, self.d_in, "d_in", lambda why: fail("parts", why))
+            if self.is_transcoder and self.target_parts is None:
+                fail("parts", "cannot be combined with a transcoder's target unless target_parts lists what it writes "
+                              "(a crosscoder reconstructs what it reads)")
+        if self.target_parts is not None:
+            if self.parts is None or not self.is_transcoder:
+                fail("target_parts", "needs a joined input (parts) and a transcoder's target (target_hook)")
+            self.target_parts = _checked_parts(self.target_parts, self.output_dim, "d_out",
+                                               lambda why: fail("target_parts", why))
+        if not isinstance(self.cross_layer, bool):
+            fail("cross_layer", "must be true or false")
+        if self.cross_layer:
+            if self.target_parts is None or len(self.target_parts) != len(self.parts):
+                fail("cross_layer", "needs parts and target_parts of the same length (one input and one target per "
+                                    "layer)")
+            if self.width % len(self.parts):
+                fail("cross_layer", f"needs a width that splits into {len(self.parts)} equal groups (one per layer), "
+                                    f"got width={self.width}")
 
     @property
     def is_crosscoder(self) -> bool:
@@ -205,10 +220,19 @@ class SAEConfig:
     @property
     def part_slices(self) -> list[slice]:
         """Where each part sits in the crosscoder's input (and decoder rows)."""
-        ends = [0]
-        for part in self.parts or []:
-            ends.append(ends[-1] + part["d"])
-        return [slice(a, b) for a, b in zip(ends, ends[1:])]
+        return _slices(self.parts or [])
+
+    @property
+    def target_part_slices(self) -> list[slice]:
+        """Where each target part sits in the output (and decoder columns) of a transcoder with target_parts."""
+        return _slices(self.target_parts or [])
+
+    @property
+    def latent_groups(self) -> list[slice]:
+        """A cross-layer transcoder's latents of each layer (group g reads parts[g]); [all latents] otherwise."""
+        n = len(self.parts) if self.cross_layer else 1
+        size = self.width // n
+        return [slice(g * size, (g + 1) * size) for g in range(n)]
 
     @property
     def is_transcoder(self) -> bool:
@@ -265,6 +289,34 @@ class SAEConfig:
         if unknown:
             raise ValueError(f"SAEConfig got unknown keys {unknown}; known keys are {sorted([*common, *own])}")
         return cls(**{k: v for k, v in d.items() if k in common}, options={k: v for k, v in d.items() if k in own})
+
+
+def _checked_parts(parts, total: int, total_name: str, fail) -> list[dict[str, Any]]:
+    """Parts as recorded (PART_KEYS, float scales), after checking them; they must add up to `total`."""
+    if not isinstance(parts, (list, tuple)) or len(parts) < 2:
+        fail("must list at least two activations (a crosscoder reads several)")
+    checked_parts = []
+    for part in parts:
+        if not isinstance(part, dict) or set(part) != set(PART_KEYS):
+            fail(f"must be dicts with exactly the keys {list(PART_KEYS)}")
+        d, scale = part["d"], part["scale"]
+        if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+            fail("must give each part a positive integer width d")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            fail("must give each part a finite scale > 0")
+        if not isinstance(part["hook"], str) or not part["hook"] or not isinstance(part["model"], str):
+            fail("must name each part's hook (and its model, '' if unknown)")
+        checked_parts.append({key: part[key] for key in PART_KEYS} | {"scale": float(scale)})
+    if sum(p["d"] for p in checked_parts) != total:
+        fail(f"must add up to {total_name}={total} (the dictionary reads, or writes, their concatenation)")
+    return checked_parts
+
+
+def _slices(parts: list[dict[str, Any]]) -> list[slice]:
+    ends = [0]
+    for part in parts:
+        ends.append(ends[-1] + part["d"])
+    return [slice(a, b) for a, b in zip(ends, ends[1:])]
 
 
 def create_sae(cfg: SAEConfig | dict[str, Any], device: torch.device | str | None = None):

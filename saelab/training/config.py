@@ -10,8 +10,9 @@ from typing import Annotated, Any, Literal
 from saelab.options import Decay, Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Range, check_fields
 
 DEFAULT_K = 32
-COMMON_OPTIONS = ("dtype", "d_in", "skip")
-"""SAEConfig fields a spec may set for every architecture, beside its architecture's options (skip: transcoders)."""
+COMMON_OPTIONS = ("dtype", "d_in", "skip", "cross_layer")
+"""SAEConfig fields a spec may set for every architecture, beside its architecture's options (skip: transcoders;
+cross_layer: a transcoder on joined hooks, see saelab.activations.joined)."""
 
 
 @dataclass

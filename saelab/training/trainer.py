@@ -119,10 +119,10 @@ class Trainer:
         if d_in != self.source.d[hook]:
             raise ValueError(f"SAE {spec.name()} expects d_in={d_in} but hook {hook} gives {self.source.d[hook]}")
         common = {key: options.pop(key) for key in SAEConfig.common_keys() if key in options}  # dtype, skip
-        target = {} if spec.target_hook is None else dict(target_hook=spec.target_hook,
-                                                            d_out=self.source.d[spec.target_hook])
-        parts = getattr(self.source, "parts", {}).get(hook)  # a crosscoder's (saelab.crosscoder.JoinedSource)
-        cfg = SAEConfig(arch=spec.arch, d_in=d_in, width=spec.width, k=spec.k, hook_name=hook, parts=parts,
+        joined = getattr(self.source, "parts", {})  # joined hooks' parts (saelab.activations.joined.JoinedSource)
+        target = {} if spec.target_hook is None else dict(target_hook=spec.target_hook, d_out=self.source.d[
+            spec.target_hook], target_parts=joined.get(spec.target_hook))  # a cross-layer transcoder's joined target
+        cfg = SAEConfig(arch=spec.arch, d_in=d_in, width=spec.width, k=spec.k, hook_name=hook, parts=joined.get(hook),
                         model_name=self.source.model_name, **target, **common, options=options)
         name = f"{hook}/{spec.name()}"  # also the SAE's folder in the run: one folder per hook, as on the Hub
         with torch.random.fork_rng(devices=[]):  # each SAE's init depends on the seed and its name, not on order

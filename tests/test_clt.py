@@ -93,12 +93,17 @@ def chained_source(acts: dict, batch_size=256) -> JoinedSource:
 
 
 def test_chained_joined_source_holds_both_joined_hooks():
-    source = chained_source(planted(n=1024))
+    acts = planted(n=1024)
+    source = chained_source(acts)
     assert source.hooks[-2:] == ["in0+in1", "out0+out1"] and set(source.parts) == {"in0+in1", "out0+out1"}
     batch = next(source.batches())
     assert batch.acts["in0+in1"].shape == (256, 24) and batch.acts["out0+out1"].shape == (256, 24)
     rows = next(source.in_order(["out0+out1"]))
     assert list(rows.acts) == ["out0+out1"]
+    clt = create_sae(SAEConfig(arch="relu", d_in=24, width=4, hook_name="in0+in1", target_hook="out0+out1",
+                               parts=source.parts["in0+in1"], target_parts=source.parts["out0+out1"], cross_layer=True))
+    again = JoinedSource.for_crosscoder(TensorSource(acts, batch_size=256, seed=1, model_name="m"), clt)
+    assert again.parts == source.parts and again.hooks[-2:] == ["in0+in1", "out0+out1"]  # the recorded scales
 
 
 def test_a_clt_writes_what_per_layer_transcoders_cannot_and_keeps_its_masks():

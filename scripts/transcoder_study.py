@@ -66,10 +66,10 @@ def main() -> None:
     parser.add_argument("--layers", default="3,12,20")
     parser.add_argument("--width", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--epochs", type=float, default=1.0, help="training tokens, in passes over the cache")
+    parser.add_argument("--epochs", type=float, default=0.5, help="training tokens, in passes over the cache")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens, after the cache")
+    parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens, after the cache")
     args = parser.parse_args()
     from saelab.evals.replacement import replacement_metrics
     from saelab.models import load_model

@@ -26,7 +26,8 @@ from saelab.errors import TrainingError
 from saelab.crosscoder import (JoinedSource, classify, diffing_report, latent_scaling, paired_activations,
                                relative_norm, split, unpaired)
 
-CLASSES = ("a-only", "b-only", "shared", "between")
+MASSIVE = 10.0
+"""A row is massive where a part's norm exceeds this many times its median norm (saelab.evals.core.MASSIVE)."""
 
 
 def paired_rows(args, which: str, text: str, tokens: int, models: dict) -> TensorSource:
@@ -52,12 +53,20 @@ def paired_hooks(args) -> list[str]:
     return [f"{Path(args.model_a).name}:{args.hook_a}", f"{Path(args.model_b).name}:{args.hook_b}"]
 
 
+def centred_scale(x: torch.Tensor) -> float:
+    """The scale giving a part unit mean squared distance from its mean: a part whose norm is mostly one constant
+    direction (Gemma's residual stream) then weighs in the loss by what varies, as much as the other part."""
+    return float((x.float() - x.float().mean(0)).square().sum(1).mean().rsqrt())
+
+
 def crosscoder(rows: TensorSource, folder: Path, arch: str, args) -> SAE | None:
     """The `arch` crosscoder trained on `rows` (saved under `folder`), or loaded from there; None if it diverged."""
     saved = [path.parent for path in folder.glob("*/*/cfg.json") if path.parent.name.split("-")[0] == arch]
     if saved:
         return SAE.load(saved[0])
-    source = JoinedSource(rows, paired_hooks(args), seed=args.seed, batch_size=args.batch_size)
+    hooks = paired_hooks(args)
+    scales = None if args.part_scale == "norm" else [centred_scale(rows.acts[hook]) for hook in hooks]
+    source = JoinedSource(rows, hooks, seed=args.seed, batch_size=args.batch_size, scales=scales)
     sparsity = dict(k=args.k) if arch in ("topk", "batchtopk") else dict(options=dict(target_l0=float(args.k)))
     spec = dict(arch=arch, width=args.width, hook=source.name, **sparsity, **({"lr": args.relu_lr} if arch == "relu" else {}))
     config = TrainConfig(tokens=int(args.epochs * rows.n), batch_size=args.batch_size, seed=args.seed, log_every=50,
@@ -73,26 +82,26 @@ def crosscoder(rows: TensorSource, folder: Path, arch: str, args) -> SAE | None:
     return trained.sae
 
 
+def part_fvu(x: torch.Tensor, error: torch.Tensor) -> float:
+    return float(error.square().sum() / (x - x.mean(0)).square().sum())
+
+
 @torch.no_grad()
 def heldout_readout(sae: SAE, rows: TensorSource) -> dict:
-    """Per-part FVU and L0 on `rows`, every latent's codes, and the diffing report and latent scaling."""
+    """Per-part FVU and L0 on `rows`, every latent's codes, and the diffing report and latent scaling. FVU comes
+    over all rows and over the typical ones: rows where a part's norm exceeds MASSIVE x its median norm (massive
+    activations) are left out of the second, as saelab.evals.core's fvu_typical does for one hook."""
     source = JoinedSource.for_crosscoder(rows, sae, batch_size=rows.batch_size)
-    parts, n = sae.cfg.parts, 0
-    error, power, total = torch.zeros(len(parts)), torch.zeros(len(parts)), [0.0] * len(parts)
-    codes = []
-    for batch in source.in_order([source.name]):
-        x = batch.acts[source.name].float()
-        batch_codes = sae.encode(x)
-        codes.append(batch_codes.to_sparse())
-        for i, (xp, rp) in enumerate(zip(split(parts, x), split(parts, sae.decode(batch_codes)))):
-            error[i] += (xp - rp).square().sum()
-            power[i] += xp.square().sum()
-            total[i] = total[i] + xp.sum(0)
-        n += len(x)
-    variance = torch.stack([power[i] - total[i].square().sum() / n for i in range(len(parts))])
-    codes = torch.cat(codes).to_dense()
+    x = torch.cat([batch.acts[source.name].float() for batch in source.in_order([source.name])])
+    codes = torch.cat([sae.encode(chunk) for chunk in x.split(rows.batch_size)])
+    recon = torch.cat([sae.decode(chunk) for chunk in codes.split(rows.batch_size)])
+    inputs, errors = split(sae.cfg.parts, x), split(sae.cfg.parts, x - recon)
+    norms = [part.norm(dim=1) for part in inputs]
+    typical = torch.stack([n <= MASSIVE * n.median() for n in norms]).all(0)
     rows_in_order = lambda: source.in_order([source.name])  # noqa: E731
-    return dict(fvu=(error / variance).tolist(), l0=float((codes > 0).sum(1).float().mean()), codes=codes,
+    return dict(fvu=[part_fvu(xp, ep) for xp, ep in zip(inputs, errors)],
+                fvu_typical=[part_fvu(xp[typical], ep[typical]) for xp, ep in zip(inputs, errors)],
+                massive=int((~typical).sum()), l0=float((codes > 0).sum(1).float().mean()), codes=codes,
                 report=diffing_report(sae, rows_in_order()), scaling=latent_scaling(sae, rows_in_order()))
 
 
@@ -100,13 +109,16 @@ def summary_row(name: str, readout: dict) -> str:
     report = readout["report"]
     counts, live = report.counts, report.live
     share = lambda c: f"{counts[c]} ({100 * counts[c] / max(live, 1):.1f} %)"  # noqa: E731
-    return (f"| {name} | {readout['fvu'][0]:.3f} | {readout['fvu'][1]:.3f} | {readout['l0']:.1f} | {live} "
+    fvu, typical = readout["fvu"], readout["fvu_typical"]
+    return (f"| {name} | {fvu[0]:.3f} / {typical[0]:.3f} | {fvu[1]:.3f} / {typical[1]:.3f} | {readout['massive']} "
+            f"| {readout['l0']:.1f} | {live} "
             f"| {share('a-only')} | {share('b-only')} | {share('shared')} | {share('between')} "
             f"| {report.confirmed['a-only']} / {counts['a-only']} | {report.confirmed['b-only']} / {counts['b-only']} |")
 
 
-SUMMARY_HEADER = ("| crosscoder | held-out FVU A | FVU B | L0 | live | A-only | B-only | shared | between "
-                  "| A-only confirmed | B-only confirmed |\n|---|---|---|---|---|---|---|---|---|---|---|")
+SUMMARY_HEADER = ("| crosscoder | held-out FVU A (all / typical) | FVU B (all / typical) | massive rows | L0 | live "
+                  "| A-only | B-only | shared | between | A-only confirmed | B-only confirmed |\n"
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def histogram_table(readouts: dict[str, dict]) -> str:
@@ -122,16 +134,22 @@ def histogram_table(readouts: dict[str, dict]) -> str:
 
 def example_latents(sae: SAE, readout: dict, count: int, seed: int) -> dict[str, list[int]]:
     """A few latents per class, drawn at random among those firing on 8 held-out rows or more (not the top firing,
-    which would pick the most generic ones); exclusive ones only where latent scaling confirms them."""
+    which would pick the most generic ones); exclusive ones only where latent scaling confirms them. Where no
+    latent is exclusive, the most A-leaning and most B-leaning ones stand in, labelled so."""
     fires = (readout["codes"] > 0).sum(0)
-    by_norm = classify(relative_norm(sae))
-    by_fit = classify(readout["scaling"].relative())
+    relative = relative_norm(sae)
+    by_norm, by_fit = classify(relative), classify(readout["scaling"].relative())
     order = torch.randperm(len(fires), generator=torch.Generator().manual_seed(seed)).tolist()
     picked = {}
     for name in ("a-only", "b-only", "shared"):
         wanted = [j for j in order if fires[j] >= 8 and by_norm[j] == name and (name == "shared" or by_fit[j] == name)]
         picked[name] = wanted[:count]
-    return picked
+    frequent = [j for j in relative.argsort().tolist() if fires[j] >= 8]
+    if not picked["a-only"]:
+        picked["most A-leaning"] = frequent[:count]
+    if not picked["b-only"]:
+        picked["most B-leaning"] = frequent[::-1][:count]
+    return {name: latents for name, latents in picked.items() if latents}
 
 
 def top_words(readout: dict, latent: int, token_ids, tokenizer, top: int = 8, context: int = 3) -> str:
@@ -176,6 +194,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--relu-lr", type=float, default=8e-4, help="the L1 crosscoder's learning rate")
     parser.add_argument("--warmup", type=int, default=20, help="learning-rate warm-up steps")
+    parser.add_argument("--part-scale", choices=("norm", "variance"), default="variance",
+                        help="each part at unit mean squared norm (JoinedSource's default) or unit variance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--examples", type=int, default=3, help="latents shown per class")
     parser.add_argument("--rows-only", action="store_true", help="gather and cache the aligned rows, then stop")
@@ -197,13 +217,13 @@ def main() -> None:
     readouts, trained = {}, {}
     for kind, (train_rows, heldout_rows) in sources.items():
         for arch in args.archs.split(","):
-            sae = crosscoder(train_rows, Path(args.out) / kind, arch, args)
+            sae = crosscoder(train_rows, Path(args.out) / args.part_scale / kind, arch, args)
             if sae is None:
                 continue
             trained[f"{arch} {kind}"] = sae
             readouts[f"{arch} {kind}"] = heldout_readout(sae, heldout_rows)
     print(f"\n{rows.n:,} train rows x {args.epochs:g} epochs, batch {args.batch_size}, width {args.width}, "
-          f"k / target L0 {args.k}; {heldout.n:,} held-out rows (the null's: B shuffled against A there too)\n")
+          f"k / target L0 {args.k}, parts at unit {args.part_scale}; {heldout.n:,} held-out rows (the null's: B shuffled against A there too)\n")
     print("\n".join([SUMMARY_HEADER, *(summary_row(name, r) for name, r in readouts.items())]) + "\n")
     print(histogram_table(readouts) + "\n")
     from saelab.models import load_model

@@ -4,10 +4,11 @@ two models never read the same text in a row. Reads the model-diffing readouts o
 FVU, the relative-decoder-norm histogram, shared / exclusive counts, latent scaling's verdict on the exclusive
 latents, and the top activating words of a few latents per class (docs/crosscoders.md).
 
-    python scripts/crosscoder_study.py --out runs/crosscoders
+    python scripts/crosscoder_study.py --out runs/crosscoders                     # parts at unit variance
+    python scripts/crosscoder_study.py --out runs/crosscoders --part-scale norm   # JoinedSource's default scales
 
 The aligned rows are cached under --out (rows-train.safetensors, rows-heldout.safetensors) and reused when present;
-gathering them is most of the time on a CPU. Trained crosscoders are saved under --out/real and --out/null and
+gathering them is most of the time on a CPU. Trained crosscoders are saved under --out/<part scale>/{real,null} and
 reused too (delete them to retrain).
 """
 
@@ -22,9 +23,9 @@ import torch
 
 from saelab import SAE, TrainConfig, train
 from saelab.activations.tensors import TensorSource
-from saelab.errors import TrainingError
 from saelab.crosscoder import (JoinedSource, classify, diffing_report, latent_scaling, paired_activations,
                                relative_norm, split, unpaired)
+from saelab.errors import TrainingError
 
 MASSIVE = 10.0
 """A row is massive where a part's norm exceeds this many times its median norm (saelab.evals.core.MASSIVE)."""
@@ -68,7 +69,8 @@ def crosscoder(rows: TensorSource, folder: Path, arch: str, args) -> SAE | None:
     scales = None if args.part_scale == "norm" else [centred_scale(rows.acts[hook]) for hook in hooks]
     source = JoinedSource(rows, hooks, seed=args.seed, batch_size=args.batch_size, scales=scales)
     sparsity = dict(k=args.k) if arch in ("topk", "batchtopk") else dict(options=dict(target_l0=float(args.k)))
-    spec = dict(arch=arch, width=args.width, hook=source.name, **sparsity, **({"lr": args.relu_lr} if arch == "relu" else {}))
+    rate = {"lr": args.relu_lr} if arch == "relu" else {}
+    spec = dict(arch=arch, width=args.width, hook=source.name, **sparsity, **rate)
     config = TrainConfig(tokens=int(args.epochs * rows.n), batch_size=args.batch_size, seed=args.seed, log_every=50,
                          lr_warmup_steps=args.warmup)
     started = time.perf_counter()
@@ -113,7 +115,8 @@ def summary_row(name: str, readout: dict) -> str:
     return (f"| {name} | {fvu[0]:.3f} / {typical[0]:.3f} | {fvu[1]:.3f} / {typical[1]:.3f} | {readout['massive']} "
             f"| {readout['l0']:.1f} | {live} "
             f"| {share('a-only')} | {share('b-only')} | {share('shared')} | {share('between')} "
-            f"| {report.confirmed['a-only']} / {counts['a-only']} | {report.confirmed['b-only']} / {counts['b-only']} |")
+            f"| {report.confirmed['a-only']} / {counts['a-only']} "
+            f"| {report.confirmed['b-only']} / {counts['b-only']} |")
 
 
 SUMMARY_HEADER = ("| crosscoder | held-out FVU A (all / typical) | FVU B (all / typical) | massive rows | L0 | live "
@@ -167,7 +170,8 @@ def examples_table(sae: SAE, readout: dict, rows: TensorSource, tokenizer, count
     relative = relative_norm(sae)
     fitted = readout["scaling"].relative()
     fires = (readout["codes"] > 0).sum(0)
-    lines = ["| class | latent | rel. norm | fitted rel. norm | held-out fires | top 8 rows (A's tokens before, [the row's]) |",
+    lines = ["| class | latent | rel. norm | fitted rel. norm | held-out fires "
+             "| top 8 rows (A's tokens before, [the row's]) |",
              "|---|---|---|---|---|---|"]
     for name, latents in example_latents(sae, readout, count, seed).items():
         for j in latents:
@@ -223,7 +227,8 @@ def main() -> None:
             trained[f"{arch} {kind}"] = sae
             readouts[f"{arch} {kind}"] = heldout_readout(sae, heldout_rows)
     print(f"\n{rows.n:,} train rows x {args.epochs:g} epochs, batch {args.batch_size}, width {args.width}, "
-          f"k / target L0 {args.k}, parts at unit {args.part_scale}; {heldout.n:,} held-out rows (the null's: B shuffled against A there too)\n")
+          f"k / target L0 {args.k}, parts at unit {args.part_scale}; {heldout.n:,} held-out rows "
+          "(the null's: B shuffled against A there too)\n")
     print("\n".join([SUMMARY_HEADER, *(summary_row(name, r) for name, r in readouts.items())]) + "\n")
     print(histogram_table(readouts) + "\n")
     from saelab.models import load_model

@@ -9,6 +9,7 @@ SAELens when a reference venv is given (they cannot share saelab's environment: 
     python scripts/bench_train.py --sweep                           # also n in 4k..65k and k in 16..128
     python scripts/bench_train.py --ranks 2                         # 2 data-parallel gloo ranks beside 1 process
     python scripts/bench_train.py --arch transcoder --n 4608        # TopK transcoder (and skip) beside the TopK SAE
+    python scripts/bench_train.py --arch crosscoder --n 4608        # TopK crosscoder of two hooks beside the TopK SAE
 
 Make the reference venv with: python3 -m venv /work/ref-venv && /work/ref-venv/bin/pip install torch==2.13.0 &&
 /work/ref-venv/bin/pip install eai-sparsify sae-lens
@@ -30,6 +31,7 @@ import torch
 
 from reference_speed import peak_rss_gb  # a sibling script (scripts/ is on the path when run as a script)
 from saelab.activations import ActivationBatch
+from saelab.activations.joined import JoinedSource
 from saelab.sae import sae_class
 from saelab.training import SAESpec, TrainConfig, Trainer
 
@@ -185,6 +187,35 @@ def compare_transcoders(shape: dict, d_out: int, steps: int, rounds: int) -> Non
           f"vs_sae={ours / timed['sae']:.3f} skip_vs_sae={timed['skip'] / timed['sae']:.3f}")
 
 
+def crosscoder_step(d: int, n: int, k: int, batch: int, d_other: int):
+    """One Trainer.train_on call of a TopK crosscoder reading HOOK (d) and TARGET (d_other) joined."""
+    source = JoinedSource(RandomActivations(d, batch, d_out=d_other), [HOOK, TARGET], batch_size=batch)
+    config = TrainConfig(tokens=batch * 10_000, batch_size=batch, dead_tokens=batch)
+    trainer = Trainer(source, [SAESpec(arch="topk", width=n, k=k, hook=source.name)], config, progress=False)
+    joined = next(source.batches())
+    for _ in range(3):  # the first call also initialises b_dec and the input scale
+        trainer.train_on(joined)
+    return lambda: trainer.train_on(joined)
+
+
+def compare_crosscoders(shape: dict, d_other: int, steps: int, rounds: int) -> None:
+    """--arch crosscoder: a TopK crosscoder of two hooks (d + d_other wide) beside the TopK SAE of one hook with the
+    same width and k, and the ceiling of each input width, rounds interleaved; the best round of each counts."""
+    wide = dict(shape, d=shape["d"] + d_other)
+    timed = tokens_per_s({"crosscoder": crosscoder_step(**shape, d_other=d_other),
+                          "sae": saelab_step(**shape, kernel="auto"), "ceiling": ceiling_step(**wide),
+                          "sae_ceiling": ceiling_step(**shape)}, steps, rounds, shape["batch"])
+    ours, ceiling = timed["crosscoder"], timed["ceiling"]
+    rows = [(f"ceiling at d = {wide['d']}", ceiling), (f"TopK crosscoder ({shape['d']} + {d_other})", ours),
+            (f"ceiling at d = {shape['d']}", timed["sae_ceiling"]), (f"TopK SAE ({shape['d']})", timed["sae"])]
+    print(f"{'implementation':<34}{'tokens/s':>12}{'x its ceiling':>15}{'x SAE':>8}")
+    for (name, value), bound in zip(rows, (ceiling, ceiling, timed["sae_ceiling"], timed["sae_ceiling"])):
+        print(f"{name:<34}{value:>12,.0f}{value / bound:>15.2f}{value / timed['sae']:>8.2f}")
+    print(f"RESULT saelab_tok_s={ours:.0f} ceiling_tok_s={ceiling:.0f} ratio={ours / ceiling:.3f} sparsify_tok_s=na "
+          f"saelens_tok_s=na sae_tok_s={timed['sae']:.0f} vs_sae={ours / timed['sae']:.3f} "
+          f"sae_ratio={timed['sae'] / timed['sae_ceiling']:.3f}")
+
+
 def peak_memory_of(kernel: str, shape: dict, arch: str = "topk") -> float:
     """Peak resident memory (GB) of a fresh process that builds the trainer and runs a few steps on `kernel`."""
     args = [f"--{key}={value}" for key, value in shape.items()] + [f"--arch={arch}"]
@@ -226,11 +257,11 @@ def main() -> None:
     parser.add_argument("--ref-python", default=None, help="python of a venv with eai-sparsify and sae-lens")
     parser.add_argument("--sweep", action="store_true", help="also sweep n and k (saelab, ceiling, sparsify)")
     parser.add_argument("--arch", default="topk",
-                        choices=["topk", "batchtopk", "matryoshka", "jumprelu", "relu", "transcoder"],
+                        choices=["topk", "batchtopk", "matryoshka", "jumprelu", "relu", "transcoder", "crosscoder"],
                         help="the architecture saelab trains (the references run TopK only, so only with topk); "
                              "jumprelu and relu run at L0 = k (thresholds from the first batch, ReLU biases shifted); "
                              "transcoder: a TopK transcoder d -> d_out and a skip one beside the TopK SAE, instead")
-    parser.add_argument("--d-out", type=int, default=None, help="--arch transcoder: width of its target (default d)")
+    parser.add_argument("--d-out", type=int, default=None, help="--arch transcoder: width of its target; crosscoder: of its second hook (default d)")
     parser.add_argument("--ranks", type=int, default=None,
                         help="time this many data-parallel gloo ranks (TopK) beside one process, instead")
     parser.add_argument("--memory-of", choices=["auto", "dense"], help=argparse.SUPPRESS)  # used by peak_memory_of
@@ -249,6 +280,9 @@ def main() -> None:
         return
     if args.arch == "transcoder":
         compare_transcoders(shape, args.d_out or args.d, args.steps, args.rounds)
+        return
+    if args.arch == "crosscoder":
+        compare_crosscoders(shape, args.d_out or args.d, args.steps, args.rounds)
         return
     if args.memory_of:
         step = saelab_step(**shape, kernel=args.memory_of, arch=args.arch)

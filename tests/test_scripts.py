@@ -36,6 +36,18 @@ def test_bench_train_times_a_transcoder_beside_the_sae():
     assert re.search(r"TopK transcoder \(d -> 48\)\s+[\d,]+", proc.stdout)
 
 
+def test_bench_train_times_a_crosscoder_beside_the_sae():
+    args = ["--d", "32", "--d-out", "48", "--n", "256", "--k", "4", "--batch", "64", "--steps", "1", "--rounds", "1",
+            "--arch=crosscoder"]
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"RESULT saelab_tok_s=\d+ ceiling_tok_s=\d+ ratio=[\d.]+ sparsify_tok_s=na saelens_tok_s=na "
+                        r"sae_tok_s=\d+ vs_sae=[\d.]+ sae_ratio=[\d.]+", result), result
+    assert re.search(r"TopK crosscoder \(32 \+ 48\)\s+[\d,]+", proc.stdout)
+
+
 def _script(name: str):
     """A report script as a module (its main() does not run on import)."""
     import importlib.util

@@ -5,7 +5,7 @@ FVU, the relative-decoder-norm histogram, shared / exclusive counts, latent scal
 latents, and the top activating words of a few latents per class (docs/crosscoders.md).
 
     python scripts/crosscoder_study.py --out runs/crosscoders                     # parts at unit variance
-    python scripts/crosscoder_study.py --out runs/crosscoders --part-scale norm   # JoinedSource's default scales
+    python scripts/crosscoder_study.py --out runs/crosscoders --part-scale norm   # parts at unit mean squared norm
 
 The aligned rows are cached under --out (rows-train.safetensors, rows-heldout.safetensors) and reused when present;
 gathering them is most of the time on a CPU. Trained crosscoders are saved under --out/<part scale>/{real,null} and
@@ -26,6 +26,7 @@ from saelab.activations.tensors import TensorSource
 from saelab.crosscoder import (JoinedSource, classify, diffing_report, latent_scaling, paired_activations,
                                relative_norm, split, unpaired)
 from saelab.errors import TrainingError
+from saelab.sae import estimate_input_scale
 
 MASSIVE = 10.0
 """A row is massive where a part's norm exceeds this many times its median norm (saelab.evals.core.MASSIVE)."""
@@ -66,7 +67,8 @@ def crosscoder(rows: TensorSource, folder: Path, arch: str, args) -> SAE | None:
     if saved:
         return SAE.load(saved[0])
     hooks = paired_hooks(args)
-    scales = None if args.part_scale == "norm" else [centred_scale(rows.acts[hook]) for hook in hooks]
+    scale = estimate_input_scale if args.part_scale == "norm" else centred_scale
+    scales = [scale(rows.acts[hook].float()) for hook in hooks]
     source = JoinedSource(rows, hooks, seed=args.seed, batch_size=args.batch_size, scales=scales)
     sparsity = dict(k=args.k) if arch in ("topk", "batchtopk") else dict(options=dict(target_l0=float(args.k)))
     rate = {"lr": args.relu_lr} if arch == "relu" else {}

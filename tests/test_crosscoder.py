@@ -63,14 +63,16 @@ def source_of(n=512, seed=0, batch_size=64) -> TensorSource:
                         batch_size=batch_size, seed=seed, model_name="m")
 
 
-def test_joined_source_scales_each_part_to_unit_mean_squared_norm():
+def test_joined_source_scales_each_part_to_unit_variance():
     source = JoinedSource(source_of(), ["a", "b"])
     assert source.name == "a+b" and source.hooks == ["a", "b", "a+b"] and source.d["a+b"] == 10
     parts = source.parts["a+b"]
     first = source.source.acts  # the scales come from the first batch in text order: rows 0..63
     for part, hook in zip(parts, "ab"):
         assert part["hook"] == hook and part["model"] == "m"
-        assert math.isclose(part["scale"], 1 / first[hook][:64].square().sum(1).mean().sqrt().item(), rel_tol=1e-5)
+        rows = first[hook][:64]
+        variance = sum(((rows[:, j] - rows[:, j].mean()) ** 2).mean().item() for j in range(rows.shape[1]))  # by hand
+        assert math.isclose(part["scale"], variance ** -0.5, rel_tol=1e-5)
     batch = next(source.batches(3))
     raw = next(source.source.batches(3))
     assert torch.equal(batch.acts["a+b"], torch.cat([raw.acts["a"] * parts[0]["scale"],
@@ -78,7 +80,12 @@ def test_joined_source_scales_each_part_to_unit_mean_squared_norm():
     a, b = split(parts, batch.acts["a+b"], raw=True)
     assert torch.allclose(a, raw.acts["a"]) and torch.allclose(b, raw.acts["b"])
     rows = torch.cat([x.acts["a+b"] for x in source.in_order(["a+b"])])
-    assert len(rows) == 512 and rows[:, :4].square().sum(1).mean() == pytest.approx(1, rel=0.2)
+    assert len(rows) == 512 and (rows[:, :4] - rows[:, :4].mean(0)).square().sum(1).mean() == pytest.approx(1, rel=0.2)
+    offset = TensorSource({"a": torch.randn(512, 4) + 100, "b": torch.randn(512, 6)}, batch_size=64)
+    parts = JoinedSource(offset, ["a", "b"]).parts["a+b"]  # a large constant offset does not shrink a part
+    assert parts[0]["scale"] == pytest.approx(parts[1]["scale"] * 1.5 ** 0.5, rel=0.3)
+    with pytest.raises(ValueError, match="zero variance"):
+        JoinedSource(TensorSource({"a": torch.ones(64, 4), "b": torch.randn(64, 6)}, batch_size=64), ["a", "b"])
     with pytest.raises(HookError, match="two or more different hooks"):
         JoinedSource(source_of(), ["a", "c"])
     with pytest.raises(HookError, match="do not hold"):

@@ -46,7 +46,7 @@ class TrainCommand(RunsModel):
     eval_tokens: NonNegativeInt | None = None
     """held-out tokens to evaluate on (0: skip; default 4096)"""
     join: list[str] | None = None
-    """train crosscoders: one dictionary reading these hooks side by side, each at unit mean squared norm (its
+    """train crosscoders: one dictionary reading these hooks side by side, each at unit variance (its
     SAEs read the joined hook unless --hook says otherwise; not evaluated here: see saelab.crosscoder)"""
     given: argparse.Namespace = field(default_factory=argparse.Namespace)
     """The SAESpec, architecture-option and TrainConfig flags given (see add_setting_flags): they override the

@@ -2,7 +2,7 @@
 
 Model diffing reads each latent's decoder norm per part (Lindsey et al. 2024): a latent that writes only to B's
 activations is B-only, one that writes to both is shared. Norms are taken in the crosscoder's own units, where every
-part has unit mean squared norm, so a model with larger activations does not look like it owns more latents.
+part has unit variance, so a model with larger activations does not look like it owns more latents.
 
 An "exclusive" latent can be an artefact of the sparsity loss: the information is in A too, but another latent (or
 several) carries it there (Minder et al. 2025). Latent scaling checks it from data: fit, for each part, the best

@@ -110,7 +110,7 @@ class SAEConfig:
     # -- crosscoders: several activations read (and reconstructed) as one (None for an SAE or a transcoder)
     parts: list[dict[str, Any]] | None = None
     """The activations a crosscoder reads, in order: [{"hook", "model", "d", "scale"}]. Its input (and target) is
-    the concatenation of each part's activations times its scale (unit mean squared norm per part, so no model or
+    the concatenation of each part's activations times its scale (unit variance per part, so no model or
     layer outweighs another in the loss); the scales are part of what it reads, not folded into its weights."""
 
     target_parts: list[dict[str, Any]] | None = None

@@ -8,7 +8,7 @@ latents, and the top activating words of a few latents per class (docs/crosscode
     python scripts/crosscoder_study.py --out runs/crosscoders --part-scale norm   # parts at unit mean squared norm
 
 The aligned rows are cached under --out (rows-train.safetensors, rows-heldout.safetensors) and reused when present;
-gathering them is most of the time on a CPU. Trained crosscoders are saved under --out/<part scale>/{real,null} and
+gathering them is most of the time on a CPU. Trained crosscoders are saved under --out/<part scale>/{real,null}/<arch> and
 reused too (delete them to retrain).
 """
 
@@ -63,7 +63,7 @@ def centred_scale(x: torch.Tensor) -> float:
 
 def crosscoder(rows: TensorSource, folder: Path, arch: str, args) -> SAE | None:
     """The `arch` crosscoder trained on `rows` (saved under `folder`), or loaded from there; None if it diverged."""
-    saved = [path.parent for path in folder.glob("*/*/cfg.json") if path.parent.name.split("-")[0] == arch]
+    saved = [path.parent for path in folder.glob("**/cfg.json") if path.parent.name.split("-")[0] == arch]
     if saved:
         return SAE.load(saved[0])
     hooks = paired_hooks(args)
@@ -77,7 +77,7 @@ def crosscoder(rows: TensorSource, folder: Path, arch: str, args) -> SAE | None:
                          lr_warmup_steps=args.warmup)
     started = time.perf_counter()
     try:
-        [trained] = train(source, [spec], config, out=folder, progress=False)
+        [trained] = train(source, [spec], config, out=folder / arch, progress=False)
     except TrainingError as error:
         print(f"{arch} on {folder.name} rows: {error}", flush=True)
         return None
@@ -198,7 +198,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=32, help="BatchTopK's k; the L1 crosscoder is steered to this L0")
     parser.add_argument("--epochs", type=float, default=4.0, help="training rows, in passes over the train rows")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--relu-lr", type=float, default=8e-4, help="the L1 crosscoder's learning rate")
+    parser.add_argument("--relu-lr", type=float, default=4e-4, help="the L1 crosscoder's learning rate")
     parser.add_argument("--warmup", type=int, default=20, help="learning-rate warm-up steps")
     parser.add_argument("--part-scale", choices=("norm", "variance"), default="variance",
                         help="each part at unit mean squared norm (JoinedSource's default) or unit variance")

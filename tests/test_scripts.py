@@ -24,28 +24,20 @@ def test_bench_train_prints_a_result_line(arch):
     assert re.search(r"saelab \(sparse kernels\)\s+[\d,]+\s+[\d.]+\s+[\d.]+", proc.stdout)  # tokens/s, ratio, GB
 
 
-def test_bench_train_times_a_transcoder_beside_the_sae():
+@pytest.mark.parametrize("arch, extra, row", [
+    ("transcoder", r" skip_tok_s=\d+ vs_sae=[\d.]+ skip_vs_sae=[\d.]+", r"TopK transcoder \(d -> 48\)\s+[\d,]+"),
+    ("crosscoder", r" vs_sae=[\d.]+ sae_ratio=[\d.]+", r"TopK crosscoder \(32 \+ 48\)\s+[\d,]+"),
+])
+def test_bench_train_times_a_dictionary_of_two_hooks_beside_the_sae(arch, extra, row):
     args = ["--d", "32", "--d-out", "48", "--n", "256", "--k", "4", "--batch", "64", "--steps", "1", "--rounds", "1",
-            "--arch=transcoder"]
+            f"--arch={arch}"]
     proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), *args], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = proc.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"RESULT saelab_tok_s=\d+ ceiling_tok_s=\d+ ratio=[\d.]+ sparsify_tok_s=na saelens_tok_s=na "
-                        r"sae_tok_s=\d+ skip_tok_s=\d+ vs_sae=[\d.]+ skip_vs_sae=[\d.]+", result), result
-    assert re.search(r"TopK transcoder \(d -> 48\)\s+[\d,]+", proc.stdout)
-
-
-def test_bench_train_times_a_crosscoder_beside_the_sae():
-    args = ["--d", "32", "--d-out", "48", "--n", "256", "--k", "4", "--batch", "64", "--steps", "1", "--rounds", "1",
-            "--arch=crosscoder"]
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_train.py"), *args], capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = proc.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"RESULT saelab_tok_s=\d+ ceiling_tok_s=\d+ ratio=[\d.]+ sparsify_tok_s=na saelens_tok_s=na "
-                        r"sae_tok_s=\d+ vs_sae=[\d.]+ sae_ratio=[\d.]+", result), result
-    assert re.search(r"TopK crosscoder \(32 \+ 48\)\s+[\d,]+", proc.stdout)
+                        r"sae_tok_s=\d+" + extra, result), result
+    assert re.search(row, proc.stdout)
 
 
 def _script(name: str):

@@ -68,6 +68,18 @@ def joined(parts: Sequence[dict], acts: dict[str, Tensor]) -> Tensor:
     return torch.cat([acts[source_hook(p, hooks)].float() * p["scale"] for p in parts], dim=-1)
 
 
+def hooks_read(sae, hook: str) -> list[str]:
+    """The model hooks a dictionary at `hook` reads: a crosscoder's parts, else that hook (sae may be None)."""
+    if sae is not None and sae.cfg.is_crosscoder:
+        return [part["hook"] for part in sae.cfg.parts]
+    return [hook]
+
+
+def input_of(sae, hook: str, acts: dict[str, Tensor]) -> Tensor:
+    """What a dictionary at `hook` reads from the activations at hooks_read: a crosscoder's parts joined."""
+    return joined(sae.cfg.parts, acts) if sae is not None and sae.cfg.is_crosscoder else acts[hook]
+
+
 def split(parts: Sequence[dict], x: Tensor, raw: bool = False) -> list[Tensor]:
     """A joined row (an input or a reconstruction) cut back into its parts: in the crosscoder's units (each part
     at unit mean squared norm), or raw=True in each hook's own units."""

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from saelab.activations.joined import joined
+from saelab.activations.joined import hooks_read, input_of
 from saelab.activations.manifest import Manifest
 from saelab.analysis.correlation import Features
 from saelab.codes import Codes, encode_sparse, iter_codes
@@ -73,14 +73,12 @@ class Side:
 
     @property
     def reads(self) -> list[str]:
-        """The model's hooks this side needs: a crosscoder's parts (all of this model's), else its hook."""
-        if self.sae is not None and self.sae.cfg.is_crosscoder:
-            return [part["hook"] for part in self.sae.cfg.parts]
-        return [self.hook]
+        """The model's hooks this side needs: a crosscoder's parts, else its hook."""
+        return hooks_read(self.sae, self.hook)
 
     def read(self, acts: dict[str, Tensor]) -> Tensor:
         """This side's input from the activations at `reads`."""
-        return joined(self.sae.cfg.parts, acts) if self.sae is not None and self.sae.cfg.is_crosscoder else acts[self.hook]
+        return input_of(self.sae, self.hook, acts)
 
     def features(self, acts: Tensor) -> Features:
         """Activations [n, d] at this side's hook -> sparse codes (SAE) or the activations themselves."""

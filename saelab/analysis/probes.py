@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import Tensor
 
-from saelab.activations.joined import joined
+from saelab.activations.joined import hooks_read, input_of
 from saelab.errors import DataError, HookError
 from saelab.interventions import in_call_order, select
 from saelab.threads import one_thread
@@ -57,15 +57,11 @@ class Features:
     @property
     def reads(self) -> list[str]:
         """The model's hooks this feature set needs: a crosscoder's parts, else its hook."""
-        if self.sae is not None and self.sae.cfg.is_crosscoder:
-            return [part["hook"] for part in self.sae.cfg.parts]
-        return [self.hook]
+        return hooks_read(self.sae, self.hook)
 
     def read(self, acts: dict[str, Tensor]) -> Tensor:
-        """This feature set's input from the activations at `reads` (a crosscoder's parts joined)."""
-        if self.sae is not None and self.sae.cfg.is_crosscoder:
-            return joined(self.sae.cfg.parts, acts)
-        return acts[self.hook]
+        """This feature set's input from the activations at `reads`."""
+        return input_of(self.sae, self.hook, acts)
 
     @property
     def kind(self) -> str:

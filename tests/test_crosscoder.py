@@ -198,6 +198,10 @@ def test_tensor_source_epochs_are_reproducible_and_file_round_trips(tmp_path):
     source.save(tmp_path / "rows.safetensors")
     back = TensorSource.load(tmp_path / "rows.safetensors", batch_size=64)
     assert back.model_name == "m" and torch.equal(back.acts["a"], source.acts["a"])
+    later_first = TensorSource({"z": torch.ones(10, 2), "a": torch.zeros(10, 3)}, batch_size=5)
+    later_first.save(tmp_path / "order.safetensors")
+    loaded = TensorSource.load(tmp_path / "order.safetensors")  # fewer rows than the default batch: fits to them
+    assert loaded.hooks == ["z", "a"] and loaded.batch_size == 10  # the saved order, not the file's sorted one
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 12)
     with pytest.raises(CacheError, match="not a readable"):
         TensorSource.load(tmp_path / "bad.safetensors")

@@ -8,6 +8,7 @@ the same on every read and a resumed run continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import json
 from itertools import count
 from pathlib import Path
 from typing import Iterator
@@ -75,15 +76,21 @@ class TensorSource:
     def save(self, path: str | Path) -> None:
         """One safetensors file: each hook's rows and the token ids; the model name in its metadata."""
         save_file({**{h: x.contiguous() for h, x in self.acts.items()}, TOKEN_IDS: self.token_ids.contiguous()},
-                  str(path), metadata={"model_name": self.model_name})
+                  str(path), metadata={"model_name": self.model_name, "hooks": json.dumps(self.hooks)})
 
     @classmethod
     def load(cls, path: str | Path, **kwargs) -> "TensorSource":
         try:
             tensors = load_file(str(path))
             with safe_open(str(path), "pt") as f:
-                model_name = (f.metadata() or {}).get("model_name", "")
+                metadata = f.metadata() or {}
         except (OSError, SafetensorError) as error:
             raise CacheError(f"{path}: not a readable safetensors file of activations ({error})") from error
         token_ids = tensors.pop(TOKEN_IDS, None)
-        return cls(tensors, token_ids=token_ids, model_name=kwargs.pop("model_name", model_name), **kwargs)
+        order = json.loads(metadata.get("hooks", "[]"))  # the file itself keeps its tensors sorted by name
+        if sorted(order) == sorted(tensors):
+            tensors = {hook: tensors[hook] for hook in order}
+        rows = len(next(iter(tensors.values()))) if tensors else 0
+        kwargs.setdefault("batch_size", max(1, min(4096, rows)))
+        return cls(tensors, token_ids=token_ids, model_name=kwargs.pop("model_name", metadata.get("model_name", "")),
+                   **kwargs)

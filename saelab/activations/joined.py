@@ -60,12 +60,12 @@ def source_hook(part: dict, hooks: Sequence[str]) -> str:
 
 def joined(parts: Sequence[dict], acts: dict[str, Tensor]) -> Tensor:
     """The crosscoder's input from each part's raw activations (keyed as in its source, see source_hook)."""
-    hooks = list(acts)
-    missing = [source_hook(p, hooks) for p in parts if source_hook(p, hooks) not in acts]
+    keys = [source_hook(p, list(acts)) for p in parts]
+    missing = [key for key in keys if key not in acts]
     if missing:
         raise HookError(f"the crosscoder reads {', '.join(missing)}, which the activations do not hold "
-                        f"(they hold {', '.join(hooks)})")
-    return torch.cat([acts[source_hook(p, hooks)].float() * p["scale"] for p in parts], dim=-1)
+                        f"(they hold {', '.join(acts)})")
+    return torch.cat([acts[key].float() * p["scale"] for key, p in zip(keys, parts)], dim=-1)
 
 
 def hooks_read(sae, hook: str) -> list[str]:
@@ -82,7 +82,7 @@ def input_of(sae, hook: str, acts: dict[str, Tensor]) -> Tensor:
 
 def split(parts: Sequence[dict], x: Tensor, raw: bool = False) -> list[Tensor]:
     """A joined row (an input or a reconstruction) cut back into its parts: in the crosscoder's units (each part
-    at unit mean squared norm), or raw=True in each hook's own units."""
+    at unit variance), or raw=True in each hook's own units."""
     pieces, start = [], 0
     for part in parts:
         piece = x[..., start:start + part["d"]]
@@ -114,9 +114,11 @@ class JoinedSource:
             scales = [unit_variance_scale(first.acts[h]) for h in hooks]
         if len(scales) != len(hooks):
             raise ValueError(f"give one scale per hook: {len(hooks)} hooks, {len(scales)} scales")
-        d = self.source.d
-        self.parts = {**getattr(self.source, "parts", {}), self.name: [dict(zip(("model", "hook"), _model_and_hook(h, self.source.model_name)),
-                                       d=d[h], scale=float(s)) for h, s in zip(hooks, scales)]}
+        own = []
+        for hook, scale in zip(hooks, scales):
+            model, name = _model_and_hook(hook, self.source.model_name)
+            own.append(dict(model=model, hook=name, d=self.source.d[hook], scale=float(scale)))
+        self.parts = {**getattr(self.source, "parts", {}), self.name: own}
         self.joined_hooks = hooks
         self.hooks = [*self.source.hooks, self.name]
         self.batch_size, self.rank, self.world_size = self.source.batch_size, self.source.rank, self.source.world_size
@@ -159,7 +161,7 @@ class JoinedSource:
 
     def in_order(self, hooks: list[str] | None = None) -> Iterator[ActivationBatch]:
         wanted = hooks or self.hooks
-        below = list(dict.fromkeys(h for h in wanted if h != self.name)) or []
+        below = [h for h in wanted if h != self.name]
         if self.name in wanted:
             below = list(dict.fromkeys([*below, *self.joined_hooks]))
         for batch in self.source.in_order(below):
